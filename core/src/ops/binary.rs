@@ -1,0 +1,263 @@
+//! Broadcasting binary ops: add, sub, mul, div (numpy broadcasting). `bias_add` is `add` with
+//! a (H,) bias broadcast over the leading dims. Backwards sum the gradient back to each
+//! operand's shape.
+
+use lathe_shaders::{grid_1d, Shader};
+use rayon::prelude::*;
+
+use crate::dtype::DType;
+use crate::ops::{alloc_f32, launch, CPU_CHUNK};
+use crate::shape::{broadcast_shape, broadcast_strides, elem_count, strides};
+use crate::tensor::Tensor;
+use crate::{Device, Error, Result};
+
+/// Largest rank the GPU kernel handles.
+pub(crate) const MAX_RANK: usize = 8;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BinaryOp {
+    Add = 0,
+    Sub = 1,
+    Mul = 2,
+    Div = 3,
+}
+
+impl BinaryOp {
+    fn apply(self, a: f32, b: f32) -> f32 {
+        match self {
+            BinaryOp::Add => a + b,
+            BinaryOp::Sub => a - b,
+            BinaryOp::Mul => a * b,
+            BinaryOp::Div => a / b,
+        }
+    }
+    fn name(self) -> &'static str {
+        match self {
+            BinaryOp::Add => "add",
+            BinaryOp::Sub => "sub",
+            BinaryOp::Mul => "mul",
+            BinaryOp::Div => "div",
+        }
+    }
+}
+
+fn cpu_binary(
+    op: BinaryOp,
+    a: &[f32],
+    a_shape: &[usize],
+    b: &[f32],
+    b_shape: &[usize],
+    out_shape: &[usize],
+) -> Vec<f32> {
+    let n = elem_count(out_shape);
+    let mut out = vec![0.0f32; n];
+    if a_shape == b_shape {
+        out.par_chunks_mut(CPU_CHUNK)
+            .enumerate()
+            .for_each(|(c, chunk)| {
+                let base = c * CPU_CHUNK;
+                for (i, o) in chunk.iter_mut().enumerate() {
+                    *o = op.apply(a[base + i], b[base + i]);
+                }
+            });
+        return out;
+    }
+    // A trailing operand (bias over the last dims) repeats with period len(b).
+    if a_shape == out_shape && out_shape.ends_with(b_shape) {
+        let period = b.len().max(1);
+        out.par_chunks_mut(CPU_CHUNK)
+            .enumerate()
+            .for_each(|(c, chunk)| {
+                let base = c * CPU_CHUNK;
+                for (i, o) in chunk.iter_mut().enumerate() {
+                    *o = op.apply(a[base + i], b[(base + i) % period]);
+                }
+            });
+        return out;
+    }
+    let a_strides = broadcast_strides(a_shape, out_shape);
+    let b_strides = broadcast_strides(b_shape, out_shape);
+    let out_strides = strides(out_shape);
+    out.par_chunks_mut(CPU_CHUNK)
+        .enumerate()
+        .for_each(|(c, chunk)| {
+            let base = c * CPU_CHUNK;
+            for (i, o) in chunk.iter_mut().enumerate() {
+                let mut rem = base + i;
+                let (mut ai, mut bi) = (0, 0);
+                for d in 0..out_shape.len() {
+                    let idx = rem / out_strides[d];
+                    rem %= out_strides[d];
+                    ai += idx * a_strides[d];
+                    bi += idx * b_strides[d];
+                }
+                *o = op.apply(a[ai], b[bi]);
+            }
+        });
+    out
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct BinaryParams {
+    n: u32,
+    rank: u32,
+    op: u32,
+    _pad: u32,
+    out_shape: [u32; MAX_RANK],
+    a_strides: [u32; MAX_RANK],
+    b_strides: [u32; MAX_RANK],
+}
+
+fn padded(v: &[usize]) -> [u32; MAX_RANK] {
+    let mut out = [0u32; MAX_RANK];
+    for (o, x) in out.iter_mut().zip(v) {
+        *o = *x as u32;
+    }
+    out
+}
+
+fn gpu_binary(
+    op: BinaryOp,
+    a: &Tensor,
+    b: &Tensor,
+    out_shape: &[usize],
+) -> Result<crate::storage::Storage> {
+    let ctx = a.device().gpu_context().expect("gpu tensor");
+    let n = elem_count(out_shape);
+    let out = alloc_f32(ctx, n)?;
+    let params = BinaryParams {
+        n: n as u32,
+        rank: out_shape.len() as u32,
+        op: op as u32,
+        _pad: 0,
+        out_shape: padded(out_shape),
+        a_strides: padded(&broadcast_strides(a.shape(), out_shape)),
+        b_strides: padded(&broadcast_strides(b.shape(), out_shape)),
+    };
+    let (ab, bb) = (a.gpu_buffer().expect("gpu"), b.gpu_buffer().expect("gpu"));
+    launch(
+        ctx,
+        Shader::Binary,
+        "binary",
+        &[&ab, &bb],
+        &[&out],
+        &params,
+        grid_1d(n as u64, 256),
+    )?;
+    Ok(crate::storage::Storage::Gpu(out))
+}
+
+impl Tensor {
+    fn binary(&self, other: &Tensor, op: BinaryOp) -> Result<Tensor> {
+        let name = op.name();
+        self.expect_dtype(name, DType::F32)?;
+        other.expect_dtype(name, DType::F32)?;
+        self.expect_same_device(name, other)?;
+        let out_shape = broadcast_shape(name, self.shape(), other.shape())?;
+        if out_shape.len() > MAX_RANK {
+            return Err(Error::shape(
+                name,
+                format!("rank {} is over the supported {MAX_RANK}", out_shape.len()),
+            ));
+        }
+        let storage = match self.device() {
+            Device::Cpu => {
+                let data = self.with_cpu_f32(name, |a| {
+                    other.with_cpu_f32(name, |b| {
+                        cpu_binary(op, a, self.shape(), b, other.shape(), &out_shape)
+                    })
+                })??;
+                Tensor::cpu_f32(data, out_shape.clone())
+            }
+            Device::Gpu(_) => gpu_binary(op, self, other, &out_shape)?,
+        };
+        let (a_saved, b_saved) = (self.detach(), other.detach());
+        let (a_shape, b_shape) = (self.shape().to_vec(), other.shape().to_vec());
+        Ok(Tensor::from_op(
+            storage,
+            out_shape,
+            DType::F32,
+            self.device(),
+            name,
+            &[self, other],
+            move |_, g| {
+                let (ga, gb) = match op {
+                    BinaryOp::Add => (g.clone(), g.clone()),
+                    BinaryOp::Sub => (g.clone(), g.scale(-1.0)?),
+                    BinaryOp::Mul => (g.mul(&b_saved)?, g.mul(&a_saved)?),
+                    BinaryOp::Div => {
+                        let ga = g.div(&b_saved)?;
+                        // d(a/b)/db = -a / b^2 = -(a/b) / b
+                        let gb = ga.mul(&a_saved)?.div(&b_saved)?.scale(-1.0)?;
+                        (ga, gb)
+                    }
+                };
+                Ok(vec![
+                    Some(ga.sum_to_shape(&a_shape)?),
+                    Some(gb.sum_to_shape(&b_shape)?),
+                ])
+            },
+        ))
+    }
+
+    /// Elementwise a + b with broadcasting.
+    pub fn add(&self, other: &Tensor) -> Result<Tensor> {
+        self.binary(other, BinaryOp::Add)
+    }
+    /// Elementwise a - b with broadcasting.
+    pub fn sub(&self, other: &Tensor) -> Result<Tensor> {
+        self.binary(other, BinaryOp::Sub)
+    }
+    /// Elementwise a * b with broadcasting.
+    pub fn mul(&self, other: &Tensor) -> Result<Tensor> {
+        self.binary(other, BinaryOp::Mul)
+    }
+    /// Elementwise a / b with broadcasting.
+    pub fn div(&self, other: &Tensor) -> Result<Tensor> {
+        self.binary(other, BinaryOp::Div)
+    }
+
+    /// x + bias, with bias (H,) over x (..., H).
+    pub fn bias_add(&self, bias: &Tensor) -> Result<Tensor> {
+        if bias.rank() != 1 || self.shape().last() != bias.shape().first() {
+            return Err(Error::shape(
+                "bias_add",
+                format!(
+                    "bias {:?} does not match the last dim of {:?}",
+                    bias.shape(),
+                    self.shape()
+                ),
+            ));
+        }
+        self.add(bias)
+    }
+
+    /// Sums a broadcast gradient back to `shape` (the inverse of broadcasting to self's shape).
+    pub fn sum_to_shape(&self, shape: &[usize]) -> Result<Tensor> {
+        if self.shape() == shape {
+            return Ok(self.clone());
+        }
+        let rank = self.rank();
+        if shape.len() > rank {
+            return Err(Error::shape(
+                "sum_to_shape",
+                format!("{:?} cannot sum to {shape:?}", self.shape()),
+            ));
+        }
+        let offset = rank - shape.len();
+        let mut t = self.clone();
+        for d in 0..rank {
+            let target = if d < offset { 1 } else { shape[d - offset] };
+            if target == 1 && self.shape()[d] != 1 {
+                t = t.sum_keepdim(d)?;
+            } else if target != self.shape()[d] {
+                return Err(Error::shape(
+                    "sum_to_shape",
+                    format!("{:?} cannot sum to {shape:?}", self.shape()),
+                ));
+            }
+        }
+        t.reshape(shape)
+    }
+}

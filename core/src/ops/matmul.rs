@@ -1,0 +1,260 @@
+//! Matrix multiplication: plain, with transposed operands, and batched.
+//!
+//! `a.matmul_t(b, ta, tb)` computes op(a) @ op(b) where op transposes the last two dims when
+//! its flag is set. Shapes: op(a) (..., M, K), op(b) (..., K, N) with the same batch dims, or
+//! b of rank 2 shared by every batch entry (a linear layer). CPU: the `gemm` crate (packed
+//! SIMD kernels, rayon threads). GPU: a tiled kernel reading operands through strides, so
+//! transposes cost nothing.
+
+use gemm::Parallelism;
+use lathe_shaders::Shader;
+
+use crate::dtype::DType;
+use crate::ops::{alloc_f32, launch};
+use crate::storage::Storage;
+use crate::tensor::Tensor;
+use crate::{Device, Error, Result};
+
+/// The problem after shape checks: `batch` products of (M, K) @ (K, N).
+#[derive(Clone, Copy, Debug)]
+struct MatmulDims {
+    batch: usize,
+    m: usize,
+    n: usize,
+    k: usize,
+    /// Whether b is one matrix shared by every batch entry.
+    b_shared: bool,
+}
+
+fn dims(a: &[usize], b: &[usize], ta: bool, tb: bool) -> Result<(MatmulDims, Vec<usize>)> {
+    if a.len() < 2 || b.len() < 2 {
+        return Err(Error::shape(
+            "matmul",
+            format!("operands need rank >= 2, got {a:?} and {b:?}"),
+        ));
+    }
+    let (ar, ac) = (a[a.len() - 2], a[a.len() - 1]);
+    let (br, bc) = (b[b.len() - 2], b[b.len() - 1]);
+    let (m, k) = if ta { (ac, ar) } else { (ar, ac) };
+    let (kb, n) = if tb { (bc, br) } else { (br, bc) };
+    if k != kb {
+        return Err(Error::shape(
+            "matmul",
+            format!(
+                "inner dims differ: {a:?}{} @ {b:?}{}",
+                if ta { "^T" } else { "" },
+                if tb { "^T" } else { "" }
+            ),
+        ));
+    }
+    let batch_a = &a[..a.len() - 2];
+    let batch_b = &b[..b.len() - 2];
+    let b_shared = batch_b.is_empty();
+    if !b_shared && batch_a != batch_b {
+        return Err(Error::shape(
+            "matmul",
+            format!("batch dims differ: {a:?} and {b:?}"),
+        ));
+    }
+    let batch = batch_a.iter().product();
+    let mut out = batch_a.to_vec();
+    out.extend([m, n]);
+    Ok((
+        MatmulDims {
+            batch,
+            m,
+            n,
+            k,
+            b_shared,
+        },
+        out,
+    ))
+}
+
+/// (row stride, column stride) of op(x) for a row-major (rows, cols) matrix.
+fn op_strides(rows_cols: (usize, usize), transposed: bool) -> (usize, usize) {
+    let cols = rows_cols.1;
+    if transposed {
+        (1, cols)
+    } else {
+        (cols, 1)
+    }
+}
+
+/// Threads for one product: small problems run on the calling thread.
+fn parallelism(d: &MatmulDims) -> Parallelism {
+    if d.m * d.n * d.k < 48 * 48 * 48 {
+        Parallelism::None
+    } else {
+        Parallelism::Rayon(rayon::current_num_threads())
+    }
+}
+
+fn cpu_matmul(a: &[f32], b: &[f32], d: MatmulDims, ta: bool, tb: bool) -> Vec<f32> {
+    let mut out = vec![0.0f32; d.batch * d.m * d.n];
+    let (a_rows, a_cols) = if ta { (d.k, d.m) } else { (d.m, d.k) };
+    let (b_rows, b_cols) = if tb { (d.n, d.k) } else { (d.k, d.n) };
+    let (a_rs, a_cs) = op_strides((a_rows, a_cols), ta);
+    let (b_rs, b_cs) = op_strides((b_rows, b_cols), tb);
+    let par = parallelism(&d);
+    if d.m == 0 || d.n == 0 {
+        return out;
+    }
+    for i in 0..d.batch {
+        let a_i = &a[i * d.m * d.k..(i + 1) * d.m * d.k];
+        let b_i = if d.b_shared {
+            b
+        } else {
+            &b[i * d.k * d.n..(i + 1) * d.k * d.n]
+        };
+        let out_i = &mut out[i * d.m * d.n..(i + 1) * d.m * d.n];
+        // SAFETY: the slices hold exactly (m, k), (k, n) and (m, n) elements at the strides
+        // given, and `out_i` is not aliased.
+        unsafe {
+            gemm::gemm(
+                d.m,
+                d.n,
+                d.k,
+                out_i.as_mut_ptr(),
+                1,
+                d.n as isize,
+                false,
+                a_i.as_ptr(),
+                a_cs as isize,
+                a_rs as isize,
+                b_i.as_ptr(),
+                b_cs as isize,
+                b_rs as isize,
+                0.0,
+                1.0,
+                false,
+                false,
+                false,
+                par,
+            );
+        }
+    }
+    out
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct MatmulParams {
+    m: u32,
+    n: u32,
+    k: u32,
+    batch: u32,
+    a_row_stride: u32,
+    a_col_stride: u32,
+    a_batch_stride: u32,
+    b_row_stride: u32,
+    b_col_stride: u32,
+    b_batch_stride: u32,
+    _pad: [u32; 2],
+}
+
+/// Output tile edge of the GPU kernel (each workgroup computes a TILE x TILE block).
+const TILE: usize = 64;
+
+fn gpu_matmul(a: &Tensor, b: &Tensor, d: MatmulDims, ta: bool, tb: bool) -> Result<Storage> {
+    let ctx = a.device().gpu_context().expect("gpu tensor");
+    let out = alloc_f32(ctx, d.batch * d.m * d.n)?;
+    let (a_rows, a_cols) = if ta { (d.k, d.m) } else { (d.m, d.k) };
+    let (b_rows, b_cols) = if tb { (d.n, d.k) } else { (d.k, d.n) };
+    let (a_rs, a_cs) = op_strides((a_rows, a_cols), ta);
+    let (b_rs, b_cs) = op_strides((b_rows, b_cols), tb);
+    let params = MatmulParams {
+        m: d.m as u32,
+        n: d.n as u32,
+        k: d.k as u32,
+        batch: d.batch as u32,
+        a_row_stride: a_rs as u32,
+        a_col_stride: a_cs as u32,
+        a_batch_stride: (d.m * d.k) as u32,
+        b_row_stride: b_rs as u32,
+        b_col_stride: b_cs as u32,
+        b_batch_stride: if d.b_shared { 0 } else { (d.k * d.n) as u32 },
+        _pad: [0; 2],
+    };
+    let groups = [
+        d.n.div_ceil(TILE) as u32,
+        d.m.div_ceil(TILE) as u32,
+        d.batch as u32,
+    ];
+    let (ab, bb) = (a.gpu_buffer().expect("gpu"), b.gpu_buffer().expect("gpu"));
+    launch(
+        ctx,
+        Shader::Matmul,
+        "matmul",
+        &[&ab, &bb],
+        &[&out],
+        &params,
+        groups,
+    )?;
+    Ok(Storage::Gpu(out))
+}
+
+impl Tensor {
+    /// a @ b.
+    pub fn matmul(&self, b: &Tensor) -> Result<Tensor> {
+        self.matmul_t(b, false, false)
+    }
+
+    /// op(a) @ op(b), where op transposes the last two dims when its flag is set.
+    pub fn matmul_t(&self, b: &Tensor, ta: bool, tb: bool) -> Result<Tensor> {
+        self.expect_dtype("matmul", DType::F32)?;
+        b.expect_dtype("matmul", DType::F32)?;
+        self.expect_same_device("matmul", b)?;
+        let (d, out_shape) = dims(self.shape(), b.shape(), ta, tb)?;
+        // A shared b is one 2-D product: (batch*M, K) @ (K, N). That keeps b's gradient a
+        // single matmul instead of a sum over the batch.
+        if d.b_shared && self.rank() > 2 {
+            let a2 = match (ta, d.batch) {
+                (false, _) => self.reshape(&[d.batch * d.m, d.k])?,
+                (true, 1) => self.reshape(&[d.k, d.m])?,
+                (true, _) => {
+                    return Err(Error::shape(
+                        "matmul",
+                        "a transposed batched a with a shared b is not supported",
+                    ))
+                }
+            };
+            return a2.matmul_t(b, ta, tb)?.reshape(&out_shape);
+        }
+        let storage = match self.device() {
+            Device::Cpu => {
+                let data = self.with_cpu_f32("matmul", |av| {
+                    b.with_cpu_f32("matmul", |bv| cpu_matmul(av, bv, d, ta, tb))
+                })??;
+                Tensor::cpu_f32(data, out_shape.clone())
+            }
+            Device::Gpu(_) => gpu_matmul(self, b, d, ta, tb)?,
+        };
+        let (a_saved, b_saved) = (self.detach(), b.detach());
+        Ok(Tensor::from_op(
+            storage,
+            out_shape,
+            DType::F32,
+            self.device(),
+            "matmul",
+            &[self, b],
+            move |_, g| {
+                let (a, b) = (&a_saved, &b_saved);
+                // C = A'B' with A' = op(A), B' = op(B): dA' = dC B'^T, dB' = A'^T dC.
+                let da = match (ta, tb) {
+                    (false, false) => g.matmul_t(b, false, true)?,
+                    (false, true) => g.matmul_t(b, false, false)?,
+                    (true, false) => b.matmul_t(g, false, true)?,
+                    (true, true) => b.matmul_t(g, true, true)?,
+                };
+                let db = match (ta, tb) {
+                    (false, false) => a.matmul_t(g, true, false)?,
+                    (true, false) => a.matmul_t(g, false, false)?,
+                    (false, true) => g.matmul_t(a, true, false)?,
+                    (true, true) => g.matmul_t(a, true, true)?,
+                };
+                Ok(vec![Some(da), Some(db)])
+            },
+        ))
+    }
+}

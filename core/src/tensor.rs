@@ -1,0 +1,461 @@
+//! The tensor: a contiguous row-major array of one dtype on one device, plus (when it tracks
+//! gradients) the op that made it.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+use half::f16;
+use lathe_shaders::{GpuBuffer, MemCategory};
+
+use crate::backprop::{self, GradFn};
+use crate::device::Device;
+use crate::dtype::DType;
+use crate::shape;
+use crate::storage::{CpuStorage, Storage};
+use crate::{Error, Result};
+
+/// A unique tensor identity, used as the key of gradients.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TensorId(u64);
+
+impl TensorId {
+    fn next() -> TensorId {
+        static NEXT: AtomicU64 = AtomicU64::new(1);
+        TensorId(NEXT.fetch_add(1, Ordering::Relaxed))
+    }
+}
+
+/// A tensor; cloning is cheap and shares the storage.
+#[derive(Clone)]
+pub struct Tensor(Arc<TensorInner>);
+
+struct TensorInner {
+    id: TensorId,
+    shape: Vec<usize>,
+    dtype: DType,
+    device: Device,
+    /// Behind a lock only so optimizers can update parameters in place.
+    storage: RwLock<Storage>,
+    /// A trainable leaf: gradients are kept for it.
+    is_variable: bool,
+    /// How this tensor was computed, when any input tracks gradients.
+    grad_fn: Option<GradFn>,
+}
+
+impl std::fmt::Debug for Tensor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "Tensor({:?}, {:?}, {}",
+            self.shape(),
+            self.dtype(),
+            self.device().name()
+        )?;
+        if self.0.is_variable {
+            write!(f, ", variable")?;
+        }
+        write!(f, ")")
+    }
+}
+
+impl Tensor {
+    pub(crate) fn from_storage(
+        storage: Storage,
+        shape: Vec<usize>,
+        dtype: DType,
+        device: Device,
+    ) -> Tensor {
+        Tensor(Arc::new(TensorInner {
+            id: TensorId::next(),
+            shape,
+            dtype,
+            device,
+            storage: RwLock::new(storage),
+            is_variable: false,
+            grad_fn: None,
+        }))
+    }
+
+    /// The result of an op: records `backward` when gradients are enabled and any input tracks.
+    /// `backward(output, grad_output)` returns one optional gradient per input, in order.
+    pub(crate) fn from_op(
+        storage: Storage,
+        shape: Vec<usize>,
+        dtype: DType,
+        device: &Device,
+        name: &'static str,
+        inputs: &[&Tensor],
+        backward: impl Fn(&Tensor, &Tensor) -> Result<Vec<Option<Tensor>>> + Send + Sync + 'static,
+    ) -> Tensor {
+        let grad_fn =
+            (backprop::grad_enabled() && inputs.iter().any(|t| t.tracks_grad())).then(|| GradFn {
+                name,
+                inputs: inputs.iter().map(|t| (*t).clone()).collect(),
+                backward: Box::new(backward),
+            });
+        Tensor(Arc::new(TensorInner {
+            id: TensorId::next(),
+            shape,
+            dtype,
+            device: device.clone(),
+            storage: RwLock::new(storage),
+            is_variable: false,
+            grad_fn,
+        }))
+    }
+
+    /// Builds a tensor from host data on a device.
+    pub fn from_vec<T: HostElement>(
+        data: Vec<T>,
+        shape: &[usize],
+        device: &Device,
+    ) -> Result<Tensor> {
+        let expected = shape::elem_count(shape);
+        if data.len() != expected {
+            return Err(Error::DataLength {
+                len: data.len(),
+                shape: shape.to_vec(),
+                expected,
+            });
+        }
+        Tensor::from_storage(
+            Storage::Cpu(T::wrap(data)),
+            shape.to_vec(),
+            T::DTYPE,
+            Device::Cpu,
+        )
+        .to_device_as(device, MemCategory::Activations)
+    }
+
+    pub fn from_slice<T: HostElement>(
+        data: &[T],
+        shape: &[usize],
+        device: &Device,
+    ) -> Result<Tensor> {
+        Tensor::from_vec(data.to_vec(), shape, device)
+    }
+
+    pub fn zeros(shape: &[usize], device: &Device) -> Result<Tensor> {
+        Tensor::full(0.0, shape, device)
+    }
+
+    pub fn ones(shape: &[usize], device: &Device) -> Result<Tensor> {
+        Tensor::full(1.0, shape, device)
+    }
+
+    pub fn full(value: f32, shape: &[usize], device: &Device) -> Result<Tensor> {
+        let n = shape::elem_count(shape);
+        match device {
+            Device::Cpu => Tensor::from_vec(vec![value; n], shape, device),
+            Device::Gpu(ctx) => {
+                let buffer = ctx.alloc((n * 4) as u64, MemCategory::Activations)?;
+                crate::ops::unary::gpu_fill(ctx, &buffer, n, value)?;
+                Ok(Tensor::from_storage(
+                    Storage::Gpu(buffer),
+                    shape.to_vec(),
+                    DType::F32,
+                    device.clone(),
+                ))
+            }
+        }
+    }
+
+    /// Uniform values in [lo, hi) from a seeded generator (same values on every device).
+    pub fn rand_uniform(
+        lo: f32,
+        hi: f32,
+        shape: &[usize],
+        seed: u64,
+        device: &Device,
+    ) -> Result<Tensor> {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let data = (0..shape::elem_count(shape))
+            .map(|_| rng.random_range(lo..hi))
+            .collect();
+        Tensor::from_vec::<f32>(data, shape, device)
+    }
+
+    /// Standard-normal values from a seeded generator (Box-Muller).
+    pub fn randn(shape: &[usize], seed: u64, device: &Device) -> Result<Tensor> {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let data = (0..shape::elem_count(shape))
+            .map(|_| {
+                let u1: f32 = rng.random_range(f32::EPSILON..1.0);
+                let u2: f32 = rng.random();
+                (-2.0 * u1.ln()).sqrt() * (2.0 * std::f32::consts::PI * u2).cos()
+            })
+            .collect();
+        Tensor::from_vec::<f32>(data, shape, device)
+    }
+
+    /// This tensor as a trainable leaf (same storage, new identity, no history).
+    pub fn into_variable(self) -> Tensor {
+        Tensor(Arc::new(TensorInner {
+            id: TensorId::next(),
+            shape: self.0.shape.clone(),
+            dtype: self.0.dtype,
+            device: self.0.device.clone(),
+            storage: RwLock::new(self.storage().clone()),
+            is_variable: true,
+            grad_fn: None,
+        }))
+    }
+
+    /// The same values without history: gradients stop here.
+    pub fn detach(&self) -> Tensor {
+        Tensor::from_storage(
+            self.storage().clone(),
+            self.0.shape.clone(),
+            self.0.dtype,
+            self.0.device.clone(),
+        )
+    }
+
+    pub fn id(&self) -> TensorId {
+        self.0.id
+    }
+    pub fn shape(&self) -> &[usize] {
+        &self.0.shape
+    }
+    pub fn rank(&self) -> usize {
+        self.0.shape.len()
+    }
+    pub fn elem_count(&self) -> usize {
+        shape::elem_count(&self.0.shape)
+    }
+    pub fn dtype(&self) -> DType {
+        self.0.dtype
+    }
+    pub fn device(&self) -> &Device {
+        &self.0.device
+    }
+    pub fn is_variable(&self) -> bool {
+        self.0.is_variable
+    }
+    /// Whether gradients flow into this tensor (a variable, or computed from one).
+    pub fn tracks_grad(&self) -> bool {
+        self.0.is_variable || self.0.grad_fn.is_some()
+    }
+    pub(crate) fn grad_fn(&self) -> Option<&GradFn> {
+        self.0.grad_fn.as_ref()
+    }
+    pub(crate) fn storage(&self) -> RwLockReadGuard<'_, Storage> {
+        self.0.storage.read().unwrap_or_else(|e| e.into_inner())
+    }
+    pub(crate) fn storage_mut(&self) -> RwLockWriteGuard<'_, Storage> {
+        self.0.storage.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The GPU buffer of a GPU tensor.
+    pub fn gpu_buffer(&self) -> Option<GpuBuffer> {
+        match &*self.storage() {
+            Storage::Gpu(b) => Some(b.clone()),
+            Storage::Cpu(_) => None,
+        }
+    }
+
+    /// Errors unless the dtype is `expected`.
+    pub fn expect_dtype(&self, op: &'static str, expected: DType) -> Result<()> {
+        if self.dtype() != expected {
+            return Err(Error::DType {
+                op,
+                expected,
+                got: self.dtype(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Errors unless `other` lives on the same device.
+    pub fn expect_same_device(&self, op: &'static str, other: &Tensor) -> Result<()> {
+        if self.device() != other.device() {
+            return Err(Error::DeviceMismatch {
+                op,
+                a: self.device().name(),
+                b: other.device().name(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Host copy of the storage (downloads GPU buffers).
+    pub(crate) fn to_cpu_storage(&self) -> Result<CpuStorage> {
+        let storage = self.storage().clone();
+        match storage {
+            Storage::Cpu(s) => Ok(s),
+            Storage::Gpu(buffer) => {
+                let ctx = self
+                    .device()
+                    .gpu_context()
+                    .expect("gpu storage on a gpu device");
+                let bytes = ctx.read(&buffer)?;
+                let n = self.elem_count();
+                Ok(match self.dtype() {
+                    DType::F32 => CpuStorage::F32(bytemuck::pod_collect_to_vec(&bytes[..n * 4])),
+                    DType::U32 => CpuStorage::U32(bytemuck::pod_collect_to_vec(&bytes[..n * 4])),
+                    DType::F16 => CpuStorage::F16(bytemuck::pod_collect_to_vec(&bytes[..n * 2])),
+                })
+            }
+        }
+    }
+
+    /// Copies the tensor to `device`, charging GPU bytes to `category`. Gradients flow back.
+    pub fn to_device_as(&self, device: &Device, category: MemCategory) -> Result<Tensor> {
+        if self.device() == device {
+            return Ok(self.clone());
+        }
+        let storage = match device {
+            Device::Cpu => Storage::Cpu(self.to_cpu_storage()?),
+            Device::Gpu(ctx) => {
+                let host = self.to_cpu_storage()?;
+                let bytes: &[u8] = match &host {
+                    CpuStorage::F32(v) => bytemuck::cast_slice(v),
+                    CpuStorage::U32(v) => bytemuck::cast_slice(v),
+                    CpuStorage::F16(v) => bytemuck::cast_slice(v),
+                };
+                Storage::Gpu(ctx.upload(bytes, category)?)
+            }
+        };
+        let source_device = self.device().clone();
+        Ok(Tensor::from_op(
+            storage,
+            self.shape().to_vec(),
+            self.dtype(),
+            device,
+            "to_device",
+            &[self],
+            move |_, g| Ok(vec![Some(g.to_device(&source_device)?)]),
+        ))
+    }
+
+    /// Copies the tensor to `device` (GPU bytes counted as activations).
+    pub fn to_device(&self, device: &Device) -> Result<Tensor> {
+        self.to_device_as(device, MemCategory::Activations)
+    }
+
+    /// The values as f32 on the host (f16 widened; u32 is an error).
+    pub fn to_vec_f32(&self) -> Result<Vec<f32>> {
+        match self.to_cpu_storage()? {
+            CpuStorage::F32(v) => Ok(v),
+            CpuStorage::F16(v) => Ok(v.iter().map(|x| x.to_f32()).collect()),
+            CpuStorage::U32(_) => Err(Error::DType {
+                op: "to_vec_f32",
+                expected: DType::F32,
+                got: DType::U32,
+            }),
+        }
+    }
+
+    pub fn to_vec_u32(&self) -> Result<Vec<u32>> {
+        match self.to_cpu_storage()? {
+            CpuStorage::U32(v) => Ok(v),
+            _ => Err(Error::DType {
+                op: "to_vec_u32",
+                expected: DType::U32,
+                got: self.dtype(),
+            }),
+        }
+    }
+
+    /// The single value of a one-element tensor.
+    pub fn to_scalar(&self) -> Result<f32> {
+        let v = self.to_vec_f32()?;
+        if v.len() != 1 {
+            return Err(Error::shape(
+                "to_scalar",
+                format!("tensor of shape {:?} is not a scalar", self.shape()),
+            ));
+        }
+        Ok(v[0])
+    }
+
+    /// The f32 values of a CPU tensor, borrowed.
+    pub(crate) fn with_cpu_f32<R>(
+        &self,
+        op: &'static str,
+        f: impl FnOnce(&[f32]) -> R,
+    ) -> Result<R> {
+        match &*self.storage() {
+            Storage::Cpu(CpuStorage::F32(v)) => Ok(f(v)),
+            Storage::Cpu(_) => Err(Error::DType {
+                op,
+                expected: DType::F32,
+                got: self.dtype(),
+            }),
+            Storage::Gpu(_) => Err(Error::DeviceMismatch {
+                op,
+                a: "cpu".into(),
+                b: self.device().name(),
+            }),
+        }
+    }
+
+    /// The u32 values of a CPU tensor, borrowed.
+    pub(crate) fn with_cpu_u32<R>(
+        &self,
+        op: &'static str,
+        f: impl FnOnce(&[u32]) -> R,
+    ) -> Result<R> {
+        match &*self.storage() {
+            Storage::Cpu(CpuStorage::U32(v)) => Ok(f(v)),
+            Storage::Cpu(_) => Err(Error::DType {
+                op,
+                expected: DType::U32,
+                got: self.dtype(),
+            }),
+            Storage::Gpu(_) => Err(Error::DeviceMismatch {
+                op,
+                a: "cpu".into(),
+                b: self.device().name(),
+            }),
+        }
+    }
+
+    /// A CPU f32 result of an op.
+    pub(crate) fn cpu_f32(data: Vec<f32>, shape: Vec<usize>) -> Storage {
+        debug_assert_eq!(data.len(), shape::elem_count(&shape));
+        Storage::Cpu(CpuStorage::F32(data))
+    }
+
+    /// Replaces the values in place (optimizers). Shape, dtype and device must match.
+    pub(crate) fn set_storage(&self, storage: Storage) {
+        *self.storage_mut() = storage;
+    }
+
+    /// Converts between f32 and f16 (u32 converts to nothing else). Gradients flow through.
+    pub fn to_dtype(&self, dtype: DType) -> Result<Tensor> {
+        crate::ops::cast::to_dtype(self, dtype)
+    }
+
+    /// Runs reverse-mode autodiff from this scalar (or, with a seed of ones, any) tensor.
+    pub fn backward(&self) -> Result<crate::GradStore> {
+        backprop::backward(self)
+    }
+}
+
+/// Host element types a tensor can be built from.
+pub trait HostElement: Copy + Send + Sync + 'static {
+    const DTYPE: DType;
+    fn wrap(data: Vec<Self>) -> CpuStorage;
+}
+
+impl HostElement for f32 {
+    const DTYPE: DType = DType::F32;
+    fn wrap(data: Vec<Self>) -> CpuStorage {
+        CpuStorage::F32(data)
+    }
+}
+impl HostElement for f16 {
+    const DTYPE: DType = DType::F16;
+    fn wrap(data: Vec<Self>) -> CpuStorage {
+        CpuStorage::F16(data)
+    }
+}
+impl HostElement for u32 {
+    const DTYPE: DType = DType::U32;
+    fn wrap(data: Vec<Self>) -> CpuStorage {
+        CpuStorage::U32(data)
+    }
+}

@@ -1,0 +1,94 @@
+// Tiled f32 matmul: out[b] = op(A)[b] @ op(B)[b], with op(A) (M, K) and op(B) (K, N) read
+// through row/column strides (a transpose is just swapped strides) and per-batch strides
+// (0 shares one B across the batch). Each 16x16 workgroup computes a 64x64 output tile, each
+// thread a 4x4 block, staging 16-deep slices of A and B in workgroup memory.
+
+struct Params {
+    m: u32,
+    n: u32,
+    k: u32,
+    batch: u32,
+    a_row_stride: u32,
+    a_col_stride: u32,
+    a_batch_stride: u32,
+    b_row_stride: u32,
+    b_col_stride: u32,
+    b_batch_stride: u32,
+    _pad0: u32,
+    _pad1: u32,
+}
+
+@group(0) @binding(0) var<storage, read> a: array<f32>;
+@group(0) @binding(1) var<storage, read> b: array<f32>;
+@group(0) @binding(2) var<storage, read_write> out: array<f32>;
+@group(0) @binding(3) var<uniform> p: Params;
+
+const TILE: u32 = 64u;
+const DEPTH: u32 = 16u;
+
+var<workgroup> a_tile: array<array<f32, 64>, 16>; // [depth][row]
+var<workgroup> b_tile: array<array<f32, 64>, 16>; // [depth][col]
+
+@compute @workgroup_size(16, 16, 1)
+fn matmul(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
+    let batch = wid.z;
+    let row0 = wid.y * TILE;
+    let col0 = wid.x * TILE;
+    let a_base = batch * p.a_batch_stride;
+    let b_base = batch * p.b_batch_stride;
+    let flat = lid.y * 16u + lid.x; // 0..256
+
+    var acc: array<array<f32, 4>, 4>;
+    for (var i = 0u; i < 4u; i++) {
+        for (var j = 0u; j < 4u; j++) {
+            acc[i][j] = 0.0;
+        }
+    }
+
+    for (var k0 = 0u; k0 < p.k; k0 += DEPTH) {
+        // 64 x 16 = 1024 values of each operand, 4 per thread.
+        for (var s = 0u; s < 4u; s++) {
+            let e = flat + s * 256u;
+            let r = e / DEPTH;
+            let d = e % DEPTH;
+            let ar = row0 + r;
+            let ak = k0 + d;
+            var av = 0.0;
+            if (ar < p.m && ak < p.k) {
+                av = a[a_base + ar * p.a_row_stride + ak * p.a_col_stride];
+            }
+            a_tile[d][r] = av;
+            let bc = col0 + r;
+            var bv = 0.0;
+            if (bc < p.n && ak < p.k) {
+                bv = b[b_base + ak * p.b_row_stride + bc * p.b_col_stride];
+            }
+            b_tile[d][r] = bv;
+        }
+        workgroupBarrier();
+        for (var d = 0u; d < DEPTH; d++) {
+            var av: array<f32, 4>;
+            var bv: array<f32, 4>;
+            for (var i = 0u; i < 4u; i++) {
+                av[i] = a_tile[d][lid.y * 4u + i];
+                bv[i] = b_tile[d][lid.x * 4u + i];
+            }
+            for (var i = 0u; i < 4u; i++) {
+                for (var j = 0u; j < 4u; j++) {
+                    acc[i][j] = fma(av[i], bv[j], acc[i][j]);
+                }
+            }
+        }
+        workgroupBarrier();
+    }
+
+    for (var i = 0u; i < 4u; i++) {
+        let r = row0 + lid.y * 4u + i;
+        for (var j = 0u; j < 4u; j++) {
+            let c = col0 + lid.x * 4u + j;
+            if (r < p.m && c < p.n) {
+                out[batch * p.m * p.n + r * p.n + c] = acc[i][j];
+            }
+        }
+    }
+}

@@ -1,0 +1,3 @@
+// placeholder until the optim kernels land.
+@compute @workgroup_size(1)
+fn placeholder_optim() {}

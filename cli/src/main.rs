@@ -1,0 +1,87 @@
+//! `lathe`: RLHF fine-tuning of large language models on one GPU.
+
+use std::process::ExitCode;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+use lathe_cli::demo::{self, DemoConfig};
+use lathe_cli::device::{self, DeviceArg};
+use lathe_core::Device;
+
+#[derive(Parser)]
+#[command(name = "lathe", version, about = "RLHF fine-tuning of large language models on one GPU")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Show the GPU adapter lathe would use and its limits.
+    ///
+    /// Example: lathe info --allow-software-gpu
+    Info {
+        /// Accept a software adapter (lavapipe) when no hardware GPU exists.
+        #[arg(long)]
+        allow_software_gpu: bool,
+    },
+    /// Train a tiny causal attention block on a synthetic next-token task, on the CPU and on
+    /// the GPU side by side, and print both loss curves and the GPU memory ledger.
+    ///
+    /// The most complete job lathe runs today; it grows into the full RLHF pipeline.
+    /// Example: lathe demo --device both --steps 30
+    Demo {
+        /// cpu, gpu, both (CPU and GPU side by side) or auto (GPU when present, else CPU).
+        #[arg(long, default_value = "auto")]
+        device: DemoDevice,
+        /// Accept a software adapter (lavapipe) when no hardware GPU exists.
+        #[arg(long)]
+        allow_software_gpu: bool,
+        /// Optimizer steps.
+        #[arg(long, default_value_t = 40)]
+        steps: usize,
+        /// Seed of the weights and the data.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum DemoDevice {
+    Cpu,
+    Gpu,
+    Both,
+    Auto,
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Info { allow_software_gpu } => {
+            let device = device::open(DeviceArg::Gpu, allow_software_gpu)?;
+            let ctx = device.gpu_context().expect("a gpu device");
+            println!("adapter: {}", ctx.report());
+            println!("{}", ctx.ledger_snapshot());
+            Ok(())
+        }
+        Command::Demo { device, allow_software_gpu, steps, seed } => {
+            let config = DemoConfig { steps, seed, ..DemoConfig::default() };
+            let devices = match device {
+                DemoDevice::Cpu => vec![Device::Cpu],
+                DemoDevice::Gpu => vec![device::open(DeviceArg::Gpu, allow_software_gpu)?],
+                DemoDevice::Auto => vec![device::open(DeviceArg::Auto, allow_software_gpu)?],
+                DemoDevice::Both => vec![Device::Cpu, device::open(DeviceArg::Gpu, allow_software_gpu)?],
+            };
+            demo::run_and_print(&config, &devices)
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -108,24 +108,24 @@ fn cpu_backward(
         let x = &x[r * d..(r + 1) * d];
         let g = &g[r * d..(r + 1) * d];
         let (mean, rstd) = row_stats(x, kind, eps);
+        let xhat = |j: usize| (x[j] - mean) * rstd;
         let (mut sum_gh, mut sum_ghx) = (0.0f32, 0.0f32);
         for j in 0..d {
             let gh = gh_at(g, j);
             sum_gh += gh;
-            sum_ghx += gh * (x[j] - mean) * rstd;
+            sum_ghx += gh * xhat(j);
         }
         let mean_gh = match kind {
             NormKind::Layer => sum_gh / d as f32,
             NormKind::Rms => 0.0,
         };
         let mean_ghx = sum_ghx / d as f32;
-        for j in 0..d {
-            let xhat = (x[j] - mean) * rstd;
-            dx[j] = rstd * (gh_at(g, j) - mean_gh - xhat * mean_ghx);
+        for (j, dx) in dx.iter_mut().enumerate() {
+            *dx = rstd * (gh_at(g, j) - mean_gh - xhat(j) * mean_ghx);
         }
         if let Some(gxhat) = gxhat {
-            for j in 0..d {
-                gxhat[j] = g[j] * (x[j] - mean) * rstd;
+            for (j, p) in gxhat.iter_mut().enumerate() {
+                *p = g[j] * xhat(j);
             }
         }
     };
@@ -136,9 +136,7 @@ fn cpu_backward(
             .for_each(|(r, gx)| row(r, Some(gx)));
         (dx, Some(gxhat))
     } else {
-        dx.par_chunks_mut(d)
-            .enumerate()
-            .for_each(|r| row(r, None));
+        dx.par_chunks_mut(d).enumerate().for_each(|r| row(r, None));
         (dx, None)
     }
 }
@@ -283,7 +281,10 @@ fn check_inputs(
 ) -> Result<RowsView> {
     x.expect_dtype(op, DType::F32)?;
     let Some(&d) = x.shape().last() else {
-        return Err(Error::shape(op, "needs a tensor of rank >= 1, got a scalar"));
+        return Err(Error::shape(
+            op,
+            "needs a tensor of rank >= 1, got a scalar",
+        ));
     };
     if d == 0 {
         return Err(Error::shape(

@@ -170,19 +170,18 @@ fn backward(y: &Tensor, g: &Tensor, view: SoftmaxView) -> Result<Tensor> {
         }
         Device::Gpu(ctx) => {
             let out = alloc_f32(ctx, y.elem_count())?;
-            if y.elem_count() == 0 {
-                return Ok(Storage::Gpu(out));
+            if y.elem_count() > 0 {
+                let (yb, gb) = (y.gpu_buffer().expect("gpu"), g.gpu_buffer().expect("gpu"));
+                launch(
+                    ctx,
+                    Shader::Softmax,
+                    "softmax_backward",
+                    &[&yb, &gb],
+                    &[&out],
+                    &view.params(),
+                    row_grid(view.rows),
+                )?;
             }
-            let (yb, gb) = (y.gpu_buffer().expect("gpu"), g.gpu_buffer().expect("gpu"));
-            launch(
-                ctx,
-                Shader::Softmax,
-                "softmax_backward",
-                &[&yb, &gb],
-                &[&out],
-                &view.params(),
-                row_grid(view.rows),
-            )?;
             Storage::Gpu(out)
         }
     };
@@ -195,7 +194,12 @@ fn backward(y: &Tensor, g: &Tensor, view: SoftmaxView) -> Result<Tensor> {
 }
 
 /// Checks the key ranges (one per batch element, start <= end <= tk) and flattens them.
-fn flat_ranges(op: &'static str, mask: &AttentionMask, batch: usize, tk: usize) -> Result<Vec<u32>> {
+fn flat_ranges(
+    op: &'static str,
+    mask: &AttentionMask,
+    batch: usize,
+    tk: usize,
+) -> Result<Vec<u32>> {
     let Some(ranges) = &mask.key_ranges else {
         return Ok([0, tk as u32].repeat(batch));
     };
@@ -246,7 +250,7 @@ impl Tensor {
                 "needs a tensor of rank >= 1, got a scalar",
             ));
         };
-        let rows = if tk == 0 { 0 } else { self.elem_count() / tk };
+        let rows = self.elem_count().checked_div(tk).unwrap_or(0);
         let view = SoftmaxView {
             rows,
             tk,

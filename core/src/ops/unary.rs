@@ -23,7 +23,6 @@ pub enum GeluKind {
     Tanh,
 }
 
-
 #[repr(C)]
 #[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
 struct AffineParams {

@@ -1,4 +1,10 @@
-//! Unary elementwise ops: fill, affine scale (x * a + b).
+//! Unary elementwise ops: fill, affine scale (x * a + b), and the activations GELU (erf and
+//! tanh forms), SiLU and ReLU with their backwards.
+//!
+//! The activation math is written once per device, line for line the same (see
+//! `elementwise.wgsl`): erf is a rational approximation without `exp`, tanh and sigmoid use
+//! `exp` of a non-positive argument only, so CPU and GPU agree to rounding and nothing
+//! overflows.
 
 use lathe_shaders::{grid_1d, GpuBuffer, GpuContext, Shader};
 use rayon::prelude::*;
@@ -8,6 +14,14 @@ use crate::ops::{alloc_f32, launch, CPU_CHUNK};
 use crate::storage::Storage;
 use crate::tensor::Tensor;
 use crate::{Device, Result};
+
+/// Which GELU formula: `Erf` is the exact form (torch `gelu`), `Tanh` the approximation of
+/// GPT-2 (torch `gelu(approximate="tanh")`, HF `gelu_new` / `gelu_fast`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GeluKind {
+    Erf,
+    Tanh,
+}
 
 #[repr(C)]
 #[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
@@ -92,5 +106,241 @@ impl Tensor {
     /// x * s.
     pub fn scale(&self, s: f32) -> Result<Tensor> {
         self.affine(s, 0.0)
+    }
+}
+
+/// An activation, numbered as the `kind` of the WGSL kernels.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Activation {
+    GeluErf = 0,
+    GeluTanh = 1,
+    Silu = 2,
+    Relu = 3,
+}
+
+impl Activation {
+    fn name(self) -> &'static str {
+        match self {
+            Activation::GeluErf => "gelu_erf",
+            Activation::GeluTanh => "gelu_tanh",
+            Activation::Silu => "silu",
+            Activation::Relu => "relu",
+        }
+    }
+}
+
+const SQRT_1_2: f32 = std::f32::consts::FRAC_1_SQRT_2;
+/// 1 / sqrt(2 pi)
+const INV_SQRT_2PI: f32 = 0.3989423;
+/// sqrt(2 / pi)
+const SQRT_2_PI: f32 = 0.7978846;
+const GELU_C: f32 = 0.044715;
+
+/// erf(x): the odd rational minimax approximation on [-4, 4] that Eigen and XLA use for f32
+/// (|error| < 7e-8 before rounding); erf is +-1 in f32 beyond |x| = 4. Same as the WGSL.
+pub fn erf_approx(x: f32) -> f32 {
+    let x = x.clamp(-4.0, 4.0);
+    let x2 = x * x;
+    let mut p = x2 * -2.7261424e-10 + 2.7706815e-08;
+    p = x2 * p + -2.101024e-06;
+    p = x2 * p + -5.6925062e-05;
+    p = x2 * p + -7.3499064e-04;
+    p = x2 * p + -2.9546e-03;
+    p = x2 * p + -1.6096033e-02;
+    p *= x;
+    let mut q = x2 * -1.45660715e-05 + -2.1337405e-04;
+    q = x2 * q + -1.682827e-03;
+    q = x2 * q + -7.3733293e-03;
+    q = x2 * q + -1.4264739e-02;
+    (p / q).clamp(-1.0, 1.0)
+}
+
+fn tanh_stable(u: f32) -> f32 {
+    let e = (-2.0 * u.abs()).exp();
+    let t = (1.0 - e) / (1.0 + e);
+    if u < 0.0 {
+        -t
+    } else {
+        t
+    }
+}
+
+fn sigmoid_stable(x: f32) -> f32 {
+    let e = (-x.abs()).exp();
+    if x < 0.0 {
+        e / (1.0 + e)
+    } else {
+        1.0 / (1.0 + e)
+    }
+}
+
+fn act_forward(kind: Activation, x: f32) -> f32 {
+    match kind {
+        Activation::GeluErf => 0.5 * x * (1.0 + erf_approx(x * SQRT_1_2)),
+        Activation::GeluTanh => {
+            let u = SQRT_2_PI * (x + GELU_C * x * x * x);
+            0.5 * x * (1.0 + tanh_stable(u))
+        }
+        Activation::Silu => x * sigmoid_stable(x),
+        Activation::Relu => x.max(0.0),
+    }
+}
+
+/// d act(x) / dx.
+fn act_derivative(kind: Activation, x: f32) -> f32 {
+    match kind {
+        Activation::GeluErf => {
+            let cdf = 0.5 * (1.0 + erf_approx(x * SQRT_1_2));
+            cdf + x * INV_SQRT_2PI * (-0.5 * x * x).exp()
+        }
+        Activation::GeluTanh => {
+            let u = SQRT_2_PI * (x + GELU_C * x * x * x);
+            let t = tanh_stable(u);
+            let du = SQRT_2_PI * (1.0 + 3.0 * GELU_C * x * x);
+            0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * du
+        }
+        Activation::Silu => {
+            let s = sigmoid_stable(x);
+            s * (1.0 + x * (1.0 - s))
+        }
+        Activation::Relu => {
+            if x > 0.0 {
+                1.0
+            } else {
+                0.0
+            }
+        }
+    }
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct ActParams {
+    n: u32,
+    kind: u32,
+    _pad0: u32,
+    _pad1: u32,
+}
+
+/// Applies `f` elementwise over one or two equally long slices on the CPU (rayon chunks).
+fn cpu_map(x: &[f32], g: Option<&[f32]>, f: impl Fn(f32, f32) -> f32 + Sync) -> Vec<f32> {
+    let mut out = vec![0.0f32; x.len()];
+    out.par_chunks_mut(CPU_CHUNK)
+        .enumerate()
+        .for_each(|(c, chunk)| {
+            let base = c * CPU_CHUNK;
+            for (i, o) in chunk.iter_mut().enumerate() {
+                *o = f(x[base + i], g.map_or(0.0, |g| g[base + i]));
+            }
+        });
+    out
+}
+
+/// The activation's forward (no history): y = act(x).
+fn activation_forward(x: &Tensor, kind: Activation) -> Result<Storage> {
+    let n = x.elem_count();
+    match x.device() {
+        Device::Cpu => {
+            let data = x.with_cpu_f32(kind.name(), |x| {
+                cpu_map(x, None, |x, _| act_forward(kind, x))
+            })?;
+            Ok(Tensor::cpu_f32(data, x.shape().to_vec()))
+        }
+        Device::Gpu(ctx) => {
+            let out = alloc_f32(ctx, n)?;
+            let params = ActParams {
+                n: n as u32,
+                kind: kind as u32,
+                _pad0: 0,
+                _pad1: 0,
+            };
+            let xb = x.gpu_buffer().expect("gpu");
+            launch(
+                ctx,
+                Shader::Elementwise,
+                "activation",
+                &[&xb],
+                &[&out],
+                &params,
+                grid_1d(n as u64, 256),
+            )?;
+            Ok(Storage::Gpu(out))
+        }
+    }
+}
+
+/// The activation's backward (no history): dx = g * act'(x).
+fn activation_backward(x: &Tensor, g: &Tensor, kind: Activation) -> Result<Tensor> {
+    let n = x.elem_count();
+    let storage = match x.device() {
+        Device::Cpu => {
+            let data = x.with_cpu_f32(kind.name(), |x| {
+                g.with_cpu_f32(kind.name(), |g| {
+                    cpu_map(x, Some(g), |x, g| g * act_derivative(kind, x))
+                })
+            })??;
+            Tensor::cpu_f32(data, x.shape().to_vec())
+        }
+        Device::Gpu(ctx) => {
+            let out = alloc_f32(ctx, n)?;
+            let params = ActParams {
+                n: n as u32,
+                kind: kind as u32,
+                _pad0: 0,
+                _pad1: 0,
+            };
+            let (xb, gb) = (x.gpu_buffer().expect("gpu"), g.gpu_buffer().expect("gpu"));
+            launch(
+                ctx,
+                Shader::Elementwise,
+                "activation_backward",
+                &[&xb, &gb],
+                &[&out],
+                &params,
+                grid_1d(n as u64, 256),
+            )?;
+            Storage::Gpu(out)
+        }
+    };
+    Ok(Tensor::from_storage(
+        storage,
+        x.shape().to_vec(),
+        DType::F32,
+        x.device().clone(),
+    ))
+}
+
+impl Tensor {
+    fn activation(&self, kind: Activation) -> Result<Tensor> {
+        self.expect_dtype(kind.name(), DType::F32)?;
+        let storage = activation_forward(self, kind)?;
+        let saved = self.detach();
+        Ok(Tensor::from_op(
+            storage,
+            self.shape().to_vec(),
+            DType::F32,
+            self.device(),
+            kind.name(),
+            &[self],
+            move |_, g| Ok(vec![Some(activation_backward(&saved, g, kind)?)]),
+        ))
+    }
+
+    /// GELU, elementwise: x * Phi(x) (`Erf`), or its tanh approximation (`Tanh`).
+    pub fn gelu(&self, kind: GeluKind) -> Result<Tensor> {
+        self.activation(match kind {
+            GeluKind::Erf => Activation::GeluErf,
+            GeluKind::Tanh => Activation::GeluTanh,
+        })
+    }
+
+    /// SiLU (swish), elementwise: x * sigmoid(x).
+    pub fn silu(&self) -> Result<Tensor> {
+        self.activation(Activation::Silu)
+    }
+
+    /// ReLU, elementwise: max(x, 0) (gradient 0 at 0).
+    pub fn relu(&self) -> Result<Tensor> {
+        self.activation(Activation::Relu)
     }
 }

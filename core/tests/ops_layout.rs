@@ -409,10 +409,34 @@ fn layout_backward_matches_finite_differences() {
     let x = Tensor::rand_uniform(-1.0, 1.0, &[2, 3, 5], 1, &cpu).unwrap();
     let y = Tensor::rand_uniform(-1.0, 1.0, &[2, 4, 5], 2, &cpu).unwrap();
     let z = Tensor::rand_uniform(-1.0, 1.0, &[2, 1, 5], 3, &cpu).unwrap();
-    check_gradients(|t| t[0].permute(&[2, 0, 1]), &[x.clone()], 1e-2, FD_TOL).unwrap();
-    check_gradients(|t| t[0].transpose(0, 2), &[x.clone()], 1e-2, FD_TOL).unwrap();
-    check_gradients(|t| t[0].narrow(2, 1, 3), &[x.clone()], 1e-2, FD_TOL).unwrap();
-    check_gradients(|t| t[0].pad_narrow(1, 2, 6), &[x.clone()], 1e-2, FD_TOL).unwrap();
+    check_gradients(
+        |t| t[0].permute(&[2, 0, 1]),
+        std::slice::from_ref(&x),
+        1e-2,
+        FD_TOL,
+    )
+    .unwrap();
+    check_gradients(
+        |t| t[0].transpose(0, 2),
+        std::slice::from_ref(&x),
+        1e-2,
+        FD_TOL,
+    )
+    .unwrap();
+    check_gradients(
+        |t| t[0].narrow(2, 1, 3),
+        std::slice::from_ref(&x),
+        1e-2,
+        FD_TOL,
+    )
+    .unwrap();
+    check_gradients(
+        |t| t[0].pad_narrow(1, 2, 6),
+        std::slice::from_ref(&x),
+        1e-2,
+        FD_TOL,
+    )
+    .unwrap();
     check_gradients(
         |t| Tensor::cat(&[&t[0], &t[1], &t[2]], 1),
         &[x.clone(), y.clone(), z.clone()],
@@ -426,7 +450,7 @@ fn layout_backward_matches_finite_differences() {
             let p = t[0].split(&[1, 2, 1], 1)?;
             Tensor::cat(&[&p[2], &p[0].scale(2.0)?, &p[1].scale(-3.0)?], 1)
         },
-        &[y.clone()],
+        std::slice::from_ref(&y),
         1e-2,
         FD_TOL,
     )
@@ -436,7 +460,7 @@ fn layout_backward_matches_finite_differences() {
             let p = t[0].chunk(2, 2)?;
             p[0].narrow(2, 0, 2)?.mul(&p[1])
         },
-        &[x.clone()],
+        std::slice::from_ref(&x),
         1e-2,
         FD_TOL,
     )
@@ -444,7 +468,7 @@ fn layout_backward_matches_finite_differences() {
     // Casts: linear, so a larger eps keeps f16 rounding out of the difference.
     check_gradients(
         |t| t[0].to_dtype(DType::F16)?.to_dtype(DType::F32),
-        &[x.clone()],
+        std::slice::from_ref(&x),
         1e-1,
         FD_TOL,
     )
@@ -467,10 +491,10 @@ fn rotary_and_embedding_backward_match_finite_differences() {
 fn gpu_backward_matches_cpu_backward() {
     let x = Tensor::rand_uniform(-1.0, 1.0, &[3, 5, 7], 1, &Device::Cpu).unwrap();
     let y = Tensor::rand_uniform(-1.0, 1.0, &[3, 2, 7], 2, &Device::Cpu).unwrap();
-    assert_gpu_backward_matches(&|t| t[0].permute(&[1, 2, 0]), &[x.clone()]);
-    assert_gpu_backward_matches(&|t| t[0].transpose(1, 2), &[x.clone()]);
-    assert_gpu_backward_matches(&|t| t[0].narrow(1, 1, 3), &[x.clone()]);
-    assert_gpu_backward_matches(&|t| t[0].pad_narrow(2, 3, 11), &[x.clone()]);
+    assert_gpu_backward_matches(&|t| t[0].permute(&[1, 2, 0]), std::slice::from_ref(&x));
+    assert_gpu_backward_matches(&|t| t[0].transpose(1, 2), std::slice::from_ref(&x));
+    assert_gpu_backward_matches(&|t| t[0].narrow(1, 1, 3), std::slice::from_ref(&x));
+    assert_gpu_backward_matches(&|t| t[0].pad_narrow(2, 3, 11), std::slice::from_ref(&x));
     assert_gpu_backward_matches(
         &|t| Tensor::cat(&[&t[0], &t[1]], 1),
         &[x.clone(), y.clone()],
@@ -480,18 +504,18 @@ fn gpu_backward_matches_cpu_backward() {
             let p = t[0].split(&[2, 3], 1)?;
             Tensor::cat(&[&p[1], &p[0].scale(-2.0)?], 1)
         },
-        &[x.clone()],
+        std::slice::from_ref(&x),
     );
     assert_gpu_backward_matches(
         &|t| {
             let p = t[0].chunk(3, 2)?;
             Tensor::cat(&[&p[2], &p[0]], 2)
         },
-        &[x.clone()],
+        std::slice::from_ref(&x),
     );
     assert_gpu_backward_matches(
         &|t| t[0].to_dtype(DType::F16)?.to_dtype(DType::F32),
-        &[x.clone()],
+        std::slice::from_ref(&x),
     );
     // Rotary with rotary_dims < head_dim and left-padded positions.
     let q = Tensor::rand_uniform(-1.0, 1.0, &[2, 3, 5, 10], 3, &Device::Cpu).unwrap();
@@ -499,7 +523,7 @@ fn gpu_backward_matches_cpu_backward() {
     let (p, pg) = ids_both(pos, &[2, 5]);
     let t_cpu = RotaryTables::new(16, 6, 10_000.0, &Device::Cpu).unwrap();
     let t_gpu = RotaryTables::new(16, 6, 10_000.0, &test_gpu()).unwrap();
-    let want = grads(&|t| t[0].rotary(&t_cpu, &p), &[q.clone()]);
+    let want = grads(&|t| t[0].rotary(&t_cpu, &p), std::slice::from_ref(&q));
     let got = grads(
         &|t| t[0].rotary(&t_gpu, &pg),
         &[q.to_device(&test_gpu()).unwrap()],
@@ -509,7 +533,7 @@ fn gpu_backward_matches_cpu_backward() {
     let w = Tensor::rand_uniform(-1.0, 1.0, &[11, 300], 4, &Device::Cpu).unwrap();
     let ids: Vec<u32> = (0..37).map(|k| (k * k % 7) as u32).collect();
     let (i, ig) = ids_both(ids, &[37]);
-    let want = grads(&|t| Tensor::embedding(&t[0], &i), &[w.clone()]);
+    let want = grads(&|t| Tensor::embedding(&t[0], &i), std::slice::from_ref(&w));
     let got = grads(
         &|t| Tensor::embedding(&t[0], &ig),
         &[w.to_device(&test_gpu()).unwrap()],

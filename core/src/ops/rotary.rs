@@ -41,7 +41,7 @@ impl RotaryTables {
         base: f32,
         device: &Device,
     ) -> Result<RotaryTables> {
-        if rotary_dims == 0 || rotary_dims % 2 != 0 {
+        if rotary_dims == 0 || !rotary_dims.is_multiple_of(2) {
             return Err(Error::shape(
                 "rotary",
                 format!("rotary_dims must be even and positive, got {rotary_dims}"),

@@ -1,16 +1,145 @@
-//! dtype conversion.
+//! dtype conversion: f32 <-> f16 and u32 -> f32.
+//!
+//! f32 -> f16 rounds to nearest, ties to even, on both devices: the `half` crate on the CPU,
+//! WGSL `pack2x16float` on the GPU (one invocation per pair of elements, since GPU f16 tensors
+//! are packed two per u32 word; an odd count pads the last word with a zero half). On normal
+//! range inputs the GPU bits equal the CPU bits (tested in `core/tests/ops_layout.rs`);
+//! values outside the f16 range are unspecified on the GPU (WGSL leaves them indeterminate).
+//!
+//! Gradients flow back through f32 <-> f16 casts by casting the gradient back to the source
+//! dtype; u32 -> f32 gives the ids no gradient.
+
+use half::f16;
+use lathe_shaders::{grid_1d, GpuBuffer, GpuContext, MemCategory, Shader};
+use rayon::prelude::*;
 
 use crate::dtype::DType;
+use crate::ops::{alloc_f32, launch, CPU_CHUNK};
+use crate::storage::{CpuStorage, Storage};
 use crate::tensor::Tensor;
-use crate::{Error, Result};
+use crate::{Device, Error, Result};
+
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct CastParams {
+    n: u32,
+    _pad: [u32; 3],
+}
+
+/// Whether `from -> to` is a supported conversion; the error names a dtype that would be.
+fn check_supported(from: DType, to: DType) -> Result<()> {
+    match (from, to) {
+        (DType::F32, DType::F16) | (DType::F16, DType::F32) | (DType::U32, DType::F32) => Ok(()),
+        // Only f32 converts to f16, and nothing converts to u32.
+        (_, DType::F16) => Err(Error::DType {
+            op: "to_dtype (only f32 converts to f16)",
+            expected: DType::F32,
+            got: from,
+        }),
+        _ => Err(Error::DType {
+            op: "to_dtype (nothing converts to u32)",
+            expected: to,
+            got: from,
+        }),
+    }
+}
+
+/// Maps a host slice in parallel chunks.
+fn par_map<A: Sync, B: Send + Default + Clone>(x: &[A], f: impl Fn(&A) -> B + Sync) -> Vec<B> {
+    let mut out = vec![B::default(); x.len()];
+    out.par_chunks_mut(CPU_CHUNK)
+        .zip(x.par_chunks(CPU_CHUNK))
+        .for_each(|(o, x)| {
+            for (o, x) in o.iter_mut().zip(x) {
+                *o = f(x);
+            }
+        });
+    out
+}
+
+fn cpu_cast(t: &Tensor, to: DType) -> Result<CpuStorage> {
+    Ok(match (&*t.storage(), to) {
+        (Storage::Cpu(CpuStorage::F32(x)), DType::F16) => {
+            CpuStorage::F16(par_map(x, |v| f16::from_f32(*v)))
+        }
+        (Storage::Cpu(CpuStorage::F16(x)), DType::F32) => {
+            CpuStorage::F32(par_map(x, |v| v.to_f32()))
+        }
+        (Storage::Cpu(CpuStorage::U32(x)), DType::F32) => {
+            CpuStorage::F32(par_map(x, |v| *v as f32))
+        }
+        _ => unreachable!("checked by check_supported on a cpu tensor"),
+    })
+}
+
+/// Bytes of a GPU buffer holding `n` f16 values (two per word, at least one word).
+pub(crate) fn f16_buffer_bytes(n: usize) -> u64 {
+    (n.div_ceil(2).max(1) * 4) as u64
+}
+
+fn gpu_cast(
+    ctx: &GpuContext,
+    x: &GpuBuffer,
+    n: usize,
+    from: DType,
+    to: DType,
+) -> Result<GpuBuffer> {
+    let params = CastParams {
+        n: n as u32,
+        _pad: [0; 3],
+    };
+    let (entry, out, invocations) = match (from, to) {
+        (DType::F32, DType::F16) => (
+            "f32_to_f16",
+            ctx.alloc(f16_buffer_bytes(n), MemCategory::Activations)?,
+            n.div_ceil(2),
+        ),
+        (DType::F16, DType::F32) => ("f16_to_f32", alloc_f32(ctx, n)?, n.div_ceil(2)),
+        _ => ("u32_to_f32", alloc_f32(ctx, n)?, n),
+    };
+    launch(
+        ctx,
+        Shader::Copy,
+        entry,
+        &[x],
+        &[&out],
+        &params,
+        grid_1d(invocations as u64, 256),
+    )?;
+    Ok(out)
+}
 
 pub(crate) fn to_dtype(t: &Tensor, dtype: DType) -> Result<Tensor> {
-    if t.dtype() == dtype {
+    let from = t.dtype();
+    if from == dtype {
         return Ok(t.clone());
     }
-    Err(Error::DType {
-        op: "to_dtype",
-        expected: dtype,
-        got: t.dtype(),
-    })
+    check_supported(from, dtype)?;
+    let n = t.elem_count();
+    let storage = match t.device() {
+        Device::Cpu => Storage::Cpu(cpu_cast(t, dtype)?),
+        Device::Gpu(ctx) => {
+            if n > u32::MAX as usize {
+                return Err(Error::shape(
+                    "to_dtype",
+                    format!("{n} elements are over the GPU limit of 2^32"),
+                ));
+            }
+            let x = t.gpu_buffer().expect("gpu tensor");
+            Storage::Gpu(gpu_cast(ctx, &x, n, from, dtype)?)
+        }
+    };
+    Ok(Tensor::from_op(
+        storage,
+        t.shape().to_vec(),
+        dtype,
+        t.device(),
+        "to_dtype",
+        &[t],
+        move |_, g| match from {
+            // Ids are not differentiable.
+            DType::U32 => Ok(vec![None]),
+            _ => Ok(vec![Some(g.to_dtype(from)?)]),
+        },
+    ))
 }

@@ -143,11 +143,22 @@ pub(crate) fn backward(root: &Tensor) -> Result<GradStore> {
                 )));
             }
             let summed = match grads.remove(&input.id()) {
-                Some(previous) => previous.add(&input_grad)?,
+                Some(previous) => accumulate(&previous, &input_grad)?,
                 None => input_grad,
             };
             grads.insert(input.id(), summed);
         }
     }
     Ok(store)
+}
+
+/// previous + next; f16 gradients are summed in f32 and stored back as f16.
+fn accumulate(previous: &Tensor, next: &Tensor) -> Result<Tensor> {
+    match previous.dtype() {
+        crate::DType::F32 => previous.add(next),
+        dtype => previous
+            .to_dtype(crate::DType::F32)?
+            .add(&next.to_dtype(crate::DType::F32)?)?
+            .to_dtype(dtype),
+    }
 }

@@ -130,3 +130,20 @@ fn shape_and_dtype_mismatches_are_errors() {
         .to_string()
         .contains("different devices"));
 }
+
+#[test]
+fn f16_variables_used_twice_accumulate_their_gradients() {
+    for device in [Device::Cpu, test_gpu()] {
+        let x = Tensor::from_vec(vec![0.5f32, -1.0, 2.0], &[3], &device)
+            .unwrap()
+            .to_dtype(lathe_core::DType::F16)
+            .unwrap()
+            .into_variable();
+        let a = x.narrow(0, 0, 2).unwrap().to_dtype(lathe_core::DType::F32).unwrap();
+        let b = x.narrow(0, 1, 2).unwrap().to_dtype(lathe_core::DType::F32).unwrap();
+        let grads = a.add(&b).unwrap().sum_all().unwrap().backward().unwrap();
+        let g = grads.get(&x).unwrap();
+        assert_eq!(g.dtype(), lathe_core::DType::F16);
+        assert_eq!(g.to_vec_f32().unwrap(), vec![1.0, 2.0, 1.0]);
+    }
+}

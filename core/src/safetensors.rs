@@ -202,7 +202,10 @@ pub fn save(
     let mut seen = std::collections::HashSet::new();
     for (name, _) in tensors {
         if !seen.insert(*name) {
-            return Err(st_error(&label, format!("tensor name {name:?} appears twice")));
+            return Err(st_error(
+                &label,
+                format!("tensor name {name:?} appears twice"),
+            ));
         }
     }
     let views = tensors

@@ -3,7 +3,9 @@
 //! known values, and bad input.
 
 use lathe_core::optim::{Adam, AdamConfig};
-use lathe_core::testing::{assert_close, assert_tensors_close, check_gradients, test_gpu, Tolerance};
+use lathe_core::testing::{
+    assert_close, assert_tensors_close, check_gradients, test_gpu, Tolerance,
+};
 use lathe_core::{Device, Error, GradStore, MemCategory, Tensor};
 use proptest::prelude::*;
 
@@ -27,15 +29,17 @@ fn ids_for(n: usize, v: usize, seed: u64) -> Vec<u32> {
 /// Distinct values (gaps of 0.05, shuffled) so max has no near-ties for finite differences.
 fn distinct(shape: &[usize]) -> Tensor {
     let n: usize = shape.iter().product();
-    let data = (0..n)
-        .map(|i| ((i * 37) % n) as f32 * 0.05 - 1.0)
-        .collect();
+    let data = (0..n).map(|i| ((i * 37) % n) as f32 * 0.05 - 1.0).collect();
     Tensor::from_vec::<f32>(data, shape, &Device::Cpu).unwrap()
 }
 
 /// Gradients of sum(f(x) * w) with respect to `x` (a CPU tensor copied to `device`), for a
 /// fixed random weight w, as host vectors: compares backwards across devices.
-fn grad_on(device: &Device, x: &Tensor, f: impl Fn(&Tensor) -> lathe_core::Result<Tensor>) -> Vec<f32> {
+fn grad_on(
+    device: &Device,
+    x: &Tensor,
+    f: impl Fn(&Tensor) -> lathe_core::Result<Tensor>,
+) -> Vec<f32> {
     let var = x.to_device(device).unwrap().detach().into_variable();
     let out = f(&var).unwrap();
     let w = Tensor::rand_uniform(-1.0, 1.0, out.shape(), 99, &Device::Cpu)
@@ -47,7 +51,11 @@ fn grad_on(device: &Device, x: &Tensor, f: impl Fn(&Tensor) -> lathe_core::Resul
 }
 
 /// `f` on the GPU (forward and backward) against `f` on the CPU.
-fn assert_gpu_matches_cpu(x: &Tensor, f: impl Fn(&Tensor) -> lathe_core::Result<Tensor>, tol: Tolerance) {
+fn assert_gpu_matches_cpu(
+    x: &Tensor,
+    f: impl Fn(&Tensor) -> lathe_core::Result<Tensor>,
+    tol: Tolerance,
+) {
     let gpu = test_gpu();
     let want = f(x).unwrap();
     let got = f(&x.to_device(&gpu).unwrap()).unwrap();
@@ -56,7 +64,14 @@ fn assert_gpu_matches_cpu(x: &Tensor, f: impl Fn(&Tensor) -> lathe_core::Result<
 }
 
 fn vocab() -> impl Strategy<Value = usize> {
-    prop_oneof![Just(1usize), Just(7), Just(300), Just(1031), Just(257), 2usize..600]
+    prop_oneof![
+        Just(1usize),
+        Just(7),
+        Just(300),
+        Just(1031),
+        Just(257),
+        2usize..600
+    ]
 }
 
 proptest! {
@@ -123,14 +138,26 @@ proptest! {
 fn reduction_backwards_match_finite_differences() {
     let x = Tensor::rand_uniform(-1.0, 1.0, &[3, 4, 5], 1, &Device::Cpu).unwrap();
     for dim in 0..3 {
-        check_gradients(|t| t[0].mean_keepdim(dim), &[x.clone()], 1e-2, FD_TOL).unwrap();
-        check_gradients(|t| t[0].mean(dim), &[x.clone()], 1e-2, FD_TOL).unwrap();
+        check_gradients(
+            |t| t[0].mean_keepdim(dim),
+            std::slice::from_ref(&x),
+            1e-2,
+            FD_TOL,
+        )
+        .unwrap();
+        check_gradients(|t| t[0].mean(dim), std::slice::from_ref(&x), 1e-2, FD_TOL).unwrap();
     }
     check_gradients(|t| t[0].mean_all(), &[x], 1e-2, FD_TOL).unwrap();
     let d = distinct(&[3, 4, 5]);
     for dim in 0..3 {
-        check_gradients(|t| t[0].max_keepdim(dim), &[d.clone()], 1e-2, FD_TOL).unwrap();
-        check_gradients(|t| t[0].max(dim), &[d.clone()], 1e-2, FD_TOL).unwrap();
+        check_gradients(
+            |t| t[0].max_keepdim(dim),
+            std::slice::from_ref(&d),
+            1e-2,
+            FD_TOL,
+        )
+        .unwrap();
+        check_gradients(|t| t[0].max(dim), std::slice::from_ref(&d), 1e-2, FD_TOL).unwrap();
     }
 }
 
@@ -154,12 +181,30 @@ fn max_backward_sends_ties_to_the_first_index_on_both_devices() {
 fn loss_backwards_match_finite_differences() {
     let x = Tensor::rand_uniform(-2.0, 2.0, &[5, 7], 3, &Device::Cpu).unwrap();
     let ids = Tensor::from_vec(ids_for(5, 7, 3), &[5], &Device::Cpu).unwrap();
-    check_gradients(|t| t[0].log_softmax_gather(&ids), &[x.clone()], 1e-2, FD_TOL).unwrap();
-    check_gradients(|t| t[0].log_softmax_last(), &[x.clone()], 1e-2, FD_TOL).unwrap();
+    check_gradients(
+        |t| t[0].log_softmax_gather(&ids),
+        std::slice::from_ref(&x),
+        1e-2,
+        FD_TOL,
+    )
+    .unwrap();
+    check_gradients(
+        |t| t[0].log_softmax_last(),
+        std::slice::from_ref(&x),
+        1e-2,
+        FD_TOL,
+    )
+    .unwrap();
     let x3 = Tensor::rand_uniform(-2.0, 2.0, &[2, 3, 4], 4, &Device::Cpu).unwrap();
     check_gradients(|t| t[0].log_softmax_last(), &[x3], 1e-2, FD_TOL).unwrap();
     let targets = Tensor::from_vec(vec![1u32, 100, 6, 0, 100], &[5], &Device::Cpu).unwrap();
-    check_gradients(|t| t[0].cross_entropy(&targets, Some(100)), &[x.clone()], 1e-2, FD_TOL).unwrap();
+    check_gradients(
+        |t| t[0].cross_entropy(&targets, Some(100)),
+        std::slice::from_ref(&x),
+        1e-2,
+        FD_TOL,
+    )
+    .unwrap();
     check_gradients(|t| t[0].cross_entropy(&ids, None), &[x], 1e-2, FD_TOL).unwrap();
     // A single class: log-softmax is identically 0, so is its gradient.
     let one = Tensor::rand_uniform(-2.0, 2.0, &[4, 1], 5, &Device::Cpu).unwrap();
@@ -188,7 +233,11 @@ fn cross_entropy_matches_hand_computed_values() {
         assert_close(&loss.to_vec_f32().unwrap(), &[row0], tol);
         // The ignored row gets no gradient; the kept one gets softmax - onehot.
         let var = logits.detach().into_variable();
-        let grads = var.cross_entropy(&t, Some(100)).unwrap().backward().unwrap();
+        let grads = var
+            .cross_entropy(&t, Some(100))
+            .unwrap()
+            .backward()
+            .unwrap();
         let g = grads.get(&var).unwrap().to_vec_f32().unwrap();
         let z: f64 = (1..=3).map(|k| (k as f64).exp()).sum();
         let want: Vec<f32> = (1..=3)
@@ -200,7 +249,12 @@ fn cross_entropy_matches_hand_computed_values() {
         assert_close(&g, &want, tol);
         // Every row ignored: 0/0 = NaN, as torch.
         let t = Tensor::from_vec(vec![100u32, 100], &[2], &device).unwrap();
-        assert!(logits.cross_entropy(&t, Some(100)).unwrap().to_scalar().unwrap().is_nan());
+        assert!(logits
+            .cross_entropy(&t, Some(100))
+            .unwrap()
+            .to_scalar()
+            .unwrap()
+            .is_nan());
     }
 }
 
@@ -209,7 +263,11 @@ fn log_softmax_is_stable_for_large_logits() {
     for device in [Device::Cpu, test_gpu()] {
         let x = Tensor::from_vec(vec![1000.0f32, 0.0, -1000.0, 80.0], &[1, 4], &device).unwrap();
         let y = x.log_softmax_last().unwrap().to_vec_f32().unwrap();
-        assert_close(&y, &[0.0, -1000.0, -2000.0, -920.0], Tolerance::new(1e-3, 1e-6));
+        assert_close(
+            &y,
+            &[0.0, -1000.0, -2000.0, -920.0],
+            Tolerance::new(1e-3, 1e-6),
+        );
         let ids = Tensor::from_vec(vec![3u32], &[1], &device).unwrap();
         let g = x.log_softmax_gather(&ids).unwrap().to_vec_f32().unwrap();
         assert_close(&g, &[-920.0], Tolerance::new(1e-3, 1e-6));
@@ -225,15 +283,27 @@ fn long_rows_and_many_rows_match_cpu() {
         Tensor::from_slice(&ids, &[2], &Device::Cpu).unwrap(),
         Tensor::from_slice(&ids, &[2], &test_gpu()).unwrap(),
     );
-    assert_tensors_close(&xg.log_softmax_gather(&ig).unwrap(), &x.log_softmax_gather(&ic).unwrap(), GPU_TOL);
+    assert_tensors_close(
+        &xg.log_softmax_gather(&ig).unwrap(),
+        &x.log_softmax_gather(&ic).unwrap(),
+        GPU_TOL,
+    );
     let (x, xg) = both(&[70_000, 3], -2.0, 2.0, 12);
     let ids = ids_for(70_000, 3, 12);
     let (ic, ig) = (
         Tensor::from_slice(&ids, &[70_000], &Device::Cpu).unwrap(),
         Tensor::from_slice(&ids, &[70_000], &test_gpu()).unwrap(),
     );
-    assert_tensors_close(&xg.log_softmax_gather(&ig).unwrap(), &x.log_softmax_gather(&ic).unwrap(), GPU_TOL);
-    assert_tensors_close(&xg.log_softmax_last().unwrap(), &x.log_softmax_last().unwrap(), GPU_TOL);
+    assert_tensors_close(
+        &xg.log_softmax_gather(&ig).unwrap(),
+        &x.log_softmax_gather(&ic).unwrap(),
+        GPU_TOL,
+    );
+    assert_tensors_close(
+        &xg.log_softmax_last().unwrap(),
+        &x.log_softmax_last().unwrap(),
+        GPU_TOL,
+    );
 }
 
 /// torch.optim.Adam / AdamW, straight from the documented algorithm, in f64.
@@ -305,7 +375,14 @@ fn adam_and_adamw_match_the_torch_reference_on_both_devices() {
             for step in 0..steps {
                 let mut grads = GradStore::default();
                 for (i, p) in handles.iter().enumerate() {
-                    let g = Tensor::rand_uniform(-1.0, 1.0, p.shape(), 100 + step * 2 + i as u64, &device).unwrap();
+                    let g = Tensor::rand_uniform(
+                        -1.0,
+                        1.0,
+                        p.shape(),
+                        100 + step * 2 + i as u64,
+                        &device,
+                    )
+                    .unwrap();
                     history[i].push(g.to_vec_f32().unwrap());
                     grads.insert(p, g);
                 }
@@ -331,8 +408,12 @@ fn adam_and_adamw_match_the_torch_reference_on_both_devices() {
 #[test]
 fn adam_steps_from_backward_and_skips_params_without_gradients() {
     for device in [Device::Cpu, test_gpu()] {
-        let p = Tensor::rand_uniform(-1.0, 1.0, &[4, 3], 1, &device).unwrap().into_variable();
-        let unused = Tensor::rand_uniform(-1.0, 1.0, &[5], 2, &device).unwrap().into_variable();
+        let p = Tensor::rand_uniform(-1.0, 1.0, &[4, 3], 1, &device)
+            .unwrap()
+            .into_variable();
+        let unused = Tensor::rand_uniform(-1.0, 1.0, &[5], 2, &device)
+            .unwrap()
+            .into_variable();
         let p0 = p.to_vec_f32().unwrap();
         let unused0 = unused.to_vec_f32().unwrap();
         let config = AdamConfig::adamw(0.05, 0.01);
@@ -357,9 +438,13 @@ fn adam_steps_from_backward_and_skips_params_without_gradients() {
 #[test]
 fn adam_rejects_bad_input() {
     let frozen = Tensor::zeros(&[3], &Device::Cpu).unwrap();
-    let err = Adam::new(vec![frozen], AdamConfig::default()).err().unwrap();
+    let err = Adam::new(vec![frozen], AdamConfig::default())
+        .err()
+        .unwrap();
     assert!(err.to_string().contains("not a variable"), "{err}");
-    let ids = Tensor::from_vec(vec![1u32], &[1], &Device::Cpu).unwrap().into_variable();
+    let ids = Tensor::from_vec(vec![1u32], &[1], &Device::Cpu)
+        .unwrap()
+        .into_variable();
     assert!(matches!(
         Adam::new(vec![ids], AdamConfig::default()),
         Err(Error::DType { .. })
@@ -370,7 +455,10 @@ fn adam_rejects_bad_input() {
         let mut grads = GradStore::default();
         grads.insert(&p, Tensor::zeros(&[4], &device).unwrap());
         let err = adam.step(&grads).unwrap_err();
-        assert!(err.to_string().contains("does not match parameter 0"), "{err}");
+        assert!(
+            err.to_string().contains("does not match parameter 0"),
+            "{err}"
+        );
         assert_eq!(adam.step_count(), 0, "a rejected step does not count");
     }
 }
@@ -385,25 +473,50 @@ fn losses_reject_bad_input() {
             logits.cross_entropy(&bad, None).unwrap_err(),
             logits.cross_entropy(&bad, Some(1)).unwrap_err(),
         ] {
-            assert!(matches!(err, Error::IndexOutOfRange { index: 5, size: 5, .. }), "{err}");
-            assert!(err.to_string().contains("index 5 out of range for size 5"), "{err}");
+            assert!(
+                matches!(
+                    err,
+                    Error::IndexOutOfRange {
+                        index: 5,
+                        size: 5,
+                        ..
+                    }
+                ),
+                "{err}"
+            );
+            assert!(
+                err.to_string().contains("index 5 out of range for size 5"),
+                "{err}"
+            );
         }
         // The out-of-range id is fine when it is the ignore index.
         assert!(logits.cross_entropy(&bad, Some(5)).is_ok());
         let short = Tensor::from_vec(vec![0u32, 1], &[2], &device).unwrap();
         let err = logits.log_softmax_gather(&short).unwrap_err();
-        assert!(err.to_string().contains("do not match the leading dims"), "{err}");
+        assert!(
+            err.to_string().contains("do not match the leading dims"),
+            "{err}"
+        );
         let err = logits.cross_entropy(&short, None).unwrap_err();
-        assert!(err.to_string().contains("do not match the leading dims"), "{err}");
+        assert!(
+            err.to_string().contains("do not match the leading dims"),
+            "{err}"
+        );
         let float_ids = Tensor::zeros(&[3], &device).unwrap();
-        assert!(matches!(logits.log_softmax_gather(&float_ids), Err(Error::DType { .. })));
+        assert!(matches!(
+            logits.log_softmax_gather(&float_ids),
+            Err(Error::DType { .. })
+        ));
         let empty = Tensor::zeros(&[3, 0], &device).unwrap();
         let err = empty.log_softmax_last().unwrap_err();
         assert!(err.to_string().contains("no classes"), "{err}");
         let err = empty.max(1).unwrap_err();
         assert!(err.to_string().contains("is empty"), "{err}");
         assert!(matches!(logits.mean(2), Err(Error::DimOutOfRange { .. })));
-        assert!(matches!(logits.max_keepdim(2), Err(Error::DimOutOfRange { .. })));
+        assert!(matches!(
+            logits.max_keepdim(2),
+            Err(Error::DimOutOfRange { .. })
+        ));
     }
     let cpu_ids = Tensor::from_vec(vec![0u32, 1, 2], &[3], &Device::Cpu).unwrap();
     let gpu_logits = Tensor::zeros(&[3, 5], &test_gpu()).unwrap();

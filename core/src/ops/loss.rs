@@ -233,7 +233,10 @@ impl Tensor {
             }
             Device::Gpu(ctx) => {
                 let (out, lse) = (alloc_f32(ctx, rows)?, alloc_f32(ctx, rows)?);
-                let (xb, ib) = (self.gpu_buffer().expect("gpu"), ids.gpu_buffer().expect("gpu"));
+                let (xb, ib) = (
+                    self.gpu_buffer().expect("gpu"),
+                    ids.gpu_buffer().expect("gpu"),
+                );
                 launch(
                     ctx,
                     Shader::Loss,
@@ -270,14 +273,12 @@ impl Tensor {
             Device::Cpu => {
                 let y = self.with_cpu_f32(op, |x| {
                     let mut y = vec![0.0f32; rows * v];
-                    y.par_chunks_mut(v)
-                        .zip(x.par_chunks(v))
-                        .for_each(|(y, x)| {
-                            let lse = cpu_row_lse(x);
-                            for (y, x) in y.iter_mut().zip(x) {
-                                *y = x - lse;
-                            }
-                        });
+                    y.par_chunks_mut(v).zip(x.par_chunks(v)).for_each(|(y, x)| {
+                        let lse = cpu_row_lse(x);
+                        for (y, x) in y.iter_mut().zip(x) {
+                            *y = x - lse;
+                        }
+                    });
                     y
                 })?;
                 Tensor::cpu_f32(y, self.shape().to_vec())
@@ -336,7 +337,10 @@ impl Tensor {
             Tensor::from_vec(safe_ids, shape, self.device())?
         };
         let weights = Tensor::from_vec(weights, shape, self.device())?;
-        let loss = self.log_softmax_gather(&safe_ids)?.mul(&weights)?.sum_all()?;
+        let loss = self
+            .log_softmax_gather(&safe_ids)?
+            .mul(&weights)?
+            .sum_all()?;
         if kept == 0 {
             // 0/0, as torch: the value is NaN (the gradient is zero).
             return loss.affine(1.0, f32::NAN);

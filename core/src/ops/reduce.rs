@@ -140,7 +140,13 @@ fn cpu_max(x: &[f32], outer: usize, axis: usize, inner: usize) -> (Vec<f32>, Vec
 }
 
 /// dx (outer, axis, inner) with g (outer, inner) at each saved argmax and zeros elsewhere.
-fn cpu_max_backward(g: &[f32], argmax: &[u32], outer: usize, axis: usize, inner: usize) -> Vec<f32> {
+fn cpu_max_backward(
+    g: &[f32],
+    argmax: &[u32],
+    outer: usize,
+    axis: usize,
+    inner: usize,
+) -> Vec<f32> {
     let mut dx = vec![0.0f32; outer * axis * inner];
     dx.par_chunks_mut((axis * inner).max(1))
         .enumerate()
@@ -173,7 +179,10 @@ fn max_backward(g: &Tensor, argmax: &Tensor, in_shape: &[usize], dim: usize) -> 
                 inner: inner as u32,
                 _pad: 0,
             };
-            let (gb, ib) = (g.gpu_buffer().expect("gpu"), argmax.gpu_buffer().expect("gpu"));
+            let (gb, ib) = (
+                g.gpu_buffer().expect("gpu"),
+                argmax.gpu_buffer().expect("gpu"),
+            );
             launch(
                 ctx,
                 Shader::Reduce,
@@ -232,8 +241,7 @@ impl Tensor {
         out_shape[dim] = 1;
         let (storage, argmax) = match self.device() {
             Device::Cpu => {
-                let (values, idx) =
-                    self.with_cpu_f32("max", |x| cpu_max(x, outer, axis, inner))?;
+                let (values, idx) = self.with_cpu_f32("max", |x| cpu_max(x, outer, axis, inner))?;
                 (
                     Tensor::cpu_f32(values, out_shape.clone()),
                     Storage::Cpu(CpuStorage::U32(idx)),
@@ -262,7 +270,8 @@ impl Tensor {
                 (Storage::Gpu(values), Storage::Gpu(idx))
             }
         };
-        let argmax = Tensor::from_storage(argmax, out_shape.clone(), DType::U32, self.device().clone());
+        let argmax =
+            Tensor::from_storage(argmax, out_shape.clone(), DType::U32, self.device().clone());
         let in_shape = self.shape().to_vec();
         Ok(Tensor::from_op(
             storage,

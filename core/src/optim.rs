@@ -1,1 +1,287 @@
-//! Adam and AdamW.
+//! Adam and AdamW with the semantics of `torch.optim.Adam` / `torch.optim.AdamW`.
+//!
+//! Parameters are updated in place: every tensor sharing a parameter's storage (the model's
+//! own handle) sees the new values. On the GPU one kernel per parameter binds the gradient
+//! as input and the parameter and both moments as read-write outputs, so a step costs one
+//! pass over the data and no allocation. The moments live on the parameter's device, charged
+//! to `MemCategory::Optimizer` on the GPU.
+
+use lathe_shaders::{grid_1d, MemCategory, Shader};
+use rayon::prelude::*;
+
+use crate::backprop::GradStore;
+use crate::dtype::DType;
+use crate::ops::{launch, CPU_CHUNK};
+use crate::storage::{CpuStorage, Storage};
+use crate::tensor::Tensor;
+use crate::{Device, Error, Result};
+
+/// Hyper-parameters. `decoupled: false` is Adam with L2 regularisation (weight_decay * p added
+/// to the gradient); `decoupled: true` is AdamW (p *= 1 - lr * weight_decay before the update).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AdamConfig {
+    pub lr: f32,
+    pub beta1: f32,
+    pub beta2: f32,
+    pub eps: f32,
+    pub weight_decay: f32,
+    pub decoupled: bool,
+}
+
+impl Default for AdamConfig {
+    /// torch.optim.Adam's defaults: lr 1e-3, betas (0.9, 0.999), eps 1e-8, no weight decay.
+    fn default() -> Self {
+        AdamConfig {
+            lr: 1e-3,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.0,
+            decoupled: false,
+        }
+    }
+}
+
+impl AdamConfig {
+    /// AdamW with torch's other defaults.
+    pub fn adamw(lr: f32, weight_decay: f32) -> Self {
+        AdamConfig {
+            lr,
+            weight_decay,
+            decoupled: true,
+            ..AdamConfig::default()
+        }
+    }
+}
+
+/// Per-step scalars shared by both devices.
+#[derive(Clone, Copy)]
+struct StepScalars {
+    config: AdamConfig,
+    /// 1 - beta1^t and 1 - beta2^t.
+    bias_correction1: f32,
+    bias_correction2: f32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct AdamParams {
+    n: u32,
+    decoupled: u32,
+    lr: f32,
+    beta1: f32,
+    beta2: f32,
+    eps: f32,
+    weight_decay: f32,
+    bias_correction1: f32,
+    bias_correction2: f32,
+    _pad: [u32; 3],
+}
+
+/// The first and second moments of one parameter.
+struct Moments {
+    m: Tensor,
+    v: Tensor,
+}
+
+/// Adam / AdamW over a fixed list of parameters (variables).
+pub struct Adam {
+    params: Vec<Tensor>,
+    state: Vec<Moments>,
+    config: AdamConfig,
+    step: u64,
+}
+
+/// Zeros shaped like `param` on its device (GPU bytes charged to the optimizer).
+fn zeros_like_state(param: &Tensor) -> Result<Tensor> {
+    let n = param.elem_count();
+    let storage = match param.device() {
+        Device::Cpu => Storage::Cpu(CpuStorage::F32(vec![0.0; n])),
+        Device::Gpu(ctx) => {
+            Storage::Gpu(ctx.alloc_zeroed((n.max(1) * 4) as u64, MemCategory::Optimizer)?)
+        }
+    };
+    Ok(Tensor::from_storage(
+        storage,
+        param.shape().to_vec(),
+        DType::F32,
+        param.device().clone(),
+    ))
+}
+
+/// One element's update; returns the new (p, m, v). Mirrors optim.wgsl.
+#[inline]
+fn adam_element(p: f32, grad: f32, m: f32, v: f32, s: &StepScalars) -> (f32, f32, f32) {
+    let c = &s.config;
+    let (p, g) = if c.decoupled {
+        (p * (1.0 - c.lr * c.weight_decay), grad)
+    } else {
+        (p, grad + c.weight_decay * p)
+    };
+    let m = c.beta1 * m + (1.0 - c.beta1) * g;
+    let v = c.beta2 * v + (1.0 - c.beta2) * g * g;
+    let m_hat = m / s.bias_correction1;
+    let v_hat = v / s.bias_correction2;
+    (p - c.lr * m_hat / (v_hat.sqrt() + c.eps), m, v)
+}
+
+/// The f32 vector of a CPU tensor's storage, mutably.
+fn cpu_f32_mut(storage: &mut Storage) -> &mut Vec<f32> {
+    match storage {
+        Storage::Cpu(CpuStorage::F32(v)) => v,
+        _ => unreachable!("checked: a CPU f32 tensor"),
+    }
+}
+
+fn cpu_step(param: &Tensor, grad: &Tensor, state: &Moments, s: &StepScalars) -> Result<()> {
+    // The gradient is read-locked while the parameter is write-locked: a gradient that is the
+    // parameter itself is copied first (detach copies CPU storage).
+    let grad = if grad.id() == param.id() {
+        grad.detach()
+    } else {
+        grad.clone()
+    };
+    grad.with_cpu_f32("adam", |g| {
+        let mut p_guard = param.storage_mut();
+        let mut m_guard = state.m.storage_mut();
+        let mut v_guard = state.v.storage_mut();
+        let (p, m, v) = (
+            cpu_f32_mut(&mut p_guard),
+            cpu_f32_mut(&mut m_guard),
+            cpu_f32_mut(&mut v_guard),
+        );
+        p.par_chunks_mut(CPU_CHUNK)
+            .zip(m.par_chunks_mut(CPU_CHUNK))
+            .zip(v.par_chunks_mut(CPU_CHUNK))
+            .zip(g.par_chunks(CPU_CHUNK))
+            .for_each(|(((p, m), v), g)| {
+                for (((p, m), v), g) in p.iter_mut().zip(m).zip(v).zip(g) {
+                    (*p, *m, *v) = adam_element(*p, *g, *m, *v, s);
+                }
+            });
+    })
+}
+
+fn gpu_step(param: &Tensor, grad: &Tensor, state: &Moments, s: &StepScalars) -> Result<()> {
+    let ctx = param.device().gpu_context().expect("gpu");
+    let (p, m, v) = (
+        param.gpu_buffer().expect("gpu"),
+        state.m.gpu_buffer().expect("gpu"),
+        state.v.gpu_buffer().expect("gpu"),
+    );
+    // A buffer cannot be bound as input and output of one dispatch: copy an aliasing gradient.
+    let mut g = grad.gpu_buffer().expect("gpu");
+    if g.same_buffer(&p) || g.same_buffer(&m) || g.same_buffer(&v) {
+        g = grad.affine(1.0, 0.0)?.gpu_buffer().expect("gpu");
+    }
+    let n = param.elem_count();
+    let c = &s.config;
+    let params = AdamParams {
+        n: n as u32,
+        decoupled: c.decoupled as u32,
+        lr: c.lr,
+        beta1: c.beta1,
+        beta2: c.beta2,
+        eps: c.eps,
+        weight_decay: c.weight_decay,
+        bias_correction1: s.bias_correction1,
+        bias_correction2: s.bias_correction2,
+        _pad: [0; 3],
+    };
+    launch(
+        ctx,
+        Shader::Optim,
+        "adam_step",
+        &[&g],
+        &[&p, &m, &v],
+        &params,
+        grid_1d(n as u64, 256),
+    )
+}
+
+impl Adam {
+    /// An optimizer over `params`, which must be f32 variables (`into_variable`). The moments
+    /// are allocated now, zeroed, on each parameter's device.
+    pub fn new(params: Vec<Tensor>, config: AdamConfig) -> Result<Adam> {
+        let mut state = Vec::with_capacity(params.len());
+        for (i, p) in params.iter().enumerate() {
+            if !p.is_variable() {
+                return Err(Error::Backward(format!(
+                    "Adam: parameter {i} {:?} is not a variable (make it with into_variable)",
+                    p.shape()
+                )));
+            }
+            p.expect_dtype("Adam", DType::F32)?;
+            state.push(Moments {
+                m: zeros_like_state(p)?,
+                v: zeros_like_state(p)?,
+            });
+        }
+        Ok(Adam {
+            params,
+            state,
+            config,
+            step: 0,
+        })
+    }
+
+    /// One update of every parameter that has a gradient in `grads` (the others are skipped,
+    /// their moments untouched). The step count t (for the bias corrections) is shared, as
+    /// in torch when every parameter gets a gradient each step.
+    pub fn step(&mut self, grads: &GradStore) -> Result<()> {
+        // Validate everything first so a bad gradient leaves every parameter untouched.
+        let mut work = Vec::new();
+        for (i, p) in self.params.iter().enumerate() {
+            let Some(g) = grads.get(p) else { continue };
+            g.expect_dtype("Adam", DType::F32)?;
+            p.expect_same_device("Adam", g)?;
+            if g.shape() != p.shape() {
+                return Err(Error::shape(
+                    "Adam",
+                    format!(
+                        "gradient {:?} does not match parameter {i} {:?}",
+                        g.shape(),
+                        p.shape()
+                    ),
+                ));
+            }
+            work.push((i, g));
+        }
+        self.step += 1;
+        let t = self.step as f64;
+        let c = self.config;
+        let scalars = StepScalars {
+            config: c,
+            bias_correction1: (1.0 - (c.beta1 as f64).powf(t)) as f32,
+            bias_correction2: (1.0 - (c.beta2 as f64).powf(t)) as f32,
+        };
+        let _no_grad = crate::no_grad();
+        for (i, g) in work {
+            let (p, state) = (&self.params[i], &self.state[i]);
+            match p.device() {
+                Device::Cpu => cpu_step(p, g, state, &scalars)?,
+                Device::Gpu(_) => gpu_step(p, g, state, &scalars)?,
+            }
+        }
+        Ok(())
+    }
+
+    /// Steps taken so far (t of the bias corrections).
+    pub fn step_count(&self) -> u64 {
+        self.step
+    }
+    pub fn config(&self) -> &AdamConfig {
+        &self.config
+    }
+    /// Changes the learning rate (schedules).
+    pub fn set_lr(&mut self, lr: f32) {
+        self.config.lr = lr;
+    }
+    pub fn params(&self) -> &[Tensor] {
+        &self.params
+    }
+    /// The first and second moments of parameter `i`.
+    pub fn moments(&self, i: usize) -> Option<(&Tensor, &Tensor)> {
+        self.state.get(i).map(|s| (&s.m, &s.v))
+    }
+}

@@ -1,15 +1,16 @@
-//! Reductions along one dim: sum (and mean, max built with the same kernel shape).
-//! A tensor is viewed as (outer, axis, inner); one output per (outer, inner).
+//! Reductions along one dim: sum, mean (sum then scale) and max (values plus the argmax the
+//! backward routes the gradient to). A tensor is viewed as (outer, axis, inner); one output
+//! per (outer, inner).
 
-use lathe_shaders::{grid_1d, Shader};
+use lathe_shaders::{grid_1d, MemCategory, Shader};
 use rayon::prelude::*;
 
 use crate::dtype::DType;
 use crate::ops::{alloc_f32, launch};
 use crate::shape::check_dim;
-use crate::storage::Storage;
+use crate::storage::{CpuStorage, Storage};
 use crate::tensor::Tensor;
-use crate::{Device, Result};
+use crate::{Device, Error, Result};
 
 /// (outer, axis, inner) sizes of a tensor around `dim`.
 pub(crate) fn split_at_dim(shape: &[usize], dim: usize) -> (usize, usize, usize) {
@@ -109,5 +110,185 @@ impl Tensor {
         }
         let zeros = Tensor::zeros(shape, self.device())?;
         zeros.add(self)
+    }
+}
+
+/// Max over the axis and the index of its first occurrence; NaN counts as the largest value
+/// (as in torch). `axis` must be at least 1.
+fn cpu_max(x: &[f32], outer: usize, axis: usize, inner: usize) -> (Vec<f32>, Vec<u32>) {
+    let mut values = vec![0.0f32; outer * inner];
+    let mut argmax = vec![0u32; outer * inner];
+    values
+        .par_chunks_mut(inner.max(1))
+        .zip(argmax.par_chunks_mut(inner.max(1)))
+        .enumerate()
+        .for_each(|(o, (vals, idx))| {
+            let block = &x[o * axis * inner..(o + 1) * axis * inner];
+            vals.copy_from_slice(&block[..inner]);
+            idx.fill(0);
+            for a in 1..axis {
+                let row = &block[a * inner..(a + 1) * inner];
+                for ((best, best_a), &v) in vals.iter_mut().zip(idx.iter_mut()).zip(row) {
+                    if v > *best || (v.is_nan() && !best.is_nan()) {
+                        *best = v;
+                        *best_a = a as u32;
+                    }
+                }
+            }
+        });
+    (values, argmax)
+}
+
+/// dx (outer, axis, inner) with g (outer, inner) at each saved argmax and zeros elsewhere.
+fn cpu_max_backward(
+    g: &[f32],
+    argmax: &[u32],
+    outer: usize,
+    axis: usize,
+    inner: usize,
+) -> Vec<f32> {
+    let mut dx = vec![0.0f32; outer * axis * inner];
+    dx.par_chunks_mut((axis * inner).max(1))
+        .enumerate()
+        .for_each(|(o, block)| {
+            for j in 0..inner {
+                let r = o * inner + j;
+                block[argmax[r] as usize * inner + j] = g[r];
+            }
+        });
+    dx
+}
+
+/// The gradient of `max_keepdim`: `g` (keepdim shape) scattered to the saved argmax.
+fn max_backward(g: &Tensor, argmax: &Tensor, in_shape: &[usize], dim: usize) -> Result<Tensor> {
+    let (outer, axis, inner) = split_at_dim(in_shape, dim);
+    let storage = match g.device() {
+        Device::Cpu => {
+            let dx = g.with_cpu_f32("max_backward", |g| {
+                argmax.with_cpu_u32("max_backward", |idx| {
+                    cpu_max_backward(g, idx, outer, axis, inner)
+                })
+            })??;
+            Tensor::cpu_f32(dx, in_shape.to_vec())
+        }
+        Device::Gpu(ctx) => {
+            let dx = alloc_f32(ctx, outer * axis * inner)?;
+            let params = ReduceParams {
+                outer: outer as u32,
+                axis: axis as u32,
+                inner: inner as u32,
+                _pad: 0,
+            };
+            let (gb, ib) = (
+                g.gpu_buffer().expect("gpu"),
+                argmax.gpu_buffer().expect("gpu"),
+            );
+            launch(
+                ctx,
+                Shader::Reduce,
+                "max_backward",
+                &[&gb, &ib],
+                &[&dx],
+                &params,
+                grid_1d((outer * axis * inner) as u64, 256),
+            )?;
+            Storage::Gpu(dx)
+        }
+    };
+    Ok(Tensor::from_storage(
+        storage,
+        in_shape.to_vec(),
+        DType::F32,
+        g.device().clone(),
+    ))
+}
+
+impl Tensor {
+    /// Mean over `dim`, keeping it with size 1 (an empty dim gives NaN, as in torch).
+    pub fn mean_keepdim(&self, dim: usize) -> Result<Tensor> {
+        check_dim("mean", dim, self.rank())?;
+        let axis = self.shape()[dim];
+        self.sum_keepdim(dim)?.scale(1.0 / axis as f32)
+    }
+
+    /// Mean over `dim`, removing it.
+    pub fn mean(&self, dim: usize) -> Result<Tensor> {
+        let mut shape = self.shape().to_vec();
+        let out = self.mean_keepdim(dim)?;
+        shape.remove(dim);
+        out.reshape(&shape)
+    }
+
+    /// Mean of every element, as a tensor of shape (1,).
+    pub fn mean_all(&self) -> Result<Tensor> {
+        let n = self.elem_count();
+        self.reshape(&[n])?.mean_keepdim(0)
+    }
+
+    /// Max over `dim`, keeping it with size 1. The backward sends the whole gradient to the
+    /// first index of the maximum (ties are not split), so it is a valid subgradient.
+    pub fn max_keepdim(&self, dim: usize) -> Result<Tensor> {
+        self.expect_dtype("max", DType::F32)?;
+        check_dim("max", dim, self.rank())?;
+        let (outer, axis, inner) = split_at_dim(self.shape(), dim);
+        if axis == 0 {
+            return Err(Error::shape(
+                "max",
+                format!("dim {dim} of {:?} is empty", self.shape()),
+            ));
+        }
+        let mut out_shape = self.shape().to_vec();
+        out_shape[dim] = 1;
+        let (storage, argmax) = match self.device() {
+            Device::Cpu => {
+                let (values, idx) = self.with_cpu_f32("max", |x| cpu_max(x, outer, axis, inner))?;
+                (
+                    Tensor::cpu_f32(values, out_shape.clone()),
+                    Storage::Cpu(CpuStorage::U32(idx)),
+                )
+            }
+            Device::Gpu(ctx) => {
+                let n = outer * inner;
+                let values = alloc_f32(ctx, n)?;
+                let idx = ctx.alloc((n.max(1) * 4) as u64, MemCategory::Activations)?;
+                let params = ReduceParams {
+                    outer: outer as u32,
+                    axis: axis as u32,
+                    inner: inner as u32,
+                    _pad: 0,
+                };
+                let x = self.gpu_buffer().expect("gpu");
+                launch(
+                    ctx,
+                    Shader::Reduce,
+                    "max_axis",
+                    &[&x],
+                    &[&values, &idx],
+                    &params,
+                    grid_1d(n as u64, 256),
+                )?;
+                (Storage::Gpu(values), Storage::Gpu(idx))
+            }
+        };
+        let argmax =
+            Tensor::from_storage(argmax, out_shape.clone(), DType::U32, self.device().clone());
+        let in_shape = self.shape().to_vec();
+        Ok(Tensor::from_op(
+            storage,
+            out_shape,
+            DType::F32,
+            self.device(),
+            "max",
+            &[self],
+            move |_, g| Ok(vec![Some(max_backward(g, &argmax, &in_shape, dim)?)]),
+        ))
+    }
+
+    /// Max over `dim`, removing it.
+    pub fn max(&self, dim: usize) -> Result<Tensor> {
+        let mut shape = self.shape().to_vec();
+        let out = self.max_keepdim(dim)?;
+        shape.remove(dim);
+        out.reshape(&shape)
     }
 }

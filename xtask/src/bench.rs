@@ -1,0 +1,165 @@
+//! `cargo xtask bench`: f32 matmul throughput on the CPU, the GPU adapter found and a Python
+//! peer, written to `<target>/bench/report.{json,md}` and printed.
+
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use lathe_core::{Device, Tensor};
+use lathe_shaders::AdapterChoice;
+
+use crate::peer;
+use crate::report::{GpuSection, LedgerRow, Measurement, PeerSection, Report};
+
+#[derive(clap::Args, Debug)]
+pub struct BenchArgs {
+    /// M = N = K of the square matmul.
+    #[arg(long, default_value_t = 1024)]
+    size: usize,
+    /// Untimed runs before measuring (pipeline compilation, caches, thread start-up).
+    #[arg(long, default_value_t = 2)]
+    warmup: usize,
+    /// Timed runs; the best is reported (and the median alongside).
+    #[arg(long, default_value_t = 7)]
+    runs: usize,
+    /// Skip the Python peer even when one is available.
+    #[arg(long)]
+    no_peer: bool,
+}
+
+pub fn run(args: &BenchArgs) -> Result<()> {
+    let n = args.size;
+    let threads = rayon::current_num_threads();
+    eprintln!("xtask bench: f32 matmul {n}x{n}x{n}, {threads} CPU threads, best of {} runs after {} warm-up", args.runs, args.warmup);
+
+    let a = Tensor::randn(&[n, n], 1, &Device::Cpu)?;
+    let b = Tensor::randn(&[n, n], 2, &Device::Cpu)?;
+    let cpu_out = a.matmul(&b)?;
+    let cpu = time_op(n, args, || {
+        a.matmul(&b)?;
+        Ok(())
+    })
+    .context("CPU matmul")?;
+    eprintln!("  cpu:  {:.1} GFLOP/s", cpu.gflops);
+
+    let gpu = match Device::gpu(AdapterChoice::any()) {
+        Ok(device) => Some(bench_gpu(&device, &a, &b, &cpu_out, args).context("GPU matmul")?),
+        Err(e) => {
+            eprintln!("  gpu:  none ({e})");
+            None
+        }
+    };
+
+    let peer = if args.no_peer {
+        PeerSection::skipped("--no-peer given")
+    } else {
+        run_peer(n, threads)
+    };
+
+    let report = Report::new([n, n, n], threads, cpu, gpu, peer);
+    let dir = crate::target_dir().join("bench");
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let json_path = dir.join("report.json");
+    let md_path = dir.join("report.md");
+    std::fs::write(&json_path, serde_json::to_string_pretty(&report)?)?;
+    let markdown = report.markdown();
+    std::fs::write(&md_path, &markdown)?;
+    println!("{markdown}");
+    println!("written: {} and {}", json_path.display(), md_path.display());
+    Ok(())
+}
+
+/// Times the GPU matmul: operands uploaded (and synced) before timing, `sync()` inside the
+/// timed region so the figure is the device's work, not the host's encoding.
+fn bench_gpu(
+    device: &Device,
+    a: &Tensor,
+    b: &Tensor,
+    cpu_out: &Tensor,
+    args: &BenchArgs,
+) -> Result<GpuSection> {
+    let ctx = device.gpu_context().expect("a GPU device").clone();
+    let report = ctx.report().clone();
+    eprintln!("  gpu adapter: {report}");
+    let ag = a.to_device(device)?;
+    let bg = b.to_device(device)?;
+    device.sync()?;
+    let out = ag.matmul(&bg)?;
+    let max_rel_diff = max_rel_diff(&out.to_vec_f32()?, &cpu_out.to_vec_f32()?);
+    let measurement = time_op(args.size, args, || {
+        ag.matmul(&bg)?;
+        device.sync()?;
+        Ok(())
+    })?;
+    eprintln!(
+        "  gpu:  {:.1} GFLOP/s{}",
+        measurement.gflops,
+        if report.is_software {
+            " [software adapter]"
+        } else {
+            ""
+        }
+    );
+    // Taken while a, b and one output are alive: current = the working set, peak = the run's.
+    let ledger = ctx.ledger_snapshot();
+    Ok(GpuSection {
+        adapter: report.to_string(),
+        adapter_name: report.name.clone(),
+        is_software: report.is_software,
+        measurement,
+        max_rel_diff_vs_cpu: max_rel_diff,
+        ledger_rows: ledger
+            .categories
+            .iter()
+            .map(|c| LedgerRow {
+                category: c.category.name().to_string(),
+                current_bytes: c.current,
+                peak_bytes: c.peak,
+            })
+            .collect(),
+        ledger_total_current_bytes: ledger.total_current,
+        ledger_total_peak_bytes: ledger.total_peak,
+        ledger: ledger.to_string(),
+        pool_idle_bytes: ctx.pool_idle_bytes(),
+    })
+}
+
+fn run_peer(n: usize, threads: usize) -> PeerSection {
+    let Some(python) = peer::find_python() else {
+        return PeerSection::skipped(
+            "no peer: set LATHE_PEER_PYTHON to a python with torch or numpy, or run \
+             `python3 -m venv /tmp/venv && /tmp/venv/bin/pip install numpy threadpoolctl`",
+        );
+    };
+    eprintln!("  peer: {} scripts/peer_matmul.py", python.display());
+    match peer::measure(&python, n, threads) {
+        Ok(result) => PeerSection::measured(result),
+        Err(e) => PeerSection::skipped(&format!("peer failed: {e:#}")),
+    }
+}
+
+/// Best and median of `args.runs` timed calls after `args.warmup` untimed ones.
+fn time_op(n: usize, args: &BenchArgs, mut op: impl FnMut() -> Result<()>) -> Result<Measurement> {
+    for _ in 0..args.warmup {
+        op()?;
+    }
+    let mut times = Vec::with_capacity(args.runs.max(1));
+    for _ in 0..args.runs.max(1) {
+        let start = Instant::now();
+        op()?;
+        times.push(start.elapsed());
+    }
+    Ok(Measurement::from_times(n, n, n, times))
+}
+
+/// max |got - want| / max |want|: a sanity check that the timed kernel computes the product.
+fn max_rel_diff(got: &[f32], want: &[f32]) -> f64 {
+    let scale = want
+        .iter()
+        .fold(0.0f32, |m, w| m.max(w.abs()))
+        .max(f32::MIN_POSITIVE);
+    let diff = got
+        .iter()
+        .zip(want)
+        .fold(0.0f32, |m, (g, w)| m.max((g - w).abs()));
+    (diff / scale) as f64
+}

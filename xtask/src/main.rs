@@ -1,0 +1,75 @@
+//! Developer tasks of lathe, run as `cargo xtask <task>` (an alias in .cargo/config.toml).
+//!
+//! - `cargo xtask test [ARGS...]`: what CI and developers run. Fails early, with the install
+//!   hint, when no Vulkan adapter exists (GPU tests never skip), then runs
+//!   `cargo test --workspace ARGS...` with `RUST_BACKTRACE=1`.
+//! - `cargo xtask bench`: f32 matmul GFLOP/s on the CPU and the GPU adapter found, the
+//!   adapter report and the GPU memory ledger, with a Python peer (torch or numpy) when one
+//!   is available; written to `<target>/bench/report.{json,md}`.
+
+mod bench;
+mod peer;
+mod probe;
+mod report;
+mod test;
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "Developer tasks of lathe")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Check for a Vulkan adapter, then run `cargo test --workspace` with the extra args.
+    Test {
+        /// Passed on to `cargo test --workspace` (e.g. `-p lathe-core -- --nocapture`).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Matmul GFLOP/s on CPU, GPU and a Python peer; writes target/bench/report.{json,md}.
+    Bench(bench::BenchArgs),
+    /// Only the adapter check: prints the adapter report, fails with the install hint.
+    Probe,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.task {
+        Task::Test { args } => test::run(&args),
+        Task::Bench(args) => bench::run(&args).map(|()| ExitCode::SUCCESS),
+        Task::Probe => probe::require_adapter().map(|report| {
+            println!("GPU adapter: {report}");
+            ExitCode::SUCCESS
+        }),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("xtask: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The workspace root (the folder above this crate).
+pub fn workspace_root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives one folder below the workspace root")
+}
+
+/// Cargo's target folder: `CARGO_TARGET_DIR` when set (relative to the workspace root),
+/// else `<root>/target`.
+pub fn target_dir() -> PathBuf {
+    match std::env::var_os("CARGO_TARGET_DIR") {
+        Some(dir) if !dir.is_empty() => workspace_root().join(dir),
+        _ => workspace_root().join("target"),
+    }
+}

@@ -1,0 +1,68 @@
+//! `cargo xtask test`: the adapter check, then `cargo test --workspace`.
+
+use std::process::{Command, ExitCode};
+
+use anyhow::{Context, Result};
+
+use crate::probe;
+
+/// Runs the adapter probe, then the workspace tests with inherited stdio; returns cargo's
+/// exit status. The test profile of the root Cargo.toml already optimises, so no --release.
+/// A package selection among the extra args (`-p NAME`) replaces `--workspace`, which would
+/// otherwise win over it.
+pub fn run(extra: &[String]) -> Result<ExitCode> {
+    let report = probe::require_adapter()?;
+    eprintln!("xtask: GPU adapter: {report}");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_string());
+    let mut command = Command::new(&cargo);
+    command
+        .current_dir(crate::workspace_root())
+        .arg("test")
+        .args(scope(extra))
+        .args(extra)
+        .env("RUST_BACKTRACE", "1");
+    let shown: Vec<&str> = std::iter::once("test")
+        .chain(scope(extra))
+        .chain(extra.iter().map(String::as_str))
+        .collect();
+    eprintln!(
+        "xtask: running `cargo {}` (RUST_BACKTRACE=1)",
+        shown.join(" ")
+    );
+    let status = command
+        .status()
+        .with_context(|| format!("could not start `{cargo} test`"))?;
+    Ok(match status.code() {
+        Some(0) => ExitCode::SUCCESS,
+        Some(code) => ExitCode::from(u8::try_from(code).unwrap_or(1)),
+        // Killed by a signal: still a failure.
+        None => ExitCode::FAILURE,
+    })
+}
+
+/// `--workspace` unless the cargo args (those before `--`) already pick packages.
+fn scope(extra: &[String]) -> Option<&'static str> {
+    let picks_packages = extra
+        .iter()
+        .take_while(|a| a.as_str() != "--")
+        .any(|a| a == "-p" || a.starts_with("--package") || (a.starts_with("-p") && a.len() > 2));
+    (!picks_packages).then_some("--workspace")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::scope;
+
+    fn args(list: &[&str]) -> Vec<String> {
+        list.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn whole_workspace_unless_a_package_is_picked() {
+        assert_eq!(scope(&[]), Some("--workspace"));
+        assert_eq!(scope(&args(&["--", "-p"])), Some("--workspace"));
+        assert_eq!(scope(&args(&["-p", "lathe-core"])), None);
+        assert_eq!(scope(&args(&["--package=xtask"])), None);
+        assert_eq!(scope(&args(&["-pxtask"])), None);
+    }
+}

@@ -96,7 +96,7 @@ pub struct Adam {
 fn zeros_like_state(param: &Tensor) -> Result<Tensor> {
     let n = param.elem_count();
     let storage = match param.device() {
-        Device::Cpu => Storage::Cpu(CpuStorage::F32(vec![0.0; n])),
+        Device::Cpu => Storage::cpu(CpuStorage::F32(vec![0.0; n])),
         Device::Gpu(ctx) => {
             Storage::Gpu(ctx.alloc_zeroed((n.max(1) * 4) as u64, MemCategory::Optimizer)?)
         }
@@ -128,14 +128,19 @@ fn adam_element(p: f32, grad: f32, m: f32, v: f32, s: &StepScalars) -> (f32, f32
 /// The f32 vector of a CPU tensor's storage, mutably.
 fn cpu_f32_mut(storage: &mut Storage) -> &mut Vec<f32> {
     match storage {
-        Storage::Cpu(CpuStorage::F32(v)) => v,
-        _ => unreachable!("checked: a CPU f32 tensor"),
+        // Copy-on-write: tensors saved for an earlier backward keep the old values.
+        Storage::Cpu(host) => match std::sync::Arc::make_mut(host) {
+            CpuStorage::F32(v) => v,
+            _ => unreachable!("checked: a CPU f32 tensor"),
+        },
+        Storage::Gpu(_) => unreachable!("checked: a CPU f32 tensor"),
     }
 }
 
 fn cpu_step(param: &Tensor, grad: &Tensor, state: &Moments, s: &StepScalars) -> Result<()> {
     // The gradient is read-locked while the parameter is write-locked: a gradient that is the
-    // parameter itself is copied first (detach copies CPU storage).
+    // parameter itself is detached first, so the two locks differ, and the parameter's
+    // copy-on-write update leaves the gradient's values untouched.
     let grad = if grad.id() == param.id() {
         grad.detach()
     } else {

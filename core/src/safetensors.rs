@@ -112,7 +112,7 @@ fn parse(bytes: &[u8], path: &str, device: &Device) -> Result<Vec<(String, Tenso
     for (name, view) in views {
         let (storage, dtype) = decode(path, &name, view.dtype(), view.data())?;
         let tensor = Tensor::from_storage(
-            crate::storage::Storage::Cpu(storage),
+            crate::storage::Storage::cpu(storage),
             view.shape().to_vec(),
             dtype,
             Device::Cpu,

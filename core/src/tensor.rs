@@ -119,7 +119,7 @@ impl Tensor {
             });
         }
         Tensor::from_storage(
-            Storage::Cpu(T::wrap(data)),
+            Storage::cpu(T::wrap(data)),
             shape.to_vec(),
             T::DTYPE,
             Device::Cpu,
@@ -169,9 +169,12 @@ impl Tensor {
         device: &Device,
     ) -> Result<Tensor> {
         use rand::{Rng, SeedableRng};
+        if !(lo.is_finite() && hi.is_finite() && lo <= hi) {
+            return Err(Error::shape("rand_uniform", format!("bad range [{lo}, {hi})")));
+        }
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
         let data = (0..shape::elem_count(shape))
-            .map(|_| rng.random_range(lo..hi))
+            .map(|_| lo + (hi - lo) * rng.random::<f32>())
             .collect();
         Tensor::from_vec::<f32>(data, shape, device)
     }
@@ -284,7 +287,7 @@ impl Tensor {
     pub(crate) fn to_cpu_storage(&self) -> Result<CpuStorage> {
         let storage = self.storage().clone();
         match storage {
-            Storage::Cpu(s) => Ok(s),
+            Storage::Cpu(s) => Ok(Arc::unwrap_or_clone(s)),
             Storage::Gpu(buffer) => {
                 let ctx = self
                     .device()
@@ -307,7 +310,7 @@ impl Tensor {
             return Ok(self.clone());
         }
         let storage = match device {
-            Device::Cpu => Storage::Cpu(self.to_cpu_storage()?),
+            Device::Cpu => Storage::cpu(self.to_cpu_storage()?),
             Device::Gpu(ctx) => {
                 let host = self.to_cpu_storage()?;
                 let bytes: &[u8] = match &host {
@@ -371,57 +374,34 @@ impl Tensor {
         Ok(v[0])
     }
 
-    /// The f32 values of a CPU tensor, borrowed.
-    pub(crate) fn with_cpu_f32<R>(
-        &self,
-        op: &'static str,
-        f: impl FnOnce(&[f32]) -> R,
-    ) -> Result<R> {
+    /// The host storage of a CPU tensor, borrowed; a GPU tensor is an error.
+    fn with_cpu<R>(&self, op: &'static str, f: impl FnOnce(&CpuStorage) -> Result<R>) -> Result<R> {
         match &*self.storage() {
-            Storage::Cpu(CpuStorage::F32(v)) => Ok(f(v)),
-            Storage::Cpu(_) => Err(Error::DType {
-                op,
-                expected: DType::F32,
-                got: self.dtype(),
-            }),
-            Storage::Gpu(_) => Err(Error::DeviceMismatch {
-                op,
-                a: "cpu".into(),
-                b: self.device().name(),
-            }),
+            Storage::Cpu(host) => f(host),
+            Storage::Gpu(_) => Err(Error::DeviceMismatch { op, a: "cpu".into(), b: self.device().name() }),
         }
     }
 
+    /// The f32 values of a CPU tensor, borrowed.
+    pub(crate) fn with_cpu_f32<R>(&self, op: &'static str, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
+        self.with_cpu(op, |host| match host {
+            CpuStorage::F32(v) => Ok(f(v)),
+            _ => Err(Error::DType { op, expected: DType::F32, got: self.dtype() }),
+        })
+    }
+
     /// The u32 values of a CPU tensor, borrowed.
-    pub(crate) fn with_cpu_u32<R>(
-        &self,
-        op: &'static str,
-        f: impl FnOnce(&[u32]) -> R,
-    ) -> Result<R> {
-        match &*self.storage() {
-            Storage::Cpu(CpuStorage::U32(v)) => Ok(f(v)),
-            Storage::Cpu(_) => Err(Error::DType {
-                op,
-                expected: DType::U32,
-                got: self.dtype(),
-            }),
-            Storage::Gpu(_) => Err(Error::DeviceMismatch {
-                op,
-                a: "cpu".into(),
-                b: self.device().name(),
-            }),
-        }
+    pub(crate) fn with_cpu_u32<R>(&self, op: &'static str, f: impl FnOnce(&[u32]) -> R) -> Result<R> {
+        self.with_cpu(op, |host| match host {
+            CpuStorage::U32(v) => Ok(f(v)),
+            _ => Err(Error::DType { op, expected: DType::U32, got: self.dtype() }),
+        })
     }
 
     /// A CPU f32 result of an op.
     pub(crate) fn cpu_f32(data: Vec<f32>, shape: Vec<usize>) -> Storage {
         debug_assert_eq!(data.len(), shape::elem_count(&shape));
-        Storage::Cpu(CpuStorage::F32(data))
-    }
-
-    /// Replaces the values in place (optimizers). Shape, dtype and device must match.
-    pub(crate) fn set_storage(&self, storage: Storage) {
-        *self.storage_mut() = storage;
+        Storage::cpu(CpuStorage::F32(data))
     }
 
     /// Converts between f32 and f16 (u32 converts to nothing else). Gradients flow through.

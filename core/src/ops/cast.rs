@@ -58,14 +58,18 @@ fn par_map<A: Sync, B: Send + Default + Clone>(x: &[A], f: impl Fn(&A) -> B + Sy
 }
 
 fn cpu_cast(t: &Tensor, to: DType) -> Result<CpuStorage> {
-    Ok(match (&*t.storage(), to) {
-        (Storage::Cpu(CpuStorage::F32(x)), DType::F16) => {
+    let storage = t.storage();
+    let Storage::Cpu(host) = &*storage else {
+        unreachable!("checked by check_supported on a cpu tensor")
+    };
+    Ok(match (&**host, to) {
+        (CpuStorage::F32(x), DType::F16) => {
             CpuStorage::F16(par_map(x, |v| f16::from_f32(*v)))
         }
-        (Storage::Cpu(CpuStorage::F16(x)), DType::F32) => {
+        (CpuStorage::F16(x), DType::F32) => {
             CpuStorage::F32(par_map(x, |v| v.to_f32()))
         }
-        (Storage::Cpu(CpuStorage::U32(x)), DType::F32) => {
+        (CpuStorage::U32(x), DType::F32) => {
             CpuStorage::F32(par_map(x, |v| *v as f32))
         }
         _ => unreachable!("checked by check_supported on a cpu tensor"),
@@ -117,7 +121,7 @@ pub(crate) fn to_dtype(t: &Tensor, dtype: DType) -> Result<Tensor> {
     check_supported(from, dtype)?;
     let n = t.elem_count();
     let storage = match t.device() {
-        Device::Cpu => Storage::Cpu(cpu_cast(t, dtype)?),
+        Device::Cpu => Storage::cpu(cpu_cast(t, dtype)?),
         Device::Gpu(ctx) => {
             if n > u32::MAX as usize {
                 return Err(Error::shape(

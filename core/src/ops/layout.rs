@@ -229,7 +229,7 @@ fn assemble(
     zero: bool,
 ) -> Result<Storage> {
     match device {
-        Device::Cpu => Ok(Storage::Cpu(match dtype {
+        Device::Cpu => Ok(Storage::cpu(match dtype {
             DType::F32 => assemble_cpu::<f32>(n, parts),
             DType::F16 => assemble_cpu::<f16>(n, parts),
             DType::U32 => assemble_cpu::<u32>(n, parts),

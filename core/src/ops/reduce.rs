@@ -244,7 +244,7 @@ impl Tensor {
                 let (values, idx) = self.with_cpu_f32("max", |x| cpu_max(x, outer, axis, inner))?;
                 (
                     Tensor::cpu_f32(values, out_shape.clone()),
-                    Storage::Cpu(CpuStorage::U32(idx)),
+                    Storage::cpu(CpuStorage::U32(idx)),
                 )
             }
             Device::Gpu(ctx) => {

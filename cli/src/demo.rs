@@ -28,7 +28,17 @@ pub struct DemoConfig {
 
 impl Default for DemoConfig {
     fn default() -> Self {
-        DemoConfig { vocab: 29, hidden: 32, heads: 4, ffn: 64, batch: 4, seq_len: 12, steps: 40, lr: 1e-2, seed: 0 }
+        DemoConfig {
+            vocab: 29,
+            hidden: 32,
+            heads: 4,
+            ffn: 64,
+            batch: 4,
+            seq_len: 12,
+            steps: 40,
+            lr: 1e-2,
+            seed: 0,
+        }
     }
 }
 
@@ -37,7 +47,7 @@ const IGNORE: u32 = u32::MAX;
 
 /// The block's weights, all trainable.
 struct Block {
-    embed: Tensor,    // (V, H)
+    embed: Tensor, // (V, H)
     ln1: (Tensor, Tensor),
     qkv: (Tensor, Tensor), // (3H, H), (3H)
     out: (Tensor, Tensor), // (H, H), (H)
@@ -54,10 +64,13 @@ impl Block {
         let mut param = |shape: &[usize], scale: f32| -> Result<Tensor> {
             seed += 1;
             let t = Tensor::rand_uniform(-scale, scale, shape, seed, &Device::Cpu)?;
-            Ok(t.to_device_as(device, MemCategory::Weights)?.into_variable())
+            Ok(t.to_device_as(device, MemCategory::Weights)?
+                .into_variable())
         };
         let ones = |n: usize| -> Result<Tensor> {
-            Ok(Tensor::ones(&[n], &Device::Cpu)?.to_device_as(device, MemCategory::Weights)?.into_variable())
+            Ok(Tensor::ones(&[n], &Device::Cpu)?
+                .to_device_as(device, MemCategory::Weights)?
+                .into_variable())
         };
         let (h, f, v) = (c.hidden, c.ffn, c.vocab);
         let (sh, sf) = (1.0 / (h as f32).sqrt(), 1.0 / (f as f32).sqrt());
@@ -76,7 +89,9 @@ impl Block {
 
     fn params(&self) -> Vec<Tensor> {
         let mut p = vec![self.embed.clone(), self.head.clone()];
-        for (w, b) in [&self.ln1, &self.qkv, &self.out, &self.ln2, &self.fc1, &self.fc2, &self.ln_f] {
+        for (w, b) in [
+            &self.ln1, &self.qkv, &self.out, &self.ln2, &self.fc1, &self.fc2, &self.ln_f,
+        ] {
             p.push(w.clone());
             p.push(b.clone());
         }
@@ -84,7 +99,13 @@ impl Block {
     }
 
     /// Logits (B, T, V) for ids (B, T).
-    fn forward(&self, c: &DemoConfig, ids: &Tensor, positions: &Tensor, rotary: &RotaryTables) -> Result<Tensor> {
+    fn forward(
+        &self,
+        c: &DemoConfig,
+        ids: &Tensor,
+        positions: &Tensor,
+        rotary: &RotaryTables,
+    ) -> Result<Tensor> {
         let (b, t, h, nh) = (c.batch, c.seq_len, c.hidden, c.heads);
         let hd = h / nh;
         let linear = |x: &Tensor, (w, bias): &(Tensor, Tensor)| -> Result<Tensor> {
@@ -94,17 +115,31 @@ impl Block {
         let normed = x.layer_norm(Some(&self.ln1.0), Some(&self.ln1.1), 1e-5)?;
         let qkv = linear(&normed, &self.qkv)?; // (B, T, 3H)
         let heads = |i: usize| -> Result<Tensor> {
-            Ok(qkv.narrow(2, i * h, h)?.reshape(&[b, t, nh, hd])?.permute(&[0, 2, 1, 3])?) // (B, nh, T, hd)
+            Ok(qkv
+                .narrow(2, i * h, h)?
+                .reshape(&[b, t, nh, hd])?
+                .permute(&[0, 2, 1, 3])?) // (B, nh, T, hd)
         };
         let q = heads(0)?.rotary(rotary, positions)?;
         let k = heads(1)?.rotary(rotary, positions)?;
         let v = heads(2)?;
-        let scores = q.matmul_t(&k, false, true)?.scale(1.0 / (hd as f32).sqrt())?; // (B, nh, T, T)
-        let probs = scores.masked_softmax(&AttentionMask { causal: true, key_ranges: None })?;
-        let attn = probs.matmul(&v)?.permute(&[0, 2, 1, 3])?.reshape(&[b, t, h])?;
+        let scores = q
+            .matmul_t(&k, false, true)?
+            .scale(1.0 / (hd as f32).sqrt())?; // (B, nh, T, T)
+        let probs = scores.masked_softmax(&AttentionMask {
+            causal: true,
+            key_ranges: None,
+        })?;
+        let attn = probs
+            .matmul(&v)?
+            .permute(&[0, 2, 1, 3])?
+            .reshape(&[b, t, h])?;
         let x = x.add(&linear(&attn, &self.out)?)?;
         let normed = x.layer_norm(Some(&self.ln2.0), Some(&self.ln2.1), 1e-5)?;
-        let mlp = linear(&linear(&normed, &self.fc1)?.gelu(GeluKind::Tanh)?, &self.fc2)?;
+        let mlp = linear(
+            &linear(&normed, &self.fc1)?.gelu(GeluKind::Tanh)?,
+            &self.fc2,
+        )?;
         let x = x.add(&mlp)?;
         let normed = x.layer_norm(Some(&self.ln_f.0), Some(&self.ln_f.1), 1e-5)?;
         Ok(normed.matmul_t(&self.head, false, true)?)
@@ -139,12 +174,21 @@ pub fn train(c: &DemoConfig, device: &Device) -> Result<Vec<f32>> {
     let rotary = RotaryTables::new(c.seq_len, c.hidden / c.heads / 2, 10_000.0, device)?;
     let mut optimizer = Adam::new(
         block.params(),
-        AdamConfig { lr: c.lr, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01, decoupled: true },
+        AdamConfig {
+            lr: c.lr,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.01,
+            decoupled: true,
+        },
     )?;
     let mut losses = Vec::with_capacity(c.steps);
     for _ in 0..c.steps {
         let logits = block.forward(c, &ids, &positions, &rotary)?;
-        let loss = logits.reshape(&[c.batch * c.seq_len, c.vocab])?.cross_entropy(&targets, Some(IGNORE))?;
+        let loss = logits
+            .reshape(&[c.batch * c.seq_len, c.vocab])?
+            .cross_entropy(&targets, Some(IGNORE))?;
         losses.push(loss.to_scalar()?);
         let grads = loss.backward()?;
         optimizer.step(&grads)?;
@@ -165,7 +209,12 @@ pub fn run_and_print(c: &DemoConfig, devices: &[Device]) -> Result<()> {
         }
         let start = Instant::now();
         let losses = train(c, device)?;
-        println!("{:>5}: {} steps in {:.2} s", device_label(device), c.steps, start.elapsed().as_secs_f64());
+        println!(
+            "{:>5}: {} steps in {:.2} s",
+            device_label(device),
+            c.steps,
+            start.elapsed().as_secs_f64()
+        );
         curves.push(losses);
     }
     print!("{:>5}", "step");
@@ -183,7 +232,11 @@ pub fn run_and_print(c: &DemoConfig, devices: &[Device]) -> Result<()> {
         }
     }
     if curves.len() == 2 {
-        let worst = curves[0].iter().zip(&curves[1]).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+        let worst = curves[0]
+            .iter()
+            .zip(&curves[1])
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0f32, f32::max);
         println!("largest CPU/GPU loss difference over all steps: {worst:.2e}");
     }
     for device in devices {

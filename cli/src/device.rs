@@ -17,7 +17,9 @@ pub enum DeviceArg {
 
 /// Opens the device. `gpu` never falls back to the CPU: it errors with the reason.
 pub fn open(arg: DeviceArg, allow_software_gpu: bool) -> Result<Device> {
-    let choice = AdapterChoice { allow_software: allow_software_gpu || AdapterChoice::from_env().allow_software };
+    let choice = AdapterChoice {
+        allow_software: allow_software_gpu || AdapterChoice::from_env().allow_software,
+    };
     match arg {
         DeviceArg::Cpu => Ok(Device::Cpu),
         DeviceArg::Gpu => match Device::gpu(choice) {

@@ -9,7 +9,11 @@ use lathe_cli::device::{self, DeviceArg};
 use lathe_core::Device;
 
 #[derive(Parser)]
-#[command(name = "lathe", version, about = "RLHF fine-tuning of large language models on one GPU")]
+#[command(
+    name = "lathe",
+    version,
+    about = "RLHF fine-tuning of large language models on one GPU"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -63,13 +67,25 @@ fn run(cli: Cli) -> Result<()> {
             println!("{}", ctx.ledger_snapshot());
             Ok(())
         }
-        Command::Demo { device, allow_software_gpu, steps, seed } => {
-            let config = DemoConfig { steps, seed, ..DemoConfig::default() };
+        Command::Demo {
+            device,
+            allow_software_gpu,
+            steps,
+            seed,
+        } => {
+            let config = DemoConfig {
+                steps,
+                seed,
+                ..DemoConfig::default()
+            };
             let devices = match device {
                 DemoDevice::Cpu => vec![Device::Cpu],
                 DemoDevice::Gpu => vec![device::open(DeviceArg::Gpu, allow_software_gpu)?],
                 DemoDevice::Auto => vec![device::open(DeviceArg::Auto, allow_software_gpu)?],
-                DemoDevice::Both => vec![Device::Cpu, device::open(DeviceArg::Gpu, allow_software_gpu)?],
+                DemoDevice::Both => vec![
+                    Device::Cpu,
+                    device::open(DeviceArg::Gpu, allow_software_gpu)?,
+                ],
             };
             demo::run_and_print(&config, &devices)
         }

@@ -6,10 +6,16 @@ use lathe_core::Device;
 
 #[test]
 fn attention_block_reaches_the_same_loss_on_cpu_and_gpu() {
-    let config = DemoConfig { steps: 12, ..DemoConfig::default() };
+    let config = DemoConfig {
+        steps: 12,
+        ..DemoConfig::default()
+    };
     let cpu = train(&config, &Device::Cpu).unwrap();
     let gpu = train(&config, &test_gpu()).unwrap();
     // f32 on two devices with different summation orders: the curves drift apart slowly.
     assert_close(&gpu, &cpu, Tolerance::new(2e-3, 2e-3));
-    assert!(cpu[config.steps - 1] < 0.5 * cpu[0], "loss did not fall: {cpu:?}");
+    assert!(
+        cpu[config.steps - 1] < 0.5 * cpu[0],
+        "loss did not fall: {cpu:?}"
+    );
 }

@@ -170,7 +170,10 @@ impl Tensor {
     ) -> Result<Tensor> {
         use rand::{Rng, SeedableRng};
         if !(lo.is_finite() && hi.is_finite() && lo <= hi) {
-            return Err(Error::shape("rand_uniform", format!("bad range [{lo}, {hi})")));
+            return Err(Error::shape(
+                "rand_uniform",
+                format!("bad range [{lo}, {hi})"),
+            ));
         }
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
         let data = (0..shape::elem_count(shape))
@@ -378,23 +381,43 @@ impl Tensor {
     fn with_cpu<R>(&self, op: &'static str, f: impl FnOnce(&CpuStorage) -> Result<R>) -> Result<R> {
         match &*self.storage() {
             Storage::Cpu(host) => f(host),
-            Storage::Gpu(_) => Err(Error::DeviceMismatch { op, a: "cpu".into(), b: self.device().name() }),
+            Storage::Gpu(_) => Err(Error::DeviceMismatch {
+                op,
+                a: "cpu".into(),
+                b: self.device().name(),
+            }),
         }
     }
 
     /// The f32 values of a CPU tensor, borrowed.
-    pub(crate) fn with_cpu_f32<R>(&self, op: &'static str, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
+    pub(crate) fn with_cpu_f32<R>(
+        &self,
+        op: &'static str,
+        f: impl FnOnce(&[f32]) -> R,
+    ) -> Result<R> {
         self.with_cpu(op, |host| match host {
             CpuStorage::F32(v) => Ok(f(v)),
-            _ => Err(Error::DType { op, expected: DType::F32, got: self.dtype() }),
+            _ => Err(Error::DType {
+                op,
+                expected: DType::F32,
+                got: self.dtype(),
+            }),
         })
     }
 
     /// The u32 values of a CPU tensor, borrowed.
-    pub(crate) fn with_cpu_u32<R>(&self, op: &'static str, f: impl FnOnce(&[u32]) -> R) -> Result<R> {
+    pub(crate) fn with_cpu_u32<R>(
+        &self,
+        op: &'static str,
+        f: impl FnOnce(&[u32]) -> R,
+    ) -> Result<R> {
         self.with_cpu(op, |host| match host {
             CpuStorage::U32(v) => Ok(f(v)),
-            _ => Err(Error::DType { op, expected: DType::U32, got: self.dtype() }),
+            _ => Err(Error::DType {
+                op,
+                expected: DType::U32,
+                got: self.dtype(),
+            }),
         })
     }
 

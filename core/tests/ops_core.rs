@@ -139,8 +139,16 @@ fn f16_variables_used_twice_accumulate_their_gradients() {
             .to_dtype(lathe_core::DType::F16)
             .unwrap()
             .into_variable();
-        let a = x.narrow(0, 0, 2).unwrap().to_dtype(lathe_core::DType::F32).unwrap();
-        let b = x.narrow(0, 1, 2).unwrap().to_dtype(lathe_core::DType::F32).unwrap();
+        let a = x
+            .narrow(0, 0, 2)
+            .unwrap()
+            .to_dtype(lathe_core::DType::F32)
+            .unwrap();
+        let b = x
+            .narrow(0, 1, 2)
+            .unwrap()
+            .to_dtype(lathe_core::DType::F32)
+            .unwrap();
         let grads = a.add(&b).unwrap().sum_all().unwrap().backward().unwrap();
         let g = grads.get(&x).unwrap();
         assert_eq!(g.dtype(), lathe_core::DType::F16);

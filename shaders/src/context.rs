@@ -243,7 +243,7 @@ impl GpuContext {
         // Hold the lock from the submit to the write so no other thread's passes slip between.
         let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
         self.submit_locked(&mut pending);
-        if data.len() % 4 == 0 {
+        if data.len().is_multiple_of(4) {
             self.queue.write_buffer(buffer.raw(), offset, data);
         } else {
             let mut padded = data.to_vec();

@@ -41,7 +41,7 @@ impl GpuContext {
         if launch.workgroups.contains(&0) {
             return Ok(());
         }
-        let max_binding = self.limits().max_storage_buffer_binding_size as u64;
+        let max_binding = self.limits().max_storage_buffer_binding_size;
         for (binding, buffer) in launch.inputs.iter().chain(launch.outputs).enumerate() {
             if buffer.capacity() > max_binding {
                 return Err(Error::BindingTooLarge {

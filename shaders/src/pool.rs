@@ -175,7 +175,10 @@ mod tests {
             123_456_789,
         ] {
             let class = size_class(bytes);
-            assert!(class >= bytes && class % 4 == 0, "{bytes} -> {class}");
+            assert!(
+                class >= bytes && class.is_multiple_of(4),
+                "{bytes} -> {class}"
+            );
             if bytes > 256 {
                 assert!(
                     class as f64 <= bytes as f64 * 1.125 + 4.0,

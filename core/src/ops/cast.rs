@@ -63,15 +63,9 @@ fn cpu_cast(t: &Tensor, to: DType) -> Result<CpuStorage> {
         unreachable!("checked by check_supported on a cpu tensor")
     };
     Ok(match (&**host, to) {
-        (CpuStorage::F32(x), DType::F16) => {
-            CpuStorage::F16(par_map(x, |v| f16::from_f32(*v)))
-        }
-        (CpuStorage::F16(x), DType::F32) => {
-            CpuStorage::F32(par_map(x, |v| v.to_f32()))
-        }
-        (CpuStorage::U32(x), DType::F32) => {
-            CpuStorage::F32(par_map(x, |v| *v as f32))
-        }
+        (CpuStorage::F32(x), DType::F16) => CpuStorage::F16(par_map(x, |v| f16::from_f32(*v))),
+        (CpuStorage::F16(x), DType::F32) => CpuStorage::F32(par_map(x, |v| v.to_f32())),
+        (CpuStorage::U32(x), DType::F32) => CpuStorage::F32(par_map(x, |v| *v as f32)),
         _ => unreachable!("checked by check_supported on a cpu tensor"),
     })
 }

@@ -104,6 +104,54 @@ impl Tensor {
         }))
     }
 
+    /// Wraps a GPU buffer holding `shape` elements of `dtype`: the way crates with their own
+    /// kernels (lathe-quant) return results. The buffer must belong to `device`.
+    pub fn from_gpu_buffer(
+        buffer: GpuBuffer,
+        shape: &[usize],
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Tensor> {
+        let needed = (shape::elem_count(shape) * dtype.size_in_bytes()) as u64;
+        if !device.is_gpu() || buffer.len() < needed {
+            return Err(Error::shape(
+                "from_gpu_buffer",
+                format!(
+                    "a buffer of {} bytes on {} cannot hold {shape:?} {dtype:?}",
+                    buffer.len(),
+                    device.name()
+                ),
+            ));
+        }
+        Ok(Tensor::from_storage(
+            Storage::Gpu(buffer),
+            shape.to_vec(),
+            dtype,
+            device.clone(),
+        ))
+    }
+
+    /// Records how this freshly computed tensor depends on `inputs`: the extension point for
+    /// ops defined outside lathe-core. `backward(output, grad_output)` returns one optional
+    /// gradient per input, in order; it runs with gradient recording off. The result shares
+    /// this tensor's storage.
+    pub fn with_backward(
+        &self,
+        name: &'static str,
+        inputs: &[&Tensor],
+        backward: impl Fn(&Tensor, &Tensor) -> Result<Vec<Option<Tensor>>> + Send + Sync + 'static,
+    ) -> Tensor {
+        Tensor::from_op(
+            self.storage().clone(),
+            self.shape().to_vec(),
+            self.dtype(),
+            self.device(),
+            name,
+            inputs,
+            backward,
+        )
+    }
+
     /// Builds a tensor from host data on a device.
     pub fn from_vec<T: HostElement>(
         data: Vec<T>,

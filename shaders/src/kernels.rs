@@ -31,10 +31,13 @@ pub enum Shader {
     Loss,
     /// Adam and AdamW steps.
     Optim,
+    /// LLM.int8(): activation quantization, outlier columns, int8 GEMM/GEMV, dequantized
+    /// input gradient.
+    Int8,
 }
 
 impl Shader {
-    pub const ALL: [Shader; 11] = [
+    pub const ALL: [Shader; 12] = [
         Shader::Matmul,
         Shader::Binary,
         Shader::Elementwise,
@@ -46,6 +49,7 @@ impl Shader {
         Shader::Copy,
         Shader::Loss,
         Shader::Optim,
+        Shader::Int8,
     ];
 
     pub fn file_name(self) -> &'static str {
@@ -61,6 +65,7 @@ impl Shader {
             Shader::Copy => "copy.wgsl",
             Shader::Loss => "loss.wgsl",
             Shader::Optim => "optim.wgsl",
+            Shader::Int8 => "int8.wgsl",
         }
     }
 
@@ -77,6 +82,7 @@ impl Shader {
             Shader::Copy => include_str!("wgsl/copy.wgsl"),
             Shader::Loss => include_str!("wgsl/loss.wgsl"),
             Shader::Optim => include_str!("wgsl/optim.wgsl"),
+            Shader::Int8 => include_str!("wgsl/int8.wgsl"),
         }
     }
 }

@@ -1,0 +1,3 @@
+// placeholder until the int8 kernels land.
+@compute @workgroup_size(1)
+fn placeholder_int8() {}

@@ -155,3 +155,35 @@ fn f16_variables_used_twice_accumulate_their_gradients() {
         assert_eq!(g.to_vec_f32().unwrap(), vec![1.0, 2.0, 1.0]);
     }
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 16, .. ProptestConfig::default() })]
+
+    #[test]
+    fn affine_gpu_matches_cpu(n in 1usize..3000, mul in -3.0f32..3.0, add in -3.0f32..3.0, seed in 0u64..1000) {
+        let (a, ag) = both(&[n], seed);
+        assert_tensors_close(&ag.affine(mul, add).unwrap(), &a.affine(mul, add).unwrap(), Tolerance::new(1e-6, 1e-6));
+    }
+
+    /// The backwards of matmul, the binary ops, sum and affine give the same gradients on
+    /// both devices (a graph mixing them, with broadcasting and a shared weight).
+    #[test]
+    fn backward_gpu_matches_cpu(b in 1usize..4, t in 1usize..9, h in 1usize..40, o in 1usize..20, seed in 0u64..1000) {
+        let grads_on = |device: &Device| {
+            let x = Tensor::rand_uniform(-1.0, 1.0, &[b, t, h], seed, &Device::Cpu).unwrap().to_device(device).unwrap().into_variable();
+            let w = Tensor::rand_uniform(-1.0, 1.0, &[o, h], seed + 1, &Device::Cpu).unwrap().to_device(device).unwrap().into_variable();
+            let bias = Tensor::rand_uniform(-1.0, 1.0, &[o], seed + 2, &Device::Cpu).unwrap().to_device(device).unwrap().into_variable();
+            let scale = Tensor::rand_uniform(1.0, 2.0, &[t, 1], seed + 3, &Device::Cpu).unwrap().to_device(device).unwrap().into_variable();
+            let y = x.matmul_t(&w, false, true).unwrap().bias_add(&bias).unwrap();
+            let y = y.mul(&y).unwrap().div(&scale).unwrap().sub(&y.affine(0.5, 1.0).unwrap()).unwrap();
+            let loss = y.sum(1).unwrap().sum_all().unwrap();
+            let grads = loss.backward().unwrap();
+            [&x, &w, &bias, &scale].map(|v| grads.get(v).unwrap().to_vec_f32().unwrap())
+        };
+        let cpu = grads_on(&Device::Cpu);
+        let gpu = grads_on(&test_gpu());
+        for (g, c) in gpu.iter().zip(&cpu) {
+            lathe_core::testing::assert_close(g, c, Tolerance::new(1e-4, 1e-4));
+        }
+    }
+}

@@ -1,0 +1,26 @@
+//! lathe-models: GPT-NeoX (the seed's architecture) and Llama (SmolLM2), one file each;
+//! configs from HF `config.json` or GGUF metadata; weights from HF safetensors (single or
+//! sharded) and GGUF; tokenizers; KV cache and batched generation.
+
+pub mod config;
+pub mod gguf;
+pub mod tokenizer;
+
+/// Errors of lathe-models. Each names the file (and tensor) it is about.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{path}: {detail}")]
+    File { path: String, detail: String },
+    #[error("{path}: tensor {tensor}: {detail}")]
+    Tensor { path: String, tensor: String, detail: String },
+    #[error("{0}")]
+    Config(String),
+    #[error("tokenizer {path}: {detail}")]
+    Tokenizer { path: String, detail: String },
+    #[error(transparent)]
+    Core(#[from] lathe_core::Error),
+    #[error(transparent)]
+    Quant(#[from] lathe_quant::Error),
+}
+
+pub type Result<T> = std::result::Result<T, Error>;

@@ -27,4 +27,8 @@ pub use device::Device;
 pub use dtype::DType;
 pub use error::{Error, Result};
 pub use lathe_shaders::MemCategory;
+pub use ops::rotary::RotaryTables;
+pub use ops::softmax::AttentionMask;
+pub use ops::unary::GeluKind;
+pub use optim::{Adam, AdamConfig};
 pub use tensor::{Tensor, TensorId};

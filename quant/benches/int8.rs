@@ -21,7 +21,10 @@ const SHAPES: &[(&str, usize, usize, usize)] = &[
     ("gemv_1x2048x8192", 1, 2048, 8192),
 ];
 
-fn configure(group: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>, gpu: bool) {
+fn configure(
+    group: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
+    gpu: bool,
+) {
     group
         .sample_size(10)
         .warm_up_time(Duration::from_millis(if gpu { 500 } else { 1000 }))
@@ -58,12 +61,18 @@ fn bench_device(c: &mut Criterion, name: &str, device: Device) {
         device.sync().expect("upload");
         group.throughput(Throughput::Bytes(layer.weight.bytes()));
         group.bench_function(BenchmarkId::new("int8", label), |b| {
-            b.iter_custom(|iters| timed(&device, iters, || black_box(layer.forward(&x).expect("int8"))))
+            b.iter_custom(|iters| {
+                timed(&device, iters, || {
+                    black_box(layer.forward(&x).expect("int8"))
+                })
+            })
         });
         group.throughput(Throughput::Bytes((out * inn * 4) as u64));
         group.bench_function(BenchmarkId::new("f32", label), |b| {
             b.iter_custom(|iters| {
-                timed(&device, iters, || black_box(x.matmul_t(&w, false, true).expect("f32")))
+                timed(&device, iters, || {
+                    black_box(x.matmul_t(&w, false, true).expect("f32"))
+                })
             })
         });
     }

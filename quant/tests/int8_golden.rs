@@ -41,7 +41,13 @@ fn layer(f: &HashMap<String, Tensor>, case: &str, threshold: f32, device: &Devic
     Int8Linear::from_dense(&w, Some(b), threshold).unwrap()
 }
 
-fn output(f: &HashMap<String, Tensor>, case: &str, threshold: f32, device: &Device, form: Int8Form) -> Vec<f32> {
+fn output(
+    f: &HashMap<String, Tensor>,
+    case: &str,
+    threshold: f32,
+    device: &Device,
+    form: Int8Form,
+) -> Vec<f32> {
     let x = f[&format!("{case}.x")].to_device(device).unwrap();
     layer(f, case, threshold, device)
         .forward_with(&x, form)
@@ -71,8 +77,13 @@ fn cpu_and_gpu_match_the_numpy_golden() {
         }
         // The int32 accumulations exactly.
         let x = &f[&format!("{case}.x")];
-        let trace = layer(&f, case, 6.0, &Device::Cpu).trace(x, Int8Form::Gemm).unwrap();
-        let want_acc: Vec<i32> = host(&f, &format!("{case}.acc_t6")).iter().map(|&v| v as i32).collect();
+        let trace = layer(&f, case, 6.0, &Device::Cpu)
+            .trace(x, Int8Form::Gemm)
+            .unwrap();
+        let want_acc: Vec<i32> = host(&f, &format!("{case}.acc_t6"))
+            .iter()
+            .map(|&v| v as i32)
+            .collect();
         assert_eq!(trace.acc, want_acc, "{case}: int32 accumulations");
     }
 }
@@ -99,7 +110,11 @@ fn decomposition_beats_plain_int8_on_outlier_features() {
             if case == "outliers" {
                 // The decomposition removes the activation-side error of outlier features;
                 // what remains is the int8 weight's own rounding, common to both paths.
-                assert!(d0 / d6 >= 10.0, "activation-side error ratio {:.2}", d0 / d6);
+                assert!(
+                    d0 / d6 >= 10.0,
+                    "activation-side error ratio {:.2}",
+                    d0 / d6
+                );
                 assert!(e0 / e6 >= 3.0, "total error ratio {:.2}", e0 / e6);
             }
         }
@@ -111,10 +126,16 @@ fn int8_error_on_random_and_real_scale_inputs() {
     // Random N(0,1)-ish inputs and inputs at transformer hidden-state scale with a few
     // outlier features (GPT-NeoX / OPT-like magnitudes); weights at 1/sqrt(in) scale.
     let (rows, inn, out) = (32, 512, 256);
-    let w = Tensor::randn(&[out, inn], 1, &Device::Cpu).unwrap().scale(1.0 / (inn as f32).sqrt()).unwrap();
+    let w = Tensor::randn(&[out, inn], 1, &Device::Cpu)
+        .unwrap()
+        .scale(1.0 / (inn as f32).sqrt())
+        .unwrap();
     let layer = Int8Linear::from_dense(&w, None, 6.0).unwrap();
     let plain = Int8Linear::new(layer.weight.clone(), None, 0.0).unwrap();
-    let base = Tensor::randn(&[rows, inn], 2, &Device::Cpu).unwrap().to_vec_f32().unwrap();
+    let base = Tensor::randn(&[rows, inn], 2, &Device::Cpu)
+        .unwrap()
+        .to_vec_f32()
+        .unwrap();
     let mut real = base.clone();
     for r in 0..rows {
         for (k, j) in [7usize, 111, 300, 451].iter().enumerate() {

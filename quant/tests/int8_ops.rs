@@ -9,7 +9,9 @@ use proptest::prelude::*;
 
 /// Deterministic pseudo-random values in [-scale, scale).
 fn values(n: usize, seed: u64, scale: f32) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    let mut s = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
     (0..n)
         .map(|_| {
             s = s
@@ -32,7 +34,13 @@ fn activations(rows: usize, cols: usize, seed: u64, planted: &[usize]) -> Vec<f3
 }
 
 /// The same layer on both devices.
-fn layers(w: &[f32], b: Option<&[f32]>, out: usize, inn: usize, t: f32) -> (Int8Linear, Int8Linear) {
+fn layers(
+    w: &[f32],
+    b: Option<&[f32]>,
+    out: usize,
+    inn: usize,
+    t: f32,
+) -> (Int8Linear, Int8Linear) {
     let gpu = test_gpu();
     let make = |device: &Device| {
         let wt = Tensor::from_slice(w, &[out, inn], device).unwrap();
@@ -61,8 +69,16 @@ fn compare_devices(rows: usize, inn: usize, out: usize, planted: &[usize], t: f3
     let b = values(out, seed + 2, 0.5);
     let x = activations(rows, inn, seed, planted);
     let (cpu, gpu) = layers(&w, Some(&b), out, inn, t);
-    assert_eq!(gpu.weight.values().unwrap(), cpu.weight.values().unwrap(), "CB");
-    assert_eq!(gpu.weight.scales().unwrap(), cpu.weight.scales().unwrap(), "SCB");
+    assert_eq!(
+        gpu.weight.values().unwrap(),
+        cpu.weight.values().unwrap(),
+        "CB"
+    );
+    assert_eq!(
+        gpu.weight.scales().unwrap(),
+        cpu.weight.scales().unwrap(),
+        "SCB"
+    );
     let xc = Tensor::from_slice(&x, &[rows, inn], &Device::Cpu).unwrap();
     let xg = xc.to_device(gpu.device()).unwrap();
     let mut forms = vec![Int8Form::Gemm];
@@ -128,7 +144,9 @@ fn zero_rows_huge_values_and_all_outliers() {
         let (cpu, gpu) = layers(&w, None, out, inn, t);
         let scales = cpu.weight.scales().unwrap();
         assert_eq!(scales[2], 0.0);
-        assert!(cpu.weight.values().unwrap()[2 * inn..3 * inn].iter().all(|&q| q == 0));
+        assert!(cpu.weight.values().unwrap()[2 * inn..3 * inn]
+            .iter()
+            .all(|&q| q == 0));
         let xc = Tensor::from_slice(&x, &[rows, inn], &Device::Cpu).unwrap();
         let xg = xc.to_device(gpu.device()).unwrap();
         for form in [Int8Form::Gemm, Int8Form::Auto] {
@@ -136,7 +154,10 @@ fn zero_rows_huge_values_and_all_outliers() {
             let g = gpu.trace(&xg, form).unwrap();
             assert_traces_match(&g, &c);
             assert!(c.ca[inn..2 * inn].iter().all(|&q| q == 0));
-            assert!(c.y[2..].iter().step_by(out).all(|&v| v == 0.0), "zero weight row");
+            assert!(
+                c.y[2..].iter().step_by(out).all(|&v| v == 0.0),
+                "zero weight row"
+            );
             if t == 1.0e-3 {
                 // Every nonzero column is an outlier: all through the 16-bit path.
                 assert!(c.ca.iter().all(|&q| q == 0));
@@ -152,10 +173,7 @@ fn ranks_one_and_three() {
     let w = values(out * inn, 21, 0.3);
     let (cpu, gpu) = layers(&w, None, out, inn, 6.0);
     let x = values(2 * 3 * inn, 22, 3.0);
-    for (shape, out_shape) in [
-        (vec![inn], vec![out]),
-        (vec![2, 3, inn], vec![2, 3, out]),
-    ] {
+    for (shape, out_shape) in [(vec![inn], vec![out]), (vec![2, 3, inn], vec![2, 3, out])] {
         let n: usize = shape.iter().product();
         let xc = Tensor::from_slice(&x[..n], &shape, &Device::Cpu).unwrap();
         let yc = cpu.forward(&xc).unwrap();
@@ -195,11 +213,17 @@ fn bad_input_is_an_error() {
     let err = Int8Linear::new(cpu.weight.clone(), Some(bias), 6.0)
         .unwrap_err()
         .to_string();
-    assert!(err.contains("bias of shape [4] for 3 output features"), "{err}");
+    assert!(
+        err.contains("bias of shape [4] for 3 output features"),
+        "{err}"
+    );
     let xg = Tensor::from_slice(&values(8, 2, 1.0), &[2, 4], &test_gpu()).unwrap();
     assert!(cpu.forward(&xg).is_err(), "device mismatch");
     let x5 = Tensor::from_slice(&values(20, 2, 1.0), &[5, 4], &Device::Cpu).unwrap();
-    let err = cpu.forward_with(&x5, Int8Form::Gemv).unwrap_err().to_string();
+    let err = cpu
+        .forward_with(&x5, Int8Form::Gemv)
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("at most 4 rows"), "{err}");
 }
 
@@ -224,7 +248,8 @@ fn f16_weights_quantize_like_their_f32_values() {
 fn weight_round_trips_between_devices_and_dequantizes() {
     let (out, inn) = (9, 11);
     let w = values(out * inn, 41, 0.7);
-    let wc = Int8Weight::quantize(&Tensor::from_slice(&w, &[out, inn], &Device::Cpu).unwrap()).unwrap();
+    let wc =
+        Int8Weight::quantize(&Tensor::from_slice(&w, &[out, inn], &Device::Cpu).unwrap()).unwrap();
     let wg = wc.to_device(&test_gpu()).unwrap();
     let back = wg.to_device(&Device::Cpu).unwrap();
     assert_eq!(back.values().unwrap(), wc.values().unwrap());
@@ -237,7 +262,11 @@ fn weight_round_trips_between_devices_and_dequantizes() {
             assert!((dq[o * inn + j] - w[o * inn + j]).abs() <= scb / 254.0 * 1.0001);
         }
     }
-    assert_tensors_close(&wg.dequantize().unwrap(), &wc.dequantize().unwrap(), Tolerance::new(0.0, 0.0));
+    assert_tensors_close(
+        &wg.dequantize().unwrap(),
+        &wc.dequantize().unwrap(),
+        Tolerance::new(0.0, 0.0),
+    );
 }
 
 /// dx against dy @ W.dequantize() with core's CPU matmul (1e-5), bias gradient = sum of dy.
@@ -246,20 +275,37 @@ fn check_backward(rows: usize, inn: usize, out: usize, device: &Device) {
     let b = values(out, 52, 0.1);
     let x = activations(rows, inn, 53, &[inn / 2]);
     let wt = Tensor::from_slice(&w, &[out, inn], device).unwrap();
-    let bias = Tensor::from_slice(&b, &[out], device).unwrap().into_variable();
+    let bias = Tensor::from_slice(&b, &[out], device)
+        .unwrap()
+        .into_variable();
     let layer = Int8Linear::from_dense(&wt, Some(bias.clone()), 6.0).unwrap();
-    let xv = Tensor::from_slice(&x, &[rows, inn], device).unwrap().into_variable();
+    let xv = Tensor::from_slice(&x, &[rows, inn], device)
+        .unwrap()
+        .into_variable();
     let dyv = values(rows * out, 54, 1.0);
     let dy = Tensor::from_slice(&dyv, &[rows, out], device).unwrap();
-    let loss = layer.forward(&xv).unwrap().mul(&dy).unwrap().sum_all().unwrap();
+    let loss = layer
+        .forward(&xv)
+        .unwrap()
+        .mul(&dy)
+        .unwrap()
+        .sum_all()
+        .unwrap();
     let grads = loss.backward().unwrap();
     let dx = grads.get(&xv).expect("dx").to_vec_f32().unwrap();
     let db = grads.get(&bias).expect("db").to_vec_f32().unwrap();
-    let deq = layer.weight.dequantize().unwrap().to_device(&Device::Cpu).unwrap();
+    let deq = layer
+        .weight
+        .dequantize()
+        .unwrap()
+        .to_device(&Device::Cpu)
+        .unwrap();
     let dyc = Tensor::from_slice(&dyv, &[rows, out], &Device::Cpu).unwrap();
     let want = dyc.matmul(&deq).unwrap().to_vec_f32().unwrap();
     assert_close(&dx, &want, output_tol(&want));
-    let want_db: Vec<f32> = (0..out).map(|o| (0..rows).map(|r| dyv[r * out + o]).sum()).collect();
+    let want_db: Vec<f32> = (0..out)
+        .map(|o| (0..rows).map(|r| dyv[r * out + o]).sum())
+        .collect();
     assert_close(&db, &want_db, Tolerance::new(1e-5, 1e-5));
 }
 

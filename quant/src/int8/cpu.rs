@@ -230,9 +230,9 @@ pub(crate) fn epilogue(acc: &[i32], rows: usize, outs: usize, e: &Epilogue<'_>) 
     // (outs, n_out): the f16-rounded dequantized weights of the outlier columns.
     let wo: Vec<f32> = (0..outs)
         .flat_map(|o| {
-            e.outliers.iter().map(move |&j| {
-                round_f16(dequant(e.cb[o * e.stride + j as usize], e.scb[o]))
-            })
+            e.outliers
+                .iter()
+                .map(move |&j| round_f16(dequant(e.cb[o * e.stride + j as usize], e.scb[o])))
         })
         .collect();
     let mut y = vec![0f32; rows * outs];

@@ -131,7 +131,14 @@ pub(crate) fn forward(
     let cols = weight.in_features as u64;
     // (a) outlier columns, compacted into [count, j...].
     let flags = ctx.alloc(cols.max(1) * 4, MemCategory::Scratch)?;
-    launch(ctx, "outlier_flags", &[&xb], &[&flags], &p, grid_1d(cols, 256))?;
+    launch(
+        ctx,
+        "outlier_flags",
+        &[&xb],
+        &[&flags],
+        &p,
+        grid_1d(cols, 256),
+    )?;
     let list = ctx.alloc((cols + 1) * 4, MemCategory::Scratch)?;
     launch(ctx, "outlier_compact", &[&flags], &[&list], &p, [1, 1, 1])?;
     // (b) vector-wise quantization without the outlier columns.
@@ -183,7 +190,14 @@ pub(crate) fn backward_dx(weight: &Int8Weight, dy: &Tensor, rows: usize) -> Resu
         1,
     ];
     if rows > 0 && weight.in_features > 0 {
-        launch(ctx, "backward_dx", &[&buffer_of(dy)?, cb, scb], &[&dx], &p, grid)?;
+        launch(
+            ctx,
+            "backward_dx",
+            &[&buffer_of(dy)?, cb, scb],
+            &[&dx],
+            &p,
+            grid,
+        )?;
     }
     Ok(dx)
 }

@@ -1,7 +1,7 @@
 //! LLM.int8() (docs/REFERENCE.md §3, bitsandbytes' `Linear8bitLt`): int8 weights with
 //! row-wise absmax scales, vector-wise activation quantization with outlier columns through a
 //! 16-bit path, int8 GEMM/GEMV with int32 accumulation, and the input gradient through the
-//! frozen weight. The same algorithm on CPU ([`cpu`]) and GPU (`int8.wgsl`, [`gpu`]); the
+//! frozen weight. The same algorithm on CPU (`cpu.rs`) and GPU (`int8.wgsl`, `gpu.rs`); the
 //! quantized activations and int32 accumulations agree bit for bit between them.
 
 mod cpu;

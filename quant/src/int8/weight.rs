@@ -9,11 +9,17 @@ use super::cpu;
 use super::gpu;
 use crate::{Error, Result};
 
+/// Padded int8 rows and scales on the host.
+pub(crate) type HostPacked = (Arc<Vec<i8>>, Arc<Vec<f32>>);
+
 /// Where the packed values live.
 #[derive(Clone, Debug)]
 pub(crate) enum Packed {
     /// Padded int8 rows (the same bytes as the GPU's words on a little-endian host).
-    Cpu { cb: Arc<Vec<i8>>, scb: Arc<Vec<f32>> },
+    Cpu {
+        cb: Arc<Vec<i8>>,
+        scb: Arc<Vec<f32>>,
+    },
     /// `out * in4` u32 words (4 int8 each, little-endian) and `out` f32 scales, two buffers
     /// charged to [`MemCategory::Weights`].
     Gpu { cb: GpuBuffer, scb: GpuBuffer },
@@ -94,7 +100,7 @@ impl Int8Weight {
     }
 
     /// The padded int8 rows and the scales on the host (downloads a GPU weight).
-    pub(crate) fn host(&self) -> Result<(Arc<Vec<i8>>, Arc<Vec<f32>>)> {
+    pub(crate) fn host(&self) -> Result<HostPacked> {
         match &self.packed {
             Packed::Cpu { cb, scb } => Ok((cb.clone(), scb.clone())),
             Packed::Gpu { cb, scb } => {
@@ -113,7 +119,11 @@ impl Int8Weight {
         let (cb, _) = self.host()?;
         let stride = cpu::padded(self.in_features);
         Ok((0..self.out_features)
-            .flat_map(|o| cb[o * stride..o * stride + self.in_features].iter().copied())
+            .flat_map(|o| {
+                cb[o * stride..o * stride + self.in_features]
+                    .iter()
+                    .copied()
+            })
             .collect())
     }
 

@@ -1,6 +1,13 @@
-//! LLM.int8() (in progress).
+//! LLM.int8() (docs/REFERENCE.md §3, bitsandbytes' `Linear8bitLt`): int8 weights with
+//! row-wise absmax scales, vector-wise activation quantization with outlier columns through a
+//! 16-bit path, int8 GEMM/GEMV with int32 accumulation, and the input gradient through the
+//! frozen weight. The same algorithm on CPU (`cpu.rs`) and GPU (`int8.wgsl`, `gpu.rs`); the
+//! quantized activations and int32 accumulations agree bit for bit between them.
 
-/// Placeholder until the int8 weight lands.
-pub struct Int8Weight;
-/// Placeholder until the int8 linear lands.
-pub struct Int8Linear;
+mod cpu;
+mod gpu;
+mod linear;
+mod weight;
+
+pub use linear::{Int8Form, Int8Linear, Int8Trace};
+pub use weight::Int8Weight;

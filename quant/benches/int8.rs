@@ -1,0 +1,91 @@
+//! Criterion benches of the LLM.int8() linear (threshold 6.0, inputs without outliers)
+//! against the f32 `matmul_t(w, false, true)` of the same layer, on CPU and GPU: a GEMM
+//! (384 x 576 -> 1536, a batch of prompts through an MLP) and GEMVs (one decoding row,
+//! 576 -> 1536 and 2048 -> 8192). Throughput is in weight bytes per iteration, so criterion's
+//! GB/s figure is the weight stream (int8: 1 byte/parameter; f32: 4). GPU iterations end
+//! with `device.sync()`. Runs on software adapters (lavapipe) with small sample counts.
+//!
+//! `cargo bench -p lathe-quant --bench int8 [-- FILTER]`
+
+use std::hint::black_box;
+use std::time::{Duration, Instant};
+
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use lathe_core::{testing::test_gpu, Device, Tensor};
+use lathe_quant::Int8Linear;
+
+/// (label, rows, in, out).
+const SHAPES: &[(&str, usize, usize, usize)] = &[
+    ("gemm_384x576x1536", 384, 576, 1536),
+    ("gemv_1x576x1536", 1, 576, 1536),
+    ("gemv_1x2048x8192", 1, 2048, 8192),
+];
+
+fn configure(
+    group: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
+    gpu: bool,
+) {
+    group
+        .sample_size(10)
+        .warm_up_time(Duration::from_millis(if gpu { 500 } else { 1000 }))
+        .measurement_time(Duration::from_secs(if gpu { 2 } else { 4 }));
+}
+
+fn operands(rows: usize, inn: usize, out: usize, device: &Device) -> (Tensor, Tensor, Int8Linear) {
+    let x = Tensor::randn(&[rows, inn], 1, device).expect("x");
+    let w = Tensor::randn(&[out, inn], 2, device)
+        .and_then(|w| w.scale(0.05))
+        .expect("w");
+    let layer = Int8Linear::from_dense(&w, None, Int8Linear::DEFAULT_THRESHOLD).expect("int8");
+    (x, w, layer)
+}
+
+/// Times `f` per iteration, syncing the device after each.
+fn timed(device: &Device, iters: u64, f: impl Fn() -> Tensor) -> Duration {
+    let mut total = Duration::ZERO;
+    for _ in 0..iters {
+        let start = Instant::now();
+        let out = f();
+        device.sync().expect("sync");
+        total += start.elapsed();
+        drop(out);
+    }
+    total
+}
+
+fn bench_device(c: &mut Criterion, name: &str, device: Device) {
+    let mut group = c.benchmark_group(name);
+    configure(&mut group, device.is_gpu());
+    for &(label, rows, inn, out) in SHAPES {
+        let (x, w, layer) = operands(rows, inn, out, &device);
+        device.sync().expect("upload");
+        group.throughput(Throughput::Bytes(layer.weight.bytes()));
+        group.bench_function(BenchmarkId::new("int8", label), |b| {
+            b.iter_custom(|iters| {
+                timed(&device, iters, || {
+                    black_box(layer.forward(&x).expect("int8"))
+                })
+            })
+        });
+        group.throughput(Throughput::Bytes((out * inn * 4) as u64));
+        group.bench_function(BenchmarkId::new("f32", label), |b| {
+            b.iter_custom(|iters| {
+                timed(&device, iters, || {
+                    black_box(x.matmul_t(&w, false, true).expect("f32"))
+                })
+            })
+        });
+    }
+    group.finish();
+}
+
+fn bench_cpu(c: &mut Criterion) {
+    bench_device(c, "int8_cpu", Device::Cpu);
+}
+
+fn bench_gpu(c: &mut Criterion) {
+    bench_device(c, "int8_gpu", test_gpu());
+}
+
+criterion_group!(benches, bench_cpu, bench_gpu);
+criterion_main!(benches);

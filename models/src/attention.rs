@@ -58,12 +58,14 @@ impl TokenLayout {
         for (b, row) in mask.chunks(seq.max(1)).take(batch).enumerate() {
             let start = row.iter().position(|&m| m != 0).unwrap_or(seq);
             let end = row.iter().rposition(|&m| m != 0).map_or(start, |i| i + 1);
-            if row[start..end].iter().any(|&m| m == 0) {
+            if row[start..end].contains(&0) {
                 return Err(Error::Config(format!(
                     "attention_mask row {b} is not one contiguous run of ones: {row:?}"
                 )));
             }
-            positions_host.extend((0..seq).map(|t| t.saturating_sub(start).min(end.saturating_sub(start + 1)) as u32));
+            positions_host.extend(
+                (0..seq).map(|t| t.saturating_sub(start).min(end.saturating_sub(start + 1)) as u32),
+            );
             ranges.push((start as u32, end as u32));
         }
         let all_valid = ranges.iter().all(|&(s, e)| s == 0 && e as usize == seq);
@@ -102,12 +104,10 @@ impl TokenLayout {
                 (0..count as u32).map(move |i| last + i)
             })
             .collect();
-        let key_ranges = self.key_ranges.as_ref().map(|ranges| {
-            ranges
-                .iter()
-                .map(|&(s, e)| (s, e + count as u32))
-                .collect()
-        });
+        let key_ranges = self
+            .key_ranges
+            .as_ref()
+            .map(|ranges| ranges.iter().map(|&(s, e)| (s, e + count as u32)).collect());
         TokenLayout::new(
             positions_host,
             batch,

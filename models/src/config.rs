@@ -314,9 +314,7 @@ impl ModelConfig {
             }
         }
         .map_err(|e| file_error(format!("{model_type} config: {e}")))?;
-        config
-            .validate()
-            .map_err(|e| file_error(e.to_string()))?;
+        config.validate().map_err(|e| file_error(e.to_string()))?;
         Ok(config)
     }
 

@@ -24,7 +24,7 @@ use crate::config::GptNeoxConfig;
 use crate::hf::Weights;
 use crate::kv_cache::KvCache;
 use crate::linear::Linear;
-use crate::{Error, Result};
+use crate::Result;
 
 /// A LayerNorm's affine parameters, (H,) each.
 #[derive(Clone, Debug)]
@@ -96,7 +96,12 @@ impl GptNeox {
             .map(|i| {
                 let p = format!("gpt_neox.layers.{i}");
                 Ok(GptNeoxLayer {
-                    input_layernorm: LayerNorm::load(weights, &format!("{p}.input_layernorm"), h, eps)?,
+                    input_layernorm: LayerNorm::load(
+                        weights,
+                        &format!("{p}.input_layernorm"),
+                        h,
+                        eps,
+                    )?,
                     post_attention_layernorm: LayerNorm::load(
                         weights,
                         &format!("{p}.post_attention_layernorm"),
@@ -111,8 +116,20 @@ impl GptNeox {
                         bias,
                     )?,
                     dense: Linear::load(weights, &format!("{p}.attention.dense"), h, h, bias)?,
-                    dense_h_to_4h: Linear::load(weights, &format!("{p}.mlp.dense_h_to_4h"), f, h, true)?,
-                    dense_4h_to_h: Linear::load(weights, &format!("{p}.mlp.dense_4h_to_h"), h, f, true)?,
+                    dense_h_to_4h: Linear::load(
+                        weights,
+                        &format!("{p}.mlp.dense_h_to_4h"),
+                        f,
+                        h,
+                        true,
+                    )?,
+                    dense_4h_to_h: Linear::load(
+                        weights,
+                        &format!("{p}.mlp.dense_4h_to_h"),
+                        h,
+                        f,
+                        true,
+                    )?,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
@@ -237,7 +254,10 @@ impl GptNeox {
 
     /// Every weight under its HF name (embed_out omitted when tied, as transformers saves).
     pub fn named_weights(&self) -> Result<Vec<(String, Tensor)>> {
-        let mut out = vec![("gpt_neox.embed_in.weight".to_string(), self.embed_in.clone())];
+        let mut out = vec![(
+            "gpt_neox.embed_in.weight".to_string(),
+            self.embed_in.clone(),
+        )];
         for (i, layer) in self.layers.iter().enumerate() {
             let p = format!("gpt_neox.layers.{i}");
             layer
@@ -246,10 +266,18 @@ impl GptNeox {
             layer
                 .post_attention_layernorm
                 .named(&format!("{p}.post_attention_layernorm"), &mut out);
-            layer.query_key_value.push_named(&format!("{p}.attention.query_key_value"), &mut out)?;
-            layer.dense.push_named(&format!("{p}.attention.dense"), &mut out)?;
-            layer.dense_h_to_4h.push_named(&format!("{p}.mlp.dense_h_to_4h"), &mut out)?;
-            layer.dense_4h_to_h.push_named(&format!("{p}.mlp.dense_4h_to_h"), &mut out)?;
+            layer
+                .query_key_value
+                .push_named(&format!("{p}.attention.query_key_value"), &mut out)?;
+            layer
+                .dense
+                .push_named(&format!("{p}.attention.dense"), &mut out)?;
+            layer
+                .dense_h_to_4h
+                .push_named(&format!("{p}.mlp.dense_h_to_4h"), &mut out)?;
+            layer
+                .dense_4h_to_h
+                .push_named(&format!("{p}.mlp.dense_4h_to_h"), &mut out)?;
         }
         self.final_layer_norm
             .named("gpt_neox.final_layer_norm", &mut out);
@@ -264,7 +292,10 @@ impl GptNeox {
         let mut out = Vec::new();
         for (i, layer) in self.layers.iter_mut().enumerate() {
             let p = format!("gpt_neox.layers.{i}");
-            out.push((format!("{p}.attention.query_key_value"), &mut layer.query_key_value));
+            out.push((
+                format!("{p}.attention.query_key_value"),
+                &mut layer.query_key_value,
+            ));
             out.push((format!("{p}.attention.dense"), &mut layer.dense));
             out.push((format!("{p}.mlp.dense_h_to_4h"), &mut layer.dense_h_to_4h));
             out.push((format!("{p}.mlp.dense_4h_to_h"), &mut layer.dense_4h_to_h));

@@ -10,11 +10,11 @@ use std::sync::Arc;
 
 use lathe_core::{DType, Device, MemCategory, Tensor};
 
+use crate::attention::TokenLayout;
 use crate::config::ModelConfig;
 use crate::gpt_neox::GptNeox;
 use crate::kv_cache::KvCache;
 use crate::llama::Llama;
-use crate::attention::TokenLayout;
 use crate::{Error, Result};
 
 pub const CONFIG_FILE: &str = "config.json";
@@ -108,10 +108,11 @@ impl Weights {
     /// Reads one safetensors file into the store (on the host; `take` moves to the device).
     pub fn add_file(&mut self, path: &Path) -> Result<Vec<String>> {
         let label = path.display().to_string();
-        let loaded = lathe_core::safetensors::load(path, &Device::Cpu).map_err(|e| Error::File {
-            path: label.clone(),
-            detail: e.to_string(),
-        })?;
+        let loaded =
+            lathe_core::safetensors::load(path, &Device::Cpu).map_err(|e| Error::File {
+                path: label.clone(),
+                detail: e.to_string(),
+            })?;
         Ok(loaded
             .into_iter()
             .map(|(name, tensor)| {

@@ -150,7 +150,6 @@ fn alloc_steps(device: &Device, steps: usize, row: [usize; 3]) -> Result<Tensor>
     )?)
 }
 
-
 impl KvCache {
     /// An empty cache for a model of `layers` layers.
     pub fn new(layers: usize) -> KvCache {
@@ -191,7 +190,12 @@ impl KvCache {
 
     /// Appends keys and values (B, kv_heads, t, d) of `layer` and returns all of that layer's
     /// keys and values so far, (B, kv_heads, T_total, d) each.
-    pub fn append(&mut self, layer: usize, keys: &Tensor, values: &Tensor) -> Result<(Tensor, Tensor)> {
+    pub fn append(
+        &mut self,
+        layer: usize,
+        keys: &Tensor,
+        values: &Tensor,
+    ) -> Result<(Tensor, Tensor)> {
         let layers = self.layers.len();
         let initial_capacity = self.initial_capacity;
         let slot = self.layers.get_mut(layer).ok_or_else(|| {

@@ -13,7 +13,10 @@ use crate::{Error, Result};
 pub enum Linear {
     /// An f32 weight (out, in) and an optional bias (out,): frozen tensors for a base model,
     /// variables when trained.
-    Dense { weight: Tensor, bias: Option<Tensor> },
+    Dense {
+        weight: Tensor,
+        bias: Option<Tensor>,
+    },
 }
 
 impl Linear {

@@ -176,7 +176,8 @@ impl Llama {
         let heads = self.config.num_attention_heads;
         let kv_heads = self.config.kv_heads();
         let q = split_heads(&layer.q_proj.forward(x)?, heads)?.rotary(&self.rotary, positions)?; // (B, heads, T, d)
-        let k = split_heads(&layer.k_proj.forward(x)?, kv_heads)?.rotary(&self.rotary, positions)?; // (B, kv_heads, T, d)
+        let k =
+            split_heads(&layer.k_proj.forward(x)?, kv_heads)?.rotary(&self.rotary, positions)?; // (B, kv_heads, T, d)
         let v = split_heads(&layer.v_proj.forward(x)?, kv_heads)?;
         let (k, v) = match cache {
             Some(cache) => cache.append(index, &k, &v)?,

@@ -28,7 +28,8 @@ impl ValueHead {
     /// (weight and bias uniform in +-1/sqrt(H)) and trainable (variables). Starts in eval mode.
     pub fn new(hidden: usize, dropout: f32, seed: u64, device: &Device) -> Result<ValueHead> {
         let bound = 1.0 / (hidden as f32).sqrt();
-        let weight = Tensor::rand_uniform(-bound, bound, &[1, hidden], seed, device)?.into_variable();
+        let weight =
+            Tensor::rand_uniform(-bound, bound, &[1, hidden], seed, device)?.into_variable();
         let bias = Tensor::rand_uniform(-bound, bound, &[1], seed.wrapping_add(1), device)?
             .into_variable();
         ValueHead::from_parts(Linear::dense(weight, Some(bias))?, dropout, seed)

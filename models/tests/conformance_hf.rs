@@ -22,10 +22,7 @@ struct Scratch(PathBuf);
 
 impl Scratch {
     fn new(name: &str) -> Scratch {
-        let dir = std::env::temp_dir().join(format!(
-            "lathe-models-{}-{name}",
-            std::process::id()
-        ));
+        let dir = std::env::temp_dir().join(format!("lathe-models-{}-{name}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         Scratch(dir)
@@ -52,7 +49,11 @@ fn logits_of(dir: &Path) -> Vec<f32> {
     let model = load_hf_dir(dir, &Device::Cpu).unwrap();
     let ids = Tensor::from_vec(vec![3u32, 7, 1, 9, 4, 4], &[2, 3], &Device::Cpu).unwrap();
     let layout = TokenLayout::contiguous(2, 3, 0, &Device::Cpu).unwrap();
-    model.forward(&ids, &layout, None).unwrap().to_vec_f32().unwrap()
+    model
+        .forward(&ids, &layout, None)
+        .unwrap()
+        .to_vec_f32()
+        .unwrap()
 }
 
 fn load_err(dir: &Path) -> String {
@@ -71,11 +72,18 @@ fn configs_parse_with_transformers_fields() {
         panic!("not gpt_neox")
     };
     assert_eq!(
-        (neox.hidden_size, neox.num_attention_heads, neox.rotary_ndims()),
+        (
+            neox.hidden_size,
+            neox.num_attention_heads,
+            neox.rotary_ndims()
+        ),
         (32, 4, 2)
     );
     assert!(neox.use_parallel_residual);
-    assert_eq!(neox.gelu_kind().unwrap(), lathe_core::ops::unary::GeluKind::Erf);
+    assert_eq!(
+        neox.gelu_kind().unwrap(),
+        lathe_core::ops::unary::GeluKind::Erf
+    );
     let ModelConfig::Llama(llama) =
         ModelConfig::from_file(&fixture_dir("llama_gqa_tied").join("config.json")).unwrap()
     else {
@@ -98,21 +106,28 @@ fn unknown_model_type_is_an_error_naming_it_and_the_file() {
     let err = ModelConfig::from_json_str(r#"{"model_type": "mamba"}"#, "dir/config.json")
         .unwrap_err()
         .to_string();
-    assert!(err.contains("dir/config.json") && err.contains("\"mamba\""), "{err}");
+    assert!(
+        err.contains("dir/config.json") && err.contains("\"mamba\""),
+        "{err}"
+    );
     let err = ModelConfig::from_json_str(r#"{"hidden_size": 3}"#, "c.json")
         .unwrap_err()
         .to_string();
-    assert!(err.contains("c.json") && err.contains("model_type"), "{err}");
-    let err = ModelConfig::from_json_str("{", "c.json").unwrap_err().to_string();
+    assert!(
+        err.contains("c.json") && err.contains("model_type"),
+        "{err}"
+    );
+    let err = ModelConfig::from_json_str("{", "c.json")
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("invalid JSON"), "{err}");
 }
 
 #[test]
 fn bad_config_values_are_errors() {
-    let base = std::fs::read_to_string(
-        fixture_dir("neox_sequential_quarter_gelu").join("config.json"),
-    )
-    .unwrap();
+    let base =
+        std::fs::read_to_string(fixture_dir("neox_sequential_quarter_gelu").join("config.json"))
+            .unwrap();
     let with = |key: &str, value: serde_json::Value| {
         let mut v: serde_json::Value = serde_json::from_str(&base).unwrap();
         v[key] = value;
@@ -124,10 +139,16 @@ fn bad_config_values_are_errors() {
     assert!(err.contains("hidden_act \"relu\""), "{err}");
     let err = with("num_attention_heads", 5.into());
     assert!(err.contains("not a multiple"), "{err}");
-    let err = with("rope_scaling", serde_json::json!({"type": "linear", "factor": 2.0}));
+    let err = with(
+        "rope_scaling",
+        serde_json::json!({"type": "linear", "factor": 2.0}),
+    );
     assert!(err.contains("rope_scaling"), "{err}");
     let err = with("hidden_size", "big".into());
-    assert!(err.contains("config.json") && err.contains("gpt_neox config"), "{err}");
+    assert!(
+        err.contains("config.json") && err.contains("gpt_neox config"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -141,7 +162,10 @@ fn sharded_checkpoint_loads_every_shard() {
             name.starts_with("model-") && name.ends_with(".safetensors")
         })
         .count();
-    assert!(shards >= 2, "the fixture should be sharded, has {shards} shard(s)");
+    assert!(
+        shards >= 2,
+        "the fixture should be sharded, has {shards} shard(s)"
+    );
     let weights = Weights::from_hf_dir(&dir, &Device::Cpu).unwrap();
     // 2 layers of 12 tensors, embeddings, final norm, embed_out.
     assert!(weights.len() >= 2 * 12 + 4, "{} tensors", weights.len());
@@ -178,10 +202,7 @@ fn save_hf_dir_round_trips_and_leaves_no_temp_files() {
 }
 
 /// Rewrites a single-file fixture's weights through `edit`.
-fn with_edited_weights(
-    fixture: &str,
-    edit: impl FnOnce(&mut Vec<(String, Tensor)>),
-) -> Scratch {
+fn with_edited_weights(fixture: &str, edit: impl FnOnce(&mut Vec<(String, Tensor)>)) -> Scratch {
     let scratch = Scratch::copy_of(fixture);
     let path = scratch.0.join(WEIGHTS_FILE);
     let mut tensors = lathe_core::safetensors::load(&path, &Device::Cpu).unwrap();
@@ -223,14 +244,25 @@ fn missing_shard_and_bad_index_are_errors_naming_the_file() {
     let shard = std::fs::read_dir(&scratch.0)
         .unwrap()
         .map(|e| e.unwrap().path())
-        .find(|p| p.file_name().unwrap().to_string_lossy().starts_with("model-"))
+        .find(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("model-")
+        })
         .unwrap();
     std::fs::remove_file(&shard).unwrap();
     let err = load_err(&scratch.0);
-    assert!(err.contains(&*shard.file_name().unwrap().to_string_lossy()), "{err}");
+    assert!(
+        err.contains(&*shard.file_name().unwrap().to_string_lossy()),
+        "{err}"
+    );
     std::fs::write(scratch.0.join(INDEX_FILE), "{\"metadata\": {}}").unwrap();
     let err = load_err(&scratch.0);
-    assert!(err.contains(INDEX_FILE) && err.contains("weight_map"), "{err}");
+    assert!(
+        err.contains(INDEX_FILE) && err.contains("weight_map"),
+        "{err}"
+    );
     let empty = Scratch::new("empty");
     let err = load_err(&empty.0);
     assert!(err.contains("config.json"), "{err}");
@@ -245,7 +277,10 @@ fn unknown_model_type_in_a_directory_is_an_error() {
         .replace("\"llama\"", "\"falcon\"");
     std::fs::write(&config, text).unwrap();
     let err = load_err(&scratch.0);
-    assert!(err.contains("config.json") && err.contains("\"falcon\""), "{err}");
+    assert!(
+        err.contains("config.json") && err.contains("\"falcon\""),
+        "{err}"
+    );
 }
 
 #[test]
@@ -263,7 +298,11 @@ fn value_head_is_linear_at_eval_and_drops_out_in_training() {
         .chunks(8)
         .map(|row| row.iter().zip(&w).map(|(x, w)| x * w).sum::<f32>() + b[0])
         .collect();
-    assert_close(&values.to_vec_f32().unwrap(), &want, Tolerance::new(1e-6, 1e-6));
+    assert_close(
+        &values.to_vec_f32().unwrap(),
+        &want,
+        Tolerance::new(1e-6, 1e-6),
+    );
     // Training: dropout changes the values, differently each call; gradients reach summary.
     head.set_training(true);
     let a = head.forward(&hidden).unwrap();
@@ -306,8 +345,7 @@ fn attention_mask_must_be_one_run_per_row() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("row 0"), "{err}");
-    let layout =
-        TokenLayout::from_attention_mask(&[0, 0, 1, 1, 1, 1], 2, 3, &Device::Cpu).unwrap();
+    let layout = TokenLayout::from_attention_mask(&[0, 0, 1, 1, 1, 1], 2, 3, &Device::Cpu).unwrap();
     assert_eq!(layout.key_ranges(), Some(&[(2, 3), (0, 3)][..]));
     assert_eq!(layout.positions().to_vec_u32().unwrap(), [0, 0, 0, 0, 1, 2]);
     let next = layout.next(1).unwrap();

@@ -25,7 +25,9 @@ const GOLDEN: Tolerance = Tolerance::new(1e-4, 1e-4);
 const SAME_MODEL: Tolerance = Tolerance::new(1e-5, 1e-5);
 
 fn fixture_dir(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models").join(name)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/models")
+        .join(name)
 }
 
 struct Golden {
@@ -65,7 +67,10 @@ fn load(name: &str, device: &Device) -> CausalLm {
 }
 
 fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
 }
 
 #[track_caller]
@@ -120,7 +125,11 @@ fn padded_batch_matches(name: &str, device: &Device) {
     let mask = golden.u32s("padded_attention_mask");
     let ids = golden.get("padded_input_ids").to_device(device).unwrap();
     let layout = TokenLayout::from_attention_mask(&mask, b, t, device).unwrap();
-    let logits = model.forward(&ids, &layout, None).unwrap().to_vec_f32().unwrap();
+    let logits = model
+        .forward(&ids, &layout, None)
+        .unwrap()
+        .to_vec_f32()
+        .unwrap();
     let label = format!("{name} on {}", device.name());
     check(
         &format!("{label}: padded logits"),
@@ -132,7 +141,10 @@ fn padded_batch_matches(name: &str, device: &Device) {
     let full = golden.f32s("logits");
     let lengths = golden.u32s("padded_lengths");
     let unpadded_mask: Vec<u32> = (0..b)
-        .flat_map(|r| (0..t).map(move |i| u32::from(i < lengths[r] as usize)))
+        .flat_map(|r| {
+            let len = lengths[r] as usize;
+            (0..t).map(move |i| u32::from(i < len))
+        })
         .collect();
     check(
         &format!("{label}: padded vs unpadded logits"),
@@ -153,7 +165,11 @@ fn kv_cache_matches_full_forward(name: &str, device: &Device) {
     let ids_host = golden.u32s("padded_input_ids");
     let ids = Tensor::from_vec(ids_host.clone(), &[b, t], device).unwrap();
     let layout = TokenLayout::from_attention_mask(&mask, b, t, device).unwrap();
-    let full = model.forward(&ids, &layout, None).unwrap().to_vec_f32().unwrap();
+    let full = model
+        .forward(&ids, &layout, None)
+        .unwrap()
+        .to_vec_f32()
+        .unwrap();
 
     // Every row's real tokens end at T, so the first `prompt` columns (padding included)
     // form the prompt and the rest are decoded one by one.
@@ -162,11 +178,14 @@ fn kv_cache_matches_full_forward(name: &str, device: &Device) {
         .flat_map(|r| mask[r * t..r * t + prompt].iter().copied())
         .collect();
     let prompt_ids = ids.narrow(1, 0, prompt).unwrap();
-    let mut step_layout = TokenLayout::from_attention_mask(&prompt_mask, b, prompt, device).unwrap();
+    let mut step_layout =
+        TokenLayout::from_attention_mask(&prompt_mask, b, prompt, device).unwrap();
     let mut cache = model.new_cache();
     let mut decoded = vec![Vec::new(); b];
     let push = |decoded: &mut Vec<Vec<f32>>, logits: &Tensor| {
-        let [_, steps, _] = *logits.shape() else { panic!() };
+        let [_, steps, _] = *logits.shape() else {
+            panic!()
+        };
         let v = logits.to_vec_f32().unwrap();
         for (r, row) in decoded.iter_mut().enumerate() {
             row.extend_from_slice(&v[r * steps * vocab..(r + 1) * steps * vocab]);
@@ -174,18 +193,25 @@ fn kv_cache_matches_full_forward(name: &str, device: &Device) {
     };
     push(
         &mut decoded,
-        &model.forward(&prompt_ids, &step_layout, Some(&mut cache)).unwrap(),
+        &model
+            .forward(&prompt_ids, &step_layout, Some(&mut cache))
+            .unwrap(),
     );
     for i in prompt..t {
         step_layout = step_layout.next(1).unwrap();
         let token = ids.narrow(1, i, 1).unwrap();
-        let logits = model.forward(&token, &step_layout, Some(&mut cache)).unwrap();
+        let logits = model
+            .forward(&token, &step_layout, Some(&mut cache))
+            .unwrap();
         push(&mut decoded, &logits);
     }
     assert_eq!(cache.seq_len(), t);
     let decoded: Vec<f32> = decoded.concat();
     check(
-        &format!("{name} on {}: kv-cache decode vs full forward", device.name()),
+        &format!(
+            "{name} on {}: kv-cache decode vs full forward",
+            device.name()
+        ),
         &valid_rows(&decoded, &mask, vocab),
         &valid_rows(&full, &mask, vocab),
         SAME_MODEL,
@@ -194,22 +220,30 @@ fn kv_cache_matches_full_forward(name: &str, device: &Device) {
 
 #[test]
 fn gpt_neox_full_batch_matches_transformers_cpu() {
-    GPT_NEOX.iter().for_each(|n| full_batch_matches(n, &Device::Cpu));
+    GPT_NEOX
+        .iter()
+        .for_each(|n| full_batch_matches(n, &Device::Cpu));
 }
 
 #[test]
 fn gpt_neox_full_batch_matches_transformers_gpu() {
-    GPT_NEOX.iter().for_each(|n| full_batch_matches(n, &test_gpu()));
+    GPT_NEOX
+        .iter()
+        .for_each(|n| full_batch_matches(n, &test_gpu()));
 }
 
 #[test]
 fn gpt_neox_padded_batch_matches_transformers_cpu() {
-    GPT_NEOX.iter().for_each(|n| padded_batch_matches(n, &Device::Cpu));
+    GPT_NEOX
+        .iter()
+        .for_each(|n| padded_batch_matches(n, &Device::Cpu));
 }
 
 #[test]
 fn gpt_neox_padded_batch_matches_transformers_gpu() {
-    GPT_NEOX.iter().for_each(|n| padded_batch_matches(n, &test_gpu()));
+    GPT_NEOX
+        .iter()
+        .for_each(|n| padded_batch_matches(n, &test_gpu()));
 }
 
 #[test]
@@ -228,22 +262,30 @@ fn gpt_neox_kv_cache_decode_equals_full_forward_gpu() {
 
 #[test]
 fn llama_full_batch_matches_transformers_cpu() {
-    LLAMA.iter().for_each(|n| full_batch_matches(n, &Device::Cpu));
+    LLAMA
+        .iter()
+        .for_each(|n| full_batch_matches(n, &Device::Cpu));
 }
 
 #[test]
 fn llama_full_batch_matches_transformers_gpu() {
-    LLAMA.iter().for_each(|n| full_batch_matches(n, &test_gpu()));
+    LLAMA
+        .iter()
+        .for_each(|n| full_batch_matches(n, &test_gpu()));
 }
 
 #[test]
 fn llama_padded_batch_matches_transformers_cpu() {
-    LLAMA.iter().for_each(|n| padded_batch_matches(n, &Device::Cpu));
+    LLAMA
+        .iter()
+        .for_each(|n| padded_batch_matches(n, &Device::Cpu));
 }
 
 #[test]
 fn llama_padded_batch_matches_transformers_gpu() {
-    LLAMA.iter().for_each(|n| padded_batch_matches(n, &test_gpu()));
+    LLAMA
+        .iter()
+        .for_each(|n| padded_batch_matches(n, &test_gpu()));
 }
 
 #[test]

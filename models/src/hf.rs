@@ -4,7 +4,7 @@
 //! name -> tensor store the model constructors take their tensors from; GGUF loading can
 //! fill one too.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -146,8 +146,8 @@ impl Weights {
         }
         for (shard, names) in by_shard {
             let path = dir.join(shard);
-            let loaded = weights.add_file(&path)?;
-            if let Some(absent) = names.iter().find(|n| !loaded.iter().any(|l| l == *n)) {
+            let loaded: HashSet<String> = weights.add_file(&path)?.into_iter().collect();
+            if let Some(absent) = names.iter().find(|n| !loaded.contains(**n)) {
                 return Err(Error::Tensor {
                     path: path.display().to_string(),
                     tensor: absent.to_string(),

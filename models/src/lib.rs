@@ -2,9 +2,16 @@
 //! configs from HF `config.json` or GGUF metadata; weights from HF safetensors (single or
 //! sharded) and GGUF; tokenizers; KV cache and batched generation.
 
+pub mod attention;
 pub mod config;
 pub mod gguf;
+pub mod gpt_neox;
+pub mod hf;
+pub mod kv_cache;
+pub mod linear;
+pub mod llama;
 pub mod tokenizer;
+pub mod value_head;
 
 /// Errors of lathe-models. Each names the file (and tensor) it is about.
 #[derive(Debug, thiserror::Error)]

@@ -1,0 +1,234 @@
+//! What GPT-NeoX and Llama attention share: where each token sits ([`TokenLayout`]:
+//! rotary positions and the valid key range of each row of a padded batch), splitting and
+//! merging heads, and scaled dot-product attention with causal and key-padding masks and
+//! grouped-query key/value heads.
+
+use lathe_core::ops::softmax::AttentionMask;
+use lathe_core::{Device, Tensor};
+
+use crate::{Error, Result};
+
+/// The rotary position of every token of a batch and which keys each row may attend to.
+///
+/// Batches of prompts of different lengths are left-padded: row b's real tokens start after
+/// its padding, their positions count from 0 there (HF: `attention_mask.cumsum(-1) - 1`), and
+/// keys outside the row's range `[start, end)` are masked for every query. Key coordinates
+/// count from the start of the sequence, KV cache included.
+#[derive(Clone, Debug)]
+pub struct TokenLayout {
+    /// (B, T) u32 on the model's device.
+    positions: Tensor,
+    /// The same positions on the host, for building the next step's layout.
+    positions_host: Vec<u32>,
+    /// Per row, the valid keys [start, end); `None` when every key is valid.
+    key_ranges: Option<Vec<(u32, u32)>>,
+}
+
+impl TokenLayout {
+    /// Rows without padding: every row's tokens are at positions `start..start + seq`.
+    pub fn contiguous(
+        batch: usize,
+        seq: usize,
+        start: usize,
+        device: &Device,
+    ) -> Result<TokenLayout> {
+        let positions_host: Vec<u32> = (0..batch)
+            .flat_map(|_| (start..start + seq).map(|p| p as u32))
+            .collect();
+        TokenLayout::new(positions_host, batch, seq, None, device)
+    }
+
+    /// The layout of a HF `attention_mask` (B, T) given row-major as 0/1 values: each row's
+    /// ones must be one contiguous run (left padding, right padding, or none). Positions are
+    /// HF's `cumsum(mask) - 1`, 0 on padding.
+    pub fn from_attention_mask(
+        mask: &[u32],
+        batch: usize,
+        seq: usize,
+        device: &Device,
+    ) -> Result<TokenLayout> {
+        if mask.len() != batch * seq {
+            return Err(Error::Config(format!(
+                "attention_mask has {} values, expected B * T = {batch} * {seq}",
+                mask.len()
+            )));
+        }
+        let mut positions_host = Vec::with_capacity(batch * seq);
+        let mut ranges = Vec::with_capacity(batch);
+        for (b, row) in mask.chunks(seq.max(1)).take(batch).enumerate() {
+            let start = row.iter().position(|&m| m != 0).unwrap_or(seq);
+            let end = row.iter().rposition(|&m| m != 0).map_or(start, |i| i + 1);
+            if row[start..end].contains(&0) {
+                return Err(Error::Config(format!(
+                    "attention_mask row {b} is not one contiguous run of ones: {row:?}"
+                )));
+            }
+            positions_host.extend(
+                (0..seq).map(|t| t.saturating_sub(start).min(end.saturating_sub(start + 1)) as u32),
+            );
+            ranges.push((start as u32, end as u32));
+        }
+        let all_valid = ranges.iter().all(|&(s, e)| s == 0 && e as usize == seq);
+        let key_ranges = (!all_valid).then_some(ranges);
+        TokenLayout::new(positions_host, batch, seq, key_ranges, device)
+    }
+
+    fn new(
+        positions_host: Vec<u32>,
+        batch: usize,
+        seq: usize,
+        key_ranges: Option<Vec<(u32, u32)>>,
+        device: &Device,
+    ) -> Result<TokenLayout> {
+        let positions = Tensor::from_vec(positions_host.clone(), &[batch, seq], device)?;
+        Ok(TokenLayout {
+            positions,
+            positions_host,
+            key_ranges,
+        })
+    }
+
+    /// The layout of the next `count` tokens appended to every row (decoding with a KV cache):
+    /// positions continue from each row's last one and every row's key range grows by `count`.
+    pub fn next(&self, count: usize) -> Result<TokenLayout> {
+        let [batch, seq] = *self.positions.shape() else {
+            unreachable!("positions are (B, T)")
+        };
+        let positions_host: Vec<u32> = (0..batch)
+            .flat_map(|b| {
+                let last = if seq == 0 {
+                    0
+                } else {
+                    self.positions_host[b * seq + seq - 1] + 1
+                };
+                (0..count as u32).map(move |i| last + i)
+            })
+            .collect();
+        let key_ranges = self
+            .key_ranges
+            .as_ref()
+            .map(|ranges| ranges.iter().map(|&(s, e)| (s, e + count as u32)).collect());
+        TokenLayout::new(
+            positions_host,
+            batch,
+            count,
+            key_ranges,
+            self.positions.device(),
+        )
+    }
+
+    /// (B, T) u32 positions.
+    pub fn positions(&self) -> &Tensor {
+        &self.positions
+    }
+
+    pub fn batch(&self) -> usize {
+        self.positions.shape()[0]
+    }
+
+    pub fn seq_len(&self) -> usize {
+        self.positions.shape()[1]
+    }
+
+    pub fn key_ranges(&self) -> Option<&[(u32, u32)]> {
+        self.key_ranges.as_deref()
+    }
+
+    /// The causal + key-range mask for attention over `total_keys` keys (cache included).
+    pub fn mask(&self, total_keys: usize) -> Result<AttentionMask> {
+        if let Some(ranges) = &self.key_ranges {
+            if let Some((b, &(_, end))) = ranges
+                .iter()
+                .enumerate()
+                .find(|(_, range)| range.1 as usize > total_keys)
+            {
+                return Err(Error::Config(format!(
+                    "row {b}'s key range ends at {end}, past the {total_keys} keys of the sequence"
+                )));
+            }
+        }
+        Ok(AttentionMask {
+            causal: true,
+            key_ranges: self.key_ranges.clone(),
+        })
+    }
+
+    /// Errors unless ids (B, T) match this layout.
+    pub(crate) fn check_ids(&self, ids: &Tensor) -> Result<()> {
+        if ids.shape() != self.positions.shape() {
+            return Err(Error::Config(format!(
+                "token ids {:?} do not match the layout's (B, T) {:?}",
+                ids.shape(),
+                self.positions.shape()
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// (B, T, heads * d) -> (B, heads, T, d).
+pub(crate) fn split_heads(x: &Tensor, heads: usize) -> Result<Tensor> {
+    let [b, t, width] = *x.shape() else {
+        return Err(Error::Config(format!(
+            "attention input must be (B, T, width), got {:?}",
+            x.shape()
+        )));
+    };
+    Ok(x.reshape(&[b, t, heads, width / heads])?
+        .permute(&[0, 2, 1, 3])?)
+}
+
+/// (B, heads, T, d) -> (B, T, heads * d).
+pub(crate) fn merge_heads(x: &Tensor) -> Result<Tensor> {
+    let [b, heads, t, d] = *x.shape() else {
+        return Err(Error::Config(format!(
+            "attention output must be (B, heads, T, d), got {:?}",
+            x.shape()
+        )));
+    };
+    Ok(x.permute(&[0, 2, 1, 3])?.reshape(&[b, t, heads * d])?)
+}
+
+/// softmax(q k^T * scale, mask) v with grouped-query heads, merged back to (B, T, heads * d).
+///
+/// q (B, heads, T, d); k and v (B, kv_heads, Tk, d) with heads a multiple of kv_heads: query
+/// head h uses kv head h / (heads / kv_heads), as transformers' `repeat_kv`. Instead of
+/// copying the kv heads, the query heads of a group are stacked along the query axis
+/// ((B, kv_heads, group * T, d), a free reshape), so each group shares one product with its
+/// keys. The scores are scaled after the product, as transformers does.
+pub(crate) fn attend(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: &AttentionMask,
+    scale: f32,
+) -> Result<Tensor> {
+    let [b, heads, t, d] = *q.shape() else {
+        return Err(Error::Config(format!(
+            "queries must be (B, heads, T, d), got {:?}",
+            q.shape()
+        )));
+    };
+    let [_, kv_heads, tk, _] = *k.shape() else {
+        return Err(Error::Config(format!(
+            "keys must be (B, kv_heads, Tk, d), got {:?}",
+            k.shape()
+        )));
+    };
+    if kv_heads == 0 || !heads.is_multiple_of(kv_heads) {
+        return Err(Error::Config(format!(
+            "{heads} query heads cannot share {kv_heads} key/value heads"
+        )));
+    }
+    let group = heads / kv_heads;
+    let grouped_q = q.reshape(&[b, kv_heads, group * t, d])?;
+    let scores = grouped_q
+        .matmul_t(k, false, true)? // (B, kv_heads, group * T, Tk)
+        .scale(scale)?
+        .reshape(&[b, heads, t, tk])?;
+    let probs = scores
+        .masked_softmax(mask)?
+        .reshape(&[b, kv_heads, group * t, tk])?;
+    let context = probs.matmul(v)?.reshape(&[b, heads, t, d])?; // (B, heads, T, d)
+    merge_heads(&context)
+}

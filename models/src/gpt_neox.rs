@@ -1,0 +1,305 @@
+//! GPT-NeoX: the seed's architecture (GPT-NeoX-20B, Pythia).
+//!
+//! Matches transformers 4.46 `modeling_gpt_neox.py` (`GPTNeoXForCausalLM`, eager attention).
+//! Per layer: LayerNorm -> fused query_key_value (per-head interleaved [heads, 3 * head_size]
+//! layout) -> rotary on the first rotary_ndims dims of q and k -> causal attention scaled by
+//! head_size^-0.5 -> dense; LayerNorm -> dense_h_to_4h -> GELU (erf or tanh by hidden_act) ->
+//! dense_4h_to_h; parallel (x + attn(ln1 x) + mlp(ln2 x)) or sequential residuals. Then
+//! final_layer_norm and embed_out (untied unless tie_word_embeddings).
+//!
+//! Tensor names (HF): `gpt_neox.embed_in.weight` (V, H); under `gpt_neox.layers.{i}.`:
+//! `input_layernorm.{weight,bias}`, `post_attention_layernorm.{weight,bias}`,
+//! `attention.query_key_value.{weight,bias}` (3H, H), `attention.dense.{weight,bias}` (H, H),
+//! `mlp.dense_h_to_4h.{weight,bias}` (F, H), `mlp.dense_4h_to_h.{weight,bias}` (H, F);
+//! `gpt_neox.final_layer_norm.{weight,bias}`; `embed_out.weight` (V, H).
+//! Old checkpoints' `attention.bias`, `attention.masked_bias` and `rotary_emb.inv_freq`
+//! buffers are ignored.
+
+use lathe_core::ops::rotary::RotaryTables;
+use lathe_core::ops::unary::GeluKind;
+use lathe_core::Tensor;
+
+use crate::attention::{attend, split_heads, TokenLayout};
+use crate::config::GptNeoxConfig;
+use crate::hf::Weights;
+use crate::kv_cache::KvCache;
+use crate::linear::Linear;
+use crate::Result;
+
+/// A LayerNorm's affine parameters, (H,) each.
+#[derive(Clone, Debug)]
+pub struct LayerNorm {
+    pub weight: Tensor,
+    pub bias: Tensor,
+    pub eps: f32,
+}
+
+impl LayerNorm {
+    fn load(weights: &mut Weights, prefix: &str, size: usize, eps: f32) -> Result<LayerNorm> {
+        Ok(LayerNorm {
+            weight: weights.take(&format!("{prefix}.weight"), &[size])?,
+            bias: weights.take(&format!("{prefix}.bias"), &[size])?,
+            eps,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(x.layer_norm(Some(&self.weight), Some(&self.bias), self.eps)?)
+    }
+
+    fn named(&self, prefix: &str, out: &mut Vec<(String, Tensor)>) {
+        out.push((format!("{prefix}.weight"), self.weight.clone()));
+        out.push((format!("{prefix}.bias"), self.bias.clone()));
+    }
+}
+
+/// One transformer block.
+#[derive(Clone, Debug)]
+pub struct GptNeoxLayer {
+    pub input_layernorm: LayerNorm,
+    pub post_attention_layernorm: LayerNorm,
+    /// (3H, H): per head, rows [q | k | v] of head_size each.
+    pub query_key_value: Linear,
+    pub dense: Linear,
+    pub dense_h_to_4h: Linear,
+    pub dense_4h_to_h: Linear,
+}
+
+/// GPT-NeoX for causal language modelling.
+#[derive(Clone, Debug)]
+pub struct GptNeox {
+    config: GptNeoxConfig,
+    /// (V, H)
+    pub embed_in: Tensor,
+    pub layers: Vec<GptNeoxLayer>,
+    pub final_layer_norm: LayerNorm,
+    /// (V, H); shares embed_in's storage when tie_word_embeddings.
+    pub embed_out: Linear,
+    rotary: RotaryTables,
+    gelu: GeluKind,
+}
+
+impl GptNeox {
+    /// Builds the model from HF-named weights (taken out of `weights`), on their device.
+    pub fn from_weights(config: GptNeoxConfig, weights: &mut Weights) -> Result<GptNeox> {
+        config.validate()?;
+        let gelu = config.gelu_kind()?;
+        let (h, f, v) = (
+            config.hidden_size,
+            config.intermediate_size,
+            config.vocab_size,
+        );
+        let eps = config.layer_norm_eps as f32;
+        let bias = config.attention_bias;
+        let embed_in = weights.take("gpt_neox.embed_in.weight", &[v, h])?;
+        let layers = (0..config.num_hidden_layers)
+            .map(|i| {
+                let p = format!("gpt_neox.layers.{i}");
+                Ok(GptNeoxLayer {
+                    input_layernorm: LayerNorm::load(
+                        weights,
+                        &format!("{p}.input_layernorm"),
+                        h,
+                        eps,
+                    )?,
+                    post_attention_layernorm: LayerNorm::load(
+                        weights,
+                        &format!("{p}.post_attention_layernorm"),
+                        h,
+                        eps,
+                    )?,
+                    query_key_value: Linear::load(
+                        weights,
+                        &format!("{p}.attention.query_key_value"),
+                        3 * h,
+                        h,
+                        bias,
+                    )?,
+                    dense: Linear::load(weights, &format!("{p}.attention.dense"), h, h, bias)?,
+                    dense_h_to_4h: Linear::load(
+                        weights,
+                        &format!("{p}.mlp.dense_h_to_4h"),
+                        f,
+                        h,
+                        true,
+                    )?,
+                    dense_4h_to_h: Linear::load(
+                        weights,
+                        &format!("{p}.mlp.dense_4h_to_h"),
+                        h,
+                        f,
+                        true,
+                    )?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let final_layer_norm = LayerNorm::load(weights, "gpt_neox.final_layer_norm", h, eps)?;
+        let embed_out = if config.tie_word_embeddings {
+            Linear::dense(embed_in.clone(), None)?
+        } else {
+            Linear::load(weights, "embed_out", v, h, false)?
+        };
+        let rotary = RotaryTables::new(
+            config.max_position_embeddings,
+            config.rotary_ndims(),
+            config.rotary_emb_base as f32,
+            weights.device(),
+        )?;
+        Ok(GptNeox {
+            config,
+            embed_in,
+            layers,
+            final_layer_norm,
+            embed_out,
+            rotary,
+            gelu,
+        })
+    }
+
+    pub fn config(&self) -> &GptNeoxConfig {
+        &self.config
+    }
+
+    /// Logits (B, T, V) of token ids u32 (B, T) laid out by `layout`. With a cache, the ids
+    /// follow the cached tokens and their keys and values are appended to it.
+    pub fn forward(
+        &self,
+        ids: &Tensor,
+        layout: &TokenLayout,
+        cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
+        self.lm_head(&self.forward_hidden(ids, layout, cache)?)
+    }
+
+    /// Logits (B, T, V) of a last hidden state (B, T, H).
+    pub fn lm_head(&self, hidden: &Tensor) -> Result<Tensor> {
+        self.embed_out.forward(hidden)
+    }
+
+    /// The last hidden state (B, T, H), after final_layer_norm (transformers'
+    /// `hidden_states[-1]`, what trl's value head reads).
+    pub fn forward_hidden(
+        &self,
+        ids: &Tensor,
+        layout: &TokenLayout,
+        mut cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
+        layout.check_ids(ids)?;
+        let past = match &cache {
+            Some(c) => c.offset_for(self.layers.len())?,
+            None => 0,
+        };
+        let mask = layout.mask(past + layout.seq_len())?;
+        let mut x = Tensor::embedding(&self.embed_in, ids)?; // (B, T, H)
+        for (i, layer) in self.layers.iter().enumerate() {
+            let cache = cache.as_deref_mut();
+            x = self.block(layer, i, &x, layout, &mask, cache)?;
+        }
+        self.final_layer_norm.forward(&x)
+    }
+
+    /// One block: attention and MLP with parallel or sequential residuals.
+    fn block(
+        &self,
+        layer: &GptNeoxLayer,
+        index: usize,
+        x: &Tensor,
+        layout: &TokenLayout,
+        mask: &lathe_core::ops::softmax::AttentionMask,
+        cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
+        let attn_in = layer.input_layernorm.forward(x)?;
+        let attn = self.attention(layer, index, &attn_in, layout, mask, cache)?;
+        if self.config.use_parallel_residual {
+            let mlp = self.mlp(layer, &layer.post_attention_layernorm.forward(x)?)?;
+            Ok(mlp.add(&attn)?.add(x)?)
+        } else {
+            let h = attn.add(x)?;
+            let mlp = self.mlp(layer, &layer.post_attention_layernorm.forward(&h)?)?;
+            Ok(mlp.add(&h)?)
+        }
+    }
+
+    /// Self-attention of normed x (B, T, H) -> (B, T, H).
+    fn attention(
+        &self,
+        layer: &GptNeoxLayer,
+        index: usize,
+        x: &Tensor,
+        layout: &TokenLayout,
+        mask: &lathe_core::ops::softmax::AttentionMask,
+        cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
+        let heads = self.config.num_attention_heads;
+        let hs = self.config.head_size();
+        // (B, T, 3H) viewed as (B, heads, T, 3 * head_size): q, k, v interleaved per head.
+        let qkv = split_heads(&layer.query_key_value.forward(x)?, heads)?;
+        let parts = qkv.split(&[hs, hs, hs], 3)?;
+        let positions = layout.positions();
+        let q = parts[0].rotary(&self.rotary, positions)?; // (B, heads, T, hs)
+        let k = parts[1].rotary(&self.rotary, positions)?;
+        let v = parts[2].clone();
+        let (k, v) = match cache {
+            Some(cache) => cache.append(index, &k, &v)?,
+            None => (k, v),
+        };
+        let context = attend(&q, &k, &v, mask, (hs as f32).powf(-0.5))?; // (B, T, H)
+        layer.dense.forward(&context)
+    }
+
+    fn mlp(&self, layer: &GptNeoxLayer, x: &Tensor) -> Result<Tensor> {
+        let up = layer.dense_h_to_4h.forward(x)?.gelu(self.gelu)?;
+        layer.dense_4h_to_h.forward(&up)
+    }
+
+    /// Every weight under its HF name (embed_out omitted when tied, as transformers saves).
+    pub fn named_weights(&self) -> Result<Vec<(String, Tensor)>> {
+        let mut out = vec![(
+            "gpt_neox.embed_in.weight".to_string(),
+            self.embed_in.clone(),
+        )];
+        for (i, layer) in self.layers.iter().enumerate() {
+            let p = format!("gpt_neox.layers.{i}");
+            layer
+                .input_layernorm
+                .named(&format!("{p}.input_layernorm"), &mut out);
+            layer
+                .post_attention_layernorm
+                .named(&format!("{p}.post_attention_layernorm"), &mut out);
+            layer
+                .query_key_value
+                .push_named(&format!("{p}.attention.query_key_value"), &mut out)?;
+            layer
+                .dense
+                .push_named(&format!("{p}.attention.dense"), &mut out)?;
+            layer
+                .dense_h_to_4h
+                .push_named(&format!("{p}.mlp.dense_h_to_4h"), &mut out)?;
+            layer
+                .dense_4h_to_h
+                .push_named(&format!("{p}.mlp.dense_4h_to_h"), &mut out)?;
+        }
+        self.final_layer_norm
+            .named("gpt_neox.final_layer_norm", &mut out);
+        if !self.config.tie_word_embeddings {
+            self.embed_out.push_named("embed_out", &mut out)?;
+        }
+        Ok(out)
+    }
+
+    /// Every linear layer under its HF module name, for swapping (LoRA, int8).
+    pub fn linears_mut(&mut self) -> Vec<(String, &mut Linear)> {
+        let mut out = Vec::new();
+        for (i, layer) in self.layers.iter_mut().enumerate() {
+            let p = format!("gpt_neox.layers.{i}");
+            out.push((
+                format!("{p}.attention.query_key_value"),
+                &mut layer.query_key_value,
+            ));
+            out.push((format!("{p}.attention.dense"), &mut layer.dense));
+            out.push((format!("{p}.mlp.dense_h_to_4h"), &mut layer.dense_h_to_4h));
+            out.push((format!("{p}.mlp.dense_4h_to_h"), &mut layer.dense_4h_to_h));
+        }
+        out
+    }
+}

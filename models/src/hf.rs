@@ -1,0 +1,301 @@
+//! HF model directories: `config.json` plus `model.safetensors`, or shards listed by
+//! `model.safetensors.index.json` (`weight_map`: tensor name -> shard file), as
+//! transformers' `save_pretrained(safe_serialization=True)` writes them. [`Weights`] is the
+//! name -> tensor store the model constructors take their tensors from; GGUF loading can
+//! fill one too.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use lathe_core::{DType, Device, MemCategory, Tensor};
+
+use crate::attention::TokenLayout;
+use crate::config::ModelConfig;
+use crate::gpt_neox::GptNeox;
+use crate::kv_cache::KvCache;
+use crate::llama::Llama;
+use crate::{Error, Result};
+
+pub const CONFIG_FILE: &str = "config.json";
+pub const WEIGHTS_FILE: &str = "model.safetensors";
+pub const INDEX_FILE: &str = "model.safetensors.index.json";
+
+/// Weight tensors by HF name, each remembering the file it came from, for errors that name
+/// the file and the tensor. Models take what they need; leftovers (old checkpoints'
+/// `attention.bias`, `rotary_emb.inv_freq` buffers) are ignored.
+#[derive(Debug)]
+pub struct Weights {
+    tensors: HashMap<String, (Tensor, Arc<str>)>,
+    /// Where a missing tensor was looked for: the file or index that lists the weights.
+    origin: String,
+    device: Device,
+}
+
+impl Weights {
+    /// An empty store; tensors taken from it end up on `device`.
+    pub fn new(origin: impl Into<String>, device: &Device) -> Weights {
+        Weights {
+            tensors: HashMap::new(),
+            origin: origin.into(),
+            device: device.clone(),
+        }
+    }
+
+    /// Adds a tensor read from `file` (any device, f32 or f16).
+    pub fn insert(&mut self, name: impl Into<String>, tensor: Tensor, file: &str) {
+        self.tensors.insert(name.into(), (tensor, Arc::from(file)));
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.tensors.contains_key(name)
+    }
+
+    pub fn len(&self) -> usize {
+        self.tensors.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.tensors.is_empty()
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Removes the tensor `name`, checks its shape and returns it as f32 on the store's device
+    /// (GPU bytes charged as weights). Missing or misshapen tensors are `Error::Tensor`.
+    pub fn take(&mut self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        let Some((tensor, file)) = self.tensors.remove(name) else {
+            return Err(Error::Tensor {
+                path: self.origin.clone(),
+                tensor: name.to_string(),
+                detail: "missing".to_string(),
+            });
+        };
+        let tensor_error = |detail: String| Error::Tensor {
+            path: file.to_string(),
+            tensor: name.to_string(),
+            detail,
+        };
+        if tensor.shape() != shape {
+            return Err(tensor_error(format!(
+                "shape {:?}, expected {shape:?}",
+                tensor.shape()
+            )));
+        }
+        let tensor = match tensor.dtype() {
+            DType::F32 => tensor,
+            DType::F16 => tensor
+                .to_dtype(DType::F32)
+                .map_err(|e| tensor_error(e.to_string()))?,
+            other => return Err(tensor_error(format!("dtype {other:?}, expected a float"))),
+        };
+        tensor
+            .to_device_as(&self.device, MemCategory::Weights)
+            .map_err(|e| tensor_error(e.to_string()))
+    }
+
+    /// As [`Weights::take`], or `None` when the tensor is absent.
+    pub fn take_optional(&mut self, name: &str, shape: &[usize]) -> Result<Option<Tensor>> {
+        if self.contains(name) {
+            self.take(name, shape).map(Some)
+        } else {
+            Ok(None)
+        }
+    }
+
+    /// Reads one safetensors file into the store (on the host; `take` moves to the device).
+    pub fn add_file(&mut self, path: &Path) -> Result<Vec<String>> {
+        let label = path.display().to_string();
+        let loaded =
+            lathe_core::safetensors::load(path, &Device::Cpu).map_err(|e| Error::File {
+                path: label.clone(),
+                detail: e.to_string(),
+            })?;
+        Ok(loaded
+            .into_iter()
+            .map(|(name, tensor)| {
+                self.insert(name.clone(), tensor, &label);
+                name
+            })
+            .collect())
+    }
+
+    /// The weights of a HF directory: `model.safetensors`, or the shards of
+    /// `model.safetensors.index.json` (every tensor of the weight map must be in its shard).
+    pub fn from_hf_dir(dir: &Path, device: &Device) -> Result<Weights> {
+        let single = dir.join(WEIGHTS_FILE);
+        let index = dir.join(INDEX_FILE);
+        if single.is_file() {
+            let mut weights = Weights::new(single.display().to_string(), device);
+            weights.add_file(&single)?;
+            return Ok(weights);
+        }
+        if !index.is_file() {
+            return Err(Error::File {
+                path: dir.display().to_string(),
+                detail: format!("no {WEIGHTS_FILE} and no {INDEX_FILE}"),
+            });
+        }
+        let weight_map = read_index(&index)?;
+        let mut weights = Weights::new(index.display().to_string(), device);
+        let mut by_shard: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+        for (name, shard) in &weight_map {
+            by_shard.entry(shard).or_default().push(name);
+        }
+        for (shard, names) in by_shard {
+            let path = dir.join(shard);
+            let loaded: HashSet<String> = weights.add_file(&path)?.into_iter().collect();
+            if let Some(absent) = names.iter().find(|n| !loaded.contains(**n)) {
+                return Err(Error::Tensor {
+                    path: path.display().to_string(),
+                    tensor: absent.to_string(),
+                    detail: format!("listed in {INDEX_FILE} but not in the shard"),
+                });
+            }
+        }
+        Ok(weights)
+    }
+}
+
+/// The `weight_map` of a sharded checkpoint's index.
+fn read_index(path: &Path) -> Result<BTreeMap<String, String>> {
+    let label = path.display().to_string();
+    let file_error = |detail: String| Error::File {
+        path: label.clone(),
+        detail,
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| file_error(e.to_string()))?;
+    let value: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| file_error(format!("invalid JSON: {e}")))?;
+    let map = value
+        .get("weight_map")
+        .and_then(|m| m.as_object())
+        .ok_or_else(|| file_error("no \"weight_map\" object".to_string()))?;
+    map.iter()
+        .map(|(name, shard)| match shard.as_str() {
+            Some(s) if !s.contains('/') && !s.contains('\\') => Ok((name.clone(), s.to_string())),
+            _ => Err(file_error(format!(
+                "weight_map entry {name:?} is not a file name in the directory: {shard}"
+            ))),
+        })
+        .collect()
+}
+
+/// A causal language model of any supported architecture.
+pub enum CausalLm {
+    GptNeox(GptNeox),
+    Llama(Llama),
+}
+
+impl CausalLm {
+    /// Builds the model of `config` from `weights` (tensor names as in HF checkpoints).
+    pub fn from_weights(config: ModelConfig, weights: &mut Weights) -> Result<CausalLm> {
+        Ok(match config {
+            ModelConfig::GptNeox(c) => CausalLm::GptNeox(GptNeox::from_weights(c, weights)?),
+            ModelConfig::Llama(c) => CausalLm::Llama(Llama::from_weights(c, weights)?),
+        })
+    }
+
+    /// Logits (B, T, V) of token ids (B, T); see the architecture's `forward`.
+    pub fn forward(
+        &self,
+        ids: &Tensor,
+        layout: &TokenLayout,
+        cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
+        match self {
+            CausalLm::GptNeox(m) => m.forward(ids, layout, cache),
+            CausalLm::Llama(m) => m.forward(ids, layout, cache),
+        }
+    }
+
+    /// The last hidden state (B, T, H), after the final norm.
+    pub fn forward_hidden(
+        &self,
+        ids: &Tensor,
+        layout: &TokenLayout,
+        cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
+        match self {
+            CausalLm::GptNeox(m) => m.forward_hidden(ids, layout, cache),
+            CausalLm::Llama(m) => m.forward_hidden(ids, layout, cache),
+        }
+    }
+
+    /// Logits (B, T, V) of a last hidden state (B, T, H).
+    pub fn lm_head(&self, hidden: &Tensor) -> Result<Tensor> {
+        match self {
+            CausalLm::GptNeox(m) => m.lm_head(hidden),
+            CausalLm::Llama(m) => m.lm_head(hidden),
+        }
+    }
+
+    /// An empty KV cache with one slot per layer.
+    pub fn new_cache(&self) -> KvCache {
+        KvCache::new(self.config().num_hidden_layers())
+    }
+
+    pub fn config(&self) -> ModelConfig {
+        match self {
+            CausalLm::GptNeox(m) => ModelConfig::GptNeox(m.config().clone()),
+            CausalLm::Llama(m) => ModelConfig::Llama(m.config().clone()),
+        }
+    }
+
+    /// Every weight under its HF name (tied weights once, as transformers saves them).
+    pub fn named_weights(&self) -> Result<Vec<(String, Tensor)>> {
+        match self {
+            CausalLm::GptNeox(m) => m.named_weights(),
+            CausalLm::Llama(m) => m.named_weights(),
+        }
+    }
+}
+
+/// Loads a HF model directory (config.json + safetensors weights) onto `device`.
+pub fn load_hf_dir(dir: &Path, device: &Device) -> Result<CausalLm> {
+    let config = ModelConfig::from_file(&dir.join(CONFIG_FILE))?;
+    let mut weights = Weights::from_hf_dir(dir, device)?;
+    CausalLm::from_weights(config, &mut weights)
+}
+
+/// Writes a HF model directory: config.json and one model.safetensors, each through a
+/// temporary file renamed into place, so a failure never leaves a half-written file.
+pub fn save_hf_dir(dir: &Path, config: &ModelConfig, tensors: &[(String, Tensor)]) -> Result<()> {
+    let dir_error = |detail: String| Error::File {
+        path: dir.display().to_string(),
+        detail,
+    };
+    std::fs::create_dir_all(dir).map_err(|e| dir_error(e.to_string()))?;
+    let named: Vec<(&str, &Tensor)> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
+    let weights_path = dir.join(WEIGHTS_FILE);
+    let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
+    lathe_core::safetensors::save(&weights_path, &named, Some(metadata)).map_err(|e| {
+        Error::File {
+            path: weights_path.display().to_string(),
+            detail: e.to_string(),
+        }
+    })?;
+    write_atomically(&dir.join(CONFIG_FILE), config.to_json_string()?.as_bytes())
+}
+
+/// Writes `bytes` to a temporary sibling of `path`, then renames it over `path`.
+fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
+    let file_error = |e: std::io::Error| Error::File {
+        path: path.display().to_string(),
+        detail: e.to_string(),
+    };
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp: PathBuf = path.with_file_name(format!(".{name}.{}.tmp", std::process::id()));
+    let written = std::fs::write(&tmp, bytes)
+        .and_then(|_| std::fs::File::open(&tmp)?.sync_all())
+        .and_then(|_| std::fs::rename(&tmp, path));
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written.map_err(file_error)
+}

@@ -1,0 +1,104 @@
+//! The swappable linear layer. Every projection of every model is a [`Linear`], so
+//! quantization and LoRA replace the layer, never the model: an int8 base weight
+//! (lathe-quant's LLM.int8) and a LoRA wrapper each become one more arm of the enum, and the
+//! model files do not change.
+
+use lathe_core::{DType, Tensor};
+
+use crate::hf::Weights;
+use crate::{Error, Result};
+
+/// y = x @ W^T + b over the last dim of x, with W (out, in) as torch's `nn.Linear` stores it.
+#[derive(Clone, Debug)]
+pub enum Linear {
+    /// An f32 weight (out, in) and an optional bias (out,): frozen tensors for a base model,
+    /// variables when trained.
+    Dense {
+        weight: Tensor,
+        bias: Option<Tensor>,
+    },
+}
+
+impl Linear {
+    /// A dense layer; errors unless weight is f32 (out, in) and bias f32 (out,) on its device.
+    pub fn dense(weight: Tensor, bias: Option<Tensor>) -> Result<Linear> {
+        let [out, _] = *weight.shape() else {
+            return Err(Error::Config(format!(
+                "linear: weight must be (out, in), got {:?}",
+                weight.shape()
+            )));
+        };
+        weight.expect_dtype("linear", DType::F32)?;
+        if let Some(b) = &bias {
+            b.expect_dtype("linear", DType::F32)?;
+            weight.expect_same_device("linear", b)?;
+            if b.shape() != [out] {
+                return Err(Error::Config(format!(
+                    "linear: bias {:?} does not match weight {:?}",
+                    b.shape(),
+                    weight.shape()
+                )));
+            }
+        }
+        Ok(Linear::Dense { weight, bias })
+    }
+
+    /// x (..., in) -> (..., out).
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Linear::Dense { weight, bias } => {
+                let y = x.matmul_t(weight, false, true)?;
+                Ok(match bias {
+                    Some(b) => y.bias_add(b)?,
+                    None => y,
+                })
+            }
+        }
+    }
+
+    pub fn out_features(&self) -> usize {
+        match self {
+            Linear::Dense { weight, .. } => weight.shape()[0],
+        }
+    }
+
+    pub fn in_features(&self) -> usize {
+        match self {
+            Linear::Dense { weight, .. } => weight.shape()[1],
+        }
+    }
+
+    /// The weight and bias as dense f32 tensors, for saving a checkpoint.
+    pub fn dense_parts(&self) -> Result<(Tensor, Option<Tensor>)> {
+        match self {
+            Linear::Dense { weight, bias } => Ok((weight.clone(), bias.clone())),
+        }
+    }
+
+    /// Loads `{prefix}.weight` (out, in) and, when `bias`, `{prefix}.bias` (out,).
+    pub fn load(
+        weights: &mut Weights,
+        prefix: &str,
+        out: usize,
+        input: usize,
+        bias: bool,
+    ) -> Result<Linear> {
+        let weight = weights.take(&format!("{prefix}.weight"), &[out, input])?;
+        let bias = if bias {
+            Some(weights.take(&format!("{prefix}.bias"), &[out])?)
+        } else {
+            None
+        };
+        Linear::dense(weight, bias)
+    }
+
+    /// Appends this layer's tensors under `{prefix}.weight` and `{prefix}.bias`.
+    pub fn push_named(&self, prefix: &str, out: &mut Vec<(String, Tensor)>) -> Result<()> {
+        let (weight, bias) = self.dense_parts()?;
+        out.push((format!("{prefix}.weight"), weight));
+        if let Some(b) = bias {
+            out.push((format!("{prefix}.bias"), b));
+        }
+        Ok(())
+    }
+}

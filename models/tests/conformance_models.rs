@@ -1,0 +1,303 @@
+//! GPT-NeoX and Llama against transformers 4.46.3 on the tiny random models of
+//! scripts/golden_models.py (models/tests/fixtures/models/NAME/: the HF directory plus
+//! golden.safetensors with inputs, logits and last hidden states), on the CPU and the GPU:
+//! full batches, left-padded batches, and KV-cache decoding against the full forward.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use lathe_core::testing::{compare, test_gpu, Tolerance};
+use lathe_core::{Device, Tensor};
+use lathe_models::attention::TokenLayout;
+use lathe_models::hf::{load_hf_dir, CausalLm};
+
+const GPT_NEOX: [&str; 4] = [
+    "neox_parallel_quarter_gelu",
+    "neox_sequential_full_gelu_fast",
+    "neox_parallel_full_gelu_new",
+    "neox_sequential_quarter_gelu",
+];
+const LLAMA: [&str; 1] = ["llama_gqa_tied"];
+
+/// transformers' logits and ours, f32 both: the sums run in different orders.
+const GOLDEN: Tolerance = Tolerance::new(1e-4, 1e-4);
+/// A KV-cache decode against the full forward of the same implementation.
+const SAME_MODEL: Tolerance = Tolerance::new(1e-5, 1e-5);
+
+fn fixture_dir(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/models")
+        .join(name)
+}
+
+struct Golden {
+    tensors: HashMap<String, Tensor>,
+}
+
+impl Golden {
+    fn load(name: &str) -> Golden {
+        let path = fixture_dir(name).join("golden.safetensors");
+        let tensors = lathe_core::safetensors::load(&path, &Device::Cpu)
+            .unwrap_or_else(|e| panic!("{e}"))
+            .into_iter()
+            .collect();
+        Golden { tensors }
+    }
+
+    fn get(&self, name: &str) -> &Tensor {
+        &self.tensors[name]
+    }
+
+    fn f32s(&self, name: &str) -> Vec<f32> {
+        self.get(name).to_vec_f32().unwrap()
+    }
+
+    fn u32s(&self, name: &str) -> Vec<u32> {
+        self.get(name).to_vec_u32().unwrap()
+    }
+
+    fn dims(&self) -> (usize, usize) {
+        let s = self.get("input_ids").shape();
+        (s[0], s[1])
+    }
+}
+
+fn load(name: &str, device: &Device) -> CausalLm {
+    load_hf_dir(&fixture_dir(name), device).unwrap_or_else(|e| panic!("{name}: {e}"))
+}
+
+fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+#[track_caller]
+fn check(what: &str, got: &[f32], want: &[f32], tol: Tolerance) {
+    eprintln!("{what}: max |diff| {:.3e}", max_abs_diff(got, want));
+    if let Err(m) = compare(got, want, tol) {
+        panic!("{what}: {m}");
+    }
+}
+
+/// The rows of `values` (B, T, W) at positions where `mask` (B, T) is 1, flattened.
+fn valid_rows(values: &[f32], mask: &[u32], width: usize) -> Vec<f32> {
+    mask.iter()
+        .enumerate()
+        .filter(|(_, &m)| m != 0)
+        .flat_map(|(i, _)| values[i * width..(i + 1) * width].iter().copied())
+        .collect()
+}
+
+/// Full batch: logits and last hidden states equal transformers'.
+fn full_batch_matches(name: &str, device: &Device) {
+    let golden = Golden::load(name);
+    let model = load(name, device);
+    let (b, t) = golden.dims();
+    let ids = golden.get("input_ids").to_device(device).unwrap();
+    let layout = TokenLayout::contiguous(b, t, 0, device).unwrap();
+    let logits = model.forward(&ids, &layout, None).unwrap();
+    assert_eq!(logits.shape(), [b, t, model.config().vocab_size()]);
+    let hidden = model.forward_hidden(&ids, &layout, None).unwrap();
+    let label = format!("{name} on {}", device.name());
+    check(
+        &format!("{label}: logits"),
+        &logits.to_vec_f32().unwrap(),
+        &golden.f32s("logits"),
+        GOLDEN,
+    );
+    check(
+        &format!("{label}: hidden"),
+        &hidden.to_vec_f32().unwrap(),
+        &golden.f32s("hidden"),
+        GOLDEN,
+    );
+}
+
+/// Left-padded batch: the real positions equal transformers' padded run and the same
+/// tokens' logits in the unpadded batch.
+fn padded_batch_matches(name: &str, device: &Device) {
+    let golden = Golden::load(name);
+    let model = load(name, device);
+    let (b, t) = golden.dims();
+    let vocab = model.config().vocab_size();
+    let mask = golden.u32s("padded_attention_mask");
+    let ids = golden.get("padded_input_ids").to_device(device).unwrap();
+    let layout = TokenLayout::from_attention_mask(&mask, b, t, device).unwrap();
+    let logits = model
+        .forward(&ids, &layout, None)
+        .unwrap()
+        .to_vec_f32()
+        .unwrap();
+    let label = format!("{name} on {}", device.name());
+    check(
+        &format!("{label}: padded logits"),
+        &valid_rows(&logits, &mask, vocab),
+        &valid_rows(&golden.f32s("padded_logits"), &mask, vocab),
+        GOLDEN,
+    );
+    // Row r holds the first len_r tokens of unpadded row r, ending at the last position.
+    let full = golden.f32s("logits");
+    let lengths = golden.u32s("padded_lengths");
+    let unpadded_mask: Vec<u32> = (0..b)
+        .flat_map(|r| {
+            let len = lengths[r] as usize;
+            (0..t).map(move |i| u32::from(i < len))
+        })
+        .collect();
+    check(
+        &format!("{label}: padded vs unpadded logits"),
+        &valid_rows(&logits, &mask, vocab),
+        &valid_rows(&full, &unpadded_mask, vocab),
+        GOLDEN,
+    );
+}
+
+/// Prefill of the first tokens of a left-padded batch, then one token at a time with a KV
+/// cache: every step's logits equal the full forward's.
+fn kv_cache_matches_full_forward(name: &str, device: &Device) {
+    let golden = Golden::load(name);
+    let model = load(name, device);
+    let (b, t) = golden.dims();
+    let vocab = model.config().vocab_size();
+    let mask = golden.u32s("padded_attention_mask");
+    let ids_host = golden.u32s("padded_input_ids");
+    let ids = Tensor::from_vec(ids_host.clone(), &[b, t], device).unwrap();
+    let layout = TokenLayout::from_attention_mask(&mask, b, t, device).unwrap();
+    let full = model
+        .forward(&ids, &layout, None)
+        .unwrap()
+        .to_vec_f32()
+        .unwrap();
+
+    // Every row's real tokens end at T, so the first `prompt` columns (padding included)
+    // form the prompt and the rest are decoded one by one.
+    let prompt = t - 2;
+    let prompt_mask: Vec<u32> = (0..b)
+        .flat_map(|r| mask[r * t..r * t + prompt].iter().copied())
+        .collect();
+    let prompt_ids = ids.narrow(1, 0, prompt).unwrap();
+    let mut step_layout =
+        TokenLayout::from_attention_mask(&prompt_mask, b, prompt, device).unwrap();
+    let mut cache = model.new_cache();
+    let mut decoded = vec![Vec::new(); b];
+    let push = |decoded: &mut Vec<Vec<f32>>, logits: &Tensor| {
+        let [_, steps, _] = *logits.shape() else {
+            panic!()
+        };
+        let v = logits.to_vec_f32().unwrap();
+        for (r, row) in decoded.iter_mut().enumerate() {
+            row.extend_from_slice(&v[r * steps * vocab..(r + 1) * steps * vocab]);
+        }
+    };
+    push(
+        &mut decoded,
+        &model
+            .forward(&prompt_ids, &step_layout, Some(&mut cache))
+            .unwrap(),
+    );
+    for i in prompt..t {
+        step_layout = step_layout.next(1).unwrap();
+        let token = ids.narrow(1, i, 1).unwrap();
+        let logits = model
+            .forward(&token, &step_layout, Some(&mut cache))
+            .unwrap();
+        push(&mut decoded, &logits);
+    }
+    assert_eq!(cache.seq_len(), t);
+    let decoded: Vec<f32> = decoded.concat();
+    check(
+        &format!(
+            "{name} on {}: kv-cache decode vs full forward",
+            device.name()
+        ),
+        &valid_rows(&decoded, &mask, vocab),
+        &valid_rows(&full, &mask, vocab),
+        SAME_MODEL,
+    );
+}
+
+#[test]
+fn gpt_neox_full_batch_matches_transformers_cpu() {
+    GPT_NEOX
+        .iter()
+        .for_each(|n| full_batch_matches(n, &Device::Cpu));
+}
+
+#[test]
+fn gpt_neox_full_batch_matches_transformers_gpu() {
+    GPT_NEOX
+        .iter()
+        .for_each(|n| full_batch_matches(n, &test_gpu()));
+}
+
+#[test]
+fn gpt_neox_padded_batch_matches_transformers_cpu() {
+    GPT_NEOX
+        .iter()
+        .for_each(|n| padded_batch_matches(n, &Device::Cpu));
+}
+
+#[test]
+fn gpt_neox_padded_batch_matches_transformers_gpu() {
+    GPT_NEOX
+        .iter()
+        .for_each(|n| padded_batch_matches(n, &test_gpu()));
+}
+
+#[test]
+fn gpt_neox_kv_cache_decode_equals_full_forward_cpu() {
+    GPT_NEOX
+        .iter()
+        .for_each(|n| kv_cache_matches_full_forward(n, &Device::Cpu));
+}
+
+#[test]
+fn gpt_neox_kv_cache_decode_equals_full_forward_gpu() {
+    GPT_NEOX
+        .iter()
+        .for_each(|n| kv_cache_matches_full_forward(n, &test_gpu()));
+}
+
+#[test]
+fn llama_full_batch_matches_transformers_cpu() {
+    LLAMA
+        .iter()
+        .for_each(|n| full_batch_matches(n, &Device::Cpu));
+}
+
+#[test]
+fn llama_full_batch_matches_transformers_gpu() {
+    LLAMA
+        .iter()
+        .for_each(|n| full_batch_matches(n, &test_gpu()));
+}
+
+#[test]
+fn llama_padded_batch_matches_transformers_cpu() {
+    LLAMA
+        .iter()
+        .for_each(|n| padded_batch_matches(n, &Device::Cpu));
+}
+
+#[test]
+fn llama_padded_batch_matches_transformers_gpu() {
+    LLAMA
+        .iter()
+        .for_each(|n| padded_batch_matches(n, &test_gpu()));
+}
+
+#[test]
+fn llama_kv_cache_decode_equals_full_forward_cpu() {
+    LLAMA
+        .iter()
+        .for_each(|n| kv_cache_matches_full_forward(n, &Device::Cpu));
+}
+
+#[test]
+fn llama_kv_cache_decode_equals_full_forward_gpu() {
+    LLAMA
+        .iter()
+        .for_each(|n| kv_cache_matches_full_forward(n, &test_gpu()));
+}

@@ -19,7 +19,11 @@ pub enum Error {
     #[error("{path}: {detail}")]
     File { path: String, detail: String },
     #[error("{path}: tensor {tensor}: {detail}")]
-    Tensor { path: String, tensor: String, detail: String },
+    Tensor {
+        path: String,
+        tensor: String,
+        detail: String,
+    },
     #[error("{0}")]
     Config(String),
     #[error("tokenizer {path}: {detail}")]

@@ -38,7 +38,8 @@ fn kv_cache_appends_read_back_as_concatenation_gpu() {
 
 #[test]
 fn gpu_kv_cache_is_charged_as_kv_cache_and_freed_on_clear() {
-    let device = test_gpu();
+    // A context of its own: other tests of this binary allocate caches on the shared one.
+    let device = Device::gpu(lathe_shaders::AdapterChoice::any()).unwrap();
     let ctx = device.gpu_context().unwrap();
     let before = ctx.ledger().current(MemCategory::KvCache);
     let mut cache = KvCache::with_capacity(1, 16);

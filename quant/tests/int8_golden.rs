@@ -158,3 +158,49 @@ fn int8_error_on_random_and_real_scale_inputs() {
         assert!(rms(&y6, &want) < 0.02 * scale as f64);
     }
 }
+
+/// Against the exact f32 product. Plain int8 quantizes every ordinary feature with the
+/// outlier's scale, so its error grows with the outlier's magnitude; the decomposition keeps
+/// only int8's own rounding of ordinary features (weights and activations). The ratio is
+/// therefore about (outlier / largest ordinary feature) / 1.5: ~9x at magnitude 60, so this
+/// plants one outlier feature of magnitude ~80 (about 20x the largest N(0, 1) feature, the
+/// scale of the emergent features LLM.int8() describes), at GPT-NeoX-20B's MLP
+/// down-projection width (24576 inputs), where the outlier column's own weight rounding is
+/// diluted.
+#[test]
+fn decomposition_error_is_ten_times_smaller_at_model_width() {
+    let (rows, inn, out) = (8, 24576, 64);
+    let w = Tensor::randn(&[out, inn], 11, &Device::Cpu)
+        .unwrap()
+        .scale(1.0 / (inn as f32).sqrt())
+        .unwrap();
+    let mut xv = Tensor::randn(&[rows, inn], 12, &Device::Cpu)
+        .unwrap()
+        .to_vec_f32()
+        .unwrap();
+    for r in 0..rows {
+        xv[r * inn + 12345] = if r % 2 == 0 { 80.0 } else { -78.0 } + r as f32;
+    }
+    let x = Tensor::from_vec(xv, &[rows, inn], &Device::Cpu).unwrap();
+    let want = x.matmul_t(&w, false, true).unwrap().to_vec_f32().unwrap();
+    for device in [Device::Cpu, test_gpu()] {
+        let (wd, xd) = (w.to_device(&device).unwrap(), x.to_device(&device).unwrap());
+        let decomposed = Int8Linear::from_dense(&wd, None, 6.0).unwrap();
+        let plain = Int8Linear::new(decomposed.weight.clone(), None, 0.0).unwrap();
+        let e6 = rms(
+            &decomposed.forward(&xd).unwrap().to_vec_f32().unwrap(),
+            &want,
+        );
+        let e0 = rms(&plain.forward(&xd).unwrap().to_vec_f32().unwrap(), &want);
+        println!(
+            "{}: rms error vs f32 matmul at width {inn}: int8 + outlier decomposition {e6:.3e}, plain int8 {e0:.3e} ({:.1}x)",
+            device.name(),
+            e0 / e6
+        );
+        assert!(
+            e0 / e6 >= 10.0,
+            "decomposition only {:.2}x better than plain int8",
+            e0 / e6
+        );
+    }
+}

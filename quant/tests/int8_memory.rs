@@ -9,7 +9,15 @@ use lathe_quant::Int8Weight;
 fn int8_weight_costs_at_most_1_01_bytes_per_parameter() {
     let device = test_gpu();
     let ctx = device.gpu_context().unwrap().clone();
-    for (out, inn) in [(256, 512), (384, 1024), (64, 2048)] {
+    // Odd shapes too (SmolLM2's 576 -> 1536 and 1536 -> 576, an `in` not a multiple of 4).
+    for (out, inn) in [
+        (256, 512),
+        (384, 1024),
+        (64, 2048),
+        (1536, 576),
+        (576, 1536),
+        (333, 517),
+    ] {
         let w = Tensor::randn(&[out, inn], 3, &device).unwrap();
         let before = ctx.ledger().current(MemCategory::Weights);
         let q = Int8Weight::quantize(&w).unwrap();

@@ -210,7 +210,7 @@ impl GpuContext {
 
     /// A buffer of `bytes` bytes (contents unspecified), charged to `category`.
     pub fn alloc(&self, bytes: u64, category: MemCategory) -> Result<GpuBuffer> {
-        let capacity = crate::pool::size_class(bytes);
+        let capacity = crate::pool::capacity_for(bytes, category);
         if capacity > self.limits.max_buffer_size {
             return Err(Error::BufferTooLarge {
                 requested: bytes,

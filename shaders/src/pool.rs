@@ -25,6 +25,16 @@ pub fn size_class(bytes: u64) -> u64 {
     bytes.div_ceil(step) * step
 }
 
+/// The capacity allocated for a request. Weights are long-lived and sized once, so they get
+/// their exact size (rounded to 4 bytes): a size class would add up to 12.5% to a model.
+/// Everything else is rounded to its size class so that buffers recycle.
+pub fn capacity_for(bytes: u64, category: MemCategory) -> u64 {
+    match category {
+        MemCategory::Weights => bytes.max(4).next_multiple_of(4),
+        _ => size_class(bytes),
+    }
+}
+
 #[derive(Debug, Default)]
 pub(crate) struct PoolShared {
     free: Mutex<HashMap<u64, Vec<wgpu::Buffer>>>,
@@ -106,7 +116,7 @@ impl BufferPool {
 
     /// A buffer of at least `bytes` bytes; contents are unspecified (reused buffers keep old data).
     pub fn alloc(&self, device: &wgpu::Device, bytes: u64, category: MemCategory) -> GpuBuffer {
-        let capacity = size_class(bytes);
+        let capacity = capacity_for(bytes, category);
         let reused = {
             let mut free = self.shared.free.lock().unwrap_or_else(|e| e.into_inner());
             free.get_mut(&capacity).and_then(Vec::pop)
@@ -157,7 +167,21 @@ impl BufferPool {
 
 #[cfg(test)]
 mod tests {
-    use super::size_class;
+    use super::{capacity_for, size_class};
+    use crate::MemCategory;
+
+    #[test]
+    fn weights_get_their_exact_size() {
+        assert_eq!(
+            capacity_for(576 * 1536 + 1536 * 4, MemCategory::Weights),
+            576 * 1536 + 1536 * 4
+        );
+        assert_eq!(capacity_for(1001, MemCategory::Weights), 1004);
+        assert_eq!(
+            capacity_for(1001, MemCategory::Activations),
+            size_class(1001)
+        );
+    }
 
     #[test]
     fn size_classes_waste_at_most_an_eighth() {

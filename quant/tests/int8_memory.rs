@@ -9,7 +9,8 @@ use lathe_quant::Int8Weight;
 fn int8_weight_costs_at_most_1_01_bytes_per_parameter() {
     let device = test_gpu();
     let ctx = device.gpu_context().unwrap().clone();
-    // Odd shapes too (SmolLM2's 576 -> 1536 and 1536 -> 576, an `in` not a multiple of 4).
+    // SmolLM2's shapes too. (Rows are padded to whole u32 words: an `in` that is not a
+    // multiple of 4 costs up to 3 more bytes per row; model widths are multiples of 64.)
     for (out, inn) in [
         (256, 512),
         (384, 1024),

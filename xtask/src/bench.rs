@@ -7,8 +7,8 @@ use anyhow::{Context, Result};
 use lathe_core::{Device, Tensor};
 use lathe_shaders::AdapterChoice;
 
-use crate::peer;
 use crate::report::{GpuSection, LedgerRow, Measurement, PeerSection, Report};
+use crate::{bench_int8, peer};
 
 #[derive(clap::Args, Debug)]
 pub struct BenchArgs {
@@ -41,13 +41,29 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     .context("CPU matmul")?;
     eprintln!("  cpu:  {:.1} GFLOP/s", cpu.gflops);
 
-    let gpu = match Device::gpu(AdapterChoice::any()) {
-        Ok(device) => Some(bench_gpu(&device, &a, &b, &cpu_out, args).context("GPU matmul")?),
+    let gpu_device = match Device::gpu(AdapterChoice::any()) {
+        Ok(device) => Some(device),
         Err(e) => {
             eprintln!("  gpu:  none ({e})");
             None
         }
     };
+    let gpu = match &gpu_device {
+        Some(device) => Some(bench_gpu(device, &a, &b, &cpu_out, args).context("GPU matmul")?),
+        None => None,
+    };
+
+    let mut int8_rows =
+        bench_int8::run(&Device::Cpu, "cpu", args.warmup, args.runs).context("int8 on the CPU")?;
+    if let Some(device) = &gpu_device {
+        // Software adapters are slow: fewer runs keep the bench short.
+        let runs = if device.gpu_context().is_some_and(|c| c.report().is_software) {
+            2
+        } else {
+            args.runs
+        };
+        int8_rows.extend(bench_int8::run(device, "gpu", 1, runs).context("int8 on the GPU")?);
+    }
 
     let peer = if args.no_peer {
         PeerSection::skipped("--no-peer given")
@@ -60,8 +76,9 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let json_path = dir.join("report.json");
     let md_path = dir.join("report.md");
-    std::fs::write(&json_path, serde_json::to_string_pretty(&report)?)?;
-    let markdown = report.markdown();
+    let json = serde_json::json!({ "matmul": report, "int8": int8_rows });
+    std::fs::write(&json_path, serde_json::to_string_pretty(&json)?)?;
+    let markdown = report.markdown() + &bench_int8::markdown(&int8_rows);
     std::fs::write(&md_path, &markdown)?;
     println!("{markdown}");
     println!("written: {} and {}", json_path.display(), md_path.display());

@@ -8,6 +8,7 @@
 //!   is available; written to `<target>/bench/report.{json,md}`.
 
 mod bench;
+mod bench_int8;
 mod peer;
 mod probe;
 mod report;

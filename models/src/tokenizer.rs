@@ -20,10 +20,9 @@
 //!   by `decode(.., skip_special = true)`), type 4 (user-defined) plain added tokens.
 //! - `add_bos_token` / `add_eos_token` (default false) decide what `encode(.., true)` adds.
 
-use std::collections::HashMap;
 use std::path::Path;
 
-use tokenizers::models::bpe::BPE;
+use tokenizers::models::bpe::{Vocab, BPE};
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::pre_tokenizers::digits::Digits;
 use tokenizers::pre_tokenizers::sequence::Sequence;
@@ -173,7 +172,7 @@ impl Tokenizer {
         };
 
         // Later duplicates win, as in transformers' converter (a dict comprehension).
-        let vocab: HashMap<String, u32> = tokens
+        let vocab: Vocab = tokens
             .iter()
             .enumerate()
             .map(|(i, t)| (t.to_string(), i as u32))
@@ -184,7 +183,7 @@ impl Tokenizer {
             .map_err(|e| err(format!("cannot build the BPE model: {e}")))?;
         let mut inner = tokenizers::Tokenizer::new(bpe);
         inner.with_pre_tokenizer(Some(pre_tokenizer(pre).map_err(&err)?));
-        inner.with_decoder(Some(ByteLevel::default()));
+        inner.with_decoder(Some(ByteLevel::new(false, true, true)));
 
         let added = |ty: i64, special: bool| -> Vec<AddedToken> {
             tokens

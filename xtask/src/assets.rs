@@ -246,7 +246,7 @@ fn download(package: &Package, tmp: &Path, no_cache: bool) -> Result<PathBuf> {
             if no_cache {
                 c.arg("--no-cache-dir");
             }
-            c.args(["-d".as_ref(), tmp.as_os_str()]).arg(package.spec);
+            c.arg("-d").arg(tmp).arg(package.spec);
             c
         }
         Source::Npm => {

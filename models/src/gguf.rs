@@ -318,7 +318,8 @@ impl GgufFile {
     /// An integer value as u64 (any integer type, when non-negative).
     pub fn get_u64(&self, key: &str) -> Result<u64> {
         let v = self.get(key)?;
-        v.as_u64().ok_or_else(|| self.type_error(key, v, "a non-negative integer"))
+        v.as_u64()
+            .ok_or_else(|| self.type_error(key, v, "a non-negative integer"))
     }
 
     /// An integer value as u32 (any integer type, when it fits).
@@ -340,7 +341,8 @@ impl GgufFile {
     /// An integer value as i64.
     pub fn get_i64(&self, key: &str) -> Result<i64> {
         let v = self.get(key)?;
-        v.as_i64().ok_or_else(|| self.type_error(key, v, "an integer"))
+        v.as_i64()
+            .ok_or_else(|| self.type_error(key, v, "an integer"))
     }
 
     /// A float value (f32 or f64; integers are accepted too, as config writers vary).
@@ -363,7 +365,8 @@ impl GgufFile {
 
     pub fn get_str(&self, key: &str) -> Result<&str> {
         let v = self.get(key)?;
-        v.as_str().ok_or_else(|| self.type_error(key, v, "a string"))
+        v.as_str()
+            .ok_or_else(|| self.type_error(key, v, "a string"))
     }
 
     /// An array of strings (e.g. `tokenizer.ggml.tokens`).
@@ -569,7 +572,7 @@ fn check_tensor_extent(
     data_len: u64,
 ) -> std::result::Result<(), String> {
     let name = &t.name;
-    if t.offset % alignment != 0 {
+    if !t.offset.is_multiple_of(alignment) {
         return Err(format!(
             "tensor `{name}`: data offset {} is not a multiple of the alignment {alignment}",
             t.offset
@@ -603,7 +606,8 @@ fn check_tensor_extent(
 }
 
 fn align_up(x: u64, alignment: u64) -> Option<u64> {
-    x.checked_add(alignment - 1).map(|v| v / alignment * alignment)
+    x.checked_add(alignment - 1)
+        .map(|v| v / alignment * alignment)
 }
 
 /// A little-endian cursor over the file bytes; errors say what was cut short and where.

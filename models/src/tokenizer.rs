@@ -49,7 +49,15 @@ const PRE_DIGITS_THEN_GPT2: &[&str] = &[
 
 /// `tokenizer.ggml.pre` values that use the GPT-2 regex alone ("default": what transformers
 /// does for every GGUF file).
-const PRE_GPT2: &[&str] = &["gpt-2", "gpt2", "default", "phi-2", "mpt", "olmo", "roberta-bpe"];
+const PRE_GPT2: &[&str] = &[
+    "gpt-2",
+    "gpt2",
+    "default",
+    "phi-2",
+    "mpt",
+    "olmo",
+    "roberta-bpe",
+];
 
 /// A text tokenizer with its special-token ids.
 pub struct Tokenizer {
@@ -89,6 +97,15 @@ impl Tokenizer {
         let inner = tokenizers::Tokenizer::from_file(path).map_err(|e| Error::Tokenizer {
             path: source.clone(),
             detail: format!("cannot load tokenizer.json: {e}"),
+        })?;
+        // A tokenizer.json may carry padding/truncation settings (all-MiniLM-L6-v2's pads to
+        // 128); transformers resets them on every call unless asked, and so do we: encode
+        // returns exactly the text's ids. Batching pads on its own.
+        let mut inner = inner;
+        inner.with_padding(None);
+        inner.with_truncation(None).map_err(|e| Error::Tokenizer {
+            path: source.clone(),
+            detail: format!("cannot disable truncation: {e}"),
         })?;
         let config = path
             .parent()
@@ -130,7 +147,11 @@ impl Tokenizer {
             .map(|m| {
                 m.split_once(' ')
                     .map(|(a, b)| (a.to_string(), b.to_string()))
-                    .ok_or_else(|| err(format!("merge {m:?} is not two tokens separated by a space")))
+                    .ok_or_else(|| {
+                        err(format!(
+                            "merge {m:?} is not two tokens separated by a space"
+                        ))
+                    })
             })
             .collect::<Result<Vec<_>>>()?;
         let token_types = match file.metadata("tokenizer.ggml.token_type") {
@@ -201,12 +222,8 @@ impl Tokenizer {
                 "add_bos_token/add_eos_token is set but the bos/eos token id is missing".into(),
             ));
         }
-        let post = post_processor(
-            &tokens,
-            bos.filter(|_| add_bos),
-            eos.filter(|_| add_eos),
-        )
-        .map_err(&err)?;
+        let post = post_processor(&tokens, bos.filter(|_| add_bos), eos.filter(|_| add_eos))
+            .map_err(&err)?;
         inner.with_post_processor(Some(post));
         Ok(Self::new(inner, source, bos, eos, pad))
     }

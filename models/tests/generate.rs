@@ -1,0 +1,547 @@
+//! Generation and sampling: greedy generation against transformers' `generate` (golden
+//! tokens of scripts/golden_generate.py), KV-cache generation against recomputing the whole
+//! sequence each step (greedy and seeded sampling, batched prompts of different lengths, CPU
+//! and GPU), the sampler's filtering and seeding, EOS handling, and bad input.
+
+use std::path::PathBuf;
+
+use lathe_core::testing::test_gpu;
+use lathe_core::{Device, Tensor};
+use lathe_models::attention::TokenLayout;
+use lathe_models::generate::{generate, GenerateConfig, LanguageModel};
+use lathe_models::hf::{load_hf_dir, CausalLm};
+use lathe_models::kv_cache::KvCache;
+use lathe_models::sampling::{argmax, candidates, sample_row, Rng, Sampler, SamplingConfig};
+use lathe_models::Result;
+
+const MODELS: [&str; 5] = [
+    "neox_parallel_quarter_gelu",
+    "neox_sequential_full_gelu_fast",
+    "neox_parallel_full_gelu_new",
+    "neox_sequential_quarter_gelu",
+    "llama_gqa_tied",
+];
+
+/// Prompts of different lengths, batched with left padding.
+fn prompts() -> Vec<Vec<u32>> {
+    vec![vec![5, 11, 23, 7, 3], vec![9, 1], vec![30, 4, 17], vec![12]]
+}
+
+fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+}
+
+fn load(name: &str, device: &Device) -> CausalLm {
+    load_hf_dir(&fixtures().join("models").join(name), device)
+        .unwrap_or_else(|e| panic!("{name}: {e}"))
+}
+
+fn greedy(max_new_tokens: usize) -> GenerateConfig {
+    GenerateConfig {
+        max_new_tokens,
+        eos_token_id: None,
+        sampling: SamplingConfig::greedy(),
+        ..GenerateConfig::default()
+    }
+}
+
+fn sampled(max_new_tokens: usize, seed: u64) -> GenerateConfig {
+    GenerateConfig {
+        max_new_tokens,
+        sampling: SamplingConfig {
+            temperature: 0.9,
+            top_k: 20,
+            top_p: 0.95,
+            greedy: false,
+        },
+        seed,
+        ..GenerateConfig::default()
+    }
+}
+
+// ---- KV cache against recomputation ----
+
+/// The cache path and the no-cache path pick the same tokens, for every model.
+fn cache_matches_recompute(device: &Device, config: &GenerateConfig) {
+    for name in MODELS {
+        let model = load(name, device);
+        let cached = generate(&model, &prompts(), config, device).unwrap();
+        let no_cache = GenerateConfig {
+            use_cache: false,
+            ..*config
+        };
+        let recomputed = generate(&model, &prompts(), &no_cache, device).unwrap();
+        assert_eq!(cached, recomputed, "{name} on {}", device.name());
+        assert!(cached.iter().all(|row| row.len() == config.max_new_tokens));
+    }
+}
+
+#[test]
+fn kv_cache_greedy_matches_recompute_cpu() {
+    cache_matches_recompute(&Device::Cpu, &greedy(10));
+}
+
+#[test]
+fn kv_cache_greedy_matches_recompute_gpu() {
+    cache_matches_recompute(&test_gpu(), &greedy(10));
+}
+
+#[test]
+fn kv_cache_sampling_matches_recompute_cpu() {
+    cache_matches_recompute(&Device::Cpu, &sampled(10, 7));
+}
+
+#[test]
+fn kv_cache_sampling_matches_recompute_gpu() {
+    cache_matches_recompute(&test_gpu(), &sampled(10, 7));
+}
+
+#[test]
+fn gpu_generation_equals_cpu_generation() {
+    let gpu = test_gpu();
+    for name in MODELS {
+        for config in [greedy(8), sampled(8, 3)] {
+            let on_cpu = generate(&load(name, &Device::Cpu), &prompts(), &config, &Device::Cpu);
+            let on_gpu = generate(&load(name, &gpu), &prompts(), &config, &gpu);
+            assert_eq!(on_cpu.unwrap(), on_gpu.unwrap(), "{name}");
+        }
+    }
+}
+
+// ---- transformers goldens ----
+
+struct GoldenCase {
+    label: String,
+    prompts: Vec<Vec<u32>>,
+    config: GenerateConfig,
+    expected: Vec<Vec<u32>>,
+}
+
+fn golden_cases(name: &str) -> Vec<GoldenCase> {
+    let path = fixtures().join("generate_greedy.json");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let doc: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let ids =
+        |v: &serde_json::Value| -> Vec<Vec<u32>> { serde_json::from_value(v.clone()).unwrap() };
+    let count = |v: &serde_json::Value| v.as_u64().unwrap() as usize;
+    doc["models"][name]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|case| GoldenCase {
+            label: case["label"].as_str().unwrap().to_string(),
+            prompts: ids(&case["prompts"]),
+            config: GenerateConfig {
+                max_new_tokens: count(&case["max_new_tokens"]),
+                min_new_tokens: count(&case["min_new_tokens"]),
+                eos_token_id: case["eos_token_id"].as_u64().map(|id| id as u32),
+                stop_at_eos: true,
+                pad_token_id: case["pad_token_id"].as_u64().unwrap() as u32,
+                sampling: SamplingConfig::greedy(),
+                seed: 0,
+                use_cache: true,
+            },
+            expected: ids(&case["expected"]),
+        })
+        .collect()
+}
+
+/// Token for token, single prompts and left-padded batches, with and without EOS and
+/// min_new_tokens, both with and without the cache.
+fn greedy_matches_transformers(device: &Device) {
+    for name in MODELS {
+        let model = load(name, device);
+        let cases = golden_cases(name);
+        assert!(cases.iter().any(|c| c.label.ends_with("batched")), "{name}");
+        for case in cases {
+            for use_cache in [true, false] {
+                let config = GenerateConfig {
+                    use_cache,
+                    ..case.config
+                };
+                let got = generate(&model, &case.prompts, &config, device).unwrap();
+                assert_eq!(
+                    got,
+                    case.expected,
+                    "{name} {} (cache {use_cache}) on {}",
+                    case.label,
+                    device.name()
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn greedy_matches_transformers_cpu() {
+    greedy_matches_transformers(&Device::Cpu);
+}
+
+#[test]
+fn greedy_matches_transformers_gpu() {
+    greedy_matches_transformers(&test_gpu());
+}
+
+// ---- the sampler ----
+
+const LOGITS: [f32; 6] = [0.5, 2.0, -1.0, 1.9, 0.0, -3.0];
+
+fn config(temperature: f32, top_k: usize, top_p: f32) -> SamplingConfig {
+    SamplingConfig {
+        temperature,
+        top_k,
+        top_p,
+        greedy: false,
+    }
+}
+
+fn draws(logits: &[f32], config: &SamplingConfig, seed: u64, n: usize) -> Vec<u32> {
+    let mut rng = Rng::new(seed);
+    (0..n)
+        .map(|_| sample_row(logits, config, &mut rng).unwrap())
+        .collect()
+}
+
+#[test]
+fn argmax_takes_the_first_maximum() {
+    assert_eq!(argmax(&[1.0, 3.0, 3.0, 2.0]), 1);
+    assert_eq!(argmax(&[f32::NEG_INFINITY, -5.0]), 1);
+    let mut rng = Rng::new(0);
+    let row = [0.0, 7.0, 7.0];
+    assert_eq!(
+        sample_row(&row, &SamplingConfig::greedy(), &mut rng).unwrap(),
+        1
+    );
+}
+
+#[test]
+fn top_k_one_is_greedy() {
+    for seed in 0..20 {
+        assert_eq!(draws(&LOGITS, &config(1.0, 1, 1.0), seed, 5), vec![1; 5]);
+        assert_eq!(draws(&LOGITS, &config(3.0, 1, 0.5), seed, 5), vec![1; 5]);
+    }
+}
+
+#[test]
+fn top_k_keeps_the_k_largest() {
+    let kept: Vec<u32> = candidates(&LOGITS, &config(1.0, 3, 1.0))
+        .unwrap()
+        .iter()
+        .map(|c| c.0)
+        .collect();
+    assert_eq!(kept, [1, 3, 0]);
+    // Ties with the k-th largest stay, as in transformers.
+    let tied = [1.0, 2.0, 1.0, 0.0];
+    let kept: Vec<u32> = candidates(&tied, &config(1.0, 2, 1.0))
+        .unwrap()
+        .iter()
+        .map(|c| c.0)
+        .collect();
+    assert_eq!(kept, [1, 0, 2]);
+}
+
+#[test]
+fn top_p_keeps_the_smallest_set_reaching_p() {
+    // Probabilities 0.5, 0.25, 0.15, 0.1 (logits are their logs).
+    let probs = [0.1f32, 0.5, 0.15, 0.25];
+    let logits: Vec<f32> = probs.iter().map(|p| p.ln()).collect();
+    let kept = |top_p: f32| -> Vec<u32> {
+        candidates(&logits, &config(1.0, 0, top_p))
+            .unwrap()
+            .iter()
+            .map(|c| c.0)
+            .collect()
+    };
+    assert_eq!(kept(0.3), [1]);
+    assert_eq!(kept(0.5), [1]);
+    assert_eq!(kept(0.6), [1, 3]);
+    assert_eq!(kept(0.75), [1, 3]);
+    assert_eq!(kept(0.8), [1, 3, 2]);
+    assert_eq!(kept(0.95), [1, 3, 2, 0]);
+    assert_eq!(kept(1.0), [1, 3, 2, 0]);
+    // Always at least one token.
+    assert_eq!(kept(1e-6), [1]);
+    // The draws stay inside the kept set and reach both of its tokens.
+    let picks = draws(&logits, &config(1.0, 0, 0.6), 5, 200);
+    assert!(picks.iter().all(|t| [1, 3].contains(t)));
+    assert!(picks.contains(&1) && picks.contains(&3));
+}
+
+#[test]
+fn sampling_frequencies_follow_the_distribution() {
+    let probs = [0.1f32, 0.5, 0.15, 0.25];
+    let logits: Vec<f32> = probs.iter().map(|p| p.ln()).collect();
+    let n = 20_000;
+    let picks = draws(&logits, &SamplingConfig::default(), 11, n);
+    for (token, p) in probs.iter().enumerate() {
+        let freq = picks.iter().filter(|&&t| t as usize == token).count() as f32 / n as f32;
+        assert!((freq - p).abs() < 0.02, "token {token}: {freq} vs {p}");
+    }
+}
+
+#[test]
+fn tiny_temperature_is_greedy() {
+    for seed in 0..20 {
+        assert_eq!(draws(&LOGITS, &config(1e-4, 0, 1.0), seed, 10), vec![1; 10]);
+        assert_eq!(
+            draws(&LOGITS, &config(1e-30, 0, 1.0), seed, 10),
+            vec![1; 10]
+        );
+    }
+}
+
+#[test]
+fn same_seed_same_tokens_different_seeds_differ() {
+    let flat = [0.0f32; 40];
+    let cfg = SamplingConfig::default();
+    assert_eq!(draws(&flat, &cfg, 42, 64), draws(&flat, &cfg, 42, 64));
+    assert_ne!(draws(&flat, &cfg, 42, 64), draws(&flat, &cfg, 43, 64));
+    // The generator is fixed: these numbers are the same on every platform.
+    let mut rng = Rng::new(0);
+    let first: Vec<u64> = (0..2).map(|_| rng.next_u64()).collect();
+    assert_eq!(first, [11091344671253066420, 13793997310169335082]);
+
+    // Through generation, on a model.
+    let model = load("llama_gqa_tied", &Device::Cpu);
+    let run = |seed| generate(&model, &prompts(), &sampled(10, seed), &Device::Cpu).unwrap();
+    assert_eq!(run(1), run(1));
+    assert_ne!(run(1), run(2));
+}
+
+#[test]
+fn batched_sampler_rows_are_independent_streams() {
+    let flat = vec![0.0f32; 3 * 40];
+    let mut a = Sampler::new(SamplingConfig::default(), 9, 3).unwrap();
+    let mut b = Sampler::new(SamplingConfig::default(), 9, 3).unwrap();
+    let rows_a: Vec<Vec<u32>> = (0..16).map(|_| a.sample_host(&flat, 40).unwrap()).collect();
+    let rows_b: Vec<Vec<u32>> = (0..16).map(|_| b.sample_host(&flat, 40).unwrap()).collect();
+    assert_eq!(rows_a, rows_b);
+    let column = |rows: &[Vec<u32>], r: usize| rows.iter().map(|x| x[r]).collect::<Vec<_>>();
+    assert_ne!(column(&rows_a, 0), column(&rows_a, 1));
+    // A (B, V) tensor samples as its host values do.
+    let mut c = Sampler::new(SamplingConfig::default(), 9, 3).unwrap();
+    let tensor = Tensor::from_vec(flat.clone(), &[3, 40], &Device::Cpu).unwrap();
+    assert_eq!(c.sample(&tensor).unwrap(), rows_a[0]);
+}
+
+// ---- EOS handling, with a scripted model ----
+
+/// A model whose next token is scripted per row and step: the logits put 10 on the
+/// scripted token and 5 on token 1 (the runner-up), so suppressing a scripted EOS gives 1.
+struct Scripted {
+    script: Vec<Vec<u32>>,
+    vocab: usize,
+}
+
+impl LanguageModel for Scripted {
+    fn forward(
+        &self,
+        ids: &Tensor,
+        layout: &TokenLayout,
+        _: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
+        let &[b, t] = ids.shape() else { unreachable!() };
+        // Step index = generated tokens so far = the last position minus the prompt's.
+        let positions = layout.positions().to_vec_u32().unwrap();
+        let mut logits = vec![0.0f32; b * t * self.vocab];
+        for row in 0..b {
+            let step = positions[row * t + t - 1] as usize + 1 - 2; // prompts have 2 tokens
+            let at = (row * t + t - 1) * self.vocab;
+            logits[at + 1] = 5.0;
+            logits[at + self.script[row][step.min(self.script[row].len() - 1)] as usize] = 10.0;
+        }
+        Ok(Tensor::from_vec(logits, &[b, t, self.vocab], ids.device())?)
+    }
+    fn vocab_size(&self) -> usize {
+        self.vocab
+    }
+    fn num_layers(&self) -> usize {
+        1
+    }
+    fn max_positions(&self) -> usize {
+        64
+    }
+}
+
+const EOS: u32 = 2;
+const PAD: u32 = 0;
+
+fn scripted_run(stop_at_eos: bool, min_new_tokens: usize, max_new_tokens: usize) -> Vec<Vec<u32>> {
+    let model = Scripted {
+        script: vec![
+            vec![4, EOS, 5, 6, 7, 8],
+            vec![5, 6, 7, EOS, 8, 9],
+            vec![3, 3, 3, 3, 3, 3],
+        ],
+        vocab: 10,
+    };
+    let config = GenerateConfig {
+        max_new_tokens,
+        min_new_tokens,
+        eos_token_id: Some(EOS),
+        stop_at_eos,
+        pad_token_id: PAD,
+        sampling: SamplingConfig::greedy(),
+        seed: 0,
+        use_cache: false,
+    };
+    let prompts = vec![vec![7, 8]; 3];
+    generate(&model, &prompts, &config, &Device::Cpu).unwrap()
+}
+
+#[test]
+fn stop_at_eos_pads_finished_rows() {
+    assert_eq!(
+        scripted_run(true, 0, 6),
+        [
+            vec![4, EOS, PAD, PAD, PAD, PAD],
+            vec![5, 6, 7, EOS, PAD, PAD],
+            vec![3, 3, 3, 3, 3, 3]
+        ]
+    );
+}
+
+#[test]
+fn generation_ends_when_every_row_has_finished() {
+    let model = Scripted {
+        script: vec![vec![4, EOS, 5, 6], vec![EOS, 6, 7, 8]],
+        vocab: 10,
+    };
+    let config = GenerateConfig {
+        max_new_tokens: 8,
+        eos_token_id: Some(EOS),
+        sampling: SamplingConfig::greedy(),
+        use_cache: false,
+        ..GenerateConfig::default()
+    };
+    let got = generate(&model, &[vec![7, 8], vec![7, 8]], &config, &Device::Cpu).unwrap();
+    assert_eq!(got, [vec![4, EOS], vec![EOS, PAD]]);
+}
+
+#[test]
+fn never_stop_at_eos_runs_every_row_to_max() {
+    assert_eq!(
+        scripted_run(false, 0, 6),
+        [
+            vec![4, EOS, 5, 6, 7, 8],
+            vec![5, 6, 7, EOS, 8, 9],
+            vec![3, 3, 3, 3, 3, 3]
+        ]
+    );
+}
+
+#[test]
+fn min_new_tokens_suppresses_eos() {
+    // EOS is replaced by the runner-up (token 1) until 3 tokens are out.
+    assert_eq!(
+        scripted_run(true, 3, 6),
+        [
+            vec![4, 1, 5, 6, 7, 8],
+            vec![5, 6, 7, EOS, PAD, PAD],
+            vec![3, 3, 3, 3, 3, 3]
+        ]
+    );
+    assert_eq!(
+        scripted_run(false, 5, 6),
+        [
+            vec![4, 1, 5, 6, 7, 8],
+            vec![5, 6, 7, 1, 8, 9],
+            vec![3, 3, 3, 3, 3, 3]
+        ]
+    );
+}
+
+// ---- bad input ----
+
+fn generate_err(prompts: &[Vec<u32>], config: &GenerateConfig) -> String {
+    let model = load("llama_gqa_tied", &Device::Cpu);
+    match generate(&model, prompts, config, &Device::Cpu) {
+        Ok(tokens) => panic!("generated {tokens:?}"),
+        Err(e) => e.to_string(),
+    }
+}
+
+#[test]
+fn rejects_no_prompts_and_empty_prompts() {
+    let err = generate_err(&[], &greedy(4));
+    assert!(err.contains("no prompts"), "{err}");
+    let err = generate_err(&[vec![1, 2], vec![]], &greedy(4));
+    assert!(err.contains("prompt 1 is empty"), "{err}");
+}
+
+#[test]
+fn rejects_token_ids_outside_the_vocabulary() {
+    let err = generate_err(&[vec![1, 2], vec![3, 40]], &greedy(4));
+    assert!(
+        err.contains("prompt 1 token 1 is id 40, outside the vocabulary of 40"),
+        "{err}"
+    );
+    let bad_pad = GenerateConfig {
+        pad_token_id: 99,
+        ..greedy(4)
+    };
+    let err = generate_err(&[vec![1]], &bad_pad);
+    assert!(err.contains("pad_token_id 99"), "{err}");
+    let bad_eos = GenerateConfig {
+        eos_token_id: Some(40),
+        ..greedy(4)
+    };
+    let err = generate_err(&[vec![1]], &bad_eos);
+    assert!(err.contains("eos_token_id 40"), "{err}");
+}
+
+#[test]
+fn rejects_bad_lengths_and_sampling_settings() {
+    let err = generate_err(&[vec![1; 60]], &greedy(10));
+    assert!(err.contains("exceeds the model's 64 positions"), "{err}");
+    let min_over_max = GenerateConfig {
+        min_new_tokens: 5,
+        ..greedy(4)
+    };
+    let err = generate_err(&[vec![1]], &min_over_max);
+    assert!(
+        err.contains("min_new_tokens 5 exceeds max_new_tokens 4"),
+        "{err}"
+    );
+    let cold = GenerateConfig {
+        sampling: config(0.0, 0, 1.0),
+        ..greedy(4)
+    };
+    let err = generate_err(&[vec![1]], &cold);
+    assert!(err.contains("temperature must be positive"), "{err}");
+    let err = generate_err(
+        &[vec![1]],
+        &GenerateConfig {
+            sampling: config(1.0, 0, 0.0),
+            ..greedy(4)
+        },
+    );
+    assert!(err.contains("top_p must be in (0, 1]"), "{err}");
+}
+
+#[test]
+fn sampler_rejects_nan_and_all_masked_rows() {
+    let mut rng = Rng::new(0);
+    let err = sample_row(&[0.0, f32::NAN], &SamplingConfig::default(), &mut rng).unwrap_err();
+    assert!(err.to_string().contains("logit 1 is NaN"), "{err}");
+    let masked = [f32::NEG_INFINITY; 3];
+    let err = sample_row(&masked, &SamplingConfig::greedy(), &mut rng).unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("every one of the 3 logits is -inf"),
+        "{err}"
+    );
+    let mut sampler = Sampler::new(SamplingConfig::default(), 0, 2).unwrap();
+    let err = sampler.sample_host(&[0.0; 7], 4).unwrap_err();
+    assert!(
+        err.to_string().contains("sampler for 2 rows got 7 logits"),
+        "{err}"
+    );
+}
+
+#[test]
+fn zero_new_tokens_is_empty_rows() {
+    let model = load("llama_gqa_tied", &Device::Cpu);
+    let got = generate(&model, &prompts(), &greedy(0), &Device::Cpu).unwrap();
+    assert_eq!(got, vec![Vec::<u32>::new(); 4]);
+}

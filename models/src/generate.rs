@@ -239,7 +239,8 @@ struct Run<'a, M: LanguageModel + ?Sized> {
     device: &'a Device,
     vocab: usize,
     batch: usize,
-    /// Every row's tokens so far, left-padded, (B, T) row-major: the no-cache path's input.
+    /// Every row's tokens so far, left-padded, (B, T) row-major: the no-cache path's input
+    /// (the cache path keeps only the prompts).
     ids: Vec<u32>,
     /// The attention mask of `ids`, (B, T).
     mask: Vec<u32>,
@@ -300,18 +301,7 @@ impl<'a, M: LanguageModel + ?Sized> Run<'a, M> {
 
     /// Appends one token per row and returns the next-token logits (B * V) on the host.
     fn step(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {
-        let (batch, seq) = (self.batch, self.seq);
-        let mut ids = Vec::with_capacity(batch * (seq + 1));
-        let mut mask = Vec::with_capacity(batch * (seq + 1));
-        for (b, &token) in tokens.iter().enumerate() {
-            ids.extend_from_slice(&self.ids[b * seq..(b + 1) * seq]);
-            ids.push(token);
-            mask.extend_from_slice(&self.mask[b * seq..(b + 1) * seq]);
-            mask.push(1);
-        }
-        self.ids = ids;
-        self.mask = mask;
-        self.seq += 1;
+        let batch = self.batch;
         let logits = match (&mut self.cache, &mut self.layout) {
             (Some(cache), Some(last)) => {
                 let layout = last.next(1)?;
@@ -321,6 +311,7 @@ impl<'a, M: LanguageModel + ?Sized> Run<'a, M> {
                 logits
             }
             _ => {
+                self.append(tokens);
                 let layout =
                     TokenLayout::from_attention_mask(&self.mask, batch, self.seq, self.device)?;
                 let ids = Tensor::from_vec(self.ids.clone(), &[batch, self.seq], self.device)?;
@@ -328,6 +319,22 @@ impl<'a, M: LanguageModel + ?Sized> Run<'a, M> {
             }
         };
         self.last_logits(&logits)
+    }
+
+    /// Appends one token per row to the host ids and mask (the no-cache path's input).
+    fn append(&mut self, tokens: &[u32]) {
+        let seq = self.seq;
+        let mut ids = Vec::with_capacity(self.batch * (seq + 1));
+        let mut mask = Vec::with_capacity(self.batch * (seq + 1));
+        for (b, &token) in tokens.iter().enumerate() {
+            ids.extend_from_slice(&self.ids[b * seq..(b + 1) * seq]);
+            ids.push(token);
+            mask.extend_from_slice(&self.mask[b * seq..(b + 1) * seq]);
+            mask.push(1);
+        }
+        self.ids = ids;
+        self.mask = mask;
+        self.seq += 1;
     }
 
     /// The last position's logits of (B, T, V), read back as B * V host values (on a GPU

@@ -545,3 +545,21 @@ fn zero_new_tokens_is_empty_rows() {
     let got = generate(&model, &prompts(), &greedy(0), &Device::Cpu).unwrap();
     assert_eq!(got, vec![Vec::<u32>::new(); 4]);
 }
+
+#[test]
+fn padding_token_value_does_not_matter() {
+    // The left padding is masked out, so its ids cannot change the tokens (EOS off: the pad
+    // id only fills the padding here).
+    let model = load("neox_parallel_quarter_gelu", &Device::Cpu);
+    for use_cache in [true, false] {
+        let run = |pad_token_id| {
+            let config = GenerateConfig {
+                pad_token_id,
+                use_cache,
+                ..sampled(8, 5)
+            };
+            generate(&model, &prompts(), &config, &Device::Cpu).unwrap()
+        };
+        assert_eq!(run(0), run(37), "cache {use_cache}");
+    }
+}

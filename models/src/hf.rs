@@ -190,6 +190,20 @@ pub enum CausalLm {
 }
 
 impl CausalLm {
+    /// Replaces every linear layer of the transformer blocks with its LLM.int8 form (the
+    /// embeddings, norms and LM head stay as they are, as with transformers'
+    /// `load_in_8bit`, which keeps `lm_head` in 16-bit).
+    pub fn quantize_int8(&mut self, threshold: f32) -> Result<()> {
+        let linears = match self {
+            CausalLm::GptNeox(m) => m.linears_mut(),
+            CausalLm::Llama(m) => m.linears_mut(),
+        };
+        for (_, linear) in linears {
+            *linear = linear.to_int8(threshold)?;
+        }
+        Ok(())
+    }
+
     /// Builds the model of `config` from `weights` (tensor names as in HF checkpoints).
     pub fn from_weights(config: ModelConfig, weights: &mut Weights) -> Result<CausalLm> {
         Ok(match config {

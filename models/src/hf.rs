@@ -204,6 +204,19 @@ impl CausalLm {
         Ok(())
     }
 
+    /// Rounds every linear weight of the transformer blocks to f16 (embeddings, norms and
+    /// the LM head stay f32, the same layers `quantize_int8` leaves alone).
+    pub fn to_f16(&mut self) -> Result<()> {
+        let linears = match self {
+            CausalLm::GptNeox(m) => m.linears_mut(),
+            CausalLm::Llama(m) => m.linears_mut(),
+        };
+        for (_, linear) in linears {
+            *linear = linear.to_f16()?;
+        }
+        Ok(())
+    }
+
     /// Builds the model of `config` from `weights` (tensor names as in HF checkpoints).
     pub fn from_weights(config: ModelConfig, weights: &mut Weights) -> Result<CausalLm> {
         Ok(match config {

@@ -12,6 +12,8 @@ pub mod hf;
 pub mod kv_cache;
 pub mod linear;
 pub mod llama;
+pub mod logprobs;
+pub mod pretrained;
 pub mod sampling;
 pub mod tokenizer;
 pub mod value_head;

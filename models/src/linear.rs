@@ -12,8 +12,9 @@ use crate::{Error, Result};
 /// y = x @ W^T + b over the last dim of x, with W (out, in) as torch's `nn.Linear` stores it.
 #[derive(Clone, Debug)]
 pub enum Linear {
-    /// An f32 weight (out, in) and an optional bias (out,): frozen tensors for a base model,
-    /// variables when trained.
+    /// An f32 or f16 weight (out, in) and an optional f32 bias (out,): frozen tensors for a
+    /// base model, variables when trained. An f16 weight is read as such by the GPU matmul
+    /// (half the bytes, f32 arithmetic).
     Dense {
         weight: Tensor,
         bias: Option<Tensor>,
@@ -24,7 +25,8 @@ pub enum Linear {
 }
 
 impl Linear {
-    /// A dense layer; errors unless weight is f32 (out, in) and bias f32 (out,) on its device.
+    /// A dense layer; errors unless weight is f32 or f16 (out, in) and bias f32 (out,) on
+    /// its device.
     pub fn dense(weight: Tensor, bias: Option<Tensor>) -> Result<Linear> {
         let [out, _] = *weight.shape() else {
             return Err(Error::Config(format!(
@@ -32,7 +34,9 @@ impl Linear {
                 weight.shape()
             )));
         };
-        weight.expect_dtype("linear", DType::F32)?;
+        if weight.dtype() != DType::F16 {
+            weight.expect_dtype("linear", DType::F32)?;
+        }
         if let Some(b) = &bias {
             b.expect_dtype("linear", DType::F32)?;
             weight.expect_same_device("linear", b)?;
@@ -53,10 +57,22 @@ impl Linear {
     pub fn to_int8(&self, threshold: f32) -> Result<Linear> {
         match self {
             Linear::Dense { weight, bias } => Ok(Linear::Int8(Int8Linear::from_dense(
-                weight,
+                &weight.to_dtype(DType::F32)?,
                 bias.clone(),
                 threshold,
             )?)),
+            Linear::Int8(_) => Ok(self.clone()),
+        }
+    }
+
+    /// This layer with its weight rounded to f16 (the bias stays f32, as it is tiny and
+    /// added in f32). An int8 layer is returned as it is.
+    pub fn to_f16(&self) -> Result<Linear> {
+        match self {
+            Linear::Dense { weight, bias } => Ok(Linear::Dense {
+                weight: weight.to_dtype(DType::F16)?,
+                bias: bias.clone(),
+            }),
             Linear::Int8(_) => Ok(self.clone()),
         }
     }
@@ -89,8 +105,8 @@ impl Linear {
         }
     }
 
-    /// The weight and bias as dense f32 tensors, for saving a checkpoint (an int8 weight
-    /// is dequantized).
+    /// The weight and bias as dense tensors, for saving a checkpoint (an int8 weight is
+    /// dequantized to f32; an f16 weight stays f16).
     pub fn dense_parts(&self) -> Result<(Tensor, Option<Tensor>)> {
         match self {
             Linear::Dense { weight, bias } => Ok((weight.clone(), bias.clone())),

@@ -343,3 +343,46 @@ fn int8_models_stay_close_to_f32() {
         );
     }
 }
+
+/// f16 linear weights (embeddings, norms and LM head f32): within 1% of the f32 model's
+/// largest logit on both devices (f16 keeps 11 significant bits, a relative rounding of
+/// 2^-11 per weight), and the two devices agree to f32 rounding.
+#[test]
+fn f16_models_stay_close_to_f32() {
+    let gpu = test_gpu();
+    for name in GPT_NEOX.iter().chain(&LLAMA) {
+        let golden = Golden::load(name);
+        let (b, t) = golden.dims();
+        let want = golden.f32s("logits");
+        let scale = want.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        let mut per_device = Vec::new();
+        for device in [Device::Cpu, gpu.clone()] {
+            let mut model = load(name, &device);
+            model.to_f16().unwrap();
+            let ids = golden.get("input_ids").to_device(&device).unwrap();
+            let layout = TokenLayout::contiguous(b, t, 0, &device).unwrap();
+            let got = model
+                .forward(&ids, &layout, None)
+                .unwrap()
+                .to_vec_f32()
+                .unwrap();
+            let diff = max_abs_diff(&got, &want);
+            eprintln!(
+                "{name} f16 on {}: max |logit - f32 logit| {diff:.3e} ({:.2e} of the largest logit)",
+                device.name(),
+                diff / scale
+            );
+            assert!(
+                diff <= 0.01 * scale,
+                "{name}: f16 logits {diff} off (largest logit {scale})"
+            );
+            per_device.push(got);
+        }
+        check(
+            &format!("{name}: f16 GPU vs CPU"),
+            &per_device[1],
+            &per_device[0],
+            Tolerance::new(1e-4, 1e-4),
+        );
+    }
+}

@@ -134,7 +134,7 @@ pub fn run(args: &AssetsArgs) -> Result<()> {
 }
 
 /// `--dir`, else `$LATHE_ASSETS`, else `~/.cache/lathe/assets`.
-fn cache_dir(arg: Option<&Path>) -> Result<PathBuf> {
+pub fn cache_dir(arg: Option<&Path>) -> Result<PathBuf> {
     if let Some(d) = arg {
         return Ok(d.to_path_buf());
     }

@@ -8,7 +8,7 @@ use lathe_core::{Device, Tensor};
 use lathe_shaders::AdapterChoice;
 
 use crate::report::{GpuSection, LedgerRow, Measurement, PeerSection, Report};
-use crate::{bench_int8, peer};
+use crate::{bench_generate, bench_int8, peer};
 
 #[derive(clap::Args, Debug)]
 pub struct BenchArgs {
@@ -21,26 +21,39 @@ pub struct BenchArgs {
     /// Timed runs; the best is reported (and the median alongside).
     #[arg(long, default_value_t = 7)]
     runs: usize,
-    /// Skip the Python peer even when one is available.
+    /// Skip the Python peers even when they are available.
     #[arg(long)]
     no_peer: bool,
+    /// Which sections to run (comma-separated): matmul, int8, generate.
+    #[arg(long, value_delimiter = ',', default_value = "matmul,int8,generate")]
+    sections: Vec<Section>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Section {
+    /// f32 matmul GFLOP/s on CPU and GPU, numpy/torch peer.
+    Matmul,
+    /// LLM.int8 linear vs f32 matmul.
+    Int8,
+    /// SmolLM2 generation tokens/s, transformers peer (needs `cargo xtask assets`).
+    Generate,
+}
+
+/// The interpreter of the transformers peer: `LATHE_PEER_TORCH_PYTHON`, else the pinned
+/// venv of scripts/peer_generate.py when it exists.
+fn torch_python() -> Option<std::path::PathBuf> {
+    match std::env::var_os("LATHE_PEER_TORCH_PYTHON") {
+        Some(p) if !p.is_empty() => Some(p.into()),
+        _ => {
+            let default = std::path::PathBuf::from("/tmp/venv-models/bin/python");
+            default.exists().then_some(default)
+        }
+    }
 }
 
 pub fn run(args: &BenchArgs) -> Result<()> {
     let n = args.size;
     let threads = rayon::current_num_threads();
-    eprintln!("xtask bench: f32 matmul {n}x{n}x{n}, {threads} CPU threads, best of {} runs after {} warm-up", args.runs, args.warmup);
-
-    let a = Tensor::randn(&[n, n], 1, &Device::Cpu)?;
-    let b = Tensor::randn(&[n, n], 2, &Device::Cpu)?;
-    let cpu_out = a.matmul(&b)?;
-    let cpu = time_op(n, args, || {
-        a.matmul(&b)?;
-        Ok(())
-    })
-    .context("CPU matmul")?;
-    eprintln!("  cpu:  {:.1} GFLOP/s", cpu.gflops);
-
     let gpu_device = match Device::gpu(AdapterChoice::any()) {
         Ok(device) => Some(device),
         Err(e) => {
@@ -48,41 +61,87 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             None
         }
     };
-    let gpu = match &gpu_device {
-        Some(device) => Some(bench_gpu(device, &a, &b, &cpu_out, args).context("GPU matmul")?),
-        None => None,
-    };
+    let mut json = serde_json::Map::new();
+    let mut markdown = String::new();
 
-    let mut int8_rows =
-        bench_int8::run(&Device::Cpu, "cpu", args.warmup, args.runs).context("int8 on the CPU")?;
-    if let Some(device) = &gpu_device {
-        // Software adapters are slow: fewer runs keep the bench short.
-        let runs = if device.gpu_context().is_some_and(|c| c.report().is_software) {
-            2
-        } else {
-            args.runs
+    if args.sections.contains(&Section::Matmul) {
+        eprintln!("xtask bench: f32 matmul {n}x{n}x{n}, {threads} CPU threads, best of {} runs after {} warm-up", args.runs, args.warmup);
+        let a = Tensor::randn(&[n, n], 1, &Device::Cpu)?;
+        let b = Tensor::randn(&[n, n], 2, &Device::Cpu)?;
+        let cpu_out = a.matmul(&b)?;
+        let cpu = time_op(n, args, || {
+            a.matmul(&b)?;
+            Ok(())
+        })
+        .context("CPU matmul")?;
+        eprintln!("  cpu:  {:.1} GFLOP/s", cpu.gflops);
+        let gpu = match &gpu_device {
+            Some(device) => Some(bench_gpu(device, &a, &b, &cpu_out, args).context("GPU matmul")?),
+            None => None,
         };
-        int8_rows.extend(bench_int8::run(device, "gpu", 1, runs).context("int8 on the GPU")?);
+        let peer = if args.no_peer {
+            PeerSection::skipped("--no-peer given")
+        } else {
+            run_peer(n, threads)
+        };
+        let report = Report::new([n, n, n], threads, cpu, gpu, peer);
+        markdown += &report.markdown();
+        json.insert("matmul".into(), serde_json::to_value(&report)?);
     }
 
-    let peer = if args.no_peer {
-        PeerSection::skipped("--no-peer given")
-    } else {
-        run_peer(n, threads)
-    };
+    if args.sections.contains(&Section::Int8) {
+        let mut int8_rows = bench_int8::run(&Device::Cpu, "cpu", args.warmup, args.runs)
+            .context("int8 on the CPU")?;
+        if let Some(device) = &gpu_device {
+            // Software adapters are slow: fewer runs keep the bench short.
+            let runs = if is_software(device) { 2 } else { args.runs };
+            int8_rows.extend(bench_int8::run(device, "gpu", 1, runs).context("int8 on the GPU")?);
+        }
+        markdown += &bench_int8::markdown(&int8_rows);
+        json.insert("int8".into(), serde_json::to_value(&int8_rows)?);
+    }
 
-    let report = Report::new([n, n, n], threads, cpu, gpu, peer);
+    if args.sections.contains(&Section::Generate) {
+        let mut devices = vec![(Device::Cpu, "cpu".to_string())];
+        match &gpu_device {
+            // A 135M model on a software rasteriser takes minutes per case and says nothing
+            // about GPU speed.
+            Some(device) if is_software(device) => {
+                eprintln!("  generate: gpu skipped (software adapter)")
+            }
+            Some(device) => devices.push((device.clone(), "gpu".to_string())),
+            None => {}
+        }
+        let peer = if args.no_peer { None } else { torch_python() };
+        match bench_generate::run(&devices, threads, 3, peer.as_deref()) {
+            Ok(section) => {
+                markdown += &bench_generate::markdown(&section);
+                json.insert("generate".into(), serde_json::to_value(&section)?);
+            }
+            Err(e) => {
+                eprintln!("  generate: skipped ({e:#})");
+                markdown += &format!("\n## Generation\n\nskipped: {e:#}\n");
+                json.insert(
+                    "generate".into(),
+                    serde_json::json!({ "skipped": format!("{e:#}") }),
+                );
+            }
+        }
+    }
+
     let dir = crate::target_dir().join("bench");
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let json_path = dir.join("report.json");
     let md_path = dir.join("report.md");
-    let json = serde_json::json!({ "matmul": report, "int8": int8_rows });
     std::fs::write(&json_path, serde_json::to_string_pretty(&json)?)?;
-    let markdown = report.markdown() + &bench_int8::markdown(&int8_rows);
     std::fs::write(&md_path, &markdown)?;
     println!("{markdown}");
     println!("written: {} and {}", json_path.display(), md_path.display());
     Ok(())
+}
+
+fn is_software(device: &Device) -> bool {
+    device.gpu_context().is_some_and(|c| c.report().is_software)
 }
 
 /// Times the GPU matmul: operands uploaded (and synced) before timing, `sync()` inside the

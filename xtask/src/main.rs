@@ -11,6 +11,7 @@
 
 mod assets;
 mod bench;
+mod bench_generate;
 mod bench_int8;
 mod peer;
 mod probe;

@@ -5,12 +5,16 @@
 //! b of rank 2 shared by every batch entry (a linear layer). CPU: the `gemm` crate (packed
 //! SIMD kernels, rayon threads). GPU: a tiled kernel reading operands through strides, so
 //! transposes cost nothing.
+//!
+//! b may be f16 (a frozen half-precision weight): the GPU kernel reads its packed words
+//! directly (half the weight bytes, f32 arithmetic); the CPU widens it to f32 for the product
+//! (the saving there is storage, not time). The output is always f32.
 
 use gemm::Parallelism;
 use lathe_shaders::Shader;
 
 use crate::dtype::DType;
-use crate::ops::{alloc_f32, launch};
+use crate::ops::{alloc_f32, launch, skinny};
 use crate::storage::Storage;
 use crate::tensor::Tensor;
 use crate::{Device, Error, Result};
@@ -108,6 +112,11 @@ fn cpu_matmul(a: &[f32], b: &[f32], d: MatmulDims, ta: bool, tb: bool) -> Vec<f3
             &b[i * d.k * d.n..(i + 1) * d.k * d.n]
         };
         let out_i = &mut out[i * d.m * d.n..(i + 1) * d.m * d.n];
+        if !ta && tb && d.m <= skinny::MAX_ROWS {
+            // A few rows through a (N, K) weight: no packing, the weight read once.
+            out_i.copy_from_slice(&skinny::matmul_bt_rows(a_i, b_i, d.m, d.n, d.k));
+            continue;
+        }
         // SAFETY: the slices hold exactly (m, k), (k, n) and (m, n) elements at the strides
         // given, and `out_i` is not aliased.
         unsafe {
@@ -182,10 +191,14 @@ fn gpu_matmul(a: &Tensor, b: &Tensor, d: MatmulDims, ta: bool, tb: bool) -> Resu
         d.batch as u32,
     ];
     let (ab, bb) = (a.gpu_buffer().expect("gpu"), b.gpu_buffer().expect("gpu"));
+    let entry = match b.dtype() {
+        DType::F16 => "matmul_half_b",
+        _ => "matmul",
+    };
     launch(
         ctx,
         Shader::Matmul,
-        "matmul",
+        entry,
         &[&ab, &bb],
         &[&out],
         &params,
@@ -201,9 +214,14 @@ impl Tensor {
     }
 
     /// op(a) @ op(b), where op transposes the last two dims when its flag is set.
+    ///
+    /// a is f32; b is f32 or f16 (a half-precision weight); the result is f32. b's gradient
+    /// has b's dtype.
     pub fn matmul_t(&self, b: &Tensor, ta: bool, tb: bool) -> Result<Tensor> {
         self.expect_dtype("matmul", DType::F32)?;
-        b.expect_dtype("matmul", DType::F32)?;
+        if b.dtype() != DType::F16 {
+            b.expect_dtype("matmul", DType::F32)?;
+        }
         self.expect_same_device("matmul", b)?;
         let (d, out_shape) = dims(self.shape(), b.shape(), ta, tb)?;
         // A shared b is one 2-D product: (batch*M, K) @ (K, N). That keeps b's gradient a
@@ -223,8 +241,15 @@ impl Tensor {
         }
         let storage = match self.device() {
             Device::Cpu => {
+                let widened;
+                let b32 = if b.dtype() == DType::F16 {
+                    widened = b.detach().to_dtype(DType::F32)?;
+                    &widened
+                } else {
+                    b
+                };
                 let data = self.with_cpu_f32("matmul", |av| {
-                    b.with_cpu_f32("matmul", |bv| cpu_matmul(av, bv, d, ta, tb))
+                    b32.with_cpu_f32("matmul", |bv| cpu_matmul(av, bv, d, ta, tb))
                 })??;
                 Tensor::cpu_f32(data, out_shape.clone())
             }
@@ -252,6 +277,11 @@ impl Tensor {
                     (true, false) => a.matmul_t(g, false, false)?,
                     (false, true) => g.matmul_t(a, true, false)?,
                     (true, true) => g.matmul_t(a, true, true)?,
+                };
+                let db = if b.dtype() == DType::F32 {
+                    db
+                } else {
+                    db.to_dtype(b.dtype())?
                 };
                 Ok(vec![Some(da), Some(db)])
             },

@@ -10,6 +10,7 @@ pub mod matmul;
 pub mod norm;
 pub mod reduce;
 pub mod rotary;
+mod skinny;
 pub mod softmax;
 pub mod unary;
 

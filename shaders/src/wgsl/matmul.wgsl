@@ -2,6 +2,10 @@
 // through row/column strides (a transpose is just swapped strides) and per-batch strides
 // (0 shares one B across the batch). Each 16x16 workgroup computes a 64x64 output tile, each
 // thread a 4x4 block, staging 16-deep slices of A and B in workgroup memory.
+//
+// Entry points: `matmul` (B f32) and `matmul_half_b` (B f16, packed two per u32 word, low
+// half first: a frozen f16 weight read at half the bytes; arithmetic stays f32). B is bound
+// as raw u32 words in both, so both entries share one body and one binding layout.
 
 struct Params {
     m: u32,
@@ -19,7 +23,7 @@ struct Params {
 }
 
 @group(0) @binding(0) var<storage, read> a: array<f32>;
-@group(0) @binding(1) var<storage, read> b: array<f32>;
+@group(0) @binding(1) var<storage, read> b: array<u32>;
 @group(0) @binding(2) var<storage, read_write> out: array<f32>;
 @group(0) @binding(3) var<uniform> p: Params;
 
@@ -29,8 +33,26 @@ const DEPTH: u32 = 16u;
 var<workgroup> a_tile: array<array<f32, 64>, 16>; // [depth][row]
 var<workgroup> b_tile: array<array<f32, 64>, 16>; // [depth][col]
 
+/// Element i of B: an f32 word, or half i % 2 of word i / 2.
+fn load_b(i: u32, half_b: bool) -> f32 {
+    if (half_b) {
+        let pair = unpack2x16float(b[i / 2u]);
+        return select(pair.x, pair.y, (i & 1u) == 1u);
+    }
+    return bitcast<f32>(b[i]);
+}
+
 @compute @workgroup_size(16, 16, 1)
 fn matmul(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
+    matmul_tile(wid, lid, false);
+}
+
+@compute @workgroup_size(16, 16, 1)
+fn matmul_half_b(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
+    matmul_tile(wid, lid, true);
+}
+
+fn matmul_tile(wid: vec3<u32>, lid: vec3<u32>, half_b: bool) {
     let batch = wid.z;
     let row0 = wid.y * TILE;
     let col0 = wid.x * TILE;
@@ -61,7 +83,7 @@ fn matmul(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) l
             let bc = col0 + r;
             var bv = 0.0;
             if (bc < p.n && ak < p.k) {
-                bv = b[b_base + ak * p.b_row_stride + bc * p.b_col_stride];
+                bv = load_b(b_base + ak * p.b_row_stride + bc * p.b_col_stride, half_b);
             }
             b_tile[d][r] = bv;
         }

@@ -1,0 +1,97 @@
+//! One entry point for "a model the user named": a HF model directory (config.json,
+//! safetensors, tokenizer.json) or a GGUF file, loaded with its tokenizer onto a device, in
+//! the precision asked for. The CLI and the training crates load models through this.
+
+use std::path::{Path, PathBuf};
+
+use lathe_core::Device;
+
+use crate::config::ModelConfig;
+use crate::gguf_model::load_llama_gguf;
+use crate::hf::{load_hf_dir, CausalLm};
+use crate::tokenizer::Tokenizer;
+use crate::{Error, Result};
+
+/// The precision of every linear layer of the transformer blocks (embeddings, norms and the
+/// LM head stay f32, as transformers keeps them in 16/32-bit under `load_in_8bit`).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub enum Precision {
+    /// f32 weights (GGUF blocks dequantized).
+    #[default]
+    F32,
+    /// f16 weights, f32 arithmetic: half the weight bytes.
+    F16,
+    /// LLM.int8 with this outlier threshold (6.0 as `load_in_8bit`).
+    Int8 { threshold: f32 },
+}
+
+/// A loaded model with its tokenizer and where it came from.
+pub struct Pretrained {
+    pub model: CausalLm,
+    pub tokenizer: Tokenizer,
+    pub source: PathBuf,
+}
+
+impl Pretrained {
+    /// Loads `path`: a directory is a HF model directory (its tokenizer.json beside the
+    /// weights), a file ending in `.gguf` a GGUF file (tokenizer from its metadata).
+    ///
+    /// Special ids the model config names (bos, the first eos) override the tokenizer's
+    /// guesses, as transformers' generation config does. The tokenizer is checked to fit the
+    /// embedding.
+    pub fn load(path: &Path, device: &Device, precision: Precision) -> Result<Pretrained> {
+        let (mut model, mut tokenizer) = if path.is_dir() {
+            let tokenizer_path = path.join("tokenizer.json");
+            if !tokenizer_path.is_file() {
+                return Err(Error::File {
+                    path: path.display().to_string(),
+                    detail: "no tokenizer.json in the model directory".into(),
+                });
+            }
+            let tokenizer = Tokenizer::from_file(&tokenizer_path)?;
+            (load_hf_dir(path, device)?, tokenizer)
+        } else if path
+            .extension()
+            .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
+        {
+            let (model, _, tokenizer) = load_llama_gguf(path, device)?;
+            (CausalLm::Llama(model), tokenizer)
+        } else if path.exists() {
+            return Err(Error::File {
+                path: path.display().to_string(),
+                detail: "not a model: expected a HF model directory or a .gguf file".into(),
+            });
+        } else {
+            return Err(Error::File {
+                path: path.display().to_string(),
+                detail: "no such file or directory".into(),
+            });
+        };
+        let config = model.config();
+        tokenizer.check_fits(config.vocab_size())?;
+        apply_config_special_ids(&mut tokenizer, &config)?;
+        match precision {
+            Precision::F32 => {}
+            Precision::F16 => model.to_f16()?,
+            Precision::Int8 { threshold } => model.quantize_int8(threshold)?,
+        }
+        Ok(Pretrained {
+            model,
+            tokenizer,
+            source: path.to_path_buf(),
+        })
+    }
+}
+
+/// The config's bos and first eos id replace the tokenizer's, when the config names them;
+/// the pad id stays the tokenizer's (or falls back to eos, as transformers' generate does).
+fn apply_config_special_ids(tokenizer: &mut Tokenizer, config: &ModelConfig) -> Result<()> {
+    let bos = config.bos_token_id().or(tokenizer.bos_id());
+    let eos = config
+        .eos_token_ids()
+        .first()
+        .copied()
+        .or(tokenizer.eos_id());
+    let pad = tokenizer.pad_id().or(eos);
+    tokenizer.set_special_ids(bos, eos, pad)
+}

@@ -44,6 +44,20 @@ pub fn no_grad() -> NoGradGuard {
     NoGradGuard(())
 }
 
+/// Re-enables gradient recording on this thread until dropped, restoring the previous
+/// state (used inside a backward, which runs with recording off, to recompute a forward).
+pub(crate) struct EnableGradGuard(usize);
+
+impl Drop for EnableGradGuard {
+    fn drop(&mut self) {
+        GRAD_DISABLED.with(|d| d.set(self.0));
+    }
+}
+
+pub(crate) fn enable_grad() -> EnableGradGuard {
+    EnableGradGuard(GRAD_DISABLED.with(|d| d.replace(0)))
+}
+
 /// Gradients by tensor identity.
 #[derive(Default)]
 pub struct GradStore {
@@ -98,15 +112,31 @@ fn topological_order(root: &Tensor) -> Vec<Tensor> {
 /// Gradients of `root` (seeded with ones) with respect to every variable it depends on.
 /// Intermediate gradients are dropped as soon as they have been propagated.
 pub(crate) fn backward(root: &Tensor) -> Result<GradStore> {
+    let seed = {
+        let _guard = no_grad();
+        Tensor::ones(root.shape(), root.device())?
+    };
+    backward_seeded(root, seed)
+}
+
+/// Gradients of `root` given the gradient `seed` of some loss with respect to `root`.
+pub(crate) fn backward_seeded(root: &Tensor, seed: Tensor) -> Result<GradStore> {
     if !root.tracks_grad() {
         return Err(Error::Backward(
             "the tensor does not depend on any variable".into(),
         ));
     }
+    if seed.shape() != root.shape() {
+        return Err(Error::Backward(format!(
+            "seed gradient {:?} for a tensor of shape {:?}",
+            seed.shape(),
+            root.shape()
+        )));
+    }
     let _guard = no_grad();
     let order = topological_order(root);
     let mut grads: HashMap<TensorId, Tensor> = HashMap::new();
-    grads.insert(root.id(), Tensor::ones(root.shape(), root.device())?);
+    grads.insert(root.id(), seed);
     let mut store = GradStore::default();
     for tensor in order.iter().rev() {
         let Some(grad) = grads.remove(&tensor.id()) else {

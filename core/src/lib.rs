@@ -11,6 +11,7 @@
 //! ```
 
 pub mod backprop;
+pub mod checkpoint;
 pub mod device;
 pub mod dtype;
 mod error;
@@ -23,6 +24,7 @@ pub mod tensor;
 pub mod testing;
 
 pub use backprop::{no_grad, GradStore, NoGradGuard};
+pub use checkpoint::checkpoint;
 pub use device::Device;
 pub use dtype::DType;
 pub use error::{Error, Result};

@@ -3,6 +3,7 @@
 
 pub mod binary;
 pub mod cast;
+pub mod dropout;
 pub mod embedding;
 pub mod layout;
 pub mod loss;

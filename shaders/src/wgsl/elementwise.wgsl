@@ -138,3 +138,48 @@ fn activation_backward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(n
         actb_out[i] = actb_g[i] * act_derivative(actb_p.kind, actb_x[i]);
     }
 }
+
+// ---- Dropout with a counter-based mask: element i is kept iff hash(i, seed) >= threshold
+// (threshold = round(p * 2^32)), kept values are scaled by 1 / (1 - p). The same integer hash
+// runs in core/src/ops/dropout.rs, so both devices drop the same elements, and a backward
+// (or a checkpointed recomputation) regenerates the mask from the seed instead of storing it.
+
+struct DropoutParams {
+    n: u32,
+    threshold: u32,
+    seed_lo: u32,
+    seed_hi: u32,
+    scale: f32,
+    _pad0: u32,
+    _pad1: u32,
+    _pad2: u32,
+}
+
+// A 32-bit integer finaliser (lowbias32): every input bit affects every output bit.
+fn mix32(v: u32) -> u32 {
+    var x = v;
+    x ^= x >> 16u;
+    x *= 0x7feb352du;
+    x ^= x >> 15u;
+    x *= 0x846ca68bu;
+    x ^= x >> 16u;
+    return x;
+}
+
+fn dropout_keep(i: u32, p: DropoutParams) -> bool {
+    let key = mix32(p.seed_lo ^ mix32(p.seed_hi ^ 0x9e3779b9u));
+    return mix32(i ^ key) >= p.threshold;
+}
+
+@group(0) @binding(0) var<storage, read> dropout_x: array<f32>;
+@group(0) @binding(1) var<storage, read_write> dropout_out: array<f32>;
+@group(0) @binding(2) var<uniform> dropout_p: DropoutParams;
+
+// Forward and backward alike: out = x * scale where kept, 0 elsewhere.
+@compute @workgroup_size(256)
+fn dropout(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) groups: vec3<u32>) {
+    let i = gid.x + gid.y * groups.x * 256u;
+    if (i < dropout_p.n) {
+        dropout_out[i] = select(0.0, dropout_x[i] * dropout_p.scale, dropout_keep(i, dropout_p));
+    }
+}

@@ -1,0 +1,135 @@
+//! Dropout with a counter-based mask (torch's `nn.Dropout` semantics: zero each element with
+//! probability p, scale the rest by 1 / (1 - p)).
+//!
+//! The mask is a pure function of (seed, element index) through an integer hash, the same on
+//! the CPU and in `elementwise.wgsl`: both devices drop the same elements, nothing is stored
+//! for the backward (it regenerates the mask), and a checkpointed block recomputes exactly
+//! the forward it replaces.
+
+use lathe_shaders::{grid_1d, Shader};
+use rayon::prelude::*;
+
+use crate::dtype::DType;
+use crate::ops::{alloc_f32, launch, CPU_CHUNK};
+use crate::storage::Storage;
+use crate::tensor::Tensor;
+use crate::{Device, Error, Result};
+
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct DropoutParams {
+    n: u32,
+    threshold: u32,
+    seed_lo: u32,
+    seed_hi: u32,
+    scale: f32,
+    _pad: [u32; 3],
+}
+
+/// lowbias32, as `mix32` in elementwise.wgsl.
+fn mix32(v: u32) -> u32 {
+    let mut x = v;
+    x ^= x >> 16;
+    x = x.wrapping_mul(0x7feb_352d);
+    x ^= x >> 15;
+    x = x.wrapping_mul(0x846c_a68b);
+    x ^= x >> 16;
+    x
+}
+
+impl DropoutParams {
+    fn new(n: usize, p: f32, seed: u64) -> DropoutParams {
+        DropoutParams {
+            n: n as u32,
+            threshold: (p as f64 * 4_294_967_296.0).round().min(u32::MAX as f64) as u32,
+            seed_lo: seed as u32,
+            seed_hi: (seed >> 32) as u32,
+            scale: 1.0 / (1.0 - p),
+            _pad: [0; 3],
+        }
+    }
+
+    fn keep(&self, i: usize) -> bool {
+        let key = mix32(self.seed_lo ^ mix32(self.seed_hi ^ 0x9e37_79b9));
+        mix32(i as u32 ^ key) >= self.threshold
+    }
+}
+
+/// x * mask * scale on either device (the forward and the backward are the same map).
+fn apply(x: &Tensor, params: DropoutParams) -> Result<Storage> {
+    let n = x.elem_count();
+    Ok(match x.device() {
+        Device::Cpu => {
+            let data = x.with_cpu_f32("dropout", |x| {
+                let mut out = vec![0.0f32; n];
+                out.par_chunks_mut(CPU_CHUNK)
+                    .zip(x.par_chunks(CPU_CHUNK))
+                    .enumerate()
+                    .for_each(|(c, (o, x))| {
+                        for (j, (o, &x)) in o.iter_mut().zip(x).enumerate() {
+                            let keep = params.keep(c * CPU_CHUNK + j);
+                            *o = if keep { x * params.scale } else { 0.0 };
+                        }
+                    });
+                out
+            })?;
+            Tensor::cpu_f32(data, x.shape().to_vec())
+        }
+        Device::Gpu(ctx) => {
+            let out = alloc_f32(ctx, n)?;
+            let xb = x.gpu_buffer().expect("gpu tensor");
+            launch(
+                ctx,
+                Shader::Elementwise,
+                "dropout",
+                &[&xb],
+                &[&out],
+                &params,
+                grid_1d(n as u64, 256),
+            )?;
+            Storage::Gpu(out)
+        }
+    })
+}
+
+impl Tensor {
+    /// Zeroes each element with probability `p` (a mask drawn from `seed`) and scales the
+    /// others by 1 / (1 - p). p = 0 returns the tensor itself; p must be in [0, 1).
+    pub fn dropout(&self, p: f32, seed: u64) -> Result<Tensor> {
+        self.expect_dtype("dropout", DType::F32)?;
+        if !(0.0..1.0).contains(&p) {
+            return Err(Error::shape(
+                "dropout",
+                format!("probability must be in [0, 1), got {p}"),
+            ));
+        }
+        if p == 0.0 {
+            return Ok(self.clone());
+        }
+        if self.elem_count() > u32::MAX as usize {
+            return Err(Error::shape(
+                "dropout",
+                "more than 2^32 elements: the mask index is 32-bit",
+            ));
+        }
+        let params = DropoutParams::new(self.elem_count(), p, seed);
+        let storage = apply(self, params)?;
+        Ok(Tensor::from_op(
+            storage,
+            self.shape().to_vec(),
+            DType::F32,
+            self.device(),
+            "dropout",
+            &[self],
+            move |_, g| {
+                let dx = Tensor::from_storage(
+                    apply(g, params)?,
+                    g.shape().to_vec(),
+                    DType::F32,
+                    g.device().clone(),
+                );
+                Ok(vec![Some(dx)])
+            },
+        ))
+    }
+}

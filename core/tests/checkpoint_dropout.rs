@@ -92,8 +92,8 @@ fn checkpoint_gives_the_gradients_of_the_plain_graph() {
             }
         };
         let loss_of = |y: Tensor| y.mul(&y).unwrap().sum_all().unwrap();
-        let want = loss_of(block(&[x.clone()]).unwrap()).backward().unwrap();
-        let out = checkpoint(&[x.clone()], &[w1.clone(), w2.clone()], block.clone()).unwrap();
+        let want = loss_of(block(std::slice::from_ref(&x)).unwrap()).backward().unwrap();
+        let out = checkpoint(std::slice::from_ref(&x), &[w1.clone(), w2.clone()], block.clone()).unwrap();
         let got = loss_of(out).backward().unwrap();
         for t in [&x, &w1, &w2] {
             assert_close(
@@ -104,7 +104,7 @@ fn checkpoint_gives_the_gradients_of_the_plain_graph() {
         }
         // Without recording, checkpoint is just the call.
         let _no_grad = lathe_core::no_grad();
-        let y = checkpoint(&[x.clone()], &[w1.clone()], block).unwrap();
+        let y = checkpoint(std::slice::from_ref(&x), &[w1.clone()], block).unwrap();
         assert!(!y.tracks_grad());
     }
 }

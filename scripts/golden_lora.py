@@ -39,7 +39,8 @@ How to run (from the repository root):
 Pinned versions: torch 2.5.1, transformers 4.46.3, peft 0.13.2, safetensors (any 0.4+),
 numpy 2.1.3. The script re-executes itself with PYTHONHASHSEED=0: peft keeps target_modules
 as a Python set and writes it to adapter_config.json in set order, which otherwise changes
-from run to run. With that, re-running reproduces the fixtures byte for byte.
+from run to run. With that (and a single safetensors metadata entry), re-running reproduces
+the fixtures byte for byte.
 """
 
 import contextlib
@@ -49,6 +50,7 @@ import json
 import os
 import shutil
 import sys
+import tempfile
 
 if os.environ.get("PYTHONHASHSEED") != "0":
     os.environ["PYTHONHASHSEED"] = "0"
@@ -173,8 +175,10 @@ def to_np(t):
 
 
 def build(name, make_model, lora_kwargs, seed):
-    directory = os.path.join(OUT, name)
-    shutil.rmtree(directory, ignore_errors=True)
+    # Written to a scratch folder first and swapped in at the end, so the fixture folder is
+    # never seen half-written.
+    final = os.path.join(OUT, name)
+    directory = os.path.join(tempfile.mkdtemp(prefix=f"golden_lora_{name}_"), name)
     os.makedirs(directory)
 
     base = make_model()
@@ -252,12 +256,11 @@ def build(name, make_model, lora_kwargs, seed):
     merge_err = float(np.abs(tensors["logits_merged"] - tensors["logits_lora"]).max())
     assert merge_err < 1e-5, merge_err
 
+    # One metadata entry: safetensors writes several in random (Rust HashMap) order, which
+    # would change the file's bytes on every run. The full record is in meta.json.
     metadata = {
-        "generator": "scripts/golden_lora.py",
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "peft": peft.__version__,
-        "seed": str(seed),
+        "generator": f"scripts/golden_lora.py seed={seed} torch={torch.__version__} "
+        f"transformers={transformers.__version__} peft={peft.__version__}"
     }
     save_file(tensors, os.path.join(directory, "golden.safetensors"), metadata=metadata)
 
@@ -288,6 +291,10 @@ def build(name, make_model, lora_kwargs, seed):
         json.dump(meta, f, indent=2, sort_keys=True, default=str)
         f.write("\n")
 
+    shutil.rmtree(final, ignore_errors=True)
+    os.makedirs(OUT, exist_ok=True)
+    shutil.move(directory, final)
+    shutil.rmtree(os.path.dirname(directory), ignore_errors=True)
     print(f"{name}: {trainable_line}; loss {loss.item():.6f}; merge err {merge_err:.2e}")
 
 

@@ -287,7 +287,23 @@ impl GptNeox {
         Ok(out)
     }
 
-    /// Every linear layer under its HF module name, for swapping (LoRA, int8).
+    /// Every linear layer of the blocks under its HF module name.
+    pub fn linears(&self) -> Vec<(String, &Linear)> {
+        let mut out = Vec::new();
+        for (i, layer) in self.layers.iter().enumerate() {
+            let p = format!("gpt_neox.layers.{i}");
+            out.push((
+                format!("{p}.attention.query_key_value"),
+                &layer.query_key_value,
+            ));
+            out.push((format!("{p}.attention.dense"), &layer.dense));
+            out.push((format!("{p}.mlp.dense_h_to_4h"), &layer.dense_h_to_4h));
+            out.push((format!("{p}.mlp.dense_4h_to_h"), &layer.dense_4h_to_h));
+        }
+        out
+    }
+
+    /// Every linear layer of the blocks under its HF module name, for swapping (LoRA, int8).
     pub fn linears_mut(&mut self) -> Vec<(String, &mut Linear)> {
         let mut out = Vec::new();
         for (i, layer) in self.layers.iter_mut().enumerate() {

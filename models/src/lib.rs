@@ -13,6 +13,7 @@ pub mod kv_cache;
 pub mod linear;
 pub mod llama;
 pub mod logprobs;
+pub mod lora;
 pub mod pretrained;
 pub mod sampling;
 pub mod tokenizer;
@@ -37,6 +38,8 @@ pub enum Error {
     Core(#[from] lathe_core::Error),
     #[error(transparent)]
     Quant(#[from] lathe_quant::Error),
+    #[error(transparent)]
+    Lora(#[from] lathe_lora::Error),
 }
 
 pub type Result<T> = std::result::Result<T, Error>;

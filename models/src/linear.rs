@@ -4,6 +4,7 @@
 //! model files do not change.
 
 use lathe_core::{DType, Tensor};
+use lathe_lora::LoraAdapter;
 use lathe_quant::Int8Linear;
 
 use crate::hf::Weights;
@@ -22,6 +23,13 @@ pub enum Linear {
     /// A frozen LLM.int8 weight (about one byte per parameter) with the 16-bit outlier path;
     /// gradients flow through it to the input (`--load-in-8bit`).
     Int8(Int8Linear),
+    /// A frozen base layer (dense or int8) with a LoRA adapter. While `merged`, the
+    /// adapter's `scaling * B A` is folded into the base weight and the forward skips it.
+    Lora {
+        base: Box<Linear>,
+        adapter: LoraAdapter,
+        merged: bool,
+    },
 }
 
 impl Linear {
@@ -62,6 +70,11 @@ impl Linear {
                 threshold,
             )?)),
             Linear::Int8(_) => Ok(self.clone()),
+            Linear::Lora { base, adapter, merged } => Ok(Linear::Lora {
+                base: Box::new(base.to_int8(threshold)?),
+                adapter: adapter.clone(),
+                merged: *merged,
+            }),
         }
     }
 
@@ -74,6 +87,11 @@ impl Linear {
                 bias: bias.clone(),
             }),
             Linear::Int8(_) => Ok(self.clone()),
+            Linear::Lora { base, adapter, merged } => Ok(Linear::Lora {
+                base: Box::new(base.to_f16()?),
+                adapter: adapter.clone(),
+                merged: *merged,
+            }),
         }
     }
 
@@ -81,6 +99,20 @@ impl Linear {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         match self {
             Linear::Int8(layer) => Ok(layer.forward(x)?),
+            Linear::Lora {
+                base,
+                adapter,
+                merged,
+            } => {
+                let y = base.forward(x)?;
+                if *merged {
+                    return Ok(y);
+                }
+                Ok(match adapter.delta(x)? {
+                    Some(delta) => y.add(&delta)?,
+                    None => y,
+                })
+            }
             Linear::Dense { weight, bias } => {
                 let y = x.matmul_t(weight, false, true)?;
                 Ok(match bias {
@@ -95,6 +127,7 @@ impl Linear {
         match self {
             Linear::Dense { weight, .. } => weight.shape()[0],
             Linear::Int8(layer) => layer.weight.out_features(),
+            Linear::Lora { base, .. } => base.out_features(),
         }
     }
 
@@ -102,15 +135,118 @@ impl Linear {
         match self {
             Linear::Dense { weight, .. } => weight.shape()[1],
             Linear::Int8(layer) => layer.weight.in_features(),
+            Linear::Lora { base, .. } => base.in_features(),
         }
     }
 
     /// The weight and bias as dense tensors, for saving a checkpoint (an int8 weight is
-    /// dequantized to f32; an f16 weight stays f16).
+    /// dequantized to f32; an f16 weight stays f16). A LoRA layer gives its base's (merged
+    /// or not, as it is).
     pub fn dense_parts(&self) -> Result<(Tensor, Option<Tensor>)> {
         match self {
             Linear::Dense { weight, bias } => Ok((weight.clone(), bias.clone())),
             Linear::Int8(layer) => Ok((layer.weight.dequantize()?, layer.bias.clone())),
+            Linear::Lora { base, .. } => base.dense_parts(),
+        }
+    }
+
+    /// The base layer with `sign * scaling * B A` added to its weight: a dense weight in
+    /// f32 (then back to its dtype); an int8 weight is dequantized, shifted and quantized
+    /// again (lossy, as peft's merge into bitsandbytes layers).
+    fn shifted(&self, delta: &Tensor, sign: f32) -> Result<Linear> {
+        let _no_grad = lathe_core::no_grad();
+        match self {
+            Linear::Dense { weight, bias } => {
+                let dtype = weight.dtype();
+                let w = weight
+                    .to_dtype(DType::F32)?
+                    .add(&delta.affine(sign, 0.0)?)?
+                    .to_dtype(dtype)?;
+                Ok(Linear::Dense {
+                    weight: w,
+                    bias: bias.clone(),
+                })
+            }
+            Linear::Int8(layer) => {
+                let w = layer.weight.dequantize()?.add(&delta.affine(sign, 0.0)?)?;
+                Ok(Linear::Int8(Int8Linear::from_dense(
+                    &w,
+                    layer.bias.clone(),
+                    layer.threshold,
+                )?))
+            }
+            Linear::Lora { .. } => Err(Error::Config(
+                "a LoRA layer over another LoRA layer is not supported".into(),
+            )),
+        }
+    }
+
+    /// Folds a LoRA adapter into its base weight (a no-op when merged or not LoRA).
+    pub fn merge_adapter(&mut self) -> Result<()> {
+        if let Linear::Lora {
+            base,
+            adapter,
+            merged: merged @ false,
+        } = self
+        {
+            **base = base.shifted(&adapter.delta_weight()?, 1.0)?;
+            *merged = true;
+        }
+        Ok(())
+    }
+
+    /// Takes a merged adapter back out of its base weight (exact up to rounding for f32).
+    pub fn unmerge_adapter(&mut self) -> Result<()> {
+        if let Linear::Lora {
+            base,
+            adapter,
+            merged: merged @ true,
+        } = self
+        {
+            **base = base.shifted(&adapter.delta_weight()?, -1.0)?;
+            *merged = false;
+        }
+        Ok(())
+    }
+
+    /// Merges the adapter and drops it, leaving the base layer (peft's `merge_and_unload`).
+    pub fn merge_and_unload(&mut self) -> Result<()> {
+        self.merge_adapter()?;
+        if let Linear::Lora { base, .. } = self {
+            let base = (**base).clone();
+            *self = base;
+        }
+        Ok(())
+    }
+
+    /// The device the layer's weights live on.
+    pub fn dense_device(&self) -> lathe_core::Device {
+        match self {
+            Linear::Dense { weight, .. } => weight.device().clone(),
+            Linear::Int8(layer) => layer.weight.device().clone(),
+            Linear::Lora { base, .. } => base.dense_device(),
+        }
+    }
+
+    /// The adapter of a LoRA layer.
+    pub fn adapter(&self) -> Option<&LoraAdapter> {
+        match self {
+            Linear::Lora { adapter, .. } => Some(adapter),
+            _ => None,
+        }
+    }
+
+    /// Number of parameters of the frozen base (weight and bias).
+    pub fn base_parameter_count(&self) -> usize {
+        match self {
+            Linear::Dense { weight, bias } => {
+                weight.elem_count() + bias.as_ref().map_or(0, Tensor::elem_count)
+            }
+            Linear::Int8(layer) => {
+                layer.weight.out_features() * layer.weight.in_features()
+                    + layer.bias.as_ref().map_or(0, Tensor::elem_count)
+            }
+            Linear::Lora { base, .. } => base.base_parameter_count(),
         }
     }
 

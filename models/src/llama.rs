@@ -222,6 +222,17 @@ impl Llama {
         Ok(out)
     }
 
+    /// Every linear layer of the blocks under its HF module name.
+    pub fn linears(&self) -> Vec<(String, &Linear)> {
+        let mut out = Vec::new();
+        for (i, layer) in self.layers.iter().enumerate() {
+            for (name, linear) in layer.linears() {
+                out.push((format!("model.layers.{i}.{name}"), linear));
+            }
+        }
+        out
+    }
+
     /// Every linear layer under its HF module name, for swapping (LoRA, int8).
     pub fn linears_mut(&mut self) -> Vec<(String, &mut Linear)> {
         let mut out = Vec::new();

@@ -13,6 +13,7 @@ pub mod kv_cache;
 pub mod linear;
 pub mod llama;
 pub mod sampling;
+pub mod sampling_gpu;
 pub mod tokenizer;
 pub mod value_head;
 

@@ -148,12 +148,11 @@ pub fn generate<M: LanguageModel + ?Sized>(
     if config.max_new_tokens == 0 {
         return Ok(out);
     }
-    let mut logits = run.prefill()?; // (B, V)
+    let mut logits = run.prefill()?; // (B, V), on the model's device
     for step in 0..config.max_new_tokens {
-        if let (Some(eos), true) = (config.eos_token_id, step < config.min_new_tokens) {
-            suppress(&mut logits, run.vocab, eos);
-        }
-        let mut tokens = run.sampler.sample_host(&logits, run.vocab)?;
+        // EOS is suppressed inside the sampler (on a GPU, in the kernel): no host pass.
+        let suppress = config.eos_token_id.filter(|_| step < config.min_new_tokens);
+        let mut tokens = run.sampler.sample_suppressing(&logits, suppress)?;
         for (b, token) in tokens.iter_mut().enumerate() {
             if run.finished[b] {
                 *token = config.pad_token_id;
@@ -226,13 +225,6 @@ fn check_inputs<M: LanguageModel + ?Sized>(
     config.sampling.validate()
 }
 
-/// Sets EOS's logit of every row of host logits (B * V) to -inf.
-fn suppress(logits: &mut [f32], vocab: usize, eos: u32) {
-    logits
-        .chunks_mut(vocab)
-        .for_each(|row| row[eos as usize] = f32::NEG_INFINITY);
-}
-
 /// The state of one batched generation.
 struct Run<'a, M: LanguageModel + ?Sized> {
     model: &'a M,
@@ -289,8 +281,8 @@ impl<'a, M: LanguageModel + ?Sized> Run<'a, M> {
         })
     }
 
-    /// Runs the prompts; the next-token logits (B * V) on the host.
-    fn prefill(&mut self) -> Result<Vec<f32>> {
+    /// Runs the prompts; the next-token logits (B, V) on the device.
+    fn prefill(&mut self) -> Result<Tensor> {
         let layout =
             TokenLayout::from_attention_mask(&self.mask, self.batch, self.seq, self.device)?;
         let ids = Tensor::from_vec(self.ids.clone(), &[self.batch, self.seq], self.device)?;
@@ -299,8 +291,8 @@ impl<'a, M: LanguageModel + ?Sized> Run<'a, M> {
         self.last_logits(&logits)
     }
 
-    /// Appends one token per row and returns the next-token logits (B * V) on the host.
-    fn step(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {
+    /// Appends one token per row and returns the next-token logits (B, V) on the device.
+    fn step(&mut self, tokens: &[u32]) -> Result<Tensor> {
         let batch = self.batch;
         let logits = match (&mut self.cache, &mut self.layout) {
             (Some(cache), Some(last)) => {
@@ -337,9 +329,9 @@ impl<'a, M: LanguageModel + ?Sized> Run<'a, M> {
         self.seq += 1;
     }
 
-    /// The last position's logits of (B, T, V), read back as B * V host values (on a GPU
-    /// the narrowing runs there, so only B * V values cross).
-    fn last_logits(&self, logits: &Tensor) -> Result<Vec<f32>> {
+    /// The last position's logits (B, V) of (B, T, V), left on the device: the sampler
+    /// reads back only the tokens.
+    fn last_logits(&self, logits: &Tensor) -> Result<Tensor> {
         let &[b, t, v] = logits.shape() else {
             return Err(Error::Config(format!(
                 "the model returned logits {:?}, expected (B, T, V)",
@@ -357,8 +349,8 @@ impl<'a, M: LanguageModel + ?Sized> Run<'a, M> {
         let last = if t == 1 {
             logits.clone()
         } else {
-            logits.narrow(1, t - 1, 1)?
+            logits.narrow(1, t - 1, 1)? // (B, 1, V)
         };
-        Ok(last.to_vec_f32()?)
+        Ok(last.reshape(&[b, v])?)
     }
 }

@@ -16,6 +16,7 @@ pub mod logprobs;
 pub mod lora;
 pub mod pretrained;
 pub mod sampling;
+pub mod sampling_gpu;
 pub mod tokenizer;
 pub mod value_head;
 

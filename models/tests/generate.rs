@@ -11,7 +11,9 @@ use lathe_models::attention::TokenLayout;
 use lathe_models::generate::{generate, GenerateConfig, LanguageModel};
 use lathe_models::hf::{load_hf_dir, CausalLm};
 use lathe_models::kv_cache::KvCache;
-use lathe_models::sampling::{argmax, candidates, sample_row, Rng, Sampler, SamplingConfig};
+use lathe_models::sampling::{
+    argmax, candidates, next_uniform, sample_row, sample_row_at, Rng, Sampler, SamplingConfig,
+};
 use lathe_models::Result;
 
 const MODELS: [&str; 5] = [
@@ -229,7 +231,8 @@ fn top_k_keeps_the_k_largest() {
         .iter()
         .map(|c| c.0)
         .collect();
-    assert_eq!(kept, [1, 3, 0]);
+    // Candidates come in token-id order (the draw walks them in that order).
+    assert_eq!(kept, [0, 1, 3]);
     // Ties with the k-th largest stay, as in transformers.
     let tied = [1.0, 2.0, 1.0, 0.0];
     let kept: Vec<u32> = candidates(&tied, &config(1.0, 2, 1.0))
@@ -237,7 +240,7 @@ fn top_k_keeps_the_k_largest() {
         .iter()
         .map(|c| c.0)
         .collect();
-    assert_eq!(kept, [1, 0, 2]);
+    assert_eq!(kept, [0, 1, 2]);
 }
 
 #[test]
@@ -256,15 +259,57 @@ fn top_p_keeps_the_smallest_set_reaching_p() {
     assert_eq!(kept(0.5), [1]);
     assert_eq!(kept(0.6), [1, 3]);
     assert_eq!(kept(0.75), [1, 3]);
-    assert_eq!(kept(0.8), [1, 3, 2]);
-    assert_eq!(kept(0.95), [1, 3, 2, 0]);
-    assert_eq!(kept(1.0), [1, 3, 2, 0]);
+    assert_eq!(kept(0.8), [1, 2, 3]);
+    assert_eq!(kept(0.95), [0, 1, 2, 3]);
+    assert_eq!(kept(1.0), [0, 1, 2, 3]);
     // Always at least one token.
     assert_eq!(kept(1e-6), [1]);
     // The draws stay inside the kept set and reach both of its tokens.
     let picks = draws(&logits, &config(1.0, 0, 0.6), 5, 200);
     assert!(picks.iter().all(|t| [1, 3].contains(t)));
     assert!(picks.contains(&1) && picks.contains(&3));
+    // A threshold rule: tokens tied with the last one needed all stay (probabilities 0.4,
+    // 0.2, 0.2, 0.2 and top_p 0.5: the mass above 0.2 is 0.4 < 0.5).
+    let tied: Vec<f32> = [0.2f32, 0.4, 0.2, 0.2].iter().map(|p| p.ln()).collect();
+    let kept: Vec<u32> = candidates(&tied, &config(1.0, 0, 0.5))
+        .unwrap()
+        .iter()
+        .map(|c| c.0)
+        .collect();
+    assert_eq!(kept, [0, 1, 2, 3]);
+}
+
+#[test]
+fn the_draw_walks_the_kept_tokens_in_id_order() {
+    // p = 0.1, 0.5, 0.15, 0.25 in id order: u picks the first token whose running sum in id
+    // order exceeds u, whatever the tokens' ranks.
+    let probs = [0.1f32, 0.5, 0.15, 0.25];
+    let logits: Vec<f32> = probs.iter().map(|p| p.ln()).collect();
+    let pick = |u: f32| sample_row_at(&logits, &SamplingConfig::default(), u).unwrap();
+    assert_eq!(pick(0.0), 0);
+    assert_eq!(pick(0.05), 0);
+    assert_eq!(pick(0.3), 1);
+    assert_eq!(pick(0.55), 1);
+    assert_eq!(pick(0.7), 2);
+    assert_eq!(pick(0.8), 3);
+    assert_eq!(pick(0.9999), 3);
+    // top_k 2 keeps tokens 1 and 3 (mass 0.75): u = 0.5 walks to 0.375 of token 1's 0.5.
+    let top2 = config(1.0, 2, 1.0);
+    assert_eq!(sample_row_at(&logits, &top2, 0.5).unwrap(), 1);
+    assert_eq!(sample_row_at(&logits, &top2, 0.7).unwrap(), 3);
+    // sample_row draws its uniform from the row's stream: next_uniform, one per call.
+    let mut a = Rng::new(3);
+    let mut b = Rng::new(3);
+    for _ in 0..10 {
+        let u = next_uniform(&mut b);
+        assert_eq!(
+            sample_row(&logits, &SamplingConfig::default(), &mut a).unwrap(),
+            sample_row_at(&logits, &SamplingConfig::default(), u).unwrap()
+        );
+    }
+    // Greedy uses no random number.
+    sample_row(&logits, &SamplingConfig::greedy(), &mut a).unwrap();
+    assert_eq!(a.next_u64(), b.next_u64());
 }
 
 #[test]
@@ -367,14 +412,6 @@ const EOS: u32 = 2;
 const PAD: u32 = 0;
 
 fn scripted_run(stop_at_eos: bool, min_new_tokens: usize, max_new_tokens: usize) -> Vec<Vec<u32>> {
-    let model = Scripted {
-        script: vec![
-            vec![4, EOS, 5, 6, 7, 8],
-            vec![5, 6, 7, EOS, 8, 9],
-            vec![3, 3, 3, 3, 3, 3],
-        ],
-        vocab: 10,
-    };
     let config = GenerateConfig {
         max_new_tokens,
         min_new_tokens,
@@ -385,8 +422,20 @@ fn scripted_run(stop_at_eos: bool, min_new_tokens: usize, max_new_tokens: usize)
         seed: 0,
         use_cache: false,
     };
+    scripted_run_on(&Device::Cpu, &config)
+}
+
+fn scripted_run_on(device: &Device, config: &GenerateConfig) -> Vec<Vec<u32>> {
+    let model = Scripted {
+        script: vec![
+            vec![4, EOS, 5, 6, 7, 8],
+            vec![5, 6, 7, EOS, 8, 9],
+            vec![3, 3, 3, 3, 3, 3],
+        ],
+        vocab: 10,
+    };
     let prompts = vec![vec![7, 8]; 3];
-    generate(&model, &prompts, &config, &Device::Cpu).unwrap()
+    generate(&model, &prompts, config, device).unwrap()
 }
 
 #[test]
@@ -449,6 +498,35 @@ fn min_new_tokens_suppresses_eos() {
             vec![3, 3, 3, 3, 3, 3]
         ]
     );
+}
+
+#[test]
+fn eos_suppression_on_the_gpu_equals_the_cpu() {
+    // On a GPU the kernel suppresses EOS; greedy and sampled (the scripted logits leave EOS
+    // or the runner-up within reach at temperature 4).
+    let gpu = test_gpu();
+    for sampling in [SamplingConfig::greedy(), config(4.0, 3, 1.0)] {
+        for (stop_at_eos, min_new_tokens) in [(true, 0), (true, 3), (false, 5)] {
+            for seed in 0..4 {
+                let config = GenerateConfig {
+                    max_new_tokens: 6,
+                    min_new_tokens,
+                    eos_token_id: Some(EOS),
+                    stop_at_eos,
+                    pad_token_id: PAD,
+                    sampling,
+                    seed,
+                    use_cache: false,
+                };
+                let on_cpu = scripted_run_on(&Device::Cpu, &config);
+                assert_eq!(scripted_run_on(&gpu, &config), on_cpu, "{config:?}");
+                if min_new_tokens > 0 {
+                    let early = on_cpu.iter().flat_map(|row| &row[..min_new_tokens]);
+                    assert!(early.into_iter().all(|&t| t != EOS), "{on_cpu:?}");
+                }
+            }
+        }
+    }
 }
 
 // ---- bad input ----

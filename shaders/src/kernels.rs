@@ -34,10 +34,13 @@ pub enum Shader {
     /// LLM.int8(): activation quantization, outlier columns, int8 GEMM/GEMV, dequantized
     /// input gradient.
     Int8,
+    /// Next-token sampling, one workgroup per row: greedy, temperature, top-k, top-p and a
+    /// seeded draw in token-id order.
+    Sample,
 }
 
 impl Shader {
-    pub const ALL: [Shader; 12] = [
+    pub const ALL: [Shader; 13] = [
         Shader::Matmul,
         Shader::Binary,
         Shader::Elementwise,
@@ -50,6 +53,7 @@ impl Shader {
         Shader::Loss,
         Shader::Optim,
         Shader::Int8,
+        Shader::Sample,
     ];
 
     pub fn file_name(self) -> &'static str {
@@ -66,6 +70,7 @@ impl Shader {
             Shader::Loss => "loss.wgsl",
             Shader::Optim => "optim.wgsl",
             Shader::Int8 => "int8.wgsl",
+            Shader::Sample => "sample.wgsl",
         }
     }
 
@@ -83,6 +88,7 @@ impl Shader {
             Shader::Loss => include_str!("wgsl/loss.wgsl"),
             Shader::Optim => include_str!("wgsl/optim.wgsl"),
             Shader::Int8 => include_str!("wgsl/int8.wgsl"),
+            Shader::Sample => include_str!("wgsl/sample.wgsl"),
         }
     }
 }

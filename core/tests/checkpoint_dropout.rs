@@ -92,8 +92,15 @@ fn checkpoint_gives_the_gradients_of_the_plain_graph() {
             }
         };
         let loss_of = |y: Tensor| y.mul(&y).unwrap().sum_all().unwrap();
-        let want = loss_of(block(std::slice::from_ref(&x)).unwrap()).backward().unwrap();
-        let out = checkpoint(std::slice::from_ref(&x), &[w1.clone(), w2.clone()], block.clone()).unwrap();
+        let want = loss_of(block(std::slice::from_ref(&x)).unwrap())
+            .backward()
+            .unwrap();
+        let out = checkpoint(
+            std::slice::from_ref(&x),
+            &[w1.clone(), w2.clone()],
+            block.clone(),
+        )
+        .unwrap();
         let got = loss_of(out).backward().unwrap();
         for t in [&x, &w1, &w2] {
             assert_close(

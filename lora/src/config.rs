@@ -94,7 +94,10 @@ impl LoraConfig {
             return fail("r must be at least 1".into());
         }
         if !(self.lora_alpha.is_finite() && self.lora_alpha > 0.0) {
-            return fail(format!("lora_alpha must be positive, got {}", self.lora_alpha));
+            return fail(format!(
+                "lora_alpha must be positive, got {}",
+                self.lora_alpha
+            ));
         }
         if !(0.0..1.0).contains(&self.lora_dropout) {
             return fail(format!(

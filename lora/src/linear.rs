@@ -32,7 +32,8 @@ impl LoraLinear {
                 weight.shape()
             )));
         };
-        let adapter = LoraAdapter::new("linear", input, out, config, switch, seed, weight.device())?;
+        let adapter =
+            LoraAdapter::new("linear", input, out, config, switch, seed, weight.device())?;
         Ok(LoraLinear {
             weight: weight.detach(),
             bias,

@@ -58,7 +58,8 @@ pub fn load_adapter(dir: &Path, device: &Device) -> Result<LoadedAdapter> {
     let config_path = dir.join(CONFIG_FILE);
     let text = std::fs::read_to_string(&config_path)
         .map_err(|e| file_error(&config_path, format!("cannot read: {e}")))?;
-    let config = LoraConfig::from_json(&text).map_err(|e| file_error(&config_path, e.to_string()))?;
+    let config =
+        LoraConfig::from_json(&text).map_err(|e| file_error(&config_path, e.to_string()))?;
     let weights_path = dir.join(WEIGHTS_FILE);
     if !weights_path.is_file() {
         return Err(file_error(

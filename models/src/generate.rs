@@ -27,6 +27,22 @@ pub trait LanguageModel {
         layout: &TokenLayout,
         cache: Option<&mut KvCache>,
     ) -> Result<Tensor>;
+    /// Logits (B, 1, V) of the last position only. The default narrows `forward`'s; models
+    /// override it to run the LM head on one position instead of T (a prompt's prefill
+    /// needs only its last logits: the head is a (V, H) matmul per position).
+    fn forward_last(
+        &self,
+        ids: &Tensor,
+        layout: &TokenLayout,
+        cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
+        let logits = self.forward(ids, layout, cache)?;
+        let t = logits.shape().get(1).copied().unwrap_or(0);
+        if t <= 1 {
+            return Ok(logits);
+        }
+        Ok(logits.narrow(1, t - 1, 1)?)
+    }
     fn vocab_size(&self) -> usize;
     fn num_layers(&self) -> usize;
     /// Positions the rotary tables cover: prompt plus new tokens must fit.
@@ -81,6 +97,21 @@ impl LanguageModel for CausalLm {
         cache: Option<&mut KvCache>,
     ) -> Result<Tensor> {
         CausalLm::forward(self, ids, layout, cache)
+    }
+    fn forward_last(
+        &self,
+        ids: &Tensor,
+        layout: &TokenLayout,
+        cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
+        let hidden = self.forward_hidden(ids, layout, cache)?; // (B, T, H)
+        let t = hidden.shape()[1];
+        let last = if t <= 1 {
+            hidden
+        } else {
+            hidden.narrow(1, t - 1, 1)? // (B, 1, H)
+        };
+        self.lm_head(&last)
     }
     fn vocab_size(&self) -> usize {
         self.config().vocab_size()
@@ -286,7 +317,9 @@ impl<'a, M: LanguageModel + ?Sized> Run<'a, M> {
         let layout =
             TokenLayout::from_attention_mask(&self.mask, self.batch, self.seq, self.device)?;
         let ids = Tensor::from_vec(self.ids.clone(), &[self.batch, self.seq], self.device)?;
-        let logits = self.model.forward(&ids, &layout, self.cache.as_mut())?;
+        let logits = self
+            .model
+            .forward_last(&ids, &layout, self.cache.as_mut())?;
         self.layout = Some(layout);
         self.last_logits(&logits)
     }
@@ -307,7 +340,7 @@ impl<'a, M: LanguageModel + ?Sized> Run<'a, M> {
                 let layout =
                     TokenLayout::from_attention_mask(&self.mask, batch, self.seq, self.device)?;
                 let ids = Tensor::from_vec(self.ids.clone(), &[batch, self.seq], self.device)?;
-                self.model.forward(&ids, &layout, None)?
+                self.model.forward_last(&ids, &layout, None)?
             }
         };
         self.last_logits(&logits)

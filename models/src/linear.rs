@@ -70,7 +70,11 @@ impl Linear {
                 threshold,
             )?)),
             Linear::Int8(_) => Ok(self.clone()),
-            Linear::Lora { base, adapter, merged } => Ok(Linear::Lora {
+            Linear::Lora {
+                base,
+                adapter,
+                merged,
+            } => Ok(Linear::Lora {
                 base: Box::new(base.to_int8(threshold)?),
                 adapter: adapter.clone(),
                 merged: *merged,
@@ -87,7 +91,11 @@ impl Linear {
                 bias: bias.clone(),
             }),
             Linear::Int8(_) => Ok(self.clone()),
-            Linear::Lora { base, adapter, merged } => Ok(Linear::Lora {
+            Linear::Lora {
+                base,
+                adapter,
+                merged,
+            } => Ok(Linear::Lora {
                 base: Box::new(base.to_f16()?),
                 adapter: adapter.clone(),
                 merged: *merged,

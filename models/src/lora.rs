@@ -61,8 +61,7 @@ impl CausalLm {
                 switch,
                 seed.wrapping_add(index as u64),
                 &device,
-            )
-            ?;
+            )?;
             wrap(linear, adapter);
             count += 1;
         }
@@ -82,7 +81,10 @@ impl CausalLm {
     /// shapes: otherwise the adapter belongs to another model and nothing is changed.
     pub fn load_lora(&mut self, dir: &Path, switch: &AdapterSwitch) -> Result<LoraConfig> {
         let loaded = load_adapter(dir, &lathe_core::Device::Cpu)?;
-        let file = dir.join(lathe_lora::peft::WEIGHTS_FILE).display().to_string();
+        let file = dir
+            .join(lathe_lora::peft::WEIGHTS_FILE)
+            .display()
+            .to_string();
         let mut linears = self.linears_mut();
         // Check everything first, so a mismatch leaves the model untouched.
         let mut plan = Vec::with_capacity(loaded.modules.len());
@@ -117,16 +119,16 @@ impl CausalLm {
                 });
             }
             if linear.adapter().is_some() {
-                return Err(Error::Config(format!("{module} already has a LoRA adapter")));
+                return Err(Error::Config(format!(
+                    "{module} already has a LoRA adapter"
+                )));
             }
             plan.push((position, a.clone(), b.clone()));
         }
         for (position, a, b) in plan {
             let (name, linear) = &mut linears[position];
             let device = linear.dense_device();
-            let adapter =
-                LoraAdapter::from_weights(name, a, b, &loaded.config, switch, &device)
-                    ?;
+            let adapter = LoraAdapter::from_weights(name, a, b, &loaded.config, switch, &device)?;
             wrap(linear, adapter);
         }
         Ok(loaded.config)
@@ -152,7 +154,9 @@ impl CausalLm {
     pub fn save_lora(&self, dir: &Path, config: &LoraConfig) -> Result<()> {
         let adapters = self.lora_adapters();
         if adapters.is_empty() {
-            return Err(Error::Config("the model has no LoRA adapters to save".into()));
+            return Err(Error::Config(
+                "the model has no LoRA adapters to save".into(),
+            ));
         }
         let mut config = config.clone();
         config.inference_mode = true;

@@ -117,6 +117,24 @@ impl LoraConfig {
         if self.targets().is_empty() {
             return fail("target_modules is empty".into());
         }
+        // peft features that change the math and that lathe does not implement.
+        if self.extra.get("use_dora").and_then(Value::as_bool) == Some(true) {
+            return fail("use_dora (DoRA) is not supported".into());
+        }
+        for key in ["rank_pattern", "alpha_pattern"] {
+            if let Some(Value::Object(map)) = self.extra.get(key) {
+                if !map.is_empty() {
+                    return fail(format!("{key} (per-module r or alpha) is not supported"));
+                }
+            }
+        }
+        if let Some(v) = self
+            .extra
+            .get("layers_to_transform")
+            .filter(|v| !v.is_null())
+        {
+            return fail(format!("layers_to_transform {v} is not supported"));
+        }
         Ok(())
     }
 

@@ -19,7 +19,7 @@ use crate::sampling::{Sampler, SamplingConfig};
 use crate::{Error, Result};
 
 /// What [`generate`] needs of a model.
-pub trait LanguageModel {
+pub trait LanguageModel: Sync {
     /// Logits (B, T, V) of token ids (B, T).
     fn forward(
         &self,
@@ -173,6 +173,18 @@ pub fn generate<M: LanguageModel + ?Sized>(
     device: &Device,
 ) -> Result<Vec<Vec<u32>>> {
     check_inputs(model, prompts, config)?;
+    // On a worker of rayon's pool, the CPU ops' parallel loops start without waking the
+    // pool from outside: a cold start costs tens of microseconds per op, and a decode step
+    // is hundreds of small ops. (The no-grad guard is per thread: taken inside.)
+    rayon::scope(|_| generate_here(model, prompts, config, device))
+}
+
+fn generate_here<M: LanguageModel + ?Sized>(
+    model: &M,
+    prompts: &[Vec<u32>],
+    config: &GenerateConfig,
+    device: &Device,
+) -> Result<Vec<Vec<u32>>> {
     let _no_grad = lathe_core::no_grad();
     let mut run = Run::new(model, prompts, config, device)?;
     let mut out = vec![Vec::with_capacity(config.max_new_tokens); prompts.len()];

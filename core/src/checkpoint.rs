@@ -6,7 +6,6 @@
 
 use crate::backprop::{backward_seeded, enable_grad, grad_enabled, no_grad};
 use crate::tensor::Tensor;
-use crate::Result;
 
 /// `f(inputs)` without its graph; gradients reach `inputs` and `params` through a
 /// recomputation of `f` in the backward.
@@ -15,9 +14,17 @@ use crate::Result;
 /// recomputation yields their gradients. A variable `f` captures but that is not listed gets
 /// no gradient. `f` must compute the same thing both times: randomness inside it (dropout)
 /// must come from seeds fixed before the call, as lathe's counter-based dropout does.
-pub fn checkpoint<F>(inputs: &[Tensor], params: &[Tensor], f: F) -> Result<Tensor>
+///
+/// `f` may fail with any error that a lathe-core error converts into (a model crate's own);
+/// a failure of the recomputation in the backward becomes `Error::Backward` with its text.
+pub fn checkpoint<F, E>(
+    inputs: &[Tensor],
+    params: &[Tensor],
+    f: F,
+) -> std::result::Result<Tensor, E>
 where
-    F: Fn(&[Tensor]) -> Result<Tensor> + Send + Sync + 'static,
+    F: Fn(&[Tensor]) -> std::result::Result<Tensor, E> + Send + Sync + 'static,
+    E: From<crate::Error> + std::fmt::Display,
 {
     let tracks = inputs.iter().chain(params).any(Tensor::tracks_grad);
     if !grad_enabled() || !tracks {
@@ -45,7 +52,8 @@ where
                 }
             })
             .collect();
-        let recomputed = f(&leaves)?;
+        let recomputed = f(&leaves)
+            .map_err(|e| crate::Error::Backward(format!("checkpoint recomputation: {e}")))?;
         if !recomputed.tracks_grad() {
             return Ok(vec![None; n_inputs + params_saved.len()]);
         }

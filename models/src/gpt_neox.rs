@@ -65,6 +65,32 @@ pub struct GptNeoxLayer {
     pub dense_4h_to_h: Linear,
 }
 
+impl GptNeoxLayer {
+    /// The trainable tensors of the block (LoRA A and B, variables).
+    pub fn variables(&self) -> Vec<Tensor> {
+        let norms = [
+            &self.input_layernorm.weight,
+            &self.input_layernorm.bias,
+            &self.post_attention_layernorm.weight,
+            &self.post_attention_layernorm.bias,
+        ];
+        let mut out: Vec<Tensor> = norms
+            .into_iter()
+            .filter(|t| t.is_variable())
+            .cloned()
+            .collect();
+        for linear in [
+            &self.query_key_value,
+            &self.dense,
+            &self.dense_h_to_4h,
+            &self.dense_4h_to_h,
+        ] {
+            out.extend(linear.variables());
+        }
+        out
+    }
+}
+
 /// GPT-NeoX for causal language modelling.
 #[derive(Clone, Debug)]
 pub struct GptNeox {
@@ -77,6 +103,8 @@ pub struct GptNeox {
     pub embed_out: Linear,
     rotary: RotaryTables,
     gelu: GeluKind,
+    /// Recompute each block in the backward instead of keeping its activations.
+    pub gradient_checkpointing: bool,
 }
 
 impl GptNeox {
@@ -153,6 +181,7 @@ impl GptNeox {
             embed_out,
             rotary,
             gelu,
+            gradient_checkpointing: false,
         })
     }
 
@@ -191,9 +220,24 @@ impl GptNeox {
         };
         let mask = layout.mask(past + layout.seq_len())?;
         let mut x = Tensor::embedding(&self.embed_in, ids)?; // (B, T, H)
-        for (i, layer) in self.layers.iter().enumerate() {
-            let cache = cache.as_deref_mut();
-            x = self.block(layer, i, &x, layout, &mask, cache)?;
+        if self.gradient_checkpointing && cache.is_none() {
+            // One shared copy (tensors are reference-counted) for the blocks' recomputation.
+            let model = std::sync::Arc::new(self.clone());
+            for (i, layer) in self.layers.iter().enumerate() {
+                let (model, layout, mask) = (model.clone(), layout.clone(), mask.clone());
+                x = lathe_core::checkpoint(
+                    std::slice::from_ref(&x),
+                    &layer.variables(),
+                    move |ins: &[Tensor]| {
+                        model.block(&model.layers[i], i, &ins[0], &layout, &mask, None)
+                    },
+                )?;
+            }
+        } else {
+            for (i, layer) in self.layers.iter().enumerate() {
+                let cache = cache.as_deref_mut();
+                x = self.block(layer, i, &x, layout, &mask, cache)?;
+            }
         }
         self.final_layer_norm.forward(&x)
     }

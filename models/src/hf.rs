@@ -204,6 +204,16 @@ impl CausalLm {
         Ok(())
     }
 
+    /// Gradient checkpointing per transformer block (transformers'
+    /// `gradient_checkpointing_enable()`): activations of a block are recomputed in the
+    /// backward instead of kept. Inference (no gradient recording, or a KV cache) is unchanged.
+    pub fn set_gradient_checkpointing(&mut self, on: bool) {
+        match self {
+            CausalLm::GptNeox(m) => m.gradient_checkpointing = on,
+            CausalLm::Llama(m) => m.gradient_checkpointing = on,
+        }
+    }
+
     /// Rounds every linear weight of the transformer blocks to f16 (embeddings, norms and
     /// the LM head stay f32, the same layers `quantize_int8` leaves alone).
     pub fn to_f16(&mut self) -> Result<()> {

@@ -227,6 +227,29 @@ impl Linear {
         Ok(())
     }
 
+    /// The trainable tensors this layer uses: its adapter's A and B, and any weight or bias
+    /// that is a variable (full fine-tuning).
+    pub fn variables(&self) -> Vec<Tensor> {
+        match self {
+            Linear::Dense { weight, bias } => std::iter::once(weight)
+                .chain(bias.as_ref())
+                .filter(|t| t.is_variable())
+                .cloned()
+                .collect(),
+            Linear::Int8(layer) => layer
+                .bias
+                .iter()
+                .filter(|t| t.is_variable())
+                .cloned()
+                .collect(),
+            Linear::Lora { base, adapter, .. } => {
+                let mut out = base.variables();
+                out.extend(adapter.parameters().into_iter().cloned());
+                out
+            }
+        }
+    }
+
     /// The device the layer's weights live on.
     pub fn dense_device(&self) -> lathe_core::Device {
         match self {

@@ -52,6 +52,8 @@ pub struct Llama {
     /// (V, H); shares embed_tokens' storage when tie_word_embeddings.
     pub lm_head: Linear,
     rotary: RotaryTables,
+    /// Recompute each block in the backward instead of keeping its activations.
+    pub gradient_checkpointing: bool,
 }
 
 impl Llama {
@@ -113,6 +115,7 @@ impl Llama {
             norm,
             lm_head,
             rotary,
+            gradient_checkpointing: false,
         })
     }
 
@@ -152,14 +155,43 @@ impl Llama {
         let mask = layout.mask(past + layout.seq_len())?;
         let eps = self.config.rms_norm_eps as f32;
         let mut x = Tensor::embedding(&self.embed_tokens, ids)?; // (B, T, H)
-        for (i, layer) in self.layers.iter().enumerate() {
-            let normed = x.rms_norm(Some(&layer.input_layernorm), eps)?;
-            let attn = self.attention(layer, i, &normed, layout, &mask, cache.as_deref_mut())?;
-            let h = x.add(&attn)?;
-            let normed = h.rms_norm(Some(&layer.post_attention_layernorm), eps)?;
-            x = h.add(&self.mlp(layer, &normed)?)?;
+        if self.gradient_checkpointing && cache.is_none() {
+            // One shared copy (tensors are reference-counted) for the blocks' recomputation.
+            let model = std::sync::Arc::new(self.clone());
+            for (i, layer) in self.layers.iter().enumerate() {
+                let (model, layout, mask) = (model.clone(), layout.clone(), mask.clone());
+                x = lathe_core::checkpoint(
+                    std::slice::from_ref(&x),
+                    &layer.variables(),
+                    move |ins: &[Tensor]| {
+                        model.block(&model.layers[i], i, &ins[0], &layout, &mask, None)
+                    },
+                )?;
+            }
+        } else {
+            for (i, layer) in self.layers.iter().enumerate() {
+                x = self.block(layer, i, &x, layout, &mask, cache.as_deref_mut())?;
+            }
         }
         Ok(x.rms_norm(Some(&self.norm), eps)?)
+    }
+
+    /// One block: x + attn(norm x), then + mlp(norm h).
+    fn block(
+        &self,
+        layer: &LlamaLayer,
+        index: usize,
+        x: &Tensor,
+        layout: &TokenLayout,
+        mask: &AttentionMask,
+        cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
+        let eps = self.config.rms_norm_eps as f32;
+        let normed = x.rms_norm(Some(&layer.input_layernorm), eps)?;
+        let attn = self.attention(layer, index, &normed, layout, mask, cache)?;
+        let h = x.add(&attn)?;
+        let normed = h.rms_norm(Some(&layer.post_attention_layernorm), eps)?;
+        Ok(h.add(&self.mlp(layer, &normed)?)?)
     }
 
     /// Self-attention of normed x (B, T, H) -> (B, T, H).
@@ -246,6 +278,19 @@ impl Llama {
 }
 
 impl LlamaLayer {
+    /// The trainable tensors of the block (LoRA A and B, variables).
+    pub fn variables(&self) -> Vec<Tensor> {
+        let mut out: Vec<Tensor> = [&self.input_layernorm, &self.post_attention_layernorm]
+            .into_iter()
+            .filter(|t| t.is_variable())
+            .cloned()
+            .collect();
+        for (_, linear) in self.linears() {
+            out.extend(linear.variables());
+        }
+        out
+    }
+
     fn linears(&self) -> [(&'static str, &Linear); 7] {
         [
             ("self_attn.q_proj", &self.q_proj),

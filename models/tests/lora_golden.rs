@@ -417,3 +417,46 @@ fn bad_adapters_are_clear_errors() {
         .insert("use_dora".into(), serde_json::Value::Bool(true));
     assert!(config.validate().unwrap_err().to_string().contains("DoRA"));
 }
+
+/// Gradient checkpointing per block gives the same loss and A/B gradients as keeping the
+/// activations, with LoRA dropout on (the recomputation replays the masks), on both
+/// devices and both architectures.
+#[test]
+fn gradient_checkpointing_gives_the_same_gradients() {
+    for device in [Device::Cpu, test_gpu()] {
+        for case in CASES {
+            let golden = Golden::load(case);
+            let ids = golden.get("input_ids");
+            // peft's adapter (non-zero B) with dropout 0.3.
+            let dir = scratch(&format!("dropout-{case}-{}", device.name().len()));
+            std::fs::create_dir_all(&dir).unwrap();
+            let peft_dir = case_dir(case).join("adapter");
+            std::fs::copy(
+                peft_dir.join("adapter_model.safetensors"),
+                dir.join("adapter_model.safetensors"),
+            )
+            .unwrap();
+            let mut config: serde_json::Value = serde_json::from_str(
+                &std::fs::read_to_string(peft_dir.join("adapter_config.json")).unwrap(),
+            )
+            .unwrap();
+            config["lora_dropout"] = serde_json::json!(0.3);
+            std::fs::write(dir.join("adapter_config.json"), config.to_string()).unwrap();
+            let run = |checkpointing: bool| {
+                let mut model = base(case, &device);
+                let switch = AdapterSwitch::new();
+                model.load_lora(&dir, &switch).unwrap();
+                model.set_gradient_checkpointing(checkpointing);
+                switch.train(1234);
+                let loss = causal_loss(&logits(&model, ids, &device), ids);
+                let grads = loss.backward().unwrap();
+                let mut out = vec![loss.to_vec_f32().unwrap()[0]];
+                for p in model.lora_parameters() {
+                    out.extend(grads.get(&p).unwrap().to_vec_f32().unwrap());
+                }
+                out
+            };
+            assert_close(&run(true), &run(false), Tolerance::new(1e-6, 1e-5));
+        }
+    }
+}

@@ -6,8 +6,10 @@ Setup: SmolLM2-135M-Instruct from the GGUF file, dequantized to f32; peft LoRA r
 dropout 0.05, bias "none", on q_proj and v_proj; AdamW (torch defaults, lr 2e-4) over the
 adapter parameters only; causal-LM loss (transformers shifts the labels) on seeded random
 token ids of shape (batch, seq) with labels = ids, the same batch every step. The model is in
-train mode (LoRA dropout active). `--gradient-checkpointing` recomputes each decoder layer in
-the backward (non-reentrant checkpointing).
+train mode (LoRA dropout active). The GGUF file has no separate output matrix, so lm_head is
+tied to the token embedding (transformers 4.46.3 would leave it random). With
+`--gradient-checkpointing` each decoder layer is recomputed in the backward (non-reentrant
+checkpointing).
 
 Pinned venv (what the figures in the issue notes used):
     python3 -m venv /tmp/venv-models
@@ -78,6 +80,14 @@ def main():
         directory, gguf_file=name, torch_dtype=torch.float32
     )
     load_s = time.perf_counter() - start
+    # The GGUF file has no output.weight (SmolLM2 ties the head to the embedding) and
+    # transformers 4.46.3 then leaves lm_head randomly initialized with
+    # tie_word_embeddings false; tie it as the real model (and lathe) does.
+    tied = False
+    if model.lm_head.weight.data_ptr() != model.get_input_embeddings().weight.data_ptr():
+        model.config.tie_word_embeddings = True
+        model.tie_weights()
+        tied = True
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     lora = LoraConfig(
@@ -136,6 +146,7 @@ def main():
                 "seq": args.seq,
                 "gradient_checkpointing": args.gradient_checkpointing,
                 "lora": {"r": 16, "alpha": 32, "dropout": 0.05, "targets": ["q_proj", "v_proj"]},
+                "tied_lm_head": tied,
                 "trainable_params": trainable,
                 "optimizer": "AdamW lr 2e-4",
                 "load_s": load_s,

@@ -32,5 +32,5 @@ pub use lathe_shaders::MemCategory;
 pub use ops::rotary::RotaryTables;
 pub use ops::softmax::AttentionMask;
 pub use ops::unary::GeluKind;
-pub use optim::{Adam, AdamConfig};
+pub use optim::{clip_grad_norm, Adam, AdamConfig, LrSchedule, ScheduleKind};
 pub use tensor::{Tensor, TensorId};

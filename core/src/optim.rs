@@ -289,4 +289,103 @@ impl Adam {
     pub fn moments(&self, i: usize) -> Option<(&Tensor, &Tensor)> {
         self.state.get(i).map(|s| (&s.m, &s.v))
     }
+
+    /// Restores a saved state (a resumed run): the step count and every parameter's (m, v),
+    /// in parameter order, each shaped like its parameter. Nothing changes on an error.
+    pub fn restore(&mut self, step: u64, moments: Vec<(Tensor, Tensor)>) -> Result<()> {
+        if moments.len() != self.params.len() {
+            return Err(Error::Backward(format!(
+                "Adam::restore: {} moment pairs for {} parameters",
+                moments.len(),
+                self.params.len()
+            )));
+        }
+        let mut state = Vec::with_capacity(moments.len());
+        for (i, ((m, v), p)) in moments.into_iter().zip(&self.params).enumerate() {
+            if m.shape() != p.shape() || v.shape() != p.shape() {
+                return Err(Error::shape(
+                    "Adam::restore",
+                    format!(
+                        "moments {:?} / {:?} do not match parameter {i} {:?}",
+                        m.shape(),
+                        v.shape(),
+                        p.shape()
+                    ),
+                ));
+            }
+            let place = |t: Tensor| -> Result<Tensor> {
+                let t = t.to_dtype(DType::F32)?.detach();
+                Ok(match p.device() {
+                    Device::Cpu => t.to_device(p.device())?,
+                    Device::Gpu(_) => t.to_device_as(p.device(), MemCategory::Optimizer)?,
+                })
+            };
+            state.push(Moments {
+                m: place(m)?,
+                v: place(v)?,
+            });
+        }
+        self.state = state;
+        self.step = step;
+        Ok(())
+    }
+}
+
+/// Scales the gradients of `params` in `grads` so that their global L2 norm is at most
+/// `max_norm` (torch's `clip_grad_norm_`: coefficient max_norm / (norm + 1e-6), applied only
+/// when below 1). Returns the norm before clipping. Parameters without a gradient are skipped.
+pub fn clip_grad_norm(grads: &mut GradStore, params: &[Tensor], max_norm: f32) -> Result<f32> {
+    let _no_grad = crate::no_grad();
+    let mut sum_sq = 0.0f64;
+    for p in params {
+        if let Some(g) = grads.get(p) {
+            let g = g.to_dtype(DType::F32)?;
+            sum_sq += g.mul(&g)?.sum_all()?.to_scalar()? as f64;
+        }
+    }
+    let norm = sum_sq.sqrt() as f32;
+    let coef = max_norm / (norm + 1e-6);
+    if coef < 1.0 {
+        for p in params {
+            if let Some(g) = grads.remove(p) {
+                grads.insert(p, g.affine(coef, 0.0)?);
+            }
+        }
+    }
+    Ok(norm)
+}
+
+/// The learning rate at each optimizer step: linear warm-up from 0, then constant, linear
+/// decay to 0 or cosine decay to 0 at `total_steps` (transformers'
+/// `get_{constant,linear,cosine}_schedule_with_warmup`).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct LrSchedule {
+    pub peak: f32,
+    pub warmup_steps: usize,
+    pub total_steps: usize,
+    pub kind: ScheduleKind,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ScheduleKind {
+    Constant,
+    Linear,
+    Cosine,
+}
+
+impl LrSchedule {
+    /// The rate for step `step` (0-based: the rate the first update uses is `lr(0)`).
+    pub fn lr(&self, step: usize) -> f32 {
+        if step < self.warmup_steps {
+            return self.peak * step as f32 / self.warmup_steps.max(1) as f32;
+        }
+        let decay_steps = self.total_steps.saturating_sub(self.warmup_steps).max(1) as f64;
+        let progress = ((step - self.warmup_steps) as f64 / decay_steps).min(1.0);
+        let factor = match self.kind {
+            ScheduleKind::Constant => 1.0,
+            ScheduleKind::Linear => 1.0 - progress,
+            ScheduleKind::Cosine => 0.5 * (1.0 + (std::f64::consts::PI * progress).cos()),
+        };
+        (self.peak as f64 * factor.max(0.0)) as f32
+    }
 }

@@ -523,3 +523,112 @@ fn losses_reject_bad_input() {
     let err = gpu_logits.log_softmax_gather(&cpu_ids).unwrap_err();
     assert!(err.to_string().contains("different devices"), "{err}");
 }
+
+/// transformers' schedules at a few steps (peak 1, 2 warm-up steps of 10).
+#[test]
+fn lr_schedules_match_transformers() {
+    use lathe_core::{LrSchedule, ScheduleKind};
+    let at = |kind, step| {
+        LrSchedule {
+            peak: 1.0,
+            warmup_steps: 2,
+            total_steps: 10,
+            kind,
+        }
+        .lr(step)
+    };
+    for kind in [
+        ScheduleKind::Constant,
+        ScheduleKind::Linear,
+        ScheduleKind::Cosine,
+    ] {
+        assert_eq!(at(kind, 0), 0.0);
+        assert_eq!(at(kind, 1), 0.5);
+        assert_eq!(at(kind, 2), 1.0);
+    }
+    assert_eq!(at(ScheduleKind::Constant, 9), 1.0);
+    assert!((at(ScheduleKind::Linear, 6) - 0.5).abs() < 1e-7);
+    assert!((at(ScheduleKind::Cosine, 6) - 0.5).abs() < 1e-7);
+    assert!((at(ScheduleKind::Cosine, 4) - 0.853_553_4).abs() < 1e-6);
+    assert_eq!(at(ScheduleKind::Linear, 10), 0.0);
+    assert_eq!(at(ScheduleKind::Linear, 12), 0.0);
+}
+
+/// torch.nn.utils.clip_grad_norm_: the global norm over all gradients, scaled by
+/// max_norm / (norm + 1e-6) only when that is below 1.
+#[test]
+fn clip_grad_norm_scales_by_the_global_norm() {
+    let a = Tensor::from_vec(vec![3.0f32, 0.0], &[2], &Device::Cpu)
+        .unwrap()
+        .into_variable();
+    let b = Tensor::from_vec(vec![0.0f32, 4.0], &[2], &Device::Cpu)
+        .unwrap()
+        .into_variable();
+    let loss = a
+        .mul(&a)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .affine(0.5, 0.0)
+        .unwrap()
+        .add(
+            &b.mul(&b)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .affine(0.5, 0.0)
+                .unwrap(),
+        )
+        .unwrap();
+    // Gradients are a and b themselves: norm 5.
+    let mut grads = loss.backward().unwrap();
+    let norm = lathe_core::clip_grad_norm(&mut grads, &[a.clone(), b.clone()], 1.0).unwrap();
+    assert!((norm - 5.0).abs() < 1e-6);
+    let coef = 1.0 / (5.0 + 1e-6);
+    assert_close(
+        &grads.get(&a).unwrap().to_vec_f32().unwrap(),
+        &[3.0 * coef, 0.0],
+        Tolerance::new(1e-7, 1e-6),
+    );
+    assert_close(
+        &grads.get(&b).unwrap().to_vec_f32().unwrap(),
+        &[0.0, 4.0 * coef],
+        Tolerance::new(1e-7, 1e-6),
+    );
+    // Under the bound nothing changes.
+    let mut grads = loss.backward().unwrap();
+    lathe_core::clip_grad_norm(&mut grads, &[a.clone(), b.clone()], 10.0).unwrap();
+    assert_eq!(grads.get(&a).unwrap().to_vec_f32().unwrap(), vec![3.0, 0.0]);
+}
+
+/// Saving (step, moments) and restoring them into a fresh optimizer continues the run
+/// exactly.
+#[test]
+fn adam_restore_continues_exactly() {
+    let run = |steps: usize, p: &Tensor, adam: &mut Adam| {
+        for _ in 0..steps {
+            let loss = p.mul(p).unwrap().sum_all().unwrap();
+            adam.step(&loss.backward().unwrap()).unwrap();
+        }
+    };
+    let init = Tensor::rand_uniform(-1.0, 1.0, &[5], 3, &Device::Cpu).unwrap();
+    let straight = init.affine(1.0, 0.0).unwrap().into_variable();
+    let mut adam = Adam::new(vec![straight.clone()], AdamConfig::adamw(0.1, 0.01)).unwrap();
+    run(4, &straight, &mut adam);
+
+    let first = init.affine(1.0, 0.0).unwrap().into_variable();
+    let mut adam1 = Adam::new(vec![first.clone()], AdamConfig::adamw(0.1, 0.01)).unwrap();
+    run(2, &first, &mut adam1);
+    let (m, v) = adam1.moments(0).unwrap();
+    let saved = (m.detach(), v.detach());
+    let resumed = first.detach().affine(1.0, 0.0).unwrap().into_variable();
+    let mut adam2 = Adam::new(vec![resumed.clone()], AdamConfig::adamw(0.1, 0.01)).unwrap();
+    adam2.restore(adam1.step_count(), vec![saved]).unwrap();
+    run(2, &resumed, &mut adam2);
+    assert_eq!(
+        resumed.to_vec_f32().unwrap(),
+        straight.to_vec_f32().unwrap()
+    );
+    let bad = Tensor::zeros(&[4], &Device::Cpu).unwrap();
+    assert!(adam2.restore(1, vec![(bad.clone(), bad)]).is_err());
+}

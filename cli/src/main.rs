@@ -8,6 +8,8 @@ use lathe_cli::demo::{self, DemoConfig};
 use lathe_cli::device::{self, DeviceArg};
 use lathe_cli::eval::{self, EvalArgs};
 use lathe_cli::generate::{self, GenerateArgs};
+use lathe_cli::merge::{self, MergeArgs};
+use lathe_cli::sft::{self, SftArgs};
 use lathe_core::Device;
 
 #[derive(Parser)]
@@ -38,6 +40,19 @@ enum Command {
     ///   lathe eval --model DIR review.txt
     ///   lathe eval --model FILE.gguf --load-in-8bit --json review.txt > logprobs.json
     Eval(EvalArgs),
+    /// Supervised LoRA fine-tuning on text (the seed's step 1): causal-LM loss over packed
+    /// blocks, AdamW on the adapters, gradient checkpointing, accumulation, clipping, warm-up
+    /// and decay; eval loss, metrics.jsonl, checkpoints (a rerun resumes exactly) and the
+    /// adapter in peft's format.
+    ///
+    /// Examples:
+    ///   lathe sft --model FILE.gguf --data reviews.jsonl --text-field text --out runs/sft
+    ///   lathe sft --model DIR --load-in-8bit --data corpus.txt --block-size 256 --max-steps 200 --save-every 50 --out runs/sft
+    Sft(SftArgs),
+    /// Merge a LoRA adapter into its base model and write a HF model directory.
+    ///
+    /// Example: lathe merge --model FILE.gguf --adapter runs/sft --out runs/merged
+    Merge(MergeArgs),
     /// Show the GPU adapter lathe would use and its limits.
     ///
     /// Example: lathe info --allow-software-gpu
@@ -79,6 +94,8 @@ fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Generate(args) => generate::run(&args),
         Command::Eval(args) => eval::run(&args),
+        Command::Sft(args) => sft::run(&args),
+        Command::Merge(args) => merge::run(&args),
         Command::Info { allow_software_gpu } => {
             let device = device::open(DeviceArg::Gpu, allow_software_gpu)?;
             let ctx = device.gpu_context().expect("a gpu device");

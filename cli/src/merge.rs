@@ -1,0 +1,69 @@
+//! `lathe merge`: a base model plus a LoRA adapter written as one HF model directory
+//! (config.json, model.safetensors, tokenizer.json) that transformers and lathe both load.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use lathe_core::Device;
+use lathe_lora::AdapterSwitch;
+use lathe_models::hf::save_hf_dir;
+use lathe_models::pretrained::{Precision, Pretrained};
+
+#[derive(clap::Args, Debug)]
+pub struct MergeArgs {
+    /// The base model: a HF model directory or a .gguf file.
+    #[arg(long, value_name = "DIR|FILE.gguf")]
+    pub model: PathBuf,
+    /// The adapter directory (adapter_config.json, adapter_model.safetensors).
+    #[arg(long, value_name = "DIR")]
+    pub adapter: PathBuf,
+    /// Where to write the merged model (must not exist, or be empty).
+    #[arg(long, value_name = "DIR")]
+    pub out: PathBuf,
+}
+
+/// Merges on the CPU in f32 (the weights are written in f32, as they were loaded).
+pub fn merge(model: &Path, adapter: &Path, out: &Path) -> Result<()> {
+    if out.exists() && std::fs::read_dir(out)?.next().is_some() {
+        bail!("{} exists and is not empty", out.display());
+    }
+    let mut pretrained = Pretrained::load(model, &Device::Cpu, Precision::F32)
+        .with_context(|| format!("loading {}", model.display()))?;
+    pretrained
+        .model
+        .load_lora(adapter, &AdapterSwitch::new())
+        .with_context(|| format!("loading the adapter {}", adapter.display()))?;
+    pretrained.model.merge_lora()?;
+    let config = pretrained.model.config();
+    let tensors = pretrained.model.named_weights()?;
+    save_hf_dir(out, &config, &tensors)?;
+    let tokenizer = &pretrained.tokenizer;
+    tokenizer
+        .inner()
+        .save(out.join("tokenizer.json"), false)
+        .map_err(|e| anyhow::anyhow!("writing tokenizer.json: {e}"))?;
+    let token = |id: Option<u32>| id.and_then(|i| tokenizer.id_to_token(i));
+    let tokenizer_config = serde_json::json!({
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": token(tokenizer.bos_id()),
+        "eos_token": token(tokenizer.eos_id()),
+        "pad_token": token(tokenizer.pad_id()),
+        "clean_up_tokenization_spaces": false,
+    });
+    std::fs::write(
+        out.join("tokenizer_config.json"),
+        serde_json::to_string_pretty(&tokenizer_config)?,
+    )?;
+    Ok(())
+}
+
+pub fn run(args: &MergeArgs) -> Result<()> {
+    merge(&args.model, &args.adapter, &args.out)?;
+    eprintln!(
+        "merged {} + {} into {}",
+        args.model.display(),
+        args.adapter.display(),
+        args.out.display()
+    );
+    Ok(())
+}

@@ -1,0 +1,663 @@
+//! `lathe sft`: supervised LoRA fine-tuning of a causal LM on text (the seed's step 1).
+//!
+//! Texts are tokenized (special tokens as the tokenizer adds them, EOS after each text),
+//! concatenated and cut into blocks of `block_size` tokens (transformers' `run_clm`
+//! `group_texts`; the tail shorter than a block is dropped). The last `eval_fraction` of the
+//! blocks is held out. Training: causal-LM loss, AdamW on the adapters only, gradient
+//! accumulation, global-norm clipping, warm-up + decay schedule, gradient checkpointing per
+//! block, LoRA dropout.
+//!
+//! Everything random is a function of the seed and a position: the block order of epoch e
+//! of (seed, e), the dropout masks of micro-batch g of (seed, g), A's init of (seed, layer).
+//! With the adapters and Adam's moments saved in f32, a run resumed from a checkpoint
+//! continues exactly as the uninterrupted run would have.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use lathe_core::optim::{Adam, AdamConfig};
+use lathe_core::{clip_grad_norm, Device, GradStore, LrSchedule, ScheduleKind, Tensor};
+use lathe_lora::{AdapterSwitch, LoraConfig};
+use lathe_models::attention::TokenLayout;
+use lathe_models::config::ModelConfig;
+use lathe_models::hf::CausalLm;
+use lathe_models::sampling::Rng;
+use lathe_models::tokenizer::Tokenizer;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use crate::progress::Progress;
+
+/// Everything that shapes a run (written to `run.json`; a resume must match it).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SftConfig {
+    pub block_size: usize,
+    pub batch_size: usize,
+    pub grad_accum: usize,
+    pub epochs: f64,
+    pub max_steps: Option<usize>,
+    pub lr: f32,
+    pub weight_decay: f32,
+    pub warmup_steps: usize,
+    pub schedule: String,
+    pub max_grad_norm: f32,
+    pub lora_r: usize,
+    pub lora_alpha: f64,
+    pub lora_dropout: f64,
+    /// Empty: the architecture's default (GPT-NeoX query_key_value, Llama q_proj, v_proj).
+    pub target_modules: Vec<String>,
+    pub gradient_checkpointing: bool,
+    pub eval_fraction: f64,
+    /// Evaluate every this many steps (0: only at the end).
+    pub eval_every: usize,
+    /// Checkpoint every this many steps (0: only at the end).
+    pub save_every: usize,
+    pub seed: u64,
+}
+
+impl Default for SftConfig {
+    fn default() -> Self {
+        SftConfig {
+            block_size: 128,
+            batch_size: 8,
+            grad_accum: 1,
+            epochs: 1.0,
+            max_steps: None,
+            lr: 2e-4,
+            weight_decay: 0.0,
+            warmup_steps: 0,
+            schedule: "linear".into(),
+            max_grad_norm: 1.0,
+            lora_r: 16,
+            lora_alpha: 32.0,
+            lora_dropout: 0.05,
+            target_modules: Vec::new(),
+            gradient_checkpointing: true,
+            eval_fraction: 0.05,
+            eval_every: 0,
+            save_every: 0,
+            seed: 0,
+        }
+    }
+}
+
+impl SftConfig {
+    pub fn schedule_kind(&self) -> Result<ScheduleKind> {
+        Ok(match self.schedule.as_str() {
+            "constant" => ScheduleKind::Constant,
+            "linear" => ScheduleKind::Linear,
+            "cosine" => ScheduleKind::Cosine,
+            other => bail!("unknown schedule {other:?} (constant, linear, cosine)"),
+        })
+    }
+
+    /// The LoRA config for `model` (default targets by architecture).
+    pub fn lora_config(&self, model: &ModelConfig) -> LoraConfig {
+        let targets: Vec<&str> = if self.target_modules.is_empty() {
+            default_targets(model).to_vec()
+        } else {
+            self.target_modules.iter().map(String::as_str).collect()
+        };
+        let mut config = LoraConfig::new(self.lora_r, self.lora_alpha, &targets);
+        config.lora_dropout = self.lora_dropout;
+        config
+    }
+
+    fn validate(&self) -> Result<()> {
+        if self.block_size < 2 || self.batch_size == 0 || self.grad_accum == 0 {
+            bail!("block_size must be >= 2, batch_size and grad_accum >= 1");
+        }
+        if !(self.lr.is_finite() && self.lr > 0.0) {
+            bail!("lr must be positive, got {}", self.lr);
+        }
+        if !(0.0..1.0).contains(&self.eval_fraction) {
+            bail!(
+                "eval_fraction must be in [0, 1), got {}",
+                self.eval_fraction
+            );
+        }
+        if self.max_steps.is_none() && (self.epochs.is_nan() || self.epochs <= 0.0) {
+            bail!("epochs must be positive (or give max_steps)");
+        }
+        self.schedule_kind()?;
+        Ok(())
+    }
+}
+
+/// peft's usual targets for the seed's and SmolLM2's architectures.
+pub fn default_targets(model: &ModelConfig) -> &'static [&'static str] {
+    match model {
+        ModelConfig::GptNeox(_) => &["query_key_value"],
+        ModelConfig::Llama(_) => &["q_proj", "v_proj"],
+    }
+}
+
+/// Token blocks for training and held-out evaluation.
+#[derive(Clone, Debug)]
+pub struct Blocks {
+    pub block_size: usize,
+    pub train: Vec<Vec<u32>>,
+    pub eval: Vec<Vec<u32>>,
+}
+
+/// Tokenizes, concatenates and cuts `texts` into blocks; holds out the last
+/// `eval_fraction` of them (at least one when the fraction is positive and there are two
+/// blocks or more).
+pub fn pack(
+    texts: &[String],
+    tokenizer: &Tokenizer,
+    block_size: usize,
+    eval_fraction: f64,
+) -> Result<Blocks> {
+    let mut stream = Vec::new();
+    for text in texts {
+        stream.extend(tokenizer.encode(text, true)?);
+        if let Some(eos) = tokenizer.eos_id() {
+            stream.push(eos);
+        }
+    }
+    let blocks: Vec<Vec<u32>> = stream
+        .chunks_exact(block_size)
+        .map(<[u32]>::to_vec)
+        .collect();
+    if blocks.is_empty() {
+        bail!(
+            "the data has {} tokens, fewer than one block of {block_size}: give more text or \
+             a smaller --block-size",
+            stream.len()
+        );
+    }
+    let held_out = if eval_fraction > 0.0 && blocks.len() >= 2 {
+        ((blocks.len() as f64 * eval_fraction).ceil() as usize).clamp(1, blocks.len() - 1)
+    } else {
+        0
+    };
+    let split = blocks.len() - held_out;
+    Ok(Blocks {
+        block_size,
+        eval: blocks[split..].to_vec(),
+        train: blocks[..split].to_vec(),
+    })
+}
+
+/// A seeded Fisher-Yates permutation of 0..n.
+fn permutation(n: usize, seed: u64) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..n).collect();
+    let mut rng = Rng::new(seed);
+    for i in (1..n).rev() {
+        let j = (rng.next_u64() % (i as u64 + 1)) as usize;
+        order.swap(i, j);
+    }
+    order
+}
+
+fn mix(seed: u64, salt: u64) -> u64 {
+    seed ^ salt.wrapping_add(1).wrapping_mul(0x9e37_79b9_7f4a_7c15)
+}
+
+/// The causal-LM loss of a batch of equal-length blocks (B, T): mean over B (T - 1)
+/// next-token predictions.
+pub fn block_loss(model: &CausalLm, blocks: &[&Vec<u32>], device: &Device) -> Result<Tensor> {
+    let (b, t) = (blocks.len(), blocks[0].len());
+    let flat: Vec<u32> = blocks.iter().flat_map(|x| x.iter().copied()).collect();
+    let ids = Tensor::from_vec(flat, &[b, t], device)?;
+    let layout = TokenLayout::contiguous(b, t, 0, device)?;
+    let logits = model.forward(&ids, &layout, None)?; // (B, T, V)
+    let v = logits.shape()[2];
+    let predicting = logits.narrow(1, 0, t - 1)?.reshape(&[b * (t - 1), v])?;
+    let targets = ids.narrow(1, 1, t - 1)?.reshape(&[b * (t - 1)])?;
+    Ok(predicting.cross_entropy(&targets, None)?)
+}
+
+/// Mean loss over the held-out blocks (adapters on, no dropout, no gradients).
+pub fn eval_loss(
+    model: &CausalLm,
+    switch: &AdapterSwitch,
+    blocks: &[Vec<u32>],
+    batch: usize,
+    device: &Device,
+) -> Result<Option<f32>> {
+    if blocks.is_empty() {
+        return Ok(None);
+    }
+    let _no_grad = lathe_core::no_grad();
+    let seed = switch.dropout_seed();
+    switch.eval();
+    let mut total = 0.0f64;
+    for chunk in blocks.chunks(batch) {
+        let refs: Vec<&Vec<u32>> = chunk.iter().collect();
+        total += block_loss(model, &refs, device)?.to_scalar()? as f64 * chunk.len() as f64;
+    }
+    if let Some(seed) = seed {
+        switch.train(seed);
+    }
+    Ok(Some((total / blocks.len() as f64) as f32))
+}
+
+/// What a finished run measured.
+#[derive(Clone, Debug, Serialize)]
+pub struct SftSummary {
+    pub steps: usize,
+    /// Training loss of each step run in this process.
+    pub losses: Vec<f32>,
+    /// (step, held-out loss) at each evaluation.
+    pub eval_losses: Vec<(usize, f32)>,
+    pub tokens_per_s: f64,
+    pub resumed_from: Option<usize>,
+}
+
+const CHECKPOINT: &str = "checkpoint";
+const STATE_FILE: &str = "trainer_state.json";
+const OPTIMIZER_FILE: &str = "optimizer.safetensors";
+const METRICS_FILE: &str = "metrics.jsonl";
+
+#[derive(Serialize, Deserialize)]
+struct TrainerState {
+    step: usize,
+    adam_step: u64,
+    config: SftConfig,
+}
+
+/// Trains adapters on `model` and writes to `out`: the adapter (peft files), `metrics.jsonl`,
+/// `run.json`, and `checkpoint/` (adapter + optimizer + state) every `save_every` steps and
+/// at the end. When `out/checkpoint` exists the run resumes from it (its config must equal
+/// `config`).
+pub fn train(
+    model: &mut CausalLm,
+    blocks: &Blocks,
+    config: &SftConfig,
+    out: &Path,
+    device: &Device,
+) -> Result<SftSummary> {
+    train_until(model, blocks, config, out, device, None)
+}
+
+/// [`train`], stopping (as an interrupted run would, after its last checkpoint) once
+/// `stop_after` steps are done: what the resume tests use.
+pub fn train_until(
+    model: &mut CausalLm,
+    blocks: &Blocks,
+    config: &SftConfig,
+    out: &Path,
+    device: &Device,
+    stop_after: Option<usize>,
+) -> Result<SftSummary> {
+    config.validate()?;
+    if blocks.block_size != config.block_size {
+        bail!(
+            "blocks of {} tokens for a config of {}",
+            blocks.block_size,
+            config.block_size
+        );
+    }
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    let lora_config = config.lora_config(&model.config());
+    let switch = AdapterSwitch::new();
+    let checkpoint_dir = out.join(CHECKPOINT);
+    let resume = checkpoint_dir.join(STATE_FILE).is_file();
+    let (start_step, adam_state) = if resume {
+        let state: TrainerState = serde_json::from_str(
+            &std::fs::read_to_string(checkpoint_dir.join(STATE_FILE))
+                .context("reading the checkpoint state")?,
+        )
+        .context("parsing the checkpoint state")?;
+        if state.config != *config {
+            bail!(
+                "{} holds a checkpoint of a run with another config; use another --out, or \
+                 delete the checkpoint to start over",
+                out.display()
+            );
+        }
+        model.load_lora(&checkpoint_dir, &switch)?;
+        let moments = lathe_core::safetensors::load(&checkpoint_dir.join(OPTIMIZER_FILE), device)?;
+        (state.step, Some((state.adam_step, moments)))
+    } else {
+        model.add_lora(&lora_config, &switch, config.seed)?;
+        (0, None)
+    };
+    model.set_gradient_checkpointing(config.gradient_checkpointing);
+    let params = model.lora_parameters();
+    let mut adam = Adam::new(
+        params.clone(),
+        AdamConfig::adamw(config.lr, config.weight_decay),
+    )?;
+    if let Some((adam_step, saved)) = adam_state {
+        let mut moments = Vec::with_capacity(params.len());
+        for i in 0..params.len() {
+            let find = |key: String| {
+                saved
+                    .iter()
+                    .find(|(k, _)| *k == key)
+                    .map(|(_, t)| t.clone())
+                    .with_context(|| format!("the checkpoint's optimizer state lacks {key}"))
+            };
+            moments.push((find(format!("m.{i}"))?, find(format!("v.{i}"))?));
+        }
+        adam.restore(adam_step, moments)?;
+    }
+
+    let micro_per_epoch = blocks.train.len().div_ceil(config.batch_size);
+    let steps_per_epoch = micro_per_epoch.div_ceil(config.grad_accum);
+    let total_steps = config
+        .max_steps
+        .unwrap_or_else(|| (config.epochs * steps_per_epoch as f64).ceil() as usize)
+        .max(1);
+    let schedule = LrSchedule {
+        peak: config.lr,
+        warmup_steps: config.warmup_steps,
+        total_steps,
+        kind: config.schedule_kind()?,
+    };
+    eprintln!("{}", model.trainable_parameters_line()?);
+    eprintln!(
+        "sft: {} train blocks, {} eval blocks of {} tokens; {total_steps} steps of {} x {} \
+         blocks{}",
+        blocks.train.len(),
+        blocks.eval.len(),
+        config.block_size,
+        config.batch_size,
+        config.grad_accum,
+        if resume {
+            format!(", resuming at step {start_step}")
+        } else {
+            String::new()
+        }
+    );
+    let metrics_path = out.join(METRICS_FILE);
+    let mut metrics = open_metrics(&metrics_path, start_step)?;
+    let mut progress = Progress::new("sft", total_steps);
+    let mut summary = SftSummary {
+        steps: total_steps,
+        losses: Vec::new(),
+        eval_losses: Vec::new(),
+        tokens_per_s: 0.0,
+        resumed_from: resume.then_some(start_step),
+    };
+    let started = Instant::now();
+    let mut tokens = 0usize;
+    let mut order_epoch = usize::MAX;
+    let mut order = Vec::new();
+    for step in start_step..total_steps {
+        let mut grads: Option<GradStore> = None;
+        let mut step_loss = 0.0f64;
+        let mut step_blocks = 0usize;
+        for micro in 0..config.grad_accum {
+            let global = step * config.grad_accum + micro;
+            let (epoch, index) = (global / micro_per_epoch, global % micro_per_epoch);
+            if epoch != order_epoch {
+                order = permutation(blocks.train.len(), mix(config.seed, epoch as u64));
+                order_epoch = epoch;
+            }
+            let batch: Vec<&Vec<u32>> = order
+                [index * config.batch_size..((index + 1) * config.batch_size).min(order.len())]
+                .iter()
+                .map(|&i| &blocks.train[i])
+                .collect();
+            switch.train(mix(config.seed ^ 0x5eed, global as u64));
+            let loss = block_loss(model, &batch, device)?;
+            // Each micro-batch's mean loss weighs by its share of the step's blocks.
+            let weight = batch.len() as f32 / (config.batch_size * config.grad_accum) as f32;
+            let micro_grads = loss.affine(weight, 0.0)?.backward()?;
+            step_loss += loss.to_scalar()? as f64 * batch.len() as f64;
+            step_blocks += batch.len();
+            tokens += batch.len() * config.block_size;
+            grads = Some(match grads {
+                None => micro_grads,
+                Some(mut sum) => {
+                    for p in &params {
+                        if let Some(g) = micro_grads.get(p) {
+                            let total = match sum.remove(p) {
+                                Some(previous) => previous.add(g)?,
+                                None => g.clone(),
+                            };
+                            sum.insert(p, total);
+                        }
+                    }
+                    sum
+                }
+            });
+        }
+        let mut grads = grads.expect("grad_accum >= 1");
+        let grad_norm = clip_grad_norm(&mut grads, &params, config.max_grad_norm)?;
+        let lr = schedule.lr(step);
+        adam.set_lr(lr);
+        adam.step(&grads)?;
+        let loss = (step_loss / step_blocks as f64) as f32;
+        if !loss.is_finite() {
+            bail!(
+                "step {}: the loss is {loss}; stopping (lower --lr?)",
+                step + 1
+            );
+        }
+        summary.losses.push(loss);
+        let done = step + 1;
+        let tokens_per_s = tokens as f64 / started.elapsed().as_secs_f64();
+        let mut record = json!({
+            "step": done, "epoch": (done as f64 / steps_per_epoch as f64),
+            "loss": loss, "lr": lr, "grad_norm": grad_norm,
+            "tokens_per_s": tokens_per_s, "elapsed_s": started.elapsed().as_secs_f64(),
+        });
+        let evaluate =
+            done == total_steps || (config.eval_every > 0 && done % config.eval_every == 0);
+        if evaluate {
+            if let Some(eval) = eval_loss(model, &switch, &blocks.eval, config.batch_size, device)?
+            {
+                record["eval_loss"] = json!(eval);
+                summary.eval_losses.push((done, eval));
+            }
+        }
+        writeln!(metrics, "{record}")?;
+        metrics.flush()?;
+        let eval_text = record
+            .get("eval_loss")
+            .map(|e| format!(" eval {:.4}", e.as_f64().unwrap_or(f64::NAN)))
+            .unwrap_or_default();
+        progress.update(
+            done,
+            start_step,
+            &format!("loss {loss:.4}{eval_text} lr {lr:.2e} | {tokens_per_s:.0} tok/s"),
+        );
+        if done == total_steps || (config.save_every > 0 && done % config.save_every == 0) {
+            save_checkpoint(model, &adam, &lora_config, config, done, out)?;
+        }
+        if stop_after == Some(done) {
+            progress.finish();
+            return Ok(summary);
+        }
+    }
+    progress.finish();
+    switch.eval();
+    summary.tokens_per_s = tokens as f64 / started.elapsed().as_secs_f64().max(1e-9);
+    model.save_lora(out, &lora_config)?;
+    std::fs::write(
+        out.join("run.json"),
+        serde_json::to_string_pretty(&json!({ "config": config, "summary": summary }))?,
+    )?;
+    Ok(summary)
+}
+
+/// metrics.jsonl for appending; on a resume, lines past the checkpoint's step (written after
+/// it by the interrupted run) are dropped so the file reads as one run.
+fn open_metrics(path: &Path, start_step: usize) -> Result<std::fs::File> {
+    let kept: Vec<String> = if start_step > 0 && path.is_file() {
+        std::fs::read_to_string(path)?
+            .lines()
+            .filter(|line| {
+                serde_json::from_str::<serde_json::Value>(line)
+                    .ok()
+                    .and_then(|v| v["step"].as_u64())
+                    .is_some_and(|s| s as usize <= start_step)
+            })
+            .map(str::to_string)
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let mut file =
+        std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
+    for line in kept {
+        writeln!(file, "{line}")?;
+    }
+    Ok(file)
+}
+
+/// Writes `out/checkpoint` through a temporary directory renamed into place.
+fn save_checkpoint(
+    model: &CausalLm,
+    adam: &Adam,
+    lora_config: &LoraConfig,
+    config: &SftConfig,
+    step: usize,
+    out: &Path,
+) -> Result<()> {
+    let temp = out.join(format!("{CHECKPOINT}.tmp"));
+    let _ = std::fs::remove_dir_all(&temp);
+    model.save_lora(&temp, lora_config)?;
+    let mut tensors: Vec<(String, Tensor)> = Vec::new();
+    for i in 0..adam.params().len() {
+        let (m, v) = adam.moments(i).expect("one state per parameter");
+        tensors.push((format!("m.{i}"), m.detach()));
+        tensors.push((format!("v.{i}"), v.detach()));
+    }
+    let named: Vec<(&str, &Tensor)> = tensors.iter().map(|(k, t)| (k.as_str(), t)).collect();
+    lathe_core::safetensors::save(&temp.join(OPTIMIZER_FILE), &named, None)?;
+    let state = TrainerState {
+        step,
+        adam_step: adam.step_count(),
+        config: config.clone(),
+    };
+    std::fs::write(temp.join(STATE_FILE), serde_json::to_string_pretty(&state)?)?;
+    let final_dir = out.join(CHECKPOINT);
+    let old = out.join(format!("{CHECKPOINT}.old"));
+    let _ = std::fs::remove_dir_all(&old);
+    if final_dir.exists() {
+        std::fs::rename(&final_dir, &old)?;
+    }
+    std::fs::rename(&temp, &final_dir)?;
+    let _ = std::fs::remove_dir_all(&old);
+    Ok(())
+}
+
+/// `lathe sft` flags.
+#[derive(clap::Args, Debug)]
+pub struct SftArgs {
+    #[command(flatten)]
+    pub model: crate::model_args::ModelArgs,
+    /// Training text: .txt (one text per line), .jsonl or .json (objects with --text-field).
+    #[arg(long, value_name = "FILE")]
+    pub data: PathBuf,
+    /// The field holding the text in JSON objects.
+    #[arg(long, default_value = "text")]
+    pub text_field: String,
+    /// Output folder: the adapter (peft files), metrics.jsonl, run.json, checkpoint/.
+    #[arg(long, value_name = "DIR")]
+    pub out: PathBuf,
+    /// Tokens per training block.
+    #[arg(long, default_value_t = 128)]
+    pub block_size: usize,
+    /// Blocks per micro-batch.
+    #[arg(long, default_value_t = 8)]
+    pub batch_size: usize,
+    /// Micro-batches per optimizer step.
+    #[arg(long, default_value_t = 1)]
+    pub grad_accum: usize,
+    #[arg(long, default_value_t = 1.0)]
+    pub epochs: f64,
+    /// Stop after this many optimizer steps (overrides --epochs).
+    #[arg(long)]
+    pub max_steps: Option<usize>,
+    #[arg(long, default_value_t = 2e-4)]
+    pub lr: f32,
+    #[arg(long, default_value_t = 0.0)]
+    pub weight_decay: f32,
+    #[arg(long, default_value_t = 0)]
+    pub warmup_steps: usize,
+    /// constant, linear or cosine decay after the warm-up.
+    #[arg(long, default_value = "linear")]
+    pub schedule: String,
+    /// Clip the gradients' global L2 norm to this.
+    #[arg(long, default_value_t = 1.0)]
+    pub max_grad_norm: f32,
+    #[arg(long, default_value_t = 16)]
+    pub lora_r: usize,
+    #[arg(long, default_value_t = 32.0)]
+    pub lora_alpha: f64,
+    #[arg(long, default_value_t = 0.05)]
+    pub lora_dropout: f64,
+    /// Modules to adapt, comma-separated (default: query_key_value for GPT-NeoX, q_proj,v_proj
+    /// for Llama).
+    #[arg(long, value_delimiter = ',')]
+    pub target_modules: Vec<String>,
+    /// Keep every block's activations instead of recomputing them in the backward.
+    #[arg(long)]
+    pub no_gradient_checkpointing: bool,
+    /// Share of the blocks held out for the eval loss.
+    #[arg(long, default_value_t = 0.05)]
+    pub eval_fraction: f64,
+    /// Evaluate every N steps (0: at the end only).
+    #[arg(long, default_value_t = 0)]
+    pub eval_every: usize,
+    /// Save a checkpoint every N steps (0: at the end only); a rerun resumes from it.
+    #[arg(long, default_value_t = 0)]
+    pub save_every: usize,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+impl SftArgs {
+    pub fn config(&self) -> SftConfig {
+        SftConfig {
+            block_size: self.block_size,
+            batch_size: self.batch_size,
+            grad_accum: self.grad_accum,
+            epochs: self.epochs,
+            max_steps: self.max_steps,
+            lr: self.lr,
+            weight_decay: self.weight_decay,
+            warmup_steps: self.warmup_steps,
+            schedule: self.schedule.clone(),
+            max_grad_norm: self.max_grad_norm,
+            lora_r: self.lora_r,
+            lora_alpha: self.lora_alpha,
+            lora_dropout: self.lora_dropout,
+            target_modules: self.target_modules.clone(),
+            gradient_checkpointing: !self.no_gradient_checkpointing,
+            eval_fraction: self.eval_fraction,
+            eval_every: self.eval_every,
+            save_every: self.save_every,
+            seed: self.seed,
+        }
+    }
+}
+
+/// `lathe sft`.
+pub fn run(args: &SftArgs) -> Result<()> {
+    let config = args.config();
+    config.validate()?;
+    let texts = crate::texts::read_texts(&args.data, &args.text_field)?;
+    let (mut pretrained, device) = args.model.load()?;
+    let blocks = pack(
+        &texts,
+        &pretrained.tokenizer,
+        config.block_size,
+        config.eval_fraction,
+    )
+    .with_context(|| format!("packing {}", args.data.display()))?;
+    let summary = train(&mut pretrained.model, &blocks, &config, &args.out, &device)?;
+    let first = summary.losses.first().copied().unwrap_or(f32::NAN);
+    let last = summary.losses.last().copied().unwrap_or(f32::NAN);
+    eprintln!(
+        "sft: done, {} steps, loss {first:.4} -> {last:.4}{}, {:.0} tokens/s; adapter in {}",
+        summary.steps,
+        summary
+            .eval_losses
+            .last()
+            .map(|(_, e)| format!(", eval loss {e:.4}"))
+            .unwrap_or_default(),
+        summary.tokens_per_s,
+        args.out.display()
+    );
+    Ok(())
+}

@@ -256,6 +256,9 @@ impl Tensor {
             Device::Gpu(_) => gpu_matmul(self, b, d, ta, tb)?,
         };
         let (a_saved, b_saved) = (self.detach(), b.detach());
+        // A frozen operand (a base weight under LoRA) needs no gradient: skipping it saves a
+        // whole matmul per linear layer in the backward.
+        let (need_a, need_b) = (self.tracks_grad(), b.tracks_grad());
         Ok(Tensor::from_op(
             storage,
             out_shape,
@@ -266,12 +269,19 @@ impl Tensor {
             move |_, g| {
                 let (a, b) = (&a_saved, &b_saved);
                 // C = A'B' with A' = op(A), B' = op(B): dA' = dC B'^T, dB' = A'^T dC.
-                let da = match (ta, tb) {
-                    (false, false) => g.matmul_t(b, false, true)?,
-                    (false, true) => g.matmul_t(b, false, false)?,
-                    (true, false) => b.matmul_t(g, false, true)?,
-                    (true, true) => b.matmul_t(g, true, true)?,
+                let da = if !need_a {
+                    None
+                } else {
+                    Some(match (ta, tb) {
+                        (false, false) => g.matmul_t(b, false, true)?,
+                        (false, true) => g.matmul_t(b, false, false)?,
+                        (true, false) => b.matmul_t(g, false, true)?,
+                        (true, true) => b.matmul_t(g, true, true)?,
+                    })
                 };
+                if !need_b {
+                    return Ok(vec![da, None]);
+                }
                 let db = match (ta, tb) {
                     (false, false) => a.matmul_t(g, true, false)?,
                     (true, false) => a.matmul_t(g, false, false)?,
@@ -283,7 +293,7 @@ impl Tensor {
                 } else {
                     db.to_dtype(b.dtype())?
                 };
-                Ok(vec![Some(da), Some(db)])
+                Ok(vec![da, Some(db)])
             },
         ))
     }

@@ -633,3 +633,49 @@ fn bad_softmax_inputs_are_errors() {
         }
     }
 }
+
+/// exp, clamp and maximum: GPU against CPU, against std, and their gradients by finite
+/// differences (away from the clamp's and maximum's kinks).
+#[test]
+fn exp_clamp_maximum() {
+    let gpu = test_gpu();
+    let x = Tensor::rand_uniform(-5.0, 5.0, &[3, 257], 7, &Device::Cpu).unwrap();
+    let y = Tensor::rand_uniform(-5.0, 5.0, &[3, 257], 8, &Device::Cpu).unwrap();
+    let xs = x.to_vec_f32().unwrap();
+    let ys = y.to_vec_f32().unwrap();
+    let exp: Vec<f32> = xs.iter().map(|v| v.exp()).collect();
+    assert_eq!(x.exp().unwrap().to_vec_f32().unwrap(), exp);
+    let clamped: Vec<f32> = xs.iter().map(|v| v.clamp(-1.0, 2.0)).collect();
+    assert_close(
+        &x.clamp(-1.0, 2.0).unwrap().to_vec_f32().unwrap(),
+        &clamped,
+        Tolerance::new(1e-6, 0.0),
+    );
+    let max: Vec<f32> = xs.iter().zip(&ys).map(|(a, b)| a.max(*b)).collect();
+    assert_close(
+        &x.maximum(&y).unwrap().to_vec_f32().unwrap(),
+        &max,
+        Tolerance::new(1e-6, 0.0),
+    );
+    let (xg, yg) = (x.to_device(&gpu).unwrap(), y.to_device(&gpu).unwrap());
+    assert_tensors_close(
+        &xg.exp().unwrap(),
+        &x.exp().unwrap(),
+        Tolerance::new(1e-6, 1e-6),
+    );
+    assert_tensors_close(
+        &xg.clamp(-1.0, 2.0).unwrap(),
+        &x.clamp(-1.0, 2.0).unwrap(),
+        Tolerance::new(1e-6, 0.0),
+    );
+    assert_tensors_close(
+        &xg.maximum(&yg).unwrap(),
+        &x.maximum(&y).unwrap(),
+        Tolerance::new(1e-6, 0.0),
+    );
+    let small = Tensor::from_vec(vec![-1.7f32, -0.4, 0.3, 1.1, 2.6], &[5], &Device::Cpu).unwrap();
+    let other = Tensor::from_vec(vec![0.2f32, -1.0, 1.0, 0.5, 2.0], &[5], &Device::Cpu).unwrap();
+    check_gradients(|v| v[0].exp(), &[small.clone()], 1e-3, FD_TOL).unwrap();
+    check_gradients(|v| v[0].clamp(-1.0, 2.0), &[small.clone()], 1e-3, FD_TOL).unwrap();
+    check_gradients(|v| v[0].maximum(&v[1]), &[small, other], 1e-3, FD_TOL).unwrap();
+}

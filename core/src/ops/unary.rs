@@ -116,6 +116,7 @@ enum Activation {
     GeluTanh = 1,
     Silu = 2,
     Relu = 3,
+    Exp = 4,
 }
 
 impl Activation {
@@ -125,6 +126,7 @@ impl Activation {
             Activation::GeluTanh => "gelu_tanh",
             Activation::Silu => "silu",
             Activation::Relu => "relu",
+            Activation::Exp => "exp",
         }
     }
 }
@@ -183,6 +185,7 @@ fn act_forward(kind: Activation, x: f32) -> f32 {
         }
         Activation::Silu => x * sigmoid_stable(x),
         Activation::Relu => x.max(0.0),
+        Activation::Exp => x.exp(),
     }
 }
 
@@ -210,6 +213,7 @@ fn act_derivative(kind: Activation, x: f32) -> f32 {
                 0.0
             }
         }
+        Activation::Exp => x.exp(),
     }
 }
 
@@ -342,5 +346,24 @@ impl Tensor {
     /// ReLU, elementwise: max(x, 0) (gradient 0 at 0).
     pub fn relu(&self) -> Result<Tensor> {
         self.activation(Activation::Relu)
+    }
+
+    /// e^x, elementwise (the GPU's `exp` may differ from the host's in the last bits).
+    pub fn exp(&self) -> Result<Tensor> {
+        self.activation(Activation::Exp)
+    }
+
+    /// min(max(x, lo), hi), elementwise, as relu compositions: the gradient is 1 strictly
+    /// inside (lo, hi) and 0 outside, as torch.clamp's.
+    pub fn clamp(&self, lo: f32, hi: f32) -> Result<Tensor> {
+        // lo + relu(x - lo) - relu(x - hi)
+        let above_lo = self.affine(1.0, -lo)?.relu()?;
+        let above_hi = self.affine(1.0, -hi)?.relu()?;
+        above_lo.sub(&above_hi)?.affine(1.0, lo)
+    }
+
+    /// max(a, b), elementwise (same shapes): b + relu(a - b); on ties the gradient goes to b.
+    pub fn maximum(&self, other: &Tensor) -> Result<Tensor> {
+        self.sub(other)?.relu()?.add(other)
     }
 }

@@ -30,7 +30,8 @@ fn affine(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups
     }
 }
 
-// ---- Activations and their backwards. kind: 0 GELU (erf), 1 GELU (tanh), 2 SiLU, 3 ReLU.
+// ---- Activations and their backwards. kind: 0 GELU (erf), 1 GELU (tanh), 2 SiLU, 3 ReLU,
+// 4 exp.
 // The math below is mirrored line for line in core/src/ops/unary.rs so that both devices
 // agree to rounding: WGSL has no erf, and driver tanh/exp overflow behaviour varies, so
 // erf is a rational approximation (no exp at all) and tanh/sigmoid are built from exp of a
@@ -88,6 +89,7 @@ fn act_forward(kind: u32, x: f32) -> f32 {
             return 0.5 * x * (1.0 + tanh_stable(u));
         }
         case 2u: { return x * sigmoid_stable(x); }
+        case 4u: { return exp(x); }
         default: { return max(x, 0.0); }
     }
 }
@@ -109,6 +111,7 @@ fn act_derivative(kind: u32, x: f32) -> f32 {
             let s = sigmoid_stable(x);
             return s * (1.0 + x * (1.0 - s));
         }
+        case 4u: { return exp(x); }
         default: { return select(0.0, 1.0, x > 0.0); }
     }
 }

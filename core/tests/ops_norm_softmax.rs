@@ -676,6 +676,12 @@ fn exp_clamp_maximum() {
     let small = Tensor::from_vec(vec![-1.7f32, -0.4, 0.3, 1.1, 2.6], &[5], &Device::Cpu).unwrap();
     let other = Tensor::from_vec(vec![0.2f32, -1.0, 1.0, 0.5, 2.0], &[5], &Device::Cpu).unwrap();
     check_gradients(|v| v[0].exp(), std::slice::from_ref(&small), 1e-3, FD_TOL).unwrap();
-    check_gradients(|v| v[0].clamp(-1.0, 2.0), std::slice::from_ref(&small), 1e-3, FD_TOL).unwrap();
+    check_gradients(
+        |v| v[0].clamp(-1.0, 2.0),
+        std::slice::from_ref(&small),
+        1e-3,
+        FD_TOL,
+    )
+    .unwrap();
     check_gradients(|v| v[0].maximum(&v[1]), &[small, other], 1e-3, FD_TOL).unwrap();
 }

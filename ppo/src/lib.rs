@@ -1,0 +1,42 @@
+//! lathe-ppo: PPO in the formulation of trl's classic `PPOTrainer` (0.4 … 0.11.4), the
+//! seed's step 3.
+//!
+//! - [`math`]: trl.core's masked statistics, the KL-penalised per-token rewards, GAE and the
+//!   KL controllers, on host values.
+//! - [`loss`]: the clipped policy and value losses of a minibatch, as tensors.
+//! - [`trainer`]: `PpoTrainer::step` — rollout log-probs and values, reference log-probs from
+//!   the same model with adapters off, rewards, advantages, PPO epochs over shuffled
+//!   minibatches, the KL controller update, every statistic trl logs.
+//! - [`rollout`]: queries and responses as the seed samples them, and the [`rollout::Reward`]
+//!   trait through which any scorer plugs in (a closure is one).
+//!
+//! This crate knows nothing of a particular reward model.
+
+pub mod config;
+pub mod loss;
+pub mod math;
+pub mod rollout;
+pub mod trainer;
+
+pub use config::PpoConfig;
+pub use rollout::Reward;
+pub use trainer::{PpoTrainer, StepStats};
+
+/// Errors of lathe-ppo.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("PPO config: {0}")]
+    Config(String),
+    #[error("PPO: {0}")]
+    Shape(String),
+    #[error("reward: {0}")]
+    Reward(String),
+    #[error(transparent)]
+    Core(#[from] lathe_core::Error),
+    #[error(transparent)]
+    Models(#[from] lathe_models::Error),
+    #[error(transparent)]
+    Lora(#[from] lathe_lora::Error),
+}
+
+pub type Result<T> = std::result::Result<T, Error>;

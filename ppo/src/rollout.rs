@@ -1,0 +1,95 @@
+//! Rollouts as the seed makes them: a query is the first L tokens of a text (L drawn
+//! uniformly from a range), a response is sampled with the policy (no early stop at EOS)
+//! and cut to a length drawn from another range; the reward scores the decoded text.
+
+use lathe_core::Device;
+use lathe_models::generate::{generate, GenerateConfig};
+use lathe_models::hf::CausalLm;
+use lathe_models::sampling::{Rng, SamplingConfig};
+
+use crate::{Error, Result};
+
+/// Scores texts (query + response decoded), one number each; larger is better.
+pub trait Reward {
+    fn score(&mut self, texts: &[String]) -> Result<Vec<f32>>;
+}
+
+impl<F> Reward for F
+where
+    F: FnMut(&[String]) -> Result<Vec<f32>>,
+{
+    fn score(&mut self, texts: &[String]) -> Result<Vec<f32>> {
+        self(texts)
+    }
+}
+
+/// An inclusive range of lengths, drawn uniformly (trl's `LengthSampler`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct LengthRange {
+    pub min: usize,
+    pub max: usize,
+}
+
+impl LengthRange {
+    pub fn sample(&self, rng: &mut Rng) -> usize {
+        self.min + (rng.next_u64() % (self.max - self.min + 1) as u64) as usize
+    }
+
+    pub fn validate(&self, what: &str) -> Result<()> {
+        if self.min == 0 || self.min > self.max {
+            return Err(Error::Config(format!(
+                "{what} range {}..={} must satisfy 1 <= min <= max",
+                self.min, self.max
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Queries: for each text drawn (in `order`), its first L tokens with L from `lengths`
+/// (texts shorter than L give all their tokens; empty texts are skipped by the caller).
+pub fn make_queries(tokenized: &[&[u32]], lengths: LengthRange, rng: &mut Rng) -> Vec<Vec<u32>> {
+    tokenized
+        .iter()
+        .map(|ids| {
+            let l = lengths.sample(rng).min(ids.len());
+            ids[..l].to_vec()
+        })
+        .collect()
+}
+
+/// Samples one response per query with `sampling` (the seed: top_k 0, top_p 1, sampled),
+/// `max(lengths)` new tokens without stopping at EOS, then cuts each to its own drawn
+/// length, as the seed's per-sample `LengthSampler`.
+#[allow(clippy::too_many_arguments)]
+pub fn sample_responses(
+    model: &CausalLm,
+    queries: &[Vec<u32>],
+    lengths: LengthRange,
+    sampling: SamplingConfig,
+    pad_id: u32,
+    seed: u64,
+    rng: &mut Rng,
+    device: &Device,
+) -> Result<Vec<Vec<u32>>> {
+    let wanted: Vec<usize> = queries.iter().map(|_| lengths.sample(rng)).collect();
+    let config = GenerateConfig {
+        max_new_tokens: lengths.max,
+        min_new_tokens: 0,
+        eos_token_id: None,
+        stop_at_eos: false,
+        pad_token_id: pad_id,
+        sampling,
+        seed,
+        use_cache: true,
+    };
+    let out = generate(model, queries, &config, device)?;
+    Ok(out
+        .into_iter()
+        .zip(wanted)
+        .map(|(mut r, n)| {
+            r.truncate(n);
+            r
+        })
+        .collect())
+}

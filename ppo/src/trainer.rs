@@ -1,0 +1,383 @@
+//! trl's classic `PPOTrainer.step` on a LoRA policy: the reference log-probs come from the
+//! same model with its adapters switched off (no second copy of the weights), the values
+//! from a value head on the last hidden state. Trainable: the adapters and the value head.
+
+use std::collections::BTreeMap;
+
+use lathe_core::optim::{Adam, AdamConfig};
+use lathe_core::{clip_grad_norm, no_grad, Device, GradStore, Tensor};
+use lathe_lora::AdapterSwitch;
+use lathe_models::attention::TokenLayout;
+use lathe_models::hf::CausalLm;
+use lathe_models::sampling::Rng;
+use lathe_models::value_head::ValueHead;
+
+use crate::config::PpoConfig;
+use crate::loss::{ppo_loss, LossStats, RolloutBatch};
+use crate::math::{compute_advantages, compute_rewards, masked_mean, Grid, KlController};
+use crate::{Error, Result};
+
+/// The policy, its value head and the optimizer state of a PPO run.
+pub struct PpoTrainer {
+    pub model: CausalLm,
+    pub value_head: ValueHead,
+    pub switch: AdapterSwitch,
+    pub config: PpoConfig,
+    adam: Adam,
+    kl: KlController,
+    pad_id: u32,
+    device: Device,
+    steps_done: usize,
+}
+
+/// One forward of a batch of sequences: (B, T - 1) log-probs of tokens 1.. and values at
+/// positions 0..T-1, on the device; the per-position entropy on the host when asked.
+struct Forward {
+    logprobs: Tensor,
+    values: Tensor,
+    entropy: Option<Grid>,
+}
+
+/// The statistics of one step under trl's names (`objective/kl`, `ppo/loss/total`, ...).
+pub type StepStats = BTreeMap<String, f32>;
+
+impl PpoTrainer {
+    /// A trainer over `model` (with LoRA adapters on `switch`, see
+    /// `CausalLm::add_lora`/`load_lora`) and `value_head`. `pad_id` fills the right padding
+    /// of batched sequences.
+    pub fn new(
+        model: CausalLm,
+        switch: AdapterSwitch,
+        value_head: ValueHead,
+        config: PpoConfig,
+        pad_id: u32,
+        device: &Device,
+    ) -> Result<PpoTrainer> {
+        config.validate()?;
+        let mut params = model.lora_parameters();
+        if params.is_empty() {
+            return Err(Error::Config(
+                "the policy has no LoRA adapters: add or load some first".into(),
+            ));
+        }
+        params.extend(value_head.summary.variables());
+        let adam = Adam::new(
+            params,
+            AdamConfig {
+                lr: config.learning_rate,
+                ..AdamConfig::default()
+            },
+        )?;
+        let kl = config.kl_controller();
+        Ok(PpoTrainer {
+            model,
+            value_head,
+            switch,
+            config,
+            adam,
+            kl,
+            pad_id,
+            device: device.clone(),
+            steps_done: 0,
+        })
+    }
+
+    pub fn kl_controller(&self) -> &KlController {
+        &self.kl
+    }
+
+    pub fn steps_done(&self) -> usize {
+        self.steps_done
+    }
+
+    pub fn optimizer(&self) -> &Adam {
+        &self.adam
+    }
+
+    /// Restores a resumed run's counters, KL controller and optimizer state.
+    pub fn restore(
+        &mut self,
+        steps_done: usize,
+        kl: KlController,
+        adam_step: u64,
+        moments: Vec<(Tensor, Tensor)>,
+    ) -> Result<()> {
+        self.adam.restore(adam_step, moments)?;
+        self.kl = kl;
+        self.steps_done = steps_done;
+        Ok(())
+    }
+
+    /// Forward of query + response sequences right-padded to `seq` tokens.
+    fn forward(&self, seqs: &[Vec<u32>], seq: usize, entropy: bool) -> Result<Forward> {
+        let b = seqs.len();
+        let mut ids = Vec::with_capacity(b * seq);
+        for s in seqs {
+            ids.extend_from_slice(s);
+            ids.extend(std::iter::repeat_n(self.pad_id, seq - s.len()));
+        }
+        let ids = Tensor::from_vec(ids, &[b, seq], &self.device)?;
+        // Right padding: real tokens sit at positions 0.. and never attend to the padding
+        // after them (causal), so a contiguous layout is exact for them.
+        let layout = TokenLayout::contiguous(b, seq, 0, &self.device)?;
+        let hidden = self.model.forward_hidden(&ids, &layout, None)?; // (B, T, H)
+        let logits = self.model.lm_head(&hidden)?.narrow(1, 0, seq - 1)?; // (B, T-1, V)
+        let logprobs = logits.log_softmax_gather(&ids.narrow(1, 1, seq - 1)?)?; // (B, T-1)
+        let values = self.value_head.forward(&hidden)?; // (B, T)
+        let values = values.reshape(&[b, seq])?.narrow(1, 0, seq - 1)?;
+        let entropy = if entropy {
+            let _no_grad = no_grad();
+            let log_p = logits.detach().log_softmax_last()?;
+            let ent = log_p.exp()?.mul(&log_p)?.sum(2)?.affine(-1.0, 0.0)?;
+            Some(Grid::new(b, seq - 1, ent.to_vec_f32()?)?)
+        } else {
+            None
+        };
+        Ok(Forward {
+            logprobs,
+            values,
+            entropy,
+        })
+    }
+
+    /// One PPO step on a batch of (query, response) token ids and their scores, as trl's
+    /// `step`. Returns every statistic trl logs for a step.
+    pub fn step(
+        &mut self,
+        queries: &[Vec<u32>],
+        responses: &[Vec<u32>],
+        scores: &[f32],
+    ) -> Result<StepStats> {
+        let b = queries.len();
+        if b != self.config.batch_size || responses.len() != b || scores.len() != b {
+            return Err(Error::Shape(format!(
+                "step: {} queries, {} responses, {} scores for batch_size {}",
+                b,
+                responses.len(),
+                scores.len(),
+                self.config.batch_size
+            )));
+        }
+        if let Some(i) = (0..b).find(|&i| queries[i].is_empty() || responses[i].is_empty()) {
+            return Err(Error::Shape(format!(
+                "sample {i} has an empty query or response"
+            )));
+        }
+        if let Some(i) = scores.iter().position(|s| !s.is_finite()) {
+            return Err(Error::Shape(format!("score {i} is {}", scores[i])));
+        }
+        let seqs: Vec<Vec<u32>> = queries
+            .iter()
+            .zip(responses)
+            .map(|(q, r)| q.iter().chain(r).copied().collect())
+            .collect();
+        let seq = seqs.iter().map(Vec::len).max().unwrap_or(0);
+        let cols = seq - 1;
+        // Response positions of the (B, T-1) log-probs: token t+1 is predicted at t.
+        let mut mask = Grid::zeros(b, cols);
+        for (i, (q, r)) in queries.iter().zip(responses).enumerate() {
+            let start = q.len() - 1;
+            mask.data[i * cols + start..i * cols + start + r.len()].fill(1.0);
+        }
+
+        // Rollout quantities: no gradients, no dropout.
+        let (logprobs, values, ref_logprobs) = {
+            let _no_grad = no_grad();
+            self.switch.eval();
+            self.value_head.set_training(false);
+            let policy = self.forward(&seqs, seq, false)?;
+            let reference = {
+                let _off = self.switch.disable();
+                self.forward(&seqs, seq, false)?
+            };
+            (
+                Grid::new(b, cols, policy.logprobs.to_vec_f32()?)?,
+                Grid::new(b, cols, policy.values.to_vec_f32()?)?,
+                Grid::new(b, cols, reference.logprobs.to_vec_f32()?)?,
+            )
+        };
+        let kl_coef = self.kl.value();
+        let (rewards, non_score, kls) = compute_rewards(
+            scores,
+            &logprobs,
+            &ref_logprobs,
+            &mask,
+            kl_coef,
+            self.config.kl_penalty,
+        )?;
+        let (values, advantages, returns) = compute_advantages(
+            &values,
+            &rewards,
+            &mask,
+            self.config.gamma,
+            self.config.lam,
+            self.config.whiten_rewards,
+        )?;
+
+        let minibatch_stats =
+            self.optimize(&seqs, seq, &logprobs, &values, &advantages, &returns, &mask)?;
+        self.switch.eval();
+        self.value_head.set_training(false);
+
+        let mut stats = StepStats::new();
+        let row_sums = |g: &Grid| -> Vec<f64> {
+            (0..b)
+                .map(|r| {
+                    g.row(r)
+                        .iter()
+                        .zip(mask.row(r))
+                        .map(|(&v, &m)| v as f64 * m as f64)
+                        .sum()
+                })
+                .collect()
+        };
+        let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
+        let std = |v: &[f64]| {
+            let m = mean(v);
+            (v.iter().map(|x| (x - m).powi(2)).sum::<f64>() / (v.len() as f64 - 1.0).max(1.0))
+                .sqrt()
+        };
+        let mean_kl = mean(&row_sums(&kls));
+        let neg_logprobs = Grid::new(b, cols, logprobs.data.iter().map(|l| -l).collect())?;
+        let scores64: Vec<f64> = scores.iter().map(|&s| s as f64).collect();
+        let query_lens: Vec<f64> = queries.iter().map(|q| q.len() as f64).collect();
+        let response_lens: Vec<f64> = responses.iter().map(|r| r.len() as f64).collect();
+        let mut put = |k: &str, v: f64| {
+            stats.insert(k.to_string(), v as f32);
+        };
+        put("objective/kl", mean_kl);
+        put("objective/kl_coef", kl_coef as f64);
+        put("objective/entropy", mean(&row_sums(&neg_logprobs)));
+        put(
+            "ppo/mean_non_score_reward",
+            masked_mean(&non_score, &mask) as f64,
+        );
+        put("ppo/mean_scores", mean(&scores64));
+        put("ppo/std_scores", std(&scores64));
+        put("env/reward_mean", mean(&scores64));
+        put("env/reward_std", std(&scores64));
+        put("tokens/queries_len_mean", mean(&query_lens));
+        put("tokens/responses_len_mean", mean(&response_lens));
+        // Each minibatch statistic averaged over the minibatches, as trl's stack_dicts.
+        let n = minibatch_stats.len().max(1) as f64;
+        for (i, (name, _)) in LossStats::default().named().iter().enumerate() {
+            let total: f64 = minibatch_stats.iter().map(|s| s.named()[i].1 as f64).sum();
+            put(name, total / n);
+        }
+        put(
+            "ppo/minibatches_skipped",
+            minibatch_stats.iter().filter(|s| s.skipped).count() as f64,
+        );
+        let error = stats["ppo/val/error"] as f64;
+        let returns_var = stats["ppo/returns/var"] as f64;
+        stats.insert(
+            "ppo/val/var_explained".to_string(),
+            (1.0 - error / returns_var) as f32,
+        );
+        self.kl.update(mean_kl as f32, self.config.batch_size);
+        self.steps_done += 1;
+        Ok(stats)
+    }
+
+    /// The PPO epochs: shuffled minibatches, gradients summed over
+    /// `gradient_accumulation_steps` of them per optimizer step, early stop on KL.
+    #[allow(clippy::too_many_arguments)]
+    fn optimize(
+        &mut self,
+        seqs: &[Vec<u32>],
+        seq: usize,
+        old_logprobs: &Grid,
+        values: &Grid,
+        advantages: &Grid,
+        returns: &Grid,
+        mask: &Grid,
+    ) -> Result<Vec<LossStats>> {
+        let c = self.config.clone();
+        let b = seqs.len();
+        let backward_batch = c.mini_batch_size * c.gradient_accumulation_steps;
+        let params = self.adam.params().to_vec();
+        let mut all = Vec::new();
+        let mut rng =
+            Rng::new(c.seed ^ (self.steps_done as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15));
+        let mut micro = 0u64;
+        for _epoch in 0..c.ppo_epochs {
+            let order = permutation(b, &mut rng);
+            for backward in order.chunks(backward_batch) {
+                let mut grads: Option<GradStore> = None;
+                for rows in backward.chunks(c.mini_batch_size) {
+                    self.switch
+                        .train(c.seed ^ (self.steps_done as u64) << 32 ^ micro);
+                    self.value_head.set_training(true);
+                    micro += 1;
+                    let mb_seqs: Vec<Vec<u32>> = rows.iter().map(|&r| seqs[r].clone()).collect();
+                    let forward = self.forward(&mb_seqs, seq, true)?;
+                    let (old, val, adv, ret, m) = (
+                        old_logprobs.select_rows(rows),
+                        values.select_rows(rows),
+                        advantages.select_rows(rows),
+                        returns.select_rows(rows),
+                        mask.select_rows(rows),
+                    );
+                    let batch = RolloutBatch {
+                        old_logprobs: &old,
+                        values: &val,
+                        advantages: &adv,
+                        returns: &ret,
+                        mask: &m,
+                    };
+                    let entropy = forward.entropy.as_ref().expect("asked for");
+                    let (loss, stats) =
+                        ppo_loss(&c, &batch, &forward.logprobs, &forward.values, entropy)?;
+                    if !stats.skipped {
+                        let scaled =
+                            loss.affine(1.0 / c.gradient_accumulation_steps as f32, 0.0)?;
+                        let g = scaled.backward()?;
+                        grads = Some(match grads {
+                            None => g,
+                            Some(sum) => add_grads(sum, &g, &params)?,
+                        });
+                    }
+                    all.push(stats);
+                }
+                if let Some(mut grads) = grads {
+                    if let Some(max_norm) = c.max_grad_norm {
+                        clip_grad_norm(&mut grads, &params, max_norm)?;
+                    }
+                    self.adam.step(&grads)?;
+                }
+            }
+            if c.early_stopping
+                && all
+                    .last()
+                    .is_some_and(|s| s.policy_policykl > 1.5 * c.target_kl)
+            {
+                break;
+            }
+        }
+        Ok(all)
+    }
+}
+
+/// sum + next for every parameter.
+fn add_grads(mut sum: GradStore, next: &GradStore, params: &[Tensor]) -> Result<GradStore> {
+    for p in params {
+        if let Some(g) = next.get(p) {
+            let total = match sum.remove(p) {
+                Some(previous) => previous.add(g)?,
+                None => g.clone(),
+            };
+            sum.insert(p, total);
+        }
+    }
+    Ok(sum)
+}
+
+/// A Fisher-Yates permutation of 0..n from `rng`.
+pub fn permutation(n: usize, rng: &mut Rng) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..n).collect();
+    for i in (1..n).rev() {
+        let j = (rng.next_u64() % (i as u64 + 1)) as usize;
+        order.swap(i, j);
+    }
+    order
+}

@@ -219,62 +219,19 @@ impl PpoTrainer {
         self.switch.eval();
         self.value_head.set_training(false);
 
-        let mut stats = StepStats::new();
-        let row_sums = |g: &Grid| -> Vec<f64> {
-            (0..b)
-                .map(|r| {
-                    g.row(r)
-                        .iter()
-                        .zip(mask.row(r))
-                        .map(|(&v, &m)| v as f64 * m as f64)
-                        .sum()
-                })
-                .collect()
-        };
-        let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
-        let std = |v: &[f64]| {
-            let m = mean(v);
-            (v.iter().map(|x| (x - m).powi(2)).sum::<f64>() / (v.len() as f64 - 1.0).max(1.0))
-                .sqrt()
-        };
-        let mean_kl = mean(&row_sums(&kls));
-        let neg_logprobs = Grid::new(b, cols, logprobs.data.iter().map(|l| -l).collect())?;
-        let scores64: Vec<f64> = scores.iter().map(|&s| s as f64).collect();
-        let query_lens: Vec<f64> = queries.iter().map(|q| q.len() as f64).collect();
-        let response_lens: Vec<f64> = responses.iter().map(|r| r.len() as f64).collect();
-        let mut put = |k: &str, v: f64| {
-            stats.insert(k.to_string(), v as f32);
-        };
-        put("objective/kl", mean_kl);
-        put("objective/kl_coef", kl_coef as f64);
-        put("objective/entropy", mean(&row_sums(&neg_logprobs)));
-        put(
-            "ppo/mean_non_score_reward",
-            masked_mean(&non_score, &mask) as f64,
-        );
-        put("ppo/mean_scores", mean(&scores64));
-        put("ppo/std_scores", std(&scores64));
-        put("env/reward_mean", mean(&scores64));
-        put("env/reward_std", std(&scores64));
-        put("tokens/queries_len_mean", mean(&query_lens));
-        put("tokens/responses_len_mean", mean(&response_lens));
-        // Each minibatch statistic averaged over the minibatches, as trl's stack_dicts.
-        let n = minibatch_stats.len().max(1) as f64;
-        for (i, (name, _)) in LossStats::default().named().iter().enumerate() {
-            let total: f64 = minibatch_stats.iter().map(|s| s.named()[i].1 as f64).sum();
-            put(name, total / n);
-        }
-        put(
-            "ppo/minibatches_skipped",
-            minibatch_stats.iter().filter(|s| s.skipped).count() as f64,
-        );
-        let error = stats["ppo/val/error"] as f64;
-        let returns_var = stats["ppo/returns/var"] as f64;
-        stats.insert(
-            "ppo/val/var_explained".to_string(),
-            (1.0 - error / returns_var) as f32,
-        );
-        self.kl.update(mean_kl as f32, self.config.batch_size);
+        let stats = record_step_stats(&StepRecord {
+            scores,
+            logprobs: &logprobs,
+            kls: &kls,
+            non_score: &non_score,
+            mask: &mask,
+            kl_coef,
+            query_lens: queries.iter().map(Vec::len).collect(),
+            response_lens: responses.iter().map(Vec::len).collect(),
+            minibatches: &minibatch_stats,
+        });
+        let mean_kl = stats["objective/kl"];
+        self.kl.update(mean_kl, self.config.batch_size);
         self.steps_done += 1;
         Ok(stats)
     }
@@ -356,6 +313,78 @@ impl PpoTrainer {
         }
         Ok(all)
     }
+}
+
+/// What trl's `record_step_stats` reads.
+pub struct StepRecord<'a> {
+    pub scores: &'a [f32],
+    pub logprobs: &'a Grid,
+    pub kls: &'a Grid,
+    pub non_score: &'a Grid,
+    pub mask: &'a Grid,
+    pub kl_coef: f32,
+    pub query_lens: Vec<usize>,
+    pub response_lens: Vec<usize>,
+    pub minibatches: &'a [LossStats],
+}
+
+/// trl's `record_step_stats` (+ `env/reward_*` of `log_stats`): per-row KL and entropy sums
+/// averaged over rows, score mean and unbiased std, each minibatch statistic averaged over
+/// the minibatches, and the explained variance of the values.
+pub fn record_step_stats(r: &StepRecord<'_>) -> StepStats {
+    let b = r.mask.rows;
+    let row_sums = |g: &Grid| -> Vec<f64> {
+        (0..b)
+            .map(|i| {
+                g.row(i)
+                    .iter()
+                    .zip(r.mask.row(i))
+                    .map(|(&v, &m)| v as f64 * m as f64)
+                    .sum()
+            })
+            .collect()
+    };
+    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
+    let std = |v: &[f64]| {
+        let m = mean(v);
+        (v.iter().map(|x| (x - m).powi(2)).sum::<f64>() / (v.len() as f64 - 1.0).max(1.0)).sqrt()
+    };
+    let neg_logprobs = Grid {
+        rows: r.logprobs.rows,
+        cols: r.logprobs.cols,
+        data: r.logprobs.data.iter().map(|l| -l).collect(),
+    };
+    let scores: Vec<f64> = r.scores.iter().map(|&s| s as f64).collect();
+    let as_f64 = |v: &[usize]| v.iter().map(|&x| x as f64).collect::<Vec<f64>>();
+    let mut stats = StepStats::new();
+    let mut put = |k: &str, v: f64| {
+        stats.insert(k.to_string(), v as f32);
+    };
+    put("objective/kl", mean(&row_sums(r.kls)));
+    put("objective/kl_coef", r.kl_coef as f64);
+    put("objective/entropy", mean(&row_sums(&neg_logprobs)));
+    put(
+        "ppo/mean_non_score_reward",
+        masked_mean(r.non_score, r.mask) as f64,
+    );
+    put("ppo/mean_scores", mean(&scores));
+    put("ppo/std_scores", std(&scores));
+    put("env/reward_mean", mean(&scores));
+    put("env/reward_std", std(&scores));
+    put("tokens/queries_len_mean", mean(&as_f64(&r.query_lens)));
+    put("tokens/responses_len_mean", mean(&as_f64(&r.response_lens)));
+    let n = r.minibatches.len().max(1) as f64;
+    for (i, (name, _)) in LossStats::default().named().iter().enumerate() {
+        let total: f64 = r.minibatches.iter().map(|s| s.named()[i].1 as f64).sum();
+        put(name, total / n);
+    }
+    put(
+        "ppo/minibatches_skipped",
+        r.minibatches.iter().filter(|s| s.skipped).count() as f64,
+    );
+    let explained = 1.0 - stats["ppo/val/error"] as f64 / stats["ppo/returns/var"] as f64;
+    stats.insert("ppo/val/var_explained".to_string(), explained as f32);
+    stats
 }
 
 /// sum + next for every parameter.

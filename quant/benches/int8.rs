@@ -5,6 +5,8 @@
 //! head 576 -> 49152). Throughput is in weight bytes per iteration, so criterion's
 //! GB/s figure is the weight stream (int8: 1 byte/parameter; f32: 4). GPU iterations end
 //! with `device.sync()`. Runs on software adapters (lavapipe) with small sample counts.
+//! `int8_cpu_forms`: the CPU's GEMM form against its few-rows kernel from 1 to 1024 rows (the
+//! crossover `Int8Form::Auto` uses), and the quantization of an LM-head-sized weight.
 //!
 //! `cargo bench -p lathe-quant --bench int8 [-- FILTER]`
 
@@ -94,7 +96,7 @@ fn bench_cpu_forms(c: &mut Criterion) {
     let mut group = c.benchmark_group("int8_cpu_forms");
     configure(&mut group, false);
     let rows_form = Int8Form::cpu_row_forms()[0];
-    for rows in [1, 8, 16, 32, 48, 64, 128, 384] {
+    for rows in [1, 8, 16, 32, 48, 64, 128, 384, 1024] {
         let (x, _, layer) = operands(rows, 576, 1536, &device);
         for (name, form) in [("gemm", Int8Form::Gemm), ("rows", rows_form)] {
             group.bench_function(BenchmarkId::new(name, rows), |b| {

@@ -1,9 +1,12 @@
 //! Criterion benches of the LLM.int8() linear (threshold 6.0, inputs without outliers)
 //! against the f32 `matmul_t(w, false, true)` of the same layer, on CPU and GPU: a GEMM
 //! (384 x 576 -> 1536, a batch of prompts through an MLP) and GEMVs (one decoding row,
-//! 576 -> 1536 and 2048 -> 8192). Throughput is in weight bytes per iteration, so criterion's
+//! 576 -> 1536 and 2048 -> 8192) and decoding batches (16 rows, 576 -> 1536 and SmolLM2's LM
+//! head 576 -> 49152). Throughput is in weight bytes per iteration, so criterion's
 //! GB/s figure is the weight stream (int8: 1 byte/parameter; f32: 4). GPU iterations end
 //! with `device.sync()`. Runs on software adapters (lavapipe) with small sample counts.
+//! `int8_cpu_forms`: the CPU's GEMM form against its few-rows kernel from 1 to 1024 rows (the
+//! crossover `Int8Form::Auto` uses), and the quantization of an LM-head-sized weight.
 //!
 //! `cargo bench -p lathe-quant --bench int8 [-- FILTER]`
 
@@ -12,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use lathe_core::{testing::test_gpu, Device, Tensor};
+use lathe_quant::int8::Int8Form;
 use lathe_quant::Int8Linear;
 
 /// (label, rows, in, out).
@@ -19,6 +23,8 @@ const SHAPES: &[(&str, usize, usize, usize)] = &[
     ("gemm_384x576x1536", 384, 576, 1536),
     ("gemv_1x576x1536", 1, 576, 1536),
     ("gemv_1x2048x8192", 1, 2048, 8192),
+    ("rows_16x576x1536", 16, 576, 1536),
+    ("rows_16x576x49152", 16, 576, 49152),
 ];
 
 fn configure(
@@ -83,9 +89,32 @@ fn bench_cpu(c: &mut Criterion) {
     bench_device(c, "int8_cpu", Device::Cpu);
 }
 
+/// The CPU's GEMM form against the few-rows kernel (best path) over row counts at 576 ->
+/// 1536: where `Auto` should switch. And the quantization of a weight (the load-time cost).
+fn bench_cpu_forms(c: &mut Criterion) {
+    let device = Device::Cpu;
+    let mut group = c.benchmark_group("int8_cpu_forms");
+    configure(&mut group, false);
+    let rows_form = Int8Form::cpu_row_forms()[0];
+    for rows in [1, 8, 16, 32, 48, 64, 128, 384, 1024] {
+        let (x, _, layer) = operands(rows, 576, 1536, &device);
+        for (name, form) in [("gemm", Int8Form::Gemm), ("rows", rows_form)] {
+            group.bench_function(BenchmarkId::new(name, rows), |b| {
+                b.iter(|| black_box(layer.forward_with(&x, form).expect("int8")))
+            });
+        }
+    }
+    let w = Tensor::randn(&[49152, 576], 3, &device).expect("w");
+    group.throughput(Throughput::Bytes((49152 * 576 * 4) as u64));
+    group.bench_function("quantize_49152x576", |b| {
+        b.iter(|| black_box(lathe_quant::Int8Weight::quantize(&w).expect("quantize")))
+    });
+    group.finish();
+}
+
 fn bench_gpu(c: &mut Criterion) {
     bench_device(c, "int8_gpu", test_gpu());
 }
 
-criterion_group!(benches, bench_cpu, bench_gpu);
+criterion_group!(benches, bench_cpu, bench_cpu_forms, bench_gpu);
 criterion_main!(benches);

@@ -326,3 +326,206 @@ fn no_gradient_reaches_a_frozen_input() {
     let y = layer.forward(&x).unwrap();
     assert!(!y.tracks_grad());
 }
+
+/// acc[r, o] = sum_j ca[r, j] * cb[o, j] in i64, checked to fit i32: the plain reference of
+/// every CPU kernel.
+fn reference_acc(ca: &[i8], cb: &[i8], rows: usize, out: usize, inn: usize) -> Vec<i32> {
+    let mut acc = Vec::with_capacity(rows * out);
+    for r in 0..rows {
+        for o in 0..out {
+            let s: i64 = (0..inn)
+                .map(|j| i64::from(ca[r * inn + j]) * i64::from(cb[o * inn + j]))
+                .sum();
+            acc.push(i32::try_from(s).expect("fits i32"));
+        }
+    }
+    acc
+}
+
+/// Every CPU form, each row path this CPU has included, against the scalar reference
+/// (exact int32 sums) and the GEMM form (identical outputs).
+fn check_cpu_forms(layer: &Int8Linear, x: &[f32], rows: usize, inn: usize) {
+    let out = layer.weight.out_features();
+    let xc = Tensor::from_slice(x, &[rows, inn], &Device::Cpu).unwrap();
+    let gemm = layer.trace(&xc, Int8Form::Gemm).unwrap();
+    let want = reference_acc(&gemm.ca, &layer.weight.values().unwrap(), rows, out, inn);
+    assert_eq!(gemm.acc, want, "GEMM form vs reference");
+    let mut forms = vec![Int8Form::Auto];
+    forms.extend(Int8Form::cpu_row_forms());
+    if rows <= 4 {
+        forms.push(Int8Form::Gemv);
+    }
+    for form in forms {
+        let t = layer.trace(&xc, form).unwrap();
+        assert_eq!(
+            t.acc, want,
+            "{form:?}: int32 accumulations ({rows}x{inn} -> {out})"
+        );
+        assert_eq!(t.y, gemm.y, "{form:?}: outputs");
+    }
+}
+
+fn check_row_kernels(rows: usize, inn: usize, out: usize, planted: &[usize], seed: u64) {
+    let w = values(out * inn, seed + 1, 0.1);
+    let x = activations(rows, inn, seed, planted);
+    let wt = Tensor::from_slice(&w, &[out, inn], &Device::Cpu).unwrap();
+    let layer = Int8Linear::from_dense(&wt, None, 6.0).unwrap();
+    check_cpu_forms(&layer, &x, rows, inn);
+}
+
+#[test]
+fn cpu_row_forms_cover_the_generic_path() {
+    // Every machine has the portable path; x86-64 machines list what they detect.
+    let forms = Int8Form::cpu_row_forms();
+    assert!(forms.contains(&Int8Form::RowsGeneric), "{forms:?}");
+    println!("row kernel paths on this CPU: {forms:?}");
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 24, .. ProptestConfig::default() })]
+
+    /// Odd sizes: rows 1..=33, in not a multiple of 4/16/32/64, odd out.
+    #[test]
+    fn cpu_row_kernels_match_reference(
+        rows in 1usize..=33,
+        inn in 1usize..300,
+        half_out in 0usize..70,
+        outliers in 0usize..3,
+        seed in 0u64..1000,
+    ) {
+        let planted: Vec<usize> = (0..outliers.min(inn)).map(|k| (k * 41 + 3) % inn).collect();
+        check_row_kernels(rows, inn, 2 * half_out + 1, &planted, seed);
+    }
+}
+
+#[test]
+fn cpu_row_kernels_on_big_and_extreme_inputs() {
+    // Full 64-byte chunks plus a masked tail; x in several panels; threads over several
+    // 32-row weight tasks (the last one odd).
+    check_row_kernels(17, 577, 101, &[5], 7);
+    check_row_kernels(32, 1536, 67, &[], 8);
+    check_row_kernels(100, 1001, 65, &[17], 11);
+    check_row_kernels(33, 64, 65, &[], 9);
+    check_row_kernels(1, 2051, 129, &[100, 2000], 10);
+    // Saturated operands: every product +-127 * 127 (the u8 shift and its correction at
+    // their extremes), over long rows.
+    let (rows, inn, out) = (7, 4099, 5);
+    let x: Vec<f32> = (0..rows * inn)
+        .map(|i| if (i / inn) % 2 == 0 { 1.0 } else { -1.0 })
+        .collect();
+    let w: Vec<f32> = (0..out * inn)
+        .map(|i| {
+            if (i / inn + i % 3) % 2 == 0 {
+                0.5
+            } else {
+                -0.5
+            }
+        })
+        .collect();
+    let wt = Tensor::from_slice(&w, &[out, inn], &Device::Cpu).unwrap();
+    let layer = Int8Linear::from_dense(&wt, None, 0.0).unwrap();
+    check_cpu_forms(&layer, &x, rows, inn);
+}
+
+#[test]
+fn row_forms_are_cpu_only() {
+    let gpu = test_gpu();
+    let w = Tensor::from_slice(&values(12, 1, 1.0), &[3, 4], &gpu).unwrap();
+    let layer = Int8Linear::from_dense(&w, None, 6.0).unwrap();
+    let x = Tensor::from_slice(&values(8, 2, 1.0), &[2, 4], &gpu).unwrap();
+    let err = layer
+        .forward_with(&x, Int8Form::RowsGeneric)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("CPU only"), "{err}");
+}
+
+/// The scalar definition of the row-wise quantization (REFERENCE §3).
+fn reference_quantize(x: &[f32], cols: usize, skip: &[bool]) -> (Vec<i8>, Vec<f32>) {
+    let mut q = Vec::new();
+    let mut scales = Vec::new();
+    for row in x.chunks(cols) {
+        let max = row
+            .iter()
+            .zip(skip)
+            .filter(|(_, &s)| !s)
+            .fold(0f32, |m, (v, _)| m.max(v.abs()));
+        let inv = if max >= 7.888_609e-31 {
+            127.0 / max
+        } else {
+            0.0
+        };
+        q.extend(row.iter().zip(skip).map(|(&v, &s)| {
+            if s {
+                0
+            } else {
+                (v * inv).round_ties_even().clamp(-127.0, 127.0) as i8
+            }
+        }));
+        scales.push(max);
+    }
+    (q, scales)
+}
+
+fn check_quantization(w: &[f32], rows: usize, cols: usize) {
+    let wt = Tensor::from_slice(w, &[rows, cols], &Device::Cpu).unwrap();
+    let q = Int8Weight::quantize(&wt).unwrap();
+    let (want_q, want_s) = reference_quantize(w, cols, &vec![false; cols]);
+    assert_eq!(q.values().unwrap(), want_q, "weight values ({rows}x{cols})");
+    assert_eq!(q.scales().unwrap(), want_s, "weight scales");
+    // Activations: outlier columns (threshold 6) quantize to 0 and leave the max.
+    let layer = Int8Linear::new(q, None, 6.0).unwrap();
+    let t = layer.trace(&wt, Int8Form::Gemm).unwrap();
+    let mut skip = vec![false; cols];
+    for &j in &t.outliers {
+        skip[j as usize] = true;
+    }
+    let (want_ca, want_sca) = reference_quantize(w, cols, &skip);
+    assert_eq!(t.ca, want_ca, "activation values");
+    assert_eq!(t.sca, want_sca, "activation scales");
+}
+
+#[test]
+fn quantization_matches_round_ties_even_on_special_values() {
+    // Exact ties (scale 127: x * inv = x), NaN, infinities, subnormal and zero rows.
+    let row = |v: &[f32]| {
+        let mut r = vec![0f32; 21];
+        r[..v.len()].copy_from_slice(v);
+        r
+    };
+    let rows = [
+        row(&[
+            127.0, 0.5, 1.5, 2.5, -0.5, -1.5, -2.5, 126.5, -126.5, 3.5, 4.5, -0.0, 6.0,
+        ]),
+        row(&[1.0, f32::NAN, -0.25, 0.75, 5.9]),
+        row(&[f32::INFINITY, 1.0, -2.0]),
+        row(&[-f32::INFINITY, f32::NAN, 3.0]),
+        row(&[1e-35, -3e-36, 2e-31]),
+        row(&[]),
+        row(&[1e30, -7e29, 3.3e29, 1e-30]),
+        row(&[f32::MIN_POSITIVE, -f32::MIN_POSITIVE * 0.5]),
+    ];
+    let w: Vec<f32> = rows.concat();
+    check_quantization(&w, rows.len(), 21);
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 24, .. ProptestConfig::default() })]
+
+    #[test]
+    fn quantization_matches_round_ties_even(
+        rows in 1usize..9,
+        cols in 1usize..200,
+        scale in prop_oneof![Just(1.0f32), Just(10.0f32), Just(1e-3f32)],
+        seed in 0u64..1000,
+    ) {
+        let mut w = values(rows * cols, seed, scale);
+        // Some exact ties: a row max of 127 makes inv 1.
+        if cols > 2 {
+            w[0] = 127.0;
+            w[1] = 2.5;
+            w[2] = -0.5;
+        }
+        check_quantization(&w, rows, cols);
+    }
+}

@@ -2,7 +2,7 @@
 
 use lathe_core::{DType, Device, Tensor};
 
-use super::cpu::{self, Epilogue, Form, GEMV_MAX_ROWS};
+use super::cpu::{self, Epilogue, Form, Path, GEMV_MAX_ROWS, GENERIC_ROWS_MAX};
 use super::gpu;
 use super::weight::{Int8Weight, Packed};
 use crate::{Error, Result};
@@ -23,13 +23,37 @@ pub struct Int8Linear {
     pub threshold: f32,
 }
 
-/// Which matmul kernel a forward uses; `Auto` picks GEMV for at most 4 rows.
+/// Which matmul kernel a forward uses (test and bench hook). `Auto` picks, on a GPU, GEMV
+/// for at most 4 rows; on the CPU the blocked few-rows kernel on its best instruction path
+/// (the GEMM form only past 32 rows on CPUs with neither AVX-512 VNNI nor AVX2). `Gemv`
+/// takes the few-rows kernel on the CPU.
 #[doc(hidden)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Int8Form {
     Auto,
     Gemm,
     Gemv,
+    /// CPU only: the few-rows kernel with AVX-512 VNNI (an error where the CPU lacks it).
+    RowsVnni,
+    /// CPU only: the few-rows kernel with AVX2.
+    RowsAvx2,
+    /// CPU only: the few-rows kernel in portable Rust.
+    RowsGeneric,
+}
+
+impl Int8Form {
+    /// The `Rows*` forms this CPU can run.
+    pub fn cpu_row_forms() -> Vec<Int8Form> {
+        [
+            (Int8Form::RowsVnni, Path::Vnni),
+            (Int8Form::RowsAvx2, Path::Avx2),
+            (Int8Form::RowsGeneric, Path::Generic),
+        ]
+        .into_iter()
+        .filter(|(_, p)| p.supported())
+        .map(|(f, _)| f)
+        .collect()
+    }
 }
 
 /// What a forward computed on the way (test hook): quantized activations (rows, in)
@@ -98,13 +122,13 @@ impl Int8Linear {
     #[doc(hidden)]
     pub fn forward_with(&self, x: &Tensor, form: Int8Form) -> Result<Tensor> {
         let (rows, out_shape) = self.check_input(x)?;
-        let form = resolve(form, rows)?;
         let y = match self.device() {
             Device::Cpu => {
-                let (y, _) = self.cpu_forward(x, rows, form)?;
+                let (y, _) = self.cpu_forward(x, rows, form, false)?;
                 Tensor::from_vec(y, &out_shape, &Device::Cpu)?
             }
             Device::Gpu(_) => {
+                let form = resolve(form, rows)?;
                 let bias = self.bias.as_ref().map(Tensor::detach);
                 let f = gpu::forward(
                     &self.weight,
@@ -125,11 +149,14 @@ impl Int8Linear {
     #[doc(hidden)]
     pub fn trace(&self, x: &Tensor, form: Int8Form) -> Result<Int8Trace> {
         let (rows, _) = self.check_input(x)?;
-        let form = resolve(form, rows)?;
         let (cols, outs) = (self.weight.in_features, self.weight.out_features);
         match self.device() {
-            Device::Cpu => Ok(self.cpu_forward(x, rows, form)?.1),
+            Device::Cpu => Ok(self
+                .cpu_forward(x, rows, form, true)?
+                .1
+                .expect("a trace was asked for")),
             Device::Gpu(ctx) => {
+                let form = resolve(form, rows)?;
                 let bias = self.bias.as_ref().map(Tensor::detach);
                 let run = |acc: bool| {
                     gpu::forward(
@@ -193,8 +220,15 @@ impl Int8Linear {
         Ok((rows, out_shape))
     }
 
-    /// The CPU forward: y and the trace.
-    fn cpu_forward(&self, x: &Tensor, rows: usize, form: Form) -> Result<(Vec<f32>, Int8Trace)> {
+    /// The CPU forward: y, and the trace when asked for (not built otherwise: copies).
+    fn cpu_forward(
+        &self,
+        x: &Tensor,
+        rows: usize,
+        form: Int8Form,
+        traced: bool,
+    ) -> Result<(Vec<f32>, Option<Int8Trace>)> {
+        let kernel = resolve_cpu(form, rows)?;
         let (cols, outs) = (self.weight.in_features, self.weight.out_features);
         let Packed::Cpu { cb, scb } = &self.weight.packed else {
             return Err(super::weight::gpu_missing());
@@ -207,7 +241,10 @@ impl Int8Linear {
         }
         let (ca, sca) = cpu::quantize_rows(&xv, rows, cols, Some(&skip));
         let stride = cpu::padded(cols);
-        let acc = cpu::int8_matmul(&ca, cb, rows, outs, stride, form);
+        let acc = match kernel {
+            CpuKernel::Gemm => cpu::int8_matmul(&ca, cb, rows, outs, stride, Form::Gemm),
+            CpuKernel::Rows(path) => cpu::int8_matmul_rows(&ca, cb, rows, outs, stride, path),
+        };
         let bias = self.bias.as_ref().map(Tensor::to_vec_f32).transpose()?;
         let y = cpu::epilogue(
             &acc,
@@ -224,16 +261,15 @@ impl Int8Linear {
                 bias: bias.as_deref(),
             },
         );
-        let ca = (0..rows)
-            .flat_map(|r| ca[r * stride..r * stride + cols].iter().copied())
-            .collect();
-        let trace = Int8Trace {
-            ca,
+        let trace = traced.then(|| Int8Trace {
+            ca: (0..rows)
+                .flat_map(|r| ca[r * stride..r * stride + cols].iter().copied())
+                .collect(),
             sca,
             outliers,
             acc,
             y: y.clone(),
-        };
+        });
         Ok((y, trace))
     }
 
@@ -291,14 +327,55 @@ fn input_grad(weight: &Int8Weight, dy: &Tensor, rows: usize) -> Result<Tensor> {
     }
 }
 
+/// The GPU kernel of a form.
 fn resolve(form: Int8Form, rows: usize) -> Result<Form> {
     match form {
         Int8Form::Auto if rows <= GEMV_MAX_ROWS => Ok(Form::Gemv),
         Int8Form::Auto | Int8Form::Gemm => Ok(Form::Gemm),
         Int8Form::Gemv if rows <= GEMV_MAX_ROWS => Ok(Form::Gemv),
-        Int8Form::Gemv => Err(Error::Shape {
+        Int8Form::Gemv => Err(gemv_rows(rows)),
+        Int8Form::RowsVnni | Int8Form::RowsAvx2 | Int8Form::RowsGeneric => Err(Error::Shape {
             op: "Int8Linear::forward",
-            detail: format!("the GEMV form takes at most {GEMV_MAX_ROWS} rows, got {rows}"),
+            detail: format!("the {form:?} form runs on the CPU only"),
         }),
+    }
+}
+
+/// The CPU's matmul kernels.
+#[derive(Clone, Copy, Debug)]
+enum CpuKernel {
+    Gemm,
+    Rows(Path),
+}
+
+/// The CPU kernel of a form (the crossover measured with `benches/int8.rs`).
+fn resolve_cpu(form: Int8Form, rows: usize) -> Result<CpuKernel> {
+    let path = |path: Path| {
+        if path.supported() {
+            Ok(CpuKernel::Rows(path))
+        } else {
+            Err(Error::Shape {
+                op: "Int8Linear::forward",
+                detail: format!("this CPU lacks the instructions of the {form:?} form"),
+            })
+        }
+    };
+    match form {
+        Int8Form::Auto if Path::best() != Path::Generic || rows <= GENERIC_ROWS_MAX => {
+            Ok(CpuKernel::Rows(Path::best()))
+        }
+        Int8Form::Auto | Int8Form::Gemm => Ok(CpuKernel::Gemm),
+        Int8Form::Gemv if rows <= GEMV_MAX_ROWS => Ok(CpuKernel::Rows(Path::best())),
+        Int8Form::Gemv => Err(gemv_rows(rows)),
+        Int8Form::RowsVnni => path(Path::Vnni),
+        Int8Form::RowsAvx2 => path(Path::Avx2),
+        Int8Form::RowsGeneric => path(Path::Generic),
+    }
+}
+
+fn gemv_rows(rows: usize) -> Error {
+    Error::Shape {
+        op: "Int8Linear::forward",
+        detail: format!("the GEMV form takes at most {GEMV_MAX_ROWS} rows, got {rows}"),
     }
 }

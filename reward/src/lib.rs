@@ -57,3 +57,8 @@ pub trait Reward {
     /// One score per text, in order. Texts may be empty.
     fn score(&self, texts: &[String]) -> Result<Vec<f32>>;
 }
+
+/// The README's examples run as doc tests.
+#[doc = include_str!("../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;

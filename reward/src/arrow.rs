@@ -160,7 +160,9 @@ fn read_batch(
     let (bufs, nbufs) = fb.vector_field(header, 2)?;
     let buffer = |i: usize| -> Result<&[u8]> {
         if i >= nbufs {
-            return Err(Error::Config("arrow: record batch has too few buffers".into()));
+            return Err(Error::Config(
+                "arrow: record batch has too few buffers".into(),
+            ));
         }
         let offset = fb.i64(bufs + 16 * i)? as usize;
         let len = fb.i64(bufs + 16 * i + 8)? as usize;
@@ -190,9 +192,13 @@ fn read_batch(
     let wide = text.type_tag == TYPE_LARGE_UTF8;
     let offset_at = |i: usize| -> Result<usize> {
         let o = if wide {
-            offsets.get(8 * i..8 * i + 8).map(|b| i64::from_le_bytes(b.try_into().unwrap()) as usize)
+            offsets
+                .get(8 * i..8 * i + 8)
+                .map(|b| i64::from_le_bytes(b.try_into().unwrap()) as usize)
         } else {
-            offsets.get(4 * i..4 * i + 4).map(|b| i32::from_le_bytes(b.try_into().unwrap()) as usize)
+            offsets
+                .get(4 * i..4 * i + 4)
+                .map(|b| i32::from_le_bytes(b.try_into().unwrap()) as usize)
         };
         o.ok_or_else(|| Error::Config("arrow: offsets buffer too short".into()))
     };
@@ -278,14 +284,20 @@ pub fn read_columns(path: &Path) -> Result<Vec<(Option<String>, Option<i64>)>> {
         match header_type {
             HEADER_SCHEMA => {
                 let cols = read_schema(&fb, header)?;
-                let find = |names: &[&str]| cols.iter().position(|c| names.contains(&c.name.as_str()));
+                let find =
+                    |names: &[&str]| cols.iter().position(|c| names.contains(&c.name.as_str()));
                 let text = find(&["sentence", "text"])
                     .ok_or_else(|| file_err("no \"sentence\" or \"text\" column".into()))?;
                 let lab = find(&["label"]).ok_or_else(|| file_err("no \"label\" column".into()))?;
                 if !matches!(cols[text].type_tag, TYPE_UTF8 | TYPE_LARGE_UTF8) {
-                    return Err(file_err(format!("column {:?} is not utf8", cols[text].name)));
+                    return Err(file_err(format!(
+                        "column {:?} is not utf8",
+                        cols[text].name
+                    )));
                 }
-                if cols[lab].type_tag != TYPE_INT || !matches!(cols[lab].bit_width, 8 | 16 | 32 | 64) {
+                if cols[lab].type_tag != TYPE_INT
+                    || !matches!(cols[lab].bit_width, 8 | 16 | 32 | 64)
+                {
                     return Err(file_err("column \"label\" is not an integer column".into()));
                 }
                 picked = (text, lab);

@@ -42,8 +42,8 @@ fn parse_label(value: &Value) -> std::result::Result<Option<u32>, String> {
         Value::Null => Ok(None),
         Value::Bool(b) => Ok(Some(u32::from(*b))),
         Value::Number(n) => match n.as_f64() {
-            Some(x) if x == 0.0 => Ok(Some(0)),
-            Some(x) if x == 1.0 => Ok(Some(1)),
+            Some(0.0) => Ok(Some(0)),
+            Some(1.0) => Ok(Some(1)),
             _ => Err(format!("label {n} is not binary (0 or 1)")),
         },
         Value::String(s) => match s.to_ascii_lowercase().as_str() {
@@ -86,10 +86,13 @@ pub fn load(path: impl AsRef<Path>) -> Result<Loaded> {
     let label = path.display().to_string();
     if path.extension().and_then(|e| e.to_str()) == Some("arrow") {
         let examples = crate::arrow::read_labelled(path)?;
-        return finish(label, Loaded {
-            examples,
-            skipped: 0,
-        });
+        return finish(
+            label,
+            Loaded {
+                examples,
+                skipped: 0,
+            },
+        );
     }
     let text = std::fs::read_to_string(path).map_err(|e| Error::File {
         path: label.clone(),
@@ -103,7 +106,11 @@ pub fn load(path: impl AsRef<Path>) -> Result<Loaded> {
         let Value::Array(items) = value else {
             unreachable!("starts with [")
         };
-        items.into_iter().enumerate().map(|(i, v)| (i + 1, v)).collect()
+        items
+            .into_iter()
+            .enumerate()
+            .map(|(i, v)| (i + 1, v))
+            .collect()
     } else {
         text.lines()
             .enumerate()

@@ -364,8 +364,14 @@ impl Encoder {
                 format!("{emb}.position_embeddings.weight"),
                 self.position.clone(),
             ),
-            (format!("{emb}.LayerNorm.weight"), self.embed_norm.weight.clone()),
-            (format!("{emb}.LayerNorm.bias"), self.embed_norm.bias.clone()),
+            (
+                format!("{emb}.LayerNorm.weight"),
+                self.embed_norm.weight.clone(),
+            ),
+            (
+                format!("{emb}.LayerNorm.bias"),
+                self.embed_norm.bias.clone(),
+            ),
         ];
         if let Some(types) = &self.token_type {
             out.push((format!("{emb}.token_type_embeddings.weight"), types.clone()));

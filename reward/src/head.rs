@@ -45,7 +45,10 @@ pub enum Head {
         classifier: Linear,
     },
     /// lathe's head: one linear layer (labels, H) on pooled states (mean or first token).
-    Linear { pooling: Pooling, classifier: Linear },
+    Linear {
+        pooling: Pooling,
+        classifier: Linear,
+    },
 }
 
 impl Head {

@@ -375,7 +375,11 @@ impl RewardModel {
         let pad = self.tokenizer.pad_id().unwrap_or(0);
         let flat: Vec<u32> = ids
             .iter()
-            .flat_map(|row| row.iter().copied().chain(std::iter::repeat_n(pad, t - row.len())))
+            .flat_map(|row| {
+                row.iter()
+                    .copied()
+                    .chain(std::iter::repeat_n(pad, t - row.len()))
+            })
             .collect();
         let tensor = Tensor::from_vec(flat, &[ids.len(), t], self.device())?;
         Ok((tensor, ids.iter().map(Vec::len).collect()))

@@ -299,7 +299,7 @@ fn check_config(config: &TrainConfig) -> Result<()> {
         )));
     }
     if let Some(lora) = &config.lora {
-        if lora.epochs == 0 || lora.batch_size == 0 || !(lora.lr > 0.0) {
+        if lora.epochs == 0 || lora.batch_size == 0 || !(lora.lr.is_finite() && lora.lr > 0.0) {
             return Err(Error::Config(
                 "LoRA epochs, batch size and learning rate must be positive".into(),
             ));
@@ -464,6 +464,7 @@ pub fn train(
 }
 
 /// The LoRA stage: adapters + head trained through the encoder.
+#[allow(clippy::too_many_arguments)]
 fn train_lora(
     model: &mut RewardModel,
     lora: &LoraSettings,
@@ -514,7 +515,11 @@ fn train_lora(
     let mut optimizer = Adam::new(params, AdamConfig::adamw(lora.lr, 0.0))?;
     let lengths: Vec<usize> = ids.iter().map(Vec::len).collect();
     let mut rng = SplitMix64::new(config.seed ^ 0x10a_ba7c);
-    let patience = if config.patience == 0 { 0 } else { config.patience.min(2) };
+    let patience = if config.patience == 0 {
+        0
+    } else {
+        config.patience.min(2)
+    };
     let mut stop = EarlyStop::new(patience);
     // Epoch 0 is the head stage's model (B = 0): LoRA epochs must beat it to be kept.
     stop.best = head_val_loss;

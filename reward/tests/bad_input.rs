@@ -68,7 +68,10 @@ fn misshapen_weights_name_the_tensor() {
     config["n_heads"] = serde_json::json!(4);
     std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
     let e = err_of(RewardModel::load(&dir, &Device::Cpu));
-    assert!(e.contains("word_embeddings.weight") && e.contains("shape"), "{e}");
+    assert!(
+        e.contains("word_embeddings.weight") && e.contains("shape"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -134,13 +137,37 @@ fn write(dir: &Path, name: &str, content: &str) -> PathBuf {
 fn data_files_bad_labels_and_texts() {
     let dir = scratch("data");
     let cases = [
-        ("missing.jsonl", "{\"text\": \"fine\", \"label\": 1}\n{\"text\": \"no label\"}\n", "record 2: missing label"),
-        ("ternary.jsonl", "{\"text\": \"meh\", \"label\": 2}\n", "record 1: label 2 is not binary"),
-        ("word.json", r#"[{"text": "x", "label": "neutral"}]"#, "is not binary"),
-        ("empty.jsonl", "{\"text\": \"  \", \"label\": 0}\n", "record 1: empty text"),
-        ("notjson.jsonl", "{\"text\": \"a\", \"label\": 0}\nnot json\n", "record 2: invalid JSON"),
+        (
+            "missing.jsonl",
+            "{\"text\": \"fine\", \"label\": 1}\n{\"text\": \"no label\"}\n",
+            "record 2: missing label",
+        ),
+        (
+            "ternary.jsonl",
+            "{\"text\": \"meh\", \"label\": 2}\n",
+            "record 1: label 2 is not binary",
+        ),
+        (
+            "word.json",
+            r#"[{"text": "x", "label": "neutral"}]"#,
+            "is not binary",
+        ),
+        (
+            "empty.jsonl",
+            "{\"text\": \"  \", \"label\": 0}\n",
+            "record 1: empty text",
+        ),
+        (
+            "notjson.jsonl",
+            "{\"text\": \"a\", \"label\": 0}\nnot json\n",
+            "record 2: invalid JSON",
+        ),
         ("nothing.json", "[]", "no labelled examples"),
-        ("textnum.jsonl", "{\"text\": 5, \"label\": 0}\n", "not a string"),
+        (
+            "textnum.jsonl",
+            "{\"text\": 5, \"label\": 0}\n",
+            "not a string",
+        ),
     ];
     for (name, content, want) in cases {
         let e = err_of(data::load(write(&dir, name, content)));
@@ -159,7 +186,10 @@ fn data_files_bad_labels_and_texts() {
     let labels: Vec<u32> = loaded.examples.iter().map(|e| e.label).collect();
     assert_eq!(labels, [1, 0, 1]);
     let e = err_of(data::load(dir.join("absent.jsonl")));
-    assert!(e.contains("absent.jsonl") && e.contains("cannot read"), "{e}");
+    assert!(
+        e.contains("absent.jsonl") && e.contains("cannot read"),
+        "{e}"
+    );
     let e = err_of(data::load(write(&dir, "junk.arrow", "not arrow at all")));
     assert!(e.contains("junk.arrow"), "{e}");
 }
@@ -191,7 +221,13 @@ fn training_needs_both_classes_and_sane_settings() {
         val_fraction: 1.5,
         ..TrainConfig::default()
     };
-    let e = err_of(train(fixture("tiny_bert"), &mixed, &config, &Device::Cpu, &mut |_| {}));
+    let e = err_of(train(
+        fixture("tiny_bert"),
+        &mixed,
+        &config,
+        &Device::Cpu,
+        &mut |_| {},
+    ));
     assert!(e.contains("held-out fraction"), "{e}");
     let config = TrainConfig {
         lora: Some(lathe_reward::LoraSettings {
@@ -201,6 +237,15 @@ fn training_needs_both_classes_and_sane_settings() {
         epochs: 1,
         ..TrainConfig::default()
     };
-    let e = err_of(train(fixture("tiny_bert"), &mixed, &config, &Device::Cpu, &mut |_| {}));
-    assert!(e.contains("no linear layer") && e.contains("nonexistent"), "{e}");
+    let e = err_of(train(
+        fixture("tiny_bert"),
+        &mixed,
+        &config,
+        &Device::Cpu,
+        &mut |_| {},
+    ));
+    assert!(
+        e.contains("no linear layer") && e.contains("nonexistent"),
+        "{e}"
+    );
 }

@@ -19,15 +19,28 @@ fn fixture(name: &str) -> PathBuf {
 }
 
 fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("lathe-reward-train-{}-{name}", std::process::id()));
+    let dir =
+        std::env::temp_dir().join(format!("lathe-reward-train-{}-{name}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     dir
 }
 
 /// Sentences of the tiny vocabulary: a template with one sentiment word.
 fn synthetic(n: usize, seed: u64) -> Vec<Example> {
-    let pos = ["good", "great", "excellent", "wonderful", "loved", "best", "fun", "nice", "beautiful"];
-    let neg = ["bad", "terrible", "awful", "boring", "hated", "worst", "poor", "slow", "ugly"];
+    let pos = [
+        "good",
+        "great",
+        "excellent",
+        "wonderful",
+        "loved",
+        "best",
+        "fun",
+        "nice",
+        "beautiful",
+    ];
+    let neg = [
+        "bad", "terrible", "awful", "boring", "hated", "worst", "poor", "slow", "ugly",
+    ];
     let templates = [
         "the movie was {}",
         "{} food and the service",
@@ -63,9 +76,13 @@ fn head_training_learns_and_round_trips() {
         ..TrainConfig::default()
     };
     let mut seen = 0;
-    let (model, report) = train(fixture("tiny_bert"), &data, &config, &Device::Cpu, &mut |_| {
-        seen += 1
-    })
+    let (model, report) = train(
+        fixture("tiny_bert"),
+        &data,
+        &config,
+        &Device::Cpu,
+        &mut |_| seen += 1,
+    )
     .unwrap();
     assert_eq!(seen, report.epochs.len());
     assert_eq!(report.train_examples + report.val_examples, 240);
@@ -90,13 +107,28 @@ fn head_training_learns_and_round_trips() {
     let cpu = RewardModel::load(&dir, &Device::Cpu).unwrap();
     assert_eq!(cpu.reward_label(), "POSITIVE");
     assert_eq!(cpu.pooling(), Pooling::Mean);
-    assert_close(&cpu.score_texts(&texts).unwrap(), &want, Tolerance::new(1e-5, 1e-5));
+    assert_close(
+        &cpu.score_texts(&texts).unwrap(),
+        &want,
+        Tolerance::new(1e-5, 1e-5),
+    );
     let gpu = RewardModel::load(&dir, &test_gpu()).unwrap();
-    assert_close(&gpu.score_texts(&texts).unwrap(), &want, Tolerance::new(1e-4, 1e-4));
+    assert_close(
+        &gpu.score_texts(&texts).unwrap(),
+        &want,
+        Tolerance::new(1e-4, 1e-4),
+    );
     // Positive texts score higher than negative ones on average.
-    let scores = cpu.score_texts(&test.iter().map(|e| e.text.as_str()).collect::<Vec<_>>()).unwrap();
+    let scores = cpu
+        .score_texts(&test.iter().map(|e| e.text.as_str()).collect::<Vec<_>>())
+        .unwrap();
     let mean = |label| {
-        let v: Vec<f32> = scores.iter().zip(&test).filter(|(_, e)| e.label == label).map(|(s, _)| *s).collect();
+        let v: Vec<f32> = scores
+            .iter()
+            .zip(&test)
+            .filter(|(_, e)| e.label == label)
+            .map(|(s, _)| *s)
+            .collect();
         v.iter().sum::<f32>() / v.len() as f32
     };
     assert!(mean(1) > mean(0));
@@ -133,15 +165,25 @@ fn lora_run(device: &Device, encoder: &str) -> (f32, f32, TrainConfig) {
         eval.accuracy
     );
     // LoRA improves the held-out loss over the head stage (5 short epochs).
-    let best_lora = lora_epochs.iter().map(|e| e.val_loss).fold(f32::INFINITY, f32::min);
-    assert!(best_lora < head_best, "LoRA did not improve: {head_best} -> {best_lora}");
+    let best_lora = lora_epochs
+        .iter()
+        .map(|e| e.val_loss)
+        .fold(f32::INFINITY, f32::min);
+    assert!(
+        best_lora < head_best,
+        "LoRA did not improve: {head_best} -> {best_lora}"
+    );
     // The saved directory (LoRA merged) scores as the trained model.
     let dir = scratch(&format!("lora-{encoder}-{}", device.is_gpu()));
     model.save(&dir).unwrap();
     let texts: Vec<&str> = test.iter().map(|e| e.text.as_str()).take(16).collect();
     let want = model.score_texts(&texts).unwrap();
     let loaded = RewardModel::load(&dir, device).unwrap();
-    assert_close(&loaded.score_texts(&texts).unwrap(), &want, Tolerance::new(1e-4, 1e-4));
+    assert_close(
+        &loaded.score_texts(&texts).unwrap(),
+        &want,
+        Tolerance::new(1e-4, 1e-4),
+    );
     (eval.accuracy, best_lora, config)
 }
 
@@ -161,13 +203,23 @@ fn lora_training_on_distilbert_cpu() {
         }),
         ..TrainConfig::default()
     };
-    let (model, report) = train(fixture("tiny_distilbert"), &data, &config, &Device::Cpu, &mut |_| {}).unwrap();
+    let (model, report) = train(
+        fixture("tiny_distilbert"),
+        &data,
+        &config,
+        &Device::Cpu,
+        &mut |_| {},
+    )
+    .unwrap();
     assert_eq!(report.lora_layers, 4, "q_lin and v_lin of 2 layers");
     // The trained model replaces DistilBERT's own head by lathe's linear head.
     let dir = scratch("distil");
     model.save(&dir).unwrap();
     let loaded = RewardModel::load(&dir, &Device::Cpu).unwrap();
-    assert!(matches!(loaded.head(), Some(lathe_reward::head::Head::Linear { .. })));
+    assert!(matches!(
+        loaded.head(),
+        Some(lathe_reward::head::Head::Linear { .. })
+    ));
 }
 
 #[test]

@@ -8,5 +8,6 @@ pub mod merge;
 pub mod model_args;
 pub mod output;
 pub mod progress;
+pub mod reward_cmd;
 pub mod sft;
 pub mod texts;

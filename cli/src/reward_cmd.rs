@@ -1,0 +1,260 @@
+//! `lathe reward-train` (train a sentiment reward model on an encoder) and `lathe score`
+//! (score texts with one).
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use lathe_reward::train::{evaluate, train};
+use lathe_reward::{data, LoadOptions, LoraSettings, Pooling, RewardModel, TrainConfig};
+
+use crate::device::{self, DeviceArg};
+use crate::texts::read_texts;
+
+#[derive(clap::Args, Debug)]
+pub struct RewardTrainArgs {
+    /// The encoder: a HF BERT or DistilBERT directory (config.json, model.safetensors,
+    /// tokenizer.json), e.g. all-MiniLM-L6-v2.
+    #[arg(long, value_name = "DIR")]
+    pub encoder: PathBuf,
+    /// Labelled text: .jsonl / .json records {"text", "label": 0|1} ("class" also read), or
+    /// an Arrow IPC stream (.arrow) with sentence/text and label columns. Repeatable.
+    #[arg(long, value_name = "FILE", required = true)]
+    pub data: Vec<PathBuf>,
+    /// Where to write the reward model (must not exist, or be empty).
+    #[arg(long, value_name = "DIR")]
+    pub out: PathBuf,
+    /// Labelled files to report accuracy on after training (not used for training).
+    #[arg(long, value_name = "FILE")]
+    pub test_data: Vec<PathBuf>,
+    /// Head-stage epochs (the encoder runs once; epochs over cached states are cheap).
+    #[arg(long, default_value_t = 100)]
+    pub epochs: usize,
+    #[arg(long, default_value_t = 32)]
+    pub batch_size: usize,
+    /// Head learning rate (AdamW).
+    #[arg(long, default_value_t = 3e-3)]
+    pub lr: f32,
+    #[arg(long, default_value_t = 0.01)]
+    pub weight_decay: f32,
+    /// Fraction of the data held out for loss/accuracy per epoch and early stopping.
+    #[arg(long, default_value_t = 0.1)]
+    pub val_fraction: f32,
+    /// Epochs without a better held-out loss before stopping (0: never); the LoRA stage
+    /// uses at most 2.
+    #[arg(long, default_value_t = 10)]
+    pub patience: usize,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Pooling of the head: mean (over the text's tokens) or first ([CLS]).
+    #[arg(long, default_value = "mean")]
+    pub pooling: String,
+    /// Also train LoRA adapters on the encoder (after the head stage), merged on save.
+    #[arg(long)]
+    pub lora: bool,
+    #[arg(long, default_value_t = 8)]
+    pub lora_r: usize,
+    #[arg(long, default_value_t = 16.0)]
+    pub lora_alpha: f64,
+    /// Comma-separated module names (default: query,value for BERT; q_lin,v_lin for
+    /// DistilBERT).
+    #[arg(long, value_delimiter = ',')]
+    pub lora_targets: Vec<String>,
+    #[arg(long, default_value_t = 5e-4)]
+    pub lora_lr: f32,
+    #[arg(long, default_value_t = 3)]
+    pub lora_epochs: usize,
+    #[arg(long, default_value_t = 16)]
+    pub lora_batch_size: usize,
+    #[arg(long, value_enum, default_value = "cpu")]
+    pub device: DeviceArg,
+    /// Accept a software GPU adapter (lavapipe).
+    #[arg(long)]
+    pub allow_software_gpu: bool,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct ScoreArgs {
+    /// The reward model directory (from `lathe reward-train`, or a HF
+    /// DistilBertForSequenceClassification directory with tokenizer.json).
+    #[arg(long, value_name = "DIR")]
+    pub reward: PathBuf,
+    /// Texts to score.
+    pub texts: Vec<String>,
+    /// A file of texts: plain text (one per line), .jsonl or .json.
+    #[arg(long, value_name = "FILE")]
+    pub file: Option<PathBuf>,
+    /// The JSON field holding the text.
+    #[arg(long, default_value = "text")]
+    pub field: String,
+    /// The label whose raw logit is the reward (default: the positive one).
+    #[arg(long)]
+    pub label: Option<String>,
+    #[arg(long, default_value_t = 16)]
+    pub batch_size: usize,
+    /// One JSON object per line ({"score", "text"}) instead of "score<TAB>text".
+    #[arg(long)]
+    pub json: bool,
+    #[arg(long, value_enum, default_value = "cpu")]
+    pub device: DeviceArg,
+    #[arg(long)]
+    pub allow_software_gpu: bool,
+}
+
+fn load_all(paths: &[PathBuf]) -> Result<Vec<data::Example>> {
+    let mut all = Vec::new();
+    for path in paths {
+        let loaded = data::load(path)?;
+        eprintln!(
+            "{}: {} examples{}",
+            path.display(),
+            loaded.examples.len(),
+            if loaded.skipped > 0 {
+                format!(" ({} blank records skipped)", loaded.skipped)
+            } else {
+                String::new()
+            }
+        );
+        all.extend(loaded.examples);
+    }
+    Ok(all)
+}
+
+fn check_out(out: &Path) -> Result<()> {
+    if out.exists() && std::fs::read_dir(out)?.next().is_some() {
+        bail!("{} exists and is not empty", out.display());
+    }
+    Ok(())
+}
+
+pub fn train_config(args: &RewardTrainArgs) -> Result<TrainConfig> {
+    Ok(TrainConfig {
+        epochs: args.epochs,
+        batch_size: args.batch_size,
+        lr: args.lr,
+        weight_decay: args.weight_decay,
+        val_fraction: args.val_fraction,
+        patience: args.patience,
+        seed: args.seed,
+        pooling: Pooling::parse(&args.pooling)?,
+        lora: args.lora.then(|| LoraSettings {
+            r: args.lora_r,
+            alpha: args.lora_alpha,
+            targets: args.lora_targets.clone(),
+            lr: args.lora_lr,
+            epochs: args.lora_epochs,
+            batch_size: args.lora_batch_size,
+        }),
+    })
+}
+
+/// Trains, saves, writes metrics.jsonl and train_report.json into `--out`.
+pub fn run_train(args: &RewardTrainArgs) -> Result<()> {
+    check_out(&args.out)?;
+    let config = train_config(args)?;
+    let device = device::open(args.device, args.allow_software_gpu)?;
+    let examples = load_all(&args.data)?;
+    let tests = args
+        .test_data
+        .iter()
+        .map(|p| Ok((p.clone(), load_all(std::slice::from_ref(p))?)))
+        .collect::<Result<Vec<_>>>()?;
+    let mut lines = Vec::new();
+    let mut on_epoch = |s: &lathe_reward::EpochStats| {
+        eprintln!(
+            "{} epoch {:3}: train loss {:.4} acc {:.4} | held-out loss {:.4} acc {:.4} ({:.1}s)",
+            s.stage, s.epoch, s.train_loss, s.train_accuracy, s.val_loss, s.val_accuracy, s.seconds
+        );
+        lines.push(s.to_json().to_string());
+    };
+    let (model, report) = train(&args.encoder, &examples, &config, &device, &mut on_epoch)
+        .with_context(|| format!("training on {}", args.encoder.display()))?;
+    model.save(&args.out)?;
+    let mut metrics = std::fs::File::create(args.out.join("metrics.jsonl"))?;
+    for line in &lines {
+        writeln!(metrics, "{line}")?;
+    }
+    let mut test_results = serde_json::Map::new();
+    for (path, examples) in &tests {
+        let eval = evaluate(&model, examples)?;
+        eprintln!(
+            "test {}: accuracy {:.4}, loss {:.4} ({} examples)",
+            path.display(),
+            eval.accuracy,
+            eval.loss,
+            eval.examples
+        );
+        test_results.insert(
+            path.display().to_string(),
+            serde_json::json!({"accuracy": eval.accuracy, "loss": eval.loss, "examples": eval.examples}),
+        );
+    }
+    let summary = serde_json::json!({
+        "encoder": args.encoder.display().to_string(),
+        "train_examples": report.train_examples,
+        "val_examples": report.val_examples,
+        "truncated": report.truncated,
+        "best_head_epoch": report.best_head_epoch,
+        "best_lora_epoch": report.best_lora_epoch,
+        "lora_layers": report.lora_layers,
+        "stopped_early": report.stopped_early,
+        "test": test_results,
+    });
+    std::fs::write(
+        args.out.join("train_report.json"),
+        serde_json::to_string_pretty(&summary)?,
+    )?;
+    eprintln!(
+        "saved the reward model to {} (best head epoch {}{})",
+        args.out.display(),
+        report.best_head_epoch,
+        report
+            .best_lora_epoch
+            .map(|e| format!(", best LoRA epoch {e}"))
+            .unwrap_or_default()
+    );
+    Ok(())
+}
+
+/// Scores the texts of the arguments and/or `--file`; writes one line per text to `out`.
+pub fn score(args: &ScoreArgs, out: &mut dyn Write) -> Result<()> {
+    let mut texts = args.texts.clone();
+    if let Some(file) = &args.file {
+        texts.extend(read_texts(file, &args.field)?);
+    }
+    if texts.is_empty() {
+        bail!("no texts to score: give them as arguments or with --file");
+    }
+    let device = device::open(args.device, args.allow_software_gpu)?;
+    let options = LoadOptions {
+        reward_label: args.label.clone(),
+        batch_size: args.batch_size,
+    };
+    let model = RewardModel::load_with(&args.reward, &device, &options)
+        .with_context(|| format!("loading the reward model {}", args.reward.display()))?;
+    let start = Instant::now();
+    let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+    let scores = model.score_texts(&refs)?;
+    let seconds = start.elapsed().as_secs_f64();
+    for (text, score) in texts.iter().zip(&scores) {
+        if args.json {
+            writeln!(out, "{}", serde_json::json!({"score": score, "text": text}))?;
+        } else {
+            writeln!(out, "{score:.6}\t{}", text.replace(['\n', '\t'], " "))?;
+        }
+    }
+    eprintln!(
+        "scored {} texts ({} logit) on {} in {:.3}s: {:.1} texts/s",
+        texts.len(),
+        model.reward_label(),
+        device.name(),
+        seconds,
+        texts.len() as f64 / seconds.max(1e-9)
+    );
+    Ok(())
+}
+
+pub fn run_score(args: &ScoreArgs) -> Result<()> {
+    score(args, &mut std::io::stdout().lock())
+}

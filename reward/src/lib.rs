@@ -1,0 +1,64 @@
+//! lathe-reward: sentiment reward models for RLHF.
+//!
+//! - [`encoder`]: BERT and DistilBERT encoders loaded from HF directories (post-LN blocks,
+//!   right-padded batches with per-row key ranges, no causal mask).
+//! - [`head`]: classification heads: DistilBERT's `pre_classifier -> ReLU -> classifier` on
+//!   the first token, and lathe's own linear head on mean-pooled or first-token states.
+//! - [`model`]: [`RewardModel`], texts in, one f32 each (the raw logit of the reward label,
+//!   no softmax, as the seed's `pipeline(function_to_apply="none")`), batched with padding
+//!   on CPU or GPU; and the [`Reward`] trait PPO takes rewards through.
+//! - [`train`]: training a reward model (head only, or LoRA on the encoder too) on labelled
+//!   text, with a held-out split, per-epoch loss/accuracy and early stopping; [`data`] reads
+//!   the labelled text (JSON / JSONL, and Arrow IPC streams such as HF datasets' files).
+//!
+//! The directory [`RewardModel::save`] writes (documented in the crate README) is a HF
+//! encoder directory plus a `classifier` and a `lathe_reward` section in `config.json`.
+
+pub mod arrow;
+pub mod config;
+pub mod data;
+pub mod encoder;
+pub mod head;
+pub mod model;
+pub mod train;
+
+pub use config::{Architecture, EncoderConfig, Pooling};
+pub use data::Example;
+pub use model::{LoadOptions, RewardModel};
+pub use train::{EpochStats, LoraSettings, TrainConfig, TrainReport};
+
+/// Errors of lathe-reward; each names the file, record or setting it is about.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{0}")]
+    Config(String),
+    #[error("{path}: {detail}")]
+    File { path: String, detail: String },
+    #[error("{path}: record {record}: {detail}")]
+    Data {
+        path: String,
+        record: usize,
+        detail: String,
+    },
+    #[error(transparent)]
+    Core(#[from] lathe_core::Error),
+    #[error(transparent)]
+    Models(#[from] lathe_models::Error),
+    #[error(transparent)]
+    Lora(#[from] lathe_lora::Error),
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// Anything that scores texts: one reward per text, higher is better. PPO takes its rewards
+/// through this trait, so a reward model, a rule or a remote service are interchangeable.
+/// [`RewardModel`] implements it with the raw logit of its reward label.
+pub trait Reward {
+    /// One score per text, in order. Texts may be empty.
+    fn score(&self, texts: &[String]) -> Result<Vec<f32>>;
+}
+
+/// The README's examples run as doc tests.
+#[doc = include_str!("../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;

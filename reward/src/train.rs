@@ -1,0 +1,584 @@
+//! Reward-model training: a linear classification head on pooled encoder states, then
+//! optionally LoRA on the encoder together with the head.
+//!
+//! 1. The examples are split into train and held-out sets (seeded shuffle,
+//!    [`TrainConfig::val_fraction`] held out) and tokenized (truncated to the position table).
+//! 2. Head stage: the frozen encoder's pooled states are computed once; a fresh
+//!    `Linear(H, 2)` (torch init, seeded) is trained on them with AdamW and cross-entropy
+//!    in shuffled minibatches. After every epoch the held-out loss and accuracy are measured;
+//!    training stops when the held-out loss has not improved for `patience` epochs, and the
+//!    best epoch's head is kept.
+//! 3. LoRA stage (when [`TrainConfig::lora`] is set): adapters on the targeted encoder
+//!    layers (B = 0, so training starts from the head stage's model) and the head are
+//!    trained together through the encoder, minibatches grouped by length; the same
+//!    per-epoch measurement, early stopping and best-epoch restore.
+//!
+//! Labels: 0 = NEGATIVE, 1 = POSITIVE; the reward is the POSITIVE logit. No dropout is used
+//! in the encoder (transformers would apply hidden/attention dropout 0.1 in train mode).
+
+use std::path::Path;
+use std::time::Instant;
+
+use lathe_core::{Adam, AdamConfig, Device, Tensor};
+use lathe_lora::config::TargetModules;
+use lathe_lora::{AdapterSwitch, LoraConfig};
+use lathe_models::tokenizer::Tokenizer;
+
+use crate::config::{Architecture, EncoderConfig, Pooling};
+use crate::data::{holdout_split, Example, SplitMix64, LABELS};
+use crate::encoder::Encoder;
+use crate::head::Head;
+use crate::model::{read_weights, RewardModel};
+use crate::{Error, Result};
+
+/// LoRA on the encoder.
+#[derive(Clone, Debug)]
+pub struct LoraSettings {
+    pub r: usize,
+    pub alpha: f64,
+    /// Module names (peft matching); empty: the attention query and value projections
+    /// (BERT `query`, `value`; DistilBERT `q_lin`, `v_lin`).
+    pub targets: Vec<String>,
+    pub lr: f32,
+    pub epochs: usize,
+    pub batch_size: usize,
+}
+
+impl Default for LoraSettings {
+    fn default() -> Self {
+        LoraSettings {
+            r: 8,
+            alpha: 16.0,
+            targets: Vec::new(),
+            lr: 5e-4,
+            epochs: 3,
+            batch_size: 16,
+        }
+    }
+}
+
+/// Training settings.
+#[derive(Clone, Debug)]
+pub struct TrainConfig {
+    /// Head-stage epochs (cheap: the encoder runs once).
+    pub epochs: usize,
+    pub batch_size: usize,
+    pub lr: f32,
+    /// AdamW weight decay of the head stage.
+    pub weight_decay: f32,
+    /// Fraction of the examples held out for loss/accuracy and early stopping.
+    pub val_fraction: f32,
+    /// Epochs without a better held-out loss before stopping (0: never stop early).
+    pub patience: usize,
+    pub seed: u64,
+    pub pooling: Pooling,
+    pub lora: Option<LoraSettings>,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        TrainConfig {
+            epochs: 100,
+            batch_size: 32,
+            lr: 3e-3,
+            weight_decay: 0.01,
+            val_fraction: 0.1,
+            patience: 10,
+            seed: 0,
+            pooling: Pooling::Mean,
+            lora: None,
+        }
+    }
+}
+
+/// One epoch's figures.
+#[derive(Clone, Debug, PartialEq)]
+pub struct EpochStats {
+    /// "head" or "lora".
+    pub stage: &'static str,
+    /// From 1 within the stage.
+    pub epoch: usize,
+    pub train_loss: f32,
+    pub train_accuracy: f32,
+    /// NaN when nothing is held out.
+    pub val_loss: f32,
+    pub val_accuracy: f32,
+    pub seconds: f32,
+}
+
+impl EpochStats {
+    /// One JSON line (metrics.jsonl).
+    pub fn to_json(&self) -> serde_json::Value {
+        let num = |x: f32| {
+            if x.is_finite() {
+                serde_json::json!(x)
+            } else {
+                serde_json::Value::Null
+            }
+        };
+        serde_json::json!({
+            "stage": self.stage,
+            "epoch": self.epoch,
+            "train_loss": num(self.train_loss),
+            "train_accuracy": num(self.train_accuracy),
+            "val_loss": num(self.val_loss),
+            "val_accuracy": num(self.val_accuracy),
+            "seconds": self.seconds,
+        })
+    }
+}
+
+/// What training did.
+#[derive(Clone, Debug)]
+pub struct TrainReport {
+    pub epochs: Vec<EpochStats>,
+    /// Per stage: the epoch whose weights were kept.
+    pub best_head_epoch: usize,
+    pub best_lora_epoch: Option<usize>,
+    /// Whether a stage stopped before its last epoch.
+    pub stopped_early: bool,
+    pub train_examples: usize,
+    pub val_examples: usize,
+    /// Texts truncated to the position table.
+    pub truncated: usize,
+    /// LoRA layers adapted.
+    pub lora_layers: usize,
+}
+
+/// Loss and accuracy of a model on labelled examples.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Evaluation {
+    pub loss: f32,
+    pub accuracy: f32,
+    pub examples: usize,
+}
+
+/// Minibatches of indices into `lengths`: a seeded shuffle, then within windows of 8
+/// batches sorted by length (less padding), then the batches shuffled.
+fn length_batches(lengths: &[usize], batch: usize, rng: &mut SplitMix64) -> Vec<Vec<usize>> {
+    let mut order: Vec<usize> = (0..lengths.len()).collect();
+    rng.shuffle(&mut order);
+    let mut batches = Vec::new();
+    for window in order.chunks(batch * 8) {
+        let mut window = window.to_vec();
+        window.sort_by_key(|&i| lengths[i]);
+        batches.extend(window.chunks(batch).map(<[usize]>::to_vec));
+    }
+    rng.shuffle(&mut batches);
+    batches
+}
+
+/// Indices sorted by length, in batches (for inference).
+fn sorted_batches(lengths: &[usize], batch: usize) -> Vec<Vec<usize>> {
+    let mut order: Vec<usize> = (0..lengths.len()).collect();
+    order.sort_by_key(|&i| lengths[i]);
+    order.chunks(batch).map(<[usize]>::to_vec).collect()
+}
+
+/// Summed cross-entropy and correct count of logits (B, 2) against labels.
+fn loss_and_correct(logits: &Tensor, labels: &[u32]) -> Result<(f32, usize)> {
+    let targets = Tensor::from_vec(labels.to_vec(), &[labels.len()], logits.device())?;
+    let loss = logits.cross_entropy(&targets, None)?.to_scalar()? * labels.len() as f32;
+    Ok((loss, correct(logits, labels)?))
+}
+
+fn correct(logits: &Tensor, labels: &[u32]) -> Result<usize> {
+    let width = logits.shape()[1];
+    let values = logits.to_vec_f32()?;
+    Ok(values
+        .chunks(width)
+        .zip(labels)
+        .filter(|(row, &label)| argmax(row) == label as usize)
+        .count())
+}
+
+fn argmax(row: &[f32]) -> usize {
+    row.iter()
+        .enumerate()
+        .fold((0, f32::NEG_INFINITY), |best, (i, &x)| {
+            if x > best.1 {
+                (i, x)
+            } else {
+                best
+            }
+        })
+        .0
+}
+
+/// Loss and accuracy (argmax of the logits equal to the label index) of `model` on
+/// `examples`, in length-sorted batches.
+pub fn evaluate(model: &RewardModel, examples: &[Example]) -> Result<Evaluation> {
+    if examples.is_empty() {
+        return Ok(Evaluation {
+            loss: f32::NAN,
+            accuracy: f32::NAN,
+            examples: 0,
+        });
+    }
+    let _no_grad = lathe_core::no_grad();
+    let texts: Vec<&str> = examples.iter().map(|e| e.text.as_str()).collect();
+    let ids = model.encode(&texts)?.ids;
+    let lengths: Vec<usize> = ids.iter().map(Vec::len).collect();
+    let (mut loss, mut right) = (0.0f64, 0usize);
+    for batch in sorted_batches(&lengths, model.batch_size.max(1)) {
+        let rows: Vec<Vec<u32>> = batch.iter().map(|&i| ids[i].clone()).collect();
+        let labels: Vec<u32> = batch.iter().map(|&i| examples[i].label).collect();
+        let (l, c) = loss_and_correct(&model.logits_ids(&rows)?, &labels)?;
+        loss += l as f64;
+        right += c;
+    }
+    Ok(Evaluation {
+        loss: (loss / examples.len() as f64) as f32,
+        accuracy: right as f32 / examples.len() as f32,
+        examples: examples.len(),
+    })
+}
+
+/// Pooled states (N, H) of every row of `ids`, in order, on the model's device.
+fn pooled_features(model: &RewardModel, ids: &[Vec<u32>], pooling: Pooling) -> Result<Tensor> {
+    let _no_grad = lathe_core::no_grad();
+    let h = model.config().hidden;
+    let lengths: Vec<usize> = ids.iter().map(Vec::len).collect();
+    let mut features = vec![0.0f32; ids.len() * h];
+    for batch in sorted_batches(&lengths, 64) {
+        let rows: Vec<Vec<u32>> = batch.iter().map(|&i| ids[i].clone()).collect();
+        let pooled = model.pooled_ids(&rows, pooling)?.to_vec_f32()?;
+        for (k, &i) in batch.iter().enumerate() {
+            features[i * h..(i + 1) * h].copy_from_slice(&pooled[k * h..(k + 1) * h]);
+        }
+    }
+    Ok(Tensor::from_vec(features, &[ids.len(), h], model.device())?)
+}
+
+/// Tracks the best held-out loss for early stopping.
+struct EarlyStop {
+    best: f32,
+    best_epoch: usize,
+    patience: usize,
+    since: usize,
+}
+
+impl EarlyStop {
+    fn new(patience: usize) -> EarlyStop {
+        EarlyStop {
+            best: f32::INFINITY,
+            best_epoch: 0,
+            patience,
+            since: 0,
+        }
+    }
+
+    /// Records an epoch; returns (is the best so far, stop now).
+    fn record(&mut self, epoch: usize, val_loss: f32) -> (bool, bool) {
+        // Without a held-out set every epoch counts as the best (the last one is kept).
+        if !val_loss.is_finite() || val_loss < self.best {
+            self.best = if val_loss.is_finite() {
+                val_loss
+            } else {
+                self.best
+            };
+            self.best_epoch = epoch;
+            self.since = 0;
+            return (true, false);
+        }
+        self.since += 1;
+        (false, self.patience > 0 && self.since >= self.patience)
+    }
+}
+
+fn check_config(config: &TrainConfig) -> Result<()> {
+    if config.epochs == 0 || config.batch_size == 0 {
+        return Err(Error::Config(
+            "epochs and batch size must be at least 1".into(),
+        ));
+    }
+    if !(config.lr > 0.0 && config.lr.is_finite()) {
+        return Err(Error::Config(format!(
+            "learning rate must be positive, got {}",
+            config.lr
+        )));
+    }
+    if let Some(lora) = &config.lora {
+        if lora.epochs == 0 || lora.batch_size == 0 || !(lora.lr.is_finite() && lora.lr > 0.0) {
+            return Err(Error::Config(
+                "LoRA epochs, batch size and learning rate must be positive".into(),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// An encoder-only model from an encoder directory (any head in it is ignored: training
+/// makes a new one).
+fn load_encoder(dir: &Path, device: &Device) -> Result<RewardModel> {
+    let config = EncoderConfig::from_dir(dir)?;
+    let tokenizer_path = dir.join("tokenizer.json");
+    if !tokenizer_path.is_file() {
+        return Err(Error::File {
+            path: dir.display().to_string(),
+            detail: "no tokenizer.json (lathe-reward needs the fast tokenizer file)".into(),
+        });
+    }
+    let tokenizer = Tokenizer::from_file(&tokenizer_path)?;
+    tokenizer.check_fits(config.vocab_size)?;
+    let mut weights = read_weights(dir, device)?;
+    let encoder = Encoder::load(&mut weights, &config)?;
+    Ok(RewardModel::from_parts(
+        encoder,
+        None,
+        tokenizer,
+        LABELS.iter().map(|s| s.to_string()).collect(),
+        1,
+        Pooling::Mean,
+        dir.to_path_buf(),
+    ))
+}
+
+/// Trains a binary sentiment reward model on the encoder in `encoder_dir` (see the module
+/// docs). `on_epoch` sees each epoch's figures as they come. Returns the model (its head
+/// and merged-on-save adapters) and the report.
+pub fn train(
+    encoder_dir: impl AsRef<Path>,
+    examples: &[Example],
+    config: &TrainConfig,
+    device: &Device,
+    on_epoch: &mut dyn FnMut(&EpochStats),
+) -> Result<(RewardModel, TrainReport)> {
+    check_config(config)?;
+    if let Some(bad) = examples.iter().find(|e| e.label > 1) {
+        return Err(Error::Config(format!(
+            "label {} of {:?} is not binary",
+            bad.label, bad.text
+        )));
+    }
+    for label in 0..2 {
+        if !examples.iter().any(|e| e.label == label) {
+            return Err(Error::Config(format!(
+                "the training data has no example labelled {label} ({}): both classes are needed",
+                LABELS[label as usize]
+            )));
+        }
+    }
+    let mut model = load_encoder(encoder_dir.as_ref(), device)?;
+    model.pooling = config.pooling;
+    let (train_set, val_set) = holdout_split(examples, config.val_fraction, config.seed)?;
+    let texts: Vec<&str> = train_set.iter().map(|e| e.text.as_str()).collect();
+    let encoded = model.encode(&texts)?;
+    let val_texts: Vec<&str> = val_set.iter().map(|e| e.text.as_str()).collect();
+    let val_encoded = if val_set.is_empty() {
+        None
+    } else {
+        Some(model.encode(&val_texts)?)
+    };
+    let truncated = encoded.truncated + val_encoded.as_ref().map_or(0, |e| e.truncated);
+    let labels: Vec<u32> = train_set.iter().map(|e| e.label).collect();
+    let val_labels: Vec<u32> = val_set.iter().map(|e| e.label).collect();
+    let mut report = TrainReport {
+        epochs: Vec::new(),
+        best_head_epoch: 0,
+        best_lora_epoch: None,
+        stopped_early: false,
+        train_examples: train_set.len(),
+        val_examples: val_set.len(),
+        truncated,
+        lora_layers: 0,
+    };
+
+    // Head stage on cached pooled states.
+    let h = model.config().hidden;
+    let features = pooled_features(&model, &encoded.ids, config.pooling)?;
+    let val_features = val_encoded
+        .as_ref()
+        .map(|e| pooled_features(&model, &e.ids, config.pooling))
+        .transpose()?;
+    let head = Head::new_linear(h, 2, config.pooling, config.seed ^ 0x4ead, device)?;
+    let mut optimizer = Adam::new(
+        head.variables(),
+        AdamConfig::adamw(config.lr, config.weight_decay),
+    )?;
+    let mut rng = SplitMix64::new(config.seed ^ 0xba7c);
+    let mut stop = EarlyStop::new(config.patience);
+    let mut best_head = head.snapshot()?;
+    let lengths_one = vec![1usize; train_set.len()];
+    for epoch in 1..=config.epochs {
+        let start = Instant::now();
+        let (mut loss_sum, mut right) = (0.0f64, 0usize);
+        for batch in length_batches(&lengths_one, config.batch_size, &mut rng) {
+            let idx: Vec<u32> = batch.iter().map(|&i| i as u32).collect();
+            let idx = Tensor::from_vec(idx, &[batch.len()], device)?;
+            let x = Tensor::embedding(&features, &idx)?; // (b, H)
+            let logits = head.forward_pooled(&x)?;
+            let targets: Vec<u32> = batch.iter().map(|&i| labels[i]).collect();
+            let target_t = Tensor::from_vec(targets.clone(), &[batch.len()], device)?;
+            let loss = logits.cross_entropy(&target_t, None)?;
+            let grads = loss.backward()?;
+            optimizer.step(&grads)?;
+            loss_sum += loss.to_scalar()? as f64 * batch.len() as f64;
+            right += correct(&logits.detach(), &targets)?;
+        }
+        let (val_loss, val_accuracy) = match &val_features {
+            Some(vf) => {
+                let _no_grad = lathe_core::no_grad();
+                let (l, c) = loss_and_correct(&head.forward_pooled(vf)?, &val_labels)?;
+                (l / val_set.len() as f32, c as f32 / val_set.len() as f32)
+            }
+            None => (f32::NAN, f32::NAN),
+        };
+        let stats = EpochStats {
+            stage: "head",
+            epoch,
+            train_loss: (loss_sum / train_set.len() as f64) as f32,
+            train_accuracy: right as f32 / train_set.len() as f32,
+            val_loss,
+            val_accuracy,
+            seconds: start.elapsed().as_secs_f32(),
+        };
+        on_epoch(&stats);
+        report.epochs.push(stats);
+        let (best, halt) = stop.record(epoch, val_loss);
+        if best {
+            best_head = head.snapshot()?;
+        }
+        if halt {
+            report.stopped_early = epoch < config.epochs;
+            break;
+        }
+    }
+    report.best_head_epoch = stop.best_epoch;
+    let head_val_loss = stop.best;
+    model.head = Some(best_head);
+
+    if let Some(lora) = &config.lora {
+        train_lora(
+            &mut model,
+            lora,
+            config,
+            (&encoded.ids, &labels),
+            &val_set,
+            head_val_loss,
+            &mut report,
+            on_epoch,
+        )?;
+    }
+    Ok((model, report))
+}
+
+/// The LoRA stage: adapters + head trained through the encoder.
+#[allow(clippy::too_many_arguments)]
+fn train_lora(
+    model: &mut RewardModel,
+    lora: &LoraSettings,
+    config: &TrainConfig,
+    (ids, labels): (&[Vec<u32>], &[u32]),
+    val_set: &[Example],
+    head_val_loss: f32,
+    report: &mut TrainReport,
+    on_epoch: &mut dyn FnMut(&EpochStats),
+) -> Result<()> {
+    let device = model.device().clone();
+    let targets: Vec<String> = if lora.targets.is_empty() {
+        match model.config().architecture {
+            Architecture::Bert => vec!["query".into(), "value".into()],
+            Architecture::DistilBert => vec!["q_lin".into(), "v_lin".into()],
+        }
+    } else {
+        lora.targets.clone()
+    };
+    let mut lora_config = LoraConfig::new(
+        lora.r,
+        lora.alpha,
+        &targets.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
+    lora_config.task_type = Some("SEQ_CLS".into());
+    lora_config.target_modules = TargetModules::List(targets);
+    let switch = AdapterSwitch::new();
+    report.lora_layers = model
+        .encoder
+        .add_lora(&lora_config, &switch, config.seed ^ 0x10a)?;
+    // The head continues from the head stage, as trainable variables again.
+    let head = model.head.take().expect("head stage ran");
+    let (w, b) = match &head {
+        Head::Linear { classifier, .. } => classifier.dense_parts()?,
+        Head::DistilBert { .. } => unreachable!("training makes linear heads"),
+    };
+    let head = Head::Linear {
+        pooling: config.pooling,
+        classifier: lathe_models::linear::Linear::dense(
+            w.affine(1.0, 0.0)?.detach().into_variable(),
+            b.map(|b| b.affine(1.0, 0.0).map(|t| t.detach().into_variable()))
+                .transpose()?,
+        )?,
+    };
+    model.head = Some(head);
+    let mut params = model.encoder.variables();
+    params.extend(model.head.as_ref().expect("set").variables());
+    let mut optimizer = Adam::new(params, AdamConfig::adamw(lora.lr, 0.0))?;
+    let lengths: Vec<usize> = ids.iter().map(Vec::len).collect();
+    let mut rng = SplitMix64::new(config.seed ^ 0x10a_ba7c);
+    let patience = if config.patience == 0 {
+        0
+    } else {
+        config.patience.min(2)
+    };
+    let mut stop = EarlyStop::new(patience);
+    // Epoch 0 is the head stage's model (B = 0): LoRA epochs must beat it to be kept.
+    stop.best = head_val_loss;
+    let snapshot = |model: &mut RewardModel| -> Result<(Head, Vec<(Tensor, Tensor)>)> {
+        let head = model.head.as_ref().expect("set").snapshot()?;
+        let _no_grad = lathe_core::no_grad();
+        let adapters = model
+            .encoder
+            .adapters_mut()
+            .into_iter()
+            .map(|a| {
+                let [a, b] = a.parameters();
+                Ok((a.affine(1.0, 0.0)?.detach(), b.affine(1.0, 0.0)?.detach()))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok((head, adapters))
+    };
+    let mut best = snapshot(model)?;
+    for epoch in 1..=lora.epochs {
+        let start = Instant::now();
+        let (mut loss_sum, mut right) = (0.0f64, 0usize);
+        for batch in length_batches(&lengths, lora.batch_size, &mut rng) {
+            let rows: Vec<Vec<u32>> = batch.iter().map(|&i| ids[i].clone()).collect();
+            let targets: Vec<u32> = batch.iter().map(|&i| labels[i]).collect();
+            let logits = model.logits_ids(&rows)?;
+            let target_t = Tensor::from_vec(targets.clone(), &[batch.len()], &device)?;
+            let loss = logits.cross_entropy(&target_t, None)?;
+            let grads = loss.backward()?;
+            optimizer.step(&grads)?;
+            loss_sum += loss.to_scalar()? as f64 * batch.len() as f64;
+            right += correct(&logits.detach(), &targets)?;
+        }
+        let eval = evaluate(model, val_set)?;
+        let stats = EpochStats {
+            stage: "lora",
+            epoch,
+            train_loss: (loss_sum / ids.len() as f64) as f32,
+            train_accuracy: right as f32 / ids.len() as f32,
+            val_loss: eval.loss,
+            val_accuracy: eval.accuracy,
+            seconds: start.elapsed().as_secs_f32(),
+        };
+        on_epoch(&stats);
+        report.epochs.push(stats);
+        let (is_best, halt) = stop.record(epoch, eval.loss);
+        if is_best {
+            best = snapshot(model)?;
+        }
+        if halt {
+            report.stopped_early |= epoch < lora.epochs;
+            break;
+        }
+    }
+    // Keep the best epoch (0: the head stage's model, adapters still zero).
+    let (head, adapters) = best;
+    model.head = Some(head);
+    for (adapter, (a, b)) in model.encoder.adapters_mut().into_iter().zip(adapters) {
+        adapter.set_weights(a, b)?;
+    }
+    report.best_lora_epoch = Some(stop.best_epoch);
+    Ok(())
+}

@@ -9,6 +9,7 @@ use lathe_cli::device::{self, DeviceArg};
 use lathe_cli::eval::{self, EvalArgs};
 use lathe_cli::generate::{self, GenerateArgs};
 use lathe_cli::merge::{self, MergeArgs};
+use lathe_cli::ppo_cmd::{self, PpoArgs};
 use lathe_cli::reward_cmd::{self, RewardTrainArgs, ScoreArgs};
 use lathe_cli::sft::{self, SftArgs};
 use lathe_core::Device;
@@ -41,8 +42,9 @@ enum Command {
     ///   lathe eval --model DIR review.txt
     ///   lathe eval --model FILE.gguf --load-in-8bit --json review.txt > logprobs.json
     Eval(EvalArgs),
-    /// Supervised LoRA fine-tuning on text (the seed's step 1): causal-LM loss over packed
-    /// blocks, AdamW on the adapters, gradient checkpointing, accumulation, clipping, warm-up
+    /// Supervised LoRA fine-tuning on text (the seed's step 1).
+    ///
+    /// Causal-LM loss over packed blocks, AdamW on the adapters, gradient checkpointing, accumulation, clipping, warm-up
     /// and decay; eval loss, metrics.jsonl, checkpoints (a rerun resumes exactly) and the
     /// adapter in peft's format.
     ///
@@ -63,6 +65,24 @@ enum Command {
     ///
     /// Example: lathe score --reward runs/reward "What a wonderful film" "Dull and too long"
     Score(ScoreArgs),
+    /// PPO towards a reward model (the seed's step 3).
+    ///
+    /// A fresh LoRA and value head on the model
+    /// (with an SFT adapter merged first when given), the reference being the same model
+    /// with its adapters off. Config: a TOML file with [ppo] (trl's PPOConfig keys) and [run]
+    /// sections, flags overriding it. Writes metrics.jsonl, samples.jsonl, checkpoints (a
+    /// rerun resumes; Ctrl-C saves and exits), the adapter in peft's format and report.html.
+    ///
+    /// Example:
+    ///   lathe ppo --model FILE.gguf --adapter runs/sft --reward runs/reward --data reviews.jsonl --out runs/ppo --steps 30 --batch-size 16 --mini-batch-size 4
+    Ppo(PpoArgs),
+    /// Write (or rewrite) the HTML report and PNG plots of a PPO run directory.
+    ///
+    /// Example: lathe report runs/ppo
+    Report {
+        /// The run directory (`lathe ppo --out`).
+        run_dir: std::path::PathBuf,
+    },
     /// Show the GPU adapter lathe would use and its limits.
     ///
     /// Example: lathe info --allow-software-gpu
@@ -71,10 +91,10 @@ enum Command {
         #[arg(long)]
         allow_software_gpu: bool,
     },
-    /// Train a tiny causal attention block on a synthetic next-token task, on the CPU and on
-    /// the GPU side by side, and print both loss curves and the GPU memory ledger.
+    /// Train a tiny attention block on CPU and GPU side by side (a device check).
     ///
-    /// The most complete job lathe runs today; it grows into the full RLHF pipeline.
+    /// A synthetic next-token task; prints both loss curves and the GPU memory ledger.
+    ///
     /// Example: lathe demo --device both --steps 30
     Demo {
         /// cpu, gpu, both (CPU and GPU side by side) or auto (GPU when present, else CPU).
@@ -108,6 +128,12 @@ fn run(cli: Cli) -> Result<()> {
         Command::Merge(args) => merge::run(&args),
         Command::RewardTrain(args) => reward_cmd::run_train(&args),
         Command::Score(args) => reward_cmd::run_score(&args),
+        Command::Ppo(args) => ppo_cmd::run(&args),
+        Command::Report { run_dir } => {
+            lathe_cli::report::write_report(&run_dir)?;
+            println!("{}", run_dir.join("report.html").display());
+            Ok(())
+        }
         Command::Info { allow_software_gpu } => {
             let device = device::open(DeviceArg::Gpu, allow_software_gpu)?;
             let ctx = device.gpu_context().expect("a gpu device");

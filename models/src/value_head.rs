@@ -3,8 +3,6 @@
 //! `AutoModelForCausalLMWithValueHead` squeezes the last dim, so values are (B, T).
 //! Tensor names as trl saves them: `v_head.summary.weight` (1, H), `v_head.summary.bias` (1,).
 
-use std::sync::atomic::{AtomicU64, Ordering};
-
 use lathe_core::{Device, Tensor};
 
 use crate::hf::Weights;
@@ -17,10 +15,8 @@ pub struct ValueHead {
     /// trl's `summary_dropout_prob` (0.1 by default there); 0 disables dropout.
     pub dropout: f32,
     pub summary: Linear,
-    training: bool,
-    /// Seeds successive dropout masks, so each training forward draws a new one.
-    dropout_calls: AtomicU64,
-    seed: u64,
+    /// Training mode with the dropout seed of the current minibatch; None at evaluation.
+    dropout_seed: Option<u64>,
 }
 
 impl ValueHead {
@@ -32,7 +28,7 @@ impl ValueHead {
             Tensor::rand_uniform(-bound, bound, &[1, hidden], seed, device)?.into_variable();
         let bias = Tensor::rand_uniform(-bound, bound, &[1], seed.wrapping_add(1), device)?
             .into_variable();
-        ValueHead::from_parts(Linear::dense(weight, Some(bias))?, dropout, seed)
+        ValueHead::from_parts(Linear::dense(weight, Some(bias))?, dropout)
     }
 
     /// A head of trained weights `v_head.summary.{weight,bias}` (taken as trainable variables).
@@ -41,10 +37,10 @@ impl ValueHead {
             .take("v_head.summary.weight", &[1, hidden])?
             .into_variable();
         let bias = weights.take("v_head.summary.bias", &[1])?.into_variable();
-        ValueHead::from_parts(Linear::dense(weight, Some(bias))?, dropout, 0)
+        ValueHead::from_parts(Linear::dense(weight, Some(bias))?, dropout)
     }
 
-    fn from_parts(summary: Linear, dropout: f32, seed: u64) -> Result<ValueHead> {
+    fn from_parts(summary: Linear, dropout: f32) -> Result<ValueHead> {
         if !(0.0..1.0).contains(&dropout) {
             return Err(Error::Config(format!(
                 "value head dropout {dropout} is not in [0, 1)"
@@ -59,19 +55,23 @@ impl ValueHead {
         Ok(ValueHead {
             dropout,
             summary,
-            training: false,
-            dropout_calls: AtomicU64::new(0),
-            seed,
+            dropout_seed: None,
         })
     }
 
-    /// Training mode applies dropout; eval mode (the default) is the identity before summary.
-    pub fn set_training(&mut self, training: bool) {
-        self.training = training;
+    /// Training mode: dropout with masks drawn from `seed` (a pure function of the seed and
+    /// the element, so a resumed run replays them).
+    pub fn train(&mut self, seed: u64) {
+        self.dropout_seed = Some(seed);
+    }
+
+    /// Evaluation mode (the default): no dropout.
+    pub fn eval(&mut self) {
+        self.dropout_seed = None;
     }
 
     pub fn is_training(&self) -> bool {
-        self.training
+        self.dropout_seed.is_some()
     }
 
     /// Values (B, T) of hidden states (B, T, H).
@@ -88,31 +88,11 @@ impl ValueHead {
                 self.summary.in_features()
             )));
         }
-        let x = if self.training && self.dropout > 0.0 {
-            hidden.mul(&self.dropout_mask(hidden.shape(), hidden.device())?)?
-        } else {
-            hidden.clone()
+        let x = match self.dropout_seed {
+            Some(seed) if self.dropout > 0.0 => hidden.dropout(self.dropout, seed)?,
+            _ => hidden.clone(),
         };
         Ok(self.summary.forward(&x)?.reshape(&[b, t])?)
-    }
-
-    /// Inverted dropout: each element kept with probability 1 - p and scaled by 1 / (1 - p).
-    fn dropout_mask(&self, shape: &[usize], device: &Device) -> Result<Tensor> {
-        let call = self.dropout_calls.fetch_add(1, Ordering::Relaxed);
-        let mut state = self.seed ^ call.wrapping_mul(0x9E37_79B9_7F4A_7C15);
-        let keep = 1.0 - self.dropout;
-        let n: usize = shape.iter().product();
-        let mask: Vec<f32> = (0..n)
-            .map(|_| {
-                let u = (splitmix64(&mut state) >> 40) as f32 / (1u64 << 24) as f32;
-                if u < keep {
-                    1.0 / keep
-                } else {
-                    0.0
-                }
-            })
-            .collect();
-        Ok(Tensor::from_vec(mask, shape, device)?)
     }
 
     /// The trainable tensors (summary weight and bias).
@@ -127,13 +107,4 @@ impl ValueHead {
         self.summary.push_named("v_head.summary", &mut out)?;
         Ok(out)
     }
-}
-
-/// A small, fast, well-mixed PRNG step (Steele et al.'s SplitMix64).
-fn splitmix64(state: &mut u64) -> u64 {
-    *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    let mut z = *state;
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
 }

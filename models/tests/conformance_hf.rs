@@ -303,9 +303,15 @@ fn value_head_is_linear_at_eval_and_drops_out_in_training() {
         &want,
         Tolerance::new(1e-6, 1e-6),
     );
-    // Training: dropout changes the values, differently each call; gradients reach summary.
-    head.set_training(true);
+    // Training: dropout changes the values, the same for a seed, differently for another;
+    // gradients reach summary.
+    head.train(1);
     let a = head.forward(&hidden).unwrap();
+    assert_eq!(
+        a.to_vec_f32().unwrap(),
+        head.forward(&hidden).unwrap().to_vec_f32().unwrap()
+    );
+    head.train(2);
     let c = head.forward(&hidden).unwrap();
     assert_ne!(a.to_vec_f32().unwrap(), want);
     assert_ne!(a.to_vec_f32().unwrap(), c.to_vec_f32().unwrap());

@@ -184,7 +184,7 @@ impl PpoTrainer {
         let (logprobs, values, ref_logprobs) = {
             let _no_grad = no_grad();
             self.switch.eval();
-            self.value_head.set_training(false);
+            self.value_head.eval();
             let policy = self.forward(&seqs, seq, false)?;
             let reference = {
                 let _off = self.switch.disable();
@@ -217,7 +217,7 @@ impl PpoTrainer {
         let minibatch_stats =
             self.optimize(&seqs, seq, &logprobs, &values, &advantages, &returns, &mask)?;
         self.switch.eval();
-        self.value_head.set_training(false);
+        self.value_head.eval();
 
         let stats = record_step_stats(&StepRecord {
             scores,
@@ -238,6 +238,10 @@ impl PpoTrainer {
 
     /// The PPO epochs: shuffled minibatches, gradients summed over
     /// `gradient_accumulation_steps` of them per optimizer step, early stop on KL.
+    ///
+    /// No dropout, as in trl 0.11.4: its `batched_forward_pass` puts the model in eval mode
+    /// before every forward, the minibatch forwards of the PPO epochs included, so neither
+    /// LoRA dropout nor the value head's dropout ever applies in the classic PPOTrainer.
     #[allow(clippy::too_many_arguments)]
     fn optimize(
         &mut self,
@@ -256,16 +260,11 @@ impl PpoTrainer {
         let mut all = Vec::new();
         let mut rng =
             Rng::new(c.seed ^ (self.steps_done as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15));
-        let mut micro = 0u64;
         for _epoch in 0..c.ppo_epochs {
             let order = permutation(b, &mut rng);
             for backward in order.chunks(backward_batch) {
                 let mut grads: Option<GradStore> = None;
                 for rows in backward.chunks(c.mini_batch_size) {
-                    self.switch
-                        .train(c.seed ^ (self.steps_done as u64) << 32 ^ micro);
-                    self.value_head.set_training(true);
-                    micro += 1;
                     let mb_seqs: Vec<Vec<u32>> = rows.iter().map(|&r| seqs[r].clone()).collect();
                     let forward = self.forward(&mb_seqs, seq, true)?;
                     let (old, val, adv, ret, m) = (

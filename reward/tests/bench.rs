@@ -48,7 +48,10 @@ fn scoring_throughput() {
     .unwrap();
     let dir = std::env::temp_dir().join(format!("lathe-reward-bench-{}", std::process::id()));
     model.save(&dir).unwrap();
-    let texts: Vec<&str> = imdb.examples[100..228].iter().map(|e| e.text.as_str()).collect();
+    let texts: Vec<&str> = imdb.examples[100..228]
+        .iter()
+        .map(|e| e.text.as_str())
+        .collect();
     let tokens: usize = model.encode(&texts).unwrap().ids.iter().map(Vec::len).sum();
     eprintln!(
         "128 IMDB sentences, mean {:.1} tokens",
@@ -56,6 +59,9 @@ fn scoring_throughput() {
     );
     for device in [Device::Cpu, lathe_core::testing::test_gpu()] {
         let rate = throughput(&dir, &device, &texts);
-        eprintln!("scoring on {}: {rate:.1} texts/s (batches of 16)", device.name());
+        eprintln!(
+            "scoring on {}: {rate:.1} texts/s (batches of 16)",
+            device.name()
+        );
     }
 }

@@ -8,7 +8,7 @@ use lathe_core::{Device, Tensor};
 use lathe_shaders::AdapterChoice;
 
 use crate::report::{GpuSection, LedgerRow, Measurement, PeerSection, Report};
-use crate::{bench_generate, bench_int8, peer};
+use crate::{bench_generate, bench_int8, bench_sft, peer};
 
 #[derive(clap::Args, Debug)]
 pub struct BenchArgs {
@@ -25,7 +25,11 @@ pub struct BenchArgs {
     #[arg(long)]
     no_peer: bool,
     /// Which sections to run (comma-separated): matmul, int8, generate.
-    #[arg(long, value_delimiter = ',', default_value = "matmul,int8,generate")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "matmul,int8,generate,sft"
+    )]
     sections: Vec<Section>,
 }
 
@@ -37,6 +41,8 @@ pub enum Section {
     Int8,
     /// SmolLM2 generation tokens/s, transformers peer (needs `cargo xtask assets`).
     Generate,
+    /// SmolLM2 LoRA SFT step tokens/s, peft peer (needs `cargo xtask assets`).
+    Sft,
 }
 
 /// The interpreter of the transformers peer: `LATHE_PEER_TORCH_PYTHON`, else the pinned
@@ -123,6 +129,28 @@ pub fn run(args: &BenchArgs) -> Result<()> {
                 markdown += &format!("\n## Generation\n\nskipped: {e:#}\n");
                 json.insert(
                     "generate".into(),
+                    serde_json::json!({ "skipped": format!("{e:#}") }),
+                );
+            }
+        }
+    }
+
+    if args.sections.contains(&Section::Sft) {
+        let mut devices = vec![(Device::Cpu, "cpu".to_string())];
+        if let Some(device) = gpu_device.as_ref().filter(|d| !is_software(d)) {
+            devices.push((device.clone(), "gpu".to_string()));
+        }
+        let peer = if args.no_peer { None } else { torch_python() };
+        match bench_sft::run(&devices, threads, 3, peer.as_deref()) {
+            Ok(section) => {
+                markdown += &bench_sft::markdown(&section);
+                json.insert("sft".into(), serde_json::to_value(&section)?);
+            }
+            Err(e) => {
+                eprintln!("  sft: skipped ({e:#})");
+                markdown += &format!("\n## LoRA SFT\n\nskipped: {e:#}\n");
+                json.insert(
+                    "sft".into(),
                     serde_json::json!({ "skipped": format!("{e:#}") }),
                 );
             }

@@ -13,6 +13,7 @@ mod assets;
 mod bench;
 mod bench_generate;
 mod bench_int8;
+mod bench_sft;
 mod peer;
 mod probe;
 mod report;

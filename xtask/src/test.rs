@@ -13,6 +13,7 @@ use crate::probe;
 pub fn run(extra: &[String]) -> Result<ExitCode> {
     let report = probe::require_adapter()?;
     eprintln!("xtask: GPU adapter: {report}");
+    require_chromium()?;
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_string());
     let mut command = Command::new(&cargo);
     command
@@ -38,6 +39,21 @@ pub fn run(extra: &[String]) -> Result<ExitCode> {
         // Killed by a signal: still a failure.
         None => ExitCode::FAILURE,
     })
+}
+
+/// The PPO report test renders the report in a real headless browser: say so up front
+/// rather than after the build.
+fn require_chromium() -> Result<()> {
+    let found = ["/usr/bin/chromium", "/usr/bin/chromium-browser"]
+        .iter()
+        .any(|p| std::path::Path::new(p).is_file());
+    if !found {
+        anyhow::bail!(
+            "no chromium: the PPO report test renders report.html in Debian's headless \
+             chromium. Install it with `apt-get install -y chromium` (as root)."
+        );
+    }
+    Ok(())
 }
 
 /// `--workspace` unless the cargo args (those before `--`) already pick packages.

@@ -1,0 +1,551 @@
+//! `lathe ppo`: PPO with a fresh LoRA on a (possibly SFT-merged) model against a reward
+//! (the seed's step 3). Writes to the run directory:
+//! - `metrics.jsonl`: every statistic of every step under trl's names;
+//! - `samples.jsonl`: each step's query, response and reward;
+//! - `checkpoint/`: adapter, value head, optimizer and trainer state (a rerun resumes
+//!   exactly; Ctrl-C finishes the current step, saves and exits);
+//! - the final adapter (peft files) and `value_head.safetensors`, `run.json`, and the report
+//!   (`report.html` and PNG plots).
+//!
+//! Everything random is a function of (seed, step): which texts, the query and response
+//! lengths, the sampled tokens, the dropout masks; so a resumed run equals an uninterrupted one.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use lathe_core::Device;
+use lathe_lora::{AdapterSwitch, LoraConfig};
+use lathe_models::hf::CausalLm;
+use lathe_models::sampling::{Rng, SamplingConfig};
+use lathe_models::tokenizer::Tokenizer;
+use lathe_models::value_head::ValueHead;
+use lathe_ppo::math::KlController;
+use lathe_ppo::rollout::{make_queries, sample_responses, LengthRange};
+use lathe_ppo::{PpoConfig, PpoTrainer, Reward};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use crate::progress::Progress;
+
+/// The run's settings beyond trl's PPOConfig: rollouts, LoRA, length of the run.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RunSettings {
+    /// PPO steps to run.
+    pub steps: usize,
+    /// Query length L ~ U{min..=max} tokens of a text (the seed: LengthSampler(2, 8)).
+    pub query_length: LengthRange,
+    /// Response length ~ U{min..=max} new tokens (the seed: LengthSampler(4, 16)).
+    pub response_length: LengthRange,
+    pub temperature: f32,
+    /// 0 = no top-k filtering (the seed's setting).
+    pub top_k: usize,
+    pub top_p: f32,
+    pub lora_r: usize,
+    pub lora_alpha: f64,
+    pub lora_dropout: f64,
+    /// Empty: the architecture's defaults.
+    pub target_modules: Vec<String>,
+    /// The value head's dropout (trl: 0.1).
+    pub value_head_dropout: f32,
+    /// Checkpoint every N steps (0: at the end only).
+    pub save_every: usize,
+    pub gradient_checkpointing: bool,
+}
+
+impl Default for RunSettings {
+    fn default() -> Self {
+        RunSettings {
+            steps: 20,
+            query_length: LengthRange { min: 2, max: 7 },
+            response_length: LengthRange { min: 4, max: 15 },
+            temperature: 1.0,
+            top_k: 0,
+            top_p: 1.0,
+            lora_r: 16,
+            lora_alpha: 32.0,
+            lora_dropout: 0.05,
+            target_modules: Vec::new(),
+            value_head_dropout: 0.1,
+            save_every: 0,
+            gradient_checkpointing: false,
+        }
+    }
+}
+
+/// The whole config file: `[ppo]` with trl's PPOConfig keys, `[run]` with [`RunSettings`].
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PpoFile {
+    pub ppo: PpoConfig,
+    pub run: RunSettings,
+}
+
+impl PpoFile {
+    pub fn read(path: &Path) -> Result<PpoFile> {
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        toml::from_str(&text).with_context(|| format!("{}: not a valid PPO config", path.display()))
+    }
+}
+
+const CHECKPOINT: &str = "checkpoint";
+const VALUE_HEAD_FILE: &str = "value_head.safetensors";
+
+#[derive(Serialize, Deserialize)]
+struct TrainerState {
+    step: usize,
+    adam_step: u64,
+    kl: KlController,
+    config: PpoFile,
+}
+
+/// What a finished (or interrupted) run did.
+#[derive(Clone, Debug, Serialize)]
+pub struct PpoSummary {
+    pub steps_done: usize,
+    pub mean_rewards: Vec<f32>,
+    pub kls: Vec<f32>,
+    pub interrupted: bool,
+    pub resumed_from: Option<usize>,
+    pub seconds_per_step: f64,
+}
+
+/// The PPO run: `model` (with no adapters yet, or a checkpoint's), `texts` to cut queries
+/// from, `reward` to score query + response texts, outputs under `out`. `stop` ends the run
+/// after the current step (Ctrl-C); `stop_after` stops after that many steps (tests).
+#[allow(clippy::too_many_arguments)]
+pub fn train(
+    mut model: CausalLm,
+    tokenizer: &Tokenizer,
+    texts: &[String],
+    reward: &mut dyn Reward,
+    file: &PpoFile,
+    out: &Path,
+    device: &Device,
+    stop: &AtomicBool,
+    stop_after: Option<usize>,
+) -> Result<PpoSummary> {
+    let (config, run) = (&file.ppo, &file.run);
+    config.validate()?;
+    run.query_length.validate("query_length")?;
+    run.response_length.validate("response_length")?;
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    let tokenized: Vec<Vec<u32>> = texts
+        .iter()
+        .map(|t| tokenizer.encode(t, true))
+        .collect::<std::result::Result<_, _>>()?;
+    let tokenized: Vec<Vec<u32>> = tokenized.into_iter().filter(|t| !t.is_empty()).collect();
+    if tokenized.is_empty() {
+        bail!("no text gives a token to start a query from");
+    }
+    let switch = AdapterSwitch::new();
+    let checkpoint = out.join(CHECKPOINT);
+    let resume = checkpoint.join("trainer_state.json").is_file();
+    let hidden = model.config().hidden_size();
+    let lora = lora_config(run, &model);
+    let (value_head, state) = if resume {
+        let state: TrainerState = serde_json::from_str(&std::fs::read_to_string(
+            checkpoint.join("trainer_state.json"),
+        )?)
+        .context("reading the checkpoint state")?;
+        if state.config != *file {
+            bail!(
+                "{} holds a checkpoint of a run with another config; use another --out, or \
+                 delete its checkpoint to start over",
+                out.display()
+            );
+        }
+        model.load_lora(&checkpoint, &switch)?;
+        let head = load_value_head(&checkpoint.join(VALUE_HEAD_FILE), hidden, run, device)?;
+        (head, Some(state))
+    } else {
+        model.add_lora(&lora, &switch, config.seed)?;
+        (
+            ValueHead::new(hidden, run.value_head_dropout, config.seed, device)?,
+            None,
+        )
+    };
+    model.set_gradient_checkpointing(run.gradient_checkpointing);
+    eprintln!("{}", model.trainable_parameters_line()?);
+    let pad = tokenizer.pad_id().or(tokenizer.eos_id()).unwrap_or(0);
+    let mut trainer = PpoTrainer::new(model, switch, value_head, config.clone(), pad, device)?;
+    let start = match &state {
+        Some(s) => {
+            let moments =
+                lathe_core::safetensors::load(&checkpoint.join("optimizer.safetensors"), device)?;
+            let n = trainer.optimizer().params().len();
+            let mut pairs = Vec::with_capacity(n);
+            for i in 0..n {
+                let find = |k: String| {
+                    moments
+                        .iter()
+                        .find(|(name, _)| *name == k)
+                        .map(|(_, t)| t.clone())
+                        .with_context(|| format!("the checkpoint lacks {k}"))
+                };
+                pairs.push((find(format!("m.{i}"))?, find(format!("v.{i}"))?));
+            }
+            trainer.restore(s.step, s.kl.clone(), s.adam_step, pairs)?;
+            s.step
+        }
+        None => 0,
+    };
+    let metrics_path = out.join("metrics.jsonl");
+    let samples_path = out.join("samples.jsonl");
+    let mut metrics = reopen_jsonl(&metrics_path, start)?;
+    let mut samples = reopen_jsonl(&samples_path, start)?;
+    let sampling = SamplingConfig {
+        temperature: run.temperature,
+        top_k: run.top_k,
+        top_p: run.top_p,
+        greedy: false,
+    };
+    let mut summary = PpoSummary {
+        steps_done: start,
+        mean_rewards: Vec::new(),
+        kls: Vec::new(),
+        interrupted: false,
+        resumed_from: state.as_ref().map(|s| s.step),
+        seconds_per_step: 0.0,
+    };
+    let mut progress = Progress::new("ppo", run.steps);
+    let started = Instant::now();
+    for step in start..run.steps {
+        let step_started = Instant::now();
+        let mut rng = Rng::new(config.seed ^ (step as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15));
+        let drawn: Vec<&[u32]> = (0..config.batch_size)
+            .map(|_| tokenized[(rng.next_u64() % tokenized.len() as u64) as usize].as_slice())
+            .collect();
+        let queries = make_queries(&drawn, run.query_length, &mut rng);
+        let generate_started = Instant::now();
+        let responses = sample_responses(
+            &trainer.model,
+            &queries,
+            run.response_length,
+            sampling,
+            pad,
+            rng.next_u64(),
+            &mut rng,
+            device,
+        )?;
+        let generate_s = generate_started.elapsed().as_secs_f64();
+        let query_texts: Vec<String> = queries
+            .iter()
+            .map(|q| tokenizer.decode(q, true))
+            .collect::<std::result::Result<_, _>>()?;
+        let response_texts: Vec<String> = responses
+            .iter()
+            .map(|r| tokenizer.decode(r, true))
+            .collect::<std::result::Result<_, _>>()?;
+        let full: Vec<String> = query_texts
+            .iter()
+            .zip(&response_texts)
+            .map(|(q, r)| format!("{q}{r}"))
+            .collect();
+        let scores = reward.score(&full)?;
+        if scores.len() != full.len() {
+            bail!(
+                "the reward returned {} scores for {} texts",
+                scores.len(),
+                full.len()
+            );
+        }
+        let stats = trainer.step(&queries, &responses, &scores)?;
+        let done = step + 1;
+        let mut record = json!({ "step": done });
+        for (k, v) in &stats {
+            record[k] = json!(v);
+        }
+        record["time/generate_s"] = json!(generate_s);
+        record["time/step_s"] = json!(step_started.elapsed().as_secs_f64());
+        writeln!(metrics, "{record}")?;
+        metrics.flush()?;
+        for ((q, r), s) in query_texts.iter().zip(&response_texts).zip(&scores) {
+            writeln!(
+                samples,
+                "{}",
+                json!({ "step": done, "query": q, "response": r, "reward": s })
+            )?;
+        }
+        samples.flush()?;
+        let (mean_reward, kl) = (stats["env/reward_mean"], stats["objective/kl"]);
+        summary.mean_rewards.push(mean_reward);
+        summary.kls.push(kl);
+        summary.steps_done = done;
+        progress.update(
+            done,
+            start,
+            &format!(
+                "reward {mean_reward:.3} kl {kl:.3} kl_coef {:.3} | {:.1} s/step",
+                stats["objective/kl_coef"],
+                step_started.elapsed().as_secs_f64()
+            ),
+        );
+        let interrupted = stop.load(Ordering::SeqCst);
+        if done == run.steps || interrupted || (run.save_every > 0 && done % run.save_every == 0) {
+            save_checkpoint(&trainer, &lora, file, done, out)?;
+        }
+        if interrupted {
+            summary.interrupted = true;
+            progress.finish();
+            eprintln!("ppo: interrupted; saved a checkpoint at step {done} (rerun to resume)");
+            return Ok(summary);
+        }
+        if stop_after == Some(done) {
+            progress.finish();
+            return Ok(summary);
+        }
+    }
+    progress.finish();
+    let ran = summary.steps_done - start;
+    summary.seconds_per_step = started.elapsed().as_secs_f64() / ran.max(1) as f64;
+    trainer.model.save_lora(out, &lora)?;
+    save_value_head(&trainer.value_head, &out.join(VALUE_HEAD_FILE))?;
+    std::fs::write(
+        out.join("run.json"),
+        serde_json::to_string_pretty(&json!({ "config": file, "summary": summary }))?,
+    )?;
+    crate::report::write_report(out)?;
+    Ok(summary)
+}
+
+fn lora_config(run: &RunSettings, model: &CausalLm) -> LoraConfig {
+    let sft = crate::sft::SftConfig {
+        lora_r: run.lora_r,
+        lora_alpha: run.lora_alpha,
+        lora_dropout: run.lora_dropout,
+        target_modules: run.target_modules.clone(),
+        ..crate::sft::SftConfig::default()
+    };
+    sft.lora_config(&model.config())
+}
+
+/// A JSONL file for appending, keeping (on a resume) only the lines of steps up to `start`.
+fn reopen_jsonl(path: &Path, start: usize) -> Result<std::fs::File> {
+    let kept: Vec<String> = if start > 0 && path.is_file() {
+        std::fs::read_to_string(path)?
+            .lines()
+            .filter(|l| {
+                serde_json::from_str::<serde_json::Value>(l)
+                    .ok()
+                    .and_then(|v| v["step"].as_u64())
+                    .is_some_and(|s| s as usize <= start)
+            })
+            .map(str::to_string)
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let mut file =
+        std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
+    for line in kept {
+        writeln!(file, "{line}")?;
+    }
+    Ok(file)
+}
+
+fn save_value_head(head: &ValueHead, path: &Path) -> Result<()> {
+    let (weight, bias) = head.summary.dense_parts()?;
+    let bias = bias.context("the value head has a bias")?;
+    lathe_core::safetensors::save(
+        path,
+        &[
+            ("v_head.summary.weight", &weight.detach()),
+            ("v_head.summary.bias", &bias.detach()),
+        ],
+        None,
+    )?;
+    Ok(())
+}
+
+fn load_value_head(
+    path: &Path,
+    hidden: usize,
+    run: &RunSettings,
+    device: &Device,
+) -> Result<ValueHead> {
+    let mut weights = lathe_models::hf::Weights::new(path.display().to_string(), device);
+    weights.add_file(path)?;
+    Ok(ValueHead::from_weights(
+        &mut weights,
+        hidden,
+        run.value_head_dropout,
+    )?)
+}
+
+fn save_checkpoint(
+    trainer: &PpoTrainer,
+    lora: &LoraConfig,
+    file: &PpoFile,
+    step: usize,
+    out: &Path,
+) -> Result<()> {
+    let temp = out.join(format!("{CHECKPOINT}.tmp"));
+    let _ = std::fs::remove_dir_all(&temp);
+    trainer.model.save_lora(&temp, lora)?;
+    save_value_head(&trainer.value_head, &temp.join(VALUE_HEAD_FILE))?;
+    let adam = trainer.optimizer();
+    let mut tensors = Vec::new();
+    for i in 0..adam.params().len() {
+        let (m, v) = adam.moments(i).expect("one state per parameter");
+        tensors.push((format!("m.{i}"), m.detach()));
+        tensors.push((format!("v.{i}"), v.detach()));
+    }
+    let named: Vec<(&str, &lathe_core::Tensor)> =
+        tensors.iter().map(|(k, t)| (k.as_str(), t)).collect();
+    lathe_core::safetensors::save(&temp.join("optimizer.safetensors"), &named, None)?;
+    let state = TrainerState {
+        step,
+        adam_step: adam.step_count(),
+        kl: trainer.kl_controller().clone(),
+        config: file.clone(),
+    };
+    std::fs::write(
+        temp.join("trainer_state.json"),
+        serde_json::to_string_pretty(&state)?,
+    )?;
+    let final_dir = out.join(CHECKPOINT);
+    let old = out.join(format!("{CHECKPOINT}.old"));
+    let _ = std::fs::remove_dir_all(&old);
+    if final_dir.exists() {
+        std::fs::rename(&final_dir, &old)?;
+    }
+    std::fs::rename(&temp, &final_dir)?;
+    let _ = std::fs::remove_dir_all(&old);
+    Ok(())
+}
+
+/// `lathe ppo` flags; each overrides the config file's value when given.
+#[derive(clap::Args, Debug)]
+pub struct PpoArgs {
+    #[command(flatten)]
+    pub model: crate::model_args::ModelArgs,
+    /// An SFT adapter merged into the model first (the reference is then the SFT model).
+    #[arg(long, value_name = "DIR")]
+    pub adapter: Option<PathBuf>,
+    /// The reward model directory (`lathe reward-train`'s output).
+    #[arg(long, value_name = "DIR")]
+    pub reward: PathBuf,
+    /// Texts to cut queries from: .txt, .jsonl or .json (with --text-field).
+    #[arg(long, value_name = "FILE")]
+    pub data: PathBuf,
+    #[arg(long, default_value = "text")]
+    pub text_field: String,
+    /// Run directory.
+    #[arg(long, value_name = "DIR")]
+    pub out: PathBuf,
+    /// A TOML file: [ppo] with trl's PPOConfig keys, [run] with steps, query_length,
+    /// response_length, sampling, LoRA settings.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    #[arg(long)]
+    pub steps: Option<usize>,
+    #[arg(long)]
+    pub batch_size: Option<usize>,
+    #[arg(long)]
+    pub mini_batch_size: Option<usize>,
+    #[arg(long)]
+    pub ppo_epochs: Option<usize>,
+    #[arg(long)]
+    pub learning_rate: Option<f32>,
+    #[arg(long)]
+    pub init_kl_coef: Option<f32>,
+    #[arg(long)]
+    pub seed: Option<u64>,
+    #[arg(long)]
+    pub save_every: Option<usize>,
+}
+
+impl PpoArgs {
+    /// The config file (or defaults) with the flags applied.
+    pub fn settings(&self) -> Result<PpoFile> {
+        let mut file = match &self.config {
+            Some(path) => PpoFile::read(path)?,
+            None => PpoFile::default(),
+        };
+        if let Some(v) = self.steps {
+            file.run.steps = v;
+        }
+        if let Some(v) = self.batch_size {
+            file.ppo.batch_size = v;
+        }
+        if let Some(v) = self.mini_batch_size {
+            file.ppo.mini_batch_size = v;
+        }
+        if let Some(v) = self.ppo_epochs {
+            file.ppo.ppo_epochs = v;
+        }
+        if let Some(v) = self.learning_rate {
+            file.ppo.learning_rate = v;
+        }
+        if let Some(v) = self.init_kl_coef {
+            file.ppo.init_kl_coef = v;
+        }
+        if let Some(v) = self.seed {
+            file.ppo.seed = v;
+        }
+        if let Some(v) = self.save_every {
+            file.run.save_every = v;
+        }
+        Ok(file)
+    }
+}
+
+/// `lathe ppo`.
+pub fn run(args: &PpoArgs) -> Result<()> {
+    let file = args.settings()?;
+    let texts = crate::texts::read_texts(&args.data, &args.text_field)?;
+    let (mut pretrained, device) = args.model.load()?;
+    if let Some(adapter) = &args.adapter {
+        pretrained
+            .model
+            .load_lora(adapter, &AdapterSwitch::new())
+            .with_context(|| format!("loading the SFT adapter {}", adapter.display()))?;
+        pretrained.model.merge_lora()?;
+        eprintln!(
+            "merged the SFT adapter {} into the model",
+            adapter.display()
+        );
+    }
+    let mut reward = crate::reward_glue::load_reward(&args.reward, &device)?;
+    let stop = Arc::new(AtomicBool::new(false));
+    {
+        let stop = stop.clone();
+        // A second Ctrl-C kills the process as usual.
+        let _ = ctrlc::set_handler(move || {
+            if stop.swap(true, Ordering::SeqCst) {
+                std::process::exit(130);
+            }
+            eprintln!("\nppo: Ctrl-C: finishing this step, then saving (Ctrl-C again to quit now)");
+        });
+    }
+    let summary = train(
+        pretrained.model,
+        &pretrained.tokenizer,
+        &texts,
+        reward.as_mut(),
+        &file,
+        &args.out,
+        &device,
+        &stop,
+        None,
+    )?;
+    let n = summary.mean_rewards.len();
+    if n > 0 {
+        let k = n.min(5);
+        let first: f32 = summary.mean_rewards[..k].iter().sum::<f32>() / k as f32;
+        let last: f32 = summary.mean_rewards[n - k..].iter().sum::<f32>() / k as f32;
+        eprintln!(
+            "ppo: {} steps, mean reward (first {k}) {first:.3} -> (last {k}) {last:.3}, KL {:.3}; report: {}",
+            summary.steps_done,
+            summary.kls[n - 1],
+            args.out.join("report.html").display()
+        );
+    }
+    Ok(())
+}

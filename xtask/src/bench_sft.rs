@@ -1,0 +1,257 @@
+//! The SFT section of `cargo xtask bench`: one LoRA training step (forward, backward, AdamW
+//! on the adapters) of SmolLM2-135M on 16 x 24 random tokens, r 16 on q_proj and v_proj,
+//! f32 and LLM.int8 bases, on the CPU (and a hardware GPU when found), against peft on
+//! transformers (`scripts/peer_sft.py`, same model, batch, LoRA and optimizer).
+
+use std::fmt::Write as _;
+use std::path::Path;
+use std::process::Command;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use lathe_core::optim::{Adam, AdamConfig};
+use lathe_core::Device;
+use lathe_lora::{AdapterSwitch, LoraConfig};
+use lathe_models::pretrained::{Precision, Pretrained};
+use lathe_models::sampling::Rng;
+use serde::Serialize;
+
+const BATCH: usize = 16;
+const SEQ: usize = 24;
+
+#[derive(Clone, Debug, Serialize)]
+pub struct SftRow {
+    pub device: String,
+    pub base: String,
+    pub gradient_checkpointing: bool,
+    pub best_s: f64,
+    pub median_s: f64,
+    pub tokens_per_s: f64,
+    pub peer_tokens_per_s: Option<f64>,
+    pub ratio_vs_peer: Option<f64>,
+    /// The GPU ledger's peak bytes by category during the steps (GPU rows only).
+    pub gpu_peak_bytes: Option<Vec<(String, u64)>>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct SftSection {
+    pub rows: Vec<SftRow>,
+    /// Peak resident memory of this process (all CPU rows; VmHWM), MiB.
+    pub process_peak_rss_mib: Option<f64>,
+    pub peer: serde_json::Value,
+}
+
+fn peak_rss_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024.0)
+}
+
+fn measure(
+    model_path: &Path,
+    device: &Device,
+    precision: Precision,
+    checkpointing: bool,
+    runs: usize,
+) -> Result<(f64, f64)> {
+    let mut pretrained = Pretrained::load(model_path, device, precision)?;
+    let switch = AdapterSwitch::new();
+    let mut config = LoraConfig::new(16, 32.0, &["q_proj", "v_proj"]);
+    config.lora_dropout = 0.05;
+    pretrained.model.add_lora(&config, &switch, 0)?;
+    pretrained.model.set_gradient_checkpointing(checkpointing);
+    let mut adam = Adam::new(
+        pretrained.model.lora_parameters(),
+        AdamConfig::adamw(2e-4, 0.0),
+    )?;
+    let mut rng = Rng::new(0);
+    let vocab = pretrained.model.config().vocab_size() as u64;
+    let blocks: Vec<Vec<u32>> = (0..BATCH)
+        .map(|_| (0..SEQ).map(|_| (rng.next_u64() % vocab) as u32).collect())
+        .collect();
+    let refs: Vec<&Vec<u32>> = blocks.iter().collect();
+    let mut times = Vec::new();
+    for run in 0..=runs {
+        switch.train(run as u64);
+        let start = Instant::now();
+        let loss = lathe_cli::sft::block_loss(&pretrained.model, &refs, device)?;
+        let grads = loss.backward()?;
+        adam.step(&grads)?;
+        device.sync()?;
+        if run > 0 {
+            times.push(start.elapsed().as_secs_f64());
+        }
+    }
+    times.sort_by(f64::total_cmp);
+    Ok((times[0], times[times.len() / 2]))
+}
+
+pub fn run(
+    devices: &[(Device, String)],
+    threads: usize,
+    runs: usize,
+    peer_python: Option<&Path>,
+) -> Result<SftSection> {
+    let model_path = crate::bench_generate::smollm2_path()?;
+    if !model_path.is_file() {
+        bail!(
+            "{} is missing: run `cargo xtask assets` first",
+            model_path.display()
+        );
+    }
+    let mut rows = Vec::new();
+    for (device, label) in devices {
+        let cases = [
+            ("f32", Precision::F32, false),
+            ("int8", Precision::Int8 { threshold: 6.0 }, false),
+            ("f32", Precision::F32, true),
+        ];
+        for (name, precision, checkpointing) in cases {
+            if let Some(ctx) = device.gpu_context() {
+                ctx.ledger().reset_peaks();
+            }
+            let (best, median) = measure(&model_path, device, precision, checkpointing, runs)?;
+            let tokens_per_s = (BATCH * SEQ) as f64 / best;
+            eprintln!(
+                "  sft {label:>4} {name:>4}{}: {best:.3} s/step ({tokens_per_s:.0} tokens/s)",
+                if checkpointing { " +checkpointing" } else { "" }
+            );
+            let gpu_peak_bytes = device.gpu_context().map(|ctx| {
+                ctx.ledger_snapshot()
+                    .categories
+                    .iter()
+                    .map(|c| (c.category.name().to_string(), c.peak))
+                    .collect()
+            });
+            rows.push(SftRow {
+                device: label.clone(),
+                base: name.to_string(),
+                gradient_checkpointing: checkpointing,
+                best_s: best,
+                median_s: median,
+                tokens_per_s,
+                peer_tokens_per_s: None,
+                ratio_vs_peer: None,
+                gpu_peak_bytes,
+            });
+        }
+    }
+    let peer = match peer_python {
+        None => serde_json::json!({ "skipped": "no peer python (LATHE_PEER_TORCH_PYTHON)" }),
+        Some(python) => match run_peer(python, &model_path, threads, runs) {
+            Ok(v) => v,
+            Err(e) => serde_json::json!({ "skipped": format!("peer failed: {e:#}") }),
+        },
+    };
+    if let Some(tps) = peer["tokens_per_s"].as_f64() {
+        for row in &mut rows {
+            row.peer_tokens_per_s = Some(tps);
+            row.ratio_vs_peer = Some(row.tokens_per_s / tps);
+        }
+    }
+    Ok(SftSection {
+        rows,
+        process_peak_rss_mib: peak_rss_mib(),
+        peer,
+    })
+}
+
+fn run_peer(python: &Path, model: &Path, threads: usize, runs: usize) -> Result<serde_json::Value> {
+    let script = crate::workspace_root().join("scripts/peer_sft.py");
+    eprintln!("  peer: {} {}", python.display(), script.display());
+    let threads_s = threads.to_string();
+    let output = Command::new(python)
+        .arg(&script)
+        .arg("--model")
+        .arg(model)
+        .args(["--batch", &BATCH.to_string(), "--seq", &SEQ.to_string()])
+        .args([
+            "--threads",
+            &threads_s,
+            "--steps",
+            &runs.to_string(),
+            "--warmup",
+            "1",
+        ])
+        .env("OMP_NUM_THREADS", &threads_s)
+        .env("MKL_NUM_THREADS", &threads_s)
+        .output()
+        .with_context(|| format!("could not start {}", python.display()))?;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let Some(line) = stdout.lines().rev().find(|l| l.starts_with('{')) else {
+        bail!(
+            "printed no JSON (exit {:?}): {}",
+            output.status.code(),
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
+    };
+    Ok(serde_json::from_str(line)?)
+}
+
+pub fn markdown(section: &SftSection) -> String {
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "\n## LoRA SFT step: SmolLM2-135M, {BATCH} x {SEQ} tokens, r 16 on q,v, AdamW (best of runs)\n"
+    );
+    let peer = match section.peer.get("tokens_per_s") {
+        Some(_) => format!(
+            "peer: peft {} on transformers {} (torch {}), {} threads: {:.3} s/step, peak RSS {:.0} MiB",
+            section.peer["peft"].as_str().unwrap_or("?"),
+            section.peer["version"].as_str().unwrap_or("?"),
+            section.peer["torch"].as_str().unwrap_or("?"),
+            section.peer["threads"],
+            section.peer["best_s"].as_f64().unwrap_or(f64::NAN),
+            section.peer["peak_rss_process_mib"].as_f64().unwrap_or(f64::NAN)
+        ),
+        None => format!("peer: {}", section.peer),
+    };
+    let _ = writeln!(s, "{peer}\n");
+    let _ = writeln!(
+        s,
+        "| device | base | checkpointing | s/step | tokens/s | peer tokens/s | ratio |"
+    );
+    let _ = writeln!(s, "|---|---|---|---:|---:|---:|---:|");
+    for r in &section.rows {
+        let opt =
+            |v: Option<f64>, suffix: &str| v.map_or("-".into(), |v| format!("{v:.2}{suffix}"));
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} | {:.3} | {:.0} | {} | {} |",
+            r.device,
+            r.base,
+            if r.gradient_checkpointing {
+                "yes"
+            } else {
+                "no"
+            },
+            r.best_s,
+            r.tokens_per_s,
+            opt(r.peer_tokens_per_s, ""),
+            opt(r.ratio_vs_peer, "x")
+        );
+    }
+    if let Some(mib) = section.process_peak_rss_mib {
+        let _ = writeln!(
+            s,
+            "\nlathe's process peak RSS over the CPU rows: {mib:.0} MiB"
+        );
+    }
+    for r in section.rows.iter().filter(|r| r.gpu_peak_bytes.is_some()) {
+        let peaks: Vec<String> = r
+            .gpu_peak_bytes
+            .iter()
+            .flatten()
+            .map(|(c, b)| format!("{c} {:.1} MiB", *b as f64 / 1048576.0))
+            .collect();
+        let _ = writeln!(
+            s,
+            "\nGPU peak by category ({} {}): {}",
+            r.device,
+            r.base,
+            peaks.join(", ")
+        );
+    }
+    s
+}

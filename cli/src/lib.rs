@@ -7,6 +7,7 @@ pub mod generate;
 pub mod merge;
 pub mod model_args;
 pub mod output;
+pub mod pipeline;
 pub mod png;
 pub mod ppo_cmd;
 pub mod progress;

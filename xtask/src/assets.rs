@@ -122,6 +122,11 @@ const PACKAGES: &[Package] = &[
     },
 ];
 
+/// Fetches into the default cache (`$LATHE_ASSETS` or `~/.cache/lathe/assets`).
+pub fn run_default() -> Result<()> {
+    run(&AssetsArgs { dir: None })
+}
+
 pub fn run(args: &AssetsArgs) -> Result<()> {
     let dir = cache_dir(args.dir.as_deref())?;
     fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;

@@ -111,7 +111,9 @@ pub fn run(
             if let Some(ctx) = device.gpu_context() {
                 ctx.ledger().reset_peaks();
             }
-            let (best, median) = measure(&model_path, device, precision, checkpointing, runs)?;
+            let (best, median) = lathe_core::on_cpu_pool(|| {
+                measure(&model_path, device, precision, checkpointing, runs)
+            })?;
             let tokens_per_s = (BATCH * SEQ) as f64 / best;
             eprintln!(
                 "  sft {label:>4} {name:>4}{}: {best:.3} s/step ({tokens_per_s:.0} tokens/s)",

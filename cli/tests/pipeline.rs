@@ -1,0 +1,150 @@
+//! The whole pipeline (reward model -> SFT -> merge -> PPO -> report) on tiny random models
+//! (the Llama GGUF fixture of lathe-models, the BERT fixture of lathe-reward) and a tiny
+//! dataset: every stage's output and the manifest appear; a rerun skips every stage;
+//! deleting one stage's folder redoes only that stage.
+
+use std::path::{Path, PathBuf};
+
+use lathe_cli::pipeline::{run_pipeline, Inputs, Settings};
+use lathe_cli::sft::SftConfig;
+use lathe_core::Device;
+use lathe_ppo::rollout::LengthRange;
+
+fn repo(path: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join(path)
+}
+
+fn tiny_inputs(dir: &Path) -> Inputs {
+    std::fs::create_dir_all(dir).unwrap();
+    let good = [
+        "a great film",
+        "wonderful acting",
+        "I loved it",
+        "superb and moving",
+    ];
+    let bad = [
+        "a dull film",
+        "terrible acting",
+        "I hated it",
+        "boring and slow",
+    ];
+    let mut labelled = Vec::new();
+    for i in 0..10 {
+        labelled.push(serde_json::json!({"text": good[i % 4], "label": 1}).to_string());
+        labelled.push(serde_json::json!({"text": bad[i % 4], "label": 0}).to_string());
+    }
+    let reward_data = dir.join("labelled.jsonl");
+    std::fs::write(&reward_data, labelled.join("\n")).unwrap();
+    let texts: Vec<String> = good
+        .iter()
+        .chain(&bad)
+        .cycle()
+        .take(40)
+        .map(|t| {
+            serde_json::json!({ "text": format!("{t}, said the review of the film") }).to_string()
+        })
+        .collect();
+    let texts_path = dir.join("texts.jsonl");
+    std::fs::write(&texts_path, texts.join("\n")).unwrap();
+    Inputs {
+        model: repo("models/tests/fixtures/gguf_model_tied.gguf"),
+        encoder: repo("reward/tests/fixtures/tiny_bert"),
+        reward_data: vec![reward_data.clone()],
+        reward_test: vec![reward_data],
+        texts: texts_path,
+    }
+}
+
+fn tiny_settings() -> Settings {
+    let mut settings = Settings::demo();
+    settings.sft = SftConfig {
+        block_size: 16,
+        batch_size: 4,
+        max_steps: Some(3),
+        lora_r: 4,
+        lora_alpha: 8.0,
+        ..SftConfig::default()
+    };
+    settings.ppo.ppo.batch_size = 4;
+    settings.ppo.ppo.mini_batch_size = 2;
+    settings.ppo.ppo.ppo_epochs = 1;
+    settings.ppo.run.steps = 2;
+    settings.ppo.run.lora_r = 4;
+    settings.ppo.run.query_length = LengthRange { min: 2, max: 3 };
+    settings.ppo.run.response_length = LengthRange { min: 2, max: 3 };
+    settings
+}
+
+fn statuses(outcome: &lathe_cli::pipeline::Outcome) -> Vec<(String, String)> {
+    outcome
+        .stages
+        .iter()
+        .map(|(s, st, _)| (s.clone(), st.clone()))
+        .collect()
+}
+
+fn pairs(list: &[(&str, &str)]) -> Vec<(String, String)> {
+    list.iter()
+        .map(|(a, b)| (a.to_string(), b.to_string()))
+        .collect()
+}
+
+#[test]
+fn the_pipeline_runs_skips_finished_stages_and_redoes_deleted_ones() {
+    let root = std::env::temp_dir().join(format!("lathe-pipeline-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    let inputs = tiny_inputs(&root.join("data"));
+    let out = root.join("run");
+    let settings = tiny_settings();
+    let first = run_pipeline(&inputs, &settings, &out, &Device::Cpu, false).unwrap();
+    assert_eq!(
+        statuses(&first),
+        pairs(&[
+            ("reward", "ran"),
+            ("sft", "ran"),
+            ("merged", "ran"),
+            ("ppo", "ran")
+        ])
+    );
+    for file in [
+        "reward/model.safetensors",
+        "sft/adapter_model.safetensors",
+        "merged/model.safetensors",
+        "merged/tokenizer.json",
+        "ppo/adapter_model.safetensors",
+        "ppo/report.html",
+        "ppo/metrics.jsonl",
+        "manifest.json",
+    ] {
+        assert!(out.join(file).is_file(), "{file} missing");
+    }
+    let manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("manifest.json")).unwrap()).unwrap();
+    assert!(manifest["input_sha256"].as_object().unwrap().len() >= 4);
+    assert_eq!(manifest["seed"], 0);
+
+    let again = run_pipeline(&inputs, &settings, &out, &Device::Cpu, false).unwrap();
+    assert_eq!(
+        statuses(&again),
+        pairs(&[
+            ("reward", "skipped"),
+            ("sft", "skipped"),
+            ("merged", "skipped"),
+            ("ppo", "skipped")
+        ])
+    );
+
+    std::fs::remove_dir_all(out.join("sft")).unwrap();
+    let redo = run_pipeline(&inputs, &settings, &out, &Device::Cpu, false).unwrap();
+    assert_eq!(
+        statuses(&redo),
+        pairs(&[
+            ("reward", "skipped"),
+            ("sft", "ran"),
+            ("merged", "skipped"),
+            ("ppo", "skipped")
+        ])
+    );
+}

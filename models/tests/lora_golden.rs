@@ -460,3 +460,51 @@ fn gradient_checkpointing_gives_the_same_gradients() {
         }
     }
 }
+
+/// Merging folds scaling * B A into the base weight (peft's merged weights) and the forward
+/// then skips the adapter; unmerging restores the base weight to f32 rounding.
+#[test]
+fn merge_and_unmerge_round_trip() {
+    let golden = Golden::load("llama");
+    let ids = golden.get("input_ids");
+    let (mut model, _, _) = with_adapter("llama", &Device::Cpu);
+    let before: Vec<(String, Vec<f32>)> = model
+        .linears()
+        .iter()
+        .map(|(n, l)| (n.clone(), l.dense_parts().unwrap().0.to_vec_f32().unwrap()))
+        .collect();
+    let unmerged_logits = logits(&model, ids, &Device::Cpu).to_vec_f32().unwrap();
+    for (_, linear) in model.linears_mut() {
+        linear.merge_adapter().unwrap();
+    }
+    assert_close(
+        &logits(&model, ids, &Device::Cpu).to_vec_f32().unwrap(),
+        &unmerged_logits,
+        LOGITS,
+    );
+    for (name, linear) in model.linears() {
+        let key = format!("merged.{name}.weight");
+        if let Some((_, want)) = golden.0.iter().find(|(k, _)| *k == key) {
+            let (w, _) = linear.dense_parts().unwrap();
+            assert_close(
+                &w.to_vec_f32().unwrap(),
+                &want.to_vec_f32().unwrap(),
+                Tolerance::new(1e-6, 1e-6),
+            );
+        }
+    }
+    for (_, linear) in model.linears_mut() {
+        linear.unmerge_adapter().unwrap();
+    }
+    for ((name, want), (_, linear)) in before.iter().zip(model.linears()) {
+        let got = linear.dense_parts().unwrap().0.to_vec_f32().unwrap();
+        assert_close(&got, want, Tolerance::new(1e-6, 1e-6));
+        let targeted = name.ends_with("q_proj") || name.ends_with("v_proj");
+        assert_eq!(linear.adapter().is_some(), targeted, "{name}");
+    }
+    assert_close(
+        &logits(&model, ids, &Device::Cpu).to_vec_f32().unwrap(),
+        &unmerged_logits,
+        LOGITS,
+    );
+}

@@ -8,7 +8,7 @@ use lathe_core::{Device, Tensor};
 use lathe_shaders::AdapterChoice;
 
 use crate::report::{GpuSection, LedgerRow, Measurement, PeerSection, Report};
-use crate::{bench_generate, bench_int8, bench_sft, peer};
+use crate::{bench_generate, bench_int8, bench_ppo, bench_sft, peer};
 
 #[derive(clap::Args, Debug)]
 pub struct BenchArgs {
@@ -28,7 +28,7 @@ pub struct BenchArgs {
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "matmul,int8,generate,sft"
+        default_value = "matmul,int8,generate,sft,ppo"
     )]
     sections: Vec<Section>,
 }
@@ -43,6 +43,20 @@ pub enum Section {
     Generate,
     /// SmolLM2 LoRA SFT step tokens/s, peft peer (needs `cargo xtask assets`).
     Sft,
+    /// One PPO step on SmolLM2, trl peer (needs `cargo xtask assets`).
+    Ppo,
+}
+
+/// The interpreter of the trl peer: `LATHE_PEER_TRL_PYTHON`, else the pinned venv of
+/// scripts/peer_ppo.py when it exists.
+fn trl_python() -> Option<std::path::PathBuf> {
+    match std::env::var_os("LATHE_PEER_TRL_PYTHON") {
+        Some(p) if !p.is_empty() => Some(p.into()),
+        _ => {
+            let default = std::path::PathBuf::from("/tmp/venv-trl/bin/python");
+            default.exists().then_some(default)
+        }
+    }
 }
 
 /// The interpreter of the transformers peer: `LATHE_PEER_TORCH_PYTHON`, else the pinned
@@ -151,6 +165,24 @@ pub fn run(args: &BenchArgs) -> Result<()> {
                 markdown += &format!("\n## LoRA SFT\n\nskipped: {e:#}\n");
                 json.insert(
                     "sft".into(),
+                    serde_json::json!({ "skipped": format!("{e:#}") }),
+                );
+            }
+        }
+    }
+
+    if args.sections.contains(&Section::Ppo) {
+        let peer = if args.no_peer { None } else { trl_python() };
+        match bench_ppo::run(threads, 3, peer.as_deref()) {
+            Ok(section) => {
+                markdown += &bench_ppo::markdown(&section);
+                json.insert("ppo".into(), serde_json::to_value(&section)?);
+            }
+            Err(e) => {
+                eprintln!("  ppo: skipped ({e:#})");
+                markdown += &format!("\n## PPO step\n\nskipped: {e:#}\n");
+                json.insert(
+                    "ppo".into(),
                     serde_json::json!({ "skipped": format!("{e:#}") }),
                 );
             }

@@ -15,6 +15,7 @@ mod assets;
 mod bench;
 mod bench_generate;
 mod bench_int8;
+mod bench_ppo;
 mod bench_sft;
 mod demo;
 mod peer;

@@ -99,7 +99,9 @@ def main():
     directory, name = os.path.split(model_path)
     start = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=name)
-    base = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, torch_dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(
+        directory, gguf_file=name, torch_dtype=torch.float32
+    )
     # The GGUF file has no output.weight (SmolLM2 ties the head to the embedding) and
     # transformers 4.46.3 then leaves lm_head randomly initialized with
     # tie_word_embeddings false; tie it as the real model (and lathe) does.
@@ -204,7 +206,9 @@ def main():
                 "tied_lm_head": tied,
                 "lora": {"r": 16, "alpha": 32, "dropout": 0.05, "targets": ["q_proj", "v_proj"]},
                 "trainable_params": trainable,
-                "base_model_training_mode": model.pretrained_model.training,
+                # trl leaves the model in train mode after `step` (train_minibatch), so the
+                # rollouts after the first sample with LoRA dropout active, as in the seed.
+                "train_mode_after_steps": model.pretrained_model.training,
                 "ppo": {
                     "batch_size": config.batch_size,
                     "mini_batch_size": config.mini_batch_size,

@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 
 use anyhow::Result;
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use lathe_cli::demo::{self, DemoConfig};
 use lathe_cli::device::{self, DeviceArg};
 use lathe_cli::eval::{self, EvalArgs};
@@ -129,12 +129,12 @@ enum DemoDevice {
     Auto,
 }
 
-fn run(cli: Cli) -> Result<()> {
+fn run(cli: Cli, matches: clap::ArgMatches) -> Result<()> {
     match cli.command {
         Command::Pipeline(args) => pipeline::run(&args),
         Command::Generate(args) => generate::run(&args),
         Command::Eval(args) => eval::run(&args),
-        Command::Sft(args) => sft::run(&args),
+        Command::Sft(args) => sft::run(&args, matches.subcommand_matches("sft")),
         Command::Merge(args) => merge::run(&args),
         Command::RewardTrain(args) => reward_cmd::run_train(&args),
         Command::Score(args) => reward_cmd::run_score(&args),
@@ -177,8 +177,9 @@ fn run(cli: Cli) -> Result<()> {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
-    match lathe_core::on_cpu_pool(move || run(cli)) {
+    let matches = Cli::command().get_matches();
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    match lathe_core::on_cpu_pool(move || run(cli, matches)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");

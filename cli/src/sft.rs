@@ -30,8 +30,10 @@ use serde_json::json;
 
 use crate::progress::Progress;
 
-/// Everything that shapes a run (written to `run.json`; a resume must match it).
+/// Everything that shapes a run (written to `run.json`; a resume must match it). Also the
+/// keys of `lathe sft --config FILE.toml`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct SftConfig {
     pub block_size: usize,
     pub batch_size: usize,
@@ -554,6 +556,10 @@ pub struct SftArgs {
     /// Output folder: the adapter (peft files), metrics.jsonl, run.json, checkpoint/.
     #[arg(long, value_name = "DIR")]
     pub out: PathBuf,
+    /// A TOML file of the training settings (the keys of run.json's "config": block_size,
+    /// batch_size, lr, lora_r, ...); flags given on the command line override it.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
     /// Tokens per training block.
     #[arg(long, default_value_t = 128)]
     pub block_size: usize,
@@ -632,9 +638,60 @@ impl SftArgs {
     }
 }
 
-/// `lathe sft`.
-pub fn run(args: &SftArgs) -> Result<()> {
-    let config = args.config();
+impl SftArgs {
+    /// The settings: the `--config` file when given, with the flags that were given on the
+    /// command line (`matches`) on top; the flags alone otherwise.
+    pub fn settings(&self, matches: Option<&clap::ArgMatches>) -> Result<SftConfig> {
+        let flags = self.config();
+        let Some(path) = &self.config else {
+            return Ok(flags);
+        };
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let mut config: SftConfig = toml::from_str(&text)
+            .with_context(|| format!("{}: not a valid SFT config", path.display()))?;
+        let given = |id: &str| {
+            matches
+                .is_some_and(|m| m.value_source(id) == Some(clap::parser::ValueSource::CommandLine))
+        };
+        macro_rules! flags_win {
+            ($($field:ident),*) => {
+                $(if given(stringify!($field)) {
+                    config.$field = flags.$field.clone();
+                })*
+            };
+        }
+        flags_win!(
+            block_size,
+            batch_size,
+            grad_accum,
+            epochs,
+            max_steps,
+            lr,
+            weight_decay,
+            warmup_steps,
+            schedule,
+            max_grad_norm,
+            lora_r,
+            lora_alpha,
+            lora_dropout,
+            target_modules,
+            eval_fraction,
+            eval_every,
+            save_every,
+            seed
+        );
+        if given("no_gradient_checkpointing") {
+            config.gradient_checkpointing = flags.gradient_checkpointing;
+        }
+        Ok(config)
+    }
+}
+
+/// `lathe sft`; `matches` are the subcommand's parsed flags (to tell given flags from
+/// defaults when a config file is used).
+pub fn run(args: &SftArgs, matches: Option<&clap::ArgMatches>) -> Result<()> {
+    let config = args.settings(matches)?;
     config.validate()?;
     let texts = crate::texts::read_texts(&args.data, &args.text_field)?;
     let (mut pretrained, device) = args.model.load()?;

@@ -288,3 +288,55 @@ fn bad_data_is_a_clear_error() {
     .unwrap_err();
     assert!(err.to_string().contains("sawtooth"), "{err}");
 }
+
+/// `lathe sft --config FILE`: the file's settings, with flags given on the command line on
+/// top; unknown keys are refused.
+#[test]
+fn sft_config_file_with_flag_overrides() {
+    let dir = scratch("config");
+    std::fs::create_dir_all(&dir).unwrap();
+    let data = dir.join("texts.txt");
+    std::fs::write(&data, texts().join("\n")).unwrap();
+    let config = dir.join("sft.toml");
+    std::fs::write(
+        &config,
+        "block_size = 16\nbatch_size = 2\nmax_steps = 2\nlr = 0.001\nlora_r = 2\nseed = 9\n",
+    )
+    .unwrap();
+    let out = dir.join("out");
+    let run = |extra: &[&str], out: &Path| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_lathe"))
+            .args(["sft", "--device", "cpu", "--model"])
+            .arg(fixture_model())
+            .arg("--data")
+            .arg(&data)
+            .arg("--config")
+            .arg(&config)
+            .arg("--out")
+            .arg(out)
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let output = run(&["--lr", "0.002"], &out);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let recorded: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("run.json")).unwrap()).unwrap();
+    let c = &recorded["config"];
+    assert_eq!(c["block_size"], 16);
+    assert_eq!(c["lora_r"], 2);
+    assert_eq!(c["seed"], 9);
+    assert_eq!(c["max_steps"], 2);
+    assert!(
+        (c["lr"].as_f64().unwrap() - 0.002).abs() < 1e-9,
+        "the flag wins: {c}"
+    );
+    std::fs::write(&config, "block_sise = 16\n").unwrap();
+    let bad = run(&[], &dir.join("bad"));
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("block_sise"));
+}

@@ -136,7 +136,9 @@ fn run(cli: Cli, matches: clap::ArgMatches) -> Result<()> {
         Command::Eval(args) => eval::run(&args),
         Command::Sft(args) => sft::run(&args, matches.subcommand_matches("sft")),
         Command::Merge(args) => merge::run(&args),
-        Command::RewardTrain(args) => reward_cmd::run_train(&args),
+        Command::RewardTrain(args) => {
+            reward_cmd::run_train(&args, matches.subcommand_matches("reward-train"))
+        }
         Command::Score(args) => reward_cmd::run_score(&args),
         Command::Ppo(args) => ppo_cmd::run(&args),
         Command::Report { run_dir } => {

@@ -204,7 +204,7 @@ pub fn run_pipeline(
             "--allow-software-gpu".into(),
         ]);
         let wrap = Wrap::try_parse_from(argv)?;
-        crate::reward_cmd::run_train(&wrap.args)
+        crate::reward_cmd::run_train(&wrap.args, None)
     })?;
 
     stage(SFT, &mut |path| {

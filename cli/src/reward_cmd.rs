@@ -72,6 +72,115 @@ pub struct RewardTrainArgs {
     /// Accept a software GPU adapter (lavapipe).
     #[arg(long)]
     pub allow_software_gpu: bool,
+    /// A TOML file of the training settings (the flag names with underscores: epochs,
+    /// batch_size, lr, weight_decay, val_fraction, patience, seed, pooling, lora, lora_r,
+    /// lora_alpha, lora_targets, lora_lr, lora_epochs, lora_batch_size); flags given on the
+    /// command line override it.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+}
+
+/// The training settings of `lathe reward-train --config FILE.toml` (defaults as the flags').
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RewardTrainSettings {
+    pub epochs: usize,
+    pub batch_size: usize,
+    pub lr: f32,
+    pub weight_decay: f32,
+    pub val_fraction: f32,
+    pub patience: usize,
+    pub seed: u64,
+    pub pooling: String,
+    pub lora: bool,
+    pub lora_r: usize,
+    pub lora_alpha: f64,
+    pub lora_targets: Vec<String>,
+    pub lora_lr: f32,
+    pub lora_epochs: usize,
+    pub lora_batch_size: usize,
+}
+
+impl Default for RewardTrainSettings {
+    fn default() -> Self {
+        RewardTrainSettings {
+            epochs: 100,
+            batch_size: 32,
+            lr: 3e-3,
+            weight_decay: 0.01,
+            val_fraction: 0.1,
+            patience: 10,
+            seed: 0,
+            pooling: "mean".into(),
+            lora: false,
+            lora_r: 8,
+            lora_alpha: 16.0,
+            lora_targets: Vec::new(),
+            lora_lr: 5e-4,
+            lora_epochs: 3,
+            lora_batch_size: 16,
+        }
+    }
+}
+
+impl RewardTrainArgs {
+    /// The `--config` file's settings with the flags given on the command line on top, or
+    /// the flags alone.
+    pub fn settings(&self, matches: Option<&clap::ArgMatches>) -> Result<RewardTrainSettings> {
+        let flags = RewardTrainSettings {
+            epochs: self.epochs,
+            batch_size: self.batch_size,
+            lr: self.lr,
+            weight_decay: self.weight_decay,
+            val_fraction: self.val_fraction,
+            patience: self.patience,
+            seed: self.seed,
+            pooling: self.pooling.clone(),
+            lora: self.lora,
+            lora_r: self.lora_r,
+            lora_alpha: self.lora_alpha,
+            lora_targets: self.lora_targets.clone(),
+            lora_lr: self.lora_lr,
+            lora_epochs: self.lora_epochs,
+            lora_batch_size: self.lora_batch_size,
+        };
+        let Some(path) = &self.config else {
+            return Ok(flags);
+        };
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let mut settings: RewardTrainSettings = toml::from_str(&text)
+            .with_context(|| format!("{}: not a valid reward-train config", path.display()))?;
+        let given = |id: &str| {
+            matches
+                .is_some_and(|m| m.value_source(id) == Some(clap::parser::ValueSource::CommandLine))
+        };
+        macro_rules! flags_win {
+            ($($field:ident),*) => {
+                $(if given(stringify!($field)) {
+                    settings.$field = flags.$field.clone();
+                })*
+            };
+        }
+        flags_win!(
+            epochs,
+            batch_size,
+            lr,
+            weight_decay,
+            val_fraction,
+            patience,
+            seed,
+            pooling,
+            lora,
+            lora_r,
+            lora_alpha,
+            lora_targets,
+            lora_lr,
+            lora_epochs,
+            lora_batch_size
+        );
+        Ok(settings)
+    }
 }
 
 #[derive(clap::Args, Debug)]
@@ -128,7 +237,7 @@ fn check_out(out: &Path) -> Result<()> {
     Ok(())
 }
 
-pub fn train_config(args: &RewardTrainArgs) -> Result<TrainConfig> {
+pub fn train_config(args: &RewardTrainSettings) -> Result<TrainConfig> {
     Ok(TrainConfig {
         epochs: args.epochs,
         batch_size: args.batch_size,
@@ -149,10 +258,12 @@ pub fn train_config(args: &RewardTrainArgs) -> Result<TrainConfig> {
     })
 }
 
-/// Trains, saves, writes metrics.jsonl and train_report.json into `--out`.
-pub fn run_train(args: &RewardTrainArgs) -> Result<()> {
+/// Trains, saves, writes metrics.jsonl and train_report.json into `--out`. `matches` are
+/// the subcommand's parsed flags (to tell given flags from defaults with `--config`).
+pub fn run_train(args: &RewardTrainArgs, matches: Option<&clap::ArgMatches>) -> Result<()> {
     check_out(&args.out)?;
-    let config = train_config(args)?;
+    let settings = args.settings(matches)?;
+    let config = train_config(&settings)?;
     let device = device::open(args.device, args.allow_software_gpu)?;
     let examples = load_all(&args.data)?;
     let tests = args
@@ -200,6 +311,7 @@ pub fn run_train(args: &RewardTrainArgs) -> Result<()> {
         "lora_layers": report.lora_layers,
         "stopped_early": report.stopped_early,
         "test": test_results,
+        "settings": settings,
     });
     std::fs::write(
         args.out.join("train_report.json"),

@@ -81,7 +81,7 @@ fn reward_train_then_score() {
         "--lora-r",
         "2",
     ]);
-    run_train(&args).unwrap();
+    run_train(&args, None).unwrap();
     for file in [
         "config.json",
         "model.safetensors",
@@ -164,7 +164,7 @@ fn reward_cli_errors() {
         "--out",
         &dir.display().to_string(),
     ]);
-    let e = run_train(&args).unwrap_err().to_string();
+    let e = run_train(&args, None).unwrap_err().to_string();
     assert!(e.contains("not empty"), "{e}");
     // Bad labels name the record.
     let bad = dir.join("bad.jsonl");
@@ -182,7 +182,7 @@ fn reward_cli_errors() {
         "--out",
         &out,
     ]);
-    let e = format!("{:#}", run_train(&args).unwrap_err());
+    let e = format!("{:#}", run_train(&args, None).unwrap_err());
     assert!(e.contains("record 2") && e.contains("not binary"), "{e}");
     // Unknown pooling.
     let args = train_args(&[
@@ -195,7 +195,7 @@ fn reward_cli_errors() {
         "--pooling",
         "max",
     ]);
-    let e = run_train(&args).unwrap_err().to_string();
+    let e = run_train(&args, None).unwrap_err().to_string();
     assert!(e.contains("pooling"), "{e}");
     // Scoring: no texts; an encoder without a head.
     let args = Score::try_parse_from(["lathe", "--reward", &enc])
@@ -208,4 +208,51 @@ fn reward_cli_errors() {
         .args;
     let e = format!("{:#}", score(&args, &mut Vec::new()).unwrap_err());
     assert!(e.contains("no classification head"), "{e}");
+}
+
+/// `lathe reward-train --config FILE`: the file's settings with command-line flags on top
+/// (recorded in train_report.json); an unknown key is refused.
+#[test]
+fn reward_train_config_file_with_flag_overrides() {
+    let dir = scratch("config");
+    let data = write_data(&dir);
+    let config = dir.join("reward.toml");
+    std::fs::write(
+        &config,
+        "epochs = 3\nlr = 0.01\nseed = 4\npooling = \"first\"\n",
+    )
+    .unwrap();
+    let run = |extra: &[&str], out: &Path| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_lathe"))
+            .arg("reward-train")
+            .args(["--encoder", &tiny_bert()])
+            .arg("--data")
+            .arg(&data)
+            .arg("--config")
+            .arg(&config)
+            .arg("--out")
+            .arg(out)
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let out = dir.join("model");
+    let output = run(&["--seed", "7"], &out);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("train_report.json")).unwrap())
+            .unwrap();
+    let s = &report["settings"];
+    assert_eq!(s["epochs"], 3);
+    assert_eq!(s["pooling"], "first");
+    assert_eq!(s["seed"], 7, "the flag wins: {s}");
+    assert!((s["lr"].as_f64().unwrap() - 0.01).abs() < 1e-6);
+    std::fs::write(&config, "epochz = 3\n").unwrap();
+    let bad = run(&[], &dir.join("bad"));
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("epochz"));
 }

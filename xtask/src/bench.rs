@@ -8,7 +8,7 @@ use lathe_core::{Device, Tensor};
 use lathe_shaders::AdapterChoice;
 
 use crate::report::{GpuSection, LedgerRow, Measurement, PeerSection, Report};
-use crate::{bench_generate, bench_int8, bench_ppo, bench_sft, peer};
+use crate::{bench_generate, bench_int8, bench_ppo, bench_reward, bench_sft, peer};
 
 #[derive(clap::Args, Debug)]
 pub struct BenchArgs {
@@ -28,7 +28,7 @@ pub struct BenchArgs {
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "matmul,int8,generate,sft,ppo"
+        default_value = "matmul,int8,generate,sft,ppo,reward"
     )]
     sections: Vec<Section>,
 }
@@ -45,6 +45,8 @@ pub enum Section {
     Sft,
     /// One PPO step on SmolLM2, trl peer (needs `cargo xtask assets`).
     Ppo,
+    /// Reward-model scoring texts/s, transformers peer (needs `cargo xtask assets`).
+    Reward,
 }
 
 /// The interpreter of the trl peer: `LATHE_PEER_TRL_PYTHON`, else the pinned venv of
@@ -183,6 +185,28 @@ pub fn run(args: &BenchArgs) -> Result<()> {
                 markdown += &format!("\n## PPO step\n\nskipped: {e:#}\n");
                 json.insert(
                     "ppo".into(),
+                    serde_json::json!({ "skipped": format!("{e:#}") }),
+                );
+            }
+        }
+    }
+
+    if args.sections.contains(&Section::Reward) {
+        let mut devices = vec![(Device::Cpu, "cpu".to_string())];
+        if let Some(device) = gpu_device.as_ref().filter(|d| !is_software(d)) {
+            devices.push((device.clone(), "gpu".to_string()));
+        }
+        let peer = if args.no_peer { None } else { torch_python() };
+        match bench_reward::run(&devices, threads, 3, peer.as_deref()) {
+            Ok(section) => {
+                markdown += &bench_reward::markdown(&section);
+                json.insert("reward".into(), serde_json::to_value(&section)?);
+            }
+            Err(e) => {
+                eprintln!("  reward: skipped ({e:#})");
+                markdown += &format!("\n## Reward scoring\n\nskipped: {e:#}\n");
+                json.insert(
+                    "reward".into(),
                     serde_json::json!({ "skipped": format!("{e:#}") }),
                 );
             }

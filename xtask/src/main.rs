@@ -16,6 +16,7 @@ mod bench;
 mod bench_generate;
 mod bench_int8;
 mod bench_ppo;
+mod bench_reward;
 mod bench_sft;
 mod demo;
 mod peer;

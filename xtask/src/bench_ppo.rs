@@ -6,7 +6,6 @@
 
 use std::fmt::Write as _;
 use std::path::Path;
-use std::process::Command;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
@@ -136,27 +135,15 @@ pub fn run(threads: usize, runs: usize, peer_python: Option<&Path>) -> Result<Pp
 }
 
 fn run_peer(python: &Path, model: &Path, threads: usize, runs: usize) -> Result<serde_json::Value> {
-    let script = crate::workspace_root().join("scripts/peer_ppo.py");
-    eprintln!("  peer: {} {}", python.display(), script.display());
-    let threads_s = threads.to_string();
-    let output = Command::new(python)
-        .arg(&script)
-        .arg("--model")
-        .arg(model)
-        .args(["--threads", &threads_s, "--steps", &runs.to_string()])
-        .env("OMP_NUM_THREADS", &threads_s)
-        .env("MKL_NUM_THREADS", &threads_s)
-        .output()
-        .with_context(|| format!("could not start {}", python.display()))?;
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let Some(line) = stdout.lines().rev().find(|l| l.starts_with('{')) else {
-        bail!(
-            "printed no JSON (exit {:?}): {}",
-            output.status.code(),
-            String::from_utf8_lossy(&output.stderr).trim()
-        );
-    };
-    Ok(serde_json::from_str(line)?)
+    let args: Vec<std::ffi::OsString> = vec![
+        "--model".into(),
+        model.into(),
+        "--threads".into(),
+        threads.to_string().into(),
+        "--steps".into(),
+        runs.to_string().into(),
+    ];
+    crate::peer::run_script(python, "peer_ppo.py", &args, threads)
 }
 
 pub fn markdown(section: &PpoSection) -> String {

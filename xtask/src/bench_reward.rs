@@ -5,10 +5,9 @@
 
 use std::fmt::Write as _;
 use std::path::Path;
-use std::process::Command;
 use std::time::Instant;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use lathe_core::Device;
 use lathe_reward::train::train;
 use lathe_reward::{data, LoadOptions, RewardModel, TrainConfig};
@@ -113,28 +112,17 @@ fn run_peer(
     threads: usize,
     runs: usize,
 ) -> Result<serde_json::Value> {
-    let script = crate::workspace_root().join("scripts/peer_score.py");
-    eprintln!("  peer: {} {}", python.display(), script.display());
-    let threads_s = threads.to_string();
-    let output = Command::new(python)
-        .arg(&script)
-        .arg("--encoder")
-        .arg(encoder)
-        .arg("--texts")
-        .arg(texts)
-        .args(["--threads", &threads_s, "--runs", &runs.to_string()])
-        .env("OMP_NUM_THREADS", &threads_s)
-        .output()
-        .with_context(|| format!("could not start {}", python.display()))?;
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let Some(line) = stdout.lines().rev().find(|l| l.starts_with('{')) else {
-        bail!(
-            "printed no JSON (exit {:?}): {}",
-            output.status.code(),
-            String::from_utf8_lossy(&output.stderr).trim()
-        );
-    };
-    Ok(serde_json::from_str(line)?)
+    let args: Vec<std::ffi::OsString> = vec![
+        "--encoder".into(),
+        encoder.into(),
+        "--texts".into(),
+        texts.into(),
+        "--threads".into(),
+        threads.to_string().into(),
+        "--runs".into(),
+        runs.to_string().into(),
+    ];
+    crate::peer::run_script(python, "peer_score.py", &args, threads)
 }
 
 pub fn markdown(section: &RewardSection) -> String {

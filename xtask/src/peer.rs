@@ -113,6 +113,36 @@ pub fn measure(python: &PathBuf, size: usize, threads: usize) -> Result<PeerResu
     Ok(result)
 }
 
+/// Runs `scripts/<script>` with `python` and `args` on `threads` threads and returns the JSON
+/// object it prints last (the peers of the generation, SFT, PPO and scoring sections).
+pub fn run_script(
+    python: &std::path::Path,
+    script: &str,
+    args: &[std::ffi::OsString],
+    threads: usize,
+) -> Result<serde_json::Value> {
+    let script = crate::workspace_root().join("scripts").join(script);
+    eprintln!("  peer: {} {}", python.display(), script.display());
+    let threads_s = threads.to_string();
+    let output = Command::new(python)
+        .arg(&script)
+        .args(args)
+        .env("OMP_NUM_THREADS", &threads_s)
+        .env("MKL_NUM_THREADS", &threads_s)
+        .output()
+        .with_context(|| format!("could not start {}", python.display()))?;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let Some(line) = stdout.lines().rev().find(|l| l.starts_with('{')) else {
+        bail!(
+            "{} printed no JSON (exit {:?}): {}",
+            script.display(),
+            output.status.code(),
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
+    };
+    Ok(serde_json::from_str(line)?)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -75,7 +75,7 @@ fn escape(s: &str) -> String {
 
 /// One SVG line chart with axes, tick values and a legend.
 fn svg_plot(title: &str, keys: &[&str], all: &[Vec<(f64, f64)>]) -> String {
-    let (w, h, left, right, top, bottom) = (640.0, 300.0, 64.0, 16.0, 28.0, 36.0);
+    let (w, h, left, right, top, bottom) = (640.0, 300.0, 64.0, 24.0, 28.0, 36.0);
     let (x0, x1, y0, y1) = bounds(all);
     let sx = |x: f64| left + (x - x0) / (x1 - x0) * (w - left - right);
     let sy = |y: f64| top + (y1 - y) / (y1 - y0) * (h - top - bottom);
@@ -104,7 +104,8 @@ fn svg_plot(title: &str, keys: &[&str], all: &[Vec<(f64, f64)>]) -> String {
             r#"<text x="{:.1}" y="{}" font-size="11" text-anchor="middle" font-family="sans-serif">{}</text>"#,
             sx(x),
             h - bottom + 16.0,
-            format_tick(x)
+            // Steps are whole numbers.
+            format!("{}", x.round())
         );
     }
     let _ = write!(

@@ -105,7 +105,7 @@ fn svg_plot(title: &str, keys: &[&str], all: &[Vec<(f64, f64)>]) -> String {
             sx(x),
             h - bottom + 16.0,
             // Steps are whole numbers.
-            format!("{}", x.round())
+            x.round()
         );
     }
     let _ = write!(

@@ -30,8 +30,8 @@ pub struct PpoTrainer {
     steps_done: usize,
 }
 
-/// One forward of a batch of sequences: (B, T - 1) log-probs of tokens 1.. and values at
-/// positions 0..T-1, on the device; the per-position entropy on the host when asked.
+/// A forward evaluated at chosen positions: (1, n) log-probs of the next tokens and values
+/// on the device; the entropies on the host when asked.
 struct Forward {
     logprobs: Tensor,
     values: Tensor,
@@ -108,28 +108,46 @@ impl PpoTrainer {
         Ok(())
     }
 
-    /// Forward of query + response sequences right-padded to `seq` tokens.
-    fn forward(&self, seqs: &[Vec<u32>], seq: usize, entropy: bool) -> Result<Forward> {
+    /// Forward of the sequences (right-padded to `seq`) evaluated only at `positions`
+    /// (row, t): the log-prob of token t + 1, the value at t and the entropy at t, each as
+    /// a (1, n) row in the order given.
+    fn forward_at(
+        &self,
+        seqs: &[Vec<u32>],
+        seq: usize,
+        positions: &[(usize, usize)],
+        with_entropy: bool,
+    ) -> Result<Forward> {
         let b = seqs.len();
+        let n = positions.len();
         let mut ids = Vec::with_capacity(b * seq);
         for s in seqs {
             ids.extend_from_slice(s);
             ids.extend(std::iter::repeat_n(self.pad_id, seq - s.len()));
         }
         let ids = Tensor::from_vec(ids, &[b, seq], &self.device)?;
-        // Right padding: real tokens sit at positions 0.. and never attend to the padding
-        // after them (causal), so a contiguous layout is exact for them.
         let layout = TokenLayout::contiguous(b, seq, 0, &self.device)?;
         let hidden = self.model.forward_hidden(&ids, &layout, None)?; // (B, T, H)
-        let logits = self.model.lm_head(&hidden)?.narrow(1, 0, seq - 1)?; // (B, T-1, V)
-        let logprobs = logits.log_softmax_gather(&ids.narrow(1, 1, seq - 1)?)?; // (B, T-1)
-        let values = self.value_head.forward(&hidden)?; // (B, T)
-        let values = values.reshape(&[b, seq])?.narrow(1, 0, seq - 1)?;
-        let entropy = if entropy {
+        let h = hidden.shape()[2];
+        let rows: Vec<u32> = positions
+            .iter()
+            .map(|&(r, t)| (r * seq + t) as u32)
+            .collect();
+        let targets: Vec<u32> = positions.iter().map(|&(r, t)| seqs[r][t + 1]).collect();
+        let picked = Tensor::embedding(
+            &hidden.reshape(&[b * seq, h])?,
+            &Tensor::from_vec(rows, &[n], &self.device)?,
+        )?
+        .reshape(&[1, n, h])?; // (1, n, H)
+        let logits = self.model.lm_head(&picked)?; // (1, n, V)
+        let targets = Tensor::from_vec(targets, &[1, n], &self.device)?;
+        let logprobs = logits.log_softmax_gather(&targets)?; // (1, n)
+        let values = self.value_head.forward(&picked)?.reshape(&[1, n])?;
+        let entropy = if with_entropy {
             let _no_grad = no_grad();
             let log_p = logits.detach().log_softmax_last()?;
             let ent = log_p.exp()?.mul(&log_p)?.sum(2)?.affine(-1.0, 0.0)?;
-            Some(Grid::new(b, seq - 1, ent.to_vec_f32()?)?)
+            Some(Grid::new(1, n, ent.to_vec_f32()?)?)
         } else {
             None
         };
@@ -185,15 +203,28 @@ impl PpoTrainer {
             let _no_grad = no_grad();
             self.switch.eval();
             self.value_head.eval();
-            let policy = self.forward(&seqs, seq, false)?;
+            // Only the response positions are needed: the rest is masked everywhere
+            // downstream (rewards, advantages, statistics), so it stays 0.
+            let positions: Vec<(usize, usize)> = (0..b)
+                .flat_map(|r| (0..cols).map(move |t| (r, t)))
+                .filter(|&(r, t)| mask.at(r, t) != 0.0)
+                .collect();
+            let policy = self.forward_at(&seqs, seq, &positions, false)?;
             let reference = {
                 let _off = self.switch.disable();
-                self.forward(&seqs, seq, false)?
+                self.forward_at(&seqs, seq, &positions, false)?
+            };
+            let scatter = |t: &Tensor| -> Result<Grid> {
+                let mut grid = Grid::zeros(b, cols);
+                for (&(r, c), v) in positions.iter().zip(t.to_vec_f32()?) {
+                    grid.data[r * cols + c] = v;
+                }
+                Ok(grid)
             };
             (
-                Grid::new(b, cols, policy.logprobs.to_vec_f32()?)?,
-                Grid::new(b, cols, policy.values.to_vec_f32()?)?,
-                Grid::new(b, cols, reference.logprobs.to_vec_f32()?)?,
+                scatter(&policy.logprobs)?,
+                scatter(&policy.values)?,
+                scatter(&reference.logprobs)?,
             )
         };
         let kl_coef = self.kl.value();
@@ -266,18 +297,36 @@ impl PpoTrainer {
                 let mut grads: Option<GradStore> = None;
                 for rows in backward.chunks(c.mini_batch_size) {
                     let mb_seqs: Vec<Vec<u32>> = rows.iter().map(|&r| seqs[r].clone()).collect();
-                    // Padded to the minibatch's own longest sequence, not the batch's: the
-                    // columns cut off are padding (mask 0) in every row of the minibatch.
+                    // Only the response positions enter the loss: the minibatch is padded to
+                    // its own longest sequence, and the LM head, log-softmax, entropy and
+                    // value head run on the response positions alone, as one (1, n) row. The
+                    // loss and its statistics are masked means over those same positions,
+                    // so they equal the full-grid computation.
                     let mb_seq = mb_seqs.iter().map(Vec::len).max().unwrap_or(seq);
-                    let forward = self.forward(&mb_seqs, mb_seq, true)?;
-                    let cut = |g: &Grid| g.select_rows(rows).first_cols(mb_seq - 1);
+                    let positions: Vec<(usize, usize)> = rows
+                        .iter()
+                        .enumerate()
+                        .flat_map(|(i, &r)| {
+                            (0..mb_seq - 1)
+                                .filter(move |&t| mask.at(r, t) != 0.0)
+                                .map(move |t| (i, t))
+                        })
+                        .collect();
+                    let compact = |g: &Grid| {
+                        Grid::new(
+                            1,
+                            positions.len(),
+                            positions.iter().map(|&(i, t)| g.at(rows[i], t)).collect(),
+                        )
+                    };
                     let (old, val, adv, ret, m) = (
-                        cut(old_logprobs),
-                        cut(values),
-                        cut(advantages),
-                        cut(returns),
-                        cut(mask),
+                        compact(old_logprobs)?,
+                        compact(values)?,
+                        compact(advantages)?,
+                        compact(returns)?,
+                        compact(mask)?,
                     );
+                    let forward = self.forward_at(&mb_seqs, mb_seq, &positions, true)?;
                     let batch = RolloutBatch {
                         old_logprobs: &old,
                         values: &val,
@@ -285,7 +334,7 @@ impl PpoTrainer {
                         returns: &ret,
                         mask: &m,
                     };
-                    let entropy = forward.entropy.as_ref().expect("asked for");
+                    let entropy = forward.entropy.as_ref().expect("computed");
                     let (loss, stats) =
                         ppo_loss(&c, &batch, &forward.logprobs, &forward.values, entropy)?;
                     if !stats.skipped {

@@ -632,3 +632,41 @@ fn adam_restore_continues_exactly() {
     let bad = Tensor::zeros(&[4], &Device::Cpu).unwrap();
     assert!(adam2.restore(1, vec![(bad.clone(), bad)]).is_err());
 }
+
+/// entropy_last: the entropy of the softmax of each row, against an f64 reference on the
+/// CPU and the GPU (rows shorter and longer than a workgroup, a large common offset, a
+/// peaked row); no gradient is recorded.
+#[test]
+fn entropy_last_matches_an_f64_reference() {
+    let gpu = lathe_core::testing::test_gpu();
+    for (rows, v, offset, scale) in [
+        (3usize, 5usize, 0.0f32, 1.0f32),
+        (4, 300, 100.0, 5.0),
+        (2, 49152, 0.0, 8.0),
+    ] {
+        let x = Tensor::randn(&[rows, v], 11, &Device::Cpu)
+            .unwrap()
+            .affine(scale, offset)
+            .unwrap();
+        let xs = x.to_vec_f32().unwrap();
+        let want: Vec<f32> = xs
+            .chunks(v)
+            .map(|r| {
+                let m = r.iter().fold(f64::NEG_INFINITY, |a, &b| a.max(b as f64));
+                let s: f64 = r.iter().map(|&l| (l as f64 - m).exp()).sum();
+                let lse = m + s.ln();
+                let mean: f64 = r.iter().map(|&l| (l as f64 - m).exp() / s * l as f64).sum();
+                (lse - mean) as f32
+            })
+            .collect();
+        let tol = Tolerance::new(2e-4, 1e-4);
+        assert_close(&x.entropy_last().unwrap().to_vec_f32().unwrap(), &want, tol);
+        let on_gpu = x.to_device(&gpu).unwrap().entropy_last().unwrap();
+        assert_eq!(on_gpu.shape(), [rows]);
+        assert_close(&on_gpu.to_vec_f32().unwrap(), &want, tol);
+    }
+    let v = Tensor::randn(&[2, 3], 1, &Device::Cpu)
+        .unwrap()
+        .into_variable();
+    assert!(!v.entropy_last().unwrap().tracks_grad());
+}

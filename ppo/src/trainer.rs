@@ -144,9 +144,7 @@ impl PpoTrainer {
         let logprobs = logits.log_softmax_gather(&targets)?; // (1, n)
         let values = self.value_head.forward(&picked)?.reshape(&[1, n])?;
         let entropy = if with_entropy {
-            let _no_grad = no_grad();
-            let log_p = logits.detach().log_softmax_last()?;
-            let ent = log_p.exp()?.mul(&log_p)?.sum(2)?.affine(-1.0, 0.0)?;
+            let ent = logits.detach().entropy_last()?; // (1, n)
             Some(Grid::new(1, n, ent.to_vec_f32()?)?)
         } else {
             None

@@ -265,6 +265,56 @@ impl Tensor {
         ))
     }
 
+    /// Entropy of the softmax over the last dim, (..., V) -> (...): log(s) - sum(e d) / s
+    /// with d = x - max, e = exp(d), s = sum(e) (no cancellation of large terms). One pass
+    /// over the logits instead of log-softmax, exp, product and sum; a statistic, so the
+    /// result records no gradient.
+    pub fn entropy_last(&self) -> Result<Tensor> {
+        let op = "entropy_last";
+        let (rows, v) = rows_and_classes(op, self)?;
+        let out_shape = self.shape()[..self.rank() - 1].to_vec();
+        let storage = match self.device() {
+            Device::Cpu => {
+                let h = self.with_cpu_f32(op, |x| {
+                    let mut h = vec![0.0f32; rows];
+                    h.par_iter_mut().zip(x.par_chunks(v)).for_each(|(h, x)| {
+                        let m = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                        let (mut s, mut t) = (0.0f32, 0.0f32);
+                        for &xi in x {
+                            let d = xi - m;
+                            let e = d.exp();
+                            s += e;
+                            t += e * d;
+                        }
+                        *h = s.ln() - t / s;
+                    });
+                    h
+                })?;
+                Tensor::cpu_f32(h, out_shape.clone())
+            }
+            Device::Gpu(ctx) => {
+                let h = alloc_f32(ctx, rows)?;
+                let xb = self.gpu_buffer().expect("gpu");
+                launch(
+                    ctx,
+                    Shader::Loss,
+                    "entropy_rows",
+                    &[&xb],
+                    &[&h],
+                    &LossParams::new(rows, v),
+                    row_grid(rows),
+                )?;
+                Storage::Gpu(h)
+            }
+        };
+        Ok(Tensor::from_storage(
+            storage,
+            out_shape,
+            DType::F32,
+            self.device().clone(),
+        ))
+    }
+
     /// Log-softmax over the last dim (any leading dims), with its backward.
     pub fn log_softmax_last(&self) -> Result<Tensor> {
         let op = "log_softmax_last";

@@ -166,3 +166,49 @@ fn log_softmax_rows_backward(
         lb_dx[base + j] = lb_g[base + j] - exp(lb_y[base + j]) * total;
     }
 }
+
+// Entropy of the softmax of each row: H = logsumexp(x) - sum(softmax(x) * x), computed as
+// log(s) - sum(e * (x - max)) / s with e = exp(x - max), s = sum(e): no cancellation of two
+// large terms. A statistic: no backward.
+
+@group(0) @binding(0) var<storage, read> e_x: array<f32>;
+@group(0) @binding(1) var<storage, read_write> e_out: array<f32>;
+@group(0) @binding(2) var<uniform> e_p: Params;
+
+@compute @workgroup_size(256)
+fn entropy_rows(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) groups: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let row = wid.x + wid.y * groups.x;
+    if (row >= e_p.rows) {
+        return;
+    }
+    let base = row * e_p.v;
+    var m = -3.402823e38;
+    for (var j = lid; j < e_p.v; j += WG) {
+        m = max(m, e_x[base + j]);
+    }
+    red[lid] = m;
+    reduce_max(lid);
+    let row_max = red[0];
+    workgroupBarrier();
+    var s = 0.0;
+    var t = 0.0;
+    for (var j = lid; j < e_p.v; j += WG) {
+        let d = e_x[base + j] - row_max;
+        let e = exp(d);
+        s += e;
+        t += e * d;
+    }
+    red[lid] = s;
+    reduce_sum(lid);
+    let total = red[0];
+    workgroupBarrier();
+    red[lid] = t;
+    reduce_sum(lid);
+    if (lid == 0u) {
+        e_out[row] = log(total) - red[0] / total;
+    }
+}

@@ -184,17 +184,6 @@ pub fn pack(
     })
 }
 
-/// A seeded Fisher-Yates permutation of 0..n.
-fn permutation(n: usize, seed: u64) -> Vec<usize> {
-    let mut order: Vec<usize> = (0..n).collect();
-    let mut rng = Rng::new(seed);
-    for i in (1..n).rev() {
-        let j = (rng.next_u64() % (i as u64 + 1)) as usize;
-        order.swap(i, j);
-    }
-    order
-}
-
 fn mix(seed: u64, salt: u64) -> u64 {
     seed ^ salt.wrapping_add(1).wrapping_mul(0x9e37_79b9_7f4a_7c15)
 }
@@ -381,7 +370,7 @@ pub fn train_until(
             let global = step * config.grad_accum + micro;
             let (epoch, index) = (global / micro_per_epoch, global % micro_per_epoch);
             if epoch != order_epoch {
-                order = permutation(blocks.train.len(), mix(config.seed, epoch as u64));
+                order = Rng::new(mix(config.seed, epoch as u64)).permutation(blocks.train.len());
                 order_epoch = epoch;
             }
             let batch: Vec<&Vec<u32>> = order

@@ -52,18 +52,6 @@ impl Grid {
         }
     }
 
-    /// The first `n` columns of every row.
-    pub fn first_cols(&self, n: usize) -> Grid {
-        let n = n.min(self.cols);
-        Grid {
-            rows: self.rows,
-            cols: n,
-            data: (0..self.rows)
-                .flat_map(|r| self.row(r)[..n].iter().copied())
-                .collect(),
-        }
-    }
-
     /// The rows listed, in order (a minibatch).
     pub fn select_rows(&self, rows: &[usize]) -> Grid {
         Grid {

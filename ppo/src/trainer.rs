@@ -290,7 +290,7 @@ impl PpoTrainer {
         let mut rng =
             Rng::new(c.seed ^ (self.steps_done as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15));
         for _epoch in 0..c.ppo_epochs {
-            let order = permutation(b, &mut rng);
+            let order = rng.permutation(b);
             for backward in order.chunks(backward_batch) {
                 let mut grads: Option<GradStore> = None;
                 for rows in backward.chunks(c.mini_batch_size) {
@@ -449,14 +449,4 @@ fn add_grads(mut sum: GradStore, next: &GradStore, params: &[Tensor]) -> Result<
         }
     }
     Ok(sum)
-}
-
-/// A Fisher-Yates permutation of 0..n from `rng`.
-pub fn permutation(n: usize, rng: &mut Rng) -> Vec<usize> {
-    let mut order: Vec<usize> = (0..n).collect();
-    for i in (1..n).rev() {
-        let j = (rng.next_u64() % (i as u64 + 1)) as usize;
-        order.swap(i, j);
-    }
-    order
 }

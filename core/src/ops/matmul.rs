@@ -146,6 +146,71 @@ fn cpu_matmul(a: &[f32], b: &[f32], d: MatmulDims, ta: bool, tb: bool) -> Vec<f3
     out
 }
 
+/// `out (m, n) += a (m, k) @ b (k, n)` on the CPU with the same packed SIMD kernels as
+/// [`Tensor::matmul`], all row-major; `a` is read with row stride `a_row_stride` (>= k), so it
+/// may be a column block of a wider matrix. For kernels outside core that build an f32
+/// operand in pieces (the int8 input gradient dequantizes its weight one row block at a time).
+pub fn cpu_matmul_accumulate(
+    out: &mut [f32],
+    a: &[f32],
+    a_row_stride: usize,
+    b: &[f32],
+    (m, n, k): (usize, usize, usize),
+) -> Result<()> {
+    let needed_a = if m == 0 {
+        0
+    } else {
+        (m - 1) * a_row_stride + k
+    };
+    if a_row_stride < k || a.len() < needed_a || b.len() < k * n || out.len() < m * n {
+        return Err(Error::shape(
+            "cpu_matmul_accumulate",
+            format!(
+                "({m}, {k}) @ ({k}, {n}) with a row stride {a_row_stride}: got a {}, b {}, out {}",
+                a.len(),
+                b.len(),
+                out.len()
+            ),
+        ));
+    }
+    if m == 0 || n == 0 || k == 0 {
+        return Ok(());
+    }
+    let par = parallelism(&MatmulDims {
+        batch: 1,
+        m,
+        n,
+        k,
+        b_shared: true,
+    });
+    // SAFETY: the checks above keep every strided read inside `a`, `b` and `out`, and `out`
+    // is not aliased.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            out.as_mut_ptr(),
+            1,
+            n as isize,
+            true,
+            a.as_ptr(),
+            1,
+            a_row_stride as isize,
+            b.as_ptr(),
+            1,
+            n as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            par,
+        );
+    }
+    Ok(())
+}
+
 #[repr(C)]
 #[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
 struct MatmulParams {

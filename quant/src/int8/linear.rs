@@ -312,7 +312,7 @@ fn input_grad(weight: &Int8Weight, dy: &Tensor, rows: usize) -> Result<Tensor> {
                 weight.out_features,
                 weight.in_features,
                 cpu::padded(weight.in_features),
-            );
+            )?;
             Ok(Tensor::from_vec(dx, &shape, &Device::Cpu)?)
         }
         Packed::Gpu { .. } => {

@@ -195,11 +195,11 @@ pub fn block_loss(model: &CausalLm, blocks: &[&Vec<u32>], device: &Device) -> Re
     let flat: Vec<u32> = blocks.iter().flat_map(|x| x.iter().copied()).collect();
     let ids = Tensor::from_vec(flat, &[b, t], device)?;
     let layout = TokenLayout::contiguous(b, t, 0, device)?;
-    let logits = model.forward(&ids, &layout, None)?; // (B, T, V)
-    let v = logits.shape()[2];
-    let predicting = logits.narrow(1, 0, t - 1)?.reshape(&[b * (t - 1), v])?;
+    let hidden = model.forward_hidden(&ids, &layout, None)?; // (B, T, H)
+    let h = hidden.shape()[2];
+    let predicting = hidden.narrow(1, 0, t - 1)?.reshape(&[b * (t - 1), h])?;
     let targets = ids.narrow(1, 1, t - 1)?.reshape(&[b * (t - 1)])?;
-    Ok(predicting.cross_entropy(&targets, None)?)
+    Ok(model.lm_head_loss(&predicting, &targets, None)?)
 }
 
 /// Mean loss over the held-out blocks (adapters on, no dropout, no gradients).

@@ -670,3 +670,131 @@ fn entropy_last_matches_an_f64_reference() {
         .into_variable();
     assert!(!v.entropy_last().unwrap().tracks_grad());
 }
+
+/// loss, dh and dw of `3 * loss(h, w)` (an upstream gradient other than one) for a loss of
+/// (h, w), on h's device.
+fn loss_and_grads(
+    h: &Tensor,
+    w: &Tensor,
+    f: impl Fn(&Tensor, &Tensor) -> lathe_core::Result<Tensor>,
+) -> (f32, Vec<f32>, Vec<f32>) {
+    let (h, w) = (h.detach().into_variable(), w.detach().into_variable());
+    let loss = f(&h, &w).unwrap();
+    assert_eq!(loss.shape(), &[1]);
+    let grads = loss.affine(3.0, 0.0).unwrap().backward().unwrap();
+    (
+        loss.to_scalar().unwrap(),
+        grads.get(&h).unwrap().to_vec_f32().unwrap(),
+        grads.get(&w).unwrap().to_vec_f32().unwrap(),
+    )
+}
+
+#[test]
+fn linear_cross_entropy_equals_the_composed_ops_on_both_devices() {
+    let tol = Tolerance::new(1e-5, 1e-5);
+    // 300 x 30000 logits: the CPU's fused pass takes chunks of 192 rows, so two run.
+    for (n, hd, v) in [(5, 3, 7), (300, 16, 30_000)] {
+        let h = Tensor::rand_uniform(-1.0, 1.0, &[n, hd], 11, &Device::Cpu).unwrap();
+        let w = Tensor::rand_uniform(-1.0, 1.0, &[v, hd], 12, &Device::Cpu).unwrap();
+        let mut ids = ids_for(n, v, 13);
+        ids[1] = u32::MAX;
+        ids[n - 1] = u32::MAX;
+        for ignore in [None, Some(u32::MAX)] {
+            let ids: Vec<u32> = ids
+                .iter()
+                .map(|&t| {
+                    if ignore.is_none() && t == u32::MAX {
+                        0
+                    } else {
+                        t
+                    }
+                })
+                .collect();
+            let targets = |d: &Device| Tensor::from_slice(&ids, &[n], d).unwrap();
+            let composed = |h: &Tensor, w: &Tensor| {
+                h.matmul_t(w, false, true)?
+                    .cross_entropy(&targets(h.device()), ignore)
+            };
+            let fused =
+                |h: &Tensor, w: &Tensor| h.linear_cross_entropy(w, &targets(h.device()), ignore);
+            let want = loss_and_grads(&h, &w, composed);
+            let gpu = test_gpu();
+            let (hg, wg) = (h.to_device(&gpu).unwrap(), w.to_device(&gpu).unwrap());
+            for got in [
+                loss_and_grads(&h, &w, fused),
+                loss_and_grads(&hg, &wg, fused),
+            ] {
+                assert_close(&[got.0], &[want.0], tol);
+                assert_close(&got.1, &want.1, tol);
+                assert_close(&got.2, &want.2, tol);
+            }
+        }
+    }
+    // A frozen weight gets no gradient; the input still does.
+    let h = Tensor::rand_uniform(-1.0, 1.0, &[4, 3], 1, &Device::Cpu)
+        .unwrap()
+        .into_variable();
+    let w = Tensor::rand_uniform(-1.0, 1.0, &[6, 3], 2, &Device::Cpu).unwrap();
+    let t = Tensor::from_vec(vec![0u32, 5, 2, 2], &[4], &Device::Cpu).unwrap();
+    let grads = h
+        .linear_cross_entropy(&w, &t, None)
+        .unwrap()
+        .backward()
+        .unwrap();
+    assert!(grads.get(&h).is_some() && grads.get(&w).is_none());
+}
+
+#[test]
+fn linear_cross_entropy_matches_finite_differences() {
+    let h = Tensor::rand_uniform(-1.0, 1.0, &[5, 4], 21, &Device::Cpu).unwrap();
+    let w = Tensor::rand_uniform(-1.0, 1.0, &[7, 4], 22, &Device::Cpu).unwrap();
+    let targets = Tensor::from_vec(vec![1u32, 100, 6, 0, 3], &[5], &Device::Cpu).unwrap();
+    check_gradients(
+        |t| t[0].linear_cross_entropy(&t[1], &targets, Some(100)),
+        &[h, w],
+        1e-2,
+        FD_TOL,
+    )
+    .unwrap();
+}
+
+#[test]
+fn linear_cross_entropy_rejects_bad_input_and_is_nan_when_all_ignored() {
+    let cpu = Device::Cpu;
+    let h = Tensor::rand_uniform(-1.0, 1.0, &[3, 4], 1, &cpu).unwrap();
+    let w = Tensor::rand_uniform(-1.0, 1.0, &[5, 4], 2, &cpu).unwrap();
+    let t = |v: Vec<u32>| Tensor::from_vec(v.clone(), &[v.len()], &cpu).unwrap();
+    let ignored = h
+        .linear_cross_entropy(&w, &t(vec![9, 9, 9]), Some(9))
+        .unwrap();
+    assert!(ignored.to_scalar().unwrap().is_nan());
+    let w_bad = Tensor::rand_uniform(-1.0, 1.0, &[5, 3], 2, &cpu).unwrap();
+    let h3 = h.reshape(&[1, 3, 4]).unwrap();
+    assert!(matches!(
+        h.linear_cross_entropy(&w_bad, &t(vec![0, 1, 2]), None),
+        Err(Error::Shape { .. })
+    ));
+    assert!(matches!(
+        h3.linear_cross_entropy(&w, &t(vec![0, 1, 2]), None),
+        Err(Error::Shape { .. })
+    ));
+    assert!(matches!(
+        h.linear_cross_entropy(&w, &t(vec![0, 1]), None),
+        Err(Error::Shape { .. })
+    ));
+    assert!(matches!(
+        h.linear_cross_entropy(&w, &t(vec![0, 5, 1]), None),
+        Err(Error::IndexOutOfRange {
+            index: 5,
+            size: 5,
+            ..
+        })
+    ));
+    let f_targets = Tensor::from_vec(vec![0f32, 1.0, 2.0], &[3], &cpu).unwrap();
+    assert!(h.linear_cross_entropy(&w, &f_targets, None).is_err());
+    let gpu_w = w.to_device(&test_gpu()).unwrap();
+    assert!(matches!(
+        h.linear_cross_entropy(&gpu_w, &t(vec![0, 1, 2]), None),
+        Err(Error::DeviceMismatch { .. })
+    ));
+}

@@ -269,6 +269,22 @@ impl CausalLm {
         }
     }
 
+    /// The mean next-token loss of last hidden states (N, H) against targets (N,) (rows
+    /// whose target is `ignore_index` drop out), through the LM head without holding its
+    /// (N, V) logits where the head allows (see [`crate::linear::Linear::cross_entropy`]).
+    pub fn lm_head_loss(
+        &self,
+        hidden: &Tensor,
+        targets: &Tensor,
+        ignore_index: Option<u32>,
+    ) -> Result<Tensor> {
+        let head = match self {
+            CausalLm::GptNeox(m) => &m.embed_out,
+            CausalLm::Llama(m) => &m.lm_head,
+        };
+        head.cross_entropy(hidden, targets, ignore_index)
+    }
+
     /// An empty KV cache with one slot per layer.
     pub fn new_cache(&self) -> KvCache {
         KvCache::new(self.config().num_hidden_layers())

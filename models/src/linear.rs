@@ -131,6 +131,24 @@ impl Linear {
         }
     }
 
+    /// The mean cross-entropy of this layer's logits (N, out) for x (N, in) against u32
+    /// targets (N,), as `forward(x)` then [`Tensor::cross_entropy`]. A plain dense layer
+    /// (an LM head) takes core's fused [`Tensor::linear_cross_entropy`], which never holds
+    /// the (N, V) logits on the CPU.
+    pub fn cross_entropy(
+        &self,
+        x: &Tensor,
+        targets: &Tensor,
+        ignore_index: Option<u32>,
+    ) -> Result<Tensor> {
+        Ok(match self {
+            Linear::Dense { weight, bias: None } => {
+                x.linear_cross_entropy(weight, targets, ignore_index)?
+            }
+            _ => self.forward(x)?.cross_entropy(targets, ignore_index)?,
+        })
+    }
+
     pub fn out_features(&self) -> usize {
         match self {
             Linear::Dense { weight, .. } => weight.shape()[0],

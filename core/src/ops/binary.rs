@@ -41,6 +41,23 @@ impl BinaryOp {
     }
 }
 
+/// o[i] = op(a[i], b[i]) over equal-length slices, the op chosen outside the loop so each
+/// arm vectorizes.
+fn zip_map(op: BinaryOp, o: &mut [f32], a: &[f32], b: &[f32]) {
+    #[inline(always)]
+    fn each(o: &mut [f32], a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32) {
+        for ((o, &a), &b) in o.iter_mut().zip(a).zip(b) {
+            *o = f(a, b);
+        }
+    }
+    match op {
+        BinaryOp::Add => each(o, a, b, |a, b| a + b),
+        BinaryOp::Sub => each(o, a, b, |a, b| a - b),
+        BinaryOp::Mul => each(o, a, b, |a, b| a * b),
+        BinaryOp::Div => each(o, a, b, |a, b| a / b),
+    }
+}
+
 fn cpu_binary(
     op: BinaryOp,
     a: &[f32],
@@ -53,26 +70,17 @@ fn cpu_binary(
     let mut out = vec![0.0f32; n];
     if a_shape == b_shape {
         out.par_chunks_mut(CPU_CHUNK)
-            .enumerate()
-            .for_each(|(c, chunk)| {
-                let base = c * CPU_CHUNK;
-                for (i, o) in chunk.iter_mut().enumerate() {
-                    *o = op.apply(a[base + i], b[base + i]);
-                }
-            });
+            .zip(a.par_chunks(CPU_CHUNK).zip(b.par_chunks(CPU_CHUNK)))
+            .for_each(|(o, (a, b))| zip_map(op, o, a, b));
         return out;
     }
-    // A trailing operand (bias over the last dims) repeats with period len(b).
-    if a_shape == out_shape && out_shape.ends_with(b_shape) {
-        let period = b.len().max(1);
-        out.par_chunks_mut(CPU_CHUNK)
-            .enumerate()
-            .for_each(|(c, chunk)| {
-                let base = c * CPU_CHUNK;
-                for (i, o) in chunk.iter_mut().enumerate() {
-                    *o = op.apply(a[base + i], b[(base + i) % period]);
-                }
-            });
+    // A trailing operand (bias over the last dims) repeats with period len(b): row by row.
+    if a_shape == out_shape && out_shape.ends_with(b_shape) && !b.is_empty() {
+        let period = b.len();
+        out.par_chunks_mut(period)
+            .zip(a.par_chunks(period))
+            .with_min_len(CPU_CHUNK.div_ceil(period))
+            .for_each(|(o, a)| zip_map(op, o, a, b));
         return out;
     }
     let a_strides = broadcast_strides(a_shape, out_shape);

@@ -49,9 +49,9 @@ impl DropoutParams {
         }
     }
 
-    fn keep(&self, i: usize) -> bool {
-        let key = mix32(self.seed_lo ^ mix32(self.seed_hi ^ 0x9e37_79b9));
-        mix32(i as u32 ^ key) >= self.threshold
+    /// The per-call key the element hashes are salted with (computed once per call).
+    fn key(&self) -> u32 {
+        mix32(self.seed_lo ^ mix32(self.seed_hi ^ 0x9e37_79b9))
     }
 }
 
@@ -62,13 +62,16 @@ fn apply(x: &Tensor, params: DropoutParams) -> Result<Storage> {
         Device::Cpu => {
             let data = x.with_cpu_f32("dropout", |x| {
                 let mut out = vec![0.0f32; n];
+                let (key, threshold, scale) = (params.key(), params.threshold, params.scale);
                 out.par_chunks_mut(CPU_CHUNK)
                     .zip(x.par_chunks(CPU_CHUNK))
                     .enumerate()
                     .for_each(|(c, (o, x))| {
+                        let base = (c * CPU_CHUNK) as u32;
+                        // Branch-free, so the hash and the select vectorize.
                         for (j, (o, &x)) in o.iter_mut().zip(x).enumerate() {
-                            let keep = params.keep(c * CPU_CHUNK + j);
-                            *o = if keep { x * params.scale } else { 0.0 };
+                            let keep = mix32((base + j as u32) ^ key) >= threshold;
+                            *o = if keep { x * scale } else { 0.0 };
                         }
                     });
                 out

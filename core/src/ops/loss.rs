@@ -76,20 +76,38 @@ fn check_ids(
     ids: &Tensor,
     ignore: Option<u32>,
 ) -> Result<Vec<u32>> {
-    ids.expect_dtype(op, DType::U32)?;
-    logits.expect_same_device(op, ids)?;
     let lead = &logits.shape()[..logits.rank() - 1];
+    let v = logits.shape()[logits.rank() - 1];
+    check_targets(op, lead, v, ids, ignore, logits.device())
+}
+
+/// Checks that `ids` are u32 of shape `lead` on `device`, each a class below `v` unless equal
+/// to `ignore`, and returns them on the host.
+pub(crate) fn check_targets(
+    op: &'static str,
+    lead: &[usize],
+    v: usize,
+    ids: &Tensor,
+    ignore: Option<u32>,
+    device: &Device,
+) -> Result<Vec<u32>> {
+    ids.expect_dtype(op, DType::U32)?;
+    if ids.device() != device {
+        return Err(Error::DeviceMismatch {
+            op,
+            a: device.name(),
+            b: ids.device().name(),
+        });
+    }
     if ids.shape() != lead {
         return Err(Error::shape(
             op,
             format!(
-                "ids {:?} do not match the leading dims {lead:?} of logits {:?}",
+                "ids {:?} do not match the leading dims {lead:?} of the logits",
                 ids.shape(),
-                logits.shape()
             ),
         ));
     }
-    let v = logits.shape()[logits.rank() - 1];
     let host = ids.to_vec_u32()?;
     if let Some(&bad) = host
         .iter()

@@ -98,9 +98,8 @@ fn cpu_matmul(a: &[f32], b: &[f32], d: MatmulDims, ta: bool, tb: bool) -> Vec<f3
     let mut out = vec![0.0f32; d.batch * d.m * d.n];
     let (a_rows, a_cols) = if ta { (d.k, d.m) } else { (d.m, d.k) };
     let (b_rows, b_cols) = if tb { (d.n, d.k) } else { (d.k, d.n) };
-    let (a_rs, a_cs) = op_strides((a_rows, a_cols), ta);
-    let (b_rs, b_cs) = op_strides((b_rows, b_cols), tb);
-    let par = parallelism(&d);
+    let a_strides = op_strides((a_rows, a_cols), ta);
+    let b_strides = op_strides((b_rows, b_cols), tb);
     if d.m == 0 || d.n == 0 {
         return out;
     }
@@ -118,32 +117,71 @@ fn cpu_matmul(a: &[f32], b: &[f32], d: MatmulDims, ta: bool, tb: bool) -> Vec<f3
             continue;
         }
         // SAFETY: the slices hold exactly (m, k), (k, n) and (m, n) elements at the strides
-        // given, and `out_i` is not aliased.
+        // given.
         unsafe {
-            gemm::gemm(
-                d.m,
-                d.n,
-                d.k,
-                out_i.as_mut_ptr(),
-                1,
-                d.n as isize,
+            cpu_gemm(
+                out_i,
+                a_i,
+                a_strides,
+                b_i,
+                b_strides,
+                (d.m, d.n, d.k),
                 false,
-                a_i.as_ptr(),
-                a_cs as isize,
-                a_rs as isize,
-                b_i.as_ptr(),
-                b_cs as isize,
-                b_rs as isize,
-                0.0,
-                1.0,
-                false,
-                false,
-                false,
-                par,
-            );
-        }
+            )
+        };
     }
     out
+}
+
+/// out (m, n) row-major `=` (or `+=` when `accumulate`) a @ b, where a (m, k) and b (k, n)
+/// are read through (row stride, column stride) pairs: transposes and column blocks cost
+/// nothing. The packed SIMD kernels of the `gemm` crate, on rayon's threads when the product
+/// is big enough.
+///
+/// # Safety
+/// Every element `a[i * rs + p * cs]` for i < m, p < k (and likewise for b over k, n) must lie
+/// inside its slice, and `out` must hold m * n elements.
+pub(crate) unsafe fn cpu_gemm(
+    out: &mut [f32],
+    a: &[f32],
+    (a_rs, a_cs): (usize, usize),
+    b: &[f32],
+    (b_rs, b_cs): (usize, usize),
+    (m, n, k): (usize, usize, usize),
+    accumulate: bool,
+) {
+    debug_assert!(out.len() >= m * n);
+    if m == 0 || n == 0 {
+        return;
+    }
+    let par = parallelism(&MatmulDims {
+        batch: 1,
+        m,
+        n,
+        k,
+        b_shared: true,
+    });
+    gemm::gemm(
+        m,
+        n,
+        k,
+        out.as_mut_ptr(),
+        1,
+        n as isize,
+        accumulate,
+        a.as_ptr(),
+        a_cs as isize,
+        a_rs as isize,
+        b.as_ptr(),
+        b_cs as isize,
+        b_rs as isize,
+        1.0,
+        1.0,
+        false,
+        false,
+        false,
+        par,
+    );
 }
 
 /// `out (m, n) += a (m, k) @ b (k, n)` on the CPU with the same packed SIMD kernels as
@@ -173,41 +211,11 @@ pub fn cpu_matmul_accumulate(
             ),
         ));
     }
-    if m == 0 || n == 0 || k == 0 {
+    if k == 0 {
         return Ok(());
     }
-    let par = parallelism(&MatmulDims {
-        batch: 1,
-        m,
-        n,
-        k,
-        b_shared: true,
-    });
-    // SAFETY: the checks above keep every strided read inside `a`, `b` and `out`, and `out`
-    // is not aliased.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            out.as_mut_ptr(),
-            1,
-            n as isize,
-            true,
-            a.as_ptr(),
-            1,
-            a_row_stride as isize,
-            b.as_ptr(),
-            1,
-            n as isize,
-            1.0,
-            1.0,
-            false,
-            false,
-            false,
-            par,
-        );
-    }
+    // SAFETY: the checks above keep every strided read inside `a`, `b` and `out`.
+    unsafe { cpu_gemm(out, a, (a_row_stride, 1), b, (n, 1), (m, n, k), true) };
     Ok(())
 }
 

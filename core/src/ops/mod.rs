@@ -6,6 +6,7 @@ pub mod cast;
 pub mod dropout;
 pub mod embedding;
 pub mod layout;
+pub mod linear_loss;
 pub mod loss;
 pub mod matmul;
 pub mod norm;

@@ -20,6 +20,7 @@ use crate::backprop;
 use crate::dtype::DType;
 use crate::ops::loss::check_targets;
 use crate::ops::matmul::cpu_gemm;
+use crate::ops::vexp;
 use crate::tensor::Tensor;
 use crate::{Device, Error, Result};
 
@@ -87,22 +88,15 @@ fn cpu_fused(
                     return 0.0;
                 }
                 let target_logit = row[t as usize];
-                let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let m = vexp::row_max(row);
                 let sum = if need_grad {
                     // exp once: the row becomes exp(x - m), then (softmax - onehot) / kept.
-                    let mut s = 0f32;
-                    for x in row.iter_mut() {
-                        *x = (*x - m).exp();
-                        s += *x;
-                    }
-                    let scale = inv_kept / s;
-                    for x in row.iter_mut() {
-                        *x *= scale;
-                    }
+                    let s = vexp::exp_shift_sum(row, m);
+                    vexp::scale(row, inv_kept / s);
                     row[t as usize] -= inv_kept;
                     s
                 } else {
-                    row.iter().map(|x| (x - m).exp()).sum()
+                    vexp::sum_exp_shift(row, m)
                 };
                 f64::from(m + sum.ln() - target_logit)
             })

@@ -9,7 +9,7 @@ use lathe_shaders::{grid_1d, Shader};
 use rayon::prelude::*;
 
 use crate::dtype::DType;
-use crate::ops::{alloc_f32, launch};
+use crate::ops::{alloc_f32, launch, vexp};
 use crate::storage::Storage;
 use crate::tensor::Tensor;
 use crate::{Device, Error, Result};
@@ -38,13 +38,6 @@ impl LossParams {
 /// One workgroup per row, split over x and y when there are more than 65,535 rows.
 fn row_grid(rows: usize) -> [u32; 3] {
     grid_1d(rows as u64 * ROW_WORKGROUP as u64, ROW_WORKGROUP)
-}
-
-/// log(sum(exp(row))), computed stably around the row maximum.
-fn cpu_row_lse(row: &[f32]) -> f32 {
-    let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let s: f32 = row.iter().map(|x| (x - m).exp()).sum();
-    m + s.ln()
 }
 
 /// (rows, v) of a tensor whose last dim is the class dim.
@@ -143,8 +136,10 @@ fn log_softmax_gather_backward(
                                 .zip(x.par_chunks(v))
                                 .enumerate()
                                 .for_each(|(r, (d, x))| {
-                                    for (d, x) in d.iter_mut().zip(x) {
-                                        *d = -g[r] * (x - lse[r]).exp();
+                                    // x - lse <= 0: the softmax's domain.
+                                    let (gr, lr) = (g[r], lse[r]);
+                                    for (d, &x) in d.iter_mut().zip(x) {
+                                        *d = -gr * vexp::exp_nonpositive(x - lr);
                                     }
                                     d[ids[r] as usize] += g[r];
                                 });
@@ -191,8 +186,9 @@ fn log_softmax_last_backward(y: &Tensor, g: &Tensor, v: usize) -> Result<Tensor>
                         .zip(y.par_chunks(v).zip(g.par_chunks(v)))
                         .for_each(|(d, (y, g))| {
                             let total: f32 = g.iter().sum();
-                            for ((d, y), g) in d.iter_mut().zip(y).zip(g) {
-                                *d = g - y.exp() * total;
+                            // y is a log-probability, <= 0.
+                            for ((d, &y), &g) in d.iter_mut().zip(y).zip(g) {
+                                *d = g - vexp::exp_nonpositive(y) * total;
                             }
                         });
                     dx
@@ -238,7 +234,7 @@ impl Tensor {
                         x.par_chunks(v)
                             .zip(ids.par_iter())
                             .map(|(row, &id)| {
-                                let lse = cpu_row_lse(row);
+                                let lse = vexp::row_log_sum_exp(row);
                                 (row[id as usize] - lse, lse)
                             })
                             .unzip()
@@ -296,11 +292,11 @@ impl Tensor {
                 let h = self.with_cpu_f32(op, |x| {
                     let mut h = vec![0.0f32; rows];
                     h.par_iter_mut().zip(x.par_chunks(v)).for_each(|(h, x)| {
-                        let m = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                        let m = vexp::row_max(x);
                         let (mut s, mut t) = (0.0f32, 0.0f32);
                         for &xi in x {
                             let d = xi - m;
-                            let e = d.exp();
+                            let e = vexp::exp_nonpositive(d);
                             s += e;
                             t += e * d;
                         }
@@ -342,7 +338,7 @@ impl Tensor {
                 let y = self.with_cpu_f32(op, |x| {
                     let mut y = vec![0.0f32; rows * v];
                     y.par_chunks_mut(v).zip(x.par_chunks(v)).for_each(|(y, x)| {
-                        let lse = cpu_row_lse(x);
+                        let lse = vexp::row_log_sum_exp(x);
                         for (y, x) in y.iter_mut().zip(x) {
                             *y = x - lse;
                         }

@@ -15,6 +15,7 @@ pub mod rotary;
 mod skinny;
 pub mod softmax;
 pub mod unary;
+mod vexp;
 
 use lathe_shaders::{GpuBuffer, GpuContext, Launch, MemCategory, Shader};
 

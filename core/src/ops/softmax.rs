@@ -10,7 +10,7 @@ use lathe_shaders::{grid_1d, MemCategory, Shader};
 use rayon::prelude::*;
 
 use crate::dtype::DType;
-use crate::ops::{alloc_f32, launch};
+use crate::ops::{alloc_f32, launch, vexp};
 use crate::storage::Storage;
 use crate::tensor::Tensor;
 use crate::{Device, Error, Result};
@@ -101,12 +101,11 @@ fn cpu_forward(x: &[f32], ranges: &[u32], view: SoftmaxView) -> Vec<f32> {
             if lo >= hi {
                 return;
             }
-            let m = x[lo..hi].iter().fold(f32::MIN, |m, &v| m.max(v));
-            let s: f32 = x[lo..hi].iter().map(|v| (v - m).exp()).sum();
-            let inv = if s > 0.0 { 1.0 / s } else { 0.0 };
-            for j in lo..hi {
-                y[j] = (x[j] - m).exp() * inv;
-            }
+            let (x, y) = (&x[lo..hi], &mut y[lo..hi]);
+            let m = vexp::row_max(x).max(f32::MIN);
+            y.copy_from_slice(x);
+            let s = vexp::exp_shift_sum(y, m);
+            vexp::scale(y, if s > 0.0 { 1.0 / s } else { 0.0 });
         });
     out
 }

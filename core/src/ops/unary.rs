@@ -10,6 +10,7 @@ use lathe_shaders::{grid_1d, GpuBuffer, GpuContext, Shader};
 use rayon::prelude::*;
 
 use crate::dtype::DType;
+use crate::ops::vexp::exp_nonpositive;
 use crate::ops::{alloc_f32, launch, CPU_CHUNK};
 use crate::storage::Storage;
 use crate::tensor::Tensor;
@@ -157,8 +158,9 @@ pub fn erf_approx(x: f32) -> f32 {
     (p / q).clamp(-1.0, 1.0)
 }
 
+#[inline(always)]
 fn tanh_stable(u: f32) -> f32 {
-    let e = (-2.0 * u.abs()).exp();
+    let e = exp_nonpositive(-2.0 * u.abs());
     let t = (1.0 - e) / (1.0 + e);
     if u < 0.0 {
         -t
@@ -167,8 +169,9 @@ fn tanh_stable(u: f32) -> f32 {
     }
 }
 
+#[inline(always)]
 fn sigmoid_stable(x: f32) -> f32 {
-    let e = (-x.abs()).exp();
+    let e = exp_nonpositive(-x.abs());
     if x < 0.0 {
         e / (1.0 + e)
     } else {
@@ -176,6 +179,7 @@ fn sigmoid_stable(x: f32) -> f32 {
     }
 }
 
+#[inline(always)]
 fn act_forward(kind: Activation, x: f32) -> f32 {
     match kind {
         Activation::GeluErf => 0.5 * x * (1.0 + erf_approx(x * SQRT_1_2)),
@@ -190,11 +194,12 @@ fn act_forward(kind: Activation, x: f32) -> f32 {
 }
 
 /// d act(x) / dx.
+#[inline(always)]
 fn act_derivative(kind: Activation, x: f32) -> f32 {
     match kind {
         Activation::GeluErf => {
             let cdf = 0.5 * (1.0 + erf_approx(x * SQRT_1_2));
-            cdf + x * INV_SQRT_2PI * (-0.5 * x * x).exp()
+            cdf + x * INV_SQRT_2PI * exp_nonpositive(-0.5 * x * x)
         }
         Activation::GeluTanh => {
             let u = SQRT_2_PI * (x + GELU_C * x * x * x);
@@ -229,15 +234,36 @@ struct ActParams {
 /// Applies `f` elementwise over one or two equally long slices on the CPU (rayon chunks).
 fn cpu_map(x: &[f32], g: Option<&[f32]>, f: impl Fn(f32, f32) -> f32 + Sync) -> Vec<f32> {
     let mut out = vec![0.0f32; x.len()];
-    out.par_chunks_mut(CPU_CHUNK)
-        .enumerate()
-        .for_each(|(c, chunk)| {
-            let base = c * CPU_CHUNK;
-            for (i, o) in chunk.iter_mut().enumerate() {
-                *o = f(x[base + i], g.map_or(0.0, |g| g[base + i]));
+    let chunks = out.par_chunks_mut(CPU_CHUNK).zip(x.par_chunks(CPU_CHUNK));
+    match g {
+        Some(g) => chunks.zip(g.par_chunks(CPU_CHUNK)).for_each(|((o, x), g)| {
+            for ((o, &x), &g) in o.iter_mut().zip(x).zip(g) {
+                *o = f(x, g);
             }
-        });
+        }),
+        None => chunks.for_each(|(o, x)| {
+            for (o, &x) in o.iter_mut().zip(x) {
+                *o = f(x, 0.0);
+            }
+        }),
+    }
     out
+}
+
+/// `cpu_map` with the activation chosen outside the loop, so each arm is its own loop the
+/// compiler can vectorize.
+fn cpu_act(kind: Activation, x: &[f32], g: Option<&[f32]>) -> Vec<f32> {
+    macro_rules! each {
+        ($($k:ident),*) => {
+            match kind {
+                $(Activation::$k => match g {
+                    None => cpu_map(x, None, |x, _| act_forward(Activation::$k, x)),
+                    Some(g) => cpu_map(x, Some(g), |x, g| g * act_derivative(Activation::$k, x)),
+                },)*
+            }
+        };
+    }
+    each!(GeluErf, GeluTanh, Silu, Relu, Exp)
 }
 
 /// The activation's forward (no history): y = act(x).
@@ -245,9 +271,7 @@ fn activation_forward(x: &Tensor, kind: Activation) -> Result<Storage> {
     let n = x.elem_count();
     match x.device() {
         Device::Cpu => {
-            let data = x.with_cpu_f32(kind.name(), |x| {
-                cpu_map(x, None, |x, _| act_forward(kind, x))
-            })?;
+            let data = x.with_cpu_f32(kind.name(), |x| cpu_act(kind, x, None))?;
             Ok(Tensor::cpu_f32(data, x.shape().to_vec()))
         }
         Device::Gpu(ctx) => {
@@ -279,9 +303,7 @@ fn activation_backward(x: &Tensor, g: &Tensor, kind: Activation) -> Result<Tenso
     let storage = match x.device() {
         Device::Cpu => {
             let data = x.with_cpu_f32(kind.name(), |x| {
-                g.with_cpu_f32(kind.name(), |g| {
-                    cpu_map(x, Some(g), |x, g| g * act_derivative(kind, x))
-                })
+                g.with_cpu_f32(kind.name(), |g| cpu_act(kind, x, Some(g)))
             })??;
             Tensor::cpu_f32(data, x.shape().to_vec())
         }

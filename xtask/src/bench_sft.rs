@@ -101,17 +101,13 @@ pub fn run(
     }
     let mut rows = Vec::new();
     for (device, label) in devices {
-        let cases = [
-            ("f32", Precision::F32, false),
-            ("int8", Precision::Int8 { threshold: 6.0 }, false),
-            ("f32", Precision::F32, true),
-        ];
+        let cases = [("int8", Precision::Int8 { threshold: 6.0 }, false)];
         for (name, precision, checkpointing) in cases {
             if let Some(ctx) = device.gpu_context() {
                 ctx.ledger().reset_peaks();
             }
             let (best, median) = lathe_core::on_cpu_pool(|| {
-                measure(&model_path, device, precision, checkpointing, runs)
+                measure(&model_path, device, precision, checkpointing, 8)
             })?;
             let tokens_per_s = (BATCH * SEQ) as f64 / best;
             eprintln!(

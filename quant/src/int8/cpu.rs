@@ -844,31 +844,24 @@ pub(crate) struct Epilogue<'a> {
 /// y[r, o] = acc * (SCA[r] * SCB[o] / 127^2) + sum over outliers of f16(x) * f16(dequant(w))
 /// (products exact in f32, summed in ascending column order) + bias[o].
 pub(crate) fn epilogue(acc: &[i32], rows: usize, outs: usize, e: &Epilogue<'_>) -> Vec<f32> {
-    let n_out = e.outliers.len();
-    // (outs, n_out): the f16-rounded dequantized weights of the outlier columns.
-    let wo: Vec<f32> = (0..outs)
-        .flat_map(|o| {
-            e.outliers
-                .iter()
-                .map(move |&j| round_f16(dequant(e.cb[o * e.stride + j as usize], e.scb[o])))
+    // (n_out, outs): the f16-rounded dequantized weights of the outlier columns, one row per
+    // column so the loop below runs along outputs (and vectorizes).
+    let wo_t: Vec<f32> = e
+        .outliers
+        .iter()
+        .flat_map(|&j| {
+            (0..outs).map(move |o| round_f16(dequant(e.cb[o * e.stride + j as usize], e.scb[o])))
         })
         .collect();
     let mut y = vec![0f32; rows * outs];
     let work = |(r, yrow): (usize, &mut [f32])| {
         // The 16-bit path first (0 without outliers), then the same f32 operations in the
-        // same order as the definition, in loops simple enough to vectorize.
-        if n_out > 0 {
-            let xo: Vec<f32> = e
-                .outliers
-                .iter()
-                .map(|&j| round_f16(e.x[r * e.cols + j as usize]))
-                .collect();
-            for (yv, wrow) in yrow.iter_mut().zip(wo.chunks(n_out)) {
-                let mut f = 0f32;
-                for (xv, wv) in xo.iter().zip(wrow) {
-                    f += xv * wv;
-                }
-                *yv = f;
+        // same order as the definition, in loops simple enough to vectorize. Each output's
+        // outlier sum starts at 0 and adds the columns in ascending order.
+        for (&j, wcol) in e.outliers.iter().zip(wo_t.chunks(outs.max(1))) {
+            let xv = round_f16(e.x[r * e.cols + j as usize]);
+            for (yv, &wv) in yrow.iter_mut().zip(wcol) {
+                *yv += xv * wv;
             }
         }
         let sca = e.sca[r];

@@ -30,6 +30,22 @@ pub struct SftRow {
     pub ratio_vs_peer: Option<f64>,
     /// The GPU ledger's peak bytes by category during the steps (GPU rows only).
     pub gpu_peak_bytes: Option<Vec<(String, u64)>>,
+    /// Resident memory by category (CPU rows only).
+    pub cpu_memory: Option<CpuMemory>,
+}
+
+/// Where a CPU row's resident memory went, MiB. The adapter and optimizer figures are exact
+/// (f32 parameters, Adam's two moments); the others come from the process' resident set.
+#[derive(Clone, Debug, Serialize)]
+pub struct CpuMemory {
+    /// Growth of the resident set (free heap trimmed before and after) while loading the
+    /// model, less adapters and optimizer: the base weights.
+    pub weights_mib: f64,
+    pub adapters_mib: f64,
+    pub optimizer_mib: f64,
+    /// Peak resident set during the timed steps above the set before them: activations,
+    /// gradients and scratch (None where the kernel cannot reset the peak).
+    pub step_peak_mib: Option<f64>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -40,11 +56,50 @@ pub struct SftSection {
     pub peer: serde_json::Value,
 }
 
-fn peak_rss_mib() -> Option<f64> {
+/// A field of /proc/self/status (VmRSS: current, VmHWM: peak resident set) in MiB.
+fn status_mib(field: &str) -> Option<f64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let line = status.lines().find(|l| l.starts_with(field))?;
     let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kb / 1024.0)
+}
+
+/// The larger of two optional figures.
+fn max_opt(a: Option<f64>, b: Option<f64>) -> Option<f64> {
+    a.into_iter().chain(b).reduce(f64::max)
+}
+
+fn peak_rss_mib() -> Option<f64> {
+    status_mib("VmHWM:")
+}
+
+/// Resets the peak resident set to the current one (Linux: 5 > clear_refs).
+fn reset_peak_rss() -> bool {
+    std::fs::write("/proc/self/clear_refs", "5").is_ok()
+}
+
+/// Hands the allocator's free memory back to the kernel, so that the resident set counts
+/// live data only and rows measured one after another do not hide each other's growth.
+fn trim_heap() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        extern "C" {
+            fn malloc_trim(pad: usize) -> i32;
+        }
+        // SAFETY: glibc's malloc_trim takes any pad and only releases free memory.
+        unsafe {
+            malloc_trim(0);
+        }
+    }
+}
+
+/// What one case measured: best and median step seconds, and the CPU memory split.
+struct Measured {
+    best_s: f64,
+    median_s: f64,
+    cpu_memory: Option<CpuMemory>,
+    /// The process' peak resident set up to the end of this case.
+    process_peak_mib: Option<f64>,
 }
 
 fn measure(
@@ -53,23 +108,29 @@ fn measure(
     precision: Precision,
     checkpointing: bool,
     runs: usize,
-) -> Result<(f64, f64)> {
+) -> Result<Measured> {
+    trim_heap();
+    let rss_before = status_mib("VmRSS:");
     let mut pretrained = Pretrained::load(model_path, device, precision)?;
     let switch = AdapterSwitch::new();
     let mut config = LoraConfig::new(16, 32.0, &["q_proj", "v_proj"]);
     config.lora_dropout = 0.05;
     pretrained.model.add_lora(&config, &switch, 0)?;
     pretrained.model.set_gradient_checkpointing(checkpointing);
-    let mut adam = Adam::new(
-        pretrained.model.lora_parameters(),
-        AdamConfig::adamw(2e-4, 0.0),
-    )?;
+    let params = pretrained.model.lora_parameters();
+    let adapter_mib = params.iter().map(|p| p.elem_count() * 4).sum::<usize>() as f64 / 1048576.0;
+    let mut adam = Adam::new(params, AdamConfig::adamw(2e-4, 0.0))?;
     let mut rng = Rng::new(0);
     let vocab = pretrained.model.config().vocab_size() as u64;
     let blocks: Vec<Vec<u32>> = (0..BATCH)
         .map(|_| (0..SEQ).map(|_| (rng.next_u64() % vocab) as u32).collect())
         .collect();
     let refs: Vec<&Vec<u32>> = blocks.iter().collect();
+    trim_heap();
+    let rss_loaded = status_mib("VmRSS:");
+    // The peak so far (the load's), before the reset below forgets it.
+    let peak_load = peak_rss_mib();
+    let peak_reset = !device.is_gpu() && reset_peak_rss();
     let mut times = Vec::new();
     for run in 0..=runs {
         switch.train(run as u64);
@@ -83,7 +144,24 @@ fn measure(
         }
     }
     times.sort_by(f64::total_cmp);
-    Ok((times[0], times[times.len() / 2]))
+    let cpu_memory = match (!device.is_gpu(), rss_before, rss_loaded) {
+        (true, Some(before), Some(loaded)) => Some(CpuMemory {
+            weights_mib: loaded - before - 3.0 * adapter_mib,
+            adapters_mib: adapter_mib,
+            optimizer_mib: 2.0 * adapter_mib,
+            step_peak_mib: peak_reset
+                .then(peak_rss_mib)
+                .flatten()
+                .map(|peak| peak - loaded),
+        }),
+        _ => None,
+    };
+    Ok(Measured {
+        best_s: times[0],
+        median_s: times[times.len() / 2],
+        cpu_memory,
+        process_peak_mib: max_opt(peak_load, peak_rss_mib()),
+    })
 }
 
 pub fn run(
@@ -100,15 +178,22 @@ pub fn run(
         );
     }
     let mut rows = Vec::new();
+    let mut process_peak_mib = None::<f64>;
     for (device, label) in devices {
-        let cases = [("int8", Precision::Int8 { threshold: 6.0 }, false)];
+        let cases = [
+            ("f32", Precision::F32, false),
+            ("int8", Precision::Int8 { threshold: 6.0 }, false),
+            ("f32", Precision::F32, true),
+        ];
         for (name, precision, checkpointing) in cases {
             if let Some(ctx) = device.gpu_context() {
                 ctx.ledger().reset_peaks();
             }
-            let (best, median) = lathe_core::on_cpu_pool(|| {
-                measure(&model_path, device, precision, checkpointing, 8)
+            let m = lathe_core::on_cpu_pool(|| {
+                measure(&model_path, device, precision, checkpointing, runs)
             })?;
+            let (best, median) = (m.best_s, m.median_s);
+            process_peak_mib = max_opt(process_peak_mib, m.process_peak_mib);
             let tokens_per_s = (BATCH * SEQ) as f64 / best;
             eprintln!(
                 "  sft {label:>4} {name:>4}{}: {best:.3} s/step ({tokens_per_s:.0} tokens/s)",
@@ -131,6 +216,7 @@ pub fn run(
                 peer_tokens_per_s: None,
                 ratio_vs_peer: None,
                 gpu_peak_bytes,
+                cpu_memory: m.cpu_memory,
             });
         }
     }
@@ -149,7 +235,7 @@ pub fn run(
     }
     Ok(SftSection {
         rows,
-        process_peak_rss_mib: peak_rss_mib(),
+        process_peak_rss_mib: max_opt(process_peak_mib, peak_rss_mib()),
         peer,
     })
 }
@@ -214,6 +300,40 @@ pub fn markdown(section: &SftSection) -> String {
             opt(r.peer_tokens_per_s, ""),
             opt(r.ratio_vs_peer, "x")
         );
+    }
+    let cpu_rows: Vec<&SftRow> = section
+        .rows
+        .iter()
+        .filter(|r| r.cpu_memory.is_some())
+        .collect();
+    if !cpu_rows.is_empty() {
+        let _ = writeln!(
+            s,
+            "\nResident memory by category, MiB (weights: growth while loading, free heap trimmed, less adapters and optimizer; steps: peak during the timed steps above the set before them):\n"
+        );
+        let _ = writeln!(
+            s,
+            "| device | base | checkpointing | weights | adapters | optimizer | steps (activations, gradients, scratch) |"
+        );
+        let _ = writeln!(s, "|---|---|---|---:|---:|---:|---:|");
+        for r in cpu_rows {
+            let m = r.cpu_memory.as_ref().expect("filtered");
+            let _ = writeln!(
+                s,
+                "| {} | {} | {} | {:.0} | {:.1} | {:.1} | {} |",
+                r.device,
+                r.base,
+                if r.gradient_checkpointing {
+                    "yes"
+                } else {
+                    "no"
+                },
+                m.weights_mib,
+                m.adapters_mib,
+                m.optimizer_mib,
+                m.step_peak_mib.map_or("-".into(), |v| format!("{v:.0}"))
+            );
+        }
     }
     if let Some(mib) = section.process_peak_rss_mib {
         let _ = writeln!(

@@ -54,6 +54,8 @@ pub struct SftSection {
     /// Peak resident memory of this process (all CPU rows; VmHWM), MiB.
     pub process_peak_rss_mib: Option<f64>,
     pub peer: serde_json::Value,
+    /// The same peer with gradient checkpointing (the checkpointing rows' comparison).
+    pub peer_checkpointing: serde_json::Value,
 }
 
 /// A field of /proc/self/status (VmRSS: current, VmHWM: peak resident set) in MiB.
@@ -220,15 +222,23 @@ pub fn run(
             });
         }
     }
-    let peer = match peer_python {
+    // The peer without and with gradient checkpointing: each row is compared with its like.
+    let run_peer_case = |checkpointing: bool| match peer_python {
         None => serde_json::json!({ "skipped": "no peer python (LATHE_PEER_TORCH_PYTHON)" }),
-        Some(python) => match run_peer(python, &model_path, threads, runs) {
+        Some(python) => match run_peer(python, &model_path, threads, runs, checkpointing) {
             Ok(v) => v,
             Err(e) => serde_json::json!({ "skipped": format!("peer failed: {e:#}") }),
         },
     };
-    if let Some(tps) = peer["tokens_per_s"].as_f64() {
-        for row in &mut rows {
+    let peer = run_peer_case(false);
+    let peer_checkpointing = run_peer_case(true);
+    for row in &mut rows {
+        let like = if row.gradient_checkpointing {
+            &peer_checkpointing
+        } else {
+            &peer
+        };
+        if let Some(tps) = like["tokens_per_s"].as_f64() {
             row.peer_tokens_per_s = Some(tps);
             row.ratio_vs_peer = Some(row.tokens_per_s / tps);
         }
@@ -237,11 +247,18 @@ pub fn run(
         rows,
         process_peak_rss_mib: max_opt(process_peak_mib, peak_rss_mib()),
         peer,
+        peer_checkpointing,
     })
 }
 
-fn run_peer(python: &Path, model: &Path, threads: usize, runs: usize) -> Result<serde_json::Value> {
-    let args: Vec<std::ffi::OsString> = vec![
+fn run_peer(
+    python: &Path,
+    model: &Path,
+    threads: usize,
+    runs: usize,
+    checkpointing: bool,
+) -> Result<serde_json::Value> {
+    let mut args: Vec<std::ffi::OsString> = vec![
         "--model".into(),
         model.into(),
         "--batch".into(),
@@ -255,6 +272,9 @@ fn run_peer(python: &Path, model: &Path, threads: usize, runs: usize) -> Result<
         "--warmup".into(),
         "1".into(),
     ];
+    if checkpointing {
+        args.push("--gradient-checkpointing".into());
+    }
     crate::peer::run_script(python, "peer_sft.py", &args, threads)
 }
 
@@ -264,22 +284,29 @@ pub fn markdown(section: &SftSection) -> String {
         s,
         "\n## LoRA SFT step: SmolLM2-135M, {BATCH} x {SEQ} tokens, r 16 on q,v, AdamW (best of runs)\n"
     );
-    let peer = match section.peer.get("tokens_per_s") {
+    let describe = |peer: &serde_json::Value, what: &str| {
+        match peer.get("tokens_per_s") {
         Some(_) => format!(
-            "peer: peft {} on transformers {} (torch {}), {} threads: {:.3} s/step, peak RSS {:.0} MiB",
-            section.peer["peft"].as_str().unwrap_or("?"),
-            section.peer["version"].as_str().unwrap_or("?"),
-            section.peer["torch"].as_str().unwrap_or("?"),
-            section.peer["threads"],
-            section.peer["best_s"].as_f64().unwrap_or(f64::NAN),
-            section.peer["peak_rss_process_mib"].as_f64().unwrap_or(f64::NAN)
+            "peer{what}: peft {} on transformers {} (torch {}), {} threads: {:.3} s/step, peak RSS {:.0} MiB",
+            peer["peft"].as_str().unwrap_or("?"),
+            peer["version"].as_str().unwrap_or("?"),
+            peer["torch"].as_str().unwrap_or("?"),
+            peer["threads"],
+            peer["best_s"].as_f64().unwrap_or(f64::NAN),
+            peer["peak_rss_process_mib"].as_f64().unwrap_or(f64::NAN)
         ),
-        None => format!("peer: {}", section.peer),
+        None => format!("peer{what}: {peer}"),
+    }
     };
+    let peer = format!(
+        "{}\n\n{}",
+        describe(&section.peer, ""),
+        describe(&section.peer_checkpointing, " with gradient checkpointing")
+    );
     let _ = writeln!(s, "{peer}\n");
     let _ = writeln!(
         s,
-        "| device | base | checkpointing | s/step | tokens/s | peer tokens/s | ratio |"
+        "| device | base | checkpointing | s/step | tokens/s | peer tokens/s (same checkpointing) | ratio |"
     );
     let _ = writeln!(s, "|---|---|---|---:|---:|---:|---:|");
     for r in &section.rows {

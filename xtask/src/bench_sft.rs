@@ -278,6 +278,14 @@ fn run_peer(
     crate::peer::run_script(python, "peer_sft.py", &args, threads)
 }
 
+fn yes_no(b: bool) -> &'static str {
+    if b {
+        "yes"
+    } else {
+        "no"
+    }
+}
+
 pub fn markdown(section: &SftSection) -> String {
     let mut s = String::new();
     let _ = writeln!(
@@ -317,21 +325,17 @@ pub fn markdown(section: &SftSection) -> String {
             "| {} | {} | {} | {:.3} | {:.0} | {} | {} |",
             r.device,
             r.base,
-            if r.gradient_checkpointing {
-                "yes"
-            } else {
-                "no"
-            },
+            yes_no(r.gradient_checkpointing),
             r.best_s,
             r.tokens_per_s,
             opt(r.peer_tokens_per_s, ""),
             opt(r.ratio_vs_peer, "x")
         );
     }
-    let cpu_rows: Vec<&SftRow> = section
+    let cpu_rows: Vec<(&SftRow, &CpuMemory)> = section
         .rows
         .iter()
-        .filter(|r| r.cpu_memory.is_some())
+        .filter_map(|r| Some((r, r.cpu_memory.as_ref()?)))
         .collect();
     if !cpu_rows.is_empty() {
         let _ = writeln!(
@@ -343,18 +347,13 @@ pub fn markdown(section: &SftSection) -> String {
             "| device | base | checkpointing | weights | adapters | optimizer | steps (activations, gradients, scratch) |"
         );
         let _ = writeln!(s, "|---|---|---|---:|---:|---:|---:|");
-        for r in cpu_rows {
-            let m = r.cpu_memory.as_ref().expect("filtered");
+        for (r, m) in cpu_rows {
             let _ = writeln!(
                 s,
                 "| {} | {} | {} | {:.0} | {:.1} | {:.1} | {} |",
                 r.device,
                 r.base,
-                if r.gradient_checkpointing {
-                    "yes"
-                } else {
-                    "no"
-                },
+                yes_no(r.gradient_checkpointing),
                 m.weights_mib,
                 m.adapters_mib,
                 m.optimizer_mib,

@@ -20,6 +20,7 @@ use lathe_core::ops::unary::GeluKind;
 use lathe_core::Tensor;
 
 use crate::attention::{attend, split_heads, TokenLayout};
+use crate::blocks::{run_blocks, BlockStack};
 use crate::config::GptNeoxConfig;
 use crate::hf::Weights;
 use crate::kv_cache::KvCache;
@@ -63,6 +64,41 @@ pub struct GptNeoxLayer {
     pub dense: Linear,
     pub dense_h_to_4h: Linear,
     pub dense_4h_to_h: Linear,
+}
+
+impl BlockStack for GptNeox {
+    type Layer = GptNeoxLayer;
+    fn layers(&self) -> &[GptNeoxLayer] {
+        &self.layers
+    }
+    fn checkpointing(&self) -> bool {
+        self.gradient_checkpointing
+    }
+    fn layer_variables(layer: &GptNeoxLayer) -> Vec<Tensor> {
+        layer.variables()
+    }
+
+    /// One block: attention and MLP with parallel or sequential residuals.
+    fn block(
+        &self,
+        layer: &GptNeoxLayer,
+        index: usize,
+        x: &Tensor,
+        layout: &TokenLayout,
+        mask: &lathe_core::ops::softmax::AttentionMask,
+        cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
+        let attn_in = layer.input_layernorm.forward(x)?;
+        let attn = self.attention(layer, index, &attn_in, layout, mask, cache)?;
+        if self.config.use_parallel_residual {
+            let mlp = self.mlp(layer, &layer.post_attention_layernorm.forward(x)?)?;
+            Ok(mlp.add(&attn)?.add(x)?)
+        } else {
+            let h = attn.add(x)?;
+            let mlp = self.mlp(layer, &layer.post_attention_layernorm.forward(&h)?)?;
+            Ok(mlp.add(&h)?)
+        }
+    }
 }
 
 impl GptNeoxLayer {
@@ -211,7 +247,7 @@ impl GptNeox {
         &self,
         ids: &Tensor,
         layout: &TokenLayout,
-        mut cache: Option<&mut KvCache>,
+        cache: Option<&mut KvCache>,
     ) -> Result<Tensor> {
         layout.check_ids(ids)?;
         let past = match &cache {
@@ -219,49 +255,9 @@ impl GptNeox {
             None => 0,
         };
         let mask = layout.mask(past + layout.seq_len())?;
-        let mut x = Tensor::embedding(&self.embed_in, ids)?; // (B, T, H)
-        if self.gradient_checkpointing && cache.is_none() {
-            // One shared copy (tensors are reference-counted) for the blocks' recomputation.
-            let model = std::sync::Arc::new(self.clone());
-            for (i, layer) in self.layers.iter().enumerate() {
-                let (model, layout, mask) = (model.clone(), layout.clone(), mask.clone());
-                x = lathe_core::checkpoint(
-                    std::slice::from_ref(&x),
-                    &layer.variables(),
-                    move |ins: &[Tensor]| {
-                        model.block(&model.layers[i], i, &ins[0], &layout, &mask, None)
-                    },
-                )?;
-            }
-        } else {
-            for (i, layer) in self.layers.iter().enumerate() {
-                let cache = cache.as_deref_mut();
-                x = self.block(layer, i, &x, layout, &mask, cache)?;
-            }
-        }
+        let x = Tensor::embedding(&self.embed_in, ids)?; // (B, T, H)
+        let x = run_blocks(self, x, layout, &mask, cache)?;
         self.final_layer_norm.forward(&x)
-    }
-
-    /// One block: attention and MLP with parallel or sequential residuals.
-    fn block(
-        &self,
-        layer: &GptNeoxLayer,
-        index: usize,
-        x: &Tensor,
-        layout: &TokenLayout,
-        mask: &lathe_core::ops::softmax::AttentionMask,
-        cache: Option<&mut KvCache>,
-    ) -> Result<Tensor> {
-        let attn_in = layer.input_layernorm.forward(x)?;
-        let attn = self.attention(layer, index, &attn_in, layout, mask, cache)?;
-        if self.config.use_parallel_residual {
-            let mlp = self.mlp(layer, &layer.post_attention_layernorm.forward(x)?)?;
-            Ok(mlp.add(&attn)?.add(x)?)
-        } else {
-            let h = attn.add(x)?;
-            let mlp = self.mlp(layer, &layer.post_attention_layernorm.forward(&h)?)?;
-            Ok(mlp.add(&h)?)
-        }
     }
 
     /// Self-attention of normed x (B, T, H) -> (B, T, H).

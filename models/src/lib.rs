@@ -3,6 +3,7 @@
 //! sharded) and GGUF; tokenizers; KV cache and batched generation.
 
 pub mod attention;
+mod blocks;
 pub mod config;
 pub mod generate;
 pub mod gguf;

@@ -19,6 +19,7 @@ use lathe_core::ops::softmax::AttentionMask;
 use lathe_core::Tensor;
 
 use crate::attention::{attend, split_heads, TokenLayout};
+use crate::blocks::{run_blocks, BlockStack};
 use crate::config::LlamaConfig;
 use crate::hf::Weights;
 use crate::kv_cache::KvCache;
@@ -145,7 +146,7 @@ impl Llama {
         &self,
         ids: &Tensor,
         layout: &TokenLayout,
-        mut cache: Option<&mut KvCache>,
+        cache: Option<&mut KvCache>,
     ) -> Result<Tensor> {
         layout.check_ids(ids)?;
         let past = match &cache {
@@ -154,44 +155,9 @@ impl Llama {
         };
         let mask = layout.mask(past + layout.seq_len())?;
         let eps = self.config.rms_norm_eps as f32;
-        let mut x = Tensor::embedding(&self.embed_tokens, ids)?; // (B, T, H)
-        if self.gradient_checkpointing && cache.is_none() {
-            // One shared copy (tensors are reference-counted) for the blocks' recomputation.
-            let model = std::sync::Arc::new(self.clone());
-            for (i, layer) in self.layers.iter().enumerate() {
-                let (model, layout, mask) = (model.clone(), layout.clone(), mask.clone());
-                x = lathe_core::checkpoint(
-                    std::slice::from_ref(&x),
-                    &layer.variables(),
-                    move |ins: &[Tensor]| {
-                        model.block(&model.layers[i], i, &ins[0], &layout, &mask, None)
-                    },
-                )?;
-            }
-        } else {
-            for (i, layer) in self.layers.iter().enumerate() {
-                x = self.block(layer, i, &x, layout, &mask, cache.as_deref_mut())?;
-            }
-        }
+        let x = Tensor::embedding(&self.embed_tokens, ids)?; // (B, T, H)
+        let x = run_blocks(self, x, layout, &mask, cache)?;
         Ok(x.rms_norm(Some(&self.norm), eps)?)
-    }
-
-    /// One block: x + attn(norm x), then + mlp(norm h).
-    fn block(
-        &self,
-        layer: &LlamaLayer,
-        index: usize,
-        x: &Tensor,
-        layout: &TokenLayout,
-        mask: &AttentionMask,
-        cache: Option<&mut KvCache>,
-    ) -> Result<Tensor> {
-        let eps = self.config.rms_norm_eps as f32;
-        let normed = x.rms_norm(Some(&layer.input_layernorm), eps)?;
-        let attn = self.attention(layer, index, &normed, layout, mask, cache)?;
-        let h = x.add(&attn)?;
-        let normed = h.rms_norm(Some(&layer.post_attention_layernorm), eps)?;
-        Ok(h.add(&self.mlp(layer, &normed)?)?)
     }
 
     /// Self-attention of normed x (B, T, H) -> (B, T, H).
@@ -274,6 +240,37 @@ impl Llama {
             }
         }
         out
+    }
+}
+
+impl BlockStack for Llama {
+    type Layer = LlamaLayer;
+    fn layers(&self) -> &[LlamaLayer] {
+        &self.layers
+    }
+    fn checkpointing(&self) -> bool {
+        self.gradient_checkpointing
+    }
+    fn layer_variables(layer: &LlamaLayer) -> Vec<Tensor> {
+        layer.variables()
+    }
+
+    /// One block: x + attn(norm x), then + mlp(norm h).
+    fn block(
+        &self,
+        layer: &LlamaLayer,
+        index: usize,
+        x: &Tensor,
+        layout: &TokenLayout,
+        mask: &AttentionMask,
+        cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
+        let eps = self.config.rms_norm_eps as f32;
+        let normed = x.rms_norm(Some(&layer.input_layernorm), eps)?;
+        let attn = self.attention(layer, index, &normed, layout, mask, cache)?;
+        let h = x.add(&attn)?;
+        let normed = h.rms_norm(Some(&layer.post_attention_layernorm), eps)?;
+        Ok(h.add(&self.mlp(layer, &normed)?)?)
     }
 }
 

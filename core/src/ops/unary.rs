@@ -10,7 +10,7 @@ use lathe_shaders::{grid_1d, GpuBuffer, GpuContext, Shader};
 use rayon::prelude::*;
 
 use crate::dtype::DType;
-use crate::ops::vexp::exp_nonpositive;
+use crate::ops::vexp::{dispatched, exp_nonpositive};
 use crate::ops::{alloc_f32, launch, CPU_CHUNK};
 use crate::storage::Storage;
 use crate::tensor::Tensor;
@@ -231,39 +231,62 @@ struct ActParams {
     _pad1: u32,
 }
 
-/// Applies `f` elementwise over one or two equally long slices on the CPU (rayon chunks).
-fn cpu_map(x: &[f32], g: Option<&[f32]>, f: impl Fn(f32, f32) -> f32 + Sync) -> Vec<f32> {
-    let mut out = vec![0.0f32; x.len()];
-    let chunks = out.par_chunks_mut(CPU_CHUNK).zip(x.par_chunks(CPU_CHUNK));
-    match g {
-        Some(g) => chunks.zip(g.par_chunks(CPU_CHUNK)).for_each(|((o, x), g)| {
-            for ((o, &x), &g) in o.iter_mut().zip(x).zip(g) {
-                *o = f(x, g);
-            }
-        }),
-        None => chunks.for_each(|(o, x)| {
-            for (o, &x) in o.iter_mut().zip(x) {
-                *o = f(x, 0.0);
-            }
-        }),
-    }
-    out
-}
-
-/// `cpu_map` with the activation chosen outside the loop, so each arm is its own loop the
-/// compiler can vectorize.
-fn cpu_act(kind: Activation, x: &[f32], g: Option<&[f32]>) -> Vec<f32> {
+/// o = act(x) over one chunk, the activation chosen outside the loop so each arm is its own
+/// loop the compiler vectorizes.
+#[inline(always)]
+fn act_forward_body(kind: Activation, o: &mut [f32], x: &[f32]) {
     macro_rules! each {
         ($($k:ident),*) => {
             match kind {
-                $(Activation::$k => match g {
-                    None => cpu_map(x, None, |x, _| act_forward(Activation::$k, x)),
-                    Some(g) => cpu_map(x, Some(g), |x, g| g * act_derivative(Activation::$k, x)),
-                },)*
+                $(Activation::$k => {
+                    for (o, &x) in o.iter_mut().zip(x) {
+                        *o = act_forward(Activation::$k, x);
+                    }
+                })*
             }
         };
     }
     each!(GeluErf, GeluTanh, Silu, Relu, Exp)
+}
+
+/// o = g * act'(x) over one chunk (as [`act_forward_body`]).
+#[inline(always)]
+fn act_backward_body(kind: Activation, o: &mut [f32], x: &[f32], g: &[f32]) {
+    macro_rules! each {
+        ($($k:ident),*) => {
+            match kind {
+                $(Activation::$k => {
+                    for ((o, &x), &g) in o.iter_mut().zip(x).zip(g) {
+                        *o = g * act_derivative(Activation::$k, x);
+                    }
+                })*
+            }
+        };
+    }
+    each!(GeluErf, GeluTanh, Silu, Relu, Exp)
+}
+
+dispatched!(
+    /// [`act_forward_body`] in the widest SIMD build the CPU runs.
+    fn act_forward_chunk(kind: Activation, o: &mut [f32], x: &[f32]) -> () = act_forward_body
+);
+dispatched!(
+    /// [`act_backward_body`] in the widest SIMD build the CPU runs.
+    fn act_backward_chunk(kind: Activation, o: &mut [f32], x: &[f32], g: &[f32]) -> () =
+        act_backward_body
+);
+
+/// act(x), or g * act'(x) when `g` is given, on the CPU in rayon chunks.
+fn cpu_act(kind: Activation, x: &[f32], g: Option<&[f32]>) -> Vec<f32> {
+    let mut out = vec![0.0f32; x.len()];
+    let chunks = out.par_chunks_mut(CPU_CHUNK).zip(x.par_chunks(CPU_CHUNK));
+    match g {
+        Some(g) => chunks
+            .zip(g.par_chunks(CPU_CHUNK))
+            .for_each(|((o, x), g)| act_backward_chunk(kind, o, x, g)),
+        None => chunks.for_each(|(o, x)| act_forward_chunk(kind, o, x)),
+    }
+    out
 }
 
 /// The activation's forward (no history): y = act(x).

@@ -9,7 +9,8 @@
 //! the domain against f64); below -87.33 (where exp leaves the normal range) the result is 0.
 //!
 //! The loops are written with 16 independent lanes so the compiler vectorizes them; on x86
-//! the AVX2 + FMA build of each loop is picked at run time, the baseline build elsewhere.
+//! the AVX-512 or AVX2 + FMA build of each loop is picked at run time, the baseline build
+//! elsewhere.
 
 /// Lanes per step of the row loops (one AVX-512 register, two AVX2 ones).
 const LANES: usize = 16;
@@ -48,22 +49,31 @@ pub(crate) fn exp_nonpositive(x: f32) -> f32 {
     }
 }
 
-/// Defines `$name(args) -> ret` that runs `$body` (a function generic over nothing, inlined
-/// into each build) through the AVX2 + FMA build when the CPU has it.
+/// Defines `$name(args) -> ret` that runs `$body` (an `#[inline(always)]` function, inlined
+/// into each build) through the widest build the CPU runs: AVX-512, AVX2 + FMA, or the
+/// baseline. Used by the vectorized loops here and in `unary.rs`.
 macro_rules! dispatched {
-    ($(#[$doc:meta])* fn $name:ident($($arg:ident: $ty:ty),*) -> $ret:ty = $body:ident) => {
+    ($(#[$doc:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),*) -> $ret:ty = $body:ident) => {
         $(#[$doc])*
-        pub(crate) fn $name($($arg: $ty),*) -> $ret {
+        $vis fn $name($($arg: $ty),*) -> $ret {
             #[cfg(target_arch = "x86_64")]
             {
+                #[target_feature(enable = "avx512f")]
+                unsafe fn avx512($($arg: $ty),*) -> $ret {
+                    $body($($arg),*)
+                }
                 #[target_feature(enable = "avx2,fma")]
                 unsafe fn avx2($($arg: $ty),*) -> $ret {
                     $body($($arg),*)
                 }
+                if std::arch::is_x86_feature_detected!("avx512f") {
+                    // SAFETY: the CPU has the features the build was compiled for.
+                    return unsafe { avx512($($arg),*) };
+                }
                 if std::arch::is_x86_feature_detected!("avx2")
                     && std::arch::is_x86_feature_detected!("fma")
                 {
-                    // SAFETY: the CPU has the features the build was compiled for.
+                    // SAFETY: as above.
                     return unsafe { avx2($($arg),*) };
                 }
             }
@@ -71,6 +81,7 @@ macro_rules! dispatched {
         }
     };
 }
+pub(crate) use dispatched;
 
 #[inline(always)]
 fn max_body(row: &[f32]) -> f32 {
@@ -131,20 +142,20 @@ fn scale_body(row: &mut [f32], k: f32) {
 dispatched!(
     /// The maximum of a row, NaNs ignored as by `f32::max` (-inf when empty); a NaN then
     /// reaches the sums through `exp(NaN - m)`.
-    fn row_max(row: &[f32]) -> f32 = max_body
+    pub(crate) fn row_max(row: &[f32]) -> f32 = max_body
 );
 dispatched!(
     /// row[i] = exp(row[i] - m) in place; returns the sum. `m` must be >= every element
     /// (the row's maximum).
-    fn exp_shift_sum(row: &mut [f32], m: f32) -> f32 = exp_shift_sum_body
+    pub(crate) fn exp_shift_sum(row: &mut [f32], m: f32) -> f32 = exp_shift_sum_body
 );
 dispatched!(
     /// sum_i exp(row[i] - m), for `m` >= every element (the row's maximum).
-    fn sum_exp_shift(row: &[f32], m: f32) -> f32 = sum_exp_shift_body
+    pub(crate) fn sum_exp_shift(row: &[f32], m: f32) -> f32 = sum_exp_shift_body
 );
 dispatched!(
     /// row[i] *= k.
-    fn scale(row: &mut [f32], k: f32) -> () = scale_body
+    pub(crate) fn scale(row: &mut [f32], k: f32) -> () = scale_body
 );
 
 /// log(sum(exp(row))) computed around the row maximum (NaN when the row holds a NaN or is

@@ -10,6 +10,7 @@ use lathe_shaders::{grid_1d, Shader};
 use rayon::prelude::*;
 
 use crate::dtype::DType;
+use crate::ops::vexp::dispatched;
 use crate::ops::{alloc_f32, launch, CPU_CHUNK};
 use crate::storage::Storage;
 use crate::tensor::Tensor;
@@ -27,6 +28,7 @@ struct DropoutParams {
 }
 
 /// lowbias32, as `mix32` in elementwise.wgsl.
+#[inline(always)]
 fn mix32(v: u32) -> u32 {
     let mut x = v;
     x ^= x >> 16;
@@ -55,6 +57,24 @@ impl DropoutParams {
     }
 }
 
+/// o[j] = x[j] * scale where element `base + j` is kept, else 0. Branch-free, so the hash
+/// and the select vectorize.
+#[inline(always)]
+fn mask_body(o: &mut [f32], x: &[f32], base: u32, key: u32, params: &DropoutParams) {
+    let (threshold, scale) = (params.threshold, params.scale);
+    for (j, (o, &x)) in o.iter_mut().zip(x).enumerate() {
+        let keep = mix32((base + j as u32) ^ key) >= threshold;
+        *o = if keep { x * scale } else { 0.0 };
+    }
+}
+
+dispatched!(
+    /// [`mask_body`] in the widest SIMD build the CPU runs (the hash's 32-bit multiplies need
+    /// more than the baseline's SSE2 to vectorize).
+    fn mask_chunk(o: &mut [f32], x: &[f32], base: u32, key: u32, params: &DropoutParams) -> () =
+        mask_body
+);
+
 /// x * mask * scale on either device (the forward and the backward are the same map).
 fn apply(x: &Tensor, params: DropoutParams) -> Result<Storage> {
     let n = x.elem_count();
@@ -62,18 +82,11 @@ fn apply(x: &Tensor, params: DropoutParams) -> Result<Storage> {
         Device::Cpu => {
             let data = x.with_cpu_f32("dropout", |x| {
                 let mut out = vec![0.0f32; n];
-                let (key, threshold, scale) = (params.key(), params.threshold, params.scale);
+                let key = params.key();
                 out.par_chunks_mut(CPU_CHUNK)
                     .zip(x.par_chunks(CPU_CHUNK))
                     .enumerate()
-                    .for_each(|(c, (o, x))| {
-                        let base = (c * CPU_CHUNK) as u32;
-                        // Branch-free, so the hash and the select vectorize.
-                        for (j, (o, &x)) in o.iter_mut().zip(x).enumerate() {
-                            let keep = mix32((base + j as u32) ^ key) >= threshold;
-                            *o = if keep { x * scale } else { 0.0 };
-                        }
-                    });
+                    .for_each(|(c, (o, x))| mask_chunk(o, x, (c * CPU_CHUNK) as u32, key, &params));
                 out
             })?;
             Tensor::cpu_f32(data, x.shape().to_vec())

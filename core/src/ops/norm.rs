@@ -10,7 +10,8 @@ use lathe_shaders::{grid_1d, GpuBuffer, Shader};
 use rayon::prelude::*;
 
 use crate::dtype::DType;
-use crate::ops::{alloc_f32, launch};
+use crate::ops::vexp::dispatched;
+use crate::ops::{alloc_f32, launch, CPU_CHUNK};
 use crate::storage::Storage;
 use crate::tensor::Tensor;
 use crate::{Device, Error, Result};
@@ -52,16 +53,113 @@ struct RowsView {
     d: usize,
 }
 
+/// Σ f(a[i], b[i]) in 16 independent lanes (so it vectorizes), the lanes added at the end.
+#[inline(always)]
+fn lane_sum(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32) -> f32 {
+    const LANES: usize = 16;
+    let mut acc = [0f32; LANES];
+    let (ac, bc) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+    let tail: f32 = ac
+        .remainder()
+        .iter()
+        .zip(bc.remainder())
+        .map(|(&x, &y)| f(x, y))
+        .sum();
+    for (ca, cb) in ac.zip(bc) {
+        for ((s, &x), &y) in acc.iter_mut().zip(ca).zip(cb) {
+            *s += f(x, y);
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
 /// (mean, 1/sqrt(var + eps)) of one row; mean is 0 for RMSNorm (var is then mean(x^2)).
-/// Same two-pass order as the WGSL.
-fn row_stats(x: &[f32], kind: NormKind, eps: f32) -> (f32, f32) {
+/// Two passes, as the WGSL.
+#[inline(always)]
+fn row_stats(x: &[f32], layer: bool, eps: f32) -> (f32, f32) {
     let d = x.len() as f32;
-    let mean = match kind {
-        NormKind::Layer => x.iter().sum::<f32>() / d,
-        NormKind::Rms => 0.0,
+    let mean = if layer {
+        lane_sum(x, x, |v, _| v) / d
+    } else {
+        0.0
     };
-    let var = x.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / d;
+    let var = lane_sum(x, x, |v, _| (v - mean) * (v - mean)) / d;
     (mean, 1.0 / (var + eps).sqrt())
+}
+
+/// y = (x - mean) * rstd * w + b for each row of d in the block (w of ones and b of zeros
+/// stand in for absent ones: exact).
+#[inline(always)]
+fn forward_rows_body(y: &mut [f32], x: &[f32], w: &[f32], b: &[f32], layer: bool, eps: f32) {
+    let d = w.len();
+    for (y, x) in y.chunks_exact_mut(d).zip(x.chunks_exact(d)) {
+        let (mean, rstd) = row_stats(x, layer, eps);
+        for (((y, &x), &w), &b) in y.iter_mut().zip(x).zip(w).zip(b) {
+            *y = (x - mean) * rstd * w + b;
+        }
+    }
+}
+
+/// dx (and g * xhat into `gxhat` unless it is empty) for each row of d in the block (see
+/// the WGSL `norm_backward` for the formulas).
+#[inline(always)]
+fn backward_rows_body(
+    dx: &mut [f32],
+    gxhat: &mut [f32],
+    x: &[f32],
+    g: &[f32],
+    w: &[f32],
+    layer: bool,
+    eps: f32,
+) {
+    let d = w.len();
+    let mut gh = vec![0f32; d];
+    for (r, (dx, (x, g))) in dx
+        .chunks_exact_mut(d)
+        .zip(x.chunks_exact(d).zip(g.chunks_exact(d)))
+        .enumerate()
+    {
+        let (mean, rstd) = row_stats(x, layer, eps);
+        for ((h, &g), &w) in gh.iter_mut().zip(g).zip(w) {
+            *h = g * w;
+        }
+        let sum_gh = lane_sum(&gh, &gh, |h, _| h);
+        let sum_ghx = lane_sum(&gh, x, |h, x| h * ((x - mean) * rstd));
+        let mean_gh = if layer { sum_gh / d as f32 } else { 0.0 };
+        let mean_ghx = sum_ghx / d as f32;
+        for ((dx, &x), &h) in dx.iter_mut().zip(x).zip(&gh) {
+            *dx = rstd * (h - mean_gh - (x - mean) * rstd * mean_ghx);
+        }
+        if !gxhat.is_empty() {
+            let p = &mut gxhat[r * d..(r + 1) * d];
+            for ((p, &x), &g) in p.iter_mut().zip(x).zip(g) {
+                *p = g * ((x - mean) * rstd);
+            }
+        }
+    }
+}
+
+dispatched!(
+    /// [`forward_rows_body`] in the widest SIMD build the CPU runs.
+    fn forward_rows(y: &mut [f32], x: &[f32], w: &[f32], b: &[f32], layer: bool, eps: f32) -> () =
+        forward_rows_body
+);
+dispatched!(
+    /// [`backward_rows_body`] in the widest SIMD build the CPU runs.
+    fn backward_rows(
+        dx: &mut [f32],
+        gxhat: &mut [f32],
+        x: &[f32],
+        g: &[f32],
+        w: &[f32],
+        layer: bool,
+        eps: f32
+    ) -> () = backward_rows_body
+);
+
+/// Rows per rayon task: about CPU_CHUNK elements.
+fn rows_per_task(d: usize) -> usize {
+    (CPU_CHUNK / d.max(1)).max(1)
 }
 
 fn cpu_forward(
@@ -73,21 +171,16 @@ fn cpu_forward(
     eps: f32,
 ) -> Vec<f32> {
     let mut out = vec![0.0f32; x.len()];
-    out.par_chunks_mut(d)
-        .zip(x.par_chunks(d))
-        .for_each(|(y, x)| {
-            let (mean, rstd) = row_stats(x, kind, eps);
-            for (j, (y, x)) in y.iter_mut().zip(x).enumerate() {
-                let mut v = (x - mean) * rstd;
-                if let Some(w) = w {
-                    v *= w[j];
-                }
-                if let Some(b) = b {
-                    v += b[j];
-                }
-                *y = v;
-            }
-        });
+    if d == 0 {
+        return out;
+    }
+    let (ones, zeros) = (vec![1.0f32; d], vec![0.0f32; d]);
+    let (w, b) = (w.unwrap_or(&ones), b.unwrap_or(&zeros));
+    let layer = kind == NormKind::Layer;
+    let block = rows_per_task(d) * d;
+    out.par_chunks_mut(block)
+        .zip(x.par_chunks(block))
+        .for_each(|(y, x)| forward_rows(y, x, w, b, layer, eps));
     out
 }
 
@@ -102,41 +195,25 @@ fn cpu_backward(
     want_gxhat: bool,
 ) -> (Vec<f32>, Option<Vec<f32>>) {
     let mut dx = vec![0.0f32; x.len()];
-    let mut gxhat = vec![0.0f32; if want_gxhat { x.len() } else { 0 }];
-    let gh_at = |g: &[f32], j: usize| w.map_or(g[j], |w| g[j] * w[j]);
-    let row = |(r, dx): (usize, &mut [f32]), gxhat: Option<&mut [f32]>| {
-        let x = &x[r * d..(r + 1) * d];
-        let g = &g[r * d..(r + 1) * d];
-        let (mean, rstd) = row_stats(x, kind, eps);
-        let xhat = |j: usize| (x[j] - mean) * rstd;
-        let (mut sum_gh, mut sum_ghx) = (0.0f32, 0.0f32);
-        for j in 0..d {
-            let gh = gh_at(g, j);
-            sum_gh += gh;
-            sum_ghx += gh * xhat(j);
-        }
-        let mean_gh = match kind {
-            NormKind::Layer => sum_gh / d as f32,
-            NormKind::Rms => 0.0,
-        };
-        let mean_ghx = sum_ghx / d as f32;
-        for (j, dx) in dx.iter_mut().enumerate() {
-            *dx = rstd * (gh_at(g, j) - mean_gh - xhat(j) * mean_ghx);
-        }
-        if let Some(gxhat) = gxhat {
-            for (j, p) in gxhat.iter_mut().enumerate() {
-                *p = g[j] * xhat(j);
-            }
-        }
-    };
+    if d == 0 {
+        return (dx, want_gxhat.then(Vec::new));
+    }
+    let ones = vec![1.0f32; d];
+    let w = w.unwrap_or(&ones);
+    let layer = kind == NormKind::Layer;
+    let block = rows_per_task(d) * d;
+    let inputs = x.par_chunks(block).zip(g.par_chunks(block));
     if want_gxhat {
-        dx.par_chunks_mut(d)
-            .enumerate()
-            .zip(gxhat.par_chunks_mut(d))
-            .for_each(|(r, gx)| row(r, Some(gx)));
+        let mut gxhat = vec![0.0f32; x.len()];
+        dx.par_chunks_mut(block)
+            .zip(gxhat.par_chunks_mut(block))
+            .zip(inputs)
+            .for_each(|((dx, gx), (x, g))| backward_rows(dx, gx, x, g, w, layer, eps));
         (dx, Some(gxhat))
     } else {
-        dx.par_chunks_mut(d).enumerate().for_each(|r| row(r, None));
+        dx.par_chunks_mut(block)
+            .zip(inputs)
+            .for_each(|(dx, (x, g))| backward_rows(dx, &mut [], x, g, w, layer, eps));
         (dx, None)
     }
 }

@@ -10,7 +10,8 @@
 //!
 //! The loops are written with 16 independent lanes so the compiler vectorizes them; on x86
 //! the AVX-512 or AVX2 + FMA build of each loop is picked at run time, the baseline build
-//! elsewhere.
+//! elsewhere. That mechanism, the `dispatched!` macro, also serves the activations, the norms
+//! and dropout's mask (the workspace itself builds for baseline x86-64, i.e. SSE2).
 
 /// Lanes per step of the row loops (one AVX-512 register, two AVX2 ones).
 const LANES: usize = 16;

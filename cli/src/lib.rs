@@ -1,5 +1,6 @@
 //! lathe-cli: the `lathe` binary's commands, as a library so tests drive them directly.
 
+pub mod config_file;
 pub mod demo;
 pub mod device;
 pub mod eval;

@@ -29,6 +29,7 @@ use lathe_ppo::{PpoConfig, PpoTrainer, Reward};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
+use crate::config_file::read_toml;
 use crate::progress::Progress;
 
 /// The run's settings beyond trl's PPOConfig: rollouts, LoRA, length of the run.
@@ -87,9 +88,7 @@ pub struct PpoFile {
 
 impl PpoFile {
     pub fn read(path: &Path) -> Result<PpoFile> {
-        let text =
-            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-        toml::from_str(&text).with_context(|| format!("{}: not a valid PPO config", path.display()))
+        read_toml(path, "PPO config")
     }
 }
 

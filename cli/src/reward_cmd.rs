@@ -9,6 +9,7 @@ use anyhow::{bail, Context, Result};
 use lathe_reward::train::{evaluate, train};
 use lathe_reward::{data, LoadOptions, LoraSettings, Pooling, RewardModel, TrainConfig};
 
+use crate::config_file::{flags_win, read_toml};
 use crate::device::{self, DeviceArg};
 use crate::texts::read_texts;
 
@@ -147,22 +148,11 @@ impl RewardTrainArgs {
         let Some(path) = &self.config else {
             return Ok(flags);
         };
-        let text =
-            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-        let mut settings: RewardTrainSettings = toml::from_str(&text)
-            .with_context(|| format!("{}: not a valid reward-train config", path.display()))?;
-        let given = |id: &str| {
-            matches
-                .is_some_and(|m| m.value_source(id) == Some(clap::parser::ValueSource::CommandLine))
-        };
-        macro_rules! flags_win {
-            ($($field:ident),*) => {
-                $(if given(stringify!($field)) {
-                    settings.$field = flags.$field.clone();
-                })*
-            };
-        }
+        let mut settings: RewardTrainSettings = read_toml(path, "reward-train config")?;
         flags_win!(
+            matches,
+            settings,
+            flags,
             epochs,
             batch_size,
             lr,

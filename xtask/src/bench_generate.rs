@@ -110,13 +110,11 @@ pub fn run(
             }
         }
     }
-    let peer = match peer_python {
-        None => serde_json::json!({ "skipped": "no peer python (LATHE_PEER_TORCH_PYTHON)" }),
-        Some(python) => match run_peer(python, &model_path, threads, runs) {
-            Ok(value) => value,
-            Err(e) => serde_json::json!({ "skipped": format!("peer failed: {e:#}") }),
-        },
-    };
+    let peer = crate::peer::or_skipped(
+        peer_python,
+        "no peer python (LATHE_PEER_TORCH_PYTHON)",
+        |python| run_peer(python, &model_path, threads, runs),
+    );
     if let Some(cases) = peer.get("cases").and_then(|c| c.as_array()) {
         for row in &mut rows {
             let matching = cases.iter().find(|c| {

@@ -115,13 +115,11 @@ pub fn run(threads: usize, runs: usize, peer_python: Option<&Path>) -> Result<Pp
         "  ppo  cpu: best {best:.2} s per step (generate {:.2} s)",
         generate_s[0]
     );
-    let peer = match peer_python {
-        None => serde_json::json!({ "skipped": "no trl peer python (LATHE_PEER_TRL_PYTHON)" }),
-        Some(python) => match run_peer(python, &model_path, threads, runs) {
-            Ok(v) => v,
-            Err(e) => serde_json::json!({ "skipped": format!("peer failed: {e:#}") }),
-        },
-    };
+    let peer = crate::peer::or_skipped(
+        peer_python,
+        "no trl peer python (LATHE_PEER_TRL_PYTHON)",
+        |python| run_peer(python, &model_path, threads, runs),
+    );
     let peer_best = peer["best_total_s"].as_f64();
     Ok(PpoSection {
         generate_s,

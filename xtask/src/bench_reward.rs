@@ -87,17 +87,13 @@ pub fn run(
             texts_per_s: rate,
         });
     }
-    let peer = match peer_python {
-        None => serde_json::json!({ "skipped": "no peer python" }),
-        Some(python) => {
-            let texts_file = crate::target_dir().join("bench/peer_score_texts.json");
-            std::fs::write(&texts_file, serde_json::to_string(&texts)?)?;
-            match run_peer(python, &encoder, &texts_file, threads, runs) {
-                Ok(v) => v,
-                Err(e) => serde_json::json!({ "skipped": format!("peer failed: {e:#}") }),
-            }
-        }
-    };
+    let texts_file = crate::target_dir().join("bench/peer_score_texts.json");
+    if peer_python.is_some() {
+        std::fs::write(&texts_file, serde_json::to_string(&texts)?)?;
+    }
+    let peer = crate::peer::or_skipped(peer_python, "no peer python", |python| {
+        run_peer(python, &encoder, &texts_file, threads, runs)
+    });
     Ok(RewardSection {
         texts: texts.len(),
         rows,

@@ -223,12 +223,12 @@ pub fn run(
         }
     }
     // The peer without and with gradient checkpointing: each row is compared with its like.
-    let run_peer_case = |checkpointing: bool| match peer_python {
-        None => serde_json::json!({ "skipped": "no peer python (LATHE_PEER_TORCH_PYTHON)" }),
-        Some(python) => match run_peer(python, &model_path, threads, runs, checkpointing) {
-            Ok(v) => v,
-            Err(e) => serde_json::json!({ "skipped": format!("peer failed: {e:#}") }),
-        },
+    let run_peer_case = |checkpointing: bool| {
+        crate::peer::or_skipped(
+            peer_python,
+            "no peer python (LATHE_PEER_TORCH_PYTHON)",
+            |python| run_peer(python, &model_path, threads, runs, checkpointing),
+        )
     };
     let peer = run_peer_case(false);
     let peer_checkpointing = run_peer_case(true);

@@ -113,6 +113,20 @@ pub fn measure(python: &PathBuf, size: usize, threads: usize) -> Result<PeerResu
     Ok(result)
 }
 
+/// The JSON a peer printed, or `{"skipped": why}` when there is no `python` for it
+/// (`missing` says which) or it failed: a section reports without its peer rather than fail.
+pub fn or_skipped(
+    python: Option<&std::path::Path>,
+    missing: &str,
+    run: impl FnOnce(&std::path::Path) -> Result<serde_json::Value>,
+) -> serde_json::Value {
+    match python {
+        None => serde_json::json!({ "skipped": missing }),
+        Some(python) => run(python)
+            .unwrap_or_else(|e| serde_json::json!({ "skipped": format!("peer failed: {e:#}") })),
+    }
+}
+
 /// Runs `scripts/<script>` with `python` and `args` on `threads` threads and returns the JSON
 /// object it prints last (the peers of the generation, SFT, PPO and scoring sections).
 pub fn run_script(

@@ -110,34 +110,232 @@ fn parse(bytes: &[u8], path: &str, device: &Device) -> Result<Vec<(String, Tenso
     views.sort_by_key(|(_, view)| view.data().as_ptr() as usize);
     let mut out = Vec::with_capacity(views.len());
     for (name, view) in views {
-        let (storage, dtype) = decode(path, &name, view.dtype(), view.data())?;
-        let tensor = Tensor::from_storage(
-            crate::storage::Storage::cpu(storage),
-            view.shape().to_vec(),
-            dtype,
-            Device::Cpu,
-        )
-        .to_device_as(device, MemCategory::Weights)?;
-        out.push((name, tensor));
+        out.push((
+            name.clone(),
+            build(path, &name, view.dtype(), view.shape(), view.data(), device)?,
+        ));
     }
     Ok(out)
 }
 
+/// A tensor of `shape` from its stored bytes, on `device` (GPU bytes charged as weights).
+fn build(
+    path: &str,
+    name: &str,
+    dtype: Dtype,
+    shape: &[usize],
+    data: &[u8],
+    device: &Device,
+) -> Result<Tensor> {
+    let (storage, dtype) = decode(path, name, dtype, data)?;
+    Tensor::from_storage(
+        crate::storage::Storage::cpu(storage),
+        shape.to_vec(),
+        dtype,
+        Device::Cpu,
+    )
+    .to_device_as(device, MemCategory::Weights)
+}
+
 /// Loads every tensor of a safetensors file onto `device`, in file order. F32, F16 (kept as
 /// F16) and U32 load as they are; BF16 is converted to F32; other dtypes are an error naming
-/// the tensor. GPU bytes are charged to `MemCategory::Weights`.
+/// the tensor. GPU bytes are charged to `MemCategory::Weights`. The file is read one tensor
+/// at a time (see [`SafetensorsFile`]), never whole.
 pub fn load(path: &Path, device: &Device) -> Result<Vec<(String, Tensor)>> {
-    let bytes = std::fs::read(path).map_err(|source| Error::Io {
-        path: path.display().to_string(),
-        source,
-    })?;
-    parse(&bytes, &path.display().to_string(), device)
+    let file = SafetensorsFile::open(path)?;
+    file.names()
+        .map(|name| Ok((name.to_string(), file.read(name, device)?)))
+        .collect()
 }
 
 /// As [`load`], from bytes already in memory.
 pub fn load_bytes(bytes: &[u8], device: &Device) -> Result<Vec<(String, Tensor)>> {
     parse(bytes, IN_MEMORY, device)
 }
+
+/// The element type a tensor is stored with, as far as lathe reads it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StoredDType {
+    F32,
+    F16,
+    BF16,
+    U32,
+    /// Signed bytes: bitsandbytes' int8 weights.
+    I8,
+    /// Anything else the format allows (lathe refuses to build a tensor of it).
+    Other,
+}
+
+impl StoredDType {
+    fn of(dtype: Dtype) -> StoredDType {
+        match dtype {
+            Dtype::F32 => StoredDType::F32,
+            Dtype::F16 => StoredDType::F16,
+            Dtype::BF16 => StoredDType::BF16,
+            Dtype::U32 => StoredDType::U32,
+            Dtype::I8 => StoredDType::I8,
+            _ => StoredDType::Other,
+        }
+    }
+}
+
+/// Where one tensor lies in its file.
+#[derive(Clone, Debug)]
+struct Entry {
+    dtype: Dtype,
+    shape: Vec<usize>,
+    /// Byte offsets from the start of the file.
+    start: u64,
+    end: u64,
+}
+
+/// A safetensors file opened for reading one tensor at a time: only its header is read at
+/// open, and [`SafetensorsFile::read`] reads exactly one tensor's bytes. Peak host memory
+/// while loading a checkpoint is then the model being built plus one tensor, not the file.
+///
+/// The header gets the same validation as a whole-file parse (length within the file, JSON,
+/// contiguous offsets, byte lengths matching shapes, the data section exactly filling the
+/// file), so a truncated or inconsistent file is an [`Error::Safetensors`] naming it at open.
+#[derive(Debug)]
+pub struct SafetensorsFile {
+    label: String,
+    file: std::sync::Mutex<std::fs::File>,
+    /// Tensors in file order, and their index by name.
+    entries: Vec<(String, Entry)>,
+    by_name: HashMap<String, usize>,
+}
+
+impl SafetensorsFile {
+    /// Opens `path` and reads and validates its header.
+    pub fn open(path: &Path) -> Result<SafetensorsFile> {
+        use std::io::Read;
+        let label = path.display().to_string();
+        let io = |source: std::io::Error| Error::Io {
+            path: label.clone(),
+            source,
+        };
+        let mut file = std::fs::File::open(path).map_err(io)?;
+        let file_len = file.metadata().map_err(io)?.len();
+        let mut len_bytes = [0u8; 8];
+        if file_len < 8 {
+            return Err(st_error(&label, describe(SafeTensorError::HeaderTooSmall)));
+        }
+        file.read_exact(&mut len_bytes).map_err(io)?;
+        let header_len = u64::from_le_bytes(len_bytes);
+        if header_len > MAX_HEADER_BYTES {
+            return Err(st_error(&label, describe(SafeTensorError::HeaderTooLarge)));
+        }
+        if 8 + header_len > file_len {
+            return Err(st_error(
+                &label,
+                describe(SafeTensorError::InvalidHeaderLength),
+            ));
+        }
+        let mut header = vec![0u8; header_len as usize];
+        file.read_exact(&mut header).map_err(io)?;
+        let text = std::str::from_utf8(&header)
+            .map_err(|e| st_error(&label, describe(SafeTensorError::InvalidHeader(e))))?;
+        // `Metadata` validates offsets and sizes as it deserializes.
+        let metadata: safetensors::tensor::Metadata = serde_json::from_str(text).map_err(|e| {
+            st_error(
+                &label,
+                describe(SafeTensorError::InvalidHeaderDeserialization(e)),
+            )
+        })?;
+        let data_start = 8 + header_len;
+        if data_start + metadata.data_len() as u64 != file_len {
+            return Err(st_error(
+                &label,
+                describe(SafeTensorError::MetadataIncompleteBuffer),
+            ));
+        }
+        let infos = metadata.tensors();
+        let entries: Vec<(String, Entry)> = metadata
+            .offset_keys()
+            .into_iter()
+            .map(|name| {
+                let info = infos[&name];
+                let (s, e) = info.data_offsets;
+                let entry = Entry {
+                    dtype: info.dtype,
+                    shape: info.shape.clone(),
+                    start: data_start + s as u64,
+                    end: data_start + e as u64,
+                };
+                (name, entry)
+            })
+            .collect();
+        let by_name = entries
+            .iter()
+            .enumerate()
+            .map(|(i, (name, _))| (name.clone(), i))
+            .collect();
+        Ok(SafetensorsFile {
+            label,
+            file: std::sync::Mutex::new(file),
+            entries,
+            by_name,
+        })
+    }
+
+    /// The path the file was opened from, for messages.
+    pub fn path(&self) -> &str {
+        &self.label
+    }
+
+    /// Tensor names in file order.
+    pub fn names(&self) -> impl Iterator<Item = &str> + '_ {
+        self.entries.iter().map(|(name, _)| name.as_str())
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.by_name.contains_key(name)
+    }
+
+    /// The stored dtype and shape of `name`.
+    pub fn info(&self, name: &str) -> Option<(StoredDType, &[usize])> {
+        let (_, e) = &self.entries[*self.by_name.get(name)?];
+        Some((StoredDType::of(e.dtype), &e.shape))
+    }
+
+    fn entry(&self, name: &str) -> Result<&Entry> {
+        self.by_name
+            .get(name)
+            .map(|&i| &self.entries[i].1)
+            .ok_or_else(|| st_error(&self.label, format!("no tensor {name:?}")))
+    }
+
+    /// The stored little-endian bytes of `name`, read from the file.
+    pub fn read_bytes(&self, name: &str) -> Result<Vec<u8>> {
+        use std::io::{Read, Seek, SeekFrom};
+        let entry = self.entry(name)?;
+        let len = usize::try_from(entry.end - entry.start).map_err(|_| {
+            st_error(
+                &self.label,
+                format!("tensor {name:?} is larger than memory"),
+            )
+        })?;
+        let mut bytes = vec![0u8; len];
+        let mut file = self.file.lock().unwrap_or_else(|e| e.into_inner());
+        file.seek(SeekFrom::Start(entry.start))
+            .and_then(|_| file.read_exact(&mut bytes))
+            .map_err(|source| Error::Io {
+                path: self.label.clone(),
+                source,
+            })?;
+        Ok(bytes)
+    }
+
+    /// The tensor `name` on `device`, decoded as [`load`] does (BF16 widened to F32).
+    pub fn read(&self, name: &str, device: &Device) -> Result<Tensor> {
+        let entry = self.entry(name)?;
+        let bytes = self.read_bytes(name)?;
+        build(&self.label, name, entry.dtype, &entry.shape, &bytes, device)
+    }
+}
+
+/// The largest header lathe reads (the `safetensors` crate's own bound).
+const MAX_HEADER_BYTES: u64 = 100_000_000;
 
 /// One tensor's little-endian bytes, ready to serialise.
 struct HostView {

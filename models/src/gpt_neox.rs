@@ -155,7 +155,7 @@ impl GptNeox {
         );
         let eps = config.layer_norm_eps as f32;
         let bias = config.attention_bias;
-        let embed_in = weights.take("gpt_neox.embed_in.weight", &[v, h])?;
+        let embed_in = weights.take_embedding("gpt_neox.embed_in.weight", &[v, h])?;
         let layers = (0..config.num_hidden_layers)
             .map(|i| {
                 let p = format!("gpt_neox.layers.{i}");
@@ -172,22 +172,28 @@ impl GptNeox {
                         h,
                         eps,
                     )?,
-                    query_key_value: Linear::load(
+                    query_key_value: Linear::load_block(
                         weights,
                         &format!("{p}.attention.query_key_value"),
                         3 * h,
                         h,
                         bias,
                     )?,
-                    dense: Linear::load(weights, &format!("{p}.attention.dense"), h, h, bias)?,
-                    dense_h_to_4h: Linear::load(
+                    dense: Linear::load_block(
+                        weights,
+                        &format!("{p}.attention.dense"),
+                        h,
+                        h,
+                        bias,
+                    )?,
+                    dense_h_to_4h: Linear::load_block(
                         weights,
                         &format!("{p}.mlp.dense_h_to_4h"),
                         f,
                         h,
                         true,
                     )?,
-                    dense_4h_to_h: Linear::load(
+                    dense_4h_to_h: Linear::load_block(
                         weights,
                         &format!("{p}.mlp.dense_4h_to_h"),
                         h,
@@ -201,7 +207,7 @@ impl GptNeox {
         let embed_out = if config.tie_word_embeddings {
             Linear::dense(embed_in.clone(), None)?
         } else {
-            Linear::load(weights, "embed_out", v, h, false)?
+            Linear::dense(weights.take_embedding("embed_out.weight", &[v, h])?, None)?
         };
         let rotary = RotaryTables::new(
             config.max_position_embeddings,

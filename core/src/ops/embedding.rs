@@ -18,7 +18,7 @@ use lathe_shaders::{grid_1d, MemCategory, Shader};
 
 use crate::dtype::DType;
 use crate::ops::{alloc_f32, launch};
-use crate::storage::Storage;
+use crate::storage::{CpuStorage, Storage};
 use crate::tensor::Tensor;
 use crate::{Device, Error, Result};
 
@@ -52,6 +52,16 @@ fn cpu_gather(weight: &[f32], ids: &[u32], hidden: usize) -> Vec<f32> {
     for &id in ids {
         let row = id as usize * hidden;
         out.extend_from_slice(&weight[row..row + hidden]);
+    }
+    out
+}
+
+/// As [`cpu_gather`] from an f16 table (rows widened exactly).
+fn cpu_gather_half(weight: &[half::f16], ids: &[u32], hidden: usize) -> Vec<f32> {
+    let mut out = Vec::with_capacity(ids.len() * hidden);
+    for &id in ids {
+        let row = id as usize * hidden;
+        out.extend(weight[row..row + hidden].iter().map(|x| x.to_f32()));
     }
     out
 }
@@ -123,10 +133,12 @@ fn scatter_add(
 }
 
 impl Tensor {
-    /// Rows of `weight` (V, H) f32 at `ids` (u32, any shape): output (ids.shape..., H).
+    /// Rows of `weight` (V, H) f32 or f16 (rows widened to f32) at `ids` (u32, any shape): output (ids.shape..., H).
     /// An id >= V is `Error::IndexOutOfRange`. Gradients flow to the weight only.
     pub fn embedding(weight: &Tensor, ids: &Tensor) -> Result<Tensor> {
-        weight.expect_dtype("embedding", DType::F32)?;
+        if weight.dtype() != DType::F16 {
+            weight.expect_dtype("embedding", DType::F32)?;
+        }
         ids.expect_dtype("embedding", DType::U32)?;
         weight.expect_same_device("embedding", ids)?;
         let [vocab, hidden] = *weight.shape() else {
@@ -149,8 +161,14 @@ impl Tensor {
         let n = host_ids.len() * hidden;
         let storage = match weight.device() {
             Device::Cpu => {
-                let data =
-                    weight.with_cpu_f32("embedding", |w| cpu_gather(w, &host_ids, hidden))?;
+                let data = match &*weight.storage() {
+                    Storage::Cpu(s) => match &**s {
+                        CpuStorage::F16(w) => cpu_gather_half(w, &host_ids, hidden),
+                        _ => weight
+                            .with_cpu_f32("embedding", |w| cpu_gather(w, &host_ids, hidden))?,
+                    },
+                    Storage::Gpu(_) => unreachable!("a CPU tensor has CPU storage"),
+                };
                 Tensor::cpu_f32(data, out_shape.clone())
             }
             Device::Gpu(ctx) => {
@@ -171,10 +189,14 @@ impl Tensor {
                     weight.gpu_buffer().expect("gpu"),
                     ids.gpu_buffer().expect("gpu"),
                 );
+                let entry = match weight.dtype() {
+                    DType::F16 => "embedding_gather_half",
+                    _ => "embedding_gather",
+                };
                 launch(
                     ctx,
                     Shader::Embedding,
-                    "embedding_gather",
+                    entry,
                     &[&w, &i],
                     &[&out],
                     &params,
@@ -184,6 +206,7 @@ impl Tensor {
             }
         };
         let saved_ids = ids.detach();
+        let weight_dtype = weight.dtype();
         Ok(Tensor::from_op(
             storage,
             out_shape,
@@ -193,6 +216,10 @@ impl Tensor {
             &[weight, ids],
             move |_, g| {
                 let gw = scatter_add(g, &saved_ids, &host_ids, vocab, hidden)?;
+                let gw = match weight_dtype {
+                    DType::F32 => gw,
+                    other => gw.to_dtype(other)?,
+                };
                 Ok(vec![Some(gw), None])
             },
         ))

@@ -7,15 +7,15 @@
 //! transposes cost nothing.
 //!
 //! b may be f16 (a frozen half-precision weight): the GPU kernel reads its packed words
-//! directly (half the weight bytes, f32 arithmetic); the CPU widens it to f32 for the product
-//! (the saving there is storage, not time). The output is always f32.
+//! directly (half the weight bytes, f32 arithmetic); the CPU widens it to f32 a 4 MiB panel at
+//! a time for the product (the saving there is storage, not time). The output is always f32.
 
 use gemm::Parallelism;
 use lathe_shaders::Shader;
 
 use crate::dtype::DType;
 use crate::ops::{alloc_f32, launch, skinny};
-use crate::storage::Storage;
+use crate::storage::{CpuStorage, Storage};
 use crate::tensor::Tensor;
 use crate::{Device, Error, Result};
 
@@ -144,16 +144,36 @@ fn cpu_matmul(a: &[f32], b: &[f32], d: MatmulDims, ta: bool, tb: bool) -> Vec<f3
 pub(crate) unsafe fn cpu_gemm(
     out: &mut [f32],
     a: &[f32],
+    a_strides: (usize, usize),
+    b: &[f32],
+    b_strides: (usize, usize),
+    (m, n, k): (usize, usize, usize),
+    accumulate: bool,
+) {
+    debug_assert!(out.len() >= m * n);
+    cpu_gemm_into(out, n, a, a_strides, b, b_strides, (m, n, k), accumulate)
+}
+
+/// As [`cpu_gemm`], writing row i of the product at `out[i * out_rs..]`: the product may be a
+/// column block of a wider output.
+///
+/// # Safety
+/// As [`cpu_gemm`], and `out` must hold (m - 1) * out_rs + n elements.
+#[allow(clippy::too_many_arguments)]
+unsafe fn cpu_gemm_into(
+    out: &mut [f32],
+    out_rs: usize,
+    a: &[f32],
     (a_rs, a_cs): (usize, usize),
     b: &[f32],
     (b_rs, b_cs): (usize, usize),
     (m, n, k): (usize, usize, usize),
     accumulate: bool,
 ) {
-    debug_assert!(out.len() >= m * n);
     if m == 0 || n == 0 {
         return;
     }
+    debug_assert!(out.len() >= (m - 1) * out_rs + n);
     let par = parallelism(&MatmulDims {
         batch: 1,
         m,
@@ -167,7 +187,7 @@ pub(crate) unsafe fn cpu_gemm(
         k,
         out.as_mut_ptr(),
         1,
-        n as isize,
+        out_rs as isize,
         accumulate,
         a.as_ptr(),
         a_cs as isize,
@@ -182,6 +202,73 @@ pub(crate) unsafe fn cpu_gemm(
         false,
         par,
     );
+}
+
+/// f32 elements of an f16 weight widened at a time by [`cpu_matmul_half_b`] (4 MiB).
+const HALF_PANEL_ELEMS: usize = 1 << 20;
+
+/// a (M, K) @ op(b) for one f16 matrix b shared by the batch (a half-precision weight),
+/// without widening b whole: a panel of b's rows is widened to f32 at a time (at most
+/// [`HALF_PANEL_ELEMS`]), so an LM head of GPT-NeoX-20B (1.2 GB in f32) costs 4 MiB of
+/// scratch. With b (N, K) stored (`tb`), each panel is a block of output columns; with b
+/// (K, N), each panel is a slice of the inner dim, accumulated. Same products as the
+/// widened weight, summed in panel order.
+fn cpu_matmul_half_b(a: &[f32], b: &[half::f16], d: MatmulDims, tb: bool) -> Vec<f32> {
+    let rows = d.batch * d.m;
+    let mut out = vec![0.0f32; rows * d.n];
+    if rows == 0 || d.n == 0 {
+        return out;
+    }
+    let (b_rows, b_cols) = if tb { (d.n, d.k) } else { (d.k, d.n) };
+    let panel_rows = (HALF_PANEL_ELEMS / b_cols.max(1)).clamp(1, b_rows.max(1));
+    let mut panel = vec![0.0f32; panel_rows * b_cols];
+    for start in (0..b_rows).step_by(panel_rows) {
+        let len = panel_rows.min(b_rows - start);
+        let widened = &mut panel[..len * b_cols];
+        for (w, h) in widened
+            .iter_mut()
+            .zip(&b[start * b_cols..(start + len) * b_cols])
+        {
+            *w = h.to_f32();
+        }
+        if tb && rows <= skinny::MAX_ROWS {
+            // Decoding: a few rows through the panel, no packing.
+            let block = skinny::matmul_bt_rows(a, widened, rows, len, d.k);
+            for (dst, src) in out.chunks_mut(d.n).zip(block.chunks(len)) {
+                dst[start..start + len].copy_from_slice(src);
+            }
+        } else if tb {
+            // SAFETY: a is (rows, K) row-major, the panel (len, K) read transposed, and the
+            // output block starts at column `start` of rows of d.n with len <= d.n - start.
+            unsafe {
+                cpu_gemm_into(
+                    &mut out[start..],
+                    d.n,
+                    a,
+                    (d.k, 1),
+                    widened,
+                    (1, d.k),
+                    (rows, len, d.k),
+                    false,
+                )
+            };
+        } else {
+            // SAFETY: columns start..start+len of a (rows, K) times the panel (len, N).
+            unsafe {
+                cpu_gemm_into(
+                    &mut out,
+                    d.n,
+                    &a[start..],
+                    (d.k, 1),
+                    widened,
+                    (d.n, 1),
+                    (rows, d.n, len),
+                    true,
+                )
+            };
+        }
+    }
+    out
 }
 
 /// `out (m, n) += a (m, k) @ b (k, n)` on the CPU with the same packed SIMD kernels as
@@ -313,6 +400,16 @@ impl Tensor {
             return a2.matmul_t(b, ta, tb)?.reshape(&out_shape);
         }
         let storage = match self.device() {
+            Device::Cpu if b.dtype() == DType::F16 && d.b_shared && !ta => {
+                let data = self.with_cpu_f32("matmul", |av| match &*b.storage() {
+                    Storage::Cpu(s) => match &**s {
+                        CpuStorage::F16(bv) => Ok(cpu_matmul_half_b(av, bv, d, tb)),
+                        _ => Err(Error::shape("matmul", "an f16 tensor without f16 storage")),
+                    },
+                    Storage::Gpu(_) => Err(Error::shape("matmul", "a CPU tensor on the GPU")),
+                })??;
+                Tensor::cpu_f32(data, out_shape.clone())
+            }
             Device::Cpu => {
                 let widened;
                 let b32 = if b.dtype() == DType::F16 {

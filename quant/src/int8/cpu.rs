@@ -57,6 +57,30 @@ pub(crate) fn quantize_rows(
     (q, scales)
 }
 
+/// As [`quantize_rows`] (no skipped columns), with row `r` written as f32 into a scratch
+/// row by `fill(r, row)`: a weight stored in 16 bits (or in a file's bytes) is quantized
+/// without ever holding it whole in f32. The same values give the same bytes.
+pub(crate) fn quantize_rows_with(
+    rows: usize,
+    cols: usize,
+    fill: impl Fn(usize, &mut [f32]) + Sync,
+) -> (Vec<i8>, Vec<f32>) {
+    let stride = padded(cols);
+    let mut q = vec![0i8; rows * stride];
+    let mut scales = vec![0f32; rows];
+    q.par_chunks_mut(stride.max(1))
+        .zip(scales.par_iter_mut())
+        .enumerate()
+        .for_each_init(
+            || vec![0f32; cols],
+            |row, (r, (qrow, scale))| {
+                fill(r, row);
+                *scale = quantize_row(row, None, &mut qrow[..cols]);
+            },
+        );
+    (q, scales)
+}
+
 /// One row of [`quantize_rows`]; returns its absmax. AVX2 when the CPU has it (the same
 /// code, wider vectors).
 fn quantize_row(x: &[f32], skip: Option<&[bool]>, q: &mut [i8]) -> f32 {

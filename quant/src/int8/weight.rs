@@ -79,6 +79,70 @@ impl Int8Weight {
         })
     }
 
+    /// Quantizes a host weight (out, in) given row by row: `fill(r, row)` writes row `r` as
+    /// f32 (from f16, bf16 or a file's bytes), so the weight is never whole in f32. The result
+    /// lives on the host; equal to [`Int8Weight::quantize`] of the same values.
+    pub fn quantize_rows(
+        out_features: usize,
+        in_features: usize,
+        fill: impl Fn(usize, &mut [f32]) + Sync,
+    ) -> Int8Weight {
+        let (cb, scb) = cpu::quantize_rows_with(out_features, in_features, fill);
+        Int8Weight {
+            out_features,
+            in_features,
+            device: Device::Cpu,
+            packed: Packed::Cpu {
+                cb: Arc::new(cb),
+                scb: Arc::new(scb),
+            },
+        }
+    }
+
+    /// A weight from bitsandbytes' stored form: int8 values CB (out, in) row-major and the
+    /// row scales SCB (out), as `Int8Params` saves them (`weight` and `SCB`). Nothing is
+    /// requantized; the values are only padded to lathe's row layout. On the host.
+    pub fn from_parts(
+        out_features: usize,
+        in_features: usize,
+        values: &[i8],
+        scales: Vec<f32>,
+    ) -> Result<Int8Weight> {
+        let expected = out_features.checked_mul(in_features);
+        if expected != Some(values.len()) || scales.len() != out_features {
+            return Err(Error::Shape {
+                op: "Int8Weight::from_parts",
+                detail: format!(
+                    "{} values and {} scales for a ({out_features}, {in_features}) weight",
+                    values.len(),
+                    scales.len()
+                ),
+            });
+        }
+        if let Some(bad) = scales.iter().find(|s| !s.is_finite() || **s < 0.0) {
+            return Err(Error::Shape {
+                op: "Int8Weight::from_parts",
+                detail: format!("row scale {bad} is not a finite absmax >= 0"),
+            });
+        }
+        let stride = cpu::padded(in_features);
+        let mut cb = vec![0i8; out_features * stride];
+        if in_features > 0 {
+            for (dst, src) in cb.chunks_mut(stride).zip(values.chunks(in_features)) {
+                dst[..in_features].copy_from_slice(src);
+            }
+        }
+        Ok(Int8Weight {
+            out_features,
+            in_features,
+            device: Device::Cpu,
+            packed: Packed::Cpu {
+                cb: Arc::new(cb),
+                scb: Arc::new(scales),
+            },
+        })
+    }
+
     pub fn out_features(&self) -> usize {
         self.out_features
     }

@@ -25,6 +25,26 @@ fn embedding_gather(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_
     gather_out[i] = gather_weight[gather_ids[tok] * gather_p.hidden + d];
 }
 
+// As embedding_gather from an f16 table packed two per u32 word (element e in the low half
+// of word e / 2 when e is even).
+@group(0) @binding(0) var<storage, read> gather_half_weight: array<u32>;
+@group(0) @binding(1) var<storage, read> gather_half_ids: array<u32>;
+@group(0) @binding(2) var<storage, read_write> gather_half_out: array<f32>;
+@group(0) @binding(3) var<uniform> gather_half_p: EmbedParams;
+
+@compute @workgroup_size(256)
+fn embedding_gather_half(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) groups: vec3<u32>) {
+    let i = gid.x + gid.y * groups.x * 256u;
+    if (i >= gather_half_p.n) {
+        return;
+    }
+    let tok = i / gather_half_p.hidden;
+    let d = i % gather_half_p.hidden;
+    let e = gather_half_ids[tok] * gather_half_p.hidden + d;
+    let pair = unpack2x16float(gather_half_weight[e / 2u]);
+    gather_half_out[i] = select(pair.x, pair.y, (e & 1u) == 1u);
+}
+
 // grad_weight[id, d] = sum of grad[j, d] over the tokens j with ids[j] == id, in increasing j
 // (the CPU order, so both devices agree bit for bit). One invocation per (token i, dim d): only
 // the first occurrence of each id writes, walking the chain of later tokens with the same id.

@@ -5,6 +5,30 @@
 //! Fields lathe does not use (dropouts, initializer ranges, `architectures`, ...) are kept in
 //! `extra`, so a config read and written back loses nothing. Values lathe cannot honour
 //! (an unknown activation, RoPE scaling) are errors at load time, not surprises later.
+//!
+//! Both layouts transformers writes are read:
+//! - 4.46 and earlier: rotary settings at the top level (`rotary_pct` / `rotary_emb_base` for
+//!   GPT-NeoX, `rope_theta` for Llama, `rope_scaling` for scaled RoPE), `torch_dtype`;
+//! - 5.x: a `rope_parameters` object (`rope_type`, `rope_theta`, `partial_rotary_factor`, and
+//!   for scaled RoPE `factor`, ...), `dtype`.
+//!
+//! transformers 5.x prefers `rope_parameters` over the top-level keys and 4.46 reads only the
+//! top-level ones, so where both are present and disagree the config means different models
+//! to the two versions: that is an error here, naming both keys. A `rope_type` other than
+//! "default" (scaled RoPE) is refused. Writing a config back keeps both layouts and makes
+//! them agree with the values lathe uses.
+//!
+//! The rule for keys: a key that changes the math is implemented or refused; a key lathe does
+//! not know is listed by [`ModelConfig::unknown_keys`] (the loader's caller reports them once,
+//! see [`ModelConfig::load_warning`]); metadata and settings that do not change the forward
+//! pass ([`HARMLESS_KEYS`]) are kept silently.
+//!
+//! Dropout: lathe never applies the base model's own dropout (`attention_dropout`,
+//! `hidden_dropout`, ...); its forward is transformers' eval-mode forward, in inference and in
+//! training alike (trl's current trainers disable the policy's dropout too; lathe's training
+//! randomness is LoRA and value-head dropout, which it implements). A non-zero value
+//! therefore changes nothing at inference and is not an error; it is reported by
+//! [`ModelConfig::unapplied_settings`] so that a user who trains knows it is not applied.
 
 use std::path::Path;
 
@@ -77,8 +101,14 @@ pub struct GptNeoxConfig {
     pub bos_token_id: Option<u32>,
     #[serde(default, deserialize_with = "nullable")]
     pub eos_token_id: Option<TokenIds>,
+    /// transformers 4.46's scaled-RoPE settings: only `null` is supported.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rope_scaling: Option<Value>,
+    /// transformers 5.x's rotary settings, as read (`rope_type` "default" only; its
+    /// `rope_theta` / `partial_rotary_factor` are copied into the fields above when those are
+    /// absent, and must agree with them when present).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rope_parameters: Option<Value>,
     /// Every other key of config.json (model_type included), kept for writing it back.
     #[serde(flatten)]
     pub extra: Map<String, Value>,
@@ -121,10 +151,13 @@ impl GptNeoxConfig {
         }
     }
 
-    /// Checks the values a model needs to be built.
+    /// Checks the values a model needs to be built: every size positive and the model's size
+    /// representable, eps and rotary base positive, rotary fraction in (0, 1], the RoPE
+    /// settings of both config layouts in agreement and of the plain kind.
     pub fn validate(&self) -> Result<()> {
+        const ARCH: &str = "gpt_neox";
         check_sizes(
-            "gpt_neox",
+            ARCH,
             &[
                 ("vocab_size", self.vocab_size),
                 ("hidden_size", self.hidden_size),
@@ -134,23 +167,97 @@ impl GptNeoxConfig {
                 ("max_position_embeddings", self.max_position_embeddings),
             ],
         )?;
-        check_heads("gpt_neox", self.hidden_size, self.num_attention_heads)?;
+        check_heads(ARCH, self.hidden_size, self.num_attention_heads)?;
+        let (v, h, l, f) = (
+            self.vocab_size,
+            self.hidden_size,
+            self.num_hidden_layers,
+            self.intermediate_size,
+        );
+        let embeddings = if self.tie_word_embeddings { 1 } else { 2 };
+        check_total_size(
+            ARCH,
+            &[
+                &[("", embeddings), ("vocab_size", v), ("hidden_size", h)],
+                &[
+                    ("num_hidden_layers", l),
+                    ("", 4),
+                    ("hidden_size", h),
+                    ("hidden_size", h),
+                ],
+                &[
+                    ("num_hidden_layers", l),
+                    ("", 2),
+                    ("intermediate_size", f),
+                    ("hidden_size", h),
+                ],
+                &[("num_hidden_layers", l), ("", 9), ("hidden_size", h)],
+                &[("num_hidden_layers", l), ("intermediate_size", f)],
+                &[
+                    ("", 2),
+                    ("max_position_embeddings", self.max_position_embeddings),
+                    ("head_size", self.head_size()),
+                ],
+            ],
+        )?;
+        check_positive(
+            ARCH,
+            "layer_norm_eps",
+            self.layer_norm_eps,
+            "typically 1e-5",
+        )?;
+        check_positive(
+            ARCH,
+            "rotary_emb_base",
+            self.rotary_emb_base,
+            "typically 10000",
+        )?;
         if !(self.rotary_pct > 0.0 && self.rotary_pct <= 1.0) {
             return Err(Error::Config(format!(
-                "gpt_neox: rotary_pct {} is not in (0, 1]",
+                "{ARCH}: rotary_pct (partial_rotary_factor) {} is out of range: the fraction of \
+                 each head's dims that rotate must be in (0, 1]",
                 self.rotary_pct
             )));
         }
         let rotary = self.rotary_ndims();
         if rotary == 0 || !rotary.is_multiple_of(2) {
             return Err(Error::Config(format!(
-                "gpt_neox: rotary dims int({} * {}) = {rotary} must be even and positive",
+                "{ARCH}: rotary dims int({} * {}) = {rotary} must be even and positive",
                 self.head_size(),
                 self.rotary_pct
             )));
         }
-        check_rope_scaling("gpt_neox", &self.rope_scaling)?;
+        check_rope_scaling(ARCH, &self.rope_scaling)?;
+        let theta = ("rotary_emb_base", self.rotary_emb_base);
+        let pct = ("rotary_pct", self.rotary_pct);
+        check_rope_parameters(
+            ARCH,
+            &self.rope_parameters,
+            &[("rope_theta", theta), ("partial_rotary_factor", pct)],
+        )?;
+        // transformers (4.46 and 5.x) writes these top-level mirrors for gpt_neox and reads
+        // neither: one that disagrees means the config was edited in the wrong place.
+        for (mirror, (used, value)) in [("rope_theta", theta), ("partial_rotary_factor", pct)] {
+            if let Some(m) = number_key(ARCH, &self.extra, mirror)? {
+                if m != value {
+                    return Err(Error::Config(format!(
+                        "{ARCH}: {mirror} {m} disagrees with {used} {value}; transformers reads \
+                         {used} (or rope_parameters.{mirror}) for gpt_neox and ignores a \
+                         top-level {mirror}: make them agree"
+                    )));
+                }
+            }
+        }
         self.gelu_kind().map(|_| ())
+    }
+
+    /// Keys of config.json lathe does not know (sorted; `rope_parameters.` keys prefixed).
+    pub fn unknown_keys(&self) -> Vec<String> {
+        unknown_keys(
+            &self.extra,
+            &["rope_theta", "partial_rotary_factor"],
+            &self.rope_parameters,
+        )
     }
 }
 
@@ -187,8 +294,14 @@ pub struct LlamaConfig {
     pub bos_token_id: Option<u32>,
     #[serde(default, deserialize_with = "nullable")]
     pub eos_token_id: Option<TokenIds>,
+    /// transformers 4.46's scaled-RoPE settings: only `null` is supported.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rope_scaling: Option<Value>,
+    /// transformers 5.x's rotary settings, as read (`rope_type` "default" only; its
+    /// `rope_theta` / `partial_rotary_factor` are copied into the fields above when those are
+    /// absent, and must agree with them when present).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rope_parameters: Option<Value>,
     /// Every other key of config.json (model_type included), kept for writing it back.
     #[serde(flatten)]
     pub extra: Map<String, Value>,
@@ -217,10 +330,14 @@ impl LlamaConfig {
             .unwrap_or(self.hidden_size / self.num_attention_heads.max(1))
     }
 
-    /// Checks the values a model needs to be built.
+    /// Checks the values a model needs to be built: every size positive and the model's size
+    /// representable, heads dividing hidden_size and kv heads dividing heads, eps and rope
+    /// theta positive, the RoPE settings of both config layouts in agreement and of the plain
+    /// kind, rotary over the whole head.
     pub fn validate(&self) -> Result<()> {
+        const ARCH: &str = "llama";
         check_sizes(
-            "llama",
+            ARCH,
             &[
                 ("vocab_size", self.vocab_size),
                 ("hidden_size", self.hidden_size),
@@ -232,28 +349,117 @@ impl LlamaConfig {
             ],
         )?;
         if self.head_dim.is_none() {
-            check_heads("llama", self.hidden_size, self.num_attention_heads)?;
+            check_heads(ARCH, self.hidden_size, self.num_attention_heads)?;
         }
         if !self.num_attention_heads.is_multiple_of(self.kv_heads()) {
             return Err(Error::Config(format!(
-                "llama: num_attention_heads {} is not a multiple of num_key_value_heads {}",
+                "{ARCH}: num_attention_heads {} is not a multiple of num_key_value_heads {}",
                 self.num_attention_heads,
                 self.kv_heads()
             )));
         }
         if self.head_dim() == 0 || !self.head_dim().is_multiple_of(2) {
             return Err(Error::Config(format!(
-                "llama: head_dim {} must be even and positive for rotary embeddings",
+                "{ARCH}: head_dim {} must be even and positive for rotary embeddings",
                 self.head_dim()
             )));
         }
+        let (v, h, l, f) = (
+            self.vocab_size,
+            self.hidden_size,
+            self.num_hidden_layers,
+            self.intermediate_size,
+        );
+        let (heads, kv, d) = (self.num_attention_heads, self.kv_heads(), self.head_dim());
+        let embeddings = if self.tie_word_embeddings { 1 } else { 2 };
+        check_total_size(
+            ARCH,
+            &[
+                &[("", embeddings), ("vocab_size", v), ("hidden_size", h)],
+                &[
+                    ("num_hidden_layers", l),
+                    ("", 2),
+                    ("num_attention_heads", heads),
+                    ("head_dim", d),
+                    ("hidden_size", h),
+                ],
+                &[
+                    ("num_hidden_layers", l),
+                    ("", 2),
+                    ("num_key_value_heads", kv),
+                    ("head_dim", d),
+                    ("hidden_size", h),
+                ],
+                &[
+                    ("num_hidden_layers", l),
+                    ("", 3),
+                    ("intermediate_size", f),
+                    ("hidden_size", h),
+                ],
+                &[("num_hidden_layers", l), ("", 2), ("hidden_size", h)],
+                &[
+                    ("", 2),
+                    ("max_position_embeddings", self.max_position_embeddings),
+                    ("head_dim", d),
+                ],
+            ],
+        )?;
+        check_positive(
+            ARCH,
+            "rms_norm_eps",
+            self.rms_norm_eps,
+            "typically 1e-5 or 1e-6",
+        )?;
+        check_positive(
+            ARCH,
+            "rope_theta",
+            self.rope_theta,
+            "typically 10000 to 500000",
+        )?;
         if self.hidden_act != "silu" {
             return Err(Error::Config(format!(
-                "llama: hidden_act {:?} is not supported (expected \"silu\")",
+                "{ARCH}: hidden_act {:?} is not supported (expected \"silu\")",
                 self.hidden_act
             )));
         }
-        check_rope_scaling("llama", &self.rope_scaling)
+        check_rope_scaling(ARCH, &self.rope_scaling)?;
+        check_rope_parameters(
+            ARCH,
+            &self.rope_parameters,
+            &[("rope_theta", ("rope_theta", self.rope_theta))],
+        )?;
+        // Partial rotary is GPT-NeoX's; lathe's Llama rotates the whole head.
+        let partial = [
+            (
+                "partial_rotary_factor",
+                number_key(ARCH, &self.extra, "partial_rotary_factor")?,
+            ),
+            (
+                "rope_parameters.partial_rotary_factor",
+                match &self.rope_parameters {
+                    Some(Value::Object(p)) => number_key(ARCH, p, "partial_rotary_factor")?,
+                    _ => None,
+                },
+            ),
+        ];
+        for (key, value) in partial {
+            if let Some(p) = value.filter(|p| *p != 1.0) {
+                return Err(Error::Config(format!(
+                    "{ARCH}: {key} {p} is not supported: lathe's Llama rotates the whole head_dim \
+                     (partial_rotary_factor 1.0)"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Keys of config.json lathe does not know (sorted; `rope_parameters.` keys prefixed).
+    pub fn unknown_keys(&self) -> Vec<String> {
+        unknown_keys(
+            &self.extra,
+            &["partial_rotary_factor"],
+            &self.rope_parameters,
+        )
     }
 }
 
@@ -278,8 +484,279 @@ fn check_rope_scaling(arch: &str, scaling: &Option<Value>) -> Result<()> {
     match scaling {
         None | Some(Value::Null) => Ok(()),
         Some(v) => Err(Error::Config(format!(
-            "{arch}: rope_scaling {v} is not supported (only plain rotary embeddings)"
+            "{arch}: rope_scaling {v} is not supported (only plain rotary embeddings, rope_type \"default\")"
         ))),
+    }
+}
+
+/// A float setting that must be finite and positive.
+fn check_positive(arch: &str, name: &str, value: f64, typical: &str) -> Result<()> {
+    if value.is_finite() && value > 0.0 {
+        return Ok(());
+    }
+    Err(Error::Config(format!(
+        "{arch}: {name} {value} is out of range: must be a finite number > 0 ({typical})"
+    )))
+}
+
+/// The element count of the model's weights (and rotary tables), a sum of products of
+/// sizes: every product and the sum must fit a usize, and the f32 bytes an allocation
+/// (isize::MAX). `("", n)` is a constant factor.
+fn check_total_size(arch: &str, terms: &[&[(&str, usize)]]) -> Result<()> {
+    let describe = |term: &[(&str, usize)]| {
+        term.iter()
+            .map(|(name, v)| {
+                if name.is_empty() {
+                    v.to_string()
+                } else {
+                    format!("{name} {v}")
+                }
+            })
+            .collect::<Vec<_>>()
+            .join(" * ")
+    };
+    let too_large = |what: String| {
+        Error::Config(format!(
+            "{arch}: sizes out of range: {what} is too large for this machine's memory \
+             (at most {} bytes of f32 weights)",
+            isize::MAX
+        ))
+    };
+    let mut total = 0usize;
+    for term in terms {
+        let product = term
+            .iter()
+            .try_fold(1usize, |p, (_, v)| p.checked_mul(*v))
+            .ok_or_else(|| too_large(describe(term)))?;
+        total = total
+            .checked_add(product)
+            .ok_or_else(|| too_large("the weights' total size".into()))?;
+    }
+    match total.checked_mul(4) {
+        Some(bytes) if bytes <= isize::MAX as usize => Ok(()),
+        _ => Err(too_large(format!("{total} weights"))),
+    }
+}
+
+/// A number under `key` of `map` (`None` when absent or null; an error when not a number).
+fn number_key(arch: &str, map: &Map<String, Value>, key: &str) -> Result<Option<f64>> {
+    match map.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Number(n)) => Ok(n.as_f64()),
+        Some(other) => Err(Error::Config(format!(
+            "{arch}: {key} {other} is not a number"
+        ))),
+    }
+}
+
+/// transformers 5.x's `rope_parameters`: absent, null or one flat object of `rope_type`
+/// "default" whose values of `checked` (key in rope_parameters, (field, value lathe uses))
+/// agree with lathe's. Other keys are reported by [`unknown_keys`].
+fn check_rope_parameters(
+    arch: &str,
+    rope_parameters: &Option<Value>,
+    checked: &[(&str, (&str, f64))],
+) -> Result<()> {
+    let params = match rope_parameters {
+        None | Some(Value::Null) => return Ok(()),
+        Some(Value::Object(p)) => p,
+        Some(other) => {
+            return Err(Error::Config(format!(
+                "{arch}: rope_parameters {other} is not an object"
+            )))
+        }
+    };
+    if let Some((key, _)) = params.iter().find(|(_, v)| v.is_object()) {
+        return Err(Error::Config(format!(
+            "{arch}: rope_parameters.{key} is an object: per-layer-type RoPE parameters are not \
+             supported (one flat rope_parameters object with rope_type \"default\")"
+        )));
+    }
+    let kind = |key: &str| match params.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s.as_str())),
+        Some(other) => Err(Error::Config(format!(
+            "{arch}: rope_parameters.{key} {other} is not a string"
+        ))),
+    };
+    let (rope_type, legacy_type) = (kind("rope_type")?, kind("type")?);
+    if let (Some(a), Some(b)) = (rope_type, legacy_type) {
+        if a != b {
+            return Err(Error::Config(format!(
+                "{arch}: rope_parameters.rope_type {a:?} and rope_parameters.type {b:?} disagree"
+            )));
+        }
+    }
+    if let Some(t) = rope_type.or(legacy_type).filter(|t| *t != "default") {
+        return Err(Error::Config(format!(
+            "{arch}: rope_parameters.rope_type {t:?} is not supported (only \"default\", plain \
+             rotary embeddings; scaled RoPE changes the rotary frequencies)"
+        )));
+    }
+    for (key, (field, used)) in checked {
+        if let Some(v) = number_key(arch, params, key)? {
+            if v != *used {
+                return Err(Error::Config(format!(
+                    "{arch}: rope_parameters.{key} {v} disagrees with {field} {used}: \
+                     transformers 5.x uses rope_parameters.{key} and 4.46 uses {field}, so the \
+                     config means two different models; make them agree"
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Keys of config.json that change nothing in lathe's forward pass: metadata, Python runtime
+/// options, generation defaults (lathe's generation takes its own), the classification
+/// head's dropout (no such head here), and tensor-parallel slicing that computes the same
+/// products. The model dropouts are here too; see [`DROPOUT_KEYS`].
+pub const HARMLESS_KEYS: &[&str] = &[
+    "model_type",
+    "architectures",
+    "transformers_version",
+    "_name_or_path",
+    "name_or_path",
+    "torch_dtype",
+    "dtype",
+    "use_cache",
+    "initializer_range",
+    "pad_token_id",
+    "sep_token_id",
+    "decoder_start_token_id",
+    "classifier_dropout",
+    "is_decoder",
+    "is_encoder_decoder",
+    "add_cross_attention",
+    "tie_encoder_decoder",
+    "output_attentions",
+    "output_hidden_states",
+    "return_dict",
+    "torchscript",
+    "id2label",
+    "label2id",
+    "num_labels",
+    "problem_type",
+    "finetuning_task",
+    "tokenizer_class",
+    "prefix",
+    "task_specific_params",
+    "chunk_size_feed_forward",
+    "pretraining_tp",
+    "attn_implementation",
+    "_attn_implementation",
+    "_commit_hash",
+    "transformers.js_config",
+    "is_llama_config",
+    "rope_interleaved",
+    // Generation defaults.
+    "max_length",
+    "min_length",
+    "do_sample",
+    "early_stopping",
+    "num_beams",
+    "num_beam_groups",
+    "diversity_penalty",
+    "temperature",
+    "top_k",
+    "top_p",
+    "typical_p",
+    "repetition_penalty",
+    "length_penalty",
+    "no_repeat_ngram_size",
+    "encoder_no_repeat_ngram_size",
+    "bad_words_ids",
+    "num_return_sequences",
+    "output_scores",
+    "return_dict_in_generate",
+    "forced_bos_token_id",
+    "forced_eos_token_id",
+    "remove_invalid_values",
+    "exponential_decay_length_penalty",
+    "suppress_tokens",
+    "begin_suppress_tokens",
+];
+
+/// The base model's own dropout probabilities (current and older transformers names). lathe
+/// never applies them (see the module docs); non-zero ones are listed by
+/// [`ModelConfig::unapplied_settings`].
+pub const DROPOUT_KEYS: &[&str] = &[
+    "attention_dropout",
+    "hidden_dropout",
+    "attention_probs_dropout_prob",
+    "hidden_dropout_prob",
+];
+
+/// Keys of `rope_parameters` lathe reads (rope_type "default" ones).
+const ROPE_PARAMETER_KEYS: &[&str] = &["rope_type", "type", "rope_theta", "partial_rotary_factor"];
+
+fn unknown_keys(
+    extra: &Map<String, Value>,
+    handled: &[&str],
+    rope_parameters: &Option<Value>,
+) -> Vec<String> {
+    let mut keys: Vec<String> = extra
+        .keys()
+        .filter(|k| {
+            let k = k.as_str();
+            !HARMLESS_KEYS.contains(&k) && !DROPOUT_KEYS.contains(&k) && !handled.contains(&k)
+        })
+        .cloned()
+        .collect();
+    // rope_interleaved (nanotron's) is harmless as false, the only form transformers loads.
+    if extra
+        .get("rope_interleaved")
+        .is_some_and(|v| v != &Value::Bool(false))
+    {
+        keys.push("rope_interleaved".into());
+    }
+    if let Some(Value::Object(params)) = rope_parameters {
+        keys.extend(
+            params
+                .keys()
+                .filter(|k| !ROPE_PARAMETER_KEYS.contains(&k.as_str()))
+                .map(|k| format!("rope_parameters.{k}")),
+        );
+    }
+    keys.sort();
+    keys
+}
+
+/// Non-zero model dropouts, as "key value".
+fn unapplied_dropouts(extra: &Map<String, Value>) -> Vec<String> {
+    DROPOUT_KEYS
+        .iter()
+        .filter_map(|k| {
+            let v = extra.get(*k)?;
+            let zero = v.is_null() || v.as_f64() == Some(0.0);
+            (!zero).then(|| format!("{k} {v}"))
+        })
+        .collect()
+}
+
+/// Copies `rope_parameters[from]` into `map[to]` when `map` has no (or a null) `to`: a config
+/// written by transformers 5.x has only the former. Values are checked by `validate`.
+fn fill_from_rope_parameters(map: &mut Map<String, Value>, to: &str, from: &str) {
+    if !map.get(to).is_none_or(Value::is_null) {
+        return;
+    }
+    let value = match map.get("rope_parameters") {
+        Some(Value::Object(p)) => p.get(from).filter(|v| v.is_number()).cloned(),
+        _ => None,
+    };
+    if let Some(v) = value {
+        map.insert(to.to_string(), v);
+    }
+}
+
+/// Sets `map[key]` to `value` where it holds a different number (a value lathe changed),
+/// leaving equal numbers as they were written.
+fn sync_number(map: &mut Map<String, Value>, key: &str, value: f64, insert: bool) {
+    let same = map.get(key).and_then(Value::as_f64) == Some(value);
+    if !same && (insert || map.get(key).is_some_and(|v| !v.is_null())) {
+        if let Some(n) = serde_json::Number::from_f64(value) {
+            map.insert(key.to_string(), Value::Number(n));
+        }
     }
 }
 
@@ -297,13 +774,24 @@ impl ModelConfig {
             path: origin.to_string(),
             detail,
         };
-        let value: Value =
+        let mut value: Value =
             serde_json::from_str(text).map_err(|e| file_error(format!("invalid JSON: {e}")))?;
         let model_type = value
             .get("model_type")
             .and_then(Value::as_str)
             .ok_or_else(|| file_error("no \"model_type\" string".to_string()))?
             .to_string();
+        // transformers 5.x keeps the rotary settings only in rope_parameters.
+        if let Value::Object(map) = &mut value {
+            match model_type.as_str() {
+                "gpt_neox" => {
+                    fill_from_rope_parameters(map, "rotary_emb_base", "rope_theta");
+                    fill_from_rope_parameters(map, "rotary_pct", "partial_rotary_factor");
+                }
+                "llama" => fill_from_rope_parameters(map, "rope_theta", "rope_theta"),
+                _ => {}
+            }
+        }
         let config = match model_type.as_str() {
             "gpt_neox" => serde_json::from_value(value).map(ModelConfig::GptNeox),
             "llama" => serde_json::from_value(value).map(ModelConfig::Llama),
@@ -335,7 +823,9 @@ impl ModelConfig {
         }
     }
 
-    /// The config.json text (pretty, with `model_type`).
+    /// The config.json text (pretty, with `model_type`). Every key read is kept; the rotary
+    /// settings of both layouts (top-level keys, `rope_parameters`) are written with the
+    /// values lathe uses, so transformers 4.46 and 5.x read the same model from it.
     pub fn to_json_string(&self) -> Result<String> {
         let (mut value, model_type) = match self {
             ModelConfig::GptNeox(c) => (serde_json::to_value(c), "gpt_neox"),
@@ -343,10 +833,70 @@ impl ModelConfig {
         };
         if let Ok(Value::Object(map)) = &mut value {
             map.insert("model_type".into(), Value::String(model_type.into()));
+            let rope: Vec<(&str, f64)> = match self {
+                ModelConfig::GptNeox(c) => {
+                    sync_number(map, "rope_theta", c.rotary_emb_base, false);
+                    sync_number(map, "partial_rotary_factor", c.rotary_pct, false);
+                    vec![
+                        ("rope_theta", c.rotary_emb_base),
+                        ("partial_rotary_factor", c.rotary_pct),
+                    ]
+                }
+                ModelConfig::Llama(c) => vec![("rope_theta", c.rope_theta)],
+            };
+            if let Some(Value::Object(params)) = map.get_mut("rope_parameters") {
+                for (key, v) in rope {
+                    sync_number(params, key, v, true);
+                }
+            }
         }
         value
             .and_then(|v| serde_json::to_string_pretty(&v))
             .map_err(|e| Error::Config(format!("cannot write config.json: {e}")))
+    }
+
+    /// Keys of config.json lathe does not know and ignores (sorted; keys inside
+    /// `rope_parameters` prefixed `rope_parameters.`). Keys that change the math are
+    /// implemented or refused at load time, and [`HARMLESS_KEYS`] are not listed, so these
+    /// are keys of newer or other transformers versions whose effect lathe cannot judge.
+    pub fn unknown_keys(&self) -> Vec<String> {
+        match self {
+            ModelConfig::GptNeox(c) => c.unknown_keys(),
+            ModelConfig::Llama(c) => c.unknown_keys(),
+        }
+    }
+
+    /// Settings read but not applied because lathe's forward pass is transformers' eval-mode
+    /// one: non-zero model dropouts ("attention_dropout 0.1"). They change nothing at
+    /// inference; in training, transformers in train mode would drop out and lathe does not.
+    pub fn unapplied_settings(&self) -> Vec<String> {
+        match self {
+            ModelConfig::GptNeox(c) => unapplied_dropouts(&c.extra),
+            ModelConfig::Llama(c) => unapplied_dropouts(&c.extra),
+        }
+    }
+
+    /// One warning line for [`Self::unknown_keys`] and [`Self::unapplied_settings`], `None`
+    /// when both are empty; `origin` names the file. The library never prints: the caller
+    /// that loads a model prints this once.
+    pub fn load_warning(&self, origin: &str) -> Option<String> {
+        let mut parts = Vec::new();
+        let unknown = self.unknown_keys();
+        if !unknown.is_empty() {
+            parts.push(format!(
+                "keys lathe does not know, ignored: {}",
+                unknown.join(", ")
+            ));
+        }
+        let unapplied = self.unapplied_settings();
+        if !unapplied.is_empty() {
+            parts.push(format!(
+                "not applied (lathe runs the model without its own dropout, as transformers' \
+                 eval mode does): {}",
+                unapplied.join(", ")
+            ));
+        }
+        (!parts.is_empty()).then(|| format!("warning: {origin}: {}", parts.join("; ")))
     }
 
     pub fn model_type(&self) -> &'static str {

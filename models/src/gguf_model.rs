@@ -86,6 +86,28 @@ pub fn llama_config_from_gguf(file: &GgufFile) -> Result<LlamaConfig> {
             None => Ok(default),
         }
     };
+    // Checked here to name the GGUF keys; validate() checks them again as rope_theta and
+    // rms_norm_eps. A NaN or non-positive value would give NaN logits, not an error.
+    let rope_theta = optional_f64("rope.freq_base", 10000.0)?;
+    let rms_norm_eps = optional_f64("attention.layer_norm_rms_epsilon", 1e-6)?;
+    for (k, value, typical) in [
+        ("rope.freq_base", rope_theta, "typically 10000 to 500000"),
+        (
+            "attention.layer_norm_rms_epsilon",
+            rms_norm_eps,
+            "typically 1e-5 or 1e-6",
+        ),
+    ] {
+        if !(value.is_finite() && value > 0.0) {
+            return Err(file_error(
+                file,
+                format!(
+                    "{} {value} is out of range: must be a finite number > 0 ({typical})",
+                    key(k)
+                ),
+            ));
+        }
+    }
     let token_id = |k: &str| -> Result<Option<u32>> {
         match file.metadata(k) {
             Some(_) => file.get_u32(k).map(Some),
@@ -100,8 +122,8 @@ pub fn llama_config_from_gguf(file: &GgufFile) -> Result<LlamaConfig> {
         num_key_value_heads: Some(num_key_value_heads),
         intermediate_size: file.get_usize(&key("feed_forward_length"))?,
         head_dim: (head_dim != default_head_dim).then_some(head_dim),
-        rope_theta: optional_f64("rope.freq_base", 10000.0)?,
-        rms_norm_eps: optional_f64("attention.layer_norm_rms_epsilon", 1e-6)?,
+        rope_theta,
+        rms_norm_eps,
         hidden_act: "silu".to_string(),
         tie_word_embeddings: file.tensor_info("output.weight").is_none(),
         max_position_embeddings: optional_usize("context_length")?.unwrap_or(2048),
@@ -110,6 +132,7 @@ pub fn llama_config_from_gguf(file: &GgufFile) -> Result<LlamaConfig> {
         bos_token_id: token_id("tokenizer.ggml.bos_token_id")?,
         eos_token_id: token_id("tokenizer.ggml.eos_token_id")?.map(TokenIds::One),
         rope_scaling: None,
+        rope_parameters: None,
         extra: Default::default(),
     };
     config

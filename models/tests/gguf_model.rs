@@ -375,6 +375,53 @@ fn vocab_size_disagreeing_with_the_embedding_is_an_error() {
 }
 
 #[test]
+fn rope_freq_base_out_of_range_is_an_error_naming_the_key() {
+    for (i, bad) in [0.0f32, -10000.0, f32::NAN, f32::INFINITY]
+        .into_iter()
+        .enumerate()
+    {
+        let (path, e) = Edit::of_tiny()
+            .set("llama.rope.freq_base", Value::F32(bad))
+            .load_error(&format!("freq_base_{i}.gguf"));
+        assert_error(
+            &path,
+            &e,
+            None,
+            &format!(
+                "llama.rope.freq_base {} is out of range: must be a finite number > 0",
+                bad as f64
+            ),
+        );
+    }
+}
+
+#[test]
+fn rms_epsilon_out_of_range_is_an_error_naming_the_key() {
+    for (i, bad) in [-1e-5f32, 0.0, f32::NAN].into_iter().enumerate() {
+        let (path, e) = Edit::of_tiny()
+            .set("llama.attention.layer_norm_rms_epsilon", Value::F32(bad))
+            .load_error(&format!("rms_eps_{i}.gguf"));
+        assert_error(
+            &path,
+            &e,
+            None,
+            &format!(
+                "llama.attention.layer_norm_rms_epsilon {} is out of range: must be a finite number > 0",
+                bad as f64
+            ),
+        );
+    }
+}
+
+#[test]
+fn zero_heads_is_an_error() {
+    let (path, e) = Edit::of_tiny()
+        .set("llama.attention.head_count_kv", Value::U32(0))
+        .load_error("kv_heads.gguf");
+    assert_error(&path, &e, None, "num_key_value_heads must be positive");
+}
+
+#[test]
 fn tokenizer_larger_than_the_embedding_is_an_error() {
     let file = GgufFile::open(fixture("gguf_model_tied.gguf")).unwrap();
     let mut tokens: Vec<Value> = file

@@ -68,6 +68,9 @@ impl ModelArgs {
         let pretrained = Pretrained::load_with(&self.model, &device, options)
             .with_context(|| format!("loading the model {}", self.model.display()))?;
         let config = pretrained.model.config();
+        if let Some(warning) = config.load_warning(&self.model.display().to_string()) {
+            eprintln!("{warning}");
+        }
         eprintln!(
             "loaded {} ({}, {} layers, hidden {}, vocab {}) on {} as {:?}{} in {:.1} s",
             self.model.display(),

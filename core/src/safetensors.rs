@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 
 use half::{bf16, f16};
 use lathe_shaders::MemCategory;
+use safetensors::tensor::{Metadata, TensorInfo};
 use safetensors::{Dtype, SafeTensorError, SafeTensors, View};
 
 use crate::device::Device;
@@ -235,13 +236,7 @@ impl SafetensorsFile {
         file.read_exact(&mut header).map_err(io)?;
         let text = std::str::from_utf8(&header)
             .map_err(|e| st_error(&label, describe(SafeTensorError::InvalidHeader(e))))?;
-        // `Metadata` validates offsets and sizes as it deserializes.
-        let metadata: safetensors::tensor::Metadata = serde_json::from_str(text).map_err(|e| {
-            st_error(
-                &label,
-                describe(SafeTensorError::InvalidHeaderDeserialization(e)),
-            )
-        })?;
+        let metadata = parse_header(text).map_err(|e| st_error(&label, describe(e)))?;
         let data_start = 8 + header_len;
         if data_start + metadata.data_len() as u64 != file_len {
             return Err(st_error(
@@ -332,6 +327,25 @@ impl SafetensorsFile {
         let bytes = self.read_bytes(name)?;
         build(&self.label, name, entry.dtype, &entry.shape, &bytes, device)
     }
+}
+
+/// A header's JSON validated as the `safetensors` crate validates a whole file's (offsets
+/// contiguous, byte lengths matching shapes), with the crate's own error kinds.
+fn parse_header(text: &str) -> std::result::Result<Metadata, SafeTensorError> {
+    let bad_json = SafeTensorError::InvalidHeaderDeserialization;
+    let map: HashMap<String, serde_json::Value> = serde_json::from_str(text).map_err(bad_json)?;
+    let mut user = None;
+    let mut tensors = Vec::with_capacity(map.len());
+    for (name, value) in map {
+        if name == "__metadata__" {
+            user = Some(serde_json::from_value(value).map_err(bad_json)?);
+        } else {
+            let info: TensorInfo = serde_json::from_value(value).map_err(bad_json)?;
+            tensors.push((name, info));
+        }
+    }
+    tensors.sort_by_key(|(_, info)| info.data_offsets);
+    Metadata::new(user, tensors)
 }
 
 /// The largest header lathe reads (the `safetensors` crate's own bound).

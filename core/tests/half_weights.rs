@@ -5,7 +5,9 @@
 use lathe_core::testing::{assert_close, test_gpu, Tolerance};
 use lathe_core::{DType, Device, Tensor};
 
-const TOL: Tolerance = Tolerance::new(1e-5, 1e-5);
+/// Sums of up to 2500 products of order 0.3: the panels of the input-gradient product add
+/// their partial sums in another order than one pass over the widened weight.
+const TOL: Tolerance = Tolerance::new(1e-4, 1e-5);
 
 fn half(shape: &[usize], seed: u64, device: &Device) -> Tensor {
     Tensor::rand_uniform(-1.0, 1.0, shape, seed, device)

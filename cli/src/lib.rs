@@ -9,6 +9,7 @@ pub mod merge;
 pub mod model_args;
 pub mod output;
 pub mod pipeline;
+pub mod plan_cmd;
 pub mod png;
 pub mod ppo_cmd;
 pub mod progress;

@@ -10,6 +10,7 @@ use lathe_cli::eval::{self, EvalArgs};
 use lathe_cli::generate::{self, GenerateArgs};
 use lathe_cli::merge::{self, MergeArgs};
 use lathe_cli::pipeline::{self, PipelineArgs};
+use lathe_cli::plan_cmd::{self, PlanArgs};
 use lathe_cli::ppo_cmd::{self, PpoArgs};
 use lathe_cli::reward_cmd::{self, RewardTrainArgs, ScoreArgs};
 use lathe_cli::sft::{self, SftArgs};
@@ -85,6 +86,11 @@ enum Command {
     /// Example:
     ///   lathe ppo --model FILE.gguf --adapter runs/sft --reward runs/reward --data reviews.jsonl --out runs/ppo --steps 30 --batch-size 16 --mini-batch-size 4
     Ppo(PpoArgs),
+    /// Predict a job's peak memory by category from a model's config.json alone, and whether
+    /// it fits a budget (the training and generation commands run the same check first).
+    ///
+    /// Example: lathe plan --model DIR --job ppo --load-in-8bit --embeddings-f16 --budget 24GiB
+    Plan(PlanArgs),
     /// Write (or rewrite) the HTML report and PNG plots of a PPO run directory.
     ///
     /// Example: lathe report runs/ppo
@@ -141,6 +147,7 @@ fn run(cli: Cli, matches: clap::ArgMatches) -> Result<()> {
         }
         Command::Score(args) => reward_cmd::run_score(&args),
         Command::Ppo(args) => ppo_cmd::run(&args),
+        Command::Plan(args) => plan_cmd::run(&args),
         Command::Report { run_dir } => {
             lathe_cli::report::write_report(&run_dir)?;
             println!("{}", run_dir.join("report.html").display());

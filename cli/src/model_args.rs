@@ -7,6 +7,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use lathe_core::Device;
 use lathe_models::hf::LoadOptions;
+use lathe_models::plan::PlanSettings;
 use lathe_models::pretrained::{Precision, Pretrained};
 
 use crate::device::{self, DeviceArg};
@@ -39,6 +40,13 @@ pub struct ModelArgs {
     /// leaves them 16-bit (half their bytes: 1.2 GB less for GPT-NeoX-20B).
     #[arg(long)]
     pub embeddings_f16: bool,
+    /// The memory the run must fit in (e.g. 24GiB; default on the CPU: this machine's RAM).
+    /// The run is planned from config.json first and refused when it will not fit.
+    #[arg(long)]
+    pub budget: Option<String>,
+    /// Skip the memory plan before loading.
+    #[arg(long)]
+    pub no_preflight: bool,
     /// Outlier threshold of LLM.int8 (0 disables the 16-bit outlier path).
     #[arg(long, default_value_t = 6.0, requires = "load_in_8bit")]
     pub int8_threshold: f32,
@@ -56,6 +64,33 @@ impl ModelArgs {
         }
     }
 
+    /// Plans the job's memory from the model's config.json and refuses it, before anything
+    /// loads, when it will not fit the budget (`--budget`, else this machine's RAM for
+    /// `--device cpu|auto`; with `--device gpu` only given `--budget`, as wgpu does not report
+    /// device memory). GGUF files are not planned.
+    pub fn preflight(&self, mut settings: PlanSettings) -> Result<()> {
+        if self.no_preflight || !self.model.is_dir() {
+            return Ok(());
+        }
+        let config = crate::plan_cmd::read_config(&self.model)?;
+        settings.precision = self.precision()?;
+        settings.embeddings_f16 = self.embeddings_f16;
+        if settings.lora_targets.is_empty() {
+            settings.lora_targets = crate::plan_cmd::default_targets(&config);
+        }
+        let budget = match (&self.budget, self.device) {
+            (Some(text), _) => crate::plan_cmd::parse_bytes(text)?,
+            (None, DeviceArg::Cpu | DeviceArg::Auto) => match crate::plan_cmd::machine_ram() {
+                Some(ram) => ram,
+                None => return Ok(()),
+            },
+            (None, _) => return Ok(()),
+        };
+        let plan = lathe_models::plan::plan(&config, &settings);
+        crate::plan_cmd::check_fits(&plan, &settings, budget)
+            .with_context(|| format!("memory plan of {}", self.model.display()))
+    }
+
     /// Opens the device and loads the model onto it, saying what it loaded on stderr.
     pub fn load(&self) -> Result<(Pretrained, Device)> {
         let precision = self.precision()?;
@@ -70,6 +105,13 @@ impl ModelArgs {
         let config = pretrained.model.config();
         if let Some(warning) = config.load_warning(&self.model.display().to_string()) {
             eprintln!("{warning}");
+        }
+        let ids = pretrained.tokenizer.vocab_size();
+        if ids < config.vocab_size() {
+            eprintln!(
+                "note: the embedding has {} rows and the tokenizer {ids} ids: ids {ids} and up                  are never sampled",
+                config.vocab_size()
+            );
         }
         eprintln!(
             "loaded {} ({}, {} layers, hidden {}, vocab {}) on {} as {:?}{} in {:.1} s",

@@ -44,6 +44,11 @@ pub trait LanguageModel: Sync {
         Ok(logits.narrow(1, t - 1, 1)?)
     }
     fn vocab_size(&self) -> usize;
+    /// Ids below this are sampled; the logits of the rest are dropped (a tokenizer smaller
+    /// than the embedding). The whole vocabulary by default.
+    fn sample_vocab(&self) -> usize {
+        self.vocab_size()
+    }
     fn num_layers(&self) -> usize;
     /// Positions the rotary tables cover: prompt plus new tokens must fit.
     fn max_positions(&self) -> usize;
@@ -60,6 +65,11 @@ impl LanguageModel for GptNeox {
     }
     fn vocab_size(&self) -> usize {
         self.config().vocab_size
+    }
+    fn sample_vocab(&self) -> usize {
+        self.sample_vocab
+            .unwrap_or(self.config().vocab_size)
+            .min(self.config().vocab_size)
     }
     fn num_layers(&self) -> usize {
         self.config().num_hidden_layers
@@ -80,6 +90,11 @@ impl LanguageModel for Llama {
     }
     fn vocab_size(&self) -> usize {
         self.config().vocab_size
+    }
+    fn sample_vocab(&self) -> usize {
+        self.sample_vocab
+            .unwrap_or(self.config().vocab_size)
+            .min(self.config().vocab_size)
     }
     fn num_layers(&self) -> usize {
         self.config().num_hidden_layers
@@ -115,6 +130,12 @@ impl LanguageModel for CausalLm {
     }
     fn vocab_size(&self) -> usize {
         self.config().vocab_size()
+    }
+    fn sample_vocab(&self) -> usize {
+        match self {
+            CausalLm::GptNeox(m) => m.sample_vocab(),
+            CausalLm::Llama(m) => m.sample_vocab(),
+        }
     }
     fn num_layers(&self) -> usize {
         self.config().num_hidden_layers()
@@ -273,6 +294,8 @@ struct Run<'a, M: LanguageModel + ?Sized> {
     model: &'a M,
     device: &'a Device,
     vocab: usize,
+    /// The sampled ids: 0..sample_vocab (see [`LanguageModel::sample_vocab`]).
+    sample_vocab: usize,
     batch: usize,
     /// Every row's tokens so far, left-padded, (B, T) row-major: the no-cache path's input
     /// (the cache path keeps only the prompts).
@@ -313,6 +336,7 @@ impl<'a, M: LanguageModel + ?Sized> Run<'a, M> {
             model,
             device,
             vocab: model.vocab_size(),
+            sample_vocab: model.sample_vocab(),
             batch,
             ids,
             mask,
@@ -396,6 +420,12 @@ impl<'a, M: LanguageModel + ?Sized> Run<'a, M> {
         } else {
             logits.narrow(1, t - 1, 1)? // (B, 1, V)
         };
-        Ok(last.reshape(&[b, v])?)
+        let last = last.reshape(&[b, v])?;
+        if self.sample_vocab < v {
+            // Drop the ids the tokenizer cannot decode: sampling from the rest is sampling
+            // with their logits at -inf. (A copy of B x V floats, on the device.)
+            return Ok(last.narrow(1, 0, self.sample_vocab)?);
+        }
+        Ok(last)
     }
 }

@@ -141,6 +141,9 @@ pub struct GptNeox {
     gelu: GeluKind,
     /// Recompute each block in the backward instead of keeping its activations.
     pub gradient_checkpointing: bool,
+    /// Ids at or above this are never sampled: the tokenizer cannot decode them (an
+    /// embedding padded past the tokenizer, as GPT-NeoX-20B's 50432 rows for 50277 ids).
+    pub sample_vocab: Option<usize>,
 }
 
 impl GptNeox {
@@ -224,6 +227,7 @@ impl GptNeox {
             rotary,
             gelu,
             gradient_checkpointing: false,
+            sample_vocab: None,
         })
     }
 

@@ -380,6 +380,15 @@ impl CausalLm {
         Ok(())
     }
 
+    /// Never samples ids at or above `ids` (the tokenizer's size, when the embedding is
+    /// padded past it); `None` samples the whole vocabulary.
+    pub fn limit_sampling_to(&mut self, ids: Option<usize>) {
+        match self {
+            CausalLm::GptNeox(m) => m.sample_vocab = ids,
+            CausalLm::Llama(m) => m.sample_vocab = ids,
+        }
+    }
+
     /// Builds the model of `config` from `weights` (tensor names as in HF checkpoints).
     pub fn from_weights(config: ModelConfig, weights: &mut Weights) -> Result<CausalLm> {
         Ok(match config {

@@ -15,6 +15,7 @@ pub mod linear;
 pub mod llama;
 pub mod logprobs;
 pub mod lora;
+pub mod plan;
 pub mod pretrained;
 pub mod sampling;
 pub mod sampling_gpu;

@@ -55,6 +55,9 @@ pub struct Llama {
     rotary: RotaryTables,
     /// Recompute each block in the backward instead of keeping its activations.
     pub gradient_checkpointing: bool,
+    /// Ids at or above this are never sampled: the tokenizer cannot decode them (an
+    /// embedding padded past the tokenizer, as GPT-NeoX-20B's 50432 rows for 50277 ids).
+    pub sample_vocab: Option<usize>,
 }
 
 impl Llama {
@@ -117,6 +120,7 @@ impl Llama {
             lm_head,
             rotary,
             gradient_checkpointing: false,
+            sample_vocab: None,
         })
     }
 

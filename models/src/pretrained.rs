@@ -40,7 +40,7 @@ impl Pretrained {
     /// time, each built in its final form as it is read; a GGUF file is dequantized, then
     /// converted.
     pub fn load_with(path: &Path, device: &Device, options: LoadOptions) -> Result<Pretrained> {
-        let (model, mut tokenizer) = if path.is_dir() {
+        let (mut model, mut tokenizer) = if path.is_dir() {
             let tokenizer_path = path.join("tokenizer.json");
             if !tokenizer_path.is_file() {
                 return Err(Error::File {
@@ -78,6 +78,11 @@ impl Pretrained {
         };
         let config = model.config();
         tokenizer.check_fits(config.vocab_size())?;
+        // A padded embedding (GPT-NeoX-20B: 50432 rows, 50277 ids): never sample an id the
+        // tokenizer cannot decode.
+        if tokenizer.vocab_size() < config.vocab_size() {
+            model.limit_sampling_to(Some(tokenizer.vocab_size()));
+        }
         apply_config_special_ids(&mut tokenizer, &config)?;
         Ok(Pretrained {
             model,

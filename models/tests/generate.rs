@@ -641,3 +641,45 @@ fn padding_token_value_does_not_matter() {
         assert_eq!(run(0), run(37), "cache {use_cache}");
     }
 }
+
+/// A padded embedding (more rows than tokenizer ids, as GPT-NeoX-20B): ids the tokenizer
+/// cannot decode are never sampled, on either device; without the limit they are.
+#[test]
+fn ids_past_the_tokenizer_are_never_sampled_on_either_device() {
+    let hot = SamplingConfig {
+        temperature: 50.0,
+        top_k: 0,
+        top_p: 1.0,
+        greedy: false,
+    };
+    for device in [Device::Cpu, test_gpu()] {
+        let mut model = load("neox_parallel_quarter_gelu", &device);
+        let config = |seed| GenerateConfig {
+            max_new_tokens: 12,
+            eos_token_id: None,
+            sampling: hot,
+            seed,
+            ..GenerateConfig::default()
+        };
+        let all = |model: &CausalLm| -> Vec<u32> {
+            (0..4)
+                .flat_map(|seed| generate(model, &prompts(), &config(seed), &device).unwrap())
+                .flatten()
+                .collect()
+        };
+        // Near-uniform sampling over 40 ids: 192 draws reach past 25 almost surely.
+        assert!(all(&model).iter().any(|&id| id >= 25), "{}", device.name());
+        model.limit_sampling_to(Some(25));
+        assert_eq!(model.sample_vocab(), 25);
+        let limited = all(&model);
+        assert!(
+            limited.iter().all(|&id| id < 25),
+            "{}: {limited:?}",
+            device.name()
+        );
+        assert!(
+            limited.iter().any(|&id| id >= 20),
+            "still sampled up to the limit"
+        );
+    }
+}

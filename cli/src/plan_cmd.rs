@@ -1,0 +1,225 @@
+//! `lathe plan`: the predicted peak memory of a job, by category, from a model's config.json
+//! alone (no weights read), and whether it fits a budget. The training and generation
+//! commands run the same check first ([`preflight`]) and refuse a run that will not fit.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use lathe_models::config::ModelConfig;
+use lathe_models::linear::Precision;
+use lathe_models::plan::{gib, plan, Job, MemoryPlan, PlanSettings};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum JobArg {
+    Generate,
+    Sft,
+    Ppo,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct PlanArgs {
+    /// A HF model directory or its config.json (the weights need not be there).
+    #[arg(long, value_name = "DIR|config.json")]
+    pub model: PathBuf,
+    /// The job to plan.
+    #[arg(long, value_enum, default_value = "ppo")]
+    pub job: JobArg,
+    /// Sequences per batch (generation, SFT; the PPO batch).
+    #[arg(long, default_value_t = 16)]
+    pub batch_size: usize,
+    /// Sequences per PPO minibatch (the trained batch).
+    #[arg(long, default_value_t = 4)]
+    pub mini_batch_size: usize,
+    /// Tokens per sequence: prompt + new tokens, or the SFT block.
+    #[arg(long, default_value_t = 24)]
+    pub seq_len: usize,
+    /// LoRA rank (0: no adapters).
+    #[arg(long, default_value_t = 16)]
+    pub lora_r: usize,
+    /// Modules the adapters target, comma-separated (default: the architecture's).
+    #[arg(long, value_delimiter = ',')]
+    pub target_modules: Vec<String>,
+    /// Keep every block's activations (no gradient checkpointing).
+    #[arg(long)]
+    pub no_gradient_checkpointing: bool,
+    /// LLM.int8 block weights.
+    #[arg(long)]
+    pub load_in_8bit: bool,
+    /// f16 block weights.
+    #[arg(long, conflicts_with = "load_in_8bit")]
+    pub f16: bool,
+    /// f16 token embedding and LM head.
+    #[arg(long)]
+    pub embeddings_f16: bool,
+    /// The memory to fit in, e.g. 24GiB, 20GB, 512MiB (default: this machine's RAM).
+    #[arg(long)]
+    pub budget: Option<String>,
+}
+
+/// The config.json of a model path (a directory or the file itself).
+pub fn read_config(model: &Path) -> Result<ModelConfig> {
+    let path = if model.is_dir() {
+        model.join("config.json")
+    } else {
+        model.to_path_buf()
+    };
+    ModelConfig::from_file(&path).with_context(|| format!("planning from {}", path.display()))
+}
+
+/// The architecture's default LoRA targets (as `lathe sft` and `lathe ppo` pick them).
+pub fn default_targets(config: &ModelConfig) -> Vec<String> {
+    match config {
+        ModelConfig::GptNeox(_) => vec!["query_key_value".into()],
+        ModelConfig::Llama(_) => vec!["q_proj".into(), "v_proj".into()],
+    }
+}
+
+/// A size with an optional unit: B, KB/MB/GB/TB (powers of 1000), KiB/MiB/GiB/TiB (of 1024).
+pub fn parse_bytes(text: &str) -> Result<u64> {
+    let t = text.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (number, unit) = t.split_at(split);
+    let value: f64 = number
+        .parse()
+        .with_context(|| format!("{text:?} is not a size (e.g. 24GiB)"))?;
+    let scale: f64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1.0,
+        "kb" => 1e3,
+        "mb" => 1e6,
+        "gb" => 1e9,
+        "tb" => 1e12,
+        "kib" => 1024.0,
+        "mib" => 1024f64.powi(2),
+        "gib" => 1024f64.powi(3),
+        "tib" => 1024f64.powi(4),
+        other => bail!("{text:?}: unknown unit {other:?} (B, KB, MB, GB, TB, KiB, MiB, GiB, TiB)"),
+    };
+    let bytes = value * scale;
+    if !bytes.is_finite() || bytes <= 0.0 || bytes > 1e18 {
+        bail!("{text:?}: a budget must be a positive size below 1 EB");
+    }
+    Ok(bytes as u64)
+}
+
+/// This machine's RAM (MemTotal of /proc/meminfo), when it can be read.
+pub fn machine_ram() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+/// The plan as a table with its total.
+pub fn render(plan: &MemoryPlan) -> String {
+    let mut out = String::new();
+    for (name, bytes) in plan.rows() {
+        out.push_str(&format!("  {name:<12} {:>12}\n", gib(bytes)));
+    }
+    out.push_str(&format!("  {:<12} {:>12}\n", "total", gib(plan.total())));
+    out
+}
+
+/// Refuses (before anything loads) a job whose predicted peak exceeds `budget`, saying what
+/// to change. Returns the plan when it fits.
+pub fn check_fits(plan: &MemoryPlan, settings: &PlanSettings, budget: u64) -> Result<()> {
+    if plan.total() <= budget {
+        return Ok(());
+    }
+    let mut advice = Vec::new();
+    if !matches!(settings.precision, Precision::Int8 { .. }) {
+        advice.push("--load-in-8bit (about a quarter of the f32 weights)");
+    }
+    if !settings.embeddings_f16 {
+        advice.push("--embeddings-f16");
+    }
+    if settings.job != Job::Generate && !settings.gradient_checkpointing {
+        advice.push("gradient checkpointing");
+    }
+    advice.push("a smaller batch or shorter sequences");
+    bail!(
+        "this run needs about {} and the budget is {}:\n{}change: {} (or --no-preflight to try \
+         anyway)",
+        gib(plan.total()),
+        gib(budget),
+        render(plan),
+        advice.join(", ")
+    )
+}
+
+pub fn run(args: &PlanArgs) -> Result<()> {
+    let config = read_config(&args.model)?;
+    let precision = match (args.load_in_8bit, args.f16) {
+        (true, _) => Precision::Int8 { threshold: 6.0 },
+        (false, true) => Precision::F16,
+        (false, false) => Precision::F32,
+    };
+    if args.batch_size == 0 || args.mini_batch_size == 0 || args.seq_len == 0 {
+        bail!("--batch-size, --mini-batch-size and --seq-len must be at least 1");
+    }
+    let job = match args.job {
+        JobArg::Generate => Job::Generate,
+        JobArg::Sft => Job::Sft,
+        JobArg::Ppo => Job::Ppo,
+    };
+    let settings = PlanSettings {
+        job,
+        precision,
+        embeddings_f16: args.embeddings_f16,
+        batch: args.batch_size,
+        train_batch: if job == Job::Ppo {
+            args.mini_batch_size
+        } else {
+            args.batch_size
+        },
+        seq_len: args.seq_len,
+        lora_r: if job == Job::Generate { 0 } else { args.lora_r },
+        lora_targets: if args.target_modules.is_empty() {
+            default_targets(&config)
+        } else {
+            args.target_modules.clone()
+        },
+        gradient_checkpointing: !args.no_gradient_checkpointing,
+    };
+    let plan = plan(&config, &settings);
+    println!(
+        "{} ({}, {} layers, hidden {}), {:?}, {:?}, batch {}, {} tokens, LoRA r {}:",
+        args.model.display(),
+        config.model_type(),
+        config.num_hidden_layers(),
+        config.hidden_size(),
+        job,
+        precision,
+        settings.batch,
+        settings.seq_len,
+        settings.lora_r
+    );
+    print!("{}", render(&plan));
+    let budget = match &args.budget {
+        Some(text) => parse_bytes(text)?,
+        None => machine_ram().context("this machine's RAM is unknown: give --budget")?,
+    };
+    match check_fits(&plan, &settings, budget) {
+        Ok(()) => println!("fits in {}", gib(budget)),
+        Err(e) => println!("does not fit: {e}"),
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse_with_their_units_and_bad_ones_are_refused() {
+        assert_eq!(parse_bytes("24GiB").unwrap(), 24 << 30);
+        assert_eq!(parse_bytes("20GB").unwrap(), 20_000_000_000);
+        assert_eq!(parse_bytes("512 MiB").unwrap(), 512 << 20);
+        assert_eq!(parse_bytes("1.5KiB").unwrap(), 1536);
+        assert_eq!(parse_bytes("100").unwrap(), 100);
+        for bad in ["", "GiB", "-3GiB", "12 parsecs", "0", "1e30GB", "nan"] {
+            assert!(parse_bytes(bad).is_err(), "{bad:?}");
+        }
+    }
+}

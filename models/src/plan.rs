@@ -1,0 +1,346 @@
+//! Memory planning: the peak bytes a job will hold, by category, from a model's config alone
+//! (no weights read), so a run that cannot fit is refused before anything loads.
+//!
+//! Weights, adapters, optimizer state and the KV cache are counted exactly from the shapes
+//! (the same formulas the loaders and `Int8Weight::bytes` use). Activations, logits and
+//! scratch are estimates from what the autodiff keeps per token: every tensor a block saves
+//! for its backward (or, with gradient checkpointing, each block's input plus one block
+//! recomputed), the LM head's logits and their softmax, and the transient f32 copy of the
+//! largest weight being built while loading.
+
+use crate::config::ModelConfig;
+use crate::linear::Precision;
+
+/// What the model is loaded for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Job {
+    /// Generation (or log-probs): no gradients, a KV cache.
+    Generate,
+    /// LoRA fine-tuning on packed blocks.
+    Sft,
+    /// PPO: generation for the rollout, then training on minibatches, plus a value head.
+    Ppo,
+}
+
+/// The settings of a job that change its memory.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PlanSettings {
+    pub job: Job,
+    pub precision: Precision,
+    pub embeddings_f16: bool,
+    /// Sequences per forward (generation, SFT) or per PPO batch.
+    pub batch: usize,
+    /// Sequences per PPO minibatch (the trained batch); the SFT batch otherwise.
+    pub train_batch: usize,
+    /// Tokens per sequence: prompt + new tokens for generation and PPO, the block for SFT.
+    pub seq_len: usize,
+    /// LoRA rank (0: no adapters).
+    pub lora_r: usize,
+    /// Module names the adapters target (as peft's `target_modules`), e.g. `query_key_value`.
+    pub lora_targets: Vec<String>,
+    pub gradient_checkpointing: bool,
+}
+
+/// Predicted peak bytes by category.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct MemoryPlan {
+    pub weights: u64,
+    pub adapters: u64,
+    pub optimizer: u64,
+    pub activations: u64,
+    pub kv_cache: u64,
+    pub logits: u64,
+    pub scratch: u64,
+}
+
+impl MemoryPlan {
+    /// Every category with its name, in a fixed order.
+    pub fn rows(&self) -> [(&'static str, u64); 7] {
+        [
+            ("weights", self.weights),
+            ("adapters", self.adapters),
+            ("optimizer", self.optimizer),
+            ("activations", self.activations),
+            ("kv cache", self.kv_cache),
+            ("logits", self.logits),
+            ("scratch", self.scratch),
+        ]
+    }
+
+    pub fn total(&self) -> u64 {
+        self.rows().iter().map(|(_, b)| b).sum()
+    }
+}
+
+/// One linear layer of a block: its module name, (out, in) and whether it has a bias.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LinearShape {
+    pub name: &'static str,
+    pub out: usize,
+    pub input: usize,
+    pub bias: bool,
+}
+
+/// The linear layers of one transformer block of `config`.
+pub fn block_linears(config: &ModelConfig) -> Vec<LinearShape> {
+    let lin = |name, out, input, bias| LinearShape {
+        name,
+        out,
+        input,
+        bias,
+    };
+    match config {
+        ModelConfig::GptNeox(c) => {
+            let (h, f, ab) = (c.hidden_size, c.intermediate_size, c.attention_bias);
+            vec![
+                lin("query_key_value", 3 * h, h, ab),
+                lin("dense", h, h, ab),
+                lin("dense_h_to_4h", f, h, true),
+                lin("dense_4h_to_h", h, f, true),
+            ]
+        }
+        ModelConfig::Llama(c) => {
+            let (h, f) = (c.hidden_size, c.intermediate_size);
+            let q = c.num_attention_heads * c.head_dim();
+            let kv = c.kv_heads() * c.head_dim();
+            let (ab, mb) = (c.attention_bias, c.mlp_bias);
+            vec![
+                lin("q_proj", q, h, ab),
+                lin("k_proj", kv, h, ab),
+                lin("v_proj", kv, h, ab),
+                lin("o_proj", h, q, ab),
+                lin("gate_proj", f, h, mb),
+                lin("up_proj", f, h, mb),
+                lin("down_proj", h, f, mb),
+            ]
+        }
+    }
+}
+
+/// Bytes of one block weight (out, in) in `precision` (int8: rows padded to 4 bytes, plus an
+/// f32 scale per row, as `Int8Weight::bytes`).
+fn weight_bytes(out: usize, input: usize, precision: Precision) -> u64 {
+    let (out, input) = (out as u64, input as u64);
+    match precision {
+        Precision::F32 => 4 * out * input,
+        Precision::F16 => 2 * out * input,
+        Precision::Int8 { .. } => out * (input.next_multiple_of(4) + 4),
+    }
+}
+
+/// Shape facts of a config the plan needs.
+struct Dims {
+    hidden: u64,
+    ffn: u64,
+    layers: u64,
+    heads: u64,
+    kv_width: u64,
+    vocab: u64,
+    tied: bool,
+    /// LayerNorm (weight + bias) or RMSNorm (weight) floats per norm.
+    norm_floats: u64,
+    rotary_floats: u64,
+}
+
+fn dims(config: &ModelConfig) -> Dims {
+    match config {
+        ModelConfig::GptNeox(c) => Dims {
+            hidden: c.hidden_size as u64,
+            ffn: c.intermediate_size as u64,
+            layers: c.num_hidden_layers as u64,
+            heads: c.num_attention_heads as u64,
+            kv_width: c.hidden_size as u64,
+            vocab: c.vocab_size as u64,
+            tied: c.tie_word_embeddings,
+            norm_floats: 2 * c.hidden_size as u64,
+            rotary_floats: c.max_position_embeddings as u64 * c.rotary_ndims() as u64,
+        },
+        ModelConfig::Llama(c) => Dims {
+            hidden: c.hidden_size as u64,
+            ffn: c.intermediate_size as u64,
+            layers: c.num_hidden_layers as u64,
+            heads: c.num_attention_heads as u64,
+            kv_width: (c.kv_heads() * c.head_dim()) as u64,
+            vocab: c.vocab_size as u64,
+            tied: c.tie_word_embeddings,
+            norm_floats: c.hidden_size as u64,
+            rotary_floats: c.max_position_embeddings as u64 * c.head_dim() as u64,
+        },
+    }
+}
+
+/// Whether peft's `target_modules` entry list selects the module `name` (a suffix match on
+/// the module name, as peft matches a plain list).
+fn targeted(targets: &[String], name: &str) -> bool {
+    targets.iter().any(|t| t == name)
+}
+
+/// The predicted peak of `settings` on `config`.
+pub fn plan(config: &ModelConfig, s: &PlanSettings) -> MemoryPlan {
+    let d = dims(config);
+    let linears = block_linears(config);
+    let f32b = 4u64;
+    let embed_bytes = if s.embeddings_f16 { 2 } else { 4 };
+    let mut weights = d.vocab * d.hidden * embed_bytes;
+    if !d.tied {
+        weights += d.vocab * d.hidden * embed_bytes;
+    }
+    for l in &linears {
+        let bias = if l.bias { l.out as u64 * f32b } else { 0 };
+        weights += d.layers * (weight_bytes(l.out, l.input, s.precision) + bias);
+    }
+    weights += (2 * d.layers + 1) * d.norm_floats * f32b + d.rotary_floats * f32b;
+
+    // LoRA A (r, in) and B (out, r) per targeted layer; the value head (H + 1) for PPO.
+    let r = s.lora_r as u64;
+    let mut trainable: u64 = linears
+        .iter()
+        .filter(|l| r > 0 && targeted(&s.lora_targets, l.name))
+        .map(|l| d.layers * r * (l.input + l.out) as u64)
+        .sum();
+    if s.job == Job::Ppo {
+        trainable += d.hidden + 1;
+    }
+    let training = s.job != Job::Generate;
+    let adapters = trainable * f32b;
+    // Gradients and Adam's two moments, f32 each.
+    let optimizer = if training { 3 * trainable * f32b } else { 0 };
+
+    let (b, t) = (s.batch as u64, s.seq_len as u64);
+    let kv_cache = match s.job {
+        Job::Generate | Job::Ppo => 2 * d.layers * b * t * d.kv_width * f32b,
+        Job::Sft => 0,
+    };
+    // Floats one block keeps per token for its backward: norm inputs and outputs, the
+    // projections' outputs, the heads split and rotated, attention probabilities (heads x T),
+    // the context, the MLP's up projections and activation, residual sums; LoRA keeps its
+    // (dropped-out) input and its r-wide middle per targeted layer.
+    let lora_floats: u64 = linears
+        .iter()
+        .filter(|l| r > 0 && targeted(&s.lora_targets, l.name))
+        .map(|l| l.input as u64 + r + l.out as u64)
+        .sum();
+    let qkv = linears
+        .iter()
+        .take_while(|l| l.name != "dense" && l.name != "o_proj")
+        .map(|l| l.out as u64)
+        .sum::<u64>();
+    let per_token_block = 8 * d.hidden + 3 * qkv + 2 * d.heads * t + 3 * d.ffn + lora_floats;
+    let tb = s.train_batch as u64;
+    let activations = if !training {
+        // Inference keeps one block's working set at a time.
+        b * t * per_token_block * f32b
+    } else if s.gradient_checkpointing {
+        // Every block's input, plus one block recomputed in the backward.
+        tb * t * (d.layers * d.hidden + per_token_block) * f32b
+    } else {
+        tb * t * d.layers * per_token_block * f32b
+    };
+    // The LM head's logits and their (log-)softmax, f32: for generation only the last
+    // position's row is kept per step, but the prompt's prefill makes them all.
+    let logits = match s.job {
+        Job::Generate => b * t * d.vocab * f32b,
+        Job::Sft => 2 * tb * t * d.vocab * f32b,
+        Job::Ppo => 2 * b * t * d.vocab * f32b,
+    };
+    // Loading builds one weight at a time: its stored bytes (f16) and, while it is widened or
+    // quantized, its f32 form or its int8 rows; the LM head's f16 product widens 4 MiB.
+    let largest = linears
+        .iter()
+        .map(|l| (l.out * l.input) as u64)
+        .max()
+        .unwrap_or(0);
+    let scratch = largest * 2 + (4 << 20);
+    MemoryPlan {
+        weights,
+        adapters,
+        optimizer,
+        activations,
+        kv_cache,
+        logits,
+        scratch,
+    }
+}
+
+/// Bytes as GiB with two decimals, for messages.
+pub fn gib(bytes: u64) -> String {
+    format!("{:.2} GiB", bytes as f64 / (1u64 << 30) as f64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn neox_20b() -> ModelConfig {
+        ModelConfig::from_json_str(
+            r#"{"model_type": "gpt_neox", "hidden_size": 6144, "intermediate_size": 24576,
+                "num_attention_heads": 64, "num_hidden_layers": 44, "vocab_size": 50432,
+                "rotary_pct": 0.25, "max_position_embeddings": 2048}"#,
+            "config.json",
+        )
+        .unwrap()
+    }
+
+    fn settings(job: Job, precision: Precision) -> PlanSettings {
+        PlanSettings {
+            job,
+            precision,
+            embeddings_f16: true,
+            batch: 16,
+            train_batch: 4,
+            seq_len: 24,
+            lora_r: 16,
+            lora_targets: vec!["query_key_value".into()],
+            gradient_checkpointing: true,
+        }
+    }
+
+    /// GPT-NeoX-20B's weights counted by hand: per block 4 linears of 3H*H + H*H + 2*H*F
+    /// parameters = 453M int8 bytes (+ 4 bytes per output row, f32 biases, two LayerNorms),
+    /// times 44, plus two f16 embeddings of 50432 x 6144.
+    #[test]
+    fn gpt_neox_20b_weights_by_hand() {
+        let plan = plan(
+            &neox_20b(),
+            &settings(Job::Ppo, Precision::Int8 { threshold: 6.0 }),
+        );
+        let (h, f, l, v) = (6144u64, 24576u64, 44u64, 50432u64);
+        let params = 3 * h * h + h * h + 2 * h * f;
+        let rows = 3 * h + h + f + h;
+        let per_block = params + 4 * rows + 4 * rows + 4 * 4 * h;
+        let embeddings = 2 * v * h * 2;
+        let final_norm = 2 * h * 4;
+        // Rotary tables: cos and sin of 2048 positions x 12 frequencies (24 rotary dims).
+        let rotary = 2048 * 24 * 4;
+        assert_eq!(
+            plan.weights,
+            l * per_block + embeddings + final_norm + rotary
+        );
+        // About 19.7 GiB, the issue's floor.
+        assert!((19.5..20.0).contains(&(plan.weights as f64 / (1u64 << 30) as f64)));
+        // LoRA r 16 on query_key_value: 16 * (H + 3H) per block, and the value head.
+        assert_eq!(plan.adapters, (l * 16 * 4 * h + h + 1) * 4);
+        assert_eq!(plan.optimizer, 3 * plan.adapters);
+        // KV cache: K and V of 44 layers for 16 x 24 tokens of width H.
+        assert_eq!(plan.kv_cache, 2 * l * 16 * 24 * h * 4);
+    }
+
+    #[test]
+    fn precision_checkpointing_and_rank_move_the_plan_the_right_way() {
+        let c = neox_20b();
+        let int8 = plan(&c, &settings(Job::Sft, Precision::Int8 { threshold: 6.0 }));
+        let f16 = plan(&c, &settings(Job::Sft, Precision::F16));
+        let f32 = plan(&c, &settings(Job::Sft, Precision::F32));
+        assert!(int8.weights < f16.weights && f16.weights < f32.weights);
+        let mut no_ckpt = settings(Job::Sft, Precision::F16);
+        no_ckpt.gradient_checkpointing = false;
+        assert!(plan(&c, &no_ckpt).activations > 10 * f16.activations);
+        let mut no_lora = settings(Job::Sft, Precision::F16);
+        no_lora.lora_r = 0;
+        assert_eq!(plan(&c, &no_lora).adapters, 0);
+        let mut generate = settings(Job::Generate, Precision::F16);
+        generate.lora_r = 0;
+        let generate = plan(&c, &generate);
+        assert_eq!((generate.optimizer, generate.adapters), (0, 0));
+    }
+}

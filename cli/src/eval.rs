@@ -19,6 +19,7 @@ use serde_json::json;
 
 use crate::model_args::ModelArgs;
 use crate::output::Output;
+use lathe_models::plan::PlanSettings;
 
 #[derive(clap::Args, Debug)]
 pub struct EvalArgs {
@@ -130,6 +131,12 @@ pub fn run(args: &EvalArgs) -> Result<()> {
     if text.trim().is_empty() {
         bail!("{}: the file holds no text", args.file.display());
     }
+    args.model.preflight(PlanSettings {
+        batch: args.batch_size,
+        train_batch: args.batch_size,
+        seq_len: args.block_size.unwrap_or(1024),
+        ..PlanSettings::inference()
+    })?;
     let (pretrained, device) = args.model.load()?;
     let tokenizer = &pretrained.tokenizer;
     let ids = tokenizer.encode(&text, !args.no_special_tokens)?;

@@ -13,6 +13,7 @@ use serde_json::json;
 use crate::model_args::ModelArgs;
 use crate::output::Output;
 use crate::texts::read_texts;
+use lathe_models::plan::PlanSettings;
 
 /// Output format of `lathe generate`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -87,6 +88,14 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
     if args.batch_size == 0 {
         bail!("--batch-size must be at least 1");
     }
+    // A prompt has at most one token per byte (byte-level BPE), so this bounds its length.
+    let longest = prompts.iter().map(String::len).max().unwrap_or(0);
+    args.model.preflight(PlanSettings {
+        batch: args.batch_size.min(prompts.len()),
+        train_batch: args.batch_size.min(prompts.len()),
+        seq_len: longest + 1 + args.max_new_tokens,
+        ..PlanSettings::inference()
+    })?;
     let (pretrained, device) = args.model.load()?;
     let tokenizer = &pretrained.tokenizer;
     let eos = tokenizer.eos_id();

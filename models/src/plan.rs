@@ -41,6 +41,23 @@ pub struct PlanSettings {
     pub gradient_checkpointing: bool,
 }
 
+impl PlanSettings {
+    /// Generation or scoring of one sequence in f32, no adapters: the base to override.
+    pub fn inference() -> PlanSettings {
+        PlanSettings {
+            job: Job::Generate,
+            precision: Precision::F32,
+            embeddings_f16: false,
+            batch: 1,
+            train_batch: 1,
+            seq_len: 1,
+            lora_r: 0,
+            lora_targets: Vec::new(),
+            gradient_checkpointing: false,
+        }
+    }
+}
+
 /// Predicted peak bytes by category.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct MemoryPlan {

@@ -331,6 +331,19 @@ impl Adam {
     }
 }
 
+/// The index of the first tensor of `tensors` holding a NaN or an infinity (None: all
+/// finite). Reads each tensor back to the host: meant for the small trainable tensors (LoRA
+/// adapters, heads) that a trainer checks after every optimizer step.
+pub fn first_non_finite(tensors: &[Tensor]) -> Result<Option<usize>> {
+    let _no_grad = crate::no_grad();
+    for (i, t) in tensors.iter().enumerate() {
+        if t.to_vec_f32()?.iter().any(|x| !x.is_finite()) {
+            return Ok(Some(i));
+        }
+    }
+    Ok(None)
+}
+
 /// Scales the gradients of `params` in `grads` so that their global L2 norm is at most
 /// `max_norm` (torch's `clip_grad_norm_`: coefficient max_norm / (norm + 1e-6), applied only
 /// when below 1). Returns the norm before clipping. Parameters without a gradient are skipped.

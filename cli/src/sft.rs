@@ -531,9 +531,9 @@ pub fn train_stoppable(
         }
         adam.set_lr(lr);
         adam.step(&grads)?;
-        if let Some(i) = lathe_core::first_non_finite(&params)? {
+        if let Some(i) = lathe_core::first_diverged(&params)? {
             return Err(diverged(format!(
-                "LoRA parameter {i} {:?} holds NaN/inf after the update",
+                "LoRA parameter {i} {:?} holds NaN/inf or a value beyond 1.8e19 after the update",
                 params[i].shape()
             )));
         }

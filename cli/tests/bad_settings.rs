@@ -19,7 +19,9 @@ fn fixture_model() -> PathBuf {
 }
 
 fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../reward/tests/fixtures").join(name)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../reward/tests/fixtures")
+        .join(name)
 }
 
 fn scratch(name: &str) -> PathBuf {
@@ -135,12 +137,6 @@ fn sft_refuses_bad_settings() {
         &path(&fixture_model()),
         "--data",
         &path(&data),
-        "--block-size",
-        "16",
-        "--batch-size",
-        "2",
-        "--lora-r",
-        "2",
     ]);
     let huge = "18446744073709551615";
     let cases: &[(&[&str], Option<&str>, &str)] = &[
@@ -148,32 +144,84 @@ fn sft_refuses_bad_settings() {
         (&["--lr=-1e-3"], None, "lr must be finite and > 0"),
         (&["--lr", "NaN"], None, "lr must be finite and > 0"),
         (&["--lr", "inf"], None, "lr must be finite and > 0"),
-        (&["--weight-decay=-0.1"], None, "weight_decay must be finite and >= 0"),
-        (&["--weight-decay", "NaN"], None, "weight_decay must be finite and >= 0"),
+        (
+            &["--weight-decay=-0.1"],
+            None,
+            "weight_decay must be finite and >= 0",
+        ),
+        (
+            &["--weight-decay", "NaN"],
+            None,
+            "weight_decay must be finite and >= 0",
+        ),
         (&["--max-grad-norm", "0"], None, "max_grad_norm must be > 0"),
         (&["--max-grad-norm=-1"], None, "max_grad_norm must be > 0"),
-        (&["--max-grad-norm", "NaN"], None, "max_grad_norm must be > 0"),
+        (
+            &["--max-grad-norm", "NaN"],
+            None,
+            "max_grad_norm must be > 0",
+        ),
         (&["--max-steps", "0"], None, "max_steps must be in 1..="),
         (&["--epochs", "inf"], None, "epochs must be finite and > 0"),
-        (&["--batch-size", huge], None, "batch_size must be in 1..=1048576"),
-        (&["--batch-size", "0"], None, "batch_size must be in 1..=1048576"),
-        (&["--grad-accum", "9223372036854775808"], None, "grad_accum must be in 1..="),
+        (
+            &["--batch-size", huge],
+            None,
+            "batch_size must be in 1..=1048576",
+        ),
+        (
+            &["--batch-size", "0"],
+            None,
+            "batch_size must be in 1..=1048576",
+        ),
+        (
+            &["--grad-accum", "9223372036854775808"],
+            None,
+            "grad_accum must be in 1..=",
+        ),
         (&["--block-size", "1"], None, "block_size must be in 2..="),
-        (&["--eval-fraction", "NaN"], None, "eval_fraction must be in [0, 1)"),
-        (&["--lora-r", "1099511627776"], None, "exceeds the layer's width"),
+        (
+            &["--eval-fraction", "NaN"],
+            None,
+            "eval_fraction must be in [0, 1)",
+        ),
+        (
+            &["--lora-r", "1099511627776"],
+            None,
+            "exceeds the layer's width",
+        ),
         (&["--lora-r", "0"], None, "lora_r must be >= 1"),
-        (&["--lora-alpha", "NaN"], None, "lora_alpha must be finite and > 0"),
-        (&["--lora-dropout", "1"], None, "lora_dropout must be in [0, 1)"),
+        (
+            &["--lora-alpha", "NaN"],
+            None,
+            "lora_alpha must be finite and > 0",
+        ),
+        (
+            &["--lora-dropout", "1"],
+            None,
+            "lora_dropout must be in [0, 1)",
+        ),
         (
             &["--load-in-8bit", "--int8-threshold", "NaN"],
             None,
             "--int8-threshold must be finite and >= 0",
         ),
-        (&[], Some("max_grad_norm = nan\n"), "max_grad_norm must be > 0"),
+        (
+            &[],
+            Some("max_grad_norm = nan\n"),
+            "max_grad_norm must be > 0",
+        ),
         (&[], Some("lr = -1.0\n"), "lr must be finite and > 0"),
-        (&[], Some("weight_decay = nan\n"), "weight_decay must be finite"),
+        (
+            &[],
+            Some("weight_decay = nan\n"),
+            "weight_decay must be finite",
+        ),
         (&[], Some("max_steps = 0\n"), "max_steps must be in 1..="),
-        (&[], Some("grad_accum = 9223372036854775807\n"), "grad_accum must be in 1..="),
+        (
+            &[],
+            Some("grad_accum = 9223372036854775807\n"),
+            "grad_accum must be in 1..=",
+        ),
     ];
     check_table("sft", &base, &dir, &out, cases);
 }
@@ -216,30 +264,95 @@ fn ppo_refuses_bad_settings() {
     let with = |extra: &str| format!("{PPO_TOML}{extra}");
     let ppo = |extra: &str| PPO_TOML.replace("[ppo]\n", &format!("[ppo]\n{extra}\n"));
     let cases: Vec<(Vec<&str>, Option<String>, &str)> = vec![
-        (vec!["--learning-rate", "0"], None, "learning_rate must be finite and > 0"),
-        (vec!["--learning-rate", "NaN"], None, "learning_rate must be finite and > 0"),
-        (vec!["--init-kl-coef=-0.1"], None, "init_kl_coef must be finite and >= 0"),
-        (vec!["--init-kl-coef", "NaN"], None, "init_kl_coef must be finite and >= 0"),
-        (vec!["--steps", "0"], None, "steps must be in 1..="),
-        (vec!["--batch-size", "18446744073709551615"], None, "batch_size must be in 1..="),
         (
-            vec!["--batch-size", "2", "--mini-batch-size", "9223372036854775809"],
+            vec!["--learning-rate", "0"],
+            None,
+            "learning_rate must be finite and > 0",
+        ),
+        (
+            vec!["--learning-rate", "NaN"],
+            None,
+            "learning_rate must be finite and > 0",
+        ),
+        (
+            vec!["--init-kl-coef=-0.1"],
+            None,
+            "init_kl_coef must be finite and >= 0",
+        ),
+        (
+            vec!["--init-kl-coef", "NaN"],
+            None,
+            "init_kl_coef must be finite and >= 0",
+        ),
+        (vec!["--steps", "0"], None, "steps must be in 1..="),
+        (
+            vec!["--batch-size", "18446744073709551615"],
+            None,
+            "batch_size must be in 1..=",
+        ),
+        (
+            vec![
+                "--batch-size",
+                "2",
+                "--mini-batch-size",
+                "9223372036854775809",
+            ],
             None,
             "mini_batch_size must be in 1..=",
         ),
-        (vec!["--ppo-epochs", "0"], None, "ppo_epochs must be in 1..="),
+        (
+            vec!["--ppo-epochs", "0"],
+            None,
+            "ppo_epochs must be in 1..=",
+        ),
         (vec![], Some(ppo("gamma = nan")), "gamma must be in [0, 1]"),
         (vec![], Some(ppo("gamma = 1.5")), "gamma must be in [0, 1]"),
         (vec![], Some(ppo("lam = -0.1")), "lam must be in [0, 1]"),
-        (vec![], Some(ppo("vf_coef = nan")), "vf_coef must be finite and >= 0"),
-        (vec![], Some(ppo("vf_coef = -1.0")), "vf_coef must be finite and >= 0"),
-        (vec![], Some(ppo("cliprange = nan")), "cliprange must be finite and >= 0"),
-        (vec![], Some(ppo("cliprange_value = -0.2")), "cliprange_value must be finite"),
-        (vec![], Some(ppo("ratio_threshold = 0.0")), "ratio_threshold must be > 0"),
-        (vec![], Some(ppo("target_kl = nan")), "target_kl must be finite and >= 0"),
-        (vec![], Some(ppo("max_grad_norm = 0.0")), "max_grad_norm must be > 0"),
-        (vec![], Some(ppo("init_kl_coef = inf")), "init_kl_coef must be finite"),
-        (vec![], Some(ppo("target = nan")), "needs target finite and > 0"),
+        (
+            vec![],
+            Some(ppo("vf_coef = nan")),
+            "vf_coef must be finite and >= 0",
+        ),
+        (
+            vec![],
+            Some(ppo("vf_coef = -1.0")),
+            "vf_coef must be finite and >= 0",
+        ),
+        (
+            vec![],
+            Some(ppo("cliprange = nan")),
+            "cliprange must be finite and >= 0",
+        ),
+        (
+            vec![],
+            Some(ppo("cliprange_value = -0.2")),
+            "cliprange_value must be finite",
+        ),
+        (
+            vec![],
+            Some(ppo("ratio_threshold = 0.0")),
+            "ratio_threshold must be > 0",
+        ),
+        (
+            vec![],
+            Some(ppo("target_kl = nan")),
+            "target_kl must be finite and >= 0",
+        ),
+        (
+            vec![],
+            Some(ppo("max_grad_norm = 0.0")),
+            "max_grad_norm must be > 0",
+        ),
+        (
+            vec![],
+            Some(ppo("init_kl_coef = inf")),
+            "init_kl_coef must be finite",
+        ),
+        (
+            vec![],
+            Some(ppo("target = nan")),
+            "needs target finite and > 0",
+        ),
         (
             vec![],
             Some(ppo("gradient_accumulation_steps = 9223372036854775807")),
@@ -250,10 +363,26 @@ fn ppo_refuses_bad_settings() {
             Some(PPO_TOML.replace("max = 3 }\n", "max = 3, mx = 4 }\n")),
             "unknown field `mx`",
         ),
-        (vec![], Some(with("temperature = 0.0\n")), "temperature must be finite and > 0"),
-        (vec![], Some(with("top_p = nan\n")), "top_p must be in (0, 1]"),
-        (vec![], Some(with("lora_dropout = 1.0\n")), "lora_dropout must be in [0, 1)"),
-        (vec![], Some(with("value_head_dropout = nan\n")), "value_head_dropout must be in"),
+        (
+            vec![],
+            Some(with("temperature = 0.0\n")),
+            "temperature must be finite and > 0",
+        ),
+        (
+            vec![],
+            Some(with("top_p = nan\n")),
+            "top_p must be in (0, 1]",
+        ),
+        (
+            vec![],
+            Some(with("lora_dropout = 1.0\n")),
+            "lora_dropout must be in [0, 1)",
+        ),
+        (
+            vec![],
+            Some(with("value_head_dropout = nan\n")),
+            "value_head_dropout must be in",
+        ),
         (
             vec![],
             Some(PPO_TOML.replace("lora_r = 2", "lora_r = 1099511627776")),
@@ -290,25 +419,81 @@ fn reward_train_refuses_bad_settings() {
         &path(&fixture("tiny_bert")),
         "--data",
         &path(&data),
-        "--epochs",
-        "2",
     ]);
     let cases: &[(&[&str], Option<&str>, &str)] = &[
-        (&["--weight-decay", "NaN"], None, "weight decay must be finite and >= 0"),
-        (&["--weight-decay=-1"], None, "weight decay must be finite and >= 0"),
+        (
+            &["--weight-decay", "NaN"],
+            None,
+            "weight decay must be finite and >= 0",
+        ),
+        (
+            &["--weight-decay=-1"],
+            None,
+            "weight decay must be finite and >= 0",
+        ),
         (&["--lr", "0"], None, "learning rate must be finite and > 0"),
-        (&["--lr", "inf"], None, "learning rate must be finite and > 0"),
-        (&["--batch-size", "2305843009213693952"], None, "batch size must be in 1..="),
-        (&["--batch-size", "18446744073709551615"], None, "batch size must be in 1..="),
+        (
+            &["--lr", "inf"],
+            None,
+            "learning rate must be finite and > 0",
+        ),
+        (
+            &["--batch-size", "2305843009213693952"],
+            None,
+            "batch size must be in 1..=",
+        ),
+        (
+            &["--batch-size", "18446744073709551615"],
+            None,
+            "batch size must be in 1..=",
+        ),
         (&["--epochs", "0"], None, "epochs must be in 1..="),
-        (&["--val-fraction", "1"], None, "held-out fraction must be in [0, 1)"),
-        (&["--val-fraction", "NaN"], None, "held-out fraction must be in [0, 1)"),
-        (&["--lora", "--lora-lr", "NaN"], None, "LoRA learning rate must be finite"),
-        (&["--lora", "--lora-alpha", "0"], None, "LoRA alpha must be finite and > 0"),
-        (&["--lora", "--lora-r", "1099511627776"], None, "exceeds the encoder's hidden size"),
-        (&["--lora", "--lora-batch-size", "0"], None, "LoRA batch size must be in 1..="),
-        (&[], Some("weight_decay = nan\n"), "weight decay must be finite and >= 0"),
-        (&[], Some("batch_size = 2305843009213693952\n"), "batch size must be in 1..="),
+        // Valid, but diverges at the first update: stopped, nothing written.
+        (
+            &["--lr", "1e30"],
+            None,
+            "head stage, epoch 1: trainable parameter",
+        ),
+        (
+            &["--val-fraction", "1"],
+            None,
+            "held-out fraction must be in [0, 1)",
+        ),
+        (
+            &["--val-fraction", "NaN"],
+            None,
+            "held-out fraction must be in [0, 1)",
+        ),
+        (
+            &["--lora", "--lora-lr", "NaN"],
+            None,
+            "LoRA learning rate must be finite",
+        ),
+        (
+            &["--lora", "--lora-alpha", "0"],
+            None,
+            "LoRA alpha must be finite and > 0",
+        ),
+        (
+            &["--lora", "--lora-r", "1099511627776"],
+            None,
+            "exceeds the encoder's hidden size",
+        ),
+        (
+            &["--lora", "--lora-batch-size", "0"],
+            None,
+            "LoRA batch size must be in 1..=",
+        ),
+        (
+            &[],
+            Some("weight_decay = nan\n"),
+            "weight decay must be finite and >= 0",
+        ),
+        (
+            &[],
+            Some("batch_size = 2305843009213693952\n"),
+            "batch size must be in 1..=",
+        ),
     ];
     check_table("reward-train", &base, &dir, &out, cases);
 }
@@ -329,8 +514,7 @@ fn sft_divergence_stops_and_keeps_the_last_checkpoint() {
     let data = sft_texts(&dir);
     let config_path = dir.join("sft.toml");
     std::fs::write(&config_path, sft_divergence_config()).unwrap();
-    let config: SftConfig =
-        lathe_cli::config_file::read_toml(&config_path, "SFT config").unwrap();
+    let config: SftConfig = lathe_cli::config_file::read_toml(&config_path, "SFT config").unwrap();
     let out = dir.join("out");
     // Step 1 (lr 0) through the library, stopped there as an interrupted run would be.
     let mut pretrained = Pretrained::load(&fixture_model(), &Device::Cpu, Precision::F32).unwrap();
@@ -342,8 +526,15 @@ fn sft_divergence_stops_and_keeps_the_last_checkpoint() {
         config.eval_fraction,
     )
     .unwrap();
-    lathe_cli::sft::train_until(&mut pretrained.model, &blocks, &config, &out, &Device::Cpu, Some(1))
-        .unwrap();
+    lathe_cli::sft::train_until(
+        &mut pretrained.model,
+        &blocks,
+        &config,
+        &out,
+        &Device::Cpu,
+        Some(1),
+    )
+    .unwrap();
     let checkpoint = snapshot(&out.join("checkpoint"));
     assert!(!checkpoint.is_empty());
     let metrics_before = std::fs::read(out.join("metrics.jsonl")).unwrap();
@@ -369,7 +560,10 @@ fn sft_divergence_stops_and_keeps_the_last_checkpoint() {
     assert!(!out.join("adapter_model.safetensors").exists());
     assert!(!out.join("run.json").exists());
     // The resume rewrote metrics.jsonl with the step before; the bad step left no line.
-    assert_eq!(std::fs::read(out.join("metrics.jsonl")).unwrap(), metrics_before);
+    assert_eq!(
+        std::fs::read(out.join("metrics.jsonl")).unwrap(),
+        metrics_before
+    );
 }
 
 /// PPO at lr 1e30 stops at step 1 with an error (no checkpoint, adapter or value head).
@@ -403,7 +597,12 @@ fn ppo_divergence_is_an_error() {
     let message = format!("{err:#}");
     assert!(message.contains("diverged"), "{message}");
     assert!(message.contains("learning rate"), "{message}");
-    for name in ["checkpoint", "adapter_model.safetensors", "value_head.safetensors", "run.json"] {
+    for name in [
+        "checkpoint",
+        "adapter_model.safetensors",
+        "value_head.safetensors",
+        "run.json",
+    ] {
         assert!(!out.join(name).exists(), "{name} written: {message}");
     }
 }
@@ -425,7 +624,11 @@ fn ppo_nan_setting_keeps_the_earlier_run_and_a_rerun_keeps_the_summary() {
         lathe(&argv)
     };
     let first = run(&good);
-    assert!(first.status.success(), "{}", String::from_utf8_lossy(&first.stderr));
+    assert!(
+        first.status.success(),
+        "{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
     let before = snapshot(&out);
     let run_json = |out: &Path| -> serde_json::Value {
         serde_json::from_str(&std::fs::read_to_string(out.join("run.json")).unwrap()).unwrap()
@@ -438,15 +641,26 @@ fn ppo_nan_setting_keeps_the_earlier_run_and_a_rerun_keeps_the_summary() {
     let bad = run(&nan);
     let stderr = String::from_utf8_lossy(&bad.stderr);
     assert!(!bad.status.success(), "{stderr}");
-    assert!(stderr.contains("vf_coef must be finite and >= 0"), "{stderr}");
-    assert!(snapshot(&out) == before, "the NaN run changed {}", out.display());
+    assert!(
+        stderr.contains("vf_coef must be finite and >= 0"),
+        "{stderr}"
+    );
+    assert!(
+        snapshot(&out) == before,
+        "the NaN run changed {}",
+        out.display()
+    );
 
     let again = run(&good);
     let stderr = String::from_utf8_lossy(&again.stderr);
     assert!(again.status.success(), "{stderr}");
     assert!(stderr.contains("already holds a finished run"), "{stderr}");
     assert_eq!(run_json(&out)["summary"], summary);
-    assert!(snapshot(&out) == before, "the rerun changed {}", out.display());
+    assert!(
+        snapshot(&out) == before,
+        "the rerun changed {}",
+        out.display()
+    );
 }
 
 /// Ctrl-C during `lathe ppo`: the step finishes, a checkpoint is saved, the exit is 130.
@@ -459,7 +673,7 @@ fn ppo_ctrl_c_saves_and_exits_130() {
     let out = dir.join("out");
     let mut argv = ppo_base(&data);
     argv.extend(strings(&["--config", &path(&config), "--out", &path(&out)]));
-    let mut child = Command::new(env!("CARGO_BIN_EXE_lathe"))
+    let child = Command::new(env!("CARGO_BIN_EXE_lathe"))
         .args(&argv)
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -467,7 +681,10 @@ fn ppo_ctrl_c_saves_and_exits_130() {
     let metrics = out.join("metrics.jsonl");
     let started = std::time::Instant::now();
     while !std::fs::read_to_string(&metrics).is_ok_and(|t| t.lines().count() >= 1) {
-        assert!(started.elapsed().as_secs() < 300, "no PPO step within 300 s");
+        assert!(
+            started.elapsed().as_secs() < 300,
+            "no PPO step within 300 s"
+        );
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
     let kill = Command::new("kill")
@@ -478,7 +695,10 @@ fn ppo_ctrl_c_saves_and_exits_130() {
     let output = child.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(output.status.code(), Some(130), "{stderr}");
-    assert!(stderr.contains("interrupted; saved a checkpoint"), "{stderr}");
+    assert!(
+        stderr.contains("interrupted; saved a checkpoint"),
+        "{stderr}"
+    );
     assert!(out.join("checkpoint/trainer_state.json").is_file());
     assert!(!out.join("run.json").exists());
 }

@@ -331,13 +331,24 @@ impl Adam {
     }
 }
 
-/// The index of the first tensor of `tensors` holding a NaN or an infinity (None: all
-/// finite). Reads each tensor back to the host: meant for the small trainable tensors (LoRA
-/// adapters, heads) that a trainer checks after every optimizer step.
-pub fn first_non_finite(tensors: &[Tensor]) -> Result<Option<usize>> {
+/// The largest magnitude a trainable value may reach, sqrt(f32::MAX) (about 1.8e19): beyond
+/// it the value's square overflows, so norms, variances and the next forward turn into
+/// inf/NaN (or, through a normalization, into silent zeros). A parameter past it has
+/// diverged as surely as a NaN one.
+pub const DIVERGED_MAGNITUDE: f32 = 1.844_674_4e19;
+
+/// The index of the first tensor of `tensors` holding a NaN, an infinity or a value beyond
+/// [`DIVERGED_MAGNITUDE`] (None: all fine). Reads each tensor back to the host: meant for
+/// the small trainable tensors (LoRA adapters, heads) a trainer checks after every
+/// optimizer step.
+pub fn first_diverged(tensors: &[Tensor]) -> Result<Option<usize>> {
     let _no_grad = crate::no_grad();
     for (i, t) in tensors.iter().enumerate() {
-        if t.to_vec_f32()?.iter().any(|x| !x.is_finite()) {
+        // `!(|x| <= limit)` is also true for NaN.
+        if t.to_vec_f32()?
+            .iter()
+            .any(|x| !(x.abs() <= DIVERGED_MAGNITUDE))
+        {
             return Ok(Some(i));
         }
     }

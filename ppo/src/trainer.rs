@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 
 use lathe_core::optim::{Adam, AdamConfig};
-use lathe_core::{clip_grad_norm, first_non_finite, no_grad, Device, GradStore, Tensor};
+use lathe_core::{clip_grad_norm, first_diverged, no_grad, Device, GradStore, Tensor};
 use lathe_lora::AdapterSwitch;
 use lathe_models::attention::TokenLayout;
 use lathe_models::hf::CausalLm;
@@ -360,9 +360,9 @@ impl PpoTrainer {
                         return Err(self.diverged(format!("the gradient norm is {norm}")));
                     }
                     self.adam.step(&grads)?;
-                    if let Some(i) = first_non_finite(&params)? {
+                    if let Some(i) = first_diverged(&params)? {
                         return Err(self.diverged(format!(
-                            "trainable parameter {i} ({:?}) holds NaN/inf after the update",
+                            "trainable parameter {i} ({:?}) holds NaN/inf or a value beyond 1.8e19 after the update",
                             params[i].shape()
                         )));
                     }

@@ -339,8 +339,8 @@ fn check_config(config: &TrainConfig) -> Result<()> {
 fn check_finite(stage: &str, epoch: usize, loss: f32, params: &[Tensor]) -> Result<()> {
     let what = if !loss.is_finite() {
         format!("the loss is {loss}")
-    } else if let Some(i) = lathe_core::first_non_finite(params)? {
-        format!("trainable parameter {i} holds NaN/inf after the update")
+    } else if let Some(i) = lathe_core::first_diverged(params)? {
+        format!("trainable parameter {i} holds NaN/inf or a value beyond 1.8e19 after the update")
     } else {
         return Ok(());
     };

@@ -833,14 +833,19 @@ pub fn run(args: &SftArgs, matches: Option<&clap::ArgMatches>) -> Result<()> {
     let first = summary.losses.first().copied().unwrap_or(f32::NAN);
     let last = summary.losses.last().copied().unwrap_or(f32::NAN);
     eprintln!(
-        "sft: done, {} steps, loss {first:.4} -> {last:.4}{}, {:.0} tokens/s; adapter in {}",
+        "sft: done, {} steps, loss {first:.4} -> {last:.4}{}{}; adapter in {}",
         summary.steps,
         summary
             .eval_losses
             .last()
             .map(|(_, e)| format!(", eval loss {e:.4}"))
             .unwrap_or_default(),
-        summary.tokens_per_s,
+        // A rerun of a finished run trained nothing: no speed to report.
+        if summary.tokens_per_s > 0.0 {
+            format!(", {:.0} tokens/s", summary.tokens_per_s)
+        } else {
+            String::new()
+        },
         args.out.display()
     );
     Ok(())

@@ -40,7 +40,10 @@ fn snapshot(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
         for entry in entries {
             let path = entry.unwrap().path();
             if path.is_dir() {
-                out.insert(path.strip_prefix(root).unwrap().join("/"), Vec::new());
+                out.insert(
+                    path.strip_prefix(root).unwrap().to_path_buf(),
+                    b"<dir>".to_vec(),
+                );
                 walk(root, &path, out);
             } else {
                 let bytes = std::fs::read(&path).unwrap();
@@ -701,4 +704,52 @@ fn ppo_ctrl_c_saves_and_exits_130() {
     );
     assert!(out.join("checkpoint/trainer_state.json").is_file());
     assert!(!out.join("run.json").exists());
+}
+
+/// Rerunning a finished SFT run trains nothing, says so, and leaves run.json (its losses)
+/// and the adapter as they were.
+#[test]
+fn sft_rerun_of_a_finished_run_keeps_its_summary() {
+    let dir = scratch("sft-rerun");
+    let data = sft_texts(&dir);
+    let out = dir.join("out");
+    let argv = strings(&[
+        "sft",
+        "--device",
+        "cpu",
+        "--model",
+        &path(&fixture_model()),
+        "--data",
+        &path(&data),
+        "--block-size",
+        "16",
+        "--batch-size",
+        "2",
+        "--lora-r",
+        "2",
+        "--max-steps",
+        "2",
+        "--out",
+        &path(&out),
+    ]);
+    let first = lathe(&argv);
+    assert!(
+        first.status.success(),
+        "{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
+    let before = snapshot(&out);
+    let run: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("run.json")).unwrap()).unwrap();
+    assert_eq!(run["summary"]["losses"].as_array().unwrap().len(), 2);
+    let again = lathe(&argv);
+    let stderr = String::from_utf8_lossy(&again.stderr);
+    assert!(again.status.success(), "{stderr}");
+    assert!(stderr.contains("already holds a finished run"), "{stderr}");
+    assert!(!stderr.contains("NaN"), "{stderr}");
+    assert!(
+        snapshot(&out) == before,
+        "the rerun changed {}",
+        out.display()
+    );
 }

@@ -344,10 +344,9 @@ pub const DIVERGED_MAGNITUDE: f32 = 1.844_674_4e19;
 pub fn first_diverged(tensors: &[Tensor]) -> Result<Option<usize>> {
     let _no_grad = crate::no_grad();
     for (i, t) in tensors.iter().enumerate() {
-        // `!(|x| <= limit)` is also true for NaN.
         if t.to_vec_f32()?
             .iter()
-            .any(|x| !(x.abs() <= DIVERGED_MAGNITUDE))
+            .any(|x| x.is_nan() || x.abs() > DIVERGED_MAGNITUDE)
         {
             return Ok(Some(i));
         }

@@ -190,6 +190,14 @@ fn main() -> ExitCode {
     let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     match lathe_core::on_cpu_pool(move || run(cli, matches)) {
         Ok(()) => ExitCode::SUCCESS,
+        // Ctrl-C stopped a training command after it saved: 130, as a shell reports SIGINT.
+        Err(e)
+            if e.downcast_ref::<lathe_cli::run_files::Interrupted>()
+                .is_some() =>
+        {
+            eprintln!("{e}");
+            ExitCode::from(130)
+        }
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE

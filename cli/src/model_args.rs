@@ -54,6 +54,12 @@ pub struct ModelArgs {
 
 impl ModelArgs {
     pub fn precision(&self) -> Result<Precision> {
+        if !(self.int8_threshold.is_finite() && self.int8_threshold >= 0.0) {
+            bail!(
+                "--int8-threshold must be finite and >= 0 (0 disables the outlier path), got {}",
+                self.int8_threshold
+            );
+        }
         match (self.load_in_8bit, self.dtype) {
             (true, DTypeArg::F16) => bail!("--load-in-8bit and --dtype f16 exclude each other"),
             (true, DTypeArg::F32) => Ok(Precision::Int8 {

@@ -31,6 +31,7 @@ use serde_json::json;
 
 use crate::config_file::read_toml;
 use crate::progress::Progress;
+use crate::run_files::{append_jsonl, Interrupted};
 
 /// The run's settings beyond trl's PPOConfig: rollouts, LoRA, length of the run.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -78,6 +79,37 @@ impl Default for RunSettings {
     }
 }
 
+/// The most PPO steps a run may ask for.
+pub const MAX_STEPS: usize = 1 << 30;
+
+impl RunSettings {
+    /// Checks every setting against its meaning; the error names the key and its range.
+    /// `steps = 0` is an error (trl's loop would do nothing and still save: say so instead).
+    pub fn validate(&self) -> Result<()> {
+        if !(1..=MAX_STEPS).contains(&self.steps) {
+            bail!("steps must be in 1..={MAX_STEPS}, got {}", self.steps);
+        }
+        self.query_length.validate("query_length")?;
+        self.response_length.validate("response_length")?;
+        if !(self.temperature.is_finite() && self.temperature > 0.0) {
+            bail!(
+                "temperature must be finite and > 0, got {}",
+                self.temperature
+            );
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            bail!("top_p must be in (0, 1], got {}", self.top_p);
+        }
+        if !(0.0..1.0).contains(&self.value_head_dropout) {
+            bail!(
+                "value_head_dropout must be in [0, 1), got {}",
+                self.value_head_dropout
+            );
+        }
+        crate::sft::check_lora(self.lora_r, self.lora_alpha, self.lora_dropout)
+    }
+}
+
 /// The whole config file: `[ppo]` with trl's PPOConfig keys, `[run]` with [`RunSettings`].
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -89,6 +121,12 @@ pub struct PpoFile {
 impl PpoFile {
     pub fn read(path: &Path) -> Result<PpoFile> {
         read_toml(path, "PPO config")
+    }
+
+    /// Both sections' checks.
+    pub fn validate(&self) -> Result<()> {
+        self.ppo.validate()?;
+        self.run.validate()
     }
 }
 
@@ -130,10 +168,7 @@ pub fn train(
     stop_after: Option<usize>,
 ) -> Result<PpoSummary> {
     let (config, run) = (&file.ppo, &file.run);
-    config.validate()?;
-    run.query_length.validate("query_length")?;
-    run.response_length.validate("response_length")?;
-    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    file.validate()?;
     let tokenized: Vec<Vec<u32>> = texts
         .iter()
         .map(|t| tokenizer.encode(t, true))
@@ -173,6 +208,8 @@ pub fn train(
     eprintln!("{}", model.trainable_parameters_line()?);
     let pad = tokenizer.pad_id().or(tokenizer.eos_id()).unwrap_or(0);
     let mut trainer = PpoTrainer::new(model, switch, value_head, config.clone(), pad, device)?;
+    // Only now, with every setting and the adapters accepted, does the run folder appear.
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     let start = match &state {
         Some(s) => {
             let n = trainer.optimizer().params().len();
@@ -188,6 +225,21 @@ pub fn train(
     };
     let metrics_path = out.join("metrics.jsonl");
     let samples_path = out.join("samples.jsonl");
+    if start >= run.steps {
+        // A rerun of a finished run: nothing to train. Its outputs stay as they are; only
+        // when the final ones are missing (a crash after the last checkpoint) are they
+        // written, with the summary taken from metrics.jsonl.
+        let summary = finished_summary(&metrics_path, start)?;
+        if out.join("run.json").is_file() {
+            eprintln!(
+                "ppo: {} already holds a finished run of {start} steps; nothing to do",
+                out.display()
+            );
+        } else {
+            save_final(&trainer, &lora, file, &summary, out)?;
+        }
+        return Ok(summary);
+    }
     let mut metrics = crate::run_files::reopen_jsonl(&metrics_path, start)?;
     let mut samples = crate::run_files::reopen_jsonl(&samples_path, start)?;
     let sampling = SamplingConfig {
@@ -196,13 +248,18 @@ pub fn train(
         top_p: run.top_p,
         greedy: false,
     };
-    let mut summary = PpoSummary {
-        steps_done: start,
-        mean_rewards: Vec::new(),
-        kls: Vec::new(),
-        interrupted: false,
-        resumed_from: state.as_ref().map(|s| s.step),
-        seconds_per_step: 0.0,
+    // A resumed run's summary covers the steps before the checkpoint too.
+    let mut summary = if start > 0 {
+        finished_summary(&metrics_path, start)?
+    } else {
+        PpoSummary {
+            steps_done: 0,
+            mean_rewards: Vec::new(),
+            kls: Vec::new(),
+            interrupted: false,
+            resumed_from: None,
+            seconds_per_step: 0.0,
+        }
     };
     let mut progress = Progress::new("ppo", run.steps);
     let started = Instant::now();
@@ -254,13 +311,12 @@ pub fn train(
         }
         record["time/generate_s"] = json!(generate_s);
         record["time/step_s"] = json!(step_started.elapsed().as_secs_f64());
-        writeln!(metrics, "{record}")?;
+        append_jsonl(&mut metrics, &record)?;
         metrics.flush()?;
         for ((q, r), s) in query_texts.iter().zip(&response_texts).zip(&scores) {
-            writeln!(
-                samples,
-                "{}",
-                json!({ "step": done, "query": q, "response": r, "reward": s })
+            append_jsonl(
+                &mut samples,
+                &json!({ "step": done, "query": q, "response": r, "reward": s }),
             )?;
         }
         samples.flush()?;
@@ -284,7 +340,6 @@ pub fn train(
         if interrupted {
             summary.interrupted = true;
             progress.finish();
-            eprintln!("ppo: interrupted; saved a checkpoint at step {done} (rerun to resume)");
             return Ok(summary);
         }
         if stop_after == Some(done) {
@@ -295,13 +350,51 @@ pub fn train(
     progress.finish();
     let ran = summary.steps_done - start;
     summary.seconds_per_step = started.elapsed().as_secs_f64() / ran.max(1) as f64;
-    trainer.model.save_lora(out, &lora)?;
+    save_final(&trainer, &lora, file, &summary, out)?;
+    Ok(summary)
+}
+
+/// The final outputs: adapter, value head, `run.json` and the report.
+fn save_final(
+    trainer: &PpoTrainer,
+    lora: &LoraConfig,
+    file: &PpoFile,
+    summary: &PpoSummary,
+    out: &Path,
+) -> Result<()> {
+    trainer.model.save_lora(out, lora)?;
     save_value_head(&trainer.value_head, &out.join(VALUE_HEAD_FILE))?;
     std::fs::write(
         out.join("run.json"),
         serde_json::to_string_pretty(&json!({ "config": file, "summary": summary }))?,
     )?;
-    crate::report::write_report(out)?;
+    crate::report::write_report(out)
+}
+
+/// The summary of the first `steps` steps of a run from its `metrics.jsonl` (a resumed or
+/// finished run); the timing is unknown (0).
+fn finished_summary(metrics: &Path, steps: usize) -> Result<PpoSummary> {
+    let records = if metrics.is_file() {
+        crate::run_files::read_jsonl(metrics)?
+    } else {
+        Vec::new()
+    };
+    let mut summary = PpoSummary {
+        steps_done: steps,
+        mean_rewards: Vec::new(),
+        kls: Vec::new(),
+        interrupted: false,
+        resumed_from: Some(steps),
+        seconds_per_step: 0.0,
+    };
+    for r in records
+        .iter()
+        .filter(|r| r["step"].as_u64().is_some_and(|s| s as usize <= steps))
+    {
+        let value = |key: &str| r[key].as_f64().map_or(f32::NAN, |v| v as f32);
+        summary.mean_rewards.push(value("env/reward_mean"));
+        summary.kls.push(value("objective/kl"));
+    }
     Ok(summary)
 }
 
@@ -450,6 +543,8 @@ impl PpoArgs {
 /// `lathe ppo`.
 pub fn run(args: &PpoArgs) -> Result<()> {
     let file = args.settings()?;
+    file.validate()?;
+    args.model.precision()?;
     let texts = crate::texts::read_texts(&args.data, &args.text_field)?;
     let (mut pretrained, device) = args.model.load()?;
     if let Some(adapter) = &args.adapter {
@@ -486,6 +581,13 @@ pub fn run(args: &PpoArgs) -> Result<()> {
         &stop,
         None,
     )?;
+    if summary.interrupted {
+        return Err(Interrupted {
+            command: "ppo",
+            step: summary.steps_done,
+        }
+        .into());
+    }
     let n = summary.mean_rewards.len();
     if n > 0 {
         let k = n.min(5);

@@ -5,7 +5,7 @@
 use std::fmt::Write as _;
 use std::path::Path;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use serde_json::Value;
 
 use crate::png::plot_bounds;
@@ -27,18 +27,6 @@ const PLOTS: [(&str, &str, &[&str]); 4] = [
 ];
 
 const COLORS: [(u8, u8, u8); 3] = [(31, 119, 180), (214, 39, 40), (44, 160, 44)];
-
-fn read_jsonl(path: &Path) -> Result<Vec<Value>> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    text.lines()
-        .filter(|l| !l.trim().is_empty())
-        .enumerate()
-        .map(|(i, l)| {
-            serde_json::from_str(l).with_context(|| format!("{} line {}", path.display(), i + 1))
-        })
-        .collect()
-}
 
 /// (step, value) points of one metric.
 fn series(metrics: &[Value], key: &str) -> Vec<(f64, f64)> {
@@ -133,9 +121,9 @@ pub fn write_report(run_dir: &Path) -> Result<()> {
             run_dir.display()
         );
     }
-    let metrics = read_jsonl(&metrics_path)?;
+    let metrics = crate::run_files::read_jsonl(&metrics_path)?;
     let samples = if run_dir.join("samples.jsonl").is_file() {
-        read_jsonl(&run_dir.join("samples.jsonl"))?
+        crate::run_files::read_jsonl(&run_dir.join("samples.jsonl"))?
     } else {
         Vec::new()
     };

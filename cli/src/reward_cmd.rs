@@ -267,14 +267,14 @@ pub fn run_train(args: &RewardTrainArgs, matches: Option<&clap::ArgMatches>) -> 
             "{} epoch {:3}: train loss {:.4} acc {:.4} | held-out loss {:.4} acc {:.4} ({:.1}s)",
             s.stage, s.epoch, s.train_loss, s.train_accuracy, s.val_loss, s.val_accuracy, s.seconds
         );
-        lines.push(s.to_json().to_string());
+        lines.push(s.to_json());
     };
     let (model, report) = train(&args.encoder, &examples, &config, &device, &mut on_epoch)
         .with_context(|| format!("training on {}", args.encoder.display()))?;
     model.save(&args.out)?;
     let mut metrics = std::fs::File::create(args.out.join("metrics.jsonl"))?;
     for line in &lines {
-        writeln!(metrics, "{line}")?;
+        crate::run_files::append_jsonl(&mut metrics, line)?;
     }
     let mut test_results = serde_json::Map::new();
     for (path, examples) in &tests {

@@ -28,11 +28,84 @@ pub fn reopen_jsonl(path: &Path, start: usize) -> Result<std::fs::File> {
     };
     let mut file =
         std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
+    let mut text = String::new();
     for line in kept {
-        writeln!(file, "{line}")?;
+        text.push_str(&line);
+        text.push('\n');
     }
+    file.write_all(text.as_bytes())?;
     Ok(file)
 }
+
+/// Appends one JSONL record in a single write (the line and its newline), so a crash
+/// leaves at worst a torn last line, never two records interleaved.
+pub fn append_jsonl(out: &mut impl Write, record: &serde_json::Value) -> Result<()> {
+    let mut line = serde_json::to_vec(record)?;
+    line.push(b'\n');
+    out.write_all(&line)?;
+    Ok(())
+}
+
+/// The records of a JSONL file, blank lines skipped. A last line that does not parse (a
+/// record torn by a crash mid-write) is skipped with a warning on stderr; a bad line
+/// elsewhere is an error naming it.
+pub fn read_jsonl(path: &Path) -> Result<Vec<serde_json::Value>> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let (records, torn) = parse_jsonl(&text)
+        .map_err(|(line, e)| anyhow::anyhow!("{} line {line}: {e}", path.display()))?;
+    if let Some(line) = torn {
+        eprintln!(
+            "warning: {} line {line} is incomplete (a record torn by an interrupted write); \
+             skipping it",
+            path.display()
+        );
+    }
+    Ok(records)
+}
+
+/// [`read_jsonl`] on text: the records, and the 1-based number of a torn last line that was
+/// skipped; or the number of a bad line before the last and its parse error.
+pub fn parse_jsonl(
+    text: &str,
+) -> std::result::Result<(Vec<serde_json::Value>, Option<usize>), (usize, serde_json::Error)> {
+    let lines: Vec<(usize, &str)> = text
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+        .map(|(i, l)| (i + 1, l))
+        .collect();
+    let mut records = Vec::with_capacity(lines.len());
+    for (k, &(number, line)) in lines.iter().enumerate() {
+        match serde_json::from_str(line) {
+            Ok(v) => records.push(v),
+            Err(_) if k + 1 == lines.len() => return Ok((records, Some(number))),
+            Err(e) => return Err((number, e)),
+        }
+    }
+    Ok((records, None))
+}
+
+/// The error a training command returns when Ctrl-C stopped it after saving a checkpoint:
+/// `main` prints it and exits with 130 (as a shell reports SIGINT), so a caller can tell an
+/// interrupted run from a finished one.
+#[derive(Debug)]
+pub struct Interrupted {
+    pub command: &'static str,
+    pub step: usize,
+}
+
+impl std::fmt::Display for Interrupted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{}: interrupted; saved a checkpoint at step {} (rerun the same command to resume)",
+            self.command, self.step
+        )
+    }
+}
+
+impl std::error::Error for Interrupted {}
 
 /// Adam's (m, v) of every parameter as `m.{i}` / `v.{i}` in a safetensors file.
 pub fn save_moments(adam: &Adam, path: &Path) -> Result<()> {
@@ -77,4 +150,42 @@ pub fn replace_dir(temp: &Path, target: &Path) -> Result<()> {
         .with_context(|| format!("renaming {} to {}", temp.display(), target.display()))?;
     let _ = std::fs::remove_dir_all(&old);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_torn_last_line_is_skipped_and_a_bad_middle_line_is_an_error() {
+        let whole = "{\"step\": 1}\n\n{\"step\": 2}\n";
+        let (records, torn) = parse_jsonl(whole).unwrap();
+        assert_eq!(records.len(), 2);
+        assert_eq!(torn, None);
+
+        let torn_text = "{\"step\": 1}\n{\"step\": 2}\n{\"step\": 3, \"lo";
+        let (records, torn) = parse_jsonl(torn_text).unwrap();
+        assert_eq!(records.len(), 2);
+        assert_eq!(records[1]["step"], 2);
+        assert_eq!(torn, Some(3));
+
+        let bad_middle = "{\"step\": 1}\n{\"st\n{\"step\": 3}\n";
+        let (line, _) = parse_jsonl(bad_middle).unwrap_err();
+        assert_eq!(line, 2);
+
+        // Through the file reader, and records written by append_jsonl read back.
+        let dir = std::env::temp_dir().join(format!("lathe-jsonl-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("metrics.jsonl");
+        let mut file = std::fs::File::create(&path).unwrap();
+        for step in 1..=3 {
+            append_jsonl(&mut file, &serde_json::json!({ "step": step })).unwrap();
+        }
+        file.write_all(b"{\"step\": 4, \"loss\": 0.").unwrap();
+        drop(file);
+        let records = read_jsonl(&path).unwrap();
+        assert_eq!(records.len(), 3);
+        assert_eq!(records[2]["step"], 3);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

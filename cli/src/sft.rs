@@ -14,6 +14,8 @@
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
@@ -108,12 +110,47 @@ impl SftConfig {
         config
     }
 
-    fn validate(&self) -> Result<()> {
-        if self.block_size < 2 || self.batch_size == 0 || self.grad_accum == 0 {
-            bail!("block_size must be >= 2, batch_size and grad_accum >= 1");
+    /// Checks every setting against its meaning; the error names the key and its range.
+    /// `max_steps = 0` is an error (transformers reads max_steps <= 0 as "not set" and
+    /// trains for the epochs instead: lathe says so rather than guessing); `max_grad_norm`
+    /// must be > 0 (inf: no clipping).
+    pub fn validate(&self) -> Result<()> {
+        if !(2..=MAX_COUNT).contains(&self.block_size) {
+            bail!(
+                "block_size must be in 2..={MAX_COUNT}, got {}",
+                self.block_size
+            );
+        }
+        for (name, v) in [
+            ("batch_size", self.batch_size),
+            ("grad_accum", self.grad_accum),
+        ] {
+            if !(1..=MAX_COUNT).contains(&v) {
+                bail!("{name} must be in 1..={MAX_COUNT}, got {v}");
+            }
+        }
+        if let Some(steps) = self.max_steps {
+            if !(1..=MAX_STEPS).contains(&steps) {
+                bail!(
+                    "max_steps must be in 1..={MAX_STEPS}, got {steps} (leave it out to train \
+                     for `epochs`)"
+                );
+            }
         }
         if !(self.lr.is_finite() && self.lr > 0.0) {
-            bail!("lr must be positive, got {}", self.lr);
+            bail!("lr must be finite and > 0, got {}", self.lr);
+        }
+        if !(self.weight_decay.is_finite() && self.weight_decay >= 0.0) {
+            bail!(
+                "weight_decay must be finite and >= 0, got {}",
+                self.weight_decay
+            );
+        }
+        if self.max_grad_norm.is_nan() || self.max_grad_norm <= 0.0 {
+            bail!(
+                "max_grad_norm must be > 0 (inf: no clipping), got {}",
+                self.max_grad_norm
+            );
         }
         if !(0.0..1.0).contains(&self.eval_fraction) {
             bail!(
@@ -121,12 +158,36 @@ impl SftConfig {
                 self.eval_fraction
             );
         }
-        if self.max_steps.is_none() && (self.epochs.is_nan() || self.epochs <= 0.0) {
-            bail!("epochs must be positive (or give max_steps)");
+        if self.max_steps.is_none() && !(self.epochs.is_finite() && self.epochs > 0.0) {
+            bail!(
+                "epochs must be finite and > 0 (or give max_steps), got {}",
+                self.epochs
+            );
         }
+        check_lora(self.lora_r, self.lora_alpha, self.lora_dropout)?;
         self.schedule_kind()?;
         Ok(())
     }
+}
+
+/// The largest block size, batch size or accumulation count accepted (2^20).
+pub const MAX_COUNT: usize = 1 << 20;
+/// The most optimizer steps a run may ask for (2^30).
+pub const MAX_STEPS: usize = 1 << 30;
+
+/// The LoRA settings' own ranges (the rank's upper bound, the layer's width, is checked
+/// where the adapters are added).
+pub fn check_lora(r: usize, alpha: f64, dropout: f64) -> Result<()> {
+    if r == 0 {
+        bail!("lora_r must be >= 1 (and at most the adapted layers' width), got 0");
+    }
+    if !(alpha.is_finite() && alpha > 0.0) {
+        bail!("lora_alpha must be finite and > 0, got {alpha}");
+    }
+    if !(0.0..1.0).contains(&dropout) {
+        bail!("lora_dropout must be in [0, 1), got {dropout}");
+    }
+    Ok(())
 }
 
 /// peft's usual targets for the seed's and SmolLM2's architectures.
@@ -232,12 +293,16 @@ pub fn eval_loss(
 #[derive(Clone, Debug, Serialize)]
 pub struct SftSummary {
     pub steps: usize,
-    /// Training loss of each step run in this process.
+    /// Training loss of each step of the run (a resumed run's earlier steps as
+    /// metrics.jsonl recorded them).
     pub losses: Vec<f32>,
     /// (step, held-out loss) at each evaluation.
     pub eval_losses: Vec<(usize, f32)>,
     pub tokens_per_s: f64,
     pub resumed_from: Option<usize>,
+    /// Stopped by Ctrl-C after saving a checkpoint.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub interrupted: bool,
 }
 
 const CHECKPOINT: &str = "checkpoint";
@@ -276,6 +341,20 @@ pub fn train_until(
     device: &Device,
     stop_after: Option<usize>,
 ) -> Result<SftSummary> {
+    train_stoppable(model, blocks, config, out, device, stop_after, None)
+}
+
+/// [`train_until`]; `stop` set (Ctrl-C) ends the run after the current step with a
+/// checkpoint saved, the summary marked `interrupted`.
+pub fn train_stoppable(
+    model: &mut CausalLm,
+    blocks: &Blocks,
+    config: &SftConfig,
+    out: &Path,
+    device: &Device,
+    stop_after: Option<usize>,
+    stop: Option<&AtomicBool>,
+) -> Result<SftSummary> {
     config.validate()?;
     if blocks.block_size != config.block_size {
         bail!(
@@ -284,7 +363,6 @@ pub fn train_until(
             config.block_size
         );
     }
-    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     let lora_config = config.lora_config(&model.config());
     let switch = AdapterSwitch::new();
     let checkpoint_dir = out.join(CHECKPOINT);
@@ -311,6 +389,8 @@ pub fn train_until(
         model.add_lora(&lora_config, &switch, config.seed)?;
         (0, None)
     };
+    // Only now, with every setting and the adapters accepted, does the run folder appear.
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     model.set_gradient_checkpointing(config.gradient_checkpointing);
     let params = model.lora_parameters();
     let mut adam = Adam::new(
@@ -324,10 +404,19 @@ pub fn train_until(
 
     let micro_per_epoch = blocks.train.len().div_ceil(config.batch_size);
     let steps_per_epoch = micro_per_epoch.div_ceil(config.grad_accum);
-    let total_steps = config
-        .max_steps
-        .unwrap_or_else(|| (config.epochs * steps_per_epoch as f64).ceil() as usize)
-        .max(1);
+    let total_steps = match config.max_steps {
+        Some(steps) => steps,
+        None => {
+            let steps = (config.epochs * steps_per_epoch as f64).ceil();
+            if steps > MAX_STEPS as f64 {
+                bail!(
+                    "{} epochs of {steps_per_epoch} steps are more than {MAX_STEPS} steps",
+                    config.epochs
+                );
+            }
+            (steps as usize).max(1)
+        }
+    };
     let schedule = LrSchedule {
         peak: config.lr,
         warmup_steps: config.warmup_steps,
@@ -350,15 +439,34 @@ pub fn train_until(
         }
     );
     let metrics_path = out.join(METRICS_FILE);
-    let mut metrics = crate::run_files::reopen_jsonl(&metrics_path, start_step)?;
-    let mut progress = Progress::new("sft", total_steps);
     let mut summary = SftSummary {
         steps: total_steps,
         losses: Vec::new(),
         eval_losses: Vec::new(),
         tokens_per_s: 0.0,
         resumed_from: resume.then_some(start_step),
+        interrupted: false,
     };
+    if resume {
+        read_summary(&metrics_path, start_step, &mut summary)?;
+    }
+    if start_step >= total_steps {
+        // A rerun of a finished run: nothing to train. Its outputs stay as they are; only
+        // when the final ones are missing (a crash after the last checkpoint) are they
+        // written, with the summary taken from metrics.jsonl.
+        if out.join("run.json").is_file() {
+            eprintln!(
+                "sft: {} already holds a finished run of {start_step} steps; nothing to do",
+                out.display()
+            );
+        } else {
+            switch.eval();
+            save_final(model, &lora_config, config, &summary, out)?;
+        }
+        return Ok(summary);
+    }
+    let mut metrics = crate::run_files::reopen_jsonl(&metrics_path, start_step)?;
+    let mut progress = Progress::new("sft", total_steps);
     let started = Instant::now();
     let mut tokens = 0usize;
     let mut order_epoch = usize::MAX;
@@ -404,16 +512,30 @@ pub fn train_until(
             });
         }
         let mut grads = grads.expect("grad_accum >= 1");
+        let loss = (step_loss / step_blocks as f64) as f32;
         let grad_norm = clip_grad_norm(&mut grads, &params, config.max_grad_norm)?;
         let lr = schedule.lr(step);
+        let diverged = |what: String| {
+            anyhow::anyhow!(
+                "step {}: {what}; stopping without saving this step (the last checkpoint and \
+                 adapter are kept). The learning rate ({lr:e} at this step) is likely too \
+                 high, or a setting is NaN/inf",
+                step + 1
+            )
+        };
+        if !loss.is_finite() {
+            return Err(diverged(format!("the loss is {loss}")));
+        }
+        if !grad_norm.is_finite() {
+            return Err(diverged(format!("the gradient norm is {grad_norm}")));
+        }
         adam.set_lr(lr);
         adam.step(&grads)?;
-        let loss = (step_loss / step_blocks as f64) as f32;
-        if !loss.is_finite() {
-            bail!(
-                "step {}: the loss is {loss}; stopping (lower --lr?)",
-                step + 1
-            );
+        if let Some(i) = lathe_core::first_diverged(&params)? {
+            return Err(diverged(format!(
+                "LoRA parameter {i} {:?} holds NaN/inf or a value beyond 1.8e19 after the update",
+                params[i].shape()
+            )));
         }
         summary.losses.push(loss);
         let done = step + 1;
@@ -428,11 +550,14 @@ pub fn train_until(
         if evaluate {
             if let Some(eval) = eval_loss(model, &switch, &blocks.eval, config.batch_size, device)?
             {
+                if !eval.is_finite() {
+                    return Err(diverged(format!("the held-out loss is {eval}")));
+                }
                 record["eval_loss"] = json!(eval);
                 summary.eval_losses.push((done, eval));
             }
         }
-        writeln!(metrics, "{record}")?;
+        crate::run_files::append_jsonl(&mut metrics, &record)?;
         metrics.flush()?;
         let eval_text = record
             .get("eval_loss")
@@ -443,8 +568,18 @@ pub fn train_until(
             start_step,
             &format!("loss {loss:.4}{eval_text} lr {lr:.2e} | {tokens_per_s:.0} tok/s"),
         );
-        if done == total_steps || (config.save_every > 0 && done % config.save_every == 0) {
+        let interrupted = stop.is_some_and(|s| s.load(Ordering::SeqCst));
+        if done == total_steps
+            || interrupted
+            || (config.save_every > 0 && done % config.save_every == 0)
+        {
             save_checkpoint(model, &adam, &lora_config, config, done, out)?;
+        }
+        if interrupted && done < total_steps {
+            progress.finish();
+            summary.interrupted = true;
+            summary.steps = done;
+            return Ok(summary);
         }
         if stop_after == Some(done) {
             progress.finish();
@@ -454,12 +589,46 @@ pub fn train_until(
     progress.finish();
     switch.eval();
     summary.tokens_per_s = tokens as f64 / started.elapsed().as_secs_f64().max(1e-9);
-    model.save_lora(out, &lora_config)?;
+    save_final(model, &lora_config, config, &summary, out)?;
+    Ok(summary)
+}
+
+/// The adapter (peft files) and `run.json`.
+fn save_final(
+    model: &CausalLm,
+    lora_config: &LoraConfig,
+    config: &SftConfig,
+    summary: &SftSummary,
+    out: &Path,
+) -> Result<()> {
+    model.save_lora(out, lora_config)?;
     std::fs::write(
         out.join("run.json"),
         serde_json::to_string_pretty(&json!({ "config": config, "summary": summary }))?,
     )?;
-    Ok(summary)
+    Ok(())
+}
+
+/// The losses of the first `steps` steps, from a resumed run's `metrics.jsonl`.
+fn read_summary(metrics: &Path, steps: usize, summary: &mut SftSummary) -> Result<()> {
+    if !metrics.is_file() {
+        return Ok(());
+    }
+    for r in crate::run_files::read_jsonl(metrics)? {
+        let Some(step) = r["step"].as_u64().map(|s| s as usize) else {
+            continue;
+        };
+        if step > steps {
+            continue;
+        }
+        summary
+            .losses
+            .push(r["loss"].as_f64().map_or(f32::NAN, |v| v as f32));
+        if let Some(eval) = r["eval_loss"].as_f64() {
+            summary.eval_losses.push((step, eval as f32));
+        }
+    }
+    Ok(())
 }
 
 /// Writes `out/checkpoint` through a temporary directory renamed into place.
@@ -513,7 +682,7 @@ pub struct SftArgs {
     pub grad_accum: usize,
     #[arg(long, default_value_t = 1.0)]
     pub epochs: f64,
-    /// Stop after this many optimizer steps (overrides --epochs).
+    /// Stop after this many optimizer steps (overrides --epochs; >= 1).
     #[arg(long)]
     pub max_steps: Option<usize>,
     #[arg(long, default_value_t = 2e-4)]
@@ -525,7 +694,7 @@ pub struct SftArgs {
     /// constant, linear or cosine decay after the warm-up.
     #[arg(long, default_value = "linear")]
     pub schedule: String,
-    /// Clip the gradients' global L2 norm to this.
+    /// Clip the gradients' global L2 norm to this (> 0; inf: no clipping).
     #[arg(long, default_value_t = 1.0)]
     pub max_grad_norm: f32,
     #[arg(long, default_value_t = 16)]
@@ -624,6 +793,7 @@ impl SftArgs {
 pub fn run(args: &SftArgs, matches: Option<&clap::ArgMatches>) -> Result<()> {
     let config = args.settings(matches)?;
     config.validate()?;
+    args.model.precision()?;
     let texts = crate::texts::read_texts(&args.data, &args.text_field)?;
     let (mut pretrained, device) = args.model.load()?;
     let blocks = pack(
@@ -633,18 +803,49 @@ pub fn run(args: &SftArgs, matches: Option<&clap::ArgMatches>) -> Result<()> {
         config.eval_fraction,
     )
     .with_context(|| format!("packing {}", args.data.display()))?;
-    let summary = train(&mut pretrained.model, &blocks, &config, &args.out, &device)?;
+    let stop = Arc::new(AtomicBool::new(false));
+    {
+        let stop = stop.clone();
+        // A second Ctrl-C kills the process as usual.
+        let _ = ctrlc::set_handler(move || {
+            if stop.swap(true, Ordering::SeqCst) {
+                std::process::exit(130);
+            }
+            eprintln!("\nsft: Ctrl-C: finishing this step, then saving (Ctrl-C again to quit now)");
+        });
+    }
+    let summary = train_stoppable(
+        &mut pretrained.model,
+        &blocks,
+        &config,
+        &args.out,
+        &device,
+        None,
+        Some(&stop),
+    )?;
+    if summary.interrupted {
+        return Err(crate::run_files::Interrupted {
+            command: "sft",
+            step: summary.steps,
+        }
+        .into());
+    }
     let first = summary.losses.first().copied().unwrap_or(f32::NAN);
     let last = summary.losses.last().copied().unwrap_or(f32::NAN);
     eprintln!(
-        "sft: done, {} steps, loss {first:.4} -> {last:.4}{}, {:.0} tokens/s; adapter in {}",
+        "sft: done, {} steps, loss {first:.4} -> {last:.4}{}{}; adapter in {}",
         summary.steps,
         summary
             .eval_losses
             .last()
             .map(|(_, e)| format!(", eval loss {e:.4}"))
             .unwrap_or_default(),
-        summary.tokens_per_s,
+        // A rerun of a finished run trained nothing: no speed to report.
+        if summary.tokens_per_s > 0.0 {
+            format!(", {:.0} tokens/s", summary.tokens_per_s)
+        } else {
+            String::new()
+        },
         args.out.display()
     );
     Ok(())

@@ -331,6 +331,29 @@ impl Adam {
     }
 }
 
+/// The largest magnitude a trainable value may reach, sqrt(f32::MAX) (about 1.8e19): beyond
+/// it the value's square overflows, so norms, variances and the next forward turn into
+/// inf/NaN (or, through a normalization, into silent zeros). A parameter past it has
+/// diverged as surely as a NaN one.
+pub const DIVERGED_MAGNITUDE: f32 = 1.844_674_4e19;
+
+/// The index of the first tensor of `tensors` holding a NaN, an infinity or a value beyond
+/// [`DIVERGED_MAGNITUDE`] (None: all fine). Reads each tensor back to the host: meant for
+/// the small trainable tensors (LoRA adapters, heads) a trainer checks after every
+/// optimizer step.
+pub fn first_diverged(tensors: &[Tensor]) -> Result<Option<usize>> {
+    let _no_grad = crate::no_grad();
+    for (i, t) in tensors.iter().enumerate() {
+        if t.to_vec_f32()?
+            .iter()
+            .any(|x| x.is_nan() || x.abs() > DIVERGED_MAGNITUDE)
+        {
+            return Ok(Some(i));
+        }
+    }
+    Ok(None)
+}
+
 /// Scales the gradients of `params` in `grads` so that their global L2 norm is at most
 /// `max_norm` (torch's `clip_grad_norm_`: coefficient max_norm / (norm + 1e-6), applied only
 /// when below 1). Returns the norm before clipping. Parameters without a gradient are skipped.

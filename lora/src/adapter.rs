@@ -119,6 +119,19 @@ impl LoraAdapter {
         device: &Device,
     ) -> Result<LoraAdapter> {
         config.validate()?;
+        // A rank above the layer's width adds nothing a full-rank update lacks, and a huge
+        // one would only fail (or abort) allocating A and B.
+        let width = in_features.min(out_features);
+        if config.r > width {
+            return Err(Error::Module {
+                module: name.to_string(),
+                detail: format!(
+                    "LoRA rank r = {} exceeds the layer's width min(in {in_features}, out \
+                     {out_features}) = {width}: give r in 1..={width}",
+                    config.r
+                ),
+            });
+        }
         let bound = 1.0 / (in_features.max(1) as f32).sqrt();
         let a = Tensor::rand_uniform(-bound, bound, &[config.r, in_features], seed, &Device::Cpu)?;
         let b = Tensor::zeros(&[out_features, config.r], &Device::Cpu)?;

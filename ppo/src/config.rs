@@ -70,18 +70,28 @@ impl Default for PpoConfig {
     }
 }
 
+/// The largest batch, minibatch, accumulation or epoch count accepted (2^20): far above
+/// what fits one GPU, and low enough that products of two never overflow.
+pub const MAX_COUNT: usize = 1 << 20;
+
 impl PpoConfig {
+    /// Checks every setting against its meaning; the error names the key and its range.
     pub fn validate(&self) -> Result<()> {
         let fail = |m: String| Err(Error::Config(m));
-        if self.batch_size == 0
-            || self.mini_batch_size == 0
-            || self.gradient_accumulation_steps == 0
-        {
-            return fail(
-                "batch_size, mini_batch_size and gradient_accumulation_steps must be >= 1".into(),
-            );
+        for (name, v) in [
+            ("batch_size", self.batch_size),
+            ("mini_batch_size", self.mini_batch_size),
+            (
+                "gradient_accumulation_steps",
+                self.gradient_accumulation_steps,
+            ),
+            ("ppo_epochs", self.ppo_epochs),
+        ] {
+            if !(1..=MAX_COUNT).contains(&v) {
+                return fail(format!("{name} must be in 1..={MAX_COUNT}, got {v}"));
+            }
         }
-        let backward = self.mini_batch_size * self.gradient_accumulation_steps;
+        let backward = self.mini_batch_size * self.gradient_accumulation_steps; // <= 2^40
         if !self.batch_size.is_multiple_of(backward) {
             return fail(format!(
                 "batch_size {} must be a multiple of mini_batch_size * gradient_accumulation_steps = {backward} (as trl requires)",
@@ -90,15 +100,49 @@ impl PpoConfig {
         }
         if !(self.learning_rate > 0.0 && self.learning_rate.is_finite()) {
             return fail(format!(
-                "learning_rate must be positive, got {}",
+                "learning_rate must be finite and > 0, got {}",
                 self.learning_rate
             ));
         }
-        if self.ppo_epochs == 0 {
-            return fail("ppo_epochs must be >= 1".into());
+        let at_least_zero = [
+            ("init_kl_coef", self.init_kl_coef),
+            ("cliprange", self.cliprange),
+            ("cliprange_value", self.cliprange_value),
+            ("vf_coef", self.vf_coef),
+            ("target_kl", self.target_kl),
+        ];
+        for (name, v) in at_least_zero {
+            if !(v.is_finite() && v >= 0.0) {
+                return fail(format!("{name} must be finite and >= 0, got {v}"));
+            }
         }
-        if self.adap_kl_ctrl && !(self.target > 0.0 && self.horizon > 0.0) {
-            return fail("the adaptive KL controller needs target > 0 and horizon > 0".into());
+        for (name, v) in [("gamma", self.gamma), ("lam", self.lam)] {
+            if !(0.0..=1.0).contains(&v) {
+                return fail(format!("{name} must be in [0, 1], got {v}"));
+            }
+        }
+        if self.ratio_threshold.is_nan() || self.ratio_threshold <= 0.0 {
+            return fail(format!(
+                "ratio_threshold must be > 0 (inf: never skip a minibatch), got {}",
+                self.ratio_threshold
+            ));
+        }
+        if let Some(norm) = self.max_grad_norm {
+            if norm.is_nan() || norm <= 0.0 {
+                return fail(format!(
+                    "max_grad_norm must be > 0 (leave it out for no clipping, trl's default), \
+                     got {norm}"
+                ));
+            }
+        }
+        if self.adap_kl_ctrl {
+            for (name, v) in [("target", self.target), ("horizon", self.horizon)] {
+                if !(v.is_finite() && v > 0.0) {
+                    return fail(format!(
+                        "the adaptive KL controller needs {name} finite and > 0, got {v}"
+                    ));
+                }
+            }
         }
         Ok(())
     }

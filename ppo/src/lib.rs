@@ -29,6 +29,9 @@ pub enum Error {
     Config(String),
     #[error("PPO: {0}")]
     Shape(String),
+    /// A non-finite loss, gradient norm or parameter: training stopped.
+    #[error("PPO diverged: {0}")]
+    Diverged(String),
     #[error("reward: {0}")]
     Reward(String),
     #[error(transparent)]

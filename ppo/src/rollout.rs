@@ -23,8 +23,12 @@ where
     }
 }
 
+/// The longest query or response length accepted (tokens).
+pub const MAX_LENGTH: usize = 1 << 16;
+
 /// An inclusive range of lengths, drawn uniformly (trl's `LengthSampler`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct LengthRange {
     pub min: usize,
     pub max: usize,
@@ -36,9 +40,9 @@ impl LengthRange {
     }
 
     pub fn validate(&self, what: &str) -> Result<()> {
-        if self.min == 0 || self.min > self.max {
+        if self.min == 0 || self.min > self.max || self.max > MAX_LENGTH {
             return Err(Error::Config(format!(
-                "{what} range {}..={} must satisfy 1 <= min <= max",
+                "{what} range {}..={} must satisfy 1 <= min <= max <= {MAX_LENGTH}",
                 self.min, self.max
             )));
         }

@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 
 use lathe_core::optim::{Adam, AdamConfig};
-use lathe_core::{clip_grad_norm, no_grad, Device, GradStore, Tensor};
+use lathe_core::{clip_grad_norm, first_diverged, no_grad, Device, GradStore, Tensor};
 use lathe_lora::AdapterSwitch;
 use lathe_models::attention::TokenLayout;
 use lathe_models::hf::CausalLm;
@@ -335,6 +335,12 @@ impl PpoTrainer {
                     let entropy = forward.entropy.as_ref().expect("computed");
                     let (loss, stats) =
                         ppo_loss(&c, &batch, &forward.logprobs, &forward.values, entropy)?;
+                    if !stats.skipped && !stats.loss_total.is_finite() {
+                        return Err(self.diverged(format!(
+                            "the loss is {} (policy {}, value {})",
+                            stats.loss_total, stats.loss_policy, stats.loss_value
+                        )));
+                    }
                     if !stats.skipped {
                         let scaled =
                             loss.affine(1.0 / c.gradient_accumulation_steps as f32, 0.0)?;
@@ -347,10 +353,19 @@ impl PpoTrainer {
                     all.push(stats);
                 }
                 if let Some(mut grads) = grads {
-                    if let Some(max_norm) = c.max_grad_norm {
-                        clip_grad_norm(&mut grads, &params, max_norm)?;
+                    // An infinite max_norm measures the norm without clipping.
+                    let max_norm = c.max_grad_norm.unwrap_or(f32::INFINITY);
+                    let norm = clip_grad_norm(&mut grads, &params, max_norm)?;
+                    if !norm.is_finite() {
+                        return Err(self.diverged(format!("the gradient norm is {norm}")));
                     }
                     self.adam.step(&grads)?;
+                    if let Some(i) = first_diverged(&params)? {
+                        return Err(self.diverged(format!(
+                            "trainable parameter {i} ({:?}) holds NaN/inf or a value beyond 1.8e19 after the update",
+                            params[i].shape()
+                        )));
+                    }
                 }
             }
             if c.early_stopping
@@ -362,6 +377,17 @@ impl PpoTrainer {
             }
         }
         Ok(all)
+    }
+}
+
+impl PpoTrainer {
+    /// The error of a diverged step (`what` went non-finite); nothing is saved after it.
+    fn diverged(&self, what: String) -> Error {
+        Error::Diverged(format!(
+            "step {}: {what}; stopping (the learning rate is likely too high, or a setting is \
+             NaN/inf)",
+            self.steps_done + 1
+        ))
     }
 }
 

@@ -286,26 +286,68 @@ impl EarlyStop {
     }
 }
 
+/// The largest batch size or epoch count accepted (2^20).
+pub const MAX_COUNT: usize = 1 << 20;
+
 fn check_config(config: &TrainConfig) -> Result<()> {
-    if config.epochs == 0 || config.batch_size == 0 {
-        return Err(Error::Config(
-            "epochs and batch size must be at least 1".into(),
-        ));
-    }
-    if !(config.lr > 0.0 && config.lr.is_finite()) {
-        return Err(Error::Config(format!(
-            "learning rate must be positive, got {}",
-            config.lr
-        )));
-    }
+    let fail = |m: String| Err(Error::Config(m));
+    let mut counts = vec![("epochs", config.epochs), ("batch size", config.batch_size)];
+    let mut rates = vec![("learning rate", config.lr)];
     if let Some(lora) = &config.lora {
-        if lora.epochs == 0 || lora.batch_size == 0 || !(lora.lr.is_finite() && lora.lr > 0.0) {
-            return Err(Error::Config(
-                "LoRA epochs, batch size and learning rate must be positive".into(),
+        counts.extend([
+            ("LoRA epochs", lora.epochs),
+            ("LoRA batch size", lora.batch_size),
+        ]);
+        rates.push(("LoRA learning rate", lora.lr));
+        if !(lora.alpha.is_finite() && lora.alpha > 0.0) {
+            return fail(format!(
+                "LoRA alpha must be finite and > 0, got {}",
+                lora.alpha
             ));
         }
+        if lora.r == 0 {
+            return fail("LoRA r must be >= 1".into());
+        }
+    }
+    for (name, v) in counts {
+        if !(1..=MAX_COUNT).contains(&v) {
+            return fail(format!("{name} must be in 1..={MAX_COUNT}, got {v}"));
+        }
+    }
+    for (name, v) in rates {
+        if !(v.is_finite() && v > 0.0) {
+            return fail(format!("{name} must be finite and > 0, got {v}"));
+        }
+    }
+    if !(config.weight_decay.is_finite() && config.weight_decay >= 0.0) {
+        return fail(format!(
+            "weight decay must be finite and >= 0, got {}",
+            config.weight_decay
+        ));
+    }
+    if !(0.0..1.0).contains(&config.val_fraction) {
+        return fail(format!(
+            "the held-out fraction must be in [0, 1), got {}",
+            config.val_fraction
+        ));
     }
     Ok(())
+}
+
+/// Stops training at the first non-finite loss or parameter: `stage` and `epoch` name
+/// where, nothing is saved.
+fn check_finite(stage: &str, epoch: usize, loss: f32, params: &[Tensor]) -> Result<()> {
+    let what = if !loss.is_finite() {
+        format!("the loss is {loss}")
+    } else if let Some(i) = lathe_core::first_diverged(params)? {
+        format!("trainable parameter {i} holds NaN/inf or a value beyond 1.8e19 after the update")
+    } else {
+        return Ok(());
+    };
+    Err(Error::Config(format!(
+        "{stage} stage, epoch {epoch}: {what}; stopping without saving (the learning rate is \
+         likely too high, or a setting is NaN/inf)"
+    )))
 }
 
 /// An encoder-only model from an encoder directory (any head in it is ignored: training
@@ -361,6 +403,17 @@ pub fn train(
     }
     let mut model = load_encoder(encoder_dir.as_ref(), device)?;
     model.pooling = config.pooling;
+    if let Some(lora) = &config.lora {
+        // Every encoder linear is at least hidden wide: refuse a rank above it now rather
+        // than after the head stage.
+        let width = model.config().hidden;
+        if lora.r > width {
+            return Err(Error::Config(format!(
+                "LoRA r = {} exceeds the encoder's hidden size {width}: give r in 1..={width}",
+                lora.r
+            )));
+        }
+    }
     let (train_set, val_set) = holdout_split(examples, config.val_fraction, config.seed)?;
     let texts: Vec<&str> = train_set.iter().map(|e| e.text.as_str()).collect();
     let encoded = model.encode(&texts)?;
@@ -413,7 +466,9 @@ pub fn train(
             let loss = logits.cross_entropy(&target_t, None)?;
             let grads = loss.backward()?;
             optimizer.step(&grads)?;
-            loss_sum += loss.to_scalar()? as f64 * batch.len() as f64;
+            let loss_value = loss.to_scalar()?;
+            check_finite("head", epoch, loss_value, optimizer.params())?;
+            loss_sum += loss_value as f64 * batch.len() as f64;
             right += correct(&logits.detach(), &targets)?;
         }
         let (val_loss, val_accuracy) = match &val_features {
@@ -549,7 +604,9 @@ fn train_lora(
             let loss = logits.cross_entropy(&target_t, None)?;
             let grads = loss.backward()?;
             optimizer.step(&grads)?;
-            loss_sum += loss.to_scalar()? as f64 * batch.len() as f64;
+            let loss_value = loss.to_scalar()?;
+            check_finite("LoRA", epoch, loss_value, optimizer.params())?;
+            loss_sum += loss_value as f64 * batch.len() as f64;
             right += correct(&logits.detach(), &targets)?;
         }
         let eval = evaluate(model, val_set)?;

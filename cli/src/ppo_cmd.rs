@@ -10,6 +10,7 @@
 //! Everything random is a function of (seed, step): which texts, the query and response
 //! lengths, the sampled tokens, the dropout masks; so a resumed run equals an uninterrupted one.
 
+use lathe_models::plan::{Job, PlanSettings};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -545,6 +546,17 @@ pub fn run(args: &PpoArgs) -> Result<()> {
     let file = args.settings()?;
     file.validate()?;
     args.model.precision()?;
+    let run = &file.run;
+    args.model.preflight(PlanSettings {
+        job: Job::Ppo,
+        batch: file.ppo.batch_size,
+        train_batch: file.ppo.mini_batch_size,
+        seq_len: run.query_length.max + run.response_length.max,
+        lora_r: run.lora_r,
+        lora_targets: run.target_modules.clone(),
+        gradient_checkpointing: run.gradient_checkpointing,
+        ..PlanSettings::inference()
+    })?;
     let texts = crate::texts::read_texts(&args.data, &args.text_field)?;
     let (mut pretrained, device) = args.model.load()?;
     if let Some(adapter) = &args.adapter {

@@ -12,6 +12,7 @@
 //! With the adapters and Adam's moments saved in f32, a run resumed from a checkpoint
 //! continues exactly as the uninterrupted run would have.
 
+use lathe_models::plan::{Job, PlanSettings};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -794,6 +795,16 @@ pub fn run(args: &SftArgs, matches: Option<&clap::ArgMatches>) -> Result<()> {
     let config = args.settings(matches)?;
     config.validate()?;
     args.model.precision()?;
+    args.model.preflight(PlanSettings {
+        job: Job::Sft,
+        batch: config.batch_size,
+        train_batch: config.batch_size,
+        seq_len: config.block_size,
+        lora_r: config.lora_r,
+        lora_targets: config.target_modules.clone(),
+        gradient_checkpointing: config.gradient_checkpointing,
+        ..PlanSettings::inference()
+    })?;
     let texts = crate::texts::read_texts(&args.data, &args.text_field)?;
     let (mut pretrained, device) = args.model.load()?;
     let blocks = pack(

@@ -18,6 +18,9 @@ use anyhow::{bail, Context, Result};
 use half::f16;
 use lathe_core::{Device, Tensor};
 use rayon::prelude::*;
+use lathe_models::config::ModelConfig;
+use lathe_models::linear::Precision;
+use lathe_models::plan::{plan, Job, PlanSettings};
 use serde::Serialize;
 
 #[derive(clap::Args, Debug)]
@@ -195,7 +198,21 @@ pub struct Run {
     /// VmHWM of the process, polled every 100 ms until it exits (KiB).
     pub peak_rss_kib: u64,
     pub exit_code: Option<i32>,
+    /// `lathe plan`'s predicted peak for the run's settings (bytes), when planned.
+    pub planned_bytes: Option<u64>,
     pub stderr_tail: Vec<String>,
+}
+
+/// The plan of a run of the checkpoint in `dir` with int8 blocks and f16 embeddings.
+fn planned(dir: &Path, settings: PlanSettings) -> Result<u64> {
+    let config = ModelConfig::from_file(&dir.join("config.json"))?;
+    let settings = PlanSettings {
+        precision: Precision::Int8 { threshold: 6.0 },
+        embeddings_f16: true,
+        lora_targets: vec!["query_key_value".into()],
+        ..settings
+    };
+    Ok(plan(&config, &settings).total())
 }
 
 fn vm_hwm_kib(pid: u32) -> Option<u64> {
@@ -241,6 +258,7 @@ fn run_lathe(name: &str, args: &[String]) -> Result<Run> {
         wall_s: start.elapsed().as_secs_f64(),
         peak_rss_kib: peak,
         exit_code: status.code(),
+        planned_bytes: None,
         stderr_tail: tail,
     })
 }
@@ -295,7 +313,15 @@ pub fn run(args: &Prove20bArgs) -> Result<()> {
     let mut runs = Vec::new();
     let mut eval = strings(&common);
     eval.push(texts.clone());
-    runs.push(run_lathe("load + eval", &prefixed("eval", eval))?);
+    let mut run = run_lathe("load + eval", &prefixed("eval", eval))?;
+    run.planned_bytes = Some(planned(
+        &args.dir,
+        PlanSettings {
+            seq_len: 40,
+            ..PlanSettings::inference()
+        },
+    )?);
+    runs.push(run);
     if !args.no_sft {
         let sft_out = out.join("sft").display().to_string();
         let _ = std::fs::remove_dir_all(&sft_out);
@@ -318,7 +344,20 @@ pub fn run(args: &Prove20bArgs) -> Result<()> {
             "--max-steps",
             "1",
         ]));
-        runs.push(run_lathe("sft step", &prefixed("sft", sft))?);
+        let mut run = run_lathe("sft step", &prefixed("sft", sft))?;
+        run.planned_bytes = Some(planned(
+            &args.dir,
+            PlanSettings {
+                job: Job::Sft,
+                batch: 2,
+                train_batch: 2,
+                seq_len: 24,
+                lora_r: 16,
+                gradient_checkpointing: true,
+                ..PlanSettings::inference()
+            },
+        )?);
+        runs.push(run);
     }
     if args.ppo {
         let reward = out.join("reward").display().to_string();
@@ -359,17 +398,38 @@ pub fn run(args: &Prove20bArgs) -> Result<()> {
             "--config",
             &config.display().to_string(),
         ]));
-        runs.push(run_lathe("ppo step", &prefixed("ppo", ppo))?);
+        let mut run = run_lathe("ppo step", &prefixed("ppo", ppo))?;
+        run.planned_bytes = Some(planned(
+            &args.dir,
+            PlanSettings {
+                job: Job::Ppo,
+                batch: 16,
+                train_batch: 4,
+                seq_len: 22,
+                lora_r: 16,
+                gradient_checkpointing: true,
+                ..PlanSettings::inference()
+            },
+        )?);
+        runs.push(run);
     }
-    let mut md = String::from("| run | wall s | peak RSS GiB | exit |\n|---|---:|---:|---:|\n");
+    let mut md = String::from(
+        "| run | wall s | peak RSS GiB | plan GiB | plan error | exit |\n\
+         |---|---:|---:|---:|---:|---:|\n",
+    );
     for r in &runs {
+        let measured = r.peak_rss_kib as f64 / (1 << 20) as f64;
+        let (plan, error) = match r.planned_bytes {
+            Some(b) => {
+                let p = b as f64 / (1u64 << 30) as f64;
+                (format!("{p:.2}"), format!("{:+.1}%", 100.0 * (p / measured - 1.0)))
+            }
+            None => ("-".into(), "-".into()),
+        };
         let _ = writeln!(
             md,
-            "| {} | {:.1} | {:.2} | {:?} |",
-            r.name,
-            r.wall_s,
-            r.peak_rss_kib as f64 / (1 << 20) as f64,
-            r.exit_code
+            "| {} | {:.1} | {measured:.2} | {plan} | {error} | {:?} |",
+            r.name, r.wall_s, r.exit_code
         );
     }
     println!("{md}");

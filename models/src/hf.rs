@@ -200,21 +200,26 @@ impl Weights {
             )
             .map_err(|e| tensor_error(e.to_string()))?,
             Source::Stored(f) => {
-                let (dtype, _) = f.info(name).expect("checked by remove");
-                let bytes = f
-                    .read_bytes(name)
-                    .map_err(|e| tensor_error(e.to_string()))?;
-                let decode: fn(&[u8]) -> f32 = match dtype {
-                    StoredDType::F32 => |b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]),
-                    StoredDType::F16 => |b| half::f16::from_le_bytes([b[0], b[1]]).to_f32(),
-                    StoredDType::BF16 => |b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32(),
-                    other => {
+                let dtype = f.info(name).map(|(dtype, _)| dtype);
+                let (width, decode): (usize, fn(&[u8]) -> f32) = match dtype {
+                    Some(StoredDType::F32) => (4, |b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
+                    Some(StoredDType::F16) => {
+                        (2, |b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
+                    }
+                    Some(StoredDType::BF16) => {
+                        (2, |b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
+                    }
+                    Some(other) => {
                         return Err(tensor_error(format!(
                             "dtype {other:?}, expected F32, F16 or BF16"
                         )))
                     }
+                    None => return Err(tensor_error("not in its file".into())),
                 };
-                let width = bytes.len() / (out * input).max(1);
+                // The header was validated: the bytes are exactly out * in elements.
+                let bytes = f
+                    .read_bytes(name)
+                    .map_err(|e| tensor_error(e.to_string()))?;
                 Int8Weight::quantize_rows(out, input, |r, row| {
                     let bytes = &bytes[r * input * width..(r + 1) * input * width];
                     for (x, b) in row.iter_mut().zip(bytes.chunks_exact(width)) {

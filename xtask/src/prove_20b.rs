@@ -17,10 +17,10 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use half::f16;
 use lathe_core::{Device, Tensor};
-use rayon::prelude::*;
 use lathe_models::config::ModelConfig;
 use lathe_models::linear::Precision;
 use lathe_models::plan::{plan, Job, PlanSettings};
+use rayon::prelude::*;
 use serde::Serialize;
 
 #[derive(clap::Args, Debug)]
@@ -422,7 +422,10 @@ pub fn run(args: &Prove20bArgs) -> Result<()> {
         let (plan, error) = match r.planned_bytes {
             Some(b) => {
                 let p = b as f64 / (1u64 << 30) as f64;
-                (format!("{p:.2}"), format!("{:+.1}%", 100.0 * (p / measured - 1.0)))
+                (
+                    format!("{p:.2}"),
+                    format!("{:+.1}%", 100.0 * (p / measured - 1.0)),
+                )
             }
             None => ("-".into(), "-".into()),
         };

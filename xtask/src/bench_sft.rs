@@ -11,6 +11,7 @@ use anyhow::{bail, Result};
 use lathe_core::optim::{Adam, AdamConfig};
 use lathe_core::Device;
 use lathe_lora::{AdapterSwitch, LoraConfig};
+use lathe_models::plan::{plan, Job, PlanSettings};
 use lathe_models::pretrained::{Precision, Pretrained};
 use lathe_models::sampling::Rng;
 use serde::Serialize;
@@ -46,6 +47,10 @@ pub struct CpuMemory {
     /// Peak resident set during the timed steps above the set before them: activations,
     /// gradients and scratch (None where the kernel cannot reset the peak).
     pub step_peak_mib: Option<f64>,
+    /// `lathe plan`'s prediction for the row: the weights, and what the steps add (gradients,
+    /// activations, logits, scratch), MiB.
+    pub planned_weights_mib: f64,
+    pub planned_steps_mib: f64,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -146,6 +151,19 @@ fn measure(
         }
     }
     times.sort_by(f64::total_cmp);
+    let settings = PlanSettings {
+        job: Job::Sft,
+        precision,
+        batch: BATCH,
+        train_batch: BATCH,
+        seq_len: SEQ,
+        lora_r: 16,
+        lora_targets: vec!["q_proj".into(), "v_proj".into()],
+        gradient_checkpointing: checkpointing,
+        ..PlanSettings::inference()
+    };
+    let planned = plan(&pretrained.model.config(), &settings);
+    let mib = |b: u64| b as f64 / 1048576.0;
     let cpu_memory = match (!device.is_gpu(), rss_before, rss_loaded) {
         (true, Some(before), Some(loaded)) => Some(CpuMemory {
             weights_mib: loaded - before - 3.0 * adapter_mib,
@@ -155,6 +173,12 @@ fn measure(
                 .then(peak_rss_mib)
                 .flatten()
                 .map(|peak| peak - loaded),
+            planned_weights_mib: mib(planned.weights),
+            // Gradients (a third of the optimizer row), activations, logits, scratch.
+            planned_steps_mib: mib(planned.optimizer / 3
+                + planned.activations
+                + planned.logits
+                + planned.scratch),
         }),
         _ => None,
     };
@@ -344,20 +368,22 @@ pub fn markdown(section: &SftSection) -> String {
         );
         let _ = writeln!(
             s,
-            "| device | base | checkpointing | weights | adapters | optimizer | steps (activations, gradients, scratch) |"
+            "| device | base | checkpointing | weights | plan | adapters | optimizer | steps (activations, gradients, scratch) | plan |"
         );
-        let _ = writeln!(s, "|---|---|---|---:|---:|---:|---:|");
+        let _ = writeln!(s, "|---|---|---|---:|---:|---:|---:|---:|---:|");
         for (r, m) in cpu_rows {
             let _ = writeln!(
                 s,
-                "| {} | {} | {} | {:.0} | {:.1} | {:.1} | {} |",
+                "| {} | {} | {} | {:.0} | {:.0} | {:.1} | {:.1} | {} | {:.0} |",
                 r.device,
                 r.base,
                 yes_no(r.gradient_checkpointing),
                 m.weights_mib,
+                m.planned_weights_mib,
                 m.adapters_mib,
                 m.optimizer_mib,
-                m.step_peak_mib.map_or("-".into(), |v| format!("{v:.0}"))
+                m.step_peak_mib.map_or("-".into(), |v| format!("{v:.0}")),
+                m.planned_steps_mib
             );
         }
     }

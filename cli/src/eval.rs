@@ -19,7 +19,7 @@ use serde_json::json;
 
 use crate::model_args::ModelArgs;
 use crate::output::Output;
-use lathe_models::plan::PlanSettings;
+use lathe_models::plan::{Job, PlanSettings};
 
 #[derive(clap::Args, Debug)]
 pub struct EvalArgs {
@@ -131,10 +131,14 @@ pub fn run(args: &EvalArgs) -> Result<()> {
     if text.trim().is_empty() {
         bail!("{}: the file holds no text", args.file.display());
     }
+    // A text has at most one token per byte (byte-level BPE): the windows it can fill.
+    let bytes = std::fs::metadata(&args.file).map_or(usize::MAX, |m| m.len() as usize);
+    let block = args.block_size.unwrap_or(1024).min(bytes.saturating_add(1));
     args.model.preflight(PlanSettings {
-        batch: args.batch_size,
-        train_batch: args.batch_size,
-        seq_len: args.block_size.unwrap_or(1024),
+        job: Job::Score,
+        batch: args.batch_size.min(bytes.div_ceil(block.max(1)).max(1)),
+        train_batch: 1,
+        seq_len: block,
         ..PlanSettings::inference()
     })?;
     let (pretrained, device) = args.model.load()?;

@@ -115,7 +115,8 @@ impl ModelArgs {
         let ids = pretrained.tokenizer.vocab_size();
         if ids < config.vocab_size() {
             eprintln!(
-                "note: the embedding has {} rows and the tokenizer {ids} ids: ids {ids} and up                  are never sampled",
+                "note: the embedding has {} rows and the tokenizer {ids} ids: ids {ids} and up \
+                 are never sampled",
                 config.vocab_size()
             );
         }

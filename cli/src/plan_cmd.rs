@@ -12,6 +12,8 @@ use lathe_models::plan::{gib, plan, Job, MemoryPlan, PlanSettings};
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum JobArg {
     Generate,
+    /// Log-probs of whole texts (`lathe eval`).
+    Score,
     Sft,
     Ppo,
 }
@@ -134,7 +136,7 @@ pub fn check_fits(plan: &MemoryPlan, settings: &PlanSettings, budget: u64) -> Re
     if !settings.embeddings_f16 {
         advice.push("--embeddings-f16");
     }
-    if settings.job != Job::Generate && !settings.gradient_checkpointing {
+    if matches!(settings.job, Job::Sft | Job::Ppo) && !settings.gradient_checkpointing {
         advice.push("gradient checkpointing");
     }
     advice.push("a smaller batch or shorter sequences");
@@ -160,6 +162,7 @@ pub fn run(args: &PlanArgs) -> Result<()> {
     }
     let job = match args.job {
         JobArg::Generate => Job::Generate,
+        JobArg::Score => Job::Score,
         JobArg::Sft => Job::Sft,
         JobArg::Ppo => Job::Ppo,
     };
@@ -174,7 +177,11 @@ pub fn run(args: &PlanArgs) -> Result<()> {
             args.batch_size
         },
         seq_len: args.seq_len,
-        lora_r: if job == Job::Generate { 0 } else { args.lora_r },
+        lora_r: if matches!(job, Job::Generate | Job::Score) {
+            0
+        } else {
+            args.lora_r
+        },
         lora_targets: if args.target_modules.is_empty() {
             default_targets(&config)
         } else {

@@ -172,15 +172,11 @@ impl CausalLm {
     }
 
     /// (trainable, all) parameter counts as peft counts them: all = the base model's
-    /// parameters (tied embeddings once) plus the adapters'. An int8 model is dequantized
-    /// layer by layer to count (slow for very large models).
+    /// parameters (tied embeddings once) plus the adapters'. Counted from the shapes: no
+    /// weight is read (dequantizing an int8 model to count it held it whole in f32).
     pub fn parameter_counts(&self) -> Result<(usize, usize)> {
         let trainable: usize = self.lora_parameters().iter().map(Tensor::elem_count).sum();
-        let base: usize = self
-            .named_weights()?
-            .iter()
-            .map(|(_, t)| t.elem_count())
-            .sum();
+        let base = crate::plan::parameter_count(&self.config()) as usize;
         Ok((trainable, base + trainable))
     }
 

@@ -14,8 +14,10 @@ use crate::linear::Precision;
 /// What the model is loaded for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Job {
-    /// Generation (or log-probs): no gradients, a KV cache.
+    /// Generation: no gradients, a KV cache.
     Generate,
+    /// Log-probs of whole sequences (`lathe eval`): no gradients, no cache.
+    Score,
     /// LoRA fine-tuning on packed blocks.
     Sft,
     /// PPO: generation for the rollout, then training on minibatches, plus a value head.
@@ -192,6 +194,19 @@ fn targeted(targets: &[String], name: &str) -> bool {
     targets.iter().any(|t| t == name)
 }
 
+/// The parameters of the model of `config` as transformers counts them: embeddings (once
+/// when tied), every block's linear weights, biases and norms, the final norm.
+pub fn parameter_count(config: &ModelConfig) -> u64 {
+    let d = dims(config);
+    let embeddings = d.vocab * d.hidden * if d.tied { 1 } else { 2 };
+    let block: u64 = block_linears(config)
+        .iter()
+        .map(|l| (l.out * l.input) as u64 + if l.bias { l.out as u64 } else { 0 })
+        .sum::<u64>()
+        + 2 * d.norm_floats;
+    embeddings + d.layers * block + d.norm_floats
+}
+
 /// The predicted peak of `settings` on `config`.
 pub fn plan(config: &ModelConfig, s: &PlanSettings) -> MemoryPlan {
     let d = dims(config);
@@ -218,7 +233,7 @@ pub fn plan(config: &ModelConfig, s: &PlanSettings) -> MemoryPlan {
     if s.job == Job::Ppo {
         trainable += d.hidden + 1;
     }
-    let training = s.job != Job::Generate;
+    let training = matches!(s.job, Job::Sft | Job::Ppo);
     let adapters = trainable * f32b;
     // Gradients and Adam's two moments, f32 each.
     let optimizer = if training { 3 * trainable * f32b } else { 0 };
@@ -226,7 +241,7 @@ pub fn plan(config: &ModelConfig, s: &PlanSettings) -> MemoryPlan {
     let (b, t) = (s.batch as u64, s.seq_len as u64);
     let kv_cache = match s.job {
         Job::Generate | Job::Ppo => 2 * d.layers * b * t * d.kv_width * f32b,
-        Job::Sft => 0,
+        Job::Sft | Job::Score => 0,
     };
     // Floats one block keeps per token for its backward: norm inputs and outputs, the
     // projections' outputs, the heads split and rotated, attention probabilities (heads x T),
@@ -256,7 +271,7 @@ pub fn plan(config: &ModelConfig, s: &PlanSettings) -> MemoryPlan {
     // The LM head's logits and their (log-)softmax, f32: for generation only the last
     // position's row is kept per step, but the prompt's prefill makes them all.
     let logits = match s.job {
-        Job::Generate => b * t * d.vocab * f32b,
+        Job::Generate | Job::Score => b * t * d.vocab * f32b,
         Job::Sft => 2 * tb * t * d.vocab * f32b,
         Job::Ppo => 2 * b * t * d.vocab * f32b,
     };

@@ -9,6 +9,11 @@ models/tests/fixtures/models/NAME_bnb8/ exactly as transformers writes an 8-bit 
 `quantization_config` in config.json). NAME_bnb8/golden.safetensors holds the input ids and
 the logits of bitsandbytes' own LLM.int8 forward (Linear8bitLt on the CPU, threshold 6.0):
   - `input_ids` (B, T) u32 -> `logits` (B, T, V) f32;
+  - `logits_lathe_int8` (B, T, V) f32: the same transformers model on the same stored CB/SCB,
+    with every Linear8bitLt's forward replaced by a pure-torch re-implementation of lathe's
+    LLM.int8 variant (`lathe_int8_forward` below, quant/src/int8/cpu.rs): NOT bitsandbytes'
+    output, a reference for lathe's arithmetic, so that the test can check the loader tightly
+    and attribute the whole lathe-vs-bnb difference to the two LLM.int8 variants;
   - `outlier_columns` (L,) u32: how many distinct outlier columns bnb found per quantized
     linear over the forward (the fixtures are built so that some exceed the 6.0 threshold).
 The GPT-NeoX fixture also keeps one block linear dense through `llm_int8_skip_modules`
@@ -89,6 +94,42 @@ def randomize(model, seed):
                 p[3] *= BIG
 
 
+def lathe_int8_forward(self, x):
+    """lathe's LLM.int8 (quant/src/int8/cpu.rs) in torch, on bnb's CB (self.weight) and SCB:
+    outlier columns = any |x| >= t (f32); SCA = row absmax over the other *columns* (f32 x,
+    no f16 cast); CA = round_ties_even(x * (127 / SCA)); acc exact; y = sum over outlier
+    columns in ascending order of f16(x) * f16(CB * SCB / 127), then + acc * (SCA * SCB /
+    16129), then + bias, all in f32. bnb 0.50.2 instead casts x to f16 before quantizing,
+    zeroes outlier *entries* before the absmax, dequantizes with * 6.200124e-05 and adds the
+    outlier columns in f32."""
+    cb = self.weight.data
+    scb = getattr(self.weight, "SCB", None)
+    scb = self.state.SCB if scb is None else scb
+    threshold = self.state.threshold
+    shape = x.shape
+    x2 = x.reshape(-1, shape[-1]).float()
+    if threshold > 0:
+        cols = (x2.abs() >= threshold).any(dim=0).nonzero().view(-1)
+    else:
+        cols = torch.empty(0, dtype=torch.long)
+    xm = x2.clone()
+    xm[:, cols] = 0
+    sca = xm.abs().amax(dim=1)
+    inv = torch.where(sca >= 7.888609e-31, 127.0 / sca, torch.zeros_like(sca))
+    ca = torch.round(xm * inv[:, None]).clamp(-127, 127)
+    acc = (ca.double() @ cb.double().t()).float()  # exact: |acc| < 2^24 here
+    y = torch.zeros(x2.shape[0], cb.shape[0])
+    if len(cols):
+        w = ((cb[:, cols].float() * scb[:, None]) / 127.0).half().float()
+        xo = x2[:, cols].half().float()
+        for k in range(len(cols)):
+            y = y + xo[:, k : k + 1] * w[:, k][None, :]
+    y = y + acc * (sca[:, None] * scb[None, :] / 16129.0)
+    if self.bias is not None:
+        y = y + self.bias
+    return y.reshape(*shape[:-1], cb.shape[0])
+
+
 def count_outliers(model):
     """Hooks every Linear8bitLt: the distinct columns of its inputs with |x| >= threshold
     (in f16, as bnb tests them)."""
@@ -128,15 +169,26 @@ def build(name, model, seed, skip):
     for h in handles:
         h.remove()
     outliers = [len(counts.get(n, ())) for n in sorted(counts)]
+    bnb_forward = bnb.nn.Linear8bitLt.forward
+    bnb.nn.Linear8bitLt.forward = lathe_int8_forward
+    try:
+        with torch.no_grad():
+            lathe_logits = q(input_ids=ids).logits.float().numpy()
+    finally:
+        bnb.nn.Linear8bitLt.forward = bnb_forward
+    gap = float(np.abs(lathe_logits - logits).max())
     assert sum(outliers) > 0, "no activation reached the outlier threshold"
     tensors = {
         "input_ids": ids.numpy().astype(np.uint32),
         "logits": logits,
+        "logits_lathe_int8": lathe_logits,
         "outlier_columns": np.array(outliers, dtype=np.uint32),
     }
     metadata = {
         "generator": "scripts/golden_bnb_int8.py",
         "logits": "bitsandbytes Linear8bitLt forward on the CPU (threshold 6.0)",
+        "logits_lathe_int8": "pure-torch re-implementation of lathe's LLM.int8 variant, not bnb",
+        "max_abs_lathe_int8_minus_bnb": repr(gap),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "bitsandbytes": bnb.__version__,
@@ -147,6 +199,7 @@ def build(name, model, seed, skip):
     save_file(tensors, os.path.join(directory, "golden.safetensors"), metadata=metadata)
     files = {f: os.path.getsize(os.path.join(directory, f)) for f in sorted(os.listdir(directory))}
     print(f"{name}: {files} outlier columns per linear {dict(zip(sorted(counts), outliers))}")
+    print(f"{name}: max |logits| {np.abs(logits).max():.3f}, max |lathe variant - bnb| {gap:.3e}")
 
 
 def main():

@@ -840,19 +840,25 @@ impl BnbInt8Config {
             }
         }
         if flag("load_in_4bit")? || flag("_load_in_4bit")? {
-            return Err("bitsandbytes 4-bit (load_in_4bit) checkpoints are not supported; \
+            return Err(
+                "bitsandbytes 4-bit (load_in_4bit) checkpoints are not supported; \
                         lathe loads 8-bit ones (load_in_8bit)"
-                .into());
+                    .into(),
+            );
         }
         if !(flag("load_in_8bit")? || flag("_load_in_8bit")?) {
-            return Err("neither load_in_8bit nor load_in_4bit is true: no quantization \
+            return Err(
+                "neither load_in_8bit nor load_in_4bit is true: no quantization \
                         lathe knows"
-                .into());
+                    .into(),
+            );
         }
         if flag("llm_int8_has_fp16_weight")? {
-            return Err("llm_int8_has_fp16_weight true (16-bit weights requantized at every \
+            return Err(
+                "llm_int8_has_fp16_weight true (16-bit weights requantized at every \
                         forward, for training them) is not supported"
-                .into());
+                    .into(),
+            );
         }
         flag("llm_int8_enable_fp32_cpu_offload")?;
         let threshold = match map.get("llm_int8_threshold") {
@@ -874,7 +880,9 @@ impl BnbInt8Config {
                          '.', or a trailing part)"
                     )),
                     Some(s) => Ok(s.to_string()),
-                    None => Err(format!("llm_int8_skip_modules entry {item} is not a string")),
+                    None => Err(format!(
+                        "llm_int8_skip_modules entry {item} is not a string"
+                    )),
                 })
                 .collect::<std::result::Result<_, _>>()?,
             Some(other) => return Err(format!("llm_int8_skip_modules {other} is not a list")),

@@ -19,18 +19,31 @@ use lathe_models::linear::{Linear, Precision};
 
 const FIXTURES: [&str; 2] = ["neox_bnb8", "llama_bnb8"];
 
-/// Largest |lathe - bitsandbytes| allowed on a logit (the logits are of order 1..10).
-///
-/// Both run LLM.int8 on the same stored CB/SCB, but bitsandbytes 0.50.2's CPU path differs
-/// from lathe's in rounding details: it casts the activations to f16 before quantizing them
-/// (lathe quantizes the f32 values), takes the row absmax over the non-outlier *entries*
-/// (lathe over the non-outlier *columns*), dequantizes with the constant 6.200124e-05 (lathe
-/// divides by 127^2 = 16129, 1.8e-5 apart relatively), and adds the outlier columns in f32
-/// (lathe rounds both operands to f16, as the CUDA kernels do). Each difference moves an
-/// int8 activation by one step now and then, i.e. an error of the order of LLM.int8's own
-/// quantization noise, which two layers then carry to the logits. The measured maximum is
-/// printed by the test (see the report that added this file); the bound leaves about 2x room.
-const TOLERANCE: f32 = 2e-2;
+/// Largest |lathe - reference| allowed on a logit (the logits are of order 1..5), where the
+/// reference is the golden's `logits_lathe_int8`: transformers' f32 model on the same stored
+/// CB/SCB with every Linear8bitLt forward replaced by a pure-torch re-implementation of
+/// lathe's LLM.int8 arithmetic (scripts/golden_bnb_int8.py, `lathe_int8_forward`). Both
+/// quantize the activations identically and accumulate exact int32 products, so what is left
+/// is f32 rounding in the rest of the model (attention, norms, GEMM summation order):
+/// measured 1.0e-6 (CPU) and 1.3e-6 (GPU, lavapipe) at most.
+const TOLERANCE: f32 = 1e-5;
+
+/// bitsandbytes' own logits (`logits`) differ from lathe's by more than [`TOLERANCE`]:
+/// bitsandbytes 0.50.2's CPU LLM.int8 is another variant of the algorithm. It casts the
+/// activations to f16 before quantizing them (lathe quantizes the f32 values), takes each
+/// row's absmax over the non-outlier *entries* (lathe over the non-outlier *columns*),
+/// dequantizes with the constant 6.200124e-05 (lathe divides by 127^2 = 16129, 1.8e-5 apart
+/// relatively) and adds the outlier columns in f32 (lathe rounds both operands to f16, as the
+/// CUDA kernels do). Each moves an int8 activation by a step now and then, an error of the
+/// size of LLM.int8's own quantization noise, which the planted outliers (up to 18 outlier
+/// columns of 48 in a Llama down_proj) amplify. The test requires lathe to be as close to bnb
+/// as that re-implementation is (within [`TOLERANCE`]), so the whole difference is that of
+/// the two variants and none of it the loader's; the script's re-implementation of bnb's own
+/// variant reproduces bnb's logits to 1.5e-6, which locates the difference in the arithmetic.
+fn bnb_bound(fixture: &str) -> f32 {
+    let g = golden(fixture);
+    max_diff(&g.lathe_int8, &g.bnb) + TOLERANCE
+}
 
 fn fixture_dir(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -43,10 +56,8 @@ struct Scratch(PathBuf);
 
 impl Scratch {
     fn copy_of(fixture: &str, tag: &str) -> Scratch {
-        let dir = std::env::temp_dir().join(format!(
-            "lathe-bnb-{}-{fixture}-{tag}",
-            std::process::id()
-        ));
+        let dir =
+            std::env::temp_dir().join(format!("lathe-bnb-{}-{fixture}-{tag}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         for entry in std::fs::read_dir(fixture_dir(fixture)).unwrap() {
@@ -126,8 +137,16 @@ fn write_raw(path: &Path, tensors: &[RawTensor]) {
     std::fs::write(path, out).unwrap();
 }
 
-/// (input ids (B, T), bitsandbytes' logits (B, T, V)) of a fixture.
-fn golden(fixture: &str) -> (Vec<u32>, [usize; 2], Vec<f32>) {
+/// A fixture's golden: input ids (B, T), bitsandbytes' logits (B, T, V) and the
+/// re-implementation of lathe's int8 arithmetic's (see [`TOLERANCE`]).
+struct Golden {
+    ids: Vec<u32>,
+    shape: [usize; 2],
+    bnb: Vec<f32>,
+    lathe_int8: Vec<f32>,
+}
+
+fn golden(fixture: &str) -> Golden {
     let tensors: HashMap<String, Tensor> = lathe_core::safetensors::load(
         &fixture_dir(fixture).join("golden.safetensors"),
         &Device::Cpu,
@@ -136,16 +155,18 @@ fn golden(fixture: &str) -> (Vec<u32>, [usize; 2], Vec<f32>) {
     .into_iter()
     .collect();
     let ids = &tensors["input_ids"];
-    let shape = [ids.shape()[0], ids.shape()[1]];
-    (
-        ids.to_vec_u32().unwrap(),
-        shape,
-        tensors["logits"].to_vec_f32().unwrap(),
-    )
+    Golden {
+        ids: ids.to_vec_u32().unwrap(),
+        shape: [ids.shape()[0], ids.shape()[1]],
+        bnb: tensors["logits"].to_vec_f32().unwrap(),
+        lathe_int8: tensors["logits_lathe_int8"].to_vec_f32().unwrap(),
+    }
 }
 
 fn logits_of(model: &CausalLm, fixture: &str, device: &Device) -> Vec<f32> {
-    let (ids, [b, t], _) = golden(fixture);
+    let Golden {
+        ids, shape: [b, t], ..
+    } = golden(fixture);
     let ids = Tensor::from_vec(ids, &[b, t], device).unwrap();
     let layout = TokenLayout::contiguous(b, t, 0, device).unwrap();
     model
@@ -170,31 +191,37 @@ fn load_err(dir: &Path) -> String {
     }
 }
 
+/// Checks lathe's logits on `device` against both references; returns (max |lathe - ref|,
+/// max |lathe - bnb|).
+fn check_logits(fixture: &str, device: &Device) -> (f32, f32) {
+    let model = load_hf_dir(&fixture_dir(fixture), device).unwrap();
+    let g = golden(fixture);
+    let got = logits_of(&model, fixture, device);
+    let (to_ref, to_bnb) = (max_diff(&got, &g.lathe_int8), max_diff(&got, &g.bnb));
+    let scale = g.bnb.iter().fold(0f32, |m, x| m.max(x.abs()));
+    println!(
+        "{fixture} on {}: max |lathe - lathe-int8 reference| {to_ref:e}, max |lathe - bnb| \
+         {to_bnb:e} (bound {:e}; max |logit| {scale})",
+        device.name(),
+        bnb_bound(fixture)
+    );
+    assert!(to_ref <= TOLERANCE, "{fixture}: {to_ref} > {TOLERANCE}");
+    assert!(to_bnb <= bnb_bound(fixture), "{fixture}: {to_bnb}");
+    (to_ref, to_bnb)
+}
+
 #[test]
-fn logits_match_bitsandbytes_on_the_cpu() {
+fn logits_match_the_references_on_the_cpu() {
     for fixture in FIXTURES {
-        let model = load_hf_dir(&fixture_dir(fixture), &Device::Cpu).unwrap();
-        let (_, _, want) = golden(fixture);
-        let got = logits_of(&model, fixture, &Device::Cpu);
-        let diff = max_diff(&got, &want);
-        let scale = want.iter().fold(0f32, |m, x| m.max(x.abs()));
-        println!("{fixture}: max |lathe - bnb| logit difference {diff:e} (max |logit| {scale})");
-        assert!(diff <= TOLERANCE, "{fixture}: {diff} > {TOLERANCE}");
+        check_logits(fixture, &Device::Cpu);
     }
 }
 
 #[test]
-fn logits_match_bitsandbytes_on_the_gpu() {
+fn logits_match_the_references_on_the_gpu() {
     let gpu = test_gpu();
     for fixture in FIXTURES {
-        let model = load_hf_dir(&fixture_dir(fixture), &gpu).unwrap();
-        let cpu = load_hf_dir(&fixture_dir(fixture), &Device::Cpu).unwrap();
-        let (_, _, want) = golden(fixture);
-        let got = logits_of(&model, fixture, &gpu);
-        let diff = max_diff(&got, &want);
-        let to_cpu = max_diff(&got, &logits_of(&cpu, fixture, &Device::Cpu));
-        println!("{fixture} (GPU): max |lathe - bnb| {diff:e}, max |GPU - CPU| {to_cpu:e}");
-        assert!(diff <= TOLERANCE, "{fixture}: {diff} > {TOLERANCE}");
+        check_logits(fixture, &gpu);
     }
 }
 
@@ -279,7 +306,10 @@ fn the_checkpoint_decides_the_precision() {
         let note = bnb_int8_note(&config, &options).unwrap();
         match precision {
             Precision::Int8 { threshold: 6.0 } => assert_eq!(note, None),
-            _ => assert!(note.unwrap().contains("bitsandbytes 8-bit"), "{precision:?}"),
+            _ => assert!(
+                note.unwrap().contains("bitsandbytes 8-bit"),
+                "{precision:?}"
+            ),
         }
     }
     // The skipped module follows the requested dense precision.
@@ -312,8 +342,7 @@ fn llm_int8_threshold_is_honoured() {
     }
     // Without the outlier path the fixture's planted outliers are quantized with the rest.
     let got = logits_of(&model, "llama_bnb8", &Device::Cpu);
-    let (_, _, bnb) = golden("llama_bnb8");
-    assert!(max_diff(&got, &bnb) > TOLERANCE);
+    assert!(max_diff(&got, &golden("llama_bnb8").lathe_int8) > 100.0 * TOLERANCE);
 }
 
 #[test]
@@ -331,7 +360,10 @@ fn missing_or_misshapen_scb_is_an_error_naming_file_and_tensor() {
 
     let scratch = Scratch::copy_of("llama_bnb8", "short-scb");
     scratch.edit_weights(|t| {
-        let scb = t.iter_mut().find(|(n, ..)| n == &format!("{name}.SCB")).unwrap();
+        let scb = t
+            .iter_mut()
+            .find(|(n, ..)| n == &format!("{name}.SCB"))
+            .unwrap();
         scb.2 = vec![31];
         scb.3.truncate(31 * 4);
     });
@@ -343,7 +375,10 @@ fn missing_or_misshapen_scb_is_an_error_naming_file_and_tensor() {
 
     let scratch = Scratch::copy_of("llama_bnb8", "f16-scb");
     scratch.edit_weights(|t| {
-        let scb = t.iter_mut().find(|(n, ..)| n == &format!("{name}.SCB")).unwrap();
+        let scb = t
+            .iter_mut()
+            .find(|(n, ..)| n == &format!("{name}.SCB"))
+            .unwrap();
         scb.1 = "F16".into();
         scb.3.truncate(32 * 2);
     });
@@ -370,7 +405,10 @@ fn missing_or_misshapen_scb_is_an_error_naming_file_and_tensor() {
     // Negative scales are no absmax.
     let scratch = Scratch::copy_of("llama_bnb8", "negative-scb");
     scratch.edit_weights(|t| {
-        let scb = t.iter_mut().find(|(n, ..)| n == &format!("{name}.SCB")).unwrap();
+        let scb = t
+            .iter_mut()
+            .find(|(n, ..)| n == &format!("{name}.SCB"))
+            .unwrap();
         scb.3[..4].copy_from_slice(&(-1.0f32).to_le_bytes());
     });
     let err = load_err(&scratch.0);
@@ -441,7 +479,9 @@ fn unsupported_quantization_configs_are_refused() {
         scratch.edit_config(|c| edit(&mut c["quantization_config"]));
         let err = load_err(&scratch.0);
         assert!(
-            err.contains("config.json") && err.contains("quantization_config") && err.contains(expected),
+            err.contains("config.json")
+                && err.contains("quantization_config")
+                && err.contains(expected),
             "{tag}: {err}"
         );
     }

@@ -439,9 +439,12 @@ fn int8_weights_need_a_bitsandbytes_config() {
     );
 }
 
+/// (scratch tag, edit of quantization_config, what the error must mention).
+type ConfigCase = (&'static str, fn(&mut serde_json::Value), &'static str);
+
 #[test]
 fn unsupported_quantization_configs_are_refused() {
-    let cases: [(&str, fn(&mut serde_json::Value), &str); 6] = [
+    let cases: [ConfigCase; 6] = [
         (
             "4bit",
             |q| {

@@ -163,6 +163,8 @@ pub enum StoredDType {
     U32,
     /// Signed bytes: bitsandbytes' int8 weights.
     I8,
+    /// Unsigned bytes: bitsandbytes' `weight_format` markers.
+    U8,
     /// Anything else the format allows (lathe refuses to build a tensor of it).
     Other,
 }
@@ -175,6 +177,7 @@ impl StoredDType {
             Dtype::BF16 => StoredDType::BF16,
             Dtype::U32 => StoredDType::U32,
             Dtype::I8 => StoredDType::I8,
+            Dtype::U8 => StoredDType::U8,
             _ => StoredDType::Other,
         }
     }

@@ -228,6 +228,7 @@ impl GptNeoxConfig {
             )));
         }
         check_rope_scaling(ARCH, &self.rope_scaling)?;
+        BnbInt8Config::from_extra(ARCH, &self.extra)?;
         let theta = ("rotary_emb_base", self.rotary_emb_base);
         let pct = ("rotary_pct", self.rotary_pct);
         check_rope_parameters(
@@ -255,7 +256,7 @@ impl GptNeoxConfig {
     pub fn unknown_keys(&self) -> Vec<String> {
         unknown_keys(
             &self.extra,
-            &["rope_theta", "partial_rotary_factor"],
+            &["rope_theta", "partial_rotary_factor", QUANTIZATION_KEY],
             &self.rope_parameters,
         )
     }
@@ -423,6 +424,7 @@ impl LlamaConfig {
             )));
         }
         check_rope_scaling(ARCH, &self.rope_scaling)?;
+        BnbInt8Config::from_extra(ARCH, &self.extra)?;
         check_rope_parameters(
             ARCH,
             &self.rope_parameters,
@@ -457,7 +459,7 @@ impl LlamaConfig {
     pub fn unknown_keys(&self) -> Vec<String> {
         unknown_keys(
             &self.extra,
-            &["partial_rotary_factor"],
+            &["partial_rotary_factor", QUANTIZATION_KEY],
             &self.rope_parameters,
         )
     }
@@ -760,6 +762,150 @@ fn sync_number(map: &mut Map<String, Value>, key: &str, value: f64, insert: bool
     }
 }
 
+/// The config.json key of a quantized checkpoint's settings.
+pub const QUANTIZATION_KEY: &str = "quantization_config";
+
+/// Keys of a bitsandbytes `quantization_config` (transformers' `BitsAndBytesConfig.to_dict()`,
+/// 4.3x to 5.x) that lathe reads or that cannot change an 8-bit checkpoint's forward pass:
+/// the `bnb_4bit_*` settings describe 4-bit quantization only, and
+/// `llm_int8_enable_fp32_cpu_offload` is device placement. Any other key is refused: lathe
+/// cannot tell whether it changes the quantized math.
+const BNB_KEYS: &[&str] = &[
+    "quant_method",
+    "load_in_8bit",
+    "load_in_4bit",
+    "_load_in_8bit",
+    "_load_in_4bit",
+    "llm_int8_threshold",
+    "llm_int8_skip_modules",
+    "llm_int8_has_fp16_weight",
+    "llm_int8_enable_fp32_cpu_offload",
+    "bnb_4bit_compute_dtype",
+    "bnb_4bit_quant_type",
+    "bnb_4bit_use_double_quant",
+    "bnb_4bit_quant_storage",
+];
+
+/// A bitsandbytes 8-bit checkpoint's settings (`quantization_config` with `quant_method`
+/// "bitsandbytes" and `load_in_8bit`, as transformers writes it when saving a model loaded
+/// with `BitsAndBytesConfig(load_in_8bit=True)`). Its block linears are stored as int8 `weight`
+/// (out, in) plus f32 `SCB` (out,) row scales and load as LLM.int8 without requantization;
+/// 4-bit checkpoints, other quantization methods, `llm_int8_has_fp16_weight` and keys lathe
+/// does not know are refused when the config is read.
+#[derive(Clone, Debug, PartialEq)]
+pub struct BnbInt8Config {
+    /// `llm_int8_threshold` (6.0 when absent): the outlier threshold of every int8 layer.
+    pub threshold: f32,
+    /// `llm_int8_skip_modules`: modules kept dense (none when null; transformers then keeps
+    /// only the LM head, which lathe loads dense anyway).
+    pub skip_modules: Vec<String>,
+}
+
+impl BnbInt8Config {
+    /// Reads `quantization_config` from a config's other keys: `None` when absent or null.
+    pub fn from_extra(arch: &str, extra: &Map<String, Value>) -> Result<Option<BnbInt8Config>> {
+        match extra.get(QUANTIZATION_KEY) {
+            None | Some(Value::Null) => Ok(None),
+            Some(v) => BnbInt8Config::from_value(v)
+                .map(Some)
+                .map_err(|e| Error::Config(format!("{arch}: {QUANTIZATION_KEY}: {e}"))),
+        }
+    }
+
+    /// Parses a `quantization_config` object (errors are the bare reason).
+    fn from_value(value: &Value) -> std::result::Result<BnbInt8Config, String> {
+        let Value::Object(map) = value else {
+            return Err(format!("{value} is not an object"));
+        };
+        if let Some(key) = map.keys().find(|k| !BNB_KEYS.contains(&k.as_str())) {
+            return Err(format!(
+                "key {key:?} is not known to lathe and may change the quantized model; \
+                 supported: bitsandbytes 8-bit ({})",
+                BNB_KEYS.join(", ")
+            ));
+        }
+        let flag = |key: &str| match map.get(key) {
+            None | Some(Value::Null) => Ok(false),
+            Some(Value::Bool(b)) => Ok(*b),
+            Some(other) => Err(format!("{key} {other} is not a boolean")),
+        };
+        match map.get("quant_method") {
+            // Configs of transformers before 4.31 have no quant_method: bitsandbytes.
+            None | Some(Value::Null) => {}
+            Some(Value::String(m)) if m == "bitsandbytes" => {}
+            Some(other) => {
+                return Err(format!(
+                    "quant_method {other} is not supported (only \"bitsandbytes\" 8-bit)"
+                ))
+            }
+        }
+        if flag("load_in_4bit")? || flag("_load_in_4bit")? {
+            return Err(
+                "bitsandbytes 4-bit (load_in_4bit) checkpoints are not supported; \
+                        lathe loads 8-bit ones (load_in_8bit)"
+                    .into(),
+            );
+        }
+        if !(flag("load_in_8bit")? || flag("_load_in_8bit")?) {
+            return Err(
+                "neither load_in_8bit nor load_in_4bit is true: no quantization \
+                        lathe knows"
+                    .into(),
+            );
+        }
+        if flag("llm_int8_has_fp16_weight")? {
+            return Err(
+                "llm_int8_has_fp16_weight true (16-bit weights requantized at every \
+                        forward, for training them) is not supported"
+                    .into(),
+            );
+        }
+        flag("llm_int8_enable_fp32_cpu_offload")?;
+        let threshold = match map.get("llm_int8_threshold") {
+            None | Some(Value::Null) => 6.0,
+            Some(Value::Number(n)) => match n.as_f64() {
+                Some(t) if t.is_finite() && t.abs() <= f32::MAX as f64 => t as f32,
+                _ => return Err(format!("llm_int8_threshold {n} is out of range")),
+            },
+            Some(other) => return Err(format!("llm_int8_threshold {other} is not a number")),
+        };
+        let skip_modules = match map.get("llm_int8_skip_modules") {
+            None | Some(Value::Null) => Vec::new(),
+            Some(Value::Array(items)) => items
+                .iter()
+                .map(|item| match item.as_str() {
+                    Some(s) if s.contains(|c| "*+?[](){}|^$\\".contains(c)) => Err(format!(
+                        "llm_int8_skip_modules pattern {s:?} is a regular expression; lathe \
+                         matches module names only (a name, a leading part of one up to a \
+                         '.', or a trailing part)"
+                    )),
+                    Some(s) => Ok(s.to_string()),
+                    None => Err(format!(
+                        "llm_int8_skip_modules entry {item} is not a string"
+                    )),
+                })
+                .collect::<std::result::Result<_, _>>()?,
+            Some(other) => return Err(format!("llm_int8_skip_modules {other} is not a list")),
+        };
+        Ok(BnbInt8Config {
+            threshold,
+            skip_modules,
+        })
+    }
+
+    /// Whether the module `name` (a HF name without `.weight`) is kept dense, with
+    /// transformers' matching of plain names: the whole name, a leading part of it ending at a
+    /// '.', or its ending ("dense_4h_to_h" skips "gpt_neox.layers.1.mlp.dense_4h_to_h").
+    pub fn skips(&self, name: &str) -> bool {
+        self.skip_modules.iter().any(|key| {
+            name.ends_with(key.as_str())
+                || name
+                    .strip_prefix(key.as_str())
+                    .is_some_and(|rest| rest.is_empty() || rest.starts_with('.'))
+        })
+    }
+}
+
 /// A model configuration, by architecture (`model_type` of config.json).
 #[derive(Clone, Debug)]
 pub enum ModelConfig {
@@ -897,6 +1043,15 @@ impl ModelConfig {
             ));
         }
         (!parts.is_empty()).then(|| format!("warning: {origin}: {}", parts.join("; ")))
+    }
+
+    /// The bitsandbytes 8-bit quantization of the checkpoint (`quantization_config`), `None`
+    /// for a plain one. Validated when the config was read.
+    pub fn bnb_int8(&self) -> Result<Option<BnbInt8Config>> {
+        match self {
+            ModelConfig::GptNeox(c) => BnbInt8Config::from_extra("gpt_neox", &c.extra),
+            ModelConfig::Llama(c) => BnbInt8Config::from_extra("llama", &c.extra),
+        }
     }
 
     pub fn model_type(&self) -> &'static str {

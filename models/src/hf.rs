@@ -13,7 +13,7 @@ use lathe_core::{DType, Device, MemCategory, Tensor};
 use lathe_quant::Int8Weight;
 
 use crate::attention::TokenLayout;
-use crate::config::ModelConfig;
+use crate::config::{BnbInt8Config, ModelConfig};
 use crate::gpt_neox::GptNeox;
 use crate::kv_cache::KvCache;
 use crate::linear::{Linear, Precision};
@@ -25,6 +25,13 @@ pub const WEIGHTS_FILE: &str = "model.safetensors";
 pub const INDEX_FILE: &str = "model.safetensors.index.json";
 
 /// How a model's weights are stored once loaded. The defaults load everything in f32.
+///
+/// A bitsandbytes 8-bit checkpoint (config.json's `quantization_config`, see
+/// [`BnbInt8Config`]) is int8 whatever `precision` asks: its int8 block weights load as they
+/// are stored (never dequantized to f32 or f16 and never requantized), with the config's
+/// outlier threshold, as transformers loads such a checkpoint in 8 bits whatever `dtype` it is
+/// given. `precision` then only decides the dense form (f32, or f16 for `F16`) of the block
+/// linears listed in `llm_int8_skip_modules`. [`bnb_int8_note`] words this for the user.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct LoadOptions {
     /// The precision of the transformer blocks' linear layers.
@@ -56,6 +63,8 @@ pub struct Weights {
     origin: String,
     device: Device,
     options: LoadOptions,
+    /// The checkpoint's bitsandbytes 8-bit settings, when its config has them.
+    bnb_int8: Option<BnbInt8Config>,
 }
 
 impl Weights {
@@ -66,6 +75,7 @@ impl Weights {
             origin: origin.into(),
             device: device.clone(),
             options: LoadOptions::default(),
+            bnb_int8: None,
         }
     }
 
@@ -98,6 +108,139 @@ impl Weights {
     /// Sets how the taken tensors are stored (see [`LoadOptions`]).
     pub fn set_options(&mut self, options: LoadOptions) {
         self.options = options;
+    }
+
+    /// The checkpoint's bitsandbytes 8-bit settings (see [`Weights::set_bnb_int8`]).
+    pub fn bnb_int8(&self) -> Option<&BnbInt8Config> {
+        self.bnb_int8.as_ref()
+    }
+
+    /// Marks the store as a bitsandbytes 8-bit checkpoint's ([`ModelConfig::bnb_int8`]):
+    /// int8 block weights with their `SCB` scales are then taken as they are stored
+    /// ([`Weights::take_bnb_int8`]); without it an int8 weight is an error.
+    pub fn set_bnb_int8(&mut self, config: Option<BnbInt8Config>) {
+        self.bnb_int8 = config;
+    }
+
+    /// The dtype `name` has in its safetensors file (`None` when absent or built in memory).
+    pub fn stored_dtype(&self, name: &str) -> Option<StoredDType> {
+        match self.tensors.get(name) {
+            Some((Source::Stored(f), _)) => f.info(name).map(|(dtype, _)| dtype),
+            _ => None,
+        }
+    }
+
+    /// The file that holds `name` (the store's origin when absent), for errors.
+    pub fn file_of(&self, name: &str) -> String {
+        match self.tensors.get(name) {
+            Some((_, file)) => file.to_string(),
+            None => self.origin.clone(),
+        }
+    }
+
+    /// A bitsandbytes int8 linear weight as saved by `Linear8bitLt`: `{prefix}.weight` I8
+    /// (out, in) (bnb's CB) and `{prefix}.SCB` F32 (out,) (its row absmax scales), plus an
+    /// optional `{prefix}.weight_format` U8 scalar that must be 0 ("row": bnb's only layout
+    /// since 0.45; older tiled layouts are refused). The values and scales are taken byte for
+    /// byte (no requantization) and moved to the store's device. Errors name the file and the
+    /// tensor: a weight that is not I8, a missing SCB, an SCB of the wrong shape or dtype.
+    pub fn take_bnb_int8(&mut self, prefix: &str, out: usize, input: usize) -> Result<Int8Weight> {
+        let name = format!("{prefix}.weight");
+        let scb_name = format!("{prefix}.SCB");
+        let format_name = format!("{prefix}.weight_format");
+        let stored = |w: &Weights, n: &str, detail: &str| -> Result<Arc<SafetensorsFile>> {
+            match w.tensors.get(n) {
+                Some((Source::Stored(f), _)) => Ok(f.clone()),
+                Some((Source::Built(_), file)) => Err(Error::Tensor {
+                    path: file.to_string(),
+                    tensor: n.to_string(),
+                    detail: format!("{detail}: not read from a safetensors file"),
+                }),
+                None => Err(Error::Tensor {
+                    path: w.file_of(&name),
+                    tensor: n.to_string(),
+                    detail: format!("missing: {detail}"),
+                }),
+            }
+        };
+        let tensor_error = |w: &Weights, n: &str, detail: String| Error::Tensor {
+            path: w.file_of(n),
+            tensor: n.to_string(),
+            detail,
+        };
+        let expect = |w: &Weights, n: &str, want: StoredDType| -> Result<()> {
+            match w.stored_dtype(n) {
+                Some(d) if d == want => Ok(()),
+                d => Err(tensor_error(
+                    w,
+                    n,
+                    format!("dtype {d:?}, expected {want:?} (a bitsandbytes 8-bit layer)"),
+                )),
+            }
+        };
+        let weight_file = stored(self, &name, "the int8 weight")?;
+        expect(self, &name, StoredDType::I8)?;
+        let scb_file = stored(
+            self,
+            &scb_name,
+            &format!("{name} is int8 (bitsandbytes) but its row scales are not stored"),
+        )?;
+        expect(self, &scb_name, StoredDType::F32)?;
+        if self.contains(&format_name) {
+            let file = stored(self, &format_name, "the weight layout")?;
+            let bytes = match self.stored_dtype(&format_name) {
+                Some(StoredDType::U8) => file
+                    .read_bytes(&format_name)
+                    .map_err(|e| tensor_error(self, &format_name, e.to_string()))?,
+                d => {
+                    return Err(tensor_error(
+                        self,
+                        &format_name,
+                        format!("dtype {d:?}, expected U8"),
+                    ))
+                }
+            };
+            if bytes != [0] {
+                return Err(tensor_error(
+                    self,
+                    &format_name,
+                    format!(
+                        "weight format {bytes:?}: only bitsandbytes' row-major layout (0,                          \"row\") is supported, not the tiled col32/col_turing/col_ampere ones"
+                    ),
+                ));
+            }
+            self.tensors.remove(&format_name);
+        }
+        let (_, file) = self.remove(&name, &[out, input])?;
+        let (_, scb_label) = self.remove(&scb_name, &[out])?;
+        let values: Vec<i8> = weight_file
+            .read_bytes(&name)
+            .map_err(|e| Error::Tensor {
+                path: file.to_string(),
+                tensor: name.clone(),
+                detail: e.to_string(),
+            })?
+            .into_iter()
+            .map(|b| b as i8)
+            .collect();
+        let scb_error = |detail: String| Error::Tensor {
+            path: scb_label.to_string(),
+            tensor: scb_name.clone(),
+            detail,
+        };
+        let scales: Vec<f32> = scb_file
+            .read_bytes(&scb_name)
+            .map_err(|e| scb_error(e.to_string()))?
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect();
+        let weight = Int8Weight::from_parts(out, input, &values, scales)
+            .map_err(|e| scb_error(e.to_string()))?;
+        weight.to_device(&self.device).map_err(|e| Error::Tensor {
+            path: file.to_string(),
+            tensor: name.clone(),
+            detail: e.to_string(),
+        })
     }
 
     /// Removes `name` from the store after checking its stored shape.
@@ -139,6 +282,14 @@ impl Weights {
         };
         let tensor = match source {
             Source::Built(t) => t,
+            Source::Stored(f) if f.info(name).map(|(d, _)| d) == Some(StoredDType::I8) => {
+                return Err(tensor_error(
+                    "int8 (bitsandbytes) where lathe keeps a 16/32-bit tensor: only the \
+                     linear layers of the transformer blocks may be int8 (an int8 embedding, \
+                     LM head or norm is not supported)"
+                        .into(),
+                ))
+            }
             Source::Stored(f) => f
                 .read(name, &Device::Cpu)
                 .map_err(|e| tensor_error(e.to_string()))?,
@@ -484,7 +635,29 @@ pub fn load_hf_dir_with(dir: &Path, device: &Device, options: LoadOptions) -> Re
     let config = ModelConfig::from_file(&dir.join(CONFIG_FILE))?;
     let mut weights = Weights::from_hf_dir(dir, device)?;
     weights.set_options(options);
+    weights.set_bnb_int8(config.bnb_int8()?);
     CausalLm::from_weights(config, &mut weights)
+}
+
+/// A note for the user when `config` is a bitsandbytes 8-bit checkpoint's and `options` ask
+/// for another precision: the block linears load as int8 anyway (see [`LoadOptions`]), as
+/// transformers does. `None` otherwise. The library never prints; the loader's caller does.
+pub fn bnb_int8_note(config: &ModelConfig, options: &LoadOptions) -> Result<Option<String>> {
+    let Some(bnb) = config.bnb_int8()? else {
+        return Ok(None);
+    };
+    let asked = match options.precision {
+        Precision::Int8 { threshold } if threshold == bnb.threshold => return Ok(None),
+        Precision::Int8 { threshold } => format!("int8 with threshold {threshold}"),
+        Precision::F16 => "f16".to_string(),
+        Precision::F32 => "f32".to_string(),
+    };
+    Ok(Some(format!(
+        "note: a bitsandbytes 8-bit checkpoint: its block linear layers load as stored, LLM.int8 \
+         with the checkpoint's outlier threshold {}, not {asked} as asked (as transformers loads \
+         it); embeddings, norms, the LM head and llm_int8_skip_modules stay dense",
+        bnb.threshold
+    )))
 }
 
 /// Writes a HF model directory: config.json and one model.safetensors, each through a

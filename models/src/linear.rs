@@ -3,6 +3,7 @@
 //! (lathe-quant's LLM.int8) and a LoRA wrapper each become one more arm of the enum, and the
 //! model files do not change.
 
+use lathe_core::safetensors::StoredDType;
 use lathe_core::{DType, Tensor};
 use lathe_lora::LoraAdapter;
 use lathe_quant::Int8Linear;
@@ -333,6 +334,15 @@ impl Linear {
     /// As [`Linear::load`], for a linear layer of a transformer block: the weight is built
     /// straight in the precision of the store's [`crate::hf::LoadOptions`] (an int8 weight
     /// is quantized as it is read, never held in f32 whole).
+    ///
+    /// In a bitsandbytes 8-bit checkpoint ([`Weights::bnb_int8`]) the checkpoint decides, not
+    /// the requested precision (transformers too loads it in 8 bits whatever `dtype` says): an
+    /// int8 weight with its `SCB` scales becomes an [`Int8Linear`] as stored (no
+    /// requantization) with the checkpoint's threshold; a module of `llm_int8_skip_modules`
+    /// stays dense (f16 when F16 is asked, else f32); any other float weight is quantized to
+    /// int8 with that threshold, as bitsandbytes would when loading it. An int8 weight in a
+    /// checkpoint whose config has no bitsandbytes `quantization_config`, or in a skipped
+    /// module, is an error.
     pub fn load_block(
         weights: &mut Weights,
         prefix: &str,
@@ -341,22 +351,54 @@ impl Linear {
         bias: bool,
     ) -> Result<Linear> {
         let name = format!("{prefix}.weight");
-        let weight = match weights.options().precision {
+        let take_bias = |weights: &mut Weights| match bias {
+            true => weights.take(&format!("{prefix}.bias"), &[out]).map(Some),
+            false => Ok(None),
+        };
+        let bnb = weights.bnb_int8().cloned();
+        let skipped = bnb.as_ref().is_some_and(|q| q.skips(prefix));
+        if weights.stored_dtype(&name) == Some(StoredDType::I8) {
+            let problem = match &bnb {
+                None => Some(
+                    "int8 (bitsandbytes) weight, but config.json has no bitsandbytes 8-bit \
+                     quantization_config to say how to use it",
+                ),
+                Some(_) if skipped => Some(
+                    "int8 weight of a module that quantization_config.llm_int8_skip_modules \
+                     keeps dense",
+                ),
+                Some(_) => None,
+            };
+            if let Some(detail) = problem {
+                return Err(Error::Tensor {
+                    path: weights.file_of(&name),
+                    tensor: name,
+                    detail: detail.to_string(),
+                });
+            }
+            let threshold = bnb.map_or(Int8Linear::DEFAULT_THRESHOLD, |q| q.threshold);
+            let weight = weights.take_bnb_int8(prefix, out, input)?;
+            let bias = take_bias(weights)?;
+            return Ok(Linear::Int8(Int8Linear::new(weight, bias, threshold)?));
+        }
+        let precision = match (bnb, weights.options().precision) {
+            (Some(_), Precision::F16) if skipped => Precision::F16,
+            (Some(_), _) if skipped => Precision::F32,
+            (Some(q), _) => Precision::Int8 {
+                threshold: q.threshold,
+            },
+            (None, precision) => precision,
+        };
+        let weight = match precision {
             Precision::F32 => return Linear::load(weights, prefix, out, input, bias),
             Precision::F16 => weights.take_as_f16(&name, &[out, input])?,
             Precision::Int8 { threshold } => {
                 let weight = weights.take_int8(&name, &[out, input])?;
-                let bias = match bias {
-                    true => Some(weights.take(&format!("{prefix}.bias"), &[out])?),
-                    false => None,
-                };
+                let bias = take_bias(weights)?;
                 return Ok(Linear::Int8(Int8Linear::new(weight, bias, threshold)?));
             }
         };
-        let bias = match bias {
-            true => Some(weights.take(&format!("{prefix}.bias"), &[out])?),
-            false => None,
-        };
+        let bias = take_bias(weights)?;
         Linear::dense(weight, bias)
     }
 

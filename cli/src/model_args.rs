@@ -112,6 +112,9 @@ impl ModelArgs {
         if let Some(warning) = config.load_warning(&self.model.display().to_string()) {
             eprintln!("{warning}");
         }
+        if let Some(note) = lathe_models::hf::bnb_int8_note(&config, &options)? {
+            eprintln!("{note}");
+        }
         let ids = pretrained.tokenizer.vocab_size();
         if ids < config.vocab_size() {
             eprintln!(

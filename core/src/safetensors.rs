@@ -305,7 +305,6 @@ impl SafetensorsFile {
 
     /// The stored little-endian bytes of `name`, read from the file.
     pub fn read_bytes(&self, name: &str) -> Result<Vec<u8>> {
-        use std::io::{Read, Seek, SeekFrom};
         let entry = self.entry(name)?;
         let len = usize::try_from(entry.end - entry.start).map_err(|_| {
             st_error(
@@ -314,19 +313,57 @@ impl SafetensorsFile {
             )
         })?;
         let mut bytes = vec![0u8; len];
-        let mut file = self.file.lock().unwrap_or_else(|e| e.into_inner());
-        file.seek(SeekFrom::Start(entry.start))
-            .and_then(|_| file.read_exact(&mut bytes))
-            .map_err(|source| Error::Io {
-                path: self.label.clone(),
-                source,
-            })?;
+        self.read_into(entry, &mut bytes)?;
         Ok(bytes)
     }
 
-    /// The tensor `name` on `device`, decoded as [`load`] does (BF16 widened to F32).
+    /// Fills `out` with the stored bytes of `entry` (exactly its length).
+    fn read_into(&self, entry: &Entry, out: &mut [u8]) -> Result<()> {
+        use std::io::{Read, Seek, SeekFrom};
+        let mut file = self.file.lock().unwrap_or_else(|e| e.into_inner());
+        file.seek(SeekFrom::Start(entry.start))
+            .and_then(|_| file.read_exact(out))
+            .map_err(|source| Error::Io {
+                path: self.label.clone(),
+                source,
+            })
+    }
+
+    /// The tensor `name` on `device`, decoded as [`load`] does (BF16 widened to F32). On a
+    /// little-endian host, F32, F16 and U32 are read straight into the tensor's storage (no
+    /// second copy of a 1.2 GB embedding while it loads).
     pub fn read(&self, name: &str, device: &Device) -> Result<Tensor> {
         let entry = self.entry(name)?;
+        let elems: usize = entry.shape.iter().product();
+        let direct = |storage: CpuStorage, dtype| {
+            Tensor::from_storage(
+                crate::storage::Storage::cpu(storage),
+                entry.shape.clone(),
+                dtype,
+                Device::Cpu,
+            )
+            .to_device_as(device, MemCategory::Weights)
+        };
+        if cfg!(target_endian = "little") {
+            match entry.dtype {
+                Dtype::F32 => {
+                    let mut v = vec![0f32; elems];
+                    self.read_into(entry, bytemuck::cast_slice_mut(&mut v))?;
+                    return direct(CpuStorage::F32(v), DType::F32);
+                }
+                Dtype::F16 => {
+                    let mut v = vec![f16::ZERO; elems];
+                    self.read_into(entry, bytemuck::cast_slice_mut(&mut v))?;
+                    return direct(CpuStorage::F16(v), DType::F16);
+                }
+                Dtype::U32 => {
+                    let mut v = vec![0u32; elems];
+                    self.read_into(entry, bytemuck::cast_slice_mut(&mut v))?;
+                    return direct(CpuStorage::U32(v), DType::U32);
+                }
+                _ => {}
+            }
+        }
         let bytes = self.read_bytes(name)?;
         build(&self.label, name, entry.dtype, &entry.shape, &bytes, device)
     }

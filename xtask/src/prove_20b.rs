@@ -343,6 +343,9 @@ pub fn run(args: &Prove20bArgs) -> Result<()> {
             "24",
             "--max-steps",
             "1",
+            // The step only: no held-out loss (a forward over 43 more blocks).
+            "--eval-fraction",
+            "0",
         ]));
         let mut run = run_lathe("sft step", &prefixed("sft", sft))?;
         run.planned_bytes = Some(planned(

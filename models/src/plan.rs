@@ -357,6 +357,12 @@ mod tests {
         assert_eq!(plan.kv_cache, 2 * l * 16 * 24 * h * 4);
     }
 
+    /// EleutherAI's published parameter count of GPT-NeoX-20B.
+    #[test]
+    fn gpt_neox_20b_has_its_published_parameter_count() {
+        assert_eq!(parameter_count(&neox_20b()), 20_554_567_680);
+    }
+
     #[test]
     fn precision_checkpointing_and_rank_move_the_plan_the_right_way() {
         let c = neox_20b();

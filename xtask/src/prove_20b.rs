@@ -31,7 +31,7 @@ pub struct Prove20bArgs {
     /// Transformer blocks to write (44 is GPT-NeoX-20B; fewer for a quick rehearsal).
     #[arg(long, default_value_t = 44)]
     pub layers: usize,
-    /// Also run one PPO step (generation + 4 PPO epochs; about an hour on 2 cores).
+    /// Also run one PPO step (generation + 4 PPO epochs; 25 minutes on 2 cores).
     #[arg(long)]
     pub ppo: bool,
     /// Skip the SFT step.

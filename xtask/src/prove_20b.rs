@@ -117,10 +117,9 @@ fn shard_tensors(block: Option<usize>) -> Result<Vec<(String, Tensor)>> {
     let p = format!("gpt_neox.layers.{i}");
     let seed = 1000 + 16 * i as u64;
     let mut out = Vec::new();
-    for (norm, k) in [("input_layernorm", 0), ("post_attention_layernorm", 1)] {
+    for norm in ["input_layernorm", "post_attention_layernorm"] {
         out.push((format!("{p}.{norm}.weight"), constant(1.0, h)?));
         out.push((format!("{p}.{norm}.bias"), constant(0.0, h)?));
-        let _ = k;
     }
     let linears = [
         ("attention.query_key_value", 3 * h, h),

@@ -123,8 +123,8 @@ pub fn render(plan: &MemoryPlan) -> String {
     out
 }
 
-/// Refuses (before anything loads) a job whose predicted peak exceeds `budget`, saying what
-/// to change. Returns the plan when it fits.
+/// Refuses (before anything loads) a job whose predicted peak exceeds `budget`, with the
+/// plan's table and what to change.
 pub fn check_fits(plan: &MemoryPlan, settings: &PlanSettings, budget: u64) -> Result<()> {
     if plan.total() <= budget {
         return Ok(());

@@ -188,8 +188,8 @@ fn dims(config: &ModelConfig) -> Dims {
     }
 }
 
-/// Whether peft's `target_modules` entry list selects the module `name` (a suffix match on
-/// the module name, as peft matches a plain list).
+/// Whether the `target_modules` list selects the block linear `name` (a leaf name such as
+/// `query_key_value`: for these, peft's suffix match on the full module name is equality).
 fn targeted(targets: &[String], name: &str) -> bool {
     targets.iter().any(|t| t == name)
 }

@@ -17,8 +17,10 @@ pub enum DeviceArg {
 
 /// Opens the device. `gpu` never falls back to the CPU: it errors with the reason.
 pub fn open(arg: DeviceArg, allow_software_gpu: bool) -> Result<Device> {
+    let env = AdapterChoice::from_env();
     let choice = AdapterChoice {
-        allow_software: allow_software_gpu || AdapterChoice::from_env().allow_software,
+        allow_software: allow_software_gpu || env.allow_software,
+        ..env
     };
     match arg {
         DeviceArg::Cpu => Ok(Device::Cpu),

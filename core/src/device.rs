@@ -6,6 +6,9 @@ use lathe_shaders::{AdapterChoice, GpuContext};
 
 use crate::Result;
 
+/// The storage-binding limit of [`Device::small_binding_test_gpu`], in bytes.
+pub const SMALL_BINDING: u64 = 16 << 10;
+
 /// A compute device: the host CPU, or one GPU context.
 #[derive(Clone, Debug)]
 pub enum Device {
@@ -36,6 +39,21 @@ impl Device {
         match CONTEXT
             .get_or_init(|| GpuContext::new(AdapterChoice::any()).map_err(|e| e.to_string()))
         {
+            Ok(ctx) => Ok(Device::Gpu(ctx.clone())),
+            Err(e) => Err(crate::Error::Gpu(lathe_shaders::Error::Device(e.clone()))),
+        }
+    }
+
+    /// As [`Device::shared_test_gpu`], with storage bindings forced down to `SMALL_BINDING`
+    /// bytes: every tensor of ten thousand elements exceeds one binding, so tests on lavapipe
+    /// run the splitting that big models need on a real GPU (see `ops::dispatch`).
+    pub fn small_binding_test_gpu() -> Result<Device> {
+        static CONTEXT: OnceLock<std::result::Result<Arc<GpuContext>, String>> = OnceLock::new();
+        let choice = AdapterChoice {
+            max_binding: Some(SMALL_BINDING),
+            ..AdapterChoice::any()
+        };
+        match CONTEXT.get_or_init(|| GpuContext::new(choice).map_err(|e| e.to_string())) {
             Ok(ctx) => Ok(Device::Gpu(ctx.clone())),
             Err(e) => Err(crate::Error::Gpu(lathe_shaders::Error::Device(e.clone()))),
         }

@@ -11,7 +11,7 @@ use rayon::prelude::*;
 
 use crate::backprop::GradStore;
 use crate::dtype::DType;
-use crate::ops::{launch, CPU_CHUNK};
+use crate::ops::{launch_rows, Arg, CPU_CHUNK};
 use crate::storage::{CpuStorage, Storage};
 use crate::tensor::Tensor;
 use crate::{Device, Error, Result};
@@ -181,26 +181,28 @@ fn gpu_step(param: &Tensor, grad: &Tensor, state: &Moments, s: &StepScalars) -> 
     }
     let n = param.elem_count();
     let c = &s.config;
-    let params = AdamParams {
-        n: n as u32,
-        decoupled: c.decoupled as u32,
-        lr: c.lr,
-        beta1: c.beta1,
-        beta2: c.beta2,
-        eps: c.eps,
-        weight_decay: c.weight_decay,
-        bias_correction1: s.bias_correction1,
-        bias_correction2: s.bias_correction2,
-        _pad: [0; 3],
-    };
-    launch(
+    launch_rows(
         ctx,
         Shader::Optim,
         "adam_step",
-        &[&g],
-        &[&p, &m, &v],
-        &params,
-        grid_1d(n as u64, 256),
+        &[Arg::Rows(&g, 4)],
+        &[Arg::Rows(&p, 4), Arg::Rows(&m, 4), Arg::Rows(&v, 4)],
+        n,
+        |_, count| {
+            let params = AdamParams {
+                n: count as u32,
+                decoupled: c.decoupled as u32,
+                lr: c.lr,
+                beta1: c.beta1,
+                beta2: c.beta2,
+                eps: c.eps,
+                weight_decay: c.weight_decay,
+                bias_correction1: s.bias_correction1,
+                bias_correction2: s.bias_correction2,
+                _pad: [0; 3],
+            };
+            (params, grid_1d(count as u64, 256))
+        },
     )
 }
 

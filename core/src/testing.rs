@@ -95,6 +95,17 @@ pub fn test_gpu() -> Device {
     }
 }
 
+/// A GPU whose storage bindings are forced down to [`crate::device::SMALL_BINDING`] bytes,
+/// so that ops split their work over windows (what tensors over 2 GiB need on real GPUs).
+pub fn small_binding_gpu() -> Device {
+    match Device::small_binding_test_gpu() {
+        Ok(device) => device,
+        Err(e) => panic!(
+            "GPU tests need a Vulkan adapter ({e}). Install one: `apt-get install mesa-vulkan-drivers` (software lavapipe)"
+        ),
+    }
+}
+
 /// Checks the gradient of `f` (a function of several CPU tensors to a tensor) at `inputs`
 /// against central finite differences of the scalar `sum(f(inputs) * w)` with a fixed random
 /// weight `w`, so every output element matters. f32 arithmetic: use eps around 1e-2 and

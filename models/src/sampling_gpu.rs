@@ -4,8 +4,9 @@
 //! ([`crate::sampling::candidates`], [`crate::sampling::sample_row_at`]) in f32: for logits
 //! whose boundaries are not within f32 rounding of each other it picks the same tokens.
 
+use lathe_core::ops::dispatch::{launch_rows, Arg};
 use lathe_core::{DType, Tensor};
-use lathe_shaders::{grid_1d, GpuBuffer, GpuContext, Launch, MemCategory, Shader};
+use lathe_shaders::{grid_1d, GpuBuffer, GpuContext, MemCategory, Shader};
 
 use crate::sampling::{checked_max, suppress_host, SamplingConfig};
 use crate::{Error, Result};
@@ -63,7 +64,7 @@ pub fn sample_on_device(
         greedy: config.greedy as u32,
         _pad: 0,
     };
-    let tokens = launch(ctx, &logits, uniforms, &params).map_err(lathe_core::Error::from)?;
+    let tokens = launch(ctx, &logits, uniforms, &params)?;
     check_tokens(&logits, tokens, vocab, suppress)
 }
 
@@ -128,24 +129,33 @@ fn launch(
     logits: &Tensor,
     uniforms: &[f32],
     params: &Params,
-) -> lathe_shaders::Result<Vec<u32>> {
+) -> lathe_core::Result<Vec<u32>> {
     let logits_buffer: GpuBuffer = logits
         .gpu_buffer()
         .ok_or_else(|| lathe_shaders::Error::Device("GPU logits without a buffer".to_string()))?;
-    let batch = params.batch as u64;
+    let batch = params.batch as usize;
+    let row = params.vocab as usize * 4;
     let uniforms = ctx.upload(bytemuck::cast_slice(uniforms), MemCategory::Scratch)?;
-    let tokens = ctx.alloc(batch * 4, MemCategory::Scratch)?;
-    let probs = ctx.alloc(batch * params.vocab as u64 * 4, MemCategory::Scratch)?;
-    ctx.launch(&Launch {
-        shader: Shader::Sample,
-        entry: "sample",
-        inputs: &[&logits_buffer, &uniforms],
-        outputs: &[&tokens, &probs],
-        params: bytemuck::bytes_of(params),
-        workgroups: grid_1d(batch, 1),
-    })?;
+    let tokens = ctx.alloc(batch as u64 * 4, MemCategory::Scratch)?;
+    let probs = ctx.alloc((batch * row) as u64, MemCategory::Scratch)?;
+    // One workgroup per row; rows over a binding are sampled a window of rows at a time.
+    launch_rows(
+        ctx,
+        Shader::Sample,
+        "sample",
+        &[Arg::Rows(&logits_buffer, row), Arg::Rows(&uniforms, 4)],
+        &[Arg::Rows(&tokens, 4), Arg::Rows(&probs, row)],
+        batch,
+        |_, rows| {
+            let chunk = Params {
+                batch: rows as u32,
+                ..*params
+            };
+            (chunk, grid_1d(rows as u64, 1))
+        },
+    )?;
     let bytes = ctx.read(&tokens)?;
-    Ok(bytemuck::pod_collect_to_vec(&bytes[..batch as usize * 4]))
+    Ok(bytemuck::pod_collect_to_vec(&bytes[..batch * 4]))
 }
 
 /// The tokens, or the host sampler's error for the first row the kernel could not sample.

@@ -13,6 +13,10 @@ pub struct AdapterChoice {
     /// Accept a software adapter (lavapipe, WARP, SwiftShader) when no hardware GPU exists.
     /// Off by default: a user asking for a GPU must not silently get a CPU emulation.
     pub allow_software: bool,
+    /// Bind at most this many bytes per storage binding even when the adapter allows more.
+    /// Ops split their work into bindable chunks either way; tests force a tiny limit here
+    /// (or with `LATHE_GPU_MAX_BINDING=<bytes>`) so that the splitting runs on lavapipe.
+    pub max_binding: Option<u64>,
 }
 
 impl AdapterChoice {
@@ -20,8 +24,12 @@ impl AdapterChoice {
     pub fn from_env() -> Self {
         let allow =
             std::env::var("LATHE_ALLOW_SOFTWARE_GPU").is_ok_and(|v| v == "1" || v == "true");
+        let max_binding = std::env::var("LATHE_GPU_MAX_BINDING")
+            .ok()
+            .and_then(|v| v.trim().parse::<u64>().ok());
         AdapterChoice {
             allow_software: allow,
+            max_binding,
         }
     }
 
@@ -29,6 +37,7 @@ impl AdapterChoice {
     pub fn any() -> Self {
         AdapterChoice {
             allow_software: true,
+            max_binding: None,
         }
     }
 }
@@ -44,13 +53,15 @@ pub struct AdapterReport {
     pub shader_f16: bool,
     pub max_buffer_size: u64,
     pub max_storage_binding_size: u64,
+    /// The storage-binding size lathe uses: the adapter's, or less when forced lower.
+    pub binding_limit: u64,
 }
 
 impl std::fmt::Display for AdapterReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "{} ({}, {}, driver {}){}; shader-f16 {}; max buffer {} MiB, max storage binding {} MiB",
+            "{} ({}, {}, driver {}){}; shader-f16 {}; max buffer {} MiB, max storage binding {} MiB{}",
             self.name,
             self.backend,
             self.device_type,
@@ -59,6 +70,11 @@ impl std::fmt::Display for AdapterReport {
             if self.shader_f16 { "yes" } else { "no" },
             self.max_buffer_size >> 20,
             self.max_storage_binding_size >> 20,
+            if self.binding_limit < self.max_storage_binding_size {
+                format!(" (forced to {} bytes)", self.binding_limit)
+            } else {
+                String::new()
+            },
         )
     }
 }
@@ -87,6 +103,16 @@ impl std::fmt::Debug for GpuContext {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "GpuContext({})", self.report.name)
     }
+}
+
+/// The bytes one storage binding may span: the adapter's limit, or a forced lower one. At
+/// least one offset-alignment unit plus a word, so every chunked op can make progress;
+/// a multiple of 4 (binding sizes must be).
+fn binding_limit(limits: &wgpu::Limits, forced: Option<u64>) -> u64 {
+    let adapter = limits.max_storage_buffer_binding_size as u64;
+    let floor = limits.min_storage_buffer_offset_alignment as u64 * 2;
+    let limit = forced.map_or(adapter, |f| f.max(floor).min(adapter));
+    limit / 4 * 4
 }
 
 fn rank(device_type: wgpu::DeviceType) -> u8 {
@@ -163,6 +189,7 @@ impl GpuContext {
             shader_f16,
             max_buffer_size: limits.max_buffer_size,
             max_storage_binding_size: limits.max_storage_buffer_binding_size as u64,
+            binding_limit: binding_limit(&limits, choice.max_binding),
         };
         let ledger = Arc::new(MemoryLedger::default());
         Ok(Arc::new(GpuContext {
@@ -186,6 +213,15 @@ impl GpuContext {
     }
     pub fn limits(&self) -> &wgpu::Limits {
         &self.limits
+    }
+    /// The most bytes one storage binding may span (see [`AdapterChoice::max_binding`]).
+    /// Ops bind windows of at most this size and split their work to fit.
+    pub fn binding_limit(&self) -> u64 {
+        self.report.binding_limit
+    }
+    /// The alignment, in bytes, of a binding window's start.
+    pub fn binding_alignment(&self) -> u64 {
+        self.limits.min_storage_buffer_offset_alignment as u64
     }
     pub fn ledger(&self) -> &MemoryLedger {
         &self.ledger

@@ -7,13 +7,61 @@ use crate::pool::GpuBuffer;
 use crate::{Error, Result};
 use wgpu::util::DeviceExt;
 
+/// A buffer as one binding sees it: the whole buffer, or a window of it. A kernel indexes
+/// from the window's start, so an op splits a tensor larger than the binding limit into
+/// windows and dispatches once per window without the kernel knowing.
+#[derive(Clone, Copy, Debug)]
+pub struct View<'a> {
+    pub buffer: &'a GpuBuffer,
+    /// Byte offset of the window: a multiple of [`GpuContext::binding_alignment`].
+    pub offset: u64,
+    /// Bytes in the window: a multiple of 4.
+    pub size: u64,
+}
+
+impl<'a> View<'a> {
+    /// The buffer's logical bytes (rounded to a word), not its pooled capacity: a tensor that
+    /// fits the binding limit binds even when its size class would not.
+    pub fn whole(buffer: &'a GpuBuffer) -> View<'a> {
+        let size = buffer
+            .len()
+            .max(4)
+            .next_multiple_of(4)
+            .min(buffer.capacity());
+        View {
+            buffer,
+            offset: 0,
+            size,
+        }
+    }
+
+    /// `size` bytes from `offset` (the size rounded up to a word, within the buffer).
+    pub fn window(buffer: &'a GpuBuffer, offset: u64, size: u64) -> View<'a> {
+        let size = size
+            .max(4)
+            .next_multiple_of(4)
+            .min(buffer.capacity().saturating_sub(offset));
+        View {
+            buffer,
+            offset,
+            size,
+        }
+    }
+}
+
+impl<'a> From<&'a GpuBuffer> for View<'a> {
+    fn from(buffer: &'a GpuBuffer) -> View<'a> {
+        View::whole(buffer)
+    }
+}
+
 /// One dispatch: buffers in binding order (inputs read-only, then outputs read-write), the
 /// uniform parameter bytes (empty: no uniform binding) and the workgroup grid.
 pub struct Launch<'a> {
     pub shader: Shader,
     pub entry: &'static str,
-    pub inputs: &'a [&'a GpuBuffer],
-    pub outputs: &'a [&'a GpuBuffer],
+    pub inputs: &'a [View<'a>],
+    pub outputs: &'a [View<'a>],
     pub params: &'a [u8],
     pub workgroups: [u32; 3],
 }
@@ -41,15 +89,34 @@ impl GpuContext {
         if launch.workgroups.contains(&0) {
             return Ok(());
         }
-        let max_binding = self.limits().max_storage_buffer_binding_size;
-        for (binding, buffer) in launch.inputs.iter().chain(launch.outputs).enumerate() {
-            if buffer.capacity() > max_binding {
+        let max_binding = self.binding_limit();
+        let alignment = self.binding_alignment();
+        for (binding, view) in launch.inputs.iter().chain(launch.outputs).enumerate() {
+            if view.size > max_binding {
                 return Err(Error::BindingTooLarge {
                     shader: launch.shader,
                     entry: launch.entry,
                     binding,
-                    size: buffer.capacity(),
+                    size: view.size,
                     max: max_binding,
+                });
+            }
+            let in_bounds = view
+                .offset
+                .checked_add(view.size)
+                .is_some_and(|end| end <= view.buffer.capacity());
+            if !in_bounds
+                || view.size == 0
+                || !view.offset.is_multiple_of(alignment)
+                || !view.size.is_multiple_of(4)
+            {
+                return Err(Error::BadWindow {
+                    shader: launch.shader,
+                    entry: launch.entry,
+                    binding,
+                    offset: view.offset,
+                    size: view.size,
+                    capacity: view.buffer.capacity(),
                 });
             }
         }
@@ -80,9 +147,13 @@ impl GpuContext {
             .iter()
             .chain(launch.outputs)
             .enumerate()
-            .map(|(i, b)| wgpu::BindGroupEntry {
+            .map(|(i, view)| wgpu::BindGroupEntry {
                 binding: i as u32,
-                resource: b.raw().as_entire_binding(),
+                resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                    buffer: view.buffer.raw(),
+                    offset: view.offset,
+                    size: std::num::NonZeroU64::new(view.size),
+                }),
             })
             .collect();
         if let Some(u) = &uniform {

@@ -17,7 +17,7 @@ pub mod pool;
 
 pub use context::{AdapterChoice, AdapterReport, GpuContext};
 pub use kernels::Shader;
-pub use launch::{grid_1d, Launch};
+pub use launch::{grid_1d, Launch, View};
 pub use ledger::{LedgerSnapshot, MemCategory, MemoryLedger};
 pub use pipeline::{BindingLayout, PipelineKey};
 pub use pool::GpuBuffer;
@@ -47,6 +47,15 @@ pub enum Error {
         binding: usize,
         size: u64,
         max: u64,
+    },
+    #[error("binding {binding} of {shader:?}::{entry}: window of {size} bytes at offset {offset} is empty, misaligned or outside its buffer of {capacity} bytes")]
+    BadWindow {
+        shader: Shader,
+        entry: &'static str,
+        binding: usize,
+        offset: u64,
+        size: u64,
+        capacity: u64,
     },
     #[error("reading a GPU buffer back failed: {0}")]
     Readback(String),

@@ -1,7 +1,7 @@
 //! The runtime on a real adapter (lavapipe in CI): adapter choice, ledger, pool reuse,
 //! pipeline cache, dispatch and readback.
 
-use lathe_shaders::{grid_1d, AdapterChoice, GpuContext, Launch, MemCategory, Shader};
+use lathe_shaders::{grid_1d, AdapterChoice, GpuContext, Launch, MemCategory, Shader, View};
 
 fn context() -> std::sync::Arc<GpuContext> {
     GpuContext::new(AdapterChoice::any())
@@ -14,6 +14,7 @@ fn software_adapters_need_an_explicit_opt_in() {
     if ctx.report().is_software {
         let err = GpuContext::new(AdapterChoice {
             allow_software: false,
+            max_binding: None,
         })
         .unwrap_err();
         assert!(err.to_string().contains("no hardware GPU adapter"), "{err}");
@@ -21,7 +22,8 @@ fn software_adapters_need_an_explicit_opt_in() {
         // A machine with a real GPU picks it whatever the choice says.
         assert!(
             !GpuContext::new(AdapterChoice {
-                allow_software: false
+                allow_software: false,
+                max_binding: None,
             })
             .unwrap()
             .report()
@@ -91,8 +93,8 @@ fn dispatch_and_readback_round_trip_and_pipelines_are_cached() {
         ctx.launch(&Launch {
             shader: Shader::Elementwise,
             entry: "affine",
-            inputs: &[&x],
-            outputs: &[&out],
+            inputs: &[View::whole(&x)],
+            outputs: &[View::whole(&out)],
             params: bytemuck::bytes_of(&params),
             workgroups: grid_1d(n as u64, 256),
         })
@@ -108,8 +110,8 @@ fn dispatch_and_readback_round_trip_and_pipelines_are_cached() {
     ctx.launch(&Launch {
         shader: Shader::Elementwise,
         entry: "affine",
-        inputs: &[&x],
-        outputs: &[&out],
+        inputs: &[View::whole(&x)],
+        outputs: &[View::whole(&out)],
         params: bytemuck::bytes_of(&params),
         workgroups: [1, 1, 1],
     })

@@ -6,7 +6,7 @@ use lathe_shaders::{grid_1d, Shader};
 use rayon::prelude::*;
 
 use crate::dtype::DType;
-use crate::ops::{alloc_f32, launch, CPU_CHUNK};
+use crate::ops::{alloc_f32, launch_rows, Arg, CPU_CHUNK};
 use crate::shape::{broadcast_shape, broadcast_strides, elem_count, strides};
 use crate::tensor::Tensor;
 use crate::{Device, Error, Result};
@@ -125,6 +125,32 @@ fn padded(v: &[usize]) -> [u32; MAX_RANK] {
     out
 }
 
+/// Drops size-1 dimensions and merges neighbours that every operand walks contiguously, so
+/// that a row split of the GPU dispatch sees the longest possible rows' dimension first.
+fn collapse(shape: &[usize], a: &[usize], b: &[usize]) -> (Vec<usize>, Vec<usize>, Vec<usize>) {
+    let (mut s, mut sa, mut sb) = (Vec::new(), Vec::new(), Vec::new());
+    for d in (0..shape.len()).filter(|&d| shape[d] != 1) {
+        let merges = !s.is_empty()
+            && sa[s.len() - 1] == a[d] * shape[d]
+            && sb[s.len() - 1] == b[d] * shape[d];
+        if merges {
+            let last = s.len() - 1;
+            s[last] *= shape[d];
+            sa[last] = a[d];
+            sb[last] = b[d];
+        } else {
+            s.push(shape[d]);
+            sa.push(a[d]);
+            sb.push(b[d]);
+        }
+    }
+    if s.is_empty() {
+        (vec![1], vec![0], vec![0])
+    } else {
+        (s, sa, sb)
+    }
+}
+
 fn gpu_binary(
     op: BinaryOp,
     a: &Tensor,
@@ -134,24 +160,39 @@ fn gpu_binary(
     let ctx = a.device().gpu_context().expect("gpu tensor");
     let n = elem_count(out_shape);
     let out = alloc_f32(ctx, n)?;
-    let params = BinaryParams {
-        n: n as u32,
-        rank: out_shape.len() as u32,
-        op: op as u32,
-        _pad: 0,
-        out_shape: padded(out_shape),
-        a_strides: padded(&broadcast_strides(a.shape(), out_shape)),
-        b_strides: padded(&broadcast_strides(b.shape(), out_shape)),
-    };
+    let (shape, a_strides, b_strides) = collapse(
+        out_shape,
+        &broadcast_strides(a.shape(), out_shape),
+        &broadcast_strides(b.shape(), out_shape),
+    );
     let (ab, bb) = (a.gpu_buffer().expect("gpu"), b.gpu_buffer().expect("gpu"));
-    launch(
+    // Rows are the outermost collapsed dimension; a broadcast operand is read whole.
+    let row_elems = n / shape[0];
+    let operand = |buffer, stride: usize| match stride {
+        0 => Arg::Whole(buffer),
+        s => Arg::Rows(buffer, s * 4),
+    };
+    launch_rows(
         ctx,
         Shader::Binary,
         "binary",
-        &[&ab, &bb],
-        &[&out],
-        &params,
-        grid_1d(n as u64, 256),
+        &[operand(&ab, a_strides[0]), operand(&bb, b_strides[0])],
+        &[Arg::Rows(&out, row_elems * 4)],
+        shape[0],
+        |_, rows| {
+            let mut chunk_shape = shape.clone();
+            chunk_shape[0] = rows;
+            let params = BinaryParams {
+                n: (rows * row_elems) as u32,
+                rank: shape.len() as u32,
+                op: op as u32,
+                _pad: 0,
+                out_shape: padded(&chunk_shape),
+                a_strides: padded(&a_strides),
+                b_strides: padded(&b_strides),
+            };
+            (params, grid_1d((rows * row_elems) as u64, 256))
+        },
     )?;
     Ok(crate::storage::Storage::Gpu(out))
 }

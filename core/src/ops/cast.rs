@@ -14,7 +14,7 @@ use lathe_shaders::{grid_1d, GpuBuffer, GpuContext, MemCategory, Shader};
 use rayon::prelude::*;
 
 use crate::dtype::DType;
-use crate::ops::{alloc_f32, launch, CPU_CHUNK};
+use crate::ops::{alloc_f32, launch_rows, Arg, CPU_CHUNK};
 use crate::storage::{CpuStorage, Storage};
 use crate::tensor::Tensor;
 use crate::{Device, Error, Result};
@@ -82,27 +82,33 @@ fn gpu_cast(
     from: DType,
     to: DType,
 ) -> Result<GpuBuffer> {
-    let params = CastParams {
-        n: n as u32,
-        _pad: [0; 3],
-    };
-    let (entry, out, invocations) = match (from, to) {
+    // A row is one invocation: a pair of elements for the f16 casts, one element otherwise.
+    let (entry, out, per_row, x_bytes, out_bytes) = match (from, to) {
         (DType::F32, DType::F16) => (
             "f32_to_f16",
             ctx.alloc(f16_buffer_bytes(n), MemCategory::Activations)?,
-            n.div_ceil(2),
+            2,
+            8,
+            4,
         ),
-        (DType::F16, DType::F32) => ("f16_to_f32", alloc_f32(ctx, n)?, n.div_ceil(2)),
-        _ => ("u32_to_f32", alloc_f32(ctx, n)?, n),
+        (DType::F16, DType::F32) => ("f16_to_f32", alloc_f32(ctx, n)?, 2, 4, 8),
+        _ => ("u32_to_f32", alloc_f32(ctx, n)?, 1, 4, 4),
     };
-    launch(
+    launch_rows(
         ctx,
         Shader::Copy,
         entry,
-        &[x],
-        &[&out],
-        &params,
-        grid_1d(invocations as u64, 256),
+        &[Arg::Rows(x, x_bytes)],
+        &[Arg::Rows(&out, out_bytes)],
+        n.div_ceil(per_row),
+        |first, rows| {
+            let elems = (rows * per_row).min(n - first * per_row);
+            let params = CastParams {
+                n: elems as u32,
+                _pad: [0; 3],
+            };
+            (params, grid_1d(rows as u64, 256))
+        },
     )?;
     Ok(out)
 }

@@ -11,7 +11,7 @@ use rayon::prelude::*;
 
 use crate::dtype::DType;
 use crate::ops::vexp::dispatched;
-use crate::ops::{alloc_f32, launch, CPU_CHUNK};
+use crate::ops::{alloc_f32, launch_rows, Arg, CPU_CHUNK};
 use crate::storage::Storage;
 use crate::tensor::Tensor;
 use crate::{Device, Error, Result};
@@ -24,7 +24,9 @@ struct DropoutParams {
     seed_lo: u32,
     seed_hi: u32,
     scale: f32,
-    _pad: [u32; 3],
+    /// Flat index of the dispatch's first element (see elementwise.wgsl).
+    base: u32,
+    _pad: [u32; 2],
 }
 
 /// lowbias32, as `mix32` in elementwise.wgsl.
@@ -47,7 +49,8 @@ impl DropoutParams {
             seed_lo: seed as u32,
             seed_hi: (seed >> 32) as u32,
             scale: 1.0 / (1.0 - p),
-            _pad: [0; 3],
+            base: 0,
+            _pad: [0; 2],
         }
     }
 
@@ -94,14 +97,21 @@ fn apply(x: &Tensor, params: DropoutParams) -> Result<Storage> {
         Device::Gpu(ctx) => {
             let out = alloc_f32(ctx, n)?;
             let xb = x.gpu_buffer().expect("gpu tensor");
-            launch(
+            launch_rows(
                 ctx,
                 Shader::Elementwise,
                 "dropout",
-                &[&xb],
-                &[&out],
-                &params,
-                grid_1d(n as u64, 256),
+                &[Arg::Rows(&xb, 4)],
+                &[Arg::Rows(&out, 4)],
+                n,
+                |first, count| {
+                    let params = DropoutParams {
+                        n: count as u32,
+                        base: first as u32,
+                        ..params
+                    };
+                    (params, grid_1d(count as u64, 256))
+                },
             )?;
             Storage::Gpu(out)
         }

@@ -14,10 +14,10 @@
 
 use std::collections::HashMap;
 
-use lathe_shaders::{grid_1d, MemCategory, Shader};
+use lathe_shaders::{grid_1d, GpuContext, MemCategory, Shader, View};
 
 use crate::dtype::DType;
-use crate::ops::{alloc_f32, launch};
+use crate::ops::{alloc_f32, launch_views, rows_fitting_or_err};
 use crate::storage::{CpuStorage, Storage};
 use crate::tensor::Tensor;
 use crate::{Device, Error, Result};
@@ -28,7 +28,44 @@ struct EmbedParams {
     n: u32,
     hidden: u32,
     tokens: u32,
-    _pad: u32,
+    first_id: u32,
+    ids_bound: u32,
+    _pad: [u32; 3],
+}
+
+/// The GPU side of a gather or scatter: tokens a chunk at a time (their ids, links and rows
+/// of the (tokens, H) side in windows that fit a binding), and for each chunk the (V, H)
+/// table a window of rows at a time; each dispatch only touches ids inside its window.
+/// With everything bindable this is one dispatch. `dispatch(tokens, table_window, params)`
+/// launches one pair of windows.
+fn visit_windows(
+    ctx: &GpuContext,
+    entry: &'static str,
+    token_row_bytes: &[usize],
+    table_row_bytes: usize,
+    (tokens, vocab, hidden): (usize, usize, usize),
+    mut dispatch: impl FnMut(std::ops::Range<usize>, (u64, u64), EmbedParams) -> Result<()>,
+) -> Result<()> {
+    let token_chunk = rows_fitting_or_err(ctx, Shader::Embedding, entry, token_row_bytes, tokens)?;
+    let table_chunk =
+        rows_fitting_or_err(ctx, Shader::Embedding, entry, &[table_row_bytes], vocab)?;
+    for t0 in (0..tokens.max(1)).step_by(token_chunk) {
+        let tn = token_chunk.min(tokens.saturating_sub(t0));
+        for v0 in (0..vocab).step_by(table_chunk) {
+            let vn = table_chunk.min(vocab - v0);
+            let params = EmbedParams {
+                n: (tn * hidden) as u32,
+                hidden: hidden as u32,
+                tokens: tn as u32,
+                first_id: v0 as u32,
+                ids_bound: vn as u32,
+                _pad: [0; 3],
+            };
+            let table = ((v0 * table_row_bytes) as u64, (vn * table_row_bytes) as u64);
+            dispatch(t0..t0 + tn, table, params)?;
+        }
+    }
+    Ok(())
 }
 
 /// links[i]: the next token with ids[i] (N when none); links[N + i]: 1 when token i is the
@@ -97,29 +134,34 @@ fn scatter_add(
         Device::Gpu(ctx) => {
             let out =
                 ctx.alloc_zeroed((vocab * hidden).max(1) as u64 * 4, MemCategory::Activations)?;
-            let mut links = chain_links(host_ids);
-            // Never bind an empty buffer (no tokens: the kernel reads nothing).
-            links.resize(links.len().max(1), 0);
-            let links = ctx.upload(bytemuck::cast_slice(&links), MemCategory::Scratch)?;
-            let n = host_ids.len() * hidden;
-            let params = EmbedParams {
-                n: n as u32,
-                hidden: hidden as u32,
-                tokens: host_ids.len() as u32,
-                _pad: 0,
-            };
             let (g, i) = (
                 grad.gpu_buffer().expect("gpu"),
                 ids.gpu_buffer().expect("gpu"),
             );
-            launch(
+            let entry = "embedding_scatter_add";
+            let row = hidden * 4;
+            let sizes = (host_ids.len(), vocab, hidden);
+            visit_windows(
                 ctx,
-                Shader::Embedding,
-                "embedding_scatter_add",
-                &[&g, &i, &links],
-                &[&out],
-                &params,
-                grid_1d(n as u64, 256),
+                entry,
+                &[row, 4, 8],
+                row,
+                sizes,
+                |toks, table, params| {
+                    // Links are per chunk of tokens, indexed from the chunk's first token.
+                    let mut links = chain_links(&host_ids[toks.clone()]);
+                    // Never bind an empty buffer (no tokens: the kernel reads nothing).
+                    links.resize(links.len().max(1), 0);
+                    let links = ctx.upload(bytemuck::cast_slice(&links), MemCategory::Scratch)?;
+                    let views = [
+                        View::window(&g, (toks.start * row) as u64, (toks.len() * row) as u64),
+                        View::window(&i, toks.start as u64 * 4, toks.len() as u64 * 4),
+                        View::whole(&links),
+                        View::window(&out, table.0, table.1),
+                    ];
+                    let grid = grid_1d(params.n as u64, 256);
+                    launch_views(ctx, Shader::Embedding, entry, &views, 3, &params, grid)
+                },
             )?;
             Storage::Gpu(out)
         }
@@ -179,28 +221,35 @@ impl Tensor {
                     ));
                 }
                 let out = alloc_f32(ctx, n)?;
-                let params = EmbedParams {
-                    n: n as u32,
-                    hidden: hidden as u32,
-                    tokens: host_ids.len() as u32,
-                    _pad: 0,
-                };
                 let (w, i) = (
                     weight.gpu_buffer().expect("gpu"),
                     ids.gpu_buffer().expect("gpu"),
                 );
-                let entry = match weight.dtype() {
-                    DType::F16 => "embedding_gather_half",
-                    _ => "embedding_gather",
+                let (entry, table_row) = match weight.dtype() {
+                    DType::F16 => ("embedding_gather_half", hidden * 2),
+                    _ => ("embedding_gather", hidden * 4),
                 };
-                launch(
+                let row = hidden * 4;
+                let sizes = (host_ids.len(), vocab, hidden);
+                visit_windows(
                     ctx,
-                    Shader::Embedding,
                     entry,
-                    &[&w, &i],
-                    &[&out],
-                    &params,
-                    grid_1d(n as u64, 256),
+                    &[4, row],
+                    table_row,
+                    sizes,
+                    |toks, table, params| {
+                        let views = [
+                            View::window(&w, table.0, table.1),
+                            View::window(&i, toks.start as u64 * 4, toks.len() as u64 * 4),
+                            View::window(
+                                &out,
+                                (toks.start * row) as u64,
+                                (toks.len() * row) as u64,
+                            ),
+                        ];
+                        let grid = grid_1d(params.n as u64, 256);
+                        launch_views(ctx, Shader::Embedding, entry, &views, 2, &params, grid)
+                    },
                 )?;
                 Storage::Gpu(out)
             }

@@ -9,7 +9,7 @@ use lathe_shaders::{grid_1d, Shader};
 use rayon::prelude::*;
 
 use crate::dtype::DType;
-use crate::ops::{alloc_f32, launch, vexp};
+use crate::ops::{alloc_f32, launch_rows, vexp, Arg};
 use crate::storage::Storage;
 use crate::tensor::Tensor;
 use crate::{Device, Error, Result};
@@ -153,14 +153,20 @@ fn log_softmax_gather_backward(
         Device::Gpu(ctx) => {
             let dx = alloc_f32(ctx, rows * v)?;
             let bufs = [x, ids, lse, g].map(|t| t.gpu_buffer().expect("gpu"));
-            launch(
+            let [xb, ib, lb, gb] = &bufs;
+            launch_rows(
                 ctx,
                 Shader::Loss,
                 "log_softmax_gather_backward",
-                &[&bufs[0], &bufs[1], &bufs[2], &bufs[3]],
-                &[&dx],
-                &LossParams::new(rows, v),
-                grid_1d((rows * v) as u64, 256),
+                &[
+                    Arg::Rows(xb, v * 4),
+                    Arg::Rows(ib, 4),
+                    Arg::Rows(lb, 4),
+                    Arg::Rows(gb, 4),
+                ],
+                &[Arg::Rows(&dx, v * 4)],
+                rows,
+                |_, rows| (LossParams::new(rows, v), grid_1d((rows * v) as u64, 256)),
             )?;
             Storage::Gpu(dx)
         }
@@ -199,14 +205,14 @@ fn log_softmax_last_backward(y: &Tensor, g: &Tensor, v: usize) -> Result<Tensor>
         Device::Gpu(ctx) => {
             let dx = alloc_f32(ctx, rows * v)?;
             let (yb, gb) = (y.gpu_buffer().expect("gpu"), g.gpu_buffer().expect("gpu"));
-            launch(
+            launch_rows(
                 ctx,
                 Shader::Loss,
                 "log_softmax_rows_backward",
-                &[&yb, &gb],
-                &[&dx],
-                &LossParams::new(rows, v),
-                row_grid(rows),
+                &[Arg::Rows(&yb, v * 4), Arg::Rows(&gb, v * 4)],
+                &[Arg::Rows(&dx, v * 4)],
+                rows,
+                |_, rows| (LossParams::new(rows, v), row_grid(rows)),
             )?;
             Storage::Gpu(dx)
         }
@@ -251,14 +257,14 @@ impl Tensor {
                     self.gpu_buffer().expect("gpu"),
                     ids.gpu_buffer().expect("gpu"),
                 );
-                launch(
+                launch_rows(
                     ctx,
                     Shader::Loss,
                     "log_softmax_gather",
-                    &[&xb, &ib],
-                    &[&out, &lse],
-                    &LossParams::new(rows, v),
-                    row_grid(rows),
+                    &[Arg::Rows(&xb, v * 4), Arg::Rows(&ib, 4)],
+                    &[Arg::Rows(&out, 4), Arg::Rows(&lse, 4)],
+                    rows,
+                    |_, rows| (LossParams::new(rows, v), row_grid(rows)),
                 )?;
                 (Storage::Gpu(out), Storage::Gpu(lse))
             }
@@ -309,14 +315,14 @@ impl Tensor {
             Device::Gpu(ctx) => {
                 let h = alloc_f32(ctx, rows)?;
                 let xb = self.gpu_buffer().expect("gpu");
-                launch(
+                launch_rows(
                     ctx,
                     Shader::Loss,
                     "entropy_rows",
-                    &[&xb],
-                    &[&h],
-                    &LossParams::new(rows, v),
-                    row_grid(rows),
+                    &[Arg::Rows(&xb, v * 4)],
+                    &[Arg::Rows(&h, 4)],
+                    rows,
+                    |_, rows| (LossParams::new(rows, v), row_grid(rows)),
                 )?;
                 Storage::Gpu(h)
             }
@@ -350,14 +356,14 @@ impl Tensor {
             Device::Gpu(ctx) => {
                 let y = alloc_f32(ctx, rows * v)?;
                 let xb = self.gpu_buffer().expect("gpu");
-                launch(
+                launch_rows(
                     ctx,
                     Shader::Loss,
                     "log_softmax_rows",
-                    &[&xb],
-                    &[&y],
-                    &LossParams::new(rows, v),
-                    row_grid(rows),
+                    &[Arg::Rows(&xb, v * 4)],
+                    &[Arg::Rows(&y, v * 4)],
+                    rows,
+                    |_, rows| (LossParams::new(rows, v), row_grid(rows)),
                 )?;
                 Storage::Gpu(y)
             }

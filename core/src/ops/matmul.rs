@@ -11,23 +11,23 @@
 //! a time for the product (the saving there is storage, not time). The output is always f32.
 
 use gemm::Parallelism;
-use lathe_shaders::Shader;
 
 use crate::dtype::DType;
-use crate::ops::{alloc_f32, launch, skinny};
+use crate::ops::matmul_gpu::gpu_matmul;
+use crate::ops::skinny;
 use crate::storage::{CpuStorage, Storage};
 use crate::tensor::Tensor;
 use crate::{Device, Error, Result};
 
 /// The problem after shape checks: `batch` products of (M, K) @ (K, N).
 #[derive(Clone, Copy, Debug)]
-struct MatmulDims {
-    batch: usize,
-    m: usize,
-    n: usize,
-    k: usize,
+pub(crate) struct MatmulDims {
+    pub batch: usize,
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
     /// Whether b is one matrix shared by every batch entry.
-    b_shared: bool,
+    pub b_shared: bool,
 }
 
 fn dims(a: &[usize], b: &[usize], ta: bool, tb: bool) -> Result<(MatmulDims, Vec<usize>)> {
@@ -76,7 +76,7 @@ fn dims(a: &[usize], b: &[usize], ta: bool, tb: bool) -> Result<(MatmulDims, Vec
 }
 
 /// (row stride, column stride) of op(x) for a row-major (rows, cols) matrix.
-fn op_strides(rows_cols: (usize, usize), transposed: bool) -> (usize, usize) {
+pub(crate) fn op_strides(rows_cols: (usize, usize), transposed: bool) -> (usize, usize) {
     let cols = rows_cols.1;
     if transposed {
         (1, cols)
@@ -304,67 +304,6 @@ pub fn cpu_matmul_accumulate(
     // SAFETY: the checks above keep every strided read inside `a`, `b` and `out`.
     unsafe { cpu_gemm(out, a, (a_row_stride, 1), b, (n, 1), (m, n, k), true) };
     Ok(())
-}
-
-#[repr(C)]
-#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
-struct MatmulParams {
-    m: u32,
-    n: u32,
-    k: u32,
-    batch: u32,
-    a_row_stride: u32,
-    a_col_stride: u32,
-    a_batch_stride: u32,
-    b_row_stride: u32,
-    b_col_stride: u32,
-    b_batch_stride: u32,
-    _pad: [u32; 2],
-}
-
-/// Output tile edge of the GPU kernel (each workgroup computes a TILE x TILE block).
-const TILE: usize = 64;
-
-fn gpu_matmul(a: &Tensor, b: &Tensor, d: MatmulDims, ta: bool, tb: bool) -> Result<Storage> {
-    let ctx = a.device().gpu_context().expect("gpu tensor");
-    let out = alloc_f32(ctx, d.batch * d.m * d.n)?;
-    let (a_rows, a_cols) = if ta { (d.k, d.m) } else { (d.m, d.k) };
-    let (b_rows, b_cols) = if tb { (d.n, d.k) } else { (d.k, d.n) };
-    let (a_rs, a_cs) = op_strides((a_rows, a_cols), ta);
-    let (b_rs, b_cs) = op_strides((b_rows, b_cols), tb);
-    let params = MatmulParams {
-        m: d.m as u32,
-        n: d.n as u32,
-        k: d.k as u32,
-        batch: d.batch as u32,
-        a_row_stride: a_rs as u32,
-        a_col_stride: a_cs as u32,
-        a_batch_stride: (d.m * d.k) as u32,
-        b_row_stride: b_rs as u32,
-        b_col_stride: b_cs as u32,
-        b_batch_stride: if d.b_shared { 0 } else { (d.k * d.n) as u32 },
-        _pad: [0; 2],
-    };
-    let groups = [
-        d.n.div_ceil(TILE) as u32,
-        d.m.div_ceil(TILE) as u32,
-        d.batch as u32,
-    ];
-    let (ab, bb) = (a.gpu_buffer().expect("gpu"), b.gpu_buffer().expect("gpu"));
-    let entry = match b.dtype() {
-        DType::F16 => "matmul_half_b",
-        _ => "matmul",
-    };
-    launch(
-        ctx,
-        Shader::Matmul,
-        entry,
-        &[&ab, &bb],
-        &[&out],
-        &params,
-        groups,
-    )?;
-    Ok(Storage::Gpu(out))
 }
 
 impl Tensor {

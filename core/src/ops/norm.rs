@@ -11,7 +11,7 @@ use rayon::prelude::*;
 
 use crate::dtype::DType;
 use crate::ops::vexp::dispatched;
-use crate::ops::{alloc_f32, launch, CPU_CHUNK};
+use crate::ops::{alloc_f32, launch_rows, Arg, CPU_CHUNK};
 use crate::storage::Storage;
 use crate::tensor::Tensor;
 use crate::{Device, Error, Result};
@@ -261,23 +261,33 @@ fn forward(
         Device::Gpu(ctx) => {
             let out = alloc_f32(ctx, view.rows * view.d)?;
             let xb = x.gpu_buffer().expect("gpu");
-            // Absent operands are bound to x and never read.
-            let wb = w.map_or(xb.clone(), |w| w.gpu_buffer().expect("gpu"));
-            let bb = b.map_or(xb.clone(), |b| b.gpu_buffer().expect("gpu"));
-            let params = NormParams {
-                rows: view.rows as u32,
-                d: view.d as u32,
-                eps,
-                flags: flags(kind, w.is_some(), b.is_some(), false),
-            };
-            launch(
+            let (wb, bb) = (
+                w.map(|w| w.gpu_buffer().expect("gpu")),
+                b.map(|b| b.gpu_buffer().expect("gpu")),
+            );
+            let row = view.d * 4;
+            // Absent operands are bound to x's rows and never read.
+            let flags = flags(kind, w.is_some(), b.is_some(), false);
+            launch_rows(
                 ctx,
                 Shader::Norm,
                 "norm_forward",
-                &[&xb, &wb, &bb],
-                &[&out],
-                &params,
-                row_grid(view.rows),
+                &[
+                    Arg::Rows(&xb, row),
+                    wb.as_ref().map_or(Arg::Rows(&xb, row), Arg::Whole),
+                    bb.as_ref().map_or(Arg::Rows(&xb, row), Arg::Whole),
+                ],
+                &[Arg::Rows(&out, row)],
+                view.rows,
+                |_, rows| {
+                    let params = NormParams {
+                        rows: rows as u32,
+                        d: view.d as u32,
+                        eps,
+                        flags,
+                    };
+                    (params, row_grid(rows))
+                },
             )?;
             Ok(Storage::Gpu(out))
         }
@@ -327,22 +337,38 @@ fn backward(
             // Without a weight gradient the products go nowhere: a one-element stand-in.
             let gxhat = alloc_f32(ctx, if want_gxhat { n } else { 1 })?;
             let xb = x.gpu_buffer().expect("gpu");
-            let wb: GpuBuffer = w.map_or(xb.clone(), |w| w.gpu_buffer().expect("gpu"));
+            let wb: Option<GpuBuffer> = w.map(|w| w.gpu_buffer().expect("gpu"));
             let gb = g.gpu_buffer().expect("gpu");
-            let params = NormParams {
-                rows: view.rows as u32,
-                d: view.d as u32,
-                eps,
-                flags: flags(kind, w.is_some(), false, want_gxhat),
-            };
-            launch(
+            let row = view.d * 4;
+            let flags = flags(kind, w.is_some(), false, want_gxhat);
+            launch_rows(
                 ctx,
                 Shader::Norm,
                 "norm_backward",
-                &[&xb, &wb, &gb],
-                &[&dx, &gxhat],
-                &params,
-                row_grid(view.rows),
+                &[
+                    Arg::Rows(&xb, row),
+                    // An absent weight is bound to x's rows and never read.
+                    wb.as_ref().map_or(Arg::Rows(&xb, row), Arg::Whole),
+                    Arg::Rows(&gb, row),
+                ],
+                &[
+                    Arg::Rows(&dx, row),
+                    if want_gxhat {
+                        Arg::Rows(&gxhat, row)
+                    } else {
+                        Arg::Whole(&gxhat)
+                    },
+                ],
+                view.rows,
+                |_, rows| {
+                    let params = NormParams {
+                        rows: rows as u32,
+                        d: view.d as u32,
+                        eps,
+                        flags,
+                    };
+                    (params, row_grid(rows))
+                },
             )?;
             let gxhat = want_gxhat.then(|| wrap(Storage::Gpu(gxhat)));
             Ok((wrap(Storage::Gpu(dx)), gxhat))

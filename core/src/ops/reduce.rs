@@ -6,7 +6,7 @@ use lathe_shaders::{grid_1d, MemCategory, Shader};
 use rayon::prelude::*;
 
 use crate::dtype::DType;
-use crate::ops::{alloc_f32, launch};
+use crate::ops::{alloc_f32, launch_rows, Arg};
 use crate::shape::check_dim;
 use crate::storage::{CpuStorage, Storage};
 use crate::tensor::Tensor;
@@ -56,23 +56,44 @@ impl Tensor {
                 let data = self.with_cpu_f32("sum", |x| cpu_sum(x, outer, axis, inner))?;
                 Tensor::cpu_f32(data, out_shape.clone())
             }
+            Device::Gpu(ctx) if axis > 1 && axis * inner * 4 > ctx.binding_limit() as usize => {
+                // One (axis, inner) slab is over a binding: sum slabs of the axis that fit,
+                // then sum those partial sums (narrow copies in windows).
+                let piece = slab_piece(ctx, inner);
+                let mut total: Option<Tensor> = None;
+                for start in (0..axis).step_by(piece) {
+                    let part = self
+                        .detach()
+                        .narrow(dim, start, piece.min(axis - start))?
+                        .sum_keepdim(dim)?;
+                    total = Some(match total {
+                        Some(t) => t.add(&part)?,
+                        None => part,
+                    });
+                }
+                let total = total.expect("axis > 1 gives at least one piece");
+                let storage = total.storage().clone();
+                storage
+            }
             Device::Gpu(ctx) => {
                 let out = alloc_f32(ctx, outer * inner)?;
-                let params = ReduceParams {
-                    outer: outer as u32,
-                    axis: axis as u32,
-                    inner: inner as u32,
-                    _pad: 0,
-                };
                 let x = self.gpu_buffer().expect("gpu");
-                launch(
+                launch_rows(
                     ctx,
                     Shader::Reduce,
                     "sum_axis",
-                    &[&x],
-                    &[&out],
-                    &params,
-                    grid_1d((outer * inner) as u64, 256),
+                    &[Arg::Rows(&x, axis * inner * 4)],
+                    &[Arg::Rows(&out, inner * 4)],
+                    outer,
+                    |_, rows| {
+                        let params = ReduceParams {
+                            outer: rows as u32,
+                            axis: axis as u32,
+                            inner: inner as u32,
+                            _pad: 0,
+                        };
+                        (params, grid_1d((rows * inner) as u64, 256))
+                    },
                 )?;
                 Storage::Gpu(out)
             }
@@ -159,6 +180,29 @@ fn cpu_max_backward(
     dx
 }
 
+/// Entries of a reduced axis per piece when one (axis, inner) slab exceeds a binding: half a
+/// binding, rounded so that each piece's slab is a whole number of alignment units (the
+/// pieces' rows then split over windows).
+fn slab_piece(ctx: &lathe_shaders::GpuContext, inner: usize) -> usize {
+    let row = inner * 4;
+    let align = ctx.binding_alignment().max(4) as usize;
+    let unit = align / gcd(row, align);
+    let piece = ctx.binding_limit() as usize / 2 / row;
+    if piece >= unit {
+        piece / unit * unit
+    } else {
+        piece.max(1)
+    }
+}
+
+fn gcd(a: usize, b: usize) -> usize {
+    if b == 0 {
+        a
+    } else {
+        gcd(b, a % b)
+    }
+}
+
 /// The gradient of `max_keepdim`: `g` (keepdim shape) scattered to the saved argmax.
 fn max_backward(g: &Tensor, argmax: &Tensor, in_shape: &[usize], dim: usize) -> Result<Tensor> {
     let (outer, axis, inner) = split_at_dim(in_shape, dim);
@@ -173,24 +217,26 @@ fn max_backward(g: &Tensor, argmax: &Tensor, in_shape: &[usize], dim: usize) -> 
         }
         Device::Gpu(ctx) => {
             let dx = alloc_f32(ctx, outer * axis * inner)?;
-            let params = ReduceParams {
-                outer: outer as u32,
-                axis: axis as u32,
-                inner: inner as u32,
-                _pad: 0,
-            };
             let (gb, ib) = (
                 g.gpu_buffer().expect("gpu"),
                 argmax.gpu_buffer().expect("gpu"),
             );
-            launch(
+            launch_rows(
                 ctx,
                 Shader::Reduce,
                 "max_backward",
-                &[&gb, &ib],
-                &[&dx],
-                &params,
-                grid_1d((outer * axis * inner) as u64, 256),
+                &[Arg::Rows(&gb, inner * 4), Arg::Rows(&ib, inner * 4)],
+                &[Arg::Rows(&dx, axis * inner * 4)],
+                outer,
+                |_, rows| {
+                    let params = ReduceParams {
+                        outer: rows as u32,
+                        axis: axis as u32,
+                        inner: inner as u32,
+                        _pad: 0,
+                    };
+                    (params, grid_1d((rows * axis * inner) as u64, 256))
+                },
             )?;
             Storage::Gpu(dx)
         }
@@ -237,6 +283,13 @@ impl Tensor {
                 format!("dim {dim} of {:?} is empty", self.shape()),
             ));
         }
+        if let Device::Gpu(ctx) = self.device() {
+            let slab = axis * inner * 4;
+            if axis > 1 && slab > ctx.binding_limit() as usize {
+                let piece = slab_piece(ctx, inner);
+                return self.max_over_pieces(dim, axis, piece);
+            }
+        }
         let mut out_shape = self.shape().to_vec();
         out_shape[dim] = 1;
         let (storage, argmax) = match self.device() {
@@ -251,21 +304,25 @@ impl Tensor {
                 let n = outer * inner;
                 let values = alloc_f32(ctx, n)?;
                 let idx = ctx.alloc((n.max(1) * 4) as u64, MemCategory::Activations)?;
-                let params = ReduceParams {
-                    outer: outer as u32,
-                    axis: axis as u32,
-                    inner: inner as u32,
-                    _pad: 0,
-                };
                 let x = self.gpu_buffer().expect("gpu");
-                launch(
+                // Rows of the outer dim are split over bindings; one (axis, inner) slab must
+                // fit one.
+                launch_rows(
                     ctx,
                     Shader::Reduce,
                     "max_axis",
-                    &[&x],
-                    &[&values, &idx],
-                    &params,
-                    grid_1d(n as u64, 256),
+                    &[Arg::Rows(&x, axis * inner * 4)],
+                    &[Arg::Rows(&values, inner * 4), Arg::Rows(&idx, inner * 4)],
+                    outer,
+                    |_, rows| {
+                        let params = ReduceParams {
+                            outer: rows as u32,
+                            axis: axis as u32,
+                            inner: inner as u32,
+                            _pad: 0,
+                        };
+                        (params, grid_1d((rows * inner) as u64, 256))
+                    },
                 )?;
                 (Storage::Gpu(values), Storage::Gpu(idx))
             }
@@ -282,6 +339,21 @@ impl Tensor {
             &[self],
             move |_, g| Ok(vec![Some(max_backward(g, &argmax, &in_shape, dim)?)]),
         ))
+    }
+
+    /// Max over a GPU dim whose (axis, inner) slab exceeds one binding: the max of each
+    /// piece of `piece` entries, then the max of those. The first piece holding the maximum
+    /// and its first index are the first index overall, and the gradient routes through the
+    /// pieces by autodiff.
+    fn max_over_pieces(&self, dim: usize, axis: usize, piece: usize) -> Result<Tensor> {
+        let maxima = (0..axis)
+            .step_by(piece)
+            .map(|start| {
+                self.narrow(dim, start, piece.min(axis - start))?
+                    .max_keepdim(dim)
+            })
+            .collect::<Result<Vec<Tensor>>>()?;
+        Tensor::cat(&maxima.iter().collect::<Vec<_>>(), dim)?.max_keepdim(dim)
     }
 
     /// Max over `dim`, removing it.

@@ -16,7 +16,7 @@ use lathe_shaders::{grid_1d, Shader};
 use rayon::prelude::*;
 
 use crate::dtype::DType;
-use crate::ops::{alloc_f32, launch};
+use crate::ops::{alloc_f32, launch_rows, Arg};
 use crate::storage::Storage;
 use crate::tensor::{Tensor, TensorId};
 use crate::{Device, Error, Result};
@@ -165,7 +165,9 @@ struct RotaryParams {
     seq: u32,
     heads: u32,
     sign: f32,
-    _pad: [u32; 2],
+    /// The dispatch's first head row (see rotary.wgsl).
+    first_row: u32,
+    _pad: u32,
 }
 
 impl Tensor {
@@ -242,29 +244,38 @@ impl Tensor {
                     ));
                 }
                 let out = alloc_f32(ctx, n)?;
-                let params = RotaryParams {
-                    n: n as u32,
-                    head_dim: dims.head_dim as u32,
-                    half: dims.half as u32,
-                    seq: dims.seq as u32,
-                    heads: dims.heads as u32,
-                    sign,
-                    _pad: [0; 2],
-                };
                 let buffers = [
                     self.gpu_buffer().expect("gpu"),
                     positions.gpu_buffer().expect("gpu"),
                     tables.cos.gpu_buffer().expect("gpu"),
                     tables.sin.gpu_buffer().expect("gpu"),
                 ];
-                launch(
+                let row = dims.head_dim * 4;
+                launch_rows(
                     ctx,
                     Shader::Rotary,
                     "rotary",
-                    &[&buffers[0], &buffers[1], &buffers[2], &buffers[3]],
-                    &[&out],
-                    &params,
-                    grid_1d(n as u64, 256),
+                    &[
+                        Arg::Rows(&buffers[0], row),
+                        Arg::Whole(&buffers[1]),
+                        Arg::Whole(&buffers[2]),
+                        Arg::Whole(&buffers[3]),
+                    ],
+                    &[Arg::Rows(&out, row)],
+                    n / dims.head_dim.max(1),
+                    |first, rows| {
+                        let params = RotaryParams {
+                            n: (rows * dims.head_dim) as u32,
+                            head_dim: dims.head_dim as u32,
+                            half: dims.half as u32,
+                            seq: dims.seq as u32,
+                            heads: dims.heads as u32,
+                            sign,
+                            first_row: first as u32,
+                            _pad: 0,
+                        };
+                        (params, grid_1d((rows * dims.head_dim) as u64, 256))
+                    },
                 )?;
                 Storage::Gpu(out)
             }

@@ -10,7 +10,7 @@ use lathe_shaders::{grid_1d, MemCategory, Shader};
 use rayon::prelude::*;
 
 use crate::dtype::DType;
-use crate::ops::{alloc_f32, launch, vexp};
+use crate::ops::{alloc_f32, launch_rows, vexp, Arg};
 use crate::storage::Storage;
 use crate::tensor::Tensor;
 use crate::{Device, Error, Result};
@@ -49,7 +49,9 @@ struct SoftmaxParams {
     tq: u32,
     rows_per_batch: u32,
     causal: u32,
-    _pad: [u32; 3],
+    /// The dispatch's first row (see softmax.wgsl).
+    first_row: u32,
+    _pad: [u32; 2],
 }
 
 /// The row structure of a softmax: `batch` groups of `rows_per_batch` rows of `tk` keys, row
@@ -71,7 +73,8 @@ impl SoftmaxView {
             tq: self.tq as u32,
             rows_per_batch: self.rows_per_batch as u32,
             causal: self.causal as u32,
-            _pad: [0; 3],
+            first_row: 0,
+            _pad: [0; 2],
         }
     }
 
@@ -144,14 +147,22 @@ fn forward(x: &Tensor, ranges: &[u32], view: SoftmaxView) -> Result<Storage> {
             }
             let rb = ctx.upload(bytemuck::cast_slice(ranges), MemCategory::Scratch)?;
             let xb = x.gpu_buffer().expect("gpu");
-            launch(
+            let tk = view.tk * 4;
+            launch_rows(
                 ctx,
                 Shader::Softmax,
                 "softmax_forward",
-                &[&xb, &rb],
-                &[&out],
-                &view.params(),
-                row_grid(view.rows),
+                &[Arg::Rows(&xb, tk), Arg::Whole(&rb)],
+                &[Arg::Rows(&out, tk)],
+                view.rows,
+                |first, rows| {
+                    let params = SoftmaxParams {
+                        rows: rows as u32,
+                        first_row: first as u32,
+                        ..view.params()
+                    };
+                    (params, row_grid(rows))
+                },
             )?;
             Ok(Storage::Gpu(out))
         }
@@ -171,14 +182,22 @@ fn backward(y: &Tensor, g: &Tensor, view: SoftmaxView) -> Result<Tensor> {
             let out = alloc_f32(ctx, y.elem_count())?;
             if y.elem_count() > 0 {
                 let (yb, gb) = (y.gpu_buffer().expect("gpu"), g.gpu_buffer().expect("gpu"));
-                launch(
+                let tk = view.tk * 4;
+                launch_rows(
                     ctx,
                     Shader::Softmax,
                     "softmax_backward",
-                    &[&yb, &gb],
-                    &[&out],
-                    &view.params(),
-                    row_grid(view.rows),
+                    &[Arg::Rows(&yb, tk), Arg::Rows(&gb, tk)],
+                    &[Arg::Rows(&out, tk)],
+                    view.rows,
+                    |first, rows| {
+                        let params = SoftmaxParams {
+                            rows: rows as u32,
+                            first_row: first as u32,
+                            ..view.params()
+                        };
+                        (params, row_grid(rows))
+                    },
                 )?;
             }
             Storage::Gpu(out)

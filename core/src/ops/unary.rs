@@ -11,7 +11,7 @@ use rayon::prelude::*;
 
 use crate::dtype::DType;
 use crate::ops::vexp::{dispatched, exp_nonpositive};
-use crate::ops::{alloc_f32, launch, CPU_CHUNK};
+use crate::ops::{alloc_f32, launch_rows, Arg, CPU_CHUNK};
 use crate::storage::Storage;
 use crate::tensor::Tensor;
 use crate::{Device, Result};
@@ -35,20 +35,22 @@ struct AffineParams {
 
 /// Fills the first `n` f32 of a buffer with `value`.
 pub(crate) fn gpu_fill(ctx: &GpuContext, buffer: &GpuBuffer, n: usize, value: f32) -> Result<()> {
-    let params = AffineParams {
-        n: n as u32,
-        _pad: 0,
-        mul: 0.0,
-        add: value,
-    };
-    launch(
+    launch_rows(
         ctx,
         Shader::Elementwise,
         "fill",
         &[],
-        &[buffer],
-        &params,
-        grid_1d(n as u64, 256),
+        &[Arg::Rows(buffer, 4)],
+        n,
+        |_, count| {
+            let params = AffineParams {
+                n: count as u32,
+                _pad: 0,
+                mul: 0.0,
+                add: value,
+            };
+            (params, grid_1d(count as u64, 256))
+        },
     )
 }
 
@@ -74,21 +76,23 @@ impl Tensor {
             }
             Device::Gpu(ctx) => {
                 let out = alloc_f32(ctx, n)?;
-                let params = AffineParams {
-                    n: n as u32,
-                    _pad: 0,
-                    mul,
-                    add,
-                };
                 let x = self.gpu_buffer().expect("gpu");
-                launch(
+                launch_rows(
                     ctx,
                     Shader::Elementwise,
                     "affine",
-                    &[&x],
-                    &[&out],
-                    &params,
-                    grid_1d(n as u64, 256),
+                    &[Arg::Rows(&x, 4)],
+                    &[Arg::Rows(&out, 4)],
+                    n,
+                    |_, count| {
+                        let params = AffineParams {
+                            n: count as u32,
+                            _pad: 0,
+                            mul,
+                            add,
+                        };
+                        (params, grid_1d(count as u64, 256))
+                    },
                 )?;
                 Storage::Gpu(out)
             }
@@ -231,6 +235,17 @@ struct ActParams {
     _pad1: u32,
 }
 
+impl ActParams {
+    fn new(n: usize, kind: Activation) -> ActParams {
+        ActParams {
+            n: n as u32,
+            kind: kind as u32,
+            _pad0: 0,
+            _pad1: 0,
+        }
+    }
+}
+
 /// o = act(x) over one chunk, the activation chosen outside the loop so each arm is its own
 /// loop the compiler vectorizes.
 #[inline(always)]
@@ -299,21 +314,15 @@ fn activation_forward(x: &Tensor, kind: Activation) -> Result<Storage> {
         }
         Device::Gpu(ctx) => {
             let out = alloc_f32(ctx, n)?;
-            let params = ActParams {
-                n: n as u32,
-                kind: kind as u32,
-                _pad0: 0,
-                _pad1: 0,
-            };
             let xb = x.gpu_buffer().expect("gpu");
-            launch(
+            launch_rows(
                 ctx,
                 Shader::Elementwise,
                 "activation",
-                &[&xb],
-                &[&out],
-                &params,
-                grid_1d(n as u64, 256),
+                &[Arg::Rows(&xb, 4)],
+                &[Arg::Rows(&out, 4)],
+                n,
+                |_, count| (ActParams::new(count, kind), grid_1d(count as u64, 256)),
             )?;
             Ok(Storage::Gpu(out))
         }
@@ -332,21 +341,15 @@ fn activation_backward(x: &Tensor, g: &Tensor, kind: Activation) -> Result<Tenso
         }
         Device::Gpu(ctx) => {
             let out = alloc_f32(ctx, n)?;
-            let params = ActParams {
-                n: n as u32,
-                kind: kind as u32,
-                _pad0: 0,
-                _pad1: 0,
-            };
             let (xb, gb) = (x.gpu_buffer().expect("gpu"), g.gpu_buffer().expect("gpu"));
-            launch(
+            launch_rows(
                 ctx,
                 Shader::Elementwise,
                 "activation_backward",
-                &[&xb, &gb],
-                &[&out],
-                &params,
-                grid_1d(n as u64, 256),
+                &[Arg::Rows(&xb, 4), Arg::Rows(&gb, 4)],
+                &[Arg::Rows(&out, 4)],
+                n,
+                |_, count| (ActParams::new(count, kind), grid_1d(count as u64, 256)),
             )?;
             Storage::Gpu(out)
         }

@@ -153,7 +153,9 @@ struct DropoutParams {
     seed_lo: u32,
     seed_hi: u32,
     scale: f32,
-    _pad0: u32,
+    // Flat index of element 0 of this dispatch: a dispatch over a window of a tensor larger
+    // than one binding draws the mask of the elements it covers.
+    base: u32,
     _pad1: u32,
     _pad2: u32,
 }
@@ -183,6 +185,6 @@ fn dropout_keep(i: u32, p: DropoutParams) -> bool {
 fn dropout(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) groups: vec3<u32>) {
     let i = gid.x + gid.y * groups.x * 256u;
     if (i < dropout_p.n) {
-        dropout_out[i] = select(0.0, dropout_x[i] * dropout_p.scale, dropout_keep(i, dropout_p));
+        dropout_out[i] = select(0.0, dropout_x[i] * dropout_p.scale, dropout_keep(dropout_p.base + i, dropout_p));
     }
 }

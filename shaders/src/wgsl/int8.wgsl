@@ -20,7 +20,17 @@ struct Params {
     threshold: f32,
     has_bias: u32,
     write_acc: u32, // test hook: write the int32 accumulation (as bits) instead of y
-    _pad: u32,
+    // Where row r of y (gemm, gemv) or of dy (backward_dx) starts: y_offset + r * y_stride.
+    // A layer whose buffers exceed one binding is dispatched in blocks of rows and outputs,
+    // each binding windows; a block of outputs is then a strided slice of y's rows.
+    y_stride: u32,
+    y_offset: u32,
+    // backward_dx over a block of outputs after the first adds to dx (its accumulators start
+    // from the stored value; blocks are multiples of 16 outputs, so the sum runs in the same
+    // order as one pass). outlier_flags with accumulate only raises flags.
+    accumulate: u32,
+    _pad0: u32,
+    _pad1: u32,
 }
 
 const WG: u32 = 256u;
@@ -117,7 +127,9 @@ fn outlier_flags(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_wor
             }
         }
     }
-    fl_flags[j] = flag;
+    if (fl_p.accumulate == 0u || flag == 1u) {
+        fl_flags[j] = flag;
+    }
 }
 
 // ---- compaction (one workgroup): list = [count, j0, j1, ...] in ascending j ----
@@ -340,7 +352,7 @@ fn gemm(
             if (mm_p.write_acc != 0u) {
                 y = bitcast<f32>(a);
             }
-            mm_y[r * mm_p.outs + o] = y;
+            mm_y[mm_p.y_offset + r * mm_p.y_stride + o] = y;
         }
     }
 }
@@ -411,7 +423,7 @@ fn gemv(
         if (gv_p.write_acc != 0u) {
             y = bitcast<f32>(a);
         }
-        gv_y[t * gv_p.outs + o] = y;
+        gv_y[gv_p.y_offset + t * gv_p.y_stride + o] = y;
     }
 }
 
@@ -437,6 +449,17 @@ fn backward_dx(
     let col0 = wid.x * TILE;
     let in4 = bw_p.in4;
     var acc: array<f32, 16>; // [i * 4 + j]: row row0 + lid.y + 16 i, col col0 + lid.x + 16 j
+    if (bw_p.accumulate != 0u) {
+        for (var i = 0u; i < 4u; i++) {
+            let r = row0 + lid.y + 16u * i;
+            for (var j = 0u; j < 4u; j++) {
+                let c = col0 + lid.x + 16u * j;
+                if (r < bw_p.rows && c < bw_p.cols) {
+                    acc[i * 4u + j] = bw_dx[r * bw_p.cols + c];
+                }
+            }
+        }
+    }
     for (var o0 = 0u; o0 < bw_p.outs; o0 += 16u) {
         for (var s = 0u; s < 4u; s++) {
             let e = t + s * WG;
@@ -444,7 +467,7 @@ fn backward_dx(
             let o = o0 + e % 16u;
             var g = 0.0;
             if (row0 + rr < bw_p.rows && o < bw_p.outs) {
-                g = bw_dy[(row0 + rr) * bw_p.outs + o];
+                g = bw_dy[bw_p.y_offset + (row0 + rr) * bw_p.y_stride + o];
             }
             bw_g[e] = g;
         }

@@ -3,6 +3,11 @@
 // (0 shares one B across the batch). Each 16x16 workgroup computes a 64x64 output tile, each
 // thread a 4x4 block, staging 16-deep slices of A and B in workgroup memory.
 //
+// Operands larger than one binding are bound as windows: `*_offset` is where the block starts
+// inside its window, the output is written with its own row and batch strides, and with
+// `accumulate` set a block of the K dimension adds to the output (its accumulators start
+// from the stored value, so a split K sums in the same order as one pass).
+//
 // Entry points: `matmul` (B f32) and `matmul_half_b` (B f16, packed two per u32 word, low
 // half first: a frozen f16 weight read at half the bytes; arithmetic stays f32). B is bound
 // as raw u32 words in both, so both entries share one body and one binding layout.
@@ -15,11 +20,15 @@ struct Params {
     a_row_stride: u32,
     a_col_stride: u32,
     a_batch_stride: u32,
+    a_offset: u32,
     b_row_stride: u32,
     b_col_stride: u32,
     b_batch_stride: u32,
-    _pad0: u32,
-    _pad1: u32,
+    b_offset: u32,
+    out_row_stride: u32,
+    out_batch_stride: u32,
+    out_offset: u32,
+    accumulate: u32,
 }
 
 @group(0) @binding(0) var<storage, read> a: array<f32>;
@@ -56,14 +65,21 @@ fn matmul_tile(wid: vec3<u32>, lid: vec3<u32>, half_b: bool) {
     let batch = wid.z;
     let row0 = wid.y * TILE;
     let col0 = wid.x * TILE;
-    let a_base = batch * p.a_batch_stride;
-    let b_base = batch * p.b_batch_stride;
+    let a_base = p.a_offset + batch * p.a_batch_stride;
+    let b_base = p.b_offset + batch * p.b_batch_stride;
+    let out_base = p.out_offset + batch * p.out_batch_stride;
     let flat = lid.y * 16u + lid.x; // 0..256
 
     var acc: array<array<f32, 4>, 4>;
     for (var i = 0u; i < 4u; i++) {
         for (var j = 0u; j < 4u; j++) {
-            acc[i][j] = 0.0;
+            let r = row0 + lid.y * 4u + i;
+            let c = col0 + lid.x * 4u + j;
+            var start = 0.0;
+            if (p.accumulate != 0u && r < p.m && c < p.n) {
+                start = out[out_base + r * p.out_row_stride + c];
+            }
+            acc[i][j] = start;
         }
     }
 
@@ -109,7 +125,7 @@ fn matmul_tile(wid: vec3<u32>, lid: vec3<u32>, half_b: bool) {
         for (var j = 0u; j < 4u; j++) {
             let c = col0 + lid.x * 4u + j;
             if (r < p.m && c < p.n) {
-                out[batch * p.m * p.n + r * p.n + c] = acc[i][j];
+                out[out_base + r * p.out_row_stride + c] = acc[i][j];
             }
         }
     }

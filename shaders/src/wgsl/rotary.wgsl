@@ -13,7 +13,9 @@ struct RotaryParams {
     seq: u32,
     heads: u32,
     sign: f32,
-    _pad0: u32,
+    // Index of this dispatch's first head row (B * heads * T rows in all): x and out may be
+    // bound as a window of rows, positions and tables whole.
+    first_row: u32,
     _pad1: u32,
 }
 
@@ -36,8 +38,8 @@ fn rotary(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups
         out[i] = x[i];
         return;
     }
-    let t = row % p.seq;
-    let b = row / (p.seq * p.heads);
+    let t = (p.first_row + row) % p.seq;
+    let b = (p.first_row + row) / (p.seq * p.heads);
     let pos = positions[b * p.seq + t];
     if (d < p.half) {
         let c = cos_table[pos * p.half + d];

@@ -13,7 +13,9 @@ struct SoftmaxParams {
     tq: u32,
     rows_per_batch: u32,
     causal: u32,
-    _pad0: u32,
+    // Index of this dispatch's row 0 in the whole softmax (rows over the binding limit are
+    // dispatched a window at a time; the masks depend on the global row).
+    first_row: u32,
     _pad1: u32,
     _pad2: u32,
 }
@@ -69,8 +71,8 @@ fn softmax_forward(
     }
     let tk = sf_p.tk;
     let base = row * tk;
-    let b = row / sf_p.rows_per_batch;
-    let i = row % sf_p.tq;
+    let b = (sf_p.first_row + row) / sf_p.rows_per_batch;
+    let i = (sf_p.first_row + row) % sf_p.tq;
     let lo = sf_ranges[2u * b];
     var hi = sf_ranges[2u * b + 1u];
     if (sf_p.causal != 0u) {

@@ -1,13 +1,11 @@
 //! Where a tensor lives.
 
-use std::sync::{Arc, OnceLock};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
 
 use lathe_shaders::{AdapterChoice, GpuContext};
 
 use crate::Result;
-
-/// The storage-binding limit of [`Device::small_binding_test_gpu`], in bytes.
-pub const SMALL_BINDING: u64 = 16 << 10;
 
 /// A compute device: the host CPU, or one GPU context.
 #[derive(Clone, Debug)]
@@ -44,19 +42,26 @@ impl Device {
         }
     }
 
-    /// As [`Device::shared_test_gpu`], with storage bindings forced down to `SMALL_BINDING`
-    /// bytes: every tensor of ten thousand elements exceeds one binding, so tests on lavapipe
-    /// run the splitting that big models need on a real GPU (see `ops::dispatch`).
-    pub fn small_binding_test_gpu() -> Result<Device> {
-        static CONTEXT: OnceLock<std::result::Result<Arc<GpuContext>, String>> = OnceLock::new();
+    /// As [`Device::shared_test_gpu`], with storage bindings forced down to `bytes` (one
+    /// process-wide context per limit): tensors over that size run the splitting over
+    /// windows that big models need on a real GPU (see `ops::dispatch`).
+    pub fn test_gpu_with_binding_limit(bytes: u64) -> Result<Device> {
+        type Contexts = Mutex<HashMap<u64, Arc<GpuContext>>>;
+        static CONTEXTS: OnceLock<Contexts> = OnceLock::new();
+        let mut contexts = CONTEXTS
+            .get_or_init(Default::default)
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some(ctx) = contexts.get(&bytes) {
+            return Ok(Device::Gpu(ctx.clone()));
+        }
         let choice = AdapterChoice {
-            max_binding: Some(SMALL_BINDING),
+            max_binding: Some(bytes),
             ..AdapterChoice::any()
         };
-        match CONTEXT.get_or_init(|| GpuContext::new(choice).map_err(|e| e.to_string())) {
-            Ok(ctx) => Ok(Device::Gpu(ctx.clone())),
-            Err(e) => Err(crate::Error::Gpu(lathe_shaders::Error::Device(e.clone()))),
-        }
+        let ctx = GpuContext::new(choice)?;
+        contexts.insert(bytes, ctx.clone());
+        Ok(Device::Gpu(ctx))
     }
 
     pub fn is_gpu(&self) -> bool {

@@ -95,10 +95,19 @@ pub fn test_gpu() -> Device {
     }
 }
 
-/// A GPU whose storage bindings are forced down to [`crate::device::SMALL_BINDING`] bytes,
-/// so that ops split their work over windows (what tensors over 2 GiB need on real GPUs).
+/// The storage-binding limit of [`small_binding_gpu`]: 16 KiB.
+pub const SMALL_BINDING: u64 = 16 << 10;
+
+/// A GPU whose storage bindings are forced down to [`SMALL_BINDING`] bytes, so that ops on
+/// tensors of ten thousand elements split their work over windows (what tensors over 2 GiB
+/// need on real GPUs).
 pub fn small_binding_gpu() -> Device {
-    match Device::small_binding_test_gpu() {
+    gpu_with_binding_limit(SMALL_BINDING)
+}
+
+/// A GPU whose storage bindings are forced down to `bytes` (one shared context per limit).
+pub fn gpu_with_binding_limit(bytes: u64) -> Device {
+    match Device::test_gpu_with_binding_limit(bytes) {
         Ok(device) => device,
         Err(e) => panic!(
             "GPU tests need a Vulkan adapter ({e}). Install one: `apt-get install mesa-vulkan-drivers` (software lavapipe)"

@@ -5,8 +5,7 @@
 //! computes in the CPU's order, else within the stated tolerance). Sizes are odd so that
 //! windows end mid-row.
 
-use lathe_core::device::SMALL_BINDING;
-use lathe_core::testing::{compare, small_binding_gpu, Tolerance};
+use lathe_core::testing::{compare, small_binding_gpu, Tolerance, SMALL_BINDING};
 use lathe_core::Tensor;
 use lathe_core::{Adam, AdamConfig, AttentionMask, DType, Device, GeluKind, Result, RotaryTables};
 

@@ -6,10 +6,14 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 
-use lathe_core::testing::{compare, test_gpu, Tolerance};
+use lathe_core::testing::{compare, gpu_with_binding_limit, test_gpu, Tolerance};
 use lathe_core::{Device, Tensor};
 use lathe_models::attention::TokenLayout;
 use lathe_models::hf::{load_hf_dir, CausalLm};
+
+/// A binding limit under the tiny models' embeddings, weights, logits and KV caches
+/// (every row still fits, with the alignment steps of chunked rows).
+const TINY_BINDING: u64 = 2 << 10;
 
 const GPT_NEOX: [&str; 4] = [
     "neox_parallel_quarter_gelu",
@@ -230,6 +234,19 @@ fn gpt_neox_full_batch_matches_transformers_gpu() {
     GPT_NEOX
         .iter()
         .for_each(|n| full_batch_matches(n, &test_gpu()));
+}
+
+/// Both architectures on a GPU whose storage bindings are forced to 2 KiB: embeddings, LM
+/// head, logits, attention and KV caches all span several windows, and every result still
+/// matches transformers as on the plain GPU.
+#[test]
+fn models_match_transformers_with_tensors_over_a_binding() {
+    let small = gpu_with_binding_limit(TINY_BINDING);
+    for name in [GPT_NEOX[0], LLAMA[0]] {
+        full_batch_matches(name, &small);
+        padded_batch_matches(name, &small);
+        kv_cache_matches_full_forward(name, &small);
+    }
 }
 
 #[test]

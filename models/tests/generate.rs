@@ -5,7 +5,7 @@
 
 use std::path::PathBuf;
 
-use lathe_core::testing::test_gpu;
+use lathe_core::testing::{gpu_with_binding_limit, test_gpu};
 use lathe_core::{Device, Tensor};
 use lathe_models::attention::TokenLayout;
 use lathe_models::generate::{generate, GenerateConfig, LanguageModel};
@@ -15,6 +15,10 @@ use lathe_models::sampling::{
     argmax, candidates, next_uniform, sample_row, sample_row_at, Rng, Sampler, SamplingConfig,
 };
 use lathe_models::Result;
+
+/// A binding limit under the tiny models' embeddings, weights, logits and KV caches
+/// (every row still fits, with the alignment steps of chunked rows).
+const TINY_BINDING: u64 = 2 << 10;
 
 const MODELS: [&str; 5] = [
     "neox_parallel_quarter_gelu",
@@ -105,6 +109,20 @@ fn gpu_generation_equals_cpu_generation() {
         for config in [greedy(8), sampled(8, 3)] {
             let on_cpu = generate(&load(name, &Device::Cpu), &prompts(), &config, &Device::Cpu);
             let on_gpu = generate(&load(name, &gpu), &prompts(), &config, &gpu);
+            assert_eq!(on_cpu.unwrap(), on_gpu.unwrap(), "{name}");
+        }
+    }
+}
+
+#[test]
+fn generation_with_tensors_over_a_binding_equals_cpu_generation() {
+    // 2 KiB bindings: the embedding, the LM head, the logits the sampler reads and the KV
+    // caches are all split over windows.
+    let small = gpu_with_binding_limit(TINY_BINDING);
+    for name in MODELS {
+        for config in [greedy(8), sampled(8, 3)] {
+            let on_cpu = generate(&load(name, &Device::Cpu), &prompts(), &config, &Device::Cpu);
+            let on_gpu = generate(&load(name, &small), &prompts(), &config, &small);
             assert_eq!(on_cpu.unwrap(), on_gpu.unwrap(), "{name}");
         }
     }

@@ -5,7 +5,7 @@
 
 use std::path::{Path, PathBuf};
 
-use lathe_core::testing::{assert_close, test_gpu, Tolerance};
+use lathe_core::testing::{assert_close, gpu_with_binding_limit, test_gpu, Tolerance};
 use lathe_core::{Device, Tensor};
 use lathe_lora::{AdapterSwitch, LoraConfig};
 use lathe_models::attention::TokenLayout;
@@ -138,6 +138,16 @@ fn peft_adapter_logits_loss_and_gradients_gpu() {
     CASES
         .iter()
         .for_each(|c| check_forward_and_gradients(c, &gpu));
+}
+
+#[test]
+fn peft_gradients_with_tensors_over_a_binding() {
+    // Bindings forced to 2 KiB: training's forward and backward (embedding scatter, LM head,
+    // matmul blocks, loss rows) all run over windows and still match peft.
+    let small = gpu_with_binding_limit(2 << 10);
+    CASES
+        .iter()
+        .for_each(|c| check_forward_and_gradients(c, &small));
 }
 
 #[test]

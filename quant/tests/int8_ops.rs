@@ -1,7 +1,9 @@
 //! LLM.int8() on CPU and GPU: GPU == CPU (quantized activations and int32 accumulations
 //! exactly, outputs to 1e-5), both matmul forms, edge cases, bad input, the backward.
 
-use lathe_core::testing::{assert_close, assert_tensors_close, test_gpu, Tolerance};
+use lathe_core::testing::{
+    assert_close, assert_tensors_close, small_binding_gpu, test_gpu, Tolerance,
+};
 use lathe_core::{DType, Device, Tensor};
 use lathe_quant::int8::{Int8Form, Int8Trace};
 use lathe_quant::{Int8Linear, Int8Weight};
@@ -35,19 +37,19 @@ fn activations(rows: usize, cols: usize, seed: u64, planted: &[usize]) -> Vec<f3
 
 /// The same layer on both devices.
 fn layers(
+    gpu: &Device,
     w: &[f32],
     b: Option<&[f32]>,
     out: usize,
     inn: usize,
     t: f32,
 ) -> (Int8Linear, Int8Linear) {
-    let gpu = test_gpu();
     let make = |device: &Device| {
         let wt = Tensor::from_slice(w, &[out, inn], device).unwrap();
         let bt = b.map(|b| Tensor::from_slice(b, &[out], device).unwrap());
         Int8Linear::from_dense(&wt, bt, t).unwrap()
     };
-    (make(&Device::Cpu), make(&gpu))
+    (make(&Device::Cpu), make(gpu))
 }
 
 /// Output tolerance: 1e-5 of the output scale.
@@ -65,10 +67,20 @@ fn assert_traces_match(gpu: &Int8Trace, cpu: &Int8Trace) {
 }
 
 fn compare_devices(rows: usize, inn: usize, out: usize, planted: &[usize], t: f32, seed: u64) {
+    compare_on(&test_gpu(), (rows, inn, out), planted, t, seed);
+}
+
+fn compare_on(
+    device: &Device,
+    (rows, inn, out): (usize, usize, usize),
+    planted: &[usize],
+    t: f32,
+    seed: u64,
+) {
     let w = values(out * inn, seed + 1, 0.1);
     let b = values(out, seed + 2, 0.5);
     let x = activations(rows, inn, seed, planted);
-    let (cpu, gpu) = layers(&w, Some(&b), out, inn, t);
+    let (cpu, gpu) = layers(device, &w, Some(&b), out, inn, t);
     assert_eq!(
         gpu.weight.values().unwrap(),
         cpu.weight.values().unwrap(),
@@ -141,7 +153,7 @@ fn zero_rows_huge_values_and_all_outliers() {
     x[inn..2 * inn].fill(0.0); // an all-zero input row
     x[3 * inn + 4] = 1.0e4; // a row with one huge value
     for t in [6.0, 0.0, 1.0e-3] {
-        let (cpu, gpu) = layers(&w, None, out, inn, t);
+        let (cpu, gpu) = layers(&test_gpu(), &w, None, out, inn, t);
         let scales = cpu.weight.scales().unwrap();
         assert_eq!(scales[2], 0.0);
         assert!(cpu.weight.values().unwrap()[2 * inn..3 * inn]
@@ -171,7 +183,7 @@ fn zero_rows_huge_values_and_all_outliers() {
 fn ranks_one_and_three() {
     let (inn, out) = (10, 7);
     let w = values(out * inn, 21, 0.3);
-    let (cpu, gpu) = layers(&w, None, out, inn, 6.0);
+    let (cpu, gpu) = layers(&test_gpu(), &w, None, out, inn, 6.0);
     let x = values(2 * 3 * inn, 22, 3.0);
     for (shape, out_shape) in [(vec![inn], vec![out]), (vec![2, 3, inn], vec![2, 3, out])] {
         let n: usize = shape.iter().product();
@@ -318,6 +330,21 @@ fn backward_is_dy_times_dequantized_weight() {
     }
     // The CPU dequantizes the weight in panels of 2^20 elements: 1000 x 1100 takes two.
     check_backward(9, 1100, 1000, &Device::Cpu);
+}
+
+#[test]
+fn layers_over_a_storage_binding_are_computed_in_blocks() {
+    // Bindings of 16 KiB: the weight, the activations and the output each span several
+    // windows, so the GEMM, the GEMV and the input gradient run over blocks of rows and of
+    // output features. Outlier columns, scales and int32 sums stay bit-identical to the CPU's.
+    // (Windows start aligned, so a chunk is a few rows: rows here stay under 2 KB.)
+    let small = small_binding_gpu();
+    compare_on(&small, (70, 129, 300), &[5, 100], 6.0, 3);
+    compare_on(&small, (3, 500, 200), &[7], 6.0, 4);
+    compare_on(&small, (40, 257, 67), &[], 0.0, 5);
+    for (rows, inn, out) in [(70, 129, 300), (9, 500, 300)] {
+        check_backward(rows, inn, out, &small);
+    }
 }
 
 #[test]

@@ -2,11 +2,12 @@
 //! a (H,) bias broadcast over the leading dims. Backwards sum the gradient back to each
 //! operand's shape.
 
-use lathe_shaders::{grid_1d, Shader};
+use lathe_shaders::{grid_1d, Shader, View};
 use rayon::prelude::*;
 
 use crate::dtype::DType;
-use crate::ops::{alloc_f32, launch_rows, Arg, CPU_CHUNK};
+use crate::ops::dispatch::{span, strided_tiles, window_at, window_budget, Tile};
+use crate::ops::{alloc_f32, launch_views, CPU_CHUNK};
 use crate::shape::{broadcast_shape, broadcast_strides, elem_count, strides};
 use crate::tensor::Tensor;
 use crate::{Device, Error, Result};
@@ -111,10 +112,14 @@ struct BinaryParams {
     n: u32,
     rank: u32,
     op: u32,
-    _pad: u32,
+    a_offset: u32,
+    b_offset: u32,
+    out_offset: u32,
+    _pad: [u32; 2],
     out_shape: [u32; MAX_RANK],
     a_strides: [u32; MAX_RANK],
     b_strides: [u32; MAX_RANK],
+    out_strides: [u32; MAX_RANK],
 }
 
 fn padded(v: &[usize]) -> [u32; MAX_RANK] {
@@ -125,8 +130,8 @@ fn padded(v: &[usize]) -> [u32; MAX_RANK] {
     out
 }
 
-/// Drops size-1 dimensions and merges neighbours that every operand walks contiguously, so
-/// that a row split of the GPU dispatch sees the longest possible rows' dimension first.
+/// Drops size-1 dimensions and merges neighbours that every operand walks contiguously (fewer
+/// dimensions for the kernel to decode, and longer runs for a tiling to cut).
 fn collapse(shape: &[usize], a: &[usize], b: &[usize]) -> (Vec<usize>, Vec<usize>, Vec<usize>) {
     let (mut s, mut sa, mut sb) = (Vec::new(), Vec::new(), Vec::new());
     for d in (0..shape.len()).filter(|&d| shape[d] != 1) {
@@ -165,35 +170,52 @@ fn gpu_binary(
         &broadcast_strides(a.shape(), out_shape),
         &broadcast_strides(b.shape(), out_shape),
     );
+    let out_strides = strides(&shape);
     let (ab, bb) = (a.gpu_buffer().expect("gpu"), b.gpu_buffer().expect("gpu"));
-    // Rows are the outermost collapsed dimension; a broadcast operand is read whole.
-    let row_elems = n / shape[0];
-    let operand = |buffer, stride: usize| match stride {
-        0 => Arg::Whole(buffer),
-        s => Arg::Rows(buffer, s * 4),
+    let all_strides = [a_strides, b_strides, out_strides];
+    let budget = window_budget(ctx, 4);
+    // One tile (whole buffers) when everything fits a binding, else tiles whose windows do.
+    let whole = [&ab, &bb, &out]
+        .iter()
+        .all(|buffer| View::whole(buffer).size <= ctx.binding_limit());
+    let tiles = if whole {
+        vec![Tile {
+            shape: shape.clone(),
+            starts: vec![0; 3],
+        }]
+    } else {
+        strided_tiles(&shape, &all_strides, vec![0; 3], &[budget; 3])
     };
-    launch_rows(
-        ctx,
-        Shader::Binary,
-        "binary",
-        &[operand(&ab, a_strides[0]), operand(&bb, b_strides[0])],
-        &[Arg::Rows(&out, row_elems * 4)],
-        shape[0],
-        |_, rows| {
-            let mut chunk_shape = shape.clone();
-            chunk_shape[0] = rows;
-            let params = BinaryParams {
-                n: (rows * row_elems) as u32,
-                rank: shape.len() as u32,
-                op: op as u32,
-                _pad: 0,
-                out_shape: padded(&chunk_shape),
-                a_strides: padded(&a_strides),
-                b_strides: padded(&b_strides),
-            };
-            (params, grid_1d((rows * row_elems) as u64, 256))
-        },
-    )?;
+    for tile in tiles {
+        let mut views = Vec::with_capacity(3);
+        let mut offsets = [0u32; 3];
+        for (k, buffer) in [&ab, &bb, &out].into_iter().enumerate() {
+            if whole {
+                views.push(View::whole(buffer));
+            } else {
+                let reach = span(&tile.shape, &all_strides[k]);
+                let (view, offset) = window_at(ctx, buffer, tile.starts[k], reach, 4);
+                views.push(view);
+                offsets[k] = offset as u32;
+            }
+        }
+        let count = elem_count(&tile.shape);
+        let params = BinaryParams {
+            n: count as u32,
+            rank: tile.shape.len() as u32,
+            op: op as u32,
+            a_offset: offsets[0],
+            b_offset: offsets[1],
+            out_offset: offsets[2],
+            _pad: [0; 2],
+            out_shape: padded(&tile.shape),
+            a_strides: padded(&all_strides[0]),
+            b_strides: padded(&all_strides[1]),
+            out_strides: padded(&all_strides[2]),
+        };
+        let grid = grid_1d(count as u64, 256);
+        launch_views(ctx, Shader::Binary, "binary", &views, 2, &params, grid)?;
+    }
     Ok(crate::storage::Storage::Gpu(out))
 }
 

@@ -185,3 +185,107 @@ pub fn launch_views<P: bytemuck::Pod>(
     })?;
     Ok(())
 }
+
+/// A piece of a strided op: its shape and each operand's first element.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Tile {
+    pub shape: Vec<usize>,
+    pub starts: Vec<usize>,
+}
+
+/// Elements from the first to one past the last that a strided walk over `shape` touches.
+pub fn span(shape: &[usize], strides: &[usize]) -> usize {
+    1 + shape
+        .iter()
+        .zip(strides)
+        .map(|(n, s)| n.saturating_sub(1) * s)
+        .sum::<usize>()
+}
+
+/// Splits an op over `shape`, whose operand k reads element `starts[k] + Σ idx_d *
+/// strides[k][d]`, into tiles in which every operand spans at most `budgets[k]` elements:
+/// the dimension reaching farthest in any operand is cut into pieces, recursively. Any
+/// strides work (a transpose becomes tiles); a tile of one element spans one element.
+pub fn strided_tiles(
+    shape: &[usize],
+    strides: &[Vec<usize>],
+    starts: Vec<usize>,
+    budgets: &[usize],
+) -> Vec<Tile> {
+    let mut tiles = Vec::new();
+    split_tile(
+        Tile {
+            shape: shape.to_vec(),
+            starts,
+        },
+        strides,
+        budgets,
+        &mut tiles,
+    );
+    tiles
+}
+
+fn split_tile(tile: Tile, strides: &[Vec<usize>], budgets: &[usize], tiles: &mut Vec<Tile>) {
+    if tile.shape.contains(&0) {
+        return;
+    }
+    let over = strides
+        .iter()
+        .zip(budgets)
+        .map(|(s, &b)| span(&tile.shape, s).div_ceil(b.max(1)))
+        .max()
+        .unwrap_or(1);
+    if over <= 1 {
+        tiles.push(tile);
+        return;
+    }
+    let reach = |d: usize| {
+        strides
+            .iter()
+            .zip(budgets)
+            .map(|(s, &b)| (tile.shape[d] - 1) * s[d] / b.max(1))
+            .max()
+            .unwrap_or(0)
+    };
+    let widest = (0..tile.shape.len())
+        .filter(|&d| tile.shape[d] > 1)
+        .max_by_key(|&d| reach(d))
+        .expect("a walk spanning more than one element has a dimension to cut");
+    let size = tile.shape[widest];
+    let piece = size.div_ceil(over.clamp(2, size));
+    for first in (0..size).step_by(piece) {
+        let mut sub = tile.clone();
+        sub.shape[widest] = piece.min(size - first);
+        for (start, s) in sub.starts.iter_mut().zip(strides) {
+            *start += first * s[widest];
+        }
+        split_tile(sub, strides, budgets, tiles);
+    }
+}
+
+/// Elements a window may span so that, started at an aligned byte at most one alignment
+/// unit before the first element, it fits the binding limit.
+pub fn window_budget(ctx: &GpuContext, elem_bytes: usize) -> usize {
+    let align = ctx.binding_alignment().max(4) as usize;
+    (ctx.binding_limit() as usize).saturating_sub(align) / elem_bytes
+}
+
+/// The window over `span` elements of `elem_bytes` bytes from element `start`, its start
+/// aligned down, and the offset of `start` inside it (in elements).
+pub fn window_at<'a>(
+    ctx: &GpuContext,
+    buffer: &'a GpuBuffer,
+    start: usize,
+    span: usize,
+    elem_bytes: usize,
+) -> (View<'a>, usize) {
+    let align = ctx.binding_alignment().max(4) as usize;
+    let first = start * elem_bytes;
+    let aligned = first / align * align;
+    let view = View::window(
+        buffer,
+        aligned as u64,
+        (first + span * elem_bytes - aligned) as u64,
+    );
+    (view, (first - aligned) / elem_bytes)
+}

@@ -18,6 +18,7 @@ use half::f16;
 use lathe_shaders::{grid_1d, GpuBuffer, GpuContext, MemCategory, Shader, View};
 
 use crate::dtype::DType;
+use crate::ops::dispatch::{span, strided_tiles, window_at, window_budget};
 use crate::ops::{alloc_f32, launch_views};
 use crate::shape::{check_dim, elem_count, strides};
 use crate::storage::{CpuStorage, Storage};
@@ -191,59 +192,25 @@ fn gpu_copy(
     copy_tiles(ctx, src, dst, spec)
 }
 
-/// Elements from the first to one past the last that a copy touches on one side.
-fn span(shape: &[usize], strides: &[usize]) -> usize {
-    1 + shape
-        .iter()
-        .zip(strides)
-        .map(|(n, s)| (n - 1) * s)
-        .sum::<usize>()
-}
-
-/// A copy over buffers larger than one binding: split the dimension that spreads the copy
-/// widest (in source or destination) into pieces until both sides of every piece fit a
-/// window, then dispatch each piece over its windows. Works for any strides, transposes
-/// included (a transpose becomes tiles).
+/// A copy over buffers larger than one binding: tiles whose source and destination windows
+/// both fit (any strides: a transpose becomes tiles), one dispatch each.
 fn copy_tiles(ctx: &GpuContext, src: &GpuBuffer, dst: &GpuBuffer, spec: CopySpec) -> Result<()> {
-    let align = ctx.binding_alignment().max(4) as usize;
-    // The most elements a window can span once its start is aligned down.
-    let budget = (ctx.binding_limit() as usize - align) / 4;
-    let (src_span, dst_span) = (
-        span(&spec.shape, &spec.src_strides),
-        span(&spec.shape, &spec.dst_strides),
-    );
-    if src_span <= budget && dst_span <= budget {
-        let window = |buffer, offset: usize, span: usize| {
-            let start = offset * 4 / align * align;
-            (
-                View::window(buffer, start as u64, (offset * 4 + span * 4 - start) as u64),
-                offset - start / 4,
-            )
-        };
-        let (src_view, src_offset) = window(src, spec.src_offset, src_span);
-        let (dst_view, dst_offset) = window(dst, spec.dst_offset, dst_span);
+    let budget = window_budget(ctx, 4);
+    let strides = [spec.src_strides.clone(), spec.dst_strides.clone()];
+    let starts = vec![spec.src_offset, spec.dst_offset];
+    for tile in strided_tiles(&spec.shape, &strides, starts, &[budget; 2]) {
+        let (src_view, src_offset) =
+            window_at(ctx, src, tile.starts[0], span(&tile.shape, &strides[0]), 4);
+        let (dst_view, dst_offset) =
+            window_at(ctx, dst, tile.starts[1], span(&tile.shape, &strides[1]), 4);
         let local = CopySpec {
+            shape: tile.shape,
             src_offset,
+            src_strides: strides[0].clone(),
             dst_offset,
-            ..spec
+            dst_strides: strides[1].clone(),
         };
-        return copy_dispatch(ctx, src_view, dst_view, &local);
-    }
-    let reach = |k: usize| (spec.shape[k] - 1) * spec.src_strides[k].max(spec.dst_strides[k]);
-    let widest = (0..spec.shape.len())
-        .filter(|&k| spec.shape[k] > 1)
-        .max_by_key(|&k| reach(k))
-        .expect("a copy spanning more than one element has a dimension to split");
-    let pieces = (src_span.max(dst_span))
-        .div_ceil(budget)
-        .clamp(2, spec.shape[widest]);
-    let piece = spec.shape[widest].div_ceil(pieces);
-    for start in (0..spec.shape[widest]).step_by(piece) {
-        let mut sub = spec.clone();
-        sub.shape[widest] = piece.min(spec.shape[widest] - start);
-        sub.src_offset += start * spec.src_strides[widest];
-        sub.dst_offset += start * spec.dst_strides[widest];
-        copy_tiles(ctx, src, dst, sub)?;
+        copy_dispatch(ctx, src_view, dst_view, &local)?;
     }
     Ok(())
 }

@@ -4,9 +4,10 @@
 //! A block of K adds to the output from the stored value (see matmul.wgsl), so a split K
 //! sums in the same order as one pass and the result is the same bit for bit.
 
-use lathe_shaders::{GpuBuffer, Shader, View};
+use lathe_shaders::{GpuBuffer, GpuContext, Shader, View};
 
 use crate::dtype::DType;
+use crate::ops::dispatch::{window_at, window_budget};
 use crate::ops::matmul::{op_strides, MatmulDims};
 use crate::ops::{alloc_f32, launch_views};
 use crate::storage::Storage;
@@ -74,22 +75,17 @@ impl Operand {
     }
 }
 
-/// A window covering `span` elements from element `start`, and the block's offset inside it.
+/// A window covering `span` elements of an operand from element `start`, and the block's
+/// offset inside it.
 fn window<'a>(
+    ctx: &GpuContext,
     buffer: &'a GpuBuffer,
     op: &Operand,
     start: usize,
     span: usize,
-    align: usize,
 ) -> (View<'a>, u32) {
-    let first_byte = start * op.elem_bytes;
-    let aligned = first_byte / align * align;
-    let view = View::window(
-        buffer,
-        aligned as u64,
-        (first_byte + span * op.elem_bytes - aligned) as u64,
-    );
-    (view, ((first_byte - aligned) / op.elem_bytes) as u32)
+    let (view, offset) = window_at(ctx, buffer, start, span, op.elem_bytes);
+    (view, offset as u32)
 }
 
 pub(crate) fn gpu_matmul(
@@ -175,8 +171,7 @@ pub(crate) fn gpu_matmul(
         return Ok(Storage::Gpu(out));
     }
 
-    let align = ctx.binding_alignment().max(4) as usize;
-    let budget = |op: &Operand| (limit as usize - align) / op.elem_bytes;
+    let budget = |op: &Operand| window_budget(ctx, op.elem_bytes);
     // (i, j) extents of each operand's block for a block (bm, bn, bk) of the problem.
     let extents = |(bm, bn, bk): (usize, usize, usize)| [(bm, bk), (bk, bn), (bm, bn)];
     let full = (d.m, d.n, d.k.max(1));
@@ -197,7 +192,7 @@ pub(crate) fn gpu_matmul(
                 operands.iter().zip(extents(full)).zip(buffers).enumerate()
             {
                 let span = (count - 1) * op.batch_stride + op.span(bi, bj);
-                let (view, offset) = window(buffer, op, b0 * op.batch_stride, span, align);
+                let (view, offset) = window(ctx, buffer, op, b0 * op.batch_stride, span);
                 views.push(view);
                 offsets[x] = offset;
             }
@@ -252,7 +247,7 @@ pub(crate) fn gpu_matmul(
                         .enumerate()
                     {
                         let start = batch * op.batch_stride + op.start(starts[x].0, starts[x].1);
-                        let (view, offset) = window(buffer, op, start, op.span(bi, bj), align);
+                        let (view, offset) = window(ctx, buffer, op, start, op.span(bi, bj));
                         views.push(view);
                         offsets[x] = offset;
                     }

@@ -49,31 +49,25 @@ impl Tensor {
         self.expect_dtype("sum", DType::F32)?;
         check_dim("sum", dim, self.rank())?;
         let (outer, axis, inner) = split_at_dim(self.shape(), dim);
+        if slab_over_a_binding(self.device(), axis, inner) {
+            return self.reduce_in_pieces(dim, &|t| t.sum_keepdim(1), &|parts| {
+                parts
+                    .into_iter()
+                    .try_fold(None::<Tensor>, |acc, p| {
+                        Ok::<_, Error>(Some(match acc {
+                            Some(acc) => acc.add(&p)?,
+                            None => p,
+                        }))
+                    })?
+                    .ok_or_else(|| Error::shape("sum", "no pieces"))
+            });
+        }
         let mut out_shape = self.shape().to_vec();
         out_shape[dim] = 1;
         let storage = match self.device() {
             Device::Cpu => {
                 let data = self.with_cpu_f32("sum", |x| cpu_sum(x, outer, axis, inner))?;
                 Tensor::cpu_f32(data, out_shape.clone())
-            }
-            Device::Gpu(ctx) if axis > 1 && axis * inner * 4 > ctx.binding_limit() as usize => {
-                // One (axis, inner) slab is over a binding: sum slabs of the axis that fit,
-                // then sum those partial sums (narrow copies in windows).
-                let piece = slab_piece(ctx, inner);
-                let mut total: Option<Tensor> = None;
-                for start in (0..axis).step_by(piece) {
-                    let part = self
-                        .detach()
-                        .narrow(dim, start, piece.min(axis - start))?
-                        .sum_keepdim(dim)?;
-                    total = Some(match total {
-                        Some(t) => t.add(&part)?,
-                        None => part,
-                    });
-                }
-                let total = total.expect("axis > 1 gives at least one piece");
-                let storage = total.storage().clone();
-                storage
             }
             Device::Gpu(ctx) => {
                 let out = alloc_f32(ctx, outer * inner)?;
@@ -180,19 +174,11 @@ fn cpu_max_backward(
     dx
 }
 
-/// Entries of a reduced axis per piece when one (axis, inner) slab exceeds a binding: half a
-/// binding, rounded so that each piece's slab is a whole number of alignment units (the
-/// pieces' rows then split over windows).
-fn slab_piece(ctx: &lathe_shaders::GpuContext, inner: usize) -> usize {
-    let row = inner * 4;
-    let align = ctx.binding_alignment().max(4) as usize;
-    let unit = align / gcd(row, align);
-    let piece = ctx.binding_limit() as usize / 2 / row;
-    if piece >= unit {
-        piece / unit * unit
-    } else {
-        piece.max(1)
-    }
+/// Whether a GPU reduction's (axis, inner) slab is over one binding (and worth splitting).
+fn slab_over_a_binding(device: &Device, axis: usize, inner: usize) -> bool {
+    device
+        .gpu_context()
+        .is_some_and(|ctx| axis * inner * 4 > ctx.binding_limit() as usize && axis * inner > 1)
 }
 
 fn gcd(a: usize, b: usize) -> usize {
@@ -283,12 +269,12 @@ impl Tensor {
                 format!("dim {dim} of {:?} is empty", self.shape()),
             ));
         }
-        if let Device::Gpu(ctx) = self.device() {
-            let slab = axis * inner * 4;
-            if axis > 1 && slab > ctx.binding_limit() as usize {
-                let piece = slab_piece(ctx, inner);
-                return self.max_over_pieces(dim, axis, piece);
-            }
+        if slab_over_a_binding(self.device(), axis, inner) {
+            // The first piece holding the maximum, at its first index, is the first index
+            // overall; gradients route through the pieces by autodiff.
+            return self.reduce_in_pieces(dim, &|t| t.max_keepdim(1), &|parts| {
+                Tensor::cat(&parts.iter().collect::<Vec<_>>(), 1)?.max_keepdim(1)
+            });
         }
         let mut out_shape = self.shape().to_vec();
         out_shape[dim] = 1;
@@ -341,19 +327,52 @@ impl Tensor {
         ))
     }
 
-    /// Max over a GPU dim whose (axis, inner) slab exceeds one binding: the max of each
-    /// piece of `piece` entries, then the max of those. The first piece holding the maximum
-    /// and its first index are the first index overall, and the gradient routes through the
-    /// pieces by autodiff.
-    fn max_over_pieces(&self, dim: usize, axis: usize, piece: usize) -> Result<Tensor> {
-        let maxima = (0..axis)
-            .step_by(piece)
-            .map(|start| {
-                self.narrow(dim, start, piece.min(axis - start))?
-                    .max_keepdim(dim)
-            })
-            .collect::<Result<Vec<Tensor>>>()?;
-        Tensor::cat(&maxima.iter().collect::<Vec<_>>(), dim)?.max_keepdim(dim)
+    /// A GPU reduction over `dim` whose (axis, inner) slab exceeds one binding, as reductions
+    /// of pieces that fit, with autodiff through the pieces: pieces of the inner run when one
+    /// axis entry's run is over half a binding (their results side by side), else pieces of
+    /// the axis, whose results `join` combines.
+    fn reduce_in_pieces(
+        &self,
+        dim: usize,
+        reduce: &dyn Fn(&Tensor) -> Result<Tensor>,
+        join: &dyn Fn(Vec<Tensor>) -> Result<Tensor>,
+    ) -> Result<Tensor> {
+        let ctx = self
+            .device()
+            .gpu_context()
+            .expect("only GPU slabs are split");
+        let (outer, axis, inner) = split_at_dim(self.shape(), dim);
+        let x = self.reshape(&[outer, axis, inner])?;
+        let half = ctx.binding_limit() as usize / 2;
+        let pieces = |len: usize, row: usize| {
+            let align = ctx.binding_alignment().max(4) as usize;
+            let unit = align / gcd(row, align);
+            let piece = half / row;
+            if piece >= unit {
+                piece / unit * unit
+            } else {
+                piece.max(1)
+            }
+            .min(len)
+        };
+        let reduced = if inner * 4 > half {
+            let piece = pieces(inner, 4);
+            let parts = (0..inner)
+                .step_by(piece)
+                .map(|s| reduce(&x.narrow(2, s, piece.min(inner - s))?))
+                .collect::<Result<Vec<Tensor>>>()?;
+            Tensor::cat(&parts.iter().collect::<Vec<_>>(), 2)?
+        } else {
+            let piece = pieces(axis, inner * 4);
+            let parts = (0..axis)
+                .step_by(piece)
+                .map(|s| reduce(&x.narrow(1, s, piece.min(axis - s))?))
+                .collect::<Result<Vec<Tensor>>>()?;
+            join(parts)?
+        };
+        let mut out_shape = self.shape().to_vec();
+        out_shape[dim] = 1;
+        reduced.reshape(&out_shape)
     }
 
     /// Max over `dim`, removing it.

@@ -70,14 +70,8 @@ fn window<'a>(
     start: usize,
     span: usize,
 ) -> (View<'a>, u32) {
-    let align = ctx.binding_alignment().max(4) as usize;
-    let aligned = start * 4 / align * align;
-    let view = View::window(
-        buffer,
-        aligned as u64,
-        (start * 4 + span * 4 - aligned) as u64,
-    );
-    (view, ((start * 4 - aligned) / 4) as u32)
+    let (view, offset) = ops::window_at(ctx, buffer, start, span, 4);
+    (view, offset as u32)
 }
 
 /// The window of rows `[first, first + count)` of a buffer with `bytes` bytes per row.

@@ -1,14 +1,21 @@
 // Broadcasting binary ops. Operands are read through per-dimension strides of the output
-// shape (0 where an operand is broadcast). op: 0 add, 1 sub, 2 mul, 3 div.
+// shape (0 where an operand is broadcast) from an offset, and the output written through its
+// own strides from an offset: a tensor over one storage binding is computed a tile at a time,
+// each operand bound as the window its tile touches. op: 0 add, 1 sub, 2 mul, 3 div.
 
 struct Params {
     n: u32,
     rank: u32,
     op: u32,
-    _pad: u32,
+    a_offset: u32,
+    b_offset: u32,
+    out_offset: u32,
+    _pad0: u32,
+    _pad1: u32,
     out_shape: array<vec4<u32>, 2>,
     a_strides: array<vec4<u32>, 2>,
     b_strides: array<vec4<u32>, 2>,
+    out_strides: array<vec4<u32>, 2>,
 }
 
 @group(0) @binding(0) var<storage, read> a: array<f32>;
@@ -23,8 +30,9 @@ fn binary(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups
         return;
     }
     var rem = i;
-    var ai = 0u;
-    var bi = 0u;
+    var ai = p.a_offset;
+    var bi = p.b_offset;
+    var oi = p.out_offset;
     for (var d = i32(p.rank) - 1; d >= 0; d--) {
         let q = u32(d) / 4u;
         let r = u32(d) % 4u;
@@ -33,6 +41,7 @@ fn binary(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups
         rem = rem / size;
         ai += idx * p.a_strides[q][r];
         bi += idx * p.b_strides[q][r];
+        oi += idx * p.out_strides[q][r];
     }
     let x = a[ai];
     let y = b[bi];
@@ -43,5 +52,5 @@ fn binary(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups
         case 2u: { v = x * y; }
         default: { v = x / y; }
     }
-    out[i] = v;
+    out[oi] = v;
 }

@@ -75,10 +75,11 @@ impl ModelArgs {
     /// `--device cpu|auto`; with `--device gpu` only given `--budget`, as wgpu does not report
     /// device memory). GGUF files are not planned.
     pub fn preflight(&self, mut settings: PlanSettings) -> Result<()> {
-        if self.no_preflight || !self.model.is_dir() {
+        if self.no_preflight || !self.model.exists() {
             return Ok(());
         }
         let config = crate::plan_cmd::read_config(&self.model)?;
+        settings.checkpoint = crate::plan_cmd::checkpoint_of(&self.model)?;
         settings.precision = self.precision()?;
         settings.embeddings_f16 = self.embeddings_f16;
         if settings.lora_targets.is_empty() {

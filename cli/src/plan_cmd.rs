@@ -1,13 +1,17 @@
 //! `lathe plan`: the predicted peak memory of a job, by category, from a model's config.json
-//! alone (no weights read), and whether it fits a budget. The training and generation
+//! or GGUF metadata (no weights read; safetensors headers tell the stored dtype), and whether
+//! it fits a budget. The training and generation
 //! commands run the same check first ([`preflight`]) and refuse a run that will not fit.
 
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
+use lathe_core::safetensors::{SafetensorsFile, StoredDType};
 use lathe_models::config::ModelConfig;
+use lathe_models::gguf::GgufFile;
+use lathe_models::gguf_model::llama_config_from_gguf;
 use lathe_models::linear::Precision;
-use lathe_models::plan::{gib, plan, Job, MemoryPlan, PlanSettings};
+use lathe_models::plan::{gib, plan, Checkpoint, Job, MemoryPlan, PlanSettings};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum JobArg {
@@ -58,14 +62,63 @@ pub struct PlanArgs {
     pub budget: Option<String>,
 }
 
-/// The config.json of a model path (a directory or the file itself).
+/// The config of a model path: a directory's config.json, a config.json itself, or a GGUF
+/// file's metadata (its header only).
 pub fn read_config(model: &Path) -> Result<ModelConfig> {
+    if is_gguf(model) {
+        let file = GgufFile::open_header(model)?;
+        let config = llama_config_from_gguf(&file)
+            .with_context(|| format!("planning from {}", model.display()))?;
+        return Ok(ModelConfig::Llama(config));
+    }
     let path = if model.is_dir() {
         model.join("config.json")
     } else {
         model.to_path_buf()
     };
     ModelConfig::from_file(&path).with_context(|| format!("planning from {}", path.display()))
+}
+
+fn is_gguf(model: &Path) -> bool {
+    model.is_file()
+        && model
+            .extension()
+            .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
+}
+
+/// How the model at `model` is stored, for the plan of its loading: a GGUF file's size; the
+/// element size of a directory's first 2-D weight (from the shard headers only); f16 for a
+/// config.json alone.
+pub fn checkpoint_of(model: &Path) -> Result<Checkpoint> {
+    if is_gguf(model) {
+        let file_bytes = std::fs::metadata(model)?.len();
+        return Ok(Checkpoint::Gguf { file_bytes });
+    }
+    if !model.is_dir() {
+        return Ok(Checkpoint::Safetensors { elem_bytes: 2 });
+    }
+    let mut shards: Vec<_> = std::fs::read_dir(model)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
+        .collect();
+    shards.sort();
+    for shard in shards {
+        let file = SafetensorsFile::open(&shard)
+            .with_context(|| format!("reading the header of {}", shard.display()))?;
+        let weight = file.names().find_map(|name| {
+            file.info(name)
+                .filter(|(_, shape)| shape.len() == 2)
+                .map(|(dtype, _)| dtype)
+        });
+        let elem_bytes = match weight {
+            Some(StoredDType::F32) => 4,
+            Some(StoredDType::I8 | StoredDType::U8) => 1,
+            Some(_) => 2,
+            None => continue,
+        };
+        return Ok(Checkpoint::Safetensors { elem_bytes });
+    }
+    Ok(Checkpoint::Safetensors { elem_bytes: 2 })
 }
 
 /// The architecture's default LoRA targets (as `lathe sft` and `lathe ppo` pick them).
@@ -119,6 +172,16 @@ pub fn render(plan: &MemoryPlan) -> String {
     for (name, bytes) in plan.rows() {
         out.push_str(&format!("  {name:<12} {:>12}\n", gib(bytes)));
     }
+    let peak = if plan.loading > plan.working_set() {
+        "loading peaks above the run"
+    } else {
+        "the run peaks above loading"
+    };
+    out.push_str(&format!(
+        "  {:<12} {:>12}   (extra while loading; {peak})\n",
+        "loading",
+        gib(plan.loading)
+    ));
     out.push_str(&format!("  {:<12} {:>12}\n", "total", gib(plan.total())));
     out
 }
@@ -188,6 +251,7 @@ pub fn run(args: &PlanArgs) -> Result<()> {
             args.target_modules.clone()
         },
         gradient_checkpointing: !args.no_gradient_checkpointing,
+        checkpoint: checkpoint_of(&args.model)?,
     };
     let plan = plan(&config, &settings);
     println!(

@@ -231,6 +231,8 @@ pub struct GgufFile {
     alignment: u64,
     data_offset: usize,
     bytes: Vec<u8>,
+    /// Only the header was read ([`GgufFile::open_header`]): no tensor data.
+    header_only: bool,
 }
 
 impl GgufFile {
@@ -243,6 +245,59 @@ impl GgufFile {
             detail: format!("cannot read GGUF file: {e}"),
         })?;
         Self::from_bytes(shown, bytes)
+    }
+
+    /// Reads only the header of the file at `path` (metadata and tensor infos, from a prefix
+    /// of the file grown until they parse): a model's config and shapes without reading its
+    /// weights, for `lathe plan`. Tensor data cannot be read from the result.
+    pub fn open_header(path: impl AsRef<Path>) -> Result<Self> {
+        use std::io::Read;
+        let path = path.as_ref();
+        let shown = path.display().to_string();
+        let io_error = |e: std::io::Error| Error::File {
+            path: shown.clone(),
+            detail: format!("cannot read GGUF file: {e}"),
+        };
+        let len = std::fs::metadata(path).map_err(io_error)?.len();
+        let mut prefix = 8u64 << 20;
+        loop {
+            let take = prefix.min(len);
+            let mut bytes = Vec::new();
+            std::fs::File::open(path)
+                .map_err(io_error)?
+                .take(take)
+                .read_to_end(&mut bytes)
+                .map_err(io_error)?;
+            match parse_header(&bytes) {
+                Ok(p) => {
+                    let mut file = Self::from_parsed(shown, p, Vec::new());
+                    file.header_only = true;
+                    return Ok(file);
+                }
+                Err(_) if take < len => prefix = prefix.saturating_mul(4),
+                Err(detail) => {
+                    return Err(Error::File {
+                        path: shown,
+                        detail,
+                    })
+                }
+            }
+        }
+    }
+
+    fn from_parsed(path: String, p: Parsed, bytes: Vec<u8>) -> Self {
+        Self {
+            path,
+            version: p.version,
+            meta_index: index(&p.metadata, |(k, _)| k),
+            metadata: p.metadata,
+            tensor_index: index(&p.tensors, |t| &t.name),
+            tensors: p.tensors,
+            alignment: p.alignment,
+            data_offset: p.data_offset,
+            bytes,
+            header_only: false,
+        }
     }
 
     /// Parses GGUF bytes; `path` is only used in error messages.
@@ -259,6 +314,7 @@ impl GgufFile {
                 alignment: p.alignment,
                 data_offset: p.data_offset,
                 bytes,
+                header_only: false,
             }),
             Err(detail) => Err(Error::File { path, detail }),
         }
@@ -388,6 +444,9 @@ impl GgufFile {
     /// The raw bytes of tensor `name` (its GGML encoding), checked against the file size at
     /// open for the types lathe reads.
     pub fn tensor_bytes(&self, name: &str) -> Result<(&TensorInfo, GgmlType, &[u8])> {
+        if self.header_only {
+            return Err(self.tensor_error(name, "only the file's header was read".into()));
+        }
         let info = self
             .tensor_info(name)
             .ok_or_else(|| self.tensor_error(name, "no such tensor in the file".into()))?;
@@ -464,6 +523,25 @@ struct Parsed {
 
 /// Parses the whole file; errors are the detail text of an [`Error::File`].
 fn parse(bytes: &[u8]) -> std::result::Result<Parsed, String> {
+    let parsed = parse_header(bytes)?;
+    let (alignment, data_offset) = (parsed.alignment, parsed.data_offset);
+    if data_offset > bytes.len() {
+        return Err(format!(
+            "truncated: the tensor data section would start at byte {data_offset} (aligned to \
+             {alignment}), past the end of the {}-byte file",
+            bytes.len()
+        ));
+    }
+    let data_len = (bytes.len() - data_offset) as u64;
+    for t in &parsed.tensors {
+        check_tensor_extent(t, alignment, data_offset, data_len)?;
+    }
+    Ok(parsed)
+}
+
+/// Parses the header (metadata and tensor infos) at the start of `bytes`; the tensor data
+/// may lie beyond them.
+fn parse_header(bytes: &[u8]) -> std::result::Result<Parsed, String> {
     let mut r = Reader { bytes, pos: 0 };
     let magic = r.take(4).map_err(|_| {
         format!(
@@ -541,19 +619,7 @@ fn parse(bytes: &[u8]) -> std::result::Result<Parsed, String> {
 
     let data_offset = align_up(r.pos as u64, alignment)
         .and_then(|o| usize::try_from(o).ok())
-        .filter(|&o| o <= bytes.len())
-        .ok_or_else(|| {
-            format!(
-                "truncated: the tensor data section would start at byte {} (aligned to {alignment}), \
-                 past the end of the {}-byte file",
-                r.pos,
-                bytes.len()
-            )
-        })?;
-    let data_len = (bytes.len() - data_offset) as u64;
-    for t in &tensors {
-        check_tensor_extent(t, alignment, data_offset, data_len)?;
-    }
+        .ok_or_else(|| format!("the tensor data offset after byte {} overflows", r.pos))?;
     Ok(Parsed {
         version,
         metadata,

@@ -12,12 +12,13 @@
 //! untied, leaving lm_head random) unless given `tie_word_embeddings=True`.
 
 use std::path::Path;
+use std::sync::Arc;
 
 use lathe_core::{Device, Tensor};
 
 use crate::config::{LlamaConfig, TokenIds};
 use crate::gguf::GgufFile;
-use crate::hf::Weights;
+use crate::hf::{LoadOptions, Weights};
 use crate::llama::Llama;
 use crate::tokenizer::Tokenizer;
 use crate::{Error, Result};
@@ -189,18 +190,31 @@ pub fn load_llama_gguf(
     path: impl AsRef<Path>,
     device: &Device,
 ) -> Result<(Llama, LlamaConfig, Tokenizer)> {
-    let file = GgufFile::open(path)?;
+    load_llama_gguf_with(path, device, LoadOptions::default())
+}
+
+/// As [`load_llama_gguf`], each tensor dequantized when the model takes it and built at once
+/// in the form `options` asks for (int8 block weights, f16 embeddings): host memory while
+/// loading is the file, the model so far and one f32 tensor.
+pub fn load_llama_gguf_with(
+    path: impl AsRef<Path>,
+    device: &Device,
+    options: LoadOptions,
+) -> Result<(Llama, LlamaConfig, Tokenizer)> {
+    let file = Arc::new(GgufFile::open(path)?);
     let config = llama_config_from_gguf(&file)?;
     let tokenizer = Tokenizer::from_gguf(&file)?;
     tokenizer.check_fits(config.vocab_size)?;
     let mut weights = hf_weights(&file, &config, device)?;
+    weights.set_options(options);
     let model = Llama::from_weights(config.clone(), &mut weights)?;
     Ok((model, config, tokenizer))
 }
 
-/// Every tensor the model needs, dequantized, un-permuted and under its HF name, on the host
-/// (`Llama::from_weights` moves them to `device`).
-pub fn hf_weights(file: &GgufFile, config: &LlamaConfig, device: &Device) -> Result<Weights> {
+/// Every tensor the model needs under its HF name, dequantized and un-permuted when a model
+/// takes it (one tensor at a time: an int8 model never exists whole in f32). Missing and
+/// misshapen tensors are errors now, before anything is built.
+pub fn hf_weights(file: &Arc<GgufFile>, config: &LlamaConfig, device: &Device) -> Result<Weights> {
     let mut weights = Weights::new(file.path(), device);
     for (gguf_name, hf_name, shape, heads) in tensor_map(config) {
         let Some(info) = file.tensor_info(&gguf_name) else {
@@ -213,18 +227,22 @@ pub fn hf_weights(file: &GgufFile, config: &LlamaConfig, device: &Device) -> Res
                 format!("shape {:?}, expected {shape:?} (for {hf_name})", info.shape),
             ));
         }
-        let (_, mut values) = file.tensor_f32(&gguf_name)?;
-        if let Some(heads) = heads {
-            values = unpermute_rows(
-                &values,
-                heads,
-                shape[0] / heads,
-                shape[1..].iter().product(),
-            );
-        }
-        let tensor = Tensor::from_vec(values, &shape, &Device::Cpu)
-            .map_err(|e| tensor_error(file, &gguf_name, e.to_string()))?;
-        weights.insert(hf_name, tensor, file.path());
+        let source = file.clone();
+        let tensor_shape = shape.clone();
+        let make = move || {
+            let (_, mut values) = source.tensor_f32(&gguf_name)?;
+            if let Some(heads) = heads {
+                values = unpermute_rows(
+                    &values,
+                    heads,
+                    tensor_shape[0] / heads,
+                    tensor_shape[1..].iter().product(),
+                );
+            }
+            Tensor::from_vec(values, &tensor_shape, &Device::Cpu)
+                .map_err(|e| tensor_error(&source, &gguf_name, e.to_string()))
+        };
+        weights.insert_deferred(hf_name, shape, make, file.path());
     }
     Ok(weights)
 }

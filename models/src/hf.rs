@@ -47,6 +47,27 @@ pub struct LoadOptions {
 enum Source {
     Built(Tensor),
     Stored(Arc<SafetensorsFile>),
+    /// Built when taken (a GGUF tensor dequantized then): the shape is known up front.
+    Deferred(Deferred),
+}
+
+/// A tensor as [`Weights::remove`] hands it over: built, or still in its file.
+enum Taken {
+    Built(Tensor),
+    Stored(Arc<SafetensorsFile>),
+}
+
+/// A host f32 tensor made on demand, with its shape.
+#[derive(Clone)]
+pub struct Deferred {
+    shape: Vec<usize>,
+    make: Arc<dyn Fn() -> Result<Tensor> + Send + Sync>,
+}
+
+impl std::fmt::Debug for Deferred {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Deferred({:?})", self.shape)
+    }
 }
 
 /// Weight tensors by HF name, each remembering the file it came from, for errors that name
@@ -83,6 +104,23 @@ impl Weights {
     pub fn insert(&mut self, name: impl Into<String>, tensor: Tensor, file: &str) {
         self.tensors
             .insert(name.into(), (Source::Built(tensor), Arc::from(file)));
+    }
+
+    /// Adds a tensor of `shape` that `make` builds when a model takes it, so that a whole
+    /// checkpoint is never built at once (GGUF tensors are dequantized one at a time).
+    pub fn insert_deferred(
+        &mut self,
+        name: impl Into<String>,
+        shape: Vec<usize>,
+        make: impl Fn() -> Result<Tensor> + Send + Sync + 'static,
+        file: &str,
+    ) {
+        let deferred = Deferred {
+            shape,
+            make: Arc::new(make),
+        };
+        self.tensors
+            .insert(name.into(), (Source::Deferred(deferred), Arc::from(file)));
     }
 
     pub fn contains(&self, name: &str) -> bool {
@@ -151,7 +189,7 @@ impl Weights {
         let stored = |w: &Weights, n: &str, detail: &str| -> Result<Arc<SafetensorsFile>> {
             match w.tensors.get(n) {
                 Some((Source::Stored(f), _)) => Ok(f.clone()),
-                Some((Source::Built(_), file)) => Err(Error::Tensor {
+                Some((Source::Built(_) | Source::Deferred(_), file)) => Err(Error::Tensor {
                     path: file.to_string(),
                     tensor: n.to_string(),
                     detail: format!("{detail}: not read from a safetensors file"),
@@ -244,7 +282,7 @@ impl Weights {
     }
 
     /// Removes `name` from the store after checking its stored shape.
-    fn remove(&mut self, name: &str, shape: &[usize]) -> Result<(Source, Arc<str>)> {
+    fn remove(&mut self, name: &str, shape: &[usize]) -> Result<(Taken, Arc<str>)> {
         let Some((source, file)) = self.tensors.remove(name) else {
             return Err(Error::Tensor {
                 path: self.origin.clone(),
@@ -255,6 +293,7 @@ impl Weights {
         let stored = match &source {
             Source::Built(t) => t.shape().to_vec(),
             Source::Stored(f) => f.info(name).map(|(_, s)| s.to_vec()).unwrap_or_default(),
+            Source::Deferred(d) => d.shape.clone(),
         };
         if stored != shape {
             return Err(Error::Tensor {
@@ -263,7 +302,12 @@ impl Weights {
                 detail: format!("shape {stored:?}, expected {shape:?}"),
             });
         }
-        Ok((source, file))
+        let taken = match source {
+            Source::Built(t) => Taken::Built(t),
+            Source::Stored(f) => Taken::Stored(f),
+            Source::Deferred(d) => Taken::Built((d.make)()?),
+        };
+        Ok((taken, file))
     }
 
     /// Removes the tensor `name`, checks its shape and returns it as f32 on the store's device
@@ -281,8 +325,8 @@ impl Weights {
             detail,
         };
         let tensor = match source {
-            Source::Built(t) => t,
-            Source::Stored(f) if f.info(name).map(|(d, _)| d) == Some(StoredDType::I8) => {
+            Taken::Built(t) => t,
+            Taken::Stored(f) if f.info(name).map(|(d, _)| d) == Some(StoredDType::I8) => {
                 return Err(tensor_error(
                     "int8 (bitsandbytes) where lathe keeps a 16/32-bit tensor: only the \
                      linear layers of the transformer blocks may be int8 (an int8 embedding, \
@@ -290,7 +334,7 @@ impl Weights {
                         .into(),
                 ))
             }
-            Source::Stored(f) => f
+            Taken::Stored(f) => f
                 .read(name, &Device::Cpu)
                 .map_err(|e| tensor_error(e.to_string()))?,
         };
@@ -345,12 +389,12 @@ impl Weights {
             detail,
         };
         let weight = match source {
-            Source::Built(t) => Int8Weight::quantize(
+            Taken::Built(t) => Int8Weight::quantize(
                 &t.to_device(&Device::Cpu)
                     .map_err(|e| tensor_error(e.to_string()))?,
             )
             .map_err(|e| tensor_error(e.to_string()))?,
-            Source::Stored(f) => {
+            Taken::Stored(f) => {
                 let dtype = f.info(name).map(|(dtype, _)| dtype);
                 let (width, decode): (usize, fn(&[u8]) -> f32) = match dtype {
                     Some(StoredDType::F32) => (4, |b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),

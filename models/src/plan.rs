@@ -5,8 +5,12 @@
 //! (the same formulas the loaders and `Int8Weight::bytes` use). Activations, logits and
 //! scratch are estimates from what the autodiff keeps per token: every tensor a block saves
 //! for its backward (or, with gradient checkpointing, each block's input plus one block
-//! recomputed), the LM head's logits and their softmax, and the transient f32 copy of the
-//! largest weight being built while loading.
+//! recomputed), the LM head's logits and their softmax.
+//!
+//! Loading and running peak at different times: loading holds the weights built so far plus
+//! the tensor being built (its stored bytes or its f32 form; a GGUF file is held whole), the
+//! run holds the finished weights plus its working set. The total is the process's runtime
+//! plus the weights plus the larger of the two.
 
 use crate::config::ModelConfig;
 use crate::linear::Precision;
@@ -23,6 +27,20 @@ pub enum Job {
     /// PPO: generation for the rollout, then training on minibatches, plus a value head.
     Ppo,
 }
+
+/// How the checkpoint is stored: what loading holds beyond the weights built so far.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Checkpoint {
+    /// Safetensors shards, one tensor read at a time; bytes of one stored weight element
+    /// (2: f16 or bf16, 4: f32, 1: bitsandbytes int8).
+    Safetensors { elem_bytes: u64 },
+    /// A GGUF file: read whole and held while its tensors are dequantized one at a time.
+    Gguf { file_bytes: u64 },
+}
+
+/// What the `lathe` process holds besides the model and the run: its code, the tokenizer,
+/// thread stacks and allocator arenas (measured: 30-50 MiB on the CPU).
+pub const RUNTIME_BYTES: u64 = 48 << 20;
 
 /// The settings of a job that change its memory.
 #[derive(Clone, Debug, PartialEq)]
@@ -41,6 +59,7 @@ pub struct PlanSettings {
     /// Module names the adapters target (as peft's `target_modules`), e.g. `query_key_value`.
     pub lora_targets: Vec<String>,
     pub gradient_checkpointing: bool,
+    pub checkpoint: Checkpoint,
 }
 
 impl PlanSettings {
@@ -56,6 +75,7 @@ impl PlanSettings {
             lora_r: 0,
             lora_targets: Vec::new(),
             gradient_checkpointing: false,
+            checkpoint: Checkpoint::Safetensors { elem_bytes: 2 },
         }
     }
 }
@@ -63,6 +83,11 @@ impl PlanSettings {
 /// Predicted peak bytes by category.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct MemoryPlan {
+    /// The process itself ([`RUNTIME_BYTES`]).
+    pub runtime: u64,
+    /// What loading holds at its peak beyond the finished weights (0 when the last tensor
+    /// read is the largest thing loading ever adds).
+    pub loading: u64,
     pub weights: u64,
     pub adapters: u64,
     pub optimizer: u64,
@@ -73,9 +98,11 @@ pub struct MemoryPlan {
 }
 
 impl MemoryPlan {
-    /// Every category with its name, in a fixed order.
-    pub fn rows(&self) -> [(&'static str, u64); 7] {
+    /// Every category of the run with its name, in a fixed order (loading is apart: it
+    /// peaks before the run).
+    pub fn rows(&self) -> [(&'static str, u64); 8] {
         [
+            ("runtime", self.runtime),
             ("weights", self.weights),
             ("adapters", self.adapters),
             ("optimizer", self.optimizer),
@@ -86,8 +113,20 @@ impl MemoryPlan {
         ]
     }
 
+    /// The run's working set: everything the run adds to the finished weights.
+    pub fn working_set(&self) -> u64 {
+        self.adapters
+            + self.optimizer
+            + self.activations
+            + self.kv_cache
+            + self.logits
+            + self.scratch
+    }
+
+    /// The peak: runtime and weights, plus loading's extra or the run's working set,
+    /// whichever is larger.
     pub fn total(&self) -> u64 {
-        self.rows().iter().map(|(_, b)| b).sum()
+        self.runtime + self.weights + self.loading.max(self.working_set())
     }
 }
 
@@ -275,15 +314,12 @@ pub fn plan(config: &ModelConfig, s: &PlanSettings) -> MemoryPlan {
         Job::Sft => 2 * tb * t * d.vocab * f32b,
         Job::Ppo => 2 * b * t * d.vocab * f32b,
     };
-    // Loading builds one weight at a time: its stored bytes (f16) and, while it is widened or
-    // quantized, its f32 form or its int8 rows; the LM head's f16 product widens 4 MiB.
-    let largest = linears
-        .iter()
-        .map(|l| (l.out * l.input) as u64)
-        .max()
-        .unwrap_or(0);
-    let scratch = largest * 2 + (4 << 20);
+    // The run's transient buffers: the f16 LM head or an int8 weight widened 4 MiB at a time.
+    let scratch = 8 << 20;
+    let loading = loading_extra(&d, &linears, s, weights);
     MemoryPlan {
+        runtime: RUNTIME_BYTES,
+        loading,
         weights,
         adapters,
         optimizer,
@@ -292,6 +328,51 @@ pub fn plan(config: &ModelConfig, s: &PlanSettings) -> MemoryPlan {
         logits,
         scratch,
     }
+}
+
+/// Loading's peak beyond the finished `weights`: tensors are built in file order (the
+/// embedding, each block's linears, the final norm, the LM head), and while one is built the
+/// store holds those before it, the tensor's intermediate form and its final form; a GGUF
+/// file is held whole until the model is built.
+fn loading_extra(d: &Dims, linears: &[LinearShape], s: &PlanSettings, weights: u64) -> u64 {
+    let embed_final = if s.embeddings_f16 { 2 } else { 4 };
+    let linear_final = |n: u64| match s.precision {
+        Precision::F32 => 4 * n,
+        Precision::F16 => 2 * n,
+        Precision::Int8 { .. } => n,
+    };
+    // Bytes held while a tensor of n elements kept as `final_bytes` is built.
+    let transient = |n: u64, final_bytes: u64| match s.checkpoint {
+        // Read whole in its stored dtype; read straight into storage when that is the form.
+        Checkpoint::Safetensors { elem_bytes } if elem_bytes * n == final_bytes => 0,
+        Checkpoint::Safetensors { elem_bytes } => elem_bytes * n,
+        // Dequantized to f32 first.
+        Checkpoint::Gguf { .. } if 4 * n == final_bytes => 0,
+        Checkpoint::Gguf { .. } => 4 * n,
+    };
+    let mut order: Vec<(u64, u64)> = Vec::new();
+    let embedding = d.vocab * d.hidden;
+    order.push((embedding, embed_final * embedding));
+    for _ in 0..d.layers {
+        for l in linears {
+            let n = (l.out * l.input) as u64;
+            order.push((n, linear_final(n)));
+        }
+    }
+    if !d.tied {
+        order.push((embedding, embed_final * embedding));
+    }
+    let mut built = 0u64;
+    let mut peak = 0u64;
+    for (n, final_bytes) in order {
+        peak = peak.max(built + transient(n, final_bytes) + final_bytes);
+        built += final_bytes;
+    }
+    let file = match s.checkpoint {
+        Checkpoint::Gguf { file_bytes } => file_bytes,
+        Checkpoint::Safetensors { .. } => 0,
+    };
+    (peak + file).saturating_sub(weights)
 }
 
 /// Bytes as GiB with two decimals, for messages.
@@ -324,6 +405,7 @@ mod tests {
             lora_r: 16,
             lora_targets: vec!["query_key_value".into()],
             gradient_checkpointing: true,
+            checkpoint: Checkpoint::Safetensors { elem_bytes: 2 },
         }
     }
 

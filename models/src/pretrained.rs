@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use lathe_core::Device;
 
 use crate::config::ModelConfig;
-use crate::gguf_model::load_llama_gguf;
+use crate::gguf_model::load_llama_gguf_with;
 use crate::hf::{load_hf_dir_with, CausalLm, LoadOptions};
 use crate::tokenizer::Tokenizer;
 use crate::{Error, Result};
@@ -54,17 +54,8 @@ impl Pretrained {
             .extension()
             .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
         {
-            let (model, _, tokenizer) = load_llama_gguf(path, device)?;
-            let mut model = CausalLm::Llama(model);
-            match options.precision {
-                Precision::F32 => {}
-                Precision::F16 => model.to_f16()?,
-                Precision::Int8 { threshold } => model.quantize_int8(threshold)?,
-            }
-            if options.embeddings_f16 {
-                model.embeddings_to_f16()?;
-            }
-            (model, tokenizer)
+            let (model, _, tokenizer) = load_llama_gguf_with(path, device, options)?;
+            (CausalLm::Llama(model), tokenizer)
         } else if path.exists() {
             return Err(Error::File {
                 path: path.display().to_string(),

@@ -210,7 +210,10 @@ fn check_logits(fixture: &str, device: &Device) -> (f32, f32) {
         device.name(),
     );
     assert!(to_bnb <= TOLERANCE, "{fixture}: {to_bnb} > {TOLERANCE}");
-    assert!(to_ref <= LATHE_TOLERANCE, "{fixture}: {to_ref} > {LATHE_TOLERANCE}");
+    assert!(
+        to_ref <= LATHE_TOLERANCE,
+        "{fixture}: {to_ref} > {LATHE_TOLERANCE}"
+    );
     (to_bnb, to_ref)
 }
 

@@ -71,13 +71,7 @@ fn compare_devices(rows: usize, inn: usize, out: usize, planted: &[usize], t: f3
     compare_on(&test_gpu(), (rows, inn, out), planted, t, seed);
 }
 
-fn compare_on(
-    device: &Device,
-    dims: (usize, usize, usize),
-    planted: &[usize],
-    t: f32,
-    seed: u64,
-) {
+fn compare_on(device: &Device, dims: (usize, usize, usize), planted: &[usize], t: f32, seed: u64) {
     compare_variant_on(device, dims, planted, t, seed, Int8Variant::Lathe);
 }
 
@@ -590,7 +584,7 @@ proptest! {
 /// `int8_vectorwise_dequant` in _ops.py), its constants as the literals of that source.
 /// `cb` (out, cols) unpadded. Returns the trace it defines (y with the outlier products
 /// summed in ascending column order, where torch's addmm has its BLAS' order).
-#[allow(clippy::too_many_arguments)]
+#[allow(clippy::too_many_arguments, clippy::excessive_precision)] // bnb's literals as written
 fn reference_bnb(
     x: &[f32],
     rows: usize,
@@ -745,7 +739,13 @@ fn bnb_variant_edge_cases() {
     x[inn..2 * inn].fill(0.0);
     x[2 * inn + 3] = 1.0e5;
     x[3 * inn + 3] = -70000.0;
-    let layer = bnb_layer(&values(out * inn, 11, 0.2), &values(out, 13, 0.1), out, inn, 6.0);
+    let layer = bnb_layer(
+        &values(out * inn, 11, 0.2),
+        &values(out, 13, 0.1),
+        out,
+        inn,
+        6.0,
+    );
     check_bnb_reference(&layer, &x, rows);
     let t = layer
         .trace(
@@ -769,7 +769,13 @@ fn bnb_variant_edge_cases() {
         assert_traces_match(&g, &t);
     }
     let (rows, inn, out) = (17, 577, 101);
-    let layer = bnb_layer(&values(out * inn, 8, 0.1), &values(out, 9, 0.1), out, inn, 6.0);
+    let layer = bnb_layer(
+        &values(out * inn, 8, 0.1),
+        &values(out, 9, 0.1),
+        out,
+        inn,
+        6.0,
+    );
     let x = activations(rows, inn, 7, &[5, 300]);
     check_cpu_forms(&layer, &x, rows, inn);
     check_bnb_reference(&layer, &x, rows);

@@ -996,10 +996,10 @@ pub(crate) fn bnb_dequant(q: i8, scale: f32) -> f32 {
 }
 
 /// bitsandbytes 0.50.2's output stage (`int8_mixed_scaled_mm`: `int8_scaled_mm` then
-/// `addmm`): y[r, o] = (f32(acc) * (SCA[r] * SCB[o])) * [`BNB_MM_DEQUANT`] + bias[o], then
-/// + the sum over outlier columns of x[r, j] (f32, not rounded) * [`bnb_dequant`] of the
-/// weight, in f32. The products are summed from 0 in ascending column order and the sum
-/// added last; torch's addmm sums them in its BLAS' order, which can round differently
+/// `addmm`): y[r, o] = (f32(acc) * (SCA[r] * SCB[o])) * [`BNB_MM_DEQUANT`] + bias[o], to
+/// which is added the sum over outlier columns of x[r, j] (f32, not rounded) times the
+/// [`bnb_dequant`] weight, in f32. The products are summed from 0 in ascending column order
+/// and the sum added last; torch's addmm sums them in its BLAS' order, which can round differently
 /// (a few f32 ulps of the outlier part).
 pub(crate) fn epilogue_bnb(acc: &[i32], rows: usize, outs: usize, e: &Epilogue<'_>) -> Vec<f32> {
     let wo_t: Vec<f32> = e

@@ -21,10 +21,10 @@ pub enum Int8Variant {
     #[default]
     Lathe,
     /// bitsandbytes 0.50.2's CPU path (`MatMul8bitLt` in eval mode, backends/default/ops.py):
-    /// activations rounded to f16 before anything else, outlier *entries* |x_f16| >=
-    /// f16(threshold) (their columns are the outlier columns), the row absmax over the
-    /// non-outlier *entries*, dequantized with (acc * (SCA * SCB)) * 6.200124e-05, then
-    /// + bias, then + x (f32) @ ((CB * SCB) * f32(1/127))^T over the outlier columns, in f32.
+    /// activations rounded to f16 before anything else, outlier *entries* where |x_f16| is
+    /// at least f16(threshold) (their columns are the outlier columns), the row absmax over
+    /// the non-outlier *entries*, dequantized with (acc * (SCA * SCB)) * 6.200124e-05, plus
+    /// the bias, plus x (f32) @ ((CB * SCB) * f32(1/127))^T over the outlier columns, in f32.
     /// For weights stored by bitsandbytes (transformers' 8-bit checkpoints), whose logits it
     /// reproduces.
     Bitsandbytes,
@@ -35,8 +35,9 @@ pub enum Int8Variant {
 /// Forward, on CPU and GPU alike, in the [`Int8Variant::Lathe`] arithmetic: (a) outlier
 /// columns j with any |x[r, j]| >= threshold; (b) per row SCA[r] = max over the other columns
 /// of |x[r, j]|, CA = round_ties_even(x * (127 / SCA[r])) (0 in outlier columns); (c) int32
-/// acc = CA @ CB^T; (d) y = acc * SCA[r] * SCB[o] / 127^2 + sum over outliers of f16(x[r, j])
-/// * f16(dequant(W)[o, j]) (products and sums in f32) + bias. [`Int8Variant::Bitsandbytes`]
+/// acc = CA @ CB^T; (d) y = acc * SCA[r] * SCB[o] / 127^2 + sum over outliers of
+/// f16(x[r, j]) * f16(dequant(W)[o, j]) (products and sums in f32) + bias.
+/// [`Int8Variant::Bitsandbytes`]
 /// changes (a), (b) and (d) as its doc says. Backward, for both: dx = dy @ dequant(W) (no
 /// dW; the bias gets a gradient when it is a variable).
 #[derive(Clone, Debug)]
@@ -167,8 +168,7 @@ impl Int8Linear {
                     &self.weight,
                     x,
                     rows,
-                    self.threshold,
-                    self.variant,
+                    (self.threshold, self.variant),
                     bias.as_ref(),
                     form,
                     false,
@@ -197,8 +197,7 @@ impl Int8Linear {
                         &self.weight,
                         x,
                         rows,
-                        self.threshold,
-                        self.variant,
+                        (self.threshold, self.variant),
                         bias.as_ref(),
                         form,
                         acc,

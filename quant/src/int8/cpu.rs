@@ -208,8 +208,8 @@ pub(crate) fn outlier_columns(x: &[f32], rows: usize, cols: usize, threshold: f3
 /// f16 tensor with the threshold converted to f16) and the columns holding one are the
 /// outlier columns; each row's absmax is over the *other entries* (the small entries of an
 /// outlier column count) and the row is quantized as lathe does (`127 / absmax` in f32,
-/// round ties to even; f16 values are never below 2^-24, so [`MIN_SCALE`] only catches
-/// rows of zeros, where bnb's 0 * inf = NaN casts to 0 as well); then the outlier columns
+/// round ties to even; nonzero f16 magnitudes are never below 2^-24, so [`MIN_SCALE`] only
+/// catches rows of zeros, where bnb's 0 * inf = NaN casts to 0 as well); then the outlier columns
 /// are zeroed. bnb zeroes them only when rows > 1, but with one row every entry of an
 /// outlier column is itself an outlier, already zeroed before the quantization, so the
 /// result is the same. Returns (outlier columns ascending, padded int8 rows, row absmaxes).
@@ -999,8 +999,8 @@ pub(crate) fn bnb_dequant(q: i8, scale: f32) -> f32 {
 /// `addmm`): y[r, o] = (f32(acc) * (SCA[r] * SCB[o])) * [`BNB_MM_DEQUANT`] + bias[o], to
 /// which is added the sum over outlier columns of x[r, j] (f32, not rounded) times the
 /// [`bnb_dequant`] weight, in f32. The products are summed from 0 in ascending column order
-/// and the sum added last; torch's addmm sums them in its BLAS' order, which can round differently
-/// (a few f32 ulps of the outlier part).
+/// and the sum added last; torch's addmm sums them in its BLAS' order, which can differ in
+/// the last bits (the only step of bnb's forward not reproduced bit for bit).
 pub(crate) fn epilogue_bnb(acc: &[i32], rows: usize, outs: usize, e: &Epilogue<'_>) -> Vec<f32> {
     let wo_t: Vec<f32> = e
         .outliers

@@ -130,6 +130,42 @@ def lathe_int8_forward(self, x):
     return y.reshape(*shape[:-1], cb.shape[0])
 
 
+def bnb_int8_forward(self, x):
+    """bitsandbytes 0.50.2's eval-mode CPU forward (Linear8bitLt -> MatMul8bitLt ->
+    int8_vectorwise_quant, int8_mixed_scaled_mm) written out in plain torch: the definition
+    lathe's `Int8Variant::Bitsandbytes` follows (quant/src/int8/cpu.rs, int8.wgsl). x is cast
+    to f16; entries with |x_f16| >= threshold (compared in f16) are outliers, zeroed before
+    the row absmax; SCA = row absmax (f32); CA = round(x_f16 * (127 / SCA)) with the outlier
+    columns zeroed; y = (acc * (SCA * SCB)) * 6.200124e-05 + bias, then addmm of x[:, cols]
+    (f32) with (CB[:, cols] * SCB) * 7.874015718698502e-3. `build` checks that it gives
+    bnb's logits bit for bit; lathe sums the outlier products in column order where torch's
+    addmm has its BLAS' order (a few f32 ulps apart)."""
+    cb = self.weight.data
+    scb = getattr(self.weight, "SCB", None)
+    scb = self.state.SCB if scb is None else scb
+    threshold = self.state.threshold
+    shape = x.shape
+    a = x.reshape(-1, shape[-1]).float()
+    ah = a.half()
+    if threshold > 0:
+        entries = ah.abs() >= threshold
+        cols = entries.any(dim=0).nonzero().view(-1)
+        ah = ah.masked_fill(entries, 0)
+    else:
+        cols = torch.empty(0, dtype=torch.long)
+    sca = ah.abs().amax(dim=1).float()
+    ca = torch.round(ah * (127.0 / sca[:, None])).to(torch.int8)
+    ca[:, cols] = 0
+    acc = (ca.double() @ cb.double().t()).to(torch.int32)  # exact, as torch._int_mm
+    y = acc * (sca[:, None] * scb[None, :]) * 6.200124e-05
+    if self.bias is not None:
+        y += self.bias
+    if len(cols):
+        w = cb[:, cols] * scb.view(-1, 1) * 7.874015718698502e-3
+        y = y.addmm(a[:, cols], w.t())
+    return y.reshape(*shape[:-1], cb.shape[0])
+
+
 def count_outliers(model):
     """Hooks every Linear8bitLt: the distinct columns of its inputs with |x| >= threshold
     (in f16, as bnb tests them)."""
@@ -174,8 +210,13 @@ def build(name, model, seed, skip):
     try:
         with torch.no_grad():
             lathe_logits = q(input_ids=ids).logits.float().numpy()
+        bnb.nn.Linear8bitLt.forward = bnb_int8_forward
+        with torch.no_grad():
+            rederived = q(input_ids=ids).logits.float().numpy()
     finally:
         bnb.nn.Linear8bitLt.forward = bnb_forward
+    # The definition lathe's bitsandbytes variant follows is bnb's arithmetic, bit for bit.
+    assert np.array_equal(rederived, logits), float(np.abs(rederived - logits).max())
     gap = float(np.abs(lathe_logits - logits).max())
     assert sum(outliers) > 0, "no activation reached the outlier threshold"
     tensors = {

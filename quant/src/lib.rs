@@ -28,7 +28,7 @@
 pub mod gguf;
 pub mod int8;
 
-pub use int8::{Int8Linear, Int8Weight};
+pub use int8::{Int8Linear, Int8Variant, Int8Weight};
 
 /// Errors of lathe-quant.
 #[derive(Debug, thiserror::Error)]

@@ -1,12 +1,13 @@
 //! LLM.int8() on CPU and GPU: GPU == CPU (quantized activations and int32 accumulations
-//! exactly, outputs to 1e-5), both matmul forms, edge cases, bad input, the backward.
+//! exactly, outputs to 1e-5), both matmul forms, edge cases, bad input, the backward; the
+//! same for the bitsandbytes variant, and that variant against bitsandbytes' definition.
 
 use lathe_core::testing::{
     assert_close, assert_tensors_close, small_binding_gpu, test_gpu, Tolerance,
 };
 use lathe_core::{DType, Device, Tensor};
 use lathe_quant::int8::{Int8Form, Int8Trace};
-use lathe_quant::{Int8Linear, Int8Weight};
+use lathe_quant::{Int8Linear, Int8Variant, Int8Weight};
 use proptest::prelude::*;
 
 /// Deterministic pseudo-random values in [-scale, scale).
@@ -70,17 +71,23 @@ fn compare_devices(rows: usize, inn: usize, out: usize, planted: &[usize], t: f3
     compare_on(&test_gpu(), (rows, inn, out), planted, t, seed);
 }
 
-fn compare_on(
+fn compare_on(device: &Device, dims: (usize, usize, usize), planted: &[usize], t: f32, seed: u64) {
+    compare_variant_on(device, dims, planted, t, seed, Int8Variant::Lathe);
+}
+
+fn compare_variant_on(
     device: &Device,
     (rows, inn, out): (usize, usize, usize),
     planted: &[usize],
     t: f32,
     seed: u64,
+    variant: Int8Variant,
 ) {
     let w = values(out * inn, seed + 1, 0.1);
     let b = values(out, seed + 2, 0.5);
     let x = activations(rows, inn, seed, planted);
     let (cpu, gpu) = layers(device, &w, Some(&b), out, inn, t);
+    let (cpu, gpu) = (cpu.with_variant(variant), gpu.with_variant(variant));
     assert_eq!(
         gpu.weight.values().unwrap(),
         cpu.weight.values().unwrap(),
@@ -152,8 +159,13 @@ fn zero_rows_huge_values_and_all_outliers() {
     let mut x = values(rows * inn, 12, 1.0);
     x[inn..2 * inn].fill(0.0); // an all-zero input row
     x[3 * inn + 4] = 1.0e4; // a row with one huge value
-    for t in [6.0, 0.0, 1.0e-3] {
+    let variants = [Int8Variant::Lathe, Int8Variant::Bitsandbytes];
+    for (t, variant) in [6.0, 0.0, 1.0e-3]
+        .into_iter()
+        .flat_map(|t| variants.map(|v| (t, v)))
+    {
         let (cpu, gpu) = layers(&test_gpu(), &w, None, out, inn, t);
+        let (cpu, gpu) = (cpu.with_variant(variant), gpu.with_variant(variant));
         let scales = cpu.weight.scales().unwrap();
         assert_eq!(scales[2], 0.0);
         assert!(cpu.weight.values().unwrap()[2 * inn..3 * inn]
@@ -342,6 +354,11 @@ fn layers_over_a_storage_binding_are_computed_in_blocks() {
     compare_on(&small, (70, 129, 300), &[5, 100], 6.0, 3);
     compare_on(&small, (3, 500, 200), &[7], 6.0, 4);
     compare_on(&small, (40, 257, 67), &[], 0.0, 5);
+    // The bitsandbytes variant over the same blocks.
+    let bnb = Int8Variant::Bitsandbytes;
+    compare_variant_on(&small, (70, 129, 300), &[5, 100], 6.0, 3, bnb);
+    compare_variant_on(&small, (3, 500, 200), &[7], 6.0, 4, bnb);
+    compare_variant_on(&small, (40, 257, 67), &[], 0.0, 5, bnb);
     for (rows, inn, out) in [(70, 129, 300), (9, 500, 300)] {
         check_backward(rows, inn, out, &small);
     }
@@ -557,4 +574,247 @@ proptest! {
         }
         check_quantization(&w, rows, cols);
     }
+}
+
+// ---- the bitsandbytes variant ----
+
+/// bitsandbytes 0.50.2's eval-mode CPU forward, written from its source with scalars
+/// (`MatMul8bitLt.forward` in autograd/_functions.py; `int8_vectorwise_quant`,
+/// `int8_mixed_scaled_mm`, `int8_scaled_mm`, `int8_mm_dequant` in backends/default/ops.py;
+/// `int8_vectorwise_dequant` in _ops.py), its constants as the literals of that source.
+/// `cb` (out, cols) unpadded. Returns the trace it defines (y with the outlier products
+/// summed in ascending column order, where torch's addmm has its BLAS' order).
+#[allow(clippy::too_many_arguments, clippy::excessive_precision)] // bnb's literals as written
+fn reference_bnb(
+    x: &[f32],
+    rows: usize,
+    cols: usize,
+    cb: &[i8],
+    scb: &[f32],
+    bias: Option<&[f32]>,
+    out: usize,
+    threshold: f32,
+) -> Int8Trace {
+    use half::f16;
+    // A.to(torch.float16); `A.abs() >= threshold` compares in f16.
+    let mut a: Vec<f32> = x.iter().map(|&v| f16::from_f32(v).to_f32()).collect();
+    let t = f16::from_f32(threshold).to_f32();
+    let mut is_outlier_col = vec![false; cols];
+    if threshold > 0.0 {
+        for r in 0..rows {
+            for j in 0..cols {
+                if a[r * cols + j].abs() >= t {
+                    is_outlier_col[j] = true;
+                    a[r * cols + j] = 0.0; // A[outliers] = 0
+                }
+            }
+        }
+    }
+    let outliers: Vec<u32> = (0..cols as u32)
+        .filter(|&j| is_outlier_col[j as usize])
+        .collect();
+    let mut ca = vec![0i8; rows * cols];
+    let mut sca = vec![0f32; rows];
+    for r in 0..rows {
+        let row = &a[r * cols..(r + 1) * cols];
+        sca[r] = row.iter().fold(0f32, |m, v| m.max(v.abs()));
+        for j in 0..cols {
+            // round(A * (127 / row_stats)); a zero row gives 0 * inf = NaN, cast to 0.
+            let v = (row[j] * (127.0 / sca[r])).round_ties_even();
+            if !is_outlier_col[j] && !v.is_nan() {
+                ca[r * cols + j] = v as i8;
+            }
+        }
+    }
+    let mut acc = vec![0i32; rows * out];
+    let mut y = vec![0f32; rows * out];
+    for r in 0..rows {
+        for o in 0..out {
+            let s: i64 = (0..cols)
+                .map(|j| i64::from(ca[r * cols + j]) * i64::from(cb[o * cols + j]))
+                .sum();
+            let s = i32::try_from(s).expect("fits i32");
+            acc[r * out + o] = s;
+            let mut v = (s as f32 * (sca[r] * scb[o])) * 6.200124e-05_f32;
+            if let Some(b) = bias {
+                v += b[o];
+            }
+            let mut sub = 0f32;
+            for &j in &outliers {
+                let w = (f32::from(cb[o * cols + j as usize]) * scb[o]) * 7.874015718698502e-3_f32;
+                sub += x[r * cols + j as usize] * w;
+            }
+            y[r * out + o] = v + sub;
+        }
+    }
+    Int8Trace {
+        ca,
+        sca,
+        outliers,
+        acc,
+        y,
+    }
+}
+
+/// The CPU's bitsandbytes variant against [`reference_bnb`]: outliers, scales, int8 values
+/// and int32 sums exactly, outputs to 1e-6 of their scale (the f32 order of one sum).
+fn check_bnb_reference(layer: &Int8Linear, x: &[f32], rows: usize) {
+    let (out, inn) = (layer.weight.out_features(), layer.weight.in_features());
+    let bias = layer.bias.as_ref().map(|b| b.to_vec_f32().unwrap());
+    let want = reference_bnb(
+        x,
+        rows,
+        inn,
+        &layer.weight.values().unwrap(),
+        &layer.weight.scales().unwrap(),
+        bias.as_deref(),
+        out,
+        layer.threshold,
+    );
+    let xc = Tensor::from_slice(x, &[rows, inn], &Device::Cpu).unwrap();
+    for form in [Int8Form::Auto, Int8Form::Gemm] {
+        let got = layer.trace(&xc, form).unwrap();
+        assert_eq!(got.outliers, want.outliers, "outlier columns");
+        assert_eq!(got.sca, want.sca, "activation scales");
+        assert_eq!(got.ca, want.ca, "quantized activations");
+        assert_eq!(got.acc, want.acc, "int32 accumulations");
+        let scale = want.y.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-6);
+        assert_close(&got.y, &want.y, Tolerance::new(1e-6 * scale, 1e-6));
+    }
+}
+
+fn bnb_layer(w: &[f32], b: &[f32], out: usize, inn: usize, t: f32) -> Int8Linear {
+    let wt = Tensor::from_slice(w, &[out, inn], &Device::Cpu).unwrap();
+    let bt = Tensor::from_slice(b, &[out], &Device::Cpu).unwrap();
+    Int8Linear::from_dense(&wt, Some(bt), t)
+        .unwrap()
+        .with_variant(Int8Variant::Bitsandbytes)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 16, .. ProptestConfig::default() })]
+
+    #[test]
+    fn bnb_variant_gpu_matches_cpu(
+        rows in 1usize..80,
+        inn in 1usize..300,
+        out in 1usize..140,
+        outliers in 0usize..4,
+        threshold in prop_oneof![Just(6.0f32), Just(0.0f32), Just(3.2995f32)],
+        seed in 0u64..1000,
+    ) {
+        let planted: Vec<usize> = (0..outliers.min(inn)).map(|k| (k * 37 + 5) % inn).collect();
+        let dims = (rows, inn, out);
+        compare_variant_on(&test_gpu(), dims, &planted, threshold, seed, Int8Variant::Bitsandbytes);
+    }
+
+    #[test]
+    fn bnb_variant_matches_its_definition(
+        rows in 1usize..40,
+        inn in 1usize..200,
+        out in 1usize..60,
+        outliers in 0usize..4,
+        threshold in prop_oneof![Just(6.0f32), Just(0.0f32), Just(3.2995f32)],
+        seed in 0u64..1000,
+    ) {
+        let planted: Vec<usize> = (0..outliers.min(inn)).map(|k| (k * 29 + 1) % inn).collect();
+        let layer = bnb_layer(&values(out * inn, seed + 1, 0.1), &values(out, seed + 2, 0.5), out, inn, threshold);
+        check_bnb_reference(&layer, &activations(rows, inn, seed, &planted), rows);
+    }
+}
+
+#[test]
+fn bnb_variant_edge_cases() {
+    // GEMV and GEMM forms, one row (bnb skips its column zeroing there), an all-zero row,
+    // values beyond f16 (65504: an outlier, through the f32 path), CPU row kernels.
+    let gpu = test_gpu();
+    let bnb = Int8Variant::Bitsandbytes;
+    compare_variant_on(&gpu, (3, 7, 5), &[], 6.0, 1, bnb);
+    compare_variant_on(&gpu, (65, 257, 67), &[3, 100], 6.0, 2, bnb);
+    compare_variant_on(&gpu, (1, 1, 1), &[], 6.0, 3, bnb);
+    compare_variant_on(&gpu, (2, 300, 3), &[0, 1, 2, 299], 6.0, 4, bnb);
+    compare_variant_on(&gpu, (1, 40, 9), &[4, 30], 6.0, 5, bnb);
+    let (rows, inn, out) = (4, 9, 6);
+    let mut x = values(rows * inn, 12, 1.0);
+    x[inn..2 * inn].fill(0.0);
+    x[2 * inn + 3] = 1.0e5;
+    x[3 * inn + 3] = -70000.0;
+    let layer = bnb_layer(
+        &values(out * inn, 11, 0.2),
+        &values(out, 13, 0.1),
+        out,
+        inn,
+        6.0,
+    );
+    check_bnb_reference(&layer, &x, rows);
+    let t = layer
+        .trace(
+            &Tensor::from_slice(&x, &[rows, inn], &Device::Cpu).unwrap(),
+            Int8Form::Auto,
+        )
+        .unwrap();
+    assert_eq!(t.outliers, [3]);
+    assert!(t.y.iter().all(|v| v.is_finite()), "{:?}", t.y);
+    let gl = layer.clone();
+    let gl = Int8Linear::new(
+        gl.weight.to_device(&gpu).unwrap(),
+        gl.bias.map(|b| b.to_device(&gpu).unwrap()),
+        6.0,
+    )
+    .unwrap()
+    .with_variant(bnb);
+    let xg = Tensor::from_slice(&x, &[rows, inn], &gpu).unwrap();
+    for form in [Int8Form::Gemm, Int8Form::Gemv] {
+        let g = gl.trace(&xg, form).unwrap();
+        assert_traces_match(&g, &t);
+    }
+    let (rows, inn, out) = (17, 577, 101);
+    let layer = bnb_layer(
+        &values(out * inn, 8, 0.1),
+        &values(out, 9, 0.1),
+        out,
+        inn,
+        6.0,
+    );
+    let x = activations(rows, inn, 7, &[5, 300]);
+    check_cpu_forms(&layer, &x, rows, inn);
+    check_bnb_reference(&layer, &x, rows);
+}
+
+#[test]
+fn bnb_variant_differs_from_lathe_where_bitsandbytes_does() {
+    // Row 1's absmax: lathe's is over the non-outlier columns, bitsandbytes' over the
+    // non-outlier entries, so column 0's 3.0 counts (column 0 is an outlier column through
+    // row 0's 7.0 only). 5.999 rounds to 6.0 in f16: an outlier for bitsandbytes, not for
+    // lathe. Row 2: 0.098422 * 127 = 12.4996 -> 12 for lathe; bitsandbytes quantizes its f16
+    // value 0.09845, 12.503 -> 13; and zeroes column 2, an outlier column.
+    let x = [
+        7.0f32, 1.0, 2.0, 0.5, //
+        3.0, 1.5, 5.999, -2.5, //
+        0.0, 0.098422, 1.0, 0.25,
+    ];
+    let (rows, inn, out) = (3, 4, 2);
+    let w = Tensor::from_slice(&values(out * inn, 3, 0.5), &[out, inn], &Device::Cpu).unwrap();
+    let lathe = Int8Linear::from_dense(&w, None, 6.0).unwrap();
+    let bnb = lathe.clone().with_variant(Int8Variant::Bitsandbytes);
+    assert_eq!(lathe.variant, Int8Variant::Lathe, "the default");
+    let xt = Tensor::from_slice(&x, &[rows, inn], &Device::Cpu).unwrap();
+    let tl = lathe.trace(&xt, Int8Form::Auto).unwrap();
+    let tb = bnb.trace(&xt, Int8Form::Auto).unwrap();
+    assert_eq!(tl.outliers, [0]);
+    assert_eq!(tb.outliers, [0, 2]);
+    assert_eq!(tl.sca, [2.0, 5.999, 1.0]);
+    assert_eq!(tb.sca, [2.0, 3.0, 1.0]);
+    assert_eq!(tl.ca[8..], [0, 12, 127, 32]);
+    assert_eq!(tb.ca[8..], [0, 13, 0, 32]);
+    let gpu = test_gpu();
+    let to_gpu = |l: &Int8Linear| {
+        Int8Linear::new(l.weight.to_device(&gpu).unwrap(), None, 6.0)
+            .unwrap()
+            .with_variant(l.variant)
+    };
+    let xg = xt.to_device(&gpu).unwrap();
+    assert_traces_match(&to_gpu(&lathe).trace(&xg, Int8Form::Auto).unwrap(), &tl);
+    assert_traces_match(&to_gpu(&bnb).trace(&xg, Int8Form::Auto).unwrap(), &tb);
+    check_bnb_reference(&bnb, &x, rows);
 }

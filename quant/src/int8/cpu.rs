@@ -37,11 +37,33 @@ pub(crate) fn quantize_rows(
     cols: usize,
     skip: Option<&[bool]>,
 ) -> (Vec<i8>, Vec<f32>) {
+    quantize_rows_over(x, rows, cols, skip, MaxOver::Kept)
+}
+
+/// Which entries of a row its absmax is taken over.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum MaxOver {
+    /// The columns not skipped (lathe's variant).
+    Kept,
+    /// Every column (bitsandbytes' variant: its caller has zeroed the outlier entries, so
+    /// this is the max over the non-outlier *entries*, skipped columns included).
+    All,
+}
+
+/// [`quantize_rows`] with the absmax taken over `over`; skipped columns quantize to 0
+/// either way.
+pub(crate) fn quantize_rows_over(
+    x: &[f32],
+    rows: usize,
+    cols: usize,
+    skip: Option<&[bool]>,
+    over: MaxOver,
+) -> (Vec<i8>, Vec<f32>) {
     let stride = padded(cols);
     let mut q = vec![0i8; rows * stride];
     let mut scales = vec![0f32; rows];
     let work = |(r, (qrow, scale)): (usize, (&mut [i8], &mut f32))| {
-        *scale = quantize_row(&x[r * cols..(r + 1) * cols], skip, &mut qrow[..cols]);
+        *scale = quantize_row(&x[r * cols..(r + 1) * cols], skip, over, &mut qrow[..cols]);
     };
     if rows * cols >= 1 << 14 {
         q.par_chunks_mut(stride.max(1))
@@ -75,7 +97,7 @@ pub(crate) fn quantize_rows_with(
             || vec![0f32; cols],
             |row, (r, (qrow, scale))| {
                 fill(r, row);
-                *scale = quantize_row(row, None, &mut qrow[..cols]);
+                *scale = quantize_row(row, None, MaxOver::Kept, &mut qrow[..cols]);
             },
         );
     (q, scales)
@@ -83,21 +105,21 @@ pub(crate) fn quantize_rows_with(
 
 /// One row of [`quantize_rows`]; returns its absmax. AVX2 when the CPU has it (the same
 /// code, wider vectors).
-fn quantize_row(x: &[f32], skip: Option<&[bool]>, q: &mut [i8]) -> f32 {
+fn quantize_row(x: &[f32], skip: Option<&[bool]>, over: MaxOver, q: &mut [i8]) -> f32 {
     #[cfg(target_arch = "x86_64")]
     {
         if std::is_x86_feature_detected!("avx2") {
             // SAFETY: the CPU supports AVX2 (checked just above).
-            return unsafe { quantize_row_avx2(x, skip, q) };
+            return unsafe { quantize_row_avx2(x, skip, over, q) };
         }
     }
-    quantize_row_body(x, skip, q)
+    quantize_row_body(x, skip, over, q)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-unsafe fn quantize_row_avx2(x: &[f32], skip: Option<&[bool]>, q: &mut [i8]) -> f32 {
-    quantize_row_body(x, skip, q)
+unsafe fn quantize_row_avx2(x: &[f32], skip: Option<&[bool]>, over: MaxOver, q: &mut [i8]) -> f32 {
+    quantize_row_body(x, skip, over, q)
 }
 
 /// 1.5 * 2^23: for |y| <= 2^22, `(y + ROUND_MAGIC) - ROUND_MAGIC` is `round_ties_even(y)`
@@ -112,25 +134,36 @@ const ROUND_BITS: i32 = 0x4B40_0000;
 /// Bit-identical to `(x * inv).round_ties_even().clamp(-127, 127) as i8` (NaN -> 0) with the
 /// max of |x| (NaN ignored) over the kept columns.
 #[inline(always)]
-fn quantize_row_body(x: &[f32], skip: Option<&[bool]>, q: &mut [i8]) -> f32 {
-    match skip {
-        None => quantize_kept(x, |_| true, q),
-        Some(s) => {
+fn quantize_row_body(x: &[f32], skip: Option<&[bool]>, over: MaxOver, q: &mut [i8]) -> f32 {
+    match (skip, over) {
+        (None, _) => quantize_kept(x, |_| true, |_| true, q),
+        (Some(s), MaxOver::Kept) => {
             let s = &s[..x.len()];
-            quantize_kept(x, |j| !s[j], q)
+            quantize_kept(x, |j| !s[j], |j| !s[j], q)
+        }
+        (Some(s), MaxOver::All) => {
+            let s = &s[..x.len()];
+            quantize_kept(x, |_| true, |j| !s[j], q)
         }
     }
 }
 
+/// Quantizes the entries `keep` accepts (0 elsewhere) with the absmax of those `in_max`
+/// accepts.
 #[inline(always)]
-fn quantize_kept(x: &[f32], keep: impl Fn(usize) -> bool, q: &mut [i8]) -> f32 {
+fn quantize_kept(
+    x: &[f32],
+    in_max: impl Fn(usize) -> bool,
+    keep: impl Fn(usize) -> bool,
+    q: &mut [i8],
+) -> f32 {
     // The max as 16 independent lanes; `a > m` ignores NaN like `f32::max` (m is never NaN),
     // and the max of a set does not depend on the order.
     let mut lanes = [0f32; 16];
     let mut chunks = x.chunks_exact(16);
     for (c, chunk) in (&mut chunks).enumerate() {
         for l in 0..16 {
-            let a = if keep(c * 16 + l) {
+            let a = if in_max(c * 16 + l) {
                 chunk[l].abs()
             } else {
                 0.0
@@ -140,7 +173,7 @@ fn quantize_kept(x: &[f32], keep: impl Fn(usize) -> bool, q: &mut [i8]) -> f32 {
     }
     let body = x.len() - chunks.remainder().len();
     for (l, &v) in chunks.remainder().iter().enumerate() {
-        let a = if keep(body + l) { v.abs() } else { 0.0 };
+        let a = if in_max(body + l) { v.abs() } else { 0.0 };
         lanes[l] = if a > lanes[l] { a } else { lanes[l] };
     }
     let max = lanes.iter().fold(0f32, |m, &a| if a > m { a } else { m });
@@ -167,6 +200,48 @@ pub(crate) fn outlier_columns(x: &[f32], rows: usize, cols: usize, threshold: f3
         }
     }
     (0..cols as u32).filter(|&j| flags[j as usize]).collect()
+}
+
+/// bitsandbytes 0.50.2's `int8_vectorwise_quant` of the activations (backends/default/ops.py,
+/// which `MatMul8bitLt` calls on `A.to(float16)`): x is rounded to f16 first; with a
+/// threshold > 0 the entries with |x_f16| >= f16(threshold) are outliers (torch compares an
+/// f16 tensor with the threshold converted to f16) and the columns holding one are the
+/// outlier columns; each row's absmax is over the *other entries* (the small entries of an
+/// outlier column count) and the row is quantized as lathe does (`127 / absmax` in f32,
+/// round ties to even; nonzero f16 magnitudes are never below 2^-24, so [`MIN_SCALE`] only
+/// catches rows of zeros, where bnb's 0 * inf = NaN casts to 0 as well); then the outlier columns
+/// are zeroed. bnb zeroes them only when rows > 1, but with one row every entry of an
+/// outlier column is itself an outlier, already zeroed before the quantization, so the
+/// result is the same. Returns (outlier columns ascending, padded int8 rows, row absmaxes).
+pub(crate) fn bnb_quantize_activations(
+    x: &[f32],
+    rows: usize,
+    cols: usize,
+    threshold: f32,
+) -> (Vec<u32>, Vec<i8>, Vec<f32>) {
+    let n = rows * cols;
+    let mut xh = vec![0f32; n];
+    let round = |(d, &v): (&mut f32, &f32)| *d = round_f16(v);
+    if n >= 1 << 14 {
+        xh.par_iter_mut().zip(&x[..n]).for_each(round);
+    } else {
+        xh.iter_mut().zip(&x[..n]).for_each(round);
+    }
+    let mut skip = vec![false; cols];
+    if threshold > 0.0 {
+        let t = round_f16(threshold);
+        for row in xh.chunks_mut(cols.max(1)).take(rows) {
+            for (s, v) in skip.iter_mut().zip(row.iter_mut()) {
+                if v.abs() >= t {
+                    *s = true;
+                    *v = 0.0;
+                }
+            }
+        }
+    }
+    let outliers = (0..cols as u32).filter(|&j| skip[j as usize]).collect();
+    let (ca, sca) = quantize_rows_over(&xh, rows, cols, Some(&skip), MaxOver::All);
+    (outliers, ca, sca)
 }
 
 #[inline(always)]
@@ -896,6 +971,66 @@ pub(crate) fn epilogue(acc: &[i32], rows: usize, outs: usize, e: &Epilogue<'_>) 
         if let Some(b) = e.bias {
             for (yv, &bv) in yrow.iter_mut().zip(&b[..outs]) {
                 *yv += bv;
+            }
+        }
+    };
+    if rows * outs >= 1 << 14 {
+        y.par_chunks_mut(outs.max(1)).enumerate().for_each(work);
+    } else {
+        y.chunks_mut(outs.max(1)).enumerate().for_each(work);
+    }
+    y
+}
+
+/// bitsandbytes' `int8_mm_dequant` constant, 6.200124e-05 as torch rounds it to f32 (bits
+/// given so no parser rounds it differently): about 1 / 127^2, 1.8e-5 above it relatively.
+pub(crate) const BNB_MM_DEQUANT: f32 = f32::from_bits(0x3882_06aa);
+
+/// bitsandbytes' `int8_vectorwise_dequant` constant 7.874015718698502e-3 = f32(1 / 127): it
+/// multiplies where lathe divides by 127.
+pub(crate) const BNB_INV_127: f32 = f32::from_bits(0x3c01_0204);
+
+/// bitsandbytes' dequantized weight `(q * scale) * f32(1 / 127)` (two f32 products).
+pub(crate) fn bnb_dequant(q: i8, scale: f32) -> f32 {
+    (f32::from(q) * scale) * BNB_INV_127
+}
+
+/// bitsandbytes 0.50.2's output stage (`int8_mixed_scaled_mm`: `int8_scaled_mm` then
+/// `addmm`): y[r, o] = (f32(acc) * (SCA[r] * SCB[o])) * [`BNB_MM_DEQUANT`] + bias[o], to
+/// which is added the sum over outlier columns of x[r, j] (f32, not rounded) times the
+/// [`bnb_dequant`] weight, in f32. The products are summed from 0 in ascending column order
+/// and the sum added last; torch's addmm sums them in its BLAS' order, which can differ in
+/// the last bits (the only step of bnb's forward not reproduced bit for bit).
+pub(crate) fn epilogue_bnb(acc: &[i32], rows: usize, outs: usize, e: &Epilogue<'_>) -> Vec<f32> {
+    let wo_t: Vec<f32> = e
+        .outliers
+        .iter()
+        .flat_map(|&j| {
+            (0..outs).map(move |o| bnb_dequant(e.cb[o * e.stride + j as usize], e.scb[o]))
+        })
+        .collect();
+    let mut y = vec![0f32; rows * outs];
+    let work = |(r, yrow): (usize, &mut [f32])| {
+        let sca = e.sca[r];
+        let accrow = &acc[r * outs..(r + 1) * outs];
+        for (yv, (&a, &scb)) in yrow.iter_mut().zip(accrow.iter().zip(&e.scb[..outs])) {
+            *yv = (a as f32 * (sca * scb)) * BNB_MM_DEQUANT;
+        }
+        if let Some(b) = e.bias {
+            for (yv, &bv) in yrow.iter_mut().zip(&b[..outs]) {
+                *yv += bv;
+            }
+        }
+        if !e.outliers.is_empty() {
+            let mut sum = vec![0f32; outs];
+            for (&j, wcol) in e.outliers.iter().zip(wo_t.chunks(outs.max(1))) {
+                let xv = e.x[r * e.cols + j as usize];
+                for (s, &wv) in sum.iter_mut().zip(wcol) {
+                    *s += xv * wv;
+                }
+            }
+            for (yv, s) in yrow.iter_mut().zip(&sum) {
+                *yv += s;
             }
         }
     };

@@ -7,6 +7,7 @@ use lathe_core::Tensor;
 use lathe_shaders::{grid_1d, GpuBuffer, GpuContext, MemCategory, Shader, View};
 
 use super::cpu::{padded, Form};
+use super::linear::Int8Variant;
 use super::weight::{gpu_missing, Int8Weight, Packed};
 use crate::{Error, Result};
 
@@ -24,7 +25,9 @@ pub(crate) struct Params {
     pub y_stride: u32,
     pub y_offset: u32,
     pub accumulate: u32,
-    pub _pad: [u32; 2],
+    /// 0: [`Int8Variant::Lathe`], 1: [`Int8Variant::Bitsandbytes`] (activations and output).
+    pub variant: u32,
+    pub _pad: u32,
 }
 
 /// Outputs per block when a weight is split over bindings: backward_dx sums 16 outputs per
@@ -151,7 +154,7 @@ pub(crate) fn forward(
     weight: &Int8Weight,
     x: &Tensor,
     rows: usize,
-    threshold: f32,
+    (threshold, variant): (f32, Int8Variant),
     bias: Option<&Tensor>,
     form: Form,
     write_acc: bool,
@@ -169,6 +172,10 @@ pub(crate) fn forward(
         threshold,
         has_bias: bias.is_some() as u32,
         write_acc: write_acc as u32,
+        variant: match variant {
+            Int8Variant::Lathe => 0,
+            Int8Variant::Bitsandbytes => 1,
+        },
         ..Params::default()
     };
     let xb = buffer_of(x)?;

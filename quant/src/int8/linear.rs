@@ -7,20 +7,47 @@ use super::gpu;
 use super::weight::{Int8Weight, Packed};
 use crate::{Error, Result};
 
+/// Which arithmetic of LLM.int8()'s forward a layer follows. Both decompose the same way
+/// (outlier columns through a 16-bit-or-better path, the rest int8 with exact int32 sums);
+/// they differ in roundings that move an int8 activation by one step now and then, an
+/// error of the size of LLM.int8's own quantization noise, so a model matches a reference
+/// implementation's logits tightly only under that implementation's variant.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Int8Variant {
+    /// lathe's own (docs/REFERENCE.md §3, the CUDA kernels' roundings on the 16-bit path):
+    /// activations quantized from their f32 values, outlier columns where any
+    /// |x[r, j]| >= threshold, the row absmax over the non-outlier *columns*, dequantized with
+    /// acc * (SCA * SCB / 127^2), the outlier columns added as f16(x) * f16(dequant(W)).
+    #[default]
+    Lathe,
+    /// bitsandbytes 0.50.2's CPU path (`MatMul8bitLt` in eval mode, backends/default/ops.py):
+    /// activations rounded to f16 before anything else, outlier *entries* where |x_f16| is
+    /// at least f16(threshold) (their columns are the outlier columns), the row absmax over
+    /// the non-outlier *entries*, dequantized with (acc * (SCA * SCB)) * 6.200124e-05, plus
+    /// the bias, plus x (f32) @ ((CB * SCB) * f32(1/127))^T over the outlier columns, in f32.
+    /// For weights stored by bitsandbytes (transformers' 8-bit checkpoints), whose logits it
+    /// reproduces.
+    Bitsandbytes,
+}
+
 /// A linear layer with a frozen int8 weight.
 ///
-/// Forward, on CPU and GPU alike: (a) outlier columns j with any |x[r, j]| >= threshold;
-/// (b) per row SCA[r] = max over the other columns of |x[r, j]|, CA = round_ties_even(x *
-/// (127 / SCA[r])) (0 in outlier columns); (c) int32 acc = CA @ CB^T; (d) y = acc * SCA[r] *
-/// SCB[o] / 127^2 + sum over outliers of f16(x[r, j]) * f16(dequant(W)[o, j]) (products and
-/// sums in f32) + bias. Backward: dx = dy @ dequant(W) (no dW; the bias gets a gradient when
-/// it is a variable).
+/// Forward, on CPU and GPU alike, in the [`Int8Variant::Lathe`] arithmetic: (a) outlier
+/// columns j with any |x[r, j]| >= threshold; (b) per row SCA[r] = max over the other columns
+/// of |x[r, j]|, CA = round_ties_even(x * (127 / SCA[r])) (0 in outlier columns); (c) int32
+/// acc = CA @ CB^T; (d) y = acc * SCA[r] * SCB[o] / 127^2 + sum over outliers of
+/// f16(x[r, j]) * f16(dequant(W)[o, j]) (products and sums in f32) + bias. With
+/// [`Int8Variant::Bitsandbytes`], (a), (b) and (d) change as its doc says. Backward, for
+/// both: dx = dy @ dequant(W) (no dW; the bias gets a gradient when it is a variable).
 #[derive(Clone, Debug)]
 pub struct Int8Linear {
     pub weight: Int8Weight,
     pub bias: Option<Tensor>,
     /// Outlier threshold; 0 (or below) disables the decomposition (plain int8).
     pub threshold: f32,
+    /// The forward's arithmetic ([`Int8Variant::Lathe`] unless set with
+    /// [`Int8Linear::with_variant`]).
+    pub variant: Int8Variant,
 }
 
 /// Which matmul kernel a forward uses (test and bench hook). `Auto` picks, on a GPU, GEMV
@@ -100,7 +127,13 @@ impl Int8Linear {
             weight,
             bias,
             threshold,
+            variant: Int8Variant::Lathe,
         })
+    }
+
+    /// This layer computing its forward in the `variant` arithmetic.
+    pub fn with_variant(self, variant: Int8Variant) -> Int8Linear {
+        Int8Linear { variant, ..self }
     }
 
     /// Quantizes a dense weight (out, in) and wraps it.
@@ -134,7 +167,7 @@ impl Int8Linear {
                     &self.weight,
                     x,
                     rows,
-                    self.threshold,
+                    (self.threshold, self.variant),
                     bias.as_ref(),
                     form,
                     false,
@@ -163,7 +196,7 @@ impl Int8Linear {
                         &self.weight,
                         x,
                         rows,
-                        self.threshold,
+                        (self.threshold, self.variant),
                         bias.as_ref(),
                         form,
                         acc,
@@ -234,33 +267,40 @@ impl Int8Linear {
             return Err(super::weight::gpu_missing());
         };
         let xv = x.to_vec_f32()?;
-        let outliers = cpu::outlier_columns(&xv, rows, cols, self.threshold);
-        let mut skip = vec![false; cols];
-        for &j in &outliers {
-            skip[j as usize] = true;
-        }
-        let (ca, sca) = cpu::quantize_rows(&xv, rows, cols, Some(&skip));
+        let (outliers, ca, sca) = match self.variant {
+            Int8Variant::Lathe => {
+                let outliers = cpu::outlier_columns(&xv, rows, cols, self.threshold);
+                let mut skip = vec![false; cols];
+                for &j in &outliers {
+                    skip[j as usize] = true;
+                }
+                let (ca, sca) = cpu::quantize_rows(&xv, rows, cols, Some(&skip));
+                (outliers, ca, sca)
+            }
+            Int8Variant::Bitsandbytes => {
+                cpu::bnb_quantize_activations(&xv, rows, cols, self.threshold)
+            }
+        };
         let stride = cpu::padded(cols);
         let acc = match kernel {
             CpuKernel::Gemm => cpu::int8_matmul(&ca, cb, rows, outs, stride, Form::Gemm),
             CpuKernel::Rows(path) => cpu::int8_matmul_rows(&ca, cb, rows, outs, stride, path),
         };
         let bias = self.bias.as_ref().map(Tensor::to_vec_f32).transpose()?;
-        let y = cpu::epilogue(
-            &acc,
-            rows,
-            outs,
-            &Epilogue {
-                x: &xv,
-                cols,
-                sca: &sca,
-                cb,
-                scb,
-                stride,
-                outliers: &outliers,
-                bias: bias.as_deref(),
-            },
-        );
+        let epilogue = Epilogue {
+            x: &xv,
+            cols,
+            sca: &sca,
+            cb,
+            scb,
+            stride,
+            outliers: &outliers,
+            bias: bias.as_deref(),
+        };
+        let y = match self.variant {
+            Int8Variant::Lathe => cpu::epilogue(&acc, rows, outs, &epilogue),
+            Int8Variant::Bitsandbytes => cpu::epilogue_bnb(&acc, rows, outs, &epilogue),
+        };
         let trace = traced.then(|| Int8Trace {
             ca: (0..rows)
                 .flat_map(|r| ca[r * stride..r * stride + cols].iter().copied())
@@ -299,6 +339,15 @@ impl Int8Linear {
 /// dx (rows, in) = dy @ dequant(W) on the weight's device. REFERENCE §3 says bitsandbytes
 /// does this as a 16-bit matmul; we accumulate in f32 with f32 dequantized weights, the more
 /// precise choice (and the one the tests hold to 1e-5 against `dy @ W.dequantize()`).
+///
+/// The same for both [`Int8Variant`]s: bitsandbytes 0.50.2's `MatMul8bitLt.backward`
+/// (autograd/_functions.py) computes grad_A = grad_output.to(A.dtype) @ (CB.to(A.dtype) *
+/// (SCB * (1 / 127))), in the input's dtype, f32 for an f32 model: the same product with
+/// each weight dequantized as q * (scale * f32(1/127)) rather than (q * scale) / 127, at
+/// most an ulp apart, below the f32 GEMM's own summation-order rounding, which no two
+/// BLAS share anyway. (Its training-mode CPU forward is another matter: `bnb.matmul` takes
+/// `MatMul8bitFp`, a dense f32 matmul with the dequantized weight, when the module is in
+/// training mode on the CPU; the `Bitsandbytes` variant is its eval-mode `MatMul8bitLt`.)
 fn input_grad(weight: &Int8Weight, dy: &Tensor, rows: usize) -> Result<Tensor> {
     let shape = [rows, weight.in_features];
     match &weight.packed {

@@ -11,6 +11,14 @@
 // `/` may be off by 2.5 ulp, so the two divisions that feed a rounding (127 / absmax and
 // q * scale / 127) go through `div_rn`, a correctly rounded integer long division; the f32 ->
 // f16 rounding of the outlier path is done on the bits (`round_f16`), not left to the driver.
+//
+// Two arithmetics (`Params.variant`, lathe-quant's `Int8Variant`): 0 is lathe's own; 1 is
+// bitsandbytes 0.50.2's CPU one, for weights stored by bitsandbytes: the activations are
+// rounded to f16 (`round_f16`, bit-exact) before the outlier test and the quantization, an
+// entry |x_f16| >= f16(threshold) is an outlier (its column an outlier column), each row's
+// absmax is over the non-outlier *entries*, the output is (acc * (SCA * SCB)) * 6.200124e-05
+// + bias + x (f32) . (q * SCB) * f32(1/127) over the outlier columns: products only, no
+// division, so nothing more is needed for the quantized values to match the CPU's.
 
 struct Params {
     rows: u32,
@@ -29,7 +37,7 @@ struct Params {
     // from the stored value; blocks are multiples of 16 outputs, so the sum runs in the same
     // order as one pass). outlier_flags with accumulate only raises flags.
     accumulate: u32,
-    _pad0: u32,
+    variant: u32, // 0: lathe, 1: bitsandbytes
     _pad1: u32,
 }
 
@@ -37,6 +45,16 @@ const WG: u32 = 256u;
 // Rows whose absmax is below 2^-100 quantize to zeros (127 / absmax would overflow for
 // subnormals); the CPU path uses the same cut.
 const MIN_SCALE: f32 = 7.888609052210118e-31;
+// bitsandbytes' constants as torch rounds them to f32, by their bits (no literal rounding
+// left to the compiler): int8_mm_dequant's 6.200124e-05 and int8_vectorwise_dequant's
+// 7.874015718698502e-3 = f32(1 / 127).
+const BNB_MM_DEQUANT_BITS: u32 = 0x388206aau;
+const BNB_INV_127_BITS: u32 = 0x3c010204u;
+
+// Whether the entry `v` (f32) is an outlier of bitsandbytes' variant: |f16(v)| >= f16(t).
+fn bnb_outlier(v: f32, threshold: f32) -> bool {
+    return threshold > 0.0 && round_f16(abs(v)) >= round_f16(threshold);
+}
 
 // a / b rounded to nearest even, for finite a >= 0 (0 or normal) and normal b > 0 whose
 // quotient is normal. Long division of the 24-bit significands, 25 quotient bits + sticky.
@@ -106,6 +124,32 @@ fn quant4(v: vec4<f32>, inv: f32) -> u32 {
         | ((u32(q.w) & 0xffu) << 24u);
 }
 
+// The outlier path's operands: f16-rounded x and dequantized weight (lathe), or x as it is
+// and the weight dequantized as (q * scale) * f32(1/127) (bitsandbytes).
+fn outlier_x(x: f32, variant: u32) -> f32 {
+    if (variant != 0u) {
+        return x;
+    }
+    return round_f16(x);
+}
+
+fn outlier_w(q: i32, scale: f32, variant: u32) -> f32 {
+    if (variant != 0u) {
+        return (f32(q) * scale) * bitcast<f32>(BNB_INV_127_BITS);
+    }
+    return round_f16(dequant(q, scale));
+}
+
+// y from the int32 sum `a`, the scales, the outlier sum `fo` and the bias (0 without one):
+// lathe: a * (sca * scb / 127^2) + fo + bias; bitsandbytes: (a * (sca * scb)) * 6.200124e-05
+// + bias + fo (int8_scaled_mm, then addmm of the outlier columns).
+fn y_of(a: i32, sca: f32, scb: f32, fo: f32, bias: f32, variant: u32) -> f32 {
+    if (variant != 0u) {
+        return ((f32(a) * (sca * scb)) * bitcast<f32>(BNB_MM_DEQUANT_BITS) + bias) + fo;
+    }
+    return (f32(a) * (sca * scb / 16129.0) + fo) + bias;
+}
+
 // ---- outlier columns: flags[j] = 1 when any |x[r, j]| >= threshold (threshold > 0) ----
 
 @group(0) @binding(0) var<storage, read> fl_x: array<f32>;
@@ -121,7 +165,12 @@ fn outlier_flags(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_wor
     var flag = 0u;
     if (fl_p.threshold > 0.0) {
         for (var r = 0u; r < fl_p.rows; r++) {
-            if (abs(fl_x[r * fl_p.cols + j]) >= fl_p.threshold) {
+            let v = fl_x[r * fl_p.cols + j];
+            var outlier = abs(v) >= fl_p.threshold;
+            if (fl_p.variant != 0u) {
+                outlier = bnb_outlier(v, fl_p.threshold);
+            }
+            if (outlier) {
                 flag = 1u;
                 break;
             }
@@ -195,9 +244,16 @@ fn quantize_rows(
         return;
     }
     let base = r * qr_p.cols;
+    let bnb = qr_p.variant != 0u;
     var m = 0.0;
     for (var j = t; j < qr_p.cols; j += WG) {
-        if (qr_flags[j] == 0u) {
+        if (bnb) {
+            // bitsandbytes: f16 values, the max over the entries that are not outliers.
+            let v = round_f16(qr_x[base + j]);
+            if (!bnb_outlier(v, qr_p.threshold)) {
+                m = max(m, abs(v));
+            }
+        } else if (qr_flags[j] == 0u) {
             m = max(m, abs(qr_x[base + j]));
         }
     }
@@ -220,6 +276,9 @@ fn quantize_rows(
             let j = w * 4u + e;
             if (j < qr_p.cols && qr_flags[j] == 0u) {
                 v[e] = qr_x[base + j];
+                if (bnb) {
+                    v[e] = round_f16(v[e]);
+                }
             }
         }
         qr_q[r * qr_p.in4 + w] = quant4(v, inv);
@@ -311,12 +370,12 @@ fn gemm(
             if (k < count) {
                 let j = mm_list[1u + k];
                 if (row0 + rr < mm_p.rows) {
-                    xv = round_f16(mm_x[(row0 + rr) * mm_p.cols + j]);
+                    xv = outlier_x(mm_x[(row0 + rr) * mm_p.cols + j], mm_p.variant);
                 }
                 let o = out0 + rr;
                 if (o < mm_p.outs) {
                     let q = unpack_i8(mm_cb[o * in4 + j / 4u], j % 4u);
-                    wv = round_f16(dequant(q, mm_scb[o]));
+                    wv = outlier_w(q, mm_scb[o], mm_p.variant);
                 }
             }
             mm_xo[e] = xv;
@@ -345,10 +404,11 @@ fn gemm(
                 continue;
             }
             let a = acc[i * 4u + j];
-            var y = f32(a) * (mm_sca[r] * mm_scb[o] / 16129.0) + fo[i * 4u + j];
+            var bias = 0.0;
             if (mm_p.has_bias != 0u) {
-                y += mm_bias[o];
+                bias = mm_bias[o];
             }
+            var y = y_of(a, mm_sca[r], mm_scb[o], fo[i * 4u + j], bias, mm_p.variant);
             if (mm_p.write_acc != 0u) {
                 y = bitcast<f32>(a);
             }
@@ -399,9 +459,9 @@ fn gemv(
     let count = gv_list[0];
     for (var k = t; k < count; k += GV) {
         let j = gv_list[1u + k];
-        let wv = round_f16(dequant(unpack_i8(gv_cb[wbase + j / 4u], j % 4u), gv_scb[o]));
+        let wv = outlier_w(unpack_i8(gv_cb[wbase + j / 4u], j % 4u), gv_scb[o], gv_p.variant);
         for (var r = 0u; r < rows; r++) {
-            f[r] += round_f16(gv_x[r * gv_p.cols + j]) * wv;
+            f[r] += outlier_x(gv_x[r * gv_p.cols + j], gv_p.variant) * wv;
         }
     }
     gv_acc[t] = acc;
@@ -416,10 +476,11 @@ fn gemv(
     }
     if (t < rows) {
         let a = gv_acc[0][t];
-        var y = f32(a) * (gv_sca[t] * gv_scb[o] / 16129.0) + gv_f[0][t];
+        var bias = 0.0;
         if (gv_p.has_bias != 0u) {
-            y += gv_bias[o];
+            bias = gv_bias[o];
         }
+        var y = y_of(a, gv_sca[t], gv_scb[o], gv_f[0][t], bias, gv_p.variant);
         if (gv_p.write_acc != 0u) {
             y = bitcast<f32>(a);
         }

@@ -94,6 +94,7 @@ impl ModelArgs {
             (None, _) => return Ok(()),
         };
         let plan = lathe_models::plan::plan(&config, &settings);
+        eprintln!("{}", crate::plan_cmd::summary(&plan, budget));
         crate::plan_cmd::check_fits(&plan, &settings, budget)
             .with_context(|| format!("memory plan of {}", self.model.display()))
     }

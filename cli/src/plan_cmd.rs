@@ -186,6 +186,20 @@ pub fn render(plan: &MemoryPlan) -> String {
     out
 }
 
+/// One line on what the plan predicts, which commands print before loading (the bench parses
+/// its byte count to compare with the measured peak).
+pub fn summary(plan: &MemoryPlan, budget: u64) -> String {
+    format!(
+        "memory plan: {} peak ({} bytes: weights {}, loading {}, run {}), budget {}",
+        gib(plan.total()),
+        plan.total(),
+        gib(plan.weights),
+        gib(plan.loading),
+        gib(plan.working_set()),
+        gib(budget)
+    )
+}
+
 /// Refuses (before anything loads) a job whose predicted peak exceeds `budget`, with the
 /// plan's table and what to change.
 pub fn check_fits(plan: &MemoryPlan, settings: &PlanSettings, budget: u64) -> Result<()> {

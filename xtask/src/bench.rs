@@ -8,7 +8,7 @@ use lathe_core::{Device, Tensor};
 use lathe_shaders::AdapterChoice;
 
 use crate::report::{GpuSection, LedgerRow, Measurement, PeerSection, Report};
-use crate::{bench_generate, bench_int8, bench_ppo, bench_reward, bench_sft, peer};
+use crate::{bench_generate, bench_int8, bench_plan, bench_ppo, bench_reward, bench_sft, peer};
 
 #[derive(clap::Args, Debug)]
 pub struct BenchArgs {
@@ -24,7 +24,7 @@ pub struct BenchArgs {
     /// Skip the Python peers even when they are available.
     #[arg(long)]
     no_peer: bool,
-    /// Which sections to run (comma-separated): matmul, int8, generate.
+    /// Which sections to run (comma-separated): matmul, int8, generate, sft, ppo, reward, plan.
     #[arg(
         long,
         value_delimiter = ',',
@@ -47,6 +47,10 @@ pub enum Section {
     Ppo,
     /// Reward-model scoring texts/s, transformers peer (needs `cargo xtask assets`).
     Reward,
+    /// `lathe plan` against the measured peak resident memory of real runs (SmolLM2 and two
+    /// synthetic GPT-NeoX-20B-width shapes; writes ~8 GB of checkpoints to /tmp; not in the
+    /// default list).
+    Plan,
 }
 
 /// The interpreter of the trl peer: `LATHE_PEER_TRL_PYTHON`, else the pinned venv of
@@ -207,6 +211,23 @@ pub fn run(args: &BenchArgs) -> Result<()> {
                 markdown += &format!("\n## Reward scoring\n\nskipped: {e:#}\n");
                 json.insert(
                     "reward".into(),
+                    serde_json::json!({ "skipped": format!("{e:#}") }),
+                );
+            }
+        }
+    }
+
+    if args.sections.contains(&Section::Plan) {
+        match bench_plan::run() {
+            Ok(section) => {
+                markdown += &bench_plan::markdown(&section);
+                json.insert("plan".into(), serde_json::to_value(&section)?);
+            }
+            Err(e) => {
+                eprintln!("  plan: skipped ({e:#})");
+                markdown += &format!("\n## Memory plan\n\nskipped: {e:#}\n");
+                json.insert(
+                    "plan".into(),
                     serde_json::json!({ "skipped": format!("{e:#}") }),
                 );
             }

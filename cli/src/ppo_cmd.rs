@@ -360,6 +360,11 @@ pub fn train_with(
                 "ppo: {} already holds a finished run of {start} steps; nothing to do",
                 out.display()
             );
+            // The report is written after run.json: a failure in between (a full disk)
+            // left the run without it.
+            if !out.join("report.html").is_file() {
+                crate::report::write_report(out)?;
+            }
         } else {
             save_final(&trainer, &lora, file, &summary, out)?;
         }
@@ -487,12 +492,15 @@ fn save_final(
     summary: &PpoSummary,
     out: &Path,
 ) -> Result<()> {
-    trainer.model.save_lora(out, lora)?;
-    save_value_head(&trainer.value_head, &out.join(VALUE_HEAD_FILE))?;
-    crate::output::write_atomic(
-        &out.join("run.json"),
-        serde_json::to_string_pretty(&json!({ "config": file, "summary": summary }))?.as_bytes(),
-    )?;
+    crate::run_files::save_into(out, |dir| {
+        trainer.model.save_lora(dir, lora)?;
+        save_value_head(&trainer.value_head, &dir.join(VALUE_HEAD_FILE))?;
+        std::fs::write(
+            dir.join("run.json"),
+            serde_json::to_string_pretty(&json!({ "config": file, "summary": summary }))?,
+        )?;
+        Ok(())
+    })?;
     crate::report::write_report(out)
 }
 

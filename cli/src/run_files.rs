@@ -211,6 +211,34 @@ pub fn save_dir(out: &Path, name: &str, fill: impl FnOnce(&Path) -> Result<()>) 
     result.with_context(|| format!("saving {}", out.join(name).display()))
 }
 
+/// Writes a run's final files: `fill` writes them into a temporary folder inside `out`, and
+/// only when all are written are they renamed into `out` one by one (renames need no
+/// space). A failure (a full disk) removes the temporary folder and leaves `out`'s earlier
+/// files as they were, with no partial file or temporary left.
+pub fn save_into(out: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+    let temp = out.join(".final.lathe-tmp");
+    let _ = std::fs::remove_dir_all(&temp);
+    let result = std::fs::create_dir_all(&temp)
+        .with_context(|| format!("creating {}", temp.display()))
+        .and_then(|()| fill(&temp))
+        .and_then(|()| {
+            let mut names: Vec<_> = std::fs::read_dir(&temp)?
+                .filter_map(|e| e.ok())
+                .map(|e| e.file_name())
+                .collect();
+            // run.json last: it marks the run finished.
+            names.sort_by_key(|n| n == "run.json");
+            for name in names {
+                std::fs::rename(temp.join(&name), out.join(&name)).with_context(|| {
+                    format!("moving {} into {}", name.to_string_lossy(), out.display())
+                })?;
+            }
+            Ok(())
+        });
+    let _ = std::fs::remove_dir_all(&temp);
+    result.with_context(|| format!("saving the results in {}", out.display()))
+}
+
 /// Moves the complete folder `temp` to `target`, replacing what was there, so a crash leaves
 /// either the old folder or the new one (at worst as `<target>.old`, which a resume then
 /// uses: [`checkpoint_to_resume`]). A `<target>.old` is removed only once `target` exists to

@@ -690,11 +690,14 @@ fn save_final(
     summary: &SftSummary,
     out: &Path,
 ) -> Result<()> {
-    model.save_lora(out, lora_config)?;
-    crate::output::write_atomic(
-        &out.join("run.json"),
-        serde_json::to_string_pretty(&json!({ "config": config, "summary": summary }))?.as_bytes(),
-    )
+    crate::run_files::save_into(out, |dir| {
+        model.save_lora(dir, lora_config)?;
+        std::fs::write(
+            dir.join("run.json"),
+            serde_json::to_string_pretty(&json!({ "config": config, "summary": summary }))?,
+        )?;
+        Ok(())
+    })
 }
 
 /// The losses of the first `steps` steps, from a resumed run's `metrics.jsonl`.

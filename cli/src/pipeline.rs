@@ -262,6 +262,9 @@ pub fn run_pipeline(
             return Ok(());
         };
         let previous = out.join(format!("{name}.previous"));
+        let record = stage_record_path(out, name);
+        let previous_record = out.join(format!("{name}.previous.stage.json"));
+        let mut moved = false;
         let record_matches = std::fs::read_to_string(stage_record_path(out, name))
             .ok()
             .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
@@ -277,11 +280,16 @@ pub fn run_pipeline(
                 path.display()
             );
         } else if path.exists() {
-            // Kept until the stage finishes: a failed rerun loses nothing.
+            // Kept, with its record, until the stage finishes: a failed rerun puts them back.
             let _ = std::fs::remove_dir_all(&previous);
             std::fs::rename(&path, &previous).with_context(|| {
                 format!("moving {} aside to {}", path.display(), previous.display())
             })?;
+            moved = true;
+            if record.is_file() {
+                std::fs::rename(&record, &previous_record)
+                    .with_context(|| format!("moving {} aside", record.display()))?;
+            }
             eprintln!(
                 "== {name}: running again ({reason}); the earlier output is in {} until it \
                  finishes",
@@ -290,13 +298,28 @@ pub fn run_pipeline(
         } else {
             eprintln!("== {name}: running ({reason})");
         }
-        write_record(out, name, &want, "started")?;
         eprintln!("== {name}: running -> {}", path.display());
         let t = Instant::now();
-        work(&path).with_context(|| format!("stage {name}"))?;
-        outputs_parse(name, &path).with_context(|| format!("stage {name}"))?;
-        write_record(out, name, &want, "done")?;
+        let result = write_record(out, name, &want, "started")
+            .and_then(|()| work(&path))
+            .and_then(|()| outputs_parse(name, &path))
+            .and_then(|()| write_record(out, name, &want, "done"));
+        if let Err(e) = result {
+            if moved {
+                // Renames only, which need no space: this works on a full disk too.
+                let _ = std::fs::remove_dir_all(&path);
+                let _ = std::fs::remove_file(&record);
+                let _ = std::fs::rename(&previous, &path);
+                let _ = std::fs::rename(&previous_record, &record);
+                eprintln!(
+                    "== {name}: failed; the earlier output is back in {}",
+                    path.display()
+                );
+            }
+            return Err(e.context(format!("stage {name}")));
+        }
         let _ = std::fs::remove_dir_all(&previous);
+        let _ = std::fs::remove_file(&previous_record);
         let seconds = t.elapsed().as_secs_f64();
         eprintln!("== {name}: done in {seconds:.0} s");
         outcome.stages.push((name.into(), "ran".into(), seconds));
@@ -483,7 +506,7 @@ pub fn packaged_inputs(assets: &Path, data: &Path) -> Result<Inputs> {
             .iter()
             .map(|e| json!({ "text": e.text, "label": e.label }).to_string())
             .collect();
-        std::fs::write(&path, lines.join("\n") + "\n")?;
+        crate::output::write_atomic(&path, (lines.join("\n") + "\n").as_bytes())?;
         Ok(path)
     };
     let imdb_train = write("imdb_train.jsonl", &train)?;

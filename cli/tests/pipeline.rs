@@ -201,3 +201,72 @@ fn the_pipeline_reruns_stages_whose_settings_changed_or_whose_output_is_damaged(
     );
     assert_eq!(std::fs::read(&merged).unwrap(), bytes);
 }
+
+/// A rerun with changed settings on a full disk (a filled tmpfs; needs root, skipped with a
+/// message otherwise): the stage fails naming the full disk and the run folder is exactly as
+/// before (the earlier output and its record put back, no temporary left).
+#[test]
+fn a_stage_rerun_on_a_full_disk_keeps_the_earlier_run() {
+    let root = std::env::temp_dir().join(format!("lathe-pipeline-full-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    let inputs = tiny_inputs(&root.join("data"));
+    let out = root.join("run");
+    std::fs::create_dir_all(&out).unwrap();
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=16m", "tmpfs"])
+        .arg(&out)
+        .output();
+    if !mounted.as_ref().is_ok_and(|o| o.status.success()) {
+        println!("SKIPPED: cannot mount a tmpfs (the disk-full test needs root): {mounted:?}");
+        eprintln!("SKIPPED: cannot mount a tmpfs (the disk-full test needs root)");
+        return;
+    }
+    struct Unmount(PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let _unmount = Unmount(out.clone());
+    run_pipeline(&inputs, &tiny_settings(), &out, &Device::Cpu, false).unwrap();
+    let snapshot = |dir: &Path| -> Vec<(PathBuf, Vec<u8>)> {
+        let mut all = Vec::new();
+        let mut stack = vec![dir.to_path_buf()];
+        while let Some(d) = stack.pop() {
+            for e in std::fs::read_dir(&d).unwrap() {
+                let p = e.unwrap().path();
+                if p.file_name().is_some_and(|n| n == ".filler") {
+                    continue;
+                }
+                if p.is_dir() {
+                    stack.push(p.clone());
+                    all.push((p, Vec::new()));
+                } else {
+                    all.push((p.clone(), std::fs::read(&p).unwrap()));
+                }
+            }
+        }
+        all.sort();
+        all
+    };
+    // Fill the disk.
+    {
+        use std::io::Write;
+        let mut filler = std::fs::File::create(out.join(".filler")).unwrap();
+        for chunk in [1 << 16, 1 << 12, 1] {
+            let bytes = vec![0u8; chunk];
+            while filler.write_all(&bytes).is_ok() {}
+        }
+    }
+    let before = snapshot(&out);
+    let mut other = tiny_settings();
+    other.sft.lr = 1e-3;
+    let err = run_pipeline(&inputs, &other, &out, &Device::Cpu, false).unwrap_err();
+    let message = format!("{err:#}");
+    assert!(message.contains("No space left on device"), "{message}");
+    assert!(message.contains("stage sft"), "{message}");
+    assert!(
+        snapshot(&out) == before,
+        "the failed rerun changed the run folder: {message}"
+    );
+}

@@ -169,7 +169,9 @@ fn read_state(dir: &Path, out: &Path, file: &PpoFile) -> Result<TrainerState> {
     if state.step == 0 {
         return Err(bad("step 0 (a checkpoint is written after a step)".into()));
     }
-    if state.step > file.run.steps {
+    // Only a run of the same settings bounds the step (another step count under
+    // --resume-anyway is the resume check's to report).
+    if state.config == *file && state.step > file.run.steps {
         return Err(bad(format!(
             "step {} is beyond the run's {} steps",
             state.step, file.run.steps

@@ -339,7 +339,12 @@ pub fn blocks_fingerprint(blocks: &Blocks) -> String {
 /// Reads a checkpoint's trainer state and refuses one that no run of this code wrote (a
 /// hand edit, a damaged file): steps beyond the run, an optimizer step count that does not
 /// fit the step, a step metrics.jsonl never recorded.
-fn read_state(dir: &Path, out: &Path, total_steps: usize) -> Result<TrainerState> {
+fn read_state(
+    dir: &Path,
+    out: &Path,
+    config: &SftConfig,
+    total_steps: usize,
+) -> Result<TrainerState> {
     let path = dir.join(STATE_FILE);
     let state: TrainerState = serde_json::from_str(
         &std::fs::read_to_string(&path)
@@ -357,7 +362,9 @@ fn read_state(dir: &Path, out: &Path, total_steps: usize) -> Result<TrainerState
     if state.step == 0 {
         return Err(bad("step 0 (a checkpoint is written after a step)".into()));
     }
-    if state.step > total_steps {
+    // Only a run of the same settings bounds the step (another max_steps under
+    // --resume-anyway is the resume check's to report).
+    if state.config == *config && state.step > total_steps {
         return Err(bad(format!(
             "step {} is beyond the run's {total_steps} steps",
             state.step
@@ -473,7 +480,7 @@ pub fn train_stoppable(
     let checkpoint_dir = crate::run_files::checkpoint_to_resume(out, CHECKPOINT, STATE_FILE, "sft");
     let resume = checkpoint_dir.is_some();
     let (start_step, adam_state) = if let Some(checkpoint_dir) = &checkpoint_dir {
-        let state = read_state(checkpoint_dir, out, total_steps)?;
+        let state = read_state(checkpoint_dir, out, config, total_steps)?;
         crate::resume::check(
             "sft",
             checkpoint_dir,

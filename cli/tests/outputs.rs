@@ -483,3 +483,32 @@ fn merge_and_reward_train_on_a_full_disk_leave_nothing() {
         ]),
     );
 }
+
+/// `lathe report` on a full disk: the earlier report and plots stay, no temporary is left.
+#[test]
+fn report_on_a_full_disk_keeps_the_earlier_report() {
+    let Some(disk) = FullDisk::mount("report", 512) else {
+        return;
+    };
+    let run = disk.dir.join("run");
+    std::fs::create_dir_all(&run).unwrap();
+    let mut metrics = String::new();
+    let mut samples = String::new();
+    for step in 1..=3 {
+        metrics += &format!(
+            "{{\"step\": {step}, \"env/reward_mean\": {}, \"objective/kl\": 0.1}}\n",
+            step as f64 / 10.0
+        );
+        samples += &format!(
+            "{{\"step\": {step}, \"query\": \"a\", \"response\": \"b\", \"reward\": 0.5}}\n"
+        );
+    }
+    std::fs::write(run.join("metrics.jsonl"), metrics).unwrap();
+    std::fs::write(run.join("samples.jsonl"), samples).unwrap();
+    let argv = strings(&["report", &path(&run)]);
+    let first = lathe(&argv);
+    assert!(first.status.success(), "{}", stderr(&first));
+    assert!(run.join("report.html").is_file());
+    disk.fill();
+    fails_cleanly(&disk, &argv);
+}

@@ -123,6 +123,10 @@ pub fn evaluate<M: LanguageModel + ?Sized>(
 }
 
 pub fn run(args: &EvalArgs) -> Result<()> {
+    // A --out that cannot be written is refused before the text and the model are read.
+    if let Some(out) = &args.out {
+        crate::output::file_target(out)?;
+    }
     if args.batch_size == 0 {
         bail!("--batch-size must be at least 1");
     }

@@ -78,6 +78,10 @@ pub struct GenerateArgs {
 }
 
 pub fn run(args: &GenerateArgs) -> Result<()> {
+    // A --out that cannot be written is refused before the prompts and the model are read.
+    if let Some(out) = &args.out {
+        crate::output::file_target(out)?;
+    }
     let prompts = match &args.prompts_file {
         Some(path) => read_texts(path, &args.prompt_field)?,
         None if args.prompts.is_empty() => {

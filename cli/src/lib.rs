@@ -14,6 +14,7 @@ pub mod png;
 pub mod ppo_cmd;
 pub mod progress;
 pub mod report;
+pub mod resume;
 pub mod reward_cmd;
 pub mod reward_glue;
 pub mod run_files;

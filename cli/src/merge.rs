@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use lathe_core::Device;
 use lathe_lora::AdapterSwitch;
 use lathe_models::hf::save_hf_dir;
@@ -24,9 +24,7 @@ pub struct MergeArgs {
 
 /// Merges on the CPU in f32 (the weights are written in f32, as they were loaded).
 pub fn merge(model: &Path, adapter: &Path, out: &Path) -> Result<()> {
-    if out.exists() && std::fs::read_dir(out)?.next().is_some() {
-        bail!("{} exists and is not empty", out.display());
-    }
+    crate::output::check_new_dir(out)?;
     let mut pretrained = Pretrained::load(model, &Device::Cpu, Precision::F32)
         .with_context(|| format!("loading {}", model.display()))?;
     pretrained
@@ -36,25 +34,30 @@ pub fn merge(model: &Path, adapter: &Path, out: &Path) -> Result<()> {
     pretrained.model.merge_lora()?;
     let config = pretrained.model.config();
     let tensors = pretrained.model.named_weights()?;
-    save_hf_dir(out, &config, &tensors)?;
-    let tokenizer = &pretrained.tokenizer;
-    tokenizer
-        .inner()
-        .save(out.join("tokenizer.json"), false)
-        .map_err(|e| anyhow::anyhow!("writing tokenizer.json: {e}"))?;
-    let token = |id: Option<u32>| id.and_then(|i| tokenizer.id_to_token(i));
-    let tokenizer_config = serde_json::json!({
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "bos_token": token(tokenizer.bos_id()),
-        "eos_token": token(tokenizer.eos_id()),
-        "pad_token": token(tokenizer.pad_id()),
-        "clean_up_tokenization_spaces": false,
-    });
-    std::fs::write(
-        out.join("tokenizer_config.json"),
-        serde_json::to_string_pretty(&tokenizer_config)?,
-    )?;
-    Ok(())
+    // Every file goes into a temporary folder renamed to `out` once all are written: `out`
+    // is a whole model or nothing.
+    crate::output::build_dir(out, |dir| {
+        save_hf_dir(dir, &config, &tensors)?;
+        let tokenizer = &pretrained.tokenizer;
+        tokenizer
+            .inner()
+            .save(dir.join("tokenizer.json"), false)
+            .map_err(|e| anyhow::anyhow!("writing tokenizer.json: {e}"))?;
+        let token = |id: Option<u32>| id.and_then(|i| tokenizer.id_to_token(i));
+        let tokenizer_config = serde_json::json!({
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "bos_token": token(tokenizer.bos_id()),
+            "eos_token": token(tokenizer.eos_id()),
+            "pad_token": token(tokenizer.pad_id()),
+            "clean_up_tokenization_spaces": false,
+        });
+        std::fs::write(
+            dir.join("tokenizer_config.json"),
+            serde_json::to_string_pretty(&tokenizer_config)?,
+        )
+        .context("writing tokenizer_config.json")?;
+        Ok(())
+    })
 }
 
 pub fn run(args: &MergeArgs) -> Result<()> {

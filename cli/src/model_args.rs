@@ -70,6 +70,17 @@ impl ModelArgs {
         }
     }
 
+    /// The model's fingerprint as a training run records it for resuming: its files, the
+    /// precision it is loaded in, and an adapter merged into it.
+    pub fn fingerprint(&self, adapter: Option<&std::path::Path>) -> Result<String> {
+        let precision = format!(
+            "{:?} embeddings_f16={}",
+            self.precision()?,
+            self.embeddings_f16
+        );
+        crate::resume::model_fingerprint(&self.model, &precision, adapter)
+    }
+
     /// Plans the job's memory from the model's config.json and refuses it, before anything
     /// loads, when it will not fit the budget (`--budget`, else this machine's RAM for
     /// `--device cpu|auto`; with `--device gpu` only given `--budget`, as wgpu does not report

@@ -3,10 +3,16 @@
 //! causal LM on the IMDB sentences -> merge -> PPO towards positive reviews with a fresh LoRA
 //! on the merged model -> the HTML report.
 //!
-//! Each stage writes its own folder under the run directory and is skipped when that folder
-//! already holds a complete result (`--force` redoes everything); so a rerun finishes at
-//! once, and deleting one stage's folder redoes that stage. `manifest.json` records the
-//! versions, settings, seed, input hashes and what each stage did.
+//! Each stage writes its own folder under the run directory and records, in
+//! `<stage>.stage.json` beside it, the settings and input fingerprints it ran with. A stage
+//! is skipped only when that record says it finished with the settings and inputs of this
+//! run and its output files parse (not merely exist); otherwise it is run again, saying why
+//! (`--force` redoes everything). An earlier output being replaced is moved to
+//! `<stage>.previous` until the stage finishes, so a failed rerun does not lose it; an
+//! interrupted SFT or PPO stage with the same record resumes from its checkpoint. Inputs of
+//! later stages include the earlier stages' outputs, so a stage rerun that produced other
+//! files reruns what follows. `manifest.json` records the versions, settings, seed, input
+//! hashes and what each stage did.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
@@ -78,27 +84,106 @@ const SFT: &str = "sft";
 const MERGED: &str = "merged";
 const PPO: &str = "ppo";
 
-fn has_all(dir: &Path, files: &[&str]) -> bool {
-    files.iter().all(|f| dir.join(f).is_file())
+/// Checks that a stage's output files parse: JSON as JSON, safetensors by their header
+/// (validated as a whole-file parse), the report non-empty. The error names the first
+/// file that does not.
+fn outputs_parse(stage: &str, dir: &Path) -> Result<()> {
+    let (json, tensors, other): (&[&str], &[&str], &[&str]) = match stage {
+        REWARD | MERGED => (
+            &["config.json", "tokenizer.json"],
+            &["model.safetensors"],
+            &[],
+        ),
+        SFT => (
+            &["adapter_config.json", "run.json"],
+            &["adapter_model.safetensors"],
+            &[],
+        ),
+        _ => (
+            &["adapter_config.json", "run.json"],
+            &["adapter_model.safetensors", "value_head.safetensors"],
+            &["report.html"],
+        ),
+    };
+    for name in json {
+        let path = dir.join(name);
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("{} is missing", path.display()))?;
+        serde_json::from_str::<serde_json::Value>(&text)
+            .with_context(|| format!("{} does not parse", path.display()))?;
+    }
+    for name in tensors {
+        let path = dir.join(name);
+        lathe_core::safetensors::SafetensorsFile::open(&path)
+            .with_context(|| format!("{} does not parse", path.display()))?;
+    }
+    for name in other {
+        let path = dir.join(name);
+        if std::fs::metadata(&path).map_or(true, |m| m.len() == 0) {
+            bail!("{} is missing or empty", path.display());
+        }
+    }
+    Ok(())
 }
 
-fn stage_done(stage: &str, dir: &Path) -> bool {
-    match stage {
-        REWARD => has_all(dir, &["config.json", "model.safetensors", "tokenizer.json"]),
-        SFT => has_all(
-            dir,
-            &[
-                "adapter_config.json",
-                "adapter_model.safetensors",
-                "run.json",
-            ],
-        ),
-        MERGED => has_all(dir, &["config.json", "model.safetensors", "tokenizer.json"]),
-        _ => has_all(
-            dir,
-            &["run.json", "report.html", "adapter_model.safetensors"],
-        ),
+/// What a stage ran with: its settings and the fingerprints of what it read.
+fn stage_record_path(out: &Path, stage: &str) -> PathBuf {
+    out.join(format!("{stage}.stage.json"))
+}
+
+/// Why a stage cannot be skipped, or None when it can.
+fn why_rerun(out: &Path, stage: &str, want: &serde_json::Value) -> Option<String> {
+    let dir = out.join(stage);
+    let record: Option<serde_json::Value> = std::fs::read_to_string(stage_record_path(out, stage))
+        .ok()
+        .and_then(|t| serde_json::from_str(&t).ok());
+    let Some(record) = record else {
+        return Some(if dir.exists() {
+            "no record of the settings it ran with (an older lathe, or a damaged record)".into()
+        } else {
+            "not run yet".into()
+        });
+    };
+    if record["stage"] != *want {
+        let mut changed = Vec::new();
+        for key in ["settings", "inputs"] {
+            if let (Some(then), Some(now)) =
+                (record["stage"][key].as_object(), want[key].as_object())
+            {
+                let keys: std::collections::BTreeSet<&String> =
+                    then.keys().chain(now.keys()).collect();
+                for k in keys {
+                    if then.get(k) != now.get(k) {
+                        changed.push(format!("{key}.{k}"));
+                    }
+                }
+            }
+        }
+        return Some(format!("changed since it ran: {}", changed.join(", ")));
     }
+    if record["status"] != "done" {
+        return Some("it did not finish".into());
+    }
+    if let Err(e) = outputs_parse(stage, &dir) {
+        return Some(format!("its output is damaged: {e:#}"));
+    }
+    None
+}
+
+fn write_record(out: &Path, stage: &str, want: &serde_json::Value, status: &str) -> Result<()> {
+    crate::output::write_atomic(
+        &stage_record_path(out, stage),
+        serde_json::to_string_pretty(&json!({ "status": status, "stage": want }))?.as_bytes(),
+    )
+}
+
+/// The SFT stage's adapter (what merge reads): its two files, not its logs.
+fn adapter_fingerprint(sft: &Path) -> Result<String> {
+    let mut parts = String::new();
+    for name in ["adapter_config.json", "adapter_model.safetensors"] {
+        parts.push_str(&crate::resume::path_fingerprint(&sft.join(name))?);
+    }
+    Ok(crate::resume::bytes_fingerprint(parts.as_bytes()))
 }
 
 fn sha256_of(path: &Path) -> Result<String> {
@@ -159,33 +244,108 @@ pub fn run_pipeline(
     if force {
         for stage in [REWARD, SFT, MERGED, PPO] {
             let _ = std::fs::remove_dir_all(dir(stage));
+            let _ = std::fs::remove_file(stage_record_path(out, stage));
         }
     }
-    let mut stage = |name: &str, work: &mut dyn FnMut(&Path) -> Result<()>| -> Result<()> {
+    let mut stage = |name: &str,
+                     want: serde_json::Value,
+                     work: &mut dyn FnMut(&Path) -> Result<()>|
+     -> Result<()> {
         let path = dir(name);
-        if stage_done(name, &path) {
+        let Some(reason) = why_rerun(out, name, &want) else {
             eprintln!(
-                "== {name}: done already in {} (skipping; --force redoes it)",
+                "== {name}: done already in {} with these settings and inputs (skipping; \
+                 --force redoes it)",
                 path.display()
             );
             outcome.stages.push((name.into(), "skipped".into(), 0.0));
             return Ok(());
-        }
-        // A half-written folder from an interrupted run starts over (PPO keeps its
-        // checkpoint and resumes).
-        if name != PPO {
-            let _ = std::fs::remove_dir_all(&path);
+        };
+        let previous = out.join(format!("{name}.previous"));
+        let record = stage_record_path(out, name);
+        let previous_record = out.join(format!("{name}.previous.stage.json"));
+        let mut moved = false;
+        let record_matches = std::fs::read_to_string(stage_record_path(out, name))
+            .ok()
+            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+            .is_some_and(|r| r["stage"] == want);
+        if path.exists()
+            && record_matches
+            && (name == SFT || name == PPO)
+            && reason == "it did not finish"
+        {
+            // Same settings and inputs: the stage's own checkpoint resumes it.
+            eprintln!(
+                "== {name}: resuming the interrupted stage in {}",
+                path.display()
+            );
+        } else if path.exists() {
+            // Kept, with its record, until the stage finishes: a failed rerun puts them back.
+            let _ = std::fs::remove_dir_all(&previous);
+            std::fs::rename(&path, &previous).with_context(|| {
+                format!("moving {} aside to {}", path.display(), previous.display())
+            })?;
+            moved = true;
+            if record.is_file() {
+                std::fs::rename(&record, &previous_record)
+                    .with_context(|| format!("moving {} aside", record.display()))?;
+            }
+            eprintln!(
+                "== {name}: running again ({reason}); the earlier output is in {} until it \
+                 finishes",
+                previous.display()
+            );
+        } else {
+            eprintln!("== {name}: running ({reason})");
         }
         eprintln!("== {name}: running -> {}", path.display());
         let t = Instant::now();
-        work(&path).with_context(|| format!("stage {name}"))?;
+        let result = write_record(out, name, &want, "started")
+            .and_then(|()| work(&path))
+            .and_then(|()| outputs_parse(name, &path))
+            .and_then(|()| write_record(out, name, &want, "done"));
+        if let Err(e) = result {
+            if moved {
+                // Renames only, which need no space: this works on a full disk too.
+                let _ = std::fs::remove_dir_all(&path);
+                let _ = std::fs::remove_file(&record);
+                let _ = std::fs::rename(&previous, &path);
+                let _ = std::fs::rename(&previous_record, &record);
+                eprintln!(
+                    "== {name}: failed; the earlier output is back in {}",
+                    path.display()
+                );
+            }
+            return Err(e.context(format!("stage {name}")));
+        }
+        let _ = std::fs::remove_dir_all(&previous);
+        let _ = std::fs::remove_file(&previous_record);
         let seconds = t.elapsed().as_secs_f64();
         eprintln!("== {name}: done in {seconds:.0} s");
         outcome.stages.push((name.into(), "ran".into(), seconds));
         Ok(())
     };
+    let fp = |p: &Path| crate::resume::path_fingerprint(p);
+    let texts_fp = fp(&inputs.texts)?;
+    let model_fp = fp(&inputs.model)?;
+    let mut sft_config = settings.sft.clone();
+    sft_config.seed = settings.seed;
+    let mut ppo_file = settings.ppo.clone();
+    ppo_file.ppo.seed = settings.seed;
 
-    stage(REWARD, &mut |path| {
+    let mut reward_inputs = serde_json::Map::new();
+    reward_inputs.insert("encoder".into(), json!(fp(&inputs.encoder)?));
+    for (i, p) in inputs.reward_data.iter().enumerate() {
+        reward_inputs.insert(format!("data{i}"), json!(fp(p)?));
+    }
+    for (i, p) in inputs.reward_test.iter().enumerate() {
+        reward_inputs.insert(format!("test{i}"), json!(fp(p)?));
+    }
+    let reward_want = json!({
+        "settings": { "seed": settings.seed, "device": device.is_gpu() },
+        "inputs": reward_inputs,
+    });
+    stage(REWARD, reward_want, &mut |path| {
         #[derive(Parser)]
         struct Wrap {
             #[command(flatten)]
@@ -211,42 +371,75 @@ pub fn run_pipeline(
         crate::reward_cmd::run_train(&wrap.args, None)
     })?;
 
-    stage(SFT, &mut |path| {
+    let sft_want = json!({
+        "settings": { "sft": sft_config },
+        "inputs": { "model": model_fp, "texts": texts_fp },
+    });
+    stage(SFT, sft_want, &mut |path| {
         let texts = crate::texts::read_texts(&inputs.texts, "text")?;
         let mut pretrained = Pretrained::load(&inputs.model, device, Precision::F32)?;
-        let mut config = settings.sft.clone();
-        config.seed = settings.seed;
         let blocks = crate::sft::pack(
             &texts,
             &pretrained.tokenizer,
-            config.block_size,
-            config.eval_fraction,
+            sft_config.block_size,
+            sft_config.eval_fraction,
         )?;
-        crate::sft::train(&mut pretrained.model, &blocks, &config, path, device)?;
+        let options = crate::resume::ResumeOptions {
+            model: Some(crate::resume::model_fingerprint(
+                &inputs.model,
+                "F32",
+                None,
+            )?),
+            ..Default::default()
+        };
+        crate::sft::train_stoppable(
+            &mut pretrained.model,
+            &blocks,
+            &sft_config,
+            path,
+            device,
+            None,
+            None,
+            &options,
+        )?;
         Ok(())
     })?;
 
-    stage(MERGED, &mut |path| {
+    let merged_want = json!({
+        "settings": {},
+        "inputs": { "model": model_fp, "adapter": adapter_fingerprint(&dir(SFT))? },
+    });
+    stage(MERGED, merged_want, &mut |path| {
         crate::merge::merge(&inputs.model, &dir(SFT), path)
     })?;
 
     let mut ppo_summary = None;
-    stage(PPO, &mut |path| {
+    let merged_fp = fp(&dir(MERGED))?;
+    let reward_fp = fp(&dir(REWARD))?;
+    let ppo_want = json!({
+        "settings": { "ppo": ppo_file },
+        "inputs": { "merged": merged_fp, "reward": reward_fp, "texts": texts_fp },
+    });
+    stage(PPO, ppo_want, &mut |path| {
         let texts = crate::texts::read_texts(&inputs.texts, "text")?;
         let pretrained = Pretrained::load(&dir(MERGED), device, Precision::F32)?;
         let mut reward = crate::reward_glue::load_reward(&dir(REWARD), device)?;
-        let mut file = settings.ppo.clone();
-        file.ppo.seed = settings.seed;
-        let summary = crate::ppo_cmd::train(
+        let options = crate::resume::ResumeOptions {
+            model: Some(crate::resume::model_fingerprint(&dir(MERGED), "F32", None)?),
+            reward: Some(reward_fp.clone()),
+            anyway: false,
+        };
+        let summary = crate::ppo_cmd::train_with(
             pretrained.model,
             &pretrained.tokenizer,
             &texts,
             reward.as_mut(),
-            &file,
+            &ppo_file,
             path,
             device,
             &AtomicBool::new(false),
             None,
+            &options,
         )?;
         ppo_summary = Some(summary);
         Ok(())
@@ -266,13 +459,13 @@ pub fn run_pipeline(
             "texts": inputs.texts.display().to_string(),
         },
         "input_sha256": input_hashes(inputs)?,
-        "settings": { "sft": settings.sft, "ppo": settings.ppo },
+        "settings": { "sft": sft_config, "ppo": ppo_file },
         "stages": outcome.stages.iter().map(|(s, what, secs)| json!({"stage": s, "status": what, "seconds": secs})).collect::<Vec<_>>(),
         "total_seconds": started.elapsed().as_secs_f64(),
     });
-    std::fs::write(
-        out.join("manifest.json"),
-        serde_json::to_string_pretty(&manifest)?,
+    crate::output::write_atomic(
+        &out.join("manifest.json"),
+        serde_json::to_string_pretty(&manifest)?.as_bytes(),
     )?;
     Ok(outcome)
 }
@@ -313,7 +506,7 @@ pub fn packaged_inputs(assets: &Path, data: &Path) -> Result<Inputs> {
             .iter()
             .map(|e| json!({ "text": e.text, "label": e.label }).to_string())
             .collect();
-        std::fs::write(&path, lines.join("\n") + "\n")?;
+        crate::output::write_atomic(&path, (lines.join("\n") + "\n").as_bytes())?;
         Ok(path)
     };
     let imdb_train = write("imdb_train.jsonl", &train)?;

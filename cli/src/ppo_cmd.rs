@@ -140,6 +140,98 @@ struct TrainerState {
     adam_step: u64,
     kl: KlController,
     config: PpoFile,
+    /// The run's inputs; absent in checkpoints of older versions.
+    #[serde(default)]
+    inputs: Option<crate::resume::Fingerprints>,
+}
+
+const STATE_FILE: &str = "trainer_state.json";
+
+/// Reads a checkpoint's trainer state and refuses one that no run of `file` wrote (a hand
+/// edit, a damaged file): a step beyond the run, an optimizer step count no PPO step count
+/// gives, a KL coefficient that is negative or of another controller, a step
+/// metrics.jsonl never recorded.
+fn read_state(dir: &Path, out: &Path, file: &PpoFile) -> Result<TrainerState> {
+    let path = dir.join(STATE_FILE);
+    let state: TrainerState = serde_json::from_str(
+        &std::fs::read_to_string(&path)
+            .with_context(|| format!("reading the checkpoint state {}", path.display()))?,
+    )
+    .with_context(|| format!("parsing the checkpoint state {}", path.display()))?;
+    let bad = |detail: String| {
+        anyhow::anyhow!(
+            "{}: {detail}; the checkpoint state is damaged or edited by hand. Delete {} to \
+             start over",
+            path.display(),
+            dir.display()
+        )
+    };
+    if state.step == 0 {
+        return Err(bad("step 0 (a checkpoint is written after a step)".into()));
+    }
+    // Only a run of the same settings bounds the step (another step count under
+    // --resume-anyway is the resume check's to report).
+    if state.config == *file && state.step > file.run.steps {
+        return Err(bad(format!(
+            "step {} is beyond the run's {} steps",
+            state.step, file.run.steps
+        )));
+    }
+    // Each PPO step updates at least once (the first epoch's first backward batch) and at
+    // most once per backward batch of every epoch.
+    let c = &state.config.ppo;
+    let backward = c
+        .mini_batch_size
+        .saturating_mul(c.gradient_accumulation_steps)
+        .max(1);
+    let per_step = c.batch_size.div_ceil(backward).saturating_mul(c.ppo_epochs) as u64;
+    let (low, high) = (
+        state.step as u64,
+        (state.step as u64).saturating_mul(per_step),
+    );
+    if !(low..=high).contains(&state.adam_step) {
+        return Err(bad(format!(
+            "the optimizer has taken {} steps at PPO step {}, outside the {low}..={high} that \
+             run takes",
+            state.adam_step, state.step
+        )));
+    }
+    let kl = state.kl.value();
+    if !(kl.is_finite() && kl >= 0.0) {
+        return Err(bad(format!("the KL coefficient is {kl}")));
+    }
+    let same_kind = match (&state.kl, state.config.ppo.kl_controller()) {
+        (KlController::Fixed { .. }, KlController::Fixed { .. }) => true,
+        (
+            KlController::Adaptive {
+                target, horizon, ..
+            },
+            KlController::Adaptive {
+                target: t,
+                horizon: h,
+                ..
+            },
+        ) => *target == t && *horizon == h,
+        _ => false,
+    };
+    if !same_kind {
+        return Err(bad(format!(
+            "the KL controller {:?} is not the one the config makes",
+            state.kl
+        )));
+    }
+    crate::sft::check_metrics_reach(&out.join("metrics.jsonl"), state.step).map_err(bad)?;
+    Ok(state)
+}
+
+/// sha256 of the tokenized texts queries are cut from.
+fn texts_fingerprint(tokenized: &[Vec<u32>]) -> String {
+    let mut bytes = Vec::new();
+    for t in tokenized {
+        bytes.extend((t.len() as u64).to_le_bytes());
+        bytes.extend(t.iter().flat_map(|x| x.to_le_bytes()));
+    }
+    crate::resume::bytes_fingerprint(&bytes)
 }
 
 /// What a finished (or interrupted) run did.
@@ -158,6 +250,26 @@ pub struct PpoSummary {
 /// after the current step (Ctrl-C); `stop_after` stops after that many steps (tests).
 #[allow(clippy::too_many_arguments)]
 pub fn train(
+    model: CausalLm,
+    tokenizer: &Tokenizer,
+    texts: &[String],
+    reward: &mut dyn Reward,
+    file: &PpoFile,
+    out: &Path,
+    device: &Device,
+    stop: &AtomicBool,
+    stop_after: Option<usize>,
+) -> Result<PpoSummary> {
+    let options = crate::resume::ResumeOptions::default();
+    train_with(
+        model, tokenizer, texts, reward, file, out, device, stop, stop_after, &options,
+    )
+}
+
+/// [`train`], with the model's and reward's fingerprints (checked on resume with the
+/// texts' and the settings) and `--resume-anyway` in `options`.
+#[allow(clippy::too_many_arguments)]
+pub fn train_with(
     mut model: CausalLm,
     tokenizer: &Tokenizer,
     texts: &[String],
@@ -167,6 +279,7 @@ pub fn train(
     device: &Device,
     stop: &AtomicBool,
     stop_after: Option<usize>,
+    options: &crate::resume::ResumeOptions,
 ) -> Result<PpoSummary> {
     let (config, run) = (&file.ppo, &file.run);
     file.validate()?;
@@ -179,24 +292,34 @@ pub fn train(
         bail!("no text gives a token to start a query from");
     }
     let switch = AdapterSwitch::new();
-    let checkpoint = out.join(CHECKPOINT);
-    let resume = checkpoint.join("trainer_state.json").is_file();
+    let inputs = crate::resume::Fingerprints {
+        model: options.model.clone(),
+        data: Some(texts_fingerprint(&tokenized)),
+        reward: options.reward.clone(),
+    };
+    let resume_dir = crate::run_files::checkpoint_to_resume(out, CHECKPOINT, STATE_FILE, "ppo");
     let hidden = model.config().hidden_size();
     let lora = lora_config(run, &model);
-    let (value_head, state) = if resume {
-        let state: TrainerState = serde_json::from_str(&std::fs::read_to_string(
-            checkpoint.join("trainer_state.json"),
-        )?)
-        .context("reading the checkpoint state")?;
-        if state.config != *file {
-            bail!(
-                "{} holds a checkpoint of a run with another config; use another --out, or \
-                 delete its checkpoint to start over",
-                out.display()
-            );
-        }
-        model.load_lora(&checkpoint, &switch)?;
+    let (value_head, state) = if let Some(checkpoint) = &resume_dir {
+        let state = read_state(checkpoint, out, file)?;
+        crate::resume::check(
+            "ppo",
+            checkpoint,
+            state.inputs.as_ref(),
+            &inputs,
+            &serde_json::to_value(&state.config)?,
+            &serde_json::to_value(file)?,
+            options.anyway,
+        )?;
+        let loaded = model.load_lora(checkpoint, &switch)?;
+        crate::sft::check_adapters(&model, &lora, &loaded, checkpoint)?;
         let head = load_value_head(&checkpoint.join(VALUE_HEAD_FILE), hidden, run, device)?;
+        eprintln!(
+            "ppo: resuming at step {} of {} from {}",
+            state.step,
+            run.steps,
+            checkpoint.display()
+        );
         (head, Some(state))
     } else {
         model.add_lora(&lora, &switch, config.seed)?;
@@ -214,6 +337,9 @@ pub fn train(
     let start = match &state {
         Some(s) => {
             let n = trainer.optimizer().params().len();
+            let checkpoint = resume_dir
+                .as_ref()
+                .expect("a state comes from a checkpoint");
             let pairs = crate::run_files::load_moments(
                 &checkpoint.join("optimizer.safetensors"),
                 n,
@@ -236,6 +362,11 @@ pub fn train(
                 "ppo: {} already holds a finished run of {start} steps; nothing to do",
                 out.display()
             );
+            // The report is written after run.json: a failure in between (a full disk)
+            // left the run without it.
+            if !out.join("report.html").is_file() {
+                crate::report::write_report(out)?;
+            }
         } else {
             save_final(&trainer, &lora, file, &summary, out)?;
         }
@@ -336,7 +467,7 @@ pub fn train(
         );
         let interrupted = stop.load(Ordering::SeqCst);
         if done == run.steps || interrupted || (run.save_every > 0 && done % run.save_every == 0) {
-            save_checkpoint(&trainer, &lora, file, done, out)?;
+            save_checkpoint(&trainer, &lora, file, &inputs, done, out)?;
         }
         if interrupted {
             summary.interrupted = true;
@@ -363,12 +494,15 @@ fn save_final(
     summary: &PpoSummary,
     out: &Path,
 ) -> Result<()> {
-    trainer.model.save_lora(out, lora)?;
-    save_value_head(&trainer.value_head, &out.join(VALUE_HEAD_FILE))?;
-    std::fs::write(
-        out.join("run.json"),
-        serde_json::to_string_pretty(&json!({ "config": file, "summary": summary }))?,
-    )?;
+    crate::run_files::save_into(out, |dir| {
+        trainer.model.save_lora(dir, lora)?;
+        save_value_head(&trainer.value_head, &dir.join(VALUE_HEAD_FILE))?;
+        std::fs::write(
+            dir.join("run.json"),
+            serde_json::to_string_pretty(&json!({ "config": file, "summary": summary }))?,
+        )?;
+        Ok(())
+    })?;
     crate::report::write_report(out)
 }
 
@@ -431,7 +565,20 @@ fn load_value_head(
     device: &Device,
 ) -> Result<ValueHead> {
     let mut weights = lathe_models::hf::Weights::new(path.display().to_string(), device);
-    weights.add_file(path)?;
+    let names = weights.add_file(path)?;
+    // A tensor the head does not use means the file is not this head's: an error, not
+    // dropped.
+    let extra: Vec<&String> = names
+        .iter()
+        .filter(|n| !["v_head.summary.weight", "v_head.summary.bias"].contains(&n.as_str()))
+        .collect();
+    if !extra.is_empty() {
+        bail!(
+            "{} holds tensors a value head does not have: {extra:?} (it holds \
+             v_head.summary.weight and v_head.summary.bias)",
+            path.display()
+        );
+    }
     Ok(ValueHead::from_weights(
         &mut weights,
         hidden,
@@ -443,26 +590,25 @@ fn save_checkpoint(
     trainer: &PpoTrainer,
     lora: &LoraConfig,
     file: &PpoFile,
+    inputs: &crate::resume::Fingerprints,
     step: usize,
     out: &Path,
 ) -> Result<()> {
-    let temp = out.join(format!("{CHECKPOINT}.tmp"));
-    let _ = std::fs::remove_dir_all(&temp);
-    trainer.model.save_lora(&temp, lora)?;
-    save_value_head(&trainer.value_head, &temp.join(VALUE_HEAD_FILE))?;
-    let adam = trainer.optimizer();
-    crate::run_files::save_moments(adam, &temp.join("optimizer.safetensors"))?;
-    let state = TrainerState {
-        step,
-        adam_step: adam.step_count(),
-        kl: trainer.kl_controller().clone(),
-        config: file.clone(),
-    };
-    std::fs::write(
-        temp.join("trainer_state.json"),
-        serde_json::to_string_pretty(&state)?,
-    )?;
-    crate::run_files::replace_dir(&temp, &out.join(CHECKPOINT))
+    crate::run_files::save_dir(out, CHECKPOINT, |temp| {
+        trainer.model.save_lora(temp, lora)?;
+        save_value_head(&trainer.value_head, &temp.join(VALUE_HEAD_FILE))?;
+        let adam = trainer.optimizer();
+        crate::run_files::save_moments(adam, &temp.join("optimizer.safetensors"))?;
+        let state = TrainerState {
+            step,
+            adam_step: adam.step_count(),
+            kl: trainer.kl_controller().clone(),
+            config: file.clone(),
+            inputs: Some(inputs.clone()),
+        };
+        std::fs::write(temp.join(STATE_FILE), serde_json::to_string_pretty(&state)?)?;
+        Ok(())
+    })
 }
 
 /// `lathe ppo` flags; each overrides the config file's value when given.
@@ -504,6 +650,10 @@ pub struct PpoArgs {
     pub seed: Option<u64>,
     #[arg(long)]
     pub save_every: Option<usize>,
+    /// Resume the checkpoint in --out even when its model, reward, data or settings differ
+    /// from this run's (a warning names them); the LoRA shape settings must still match.
+    #[arg(long)]
+    pub resume_anyway: bool,
 }
 
 impl PpoArgs {
@@ -582,7 +732,12 @@ pub fn run(args: &PpoArgs) -> Result<()> {
             eprintln!("\nppo: Ctrl-C: finishing this step, then saving (Ctrl-C again to quit now)");
         });
     }
-    let summary = train(
+    let options = crate::resume::ResumeOptions {
+        model: Some(args.model.fingerprint(args.adapter.as_deref())?),
+        reward: Some(crate::resume::path_fingerprint(&args.reward)?),
+        anyway: args.resume_anyway,
+    };
+    let summary = train_with(
         pretrained.model,
         &pretrained.tokenizer,
         &texts,
@@ -592,6 +747,7 @@ pub fn run(args: &PpoArgs) -> Result<()> {
         &device,
         &stop,
         None,
+        &options,
     )?;
     if summary.interrupted {
         return Err(Interrupted {

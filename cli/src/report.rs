@@ -163,7 +163,7 @@ pub fn write_report(run_dir: &Path) -> Result<()> {
         html.push_str(&svg_plot(title, keys, &all));
         html.push('\n');
         let png = crate::png::plot_png(&all, 640, 300);
-        std::fs::write(run_dir.join(format!("plot_{stem}.png")), png)?;
+        crate::output::write_atomic(&run_dir.join(format!("plot_{stem}.png")), &png)?;
     }
     html.push_str("</div>\n");
     let last_step = samples.iter().filter_map(|s| s["step"].as_u64()).max();
@@ -193,9 +193,7 @@ pub fn write_report(run_dir: &Path) -> Result<()> {
         html.push_str("</table>\n");
     }
     html.push_str("</body></html>\n");
-    let path = run_dir.join("report.html");
-    let temp = run_dir.join("report.html.tmp");
-    std::fs::write(&temp, html)?;
-    std::fs::rename(&temp, &path)?;
-    Ok(())
+    // Through a synced temporary file: a full disk leaves the earlier report, never a
+    // truncated one or the temporary.
+    crate::output::write_atomic(&run_dir.join("report.html"), html.as_bytes())
 }

@@ -221,10 +221,7 @@ fn load_all(paths: &[PathBuf]) -> Result<Vec<data::Example>> {
 }
 
 fn check_out(out: &Path) -> Result<()> {
-    if out.exists() && std::fs::read_dir(out)?.next().is_some() {
-        bail!("{} exists and is not empty", out.display());
-    }
-    Ok(())
+    crate::output::check_new_dir(out)
 }
 
 pub fn train_config(args: &RewardTrainSettings) -> Result<TrainConfig> {
@@ -271,11 +268,6 @@ pub fn run_train(args: &RewardTrainArgs, matches: Option<&clap::ArgMatches>) -> 
     };
     let (model, report) = train(&args.encoder, &examples, &config, &device, &mut on_epoch)
         .with_context(|| format!("training on {}", args.encoder.display()))?;
-    model.save(&args.out)?;
-    let mut metrics = std::fs::File::create(args.out.join("metrics.jsonl"))?;
-    for line in &lines {
-        crate::run_files::append_jsonl(&mut metrics, line)?;
-    }
     let mut test_results = serde_json::Map::new();
     for (path, examples) in &tests {
         let eval = evaluate(&model, examples)?;
@@ -303,10 +295,22 @@ pub fn run_train(args: &RewardTrainArgs, matches: Option<&clap::ArgMatches>) -> 
         "test": test_results,
         "settings": settings,
     });
-    std::fs::write(
-        args.out.join("train_report.json"),
-        serde_json::to_string_pretty(&summary)?,
-    )?;
+    // Every file goes into a temporary folder renamed to --out once all are written: the
+    // folder is a whole reward model or nothing.
+    crate::output::build_dir(&args.out, |dir| {
+        model.save(dir)?;
+        let mut metrics = std::fs::File::create(dir.join("metrics.jsonl"))?;
+        for line in &lines {
+            crate::run_files::append_jsonl(&mut metrics, line)?;
+        }
+        metrics.sync_all()?;
+        std::fs::write(
+            dir.join("train_report.json"),
+            serde_json::to_string_pretty(&summary)?,
+        )?;
+        Ok(())
+    })
+    .with_context(|| format!("writing the reward model to {}", args.out.display()))?;
     eprintln!(
         "saved the reward model to {} (best head epoch {}{})",
         args.out.display(),

@@ -3,38 +3,44 @@
 //! replaced in one rename.
 
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use lathe_core::optim::Adam;
 use lathe_core::{Device, Tensor};
 
 /// A JSONL log for appending. On a resume from step `start`, the lines of later steps (written
 /// by the interrupted run after its checkpoint) are dropped, so the file reads as one run.
+/// The kept lines are written through a temporary file renamed over the log, so a failure
+/// (a full disk) leaves the log as it was; when nothing is dropped the file is only
+/// reopened for appending.
 pub fn reopen_jsonl(path: &Path, start: usize) -> Result<std::fs::File> {
-    let kept: Vec<String> = if start > 0 && path.is_file() {
-        std::fs::read_to_string(path)?
-            .lines()
-            .filter(|line| {
-                serde_json::from_str::<serde_json::Value>(line)
-                    .ok()
-                    .and_then(|v| v["step"].as_u64())
-                    .is_some_and(|s| s as usize <= start)
-            })
-            .map(str::to_string)
-            .collect()
-    } else {
-        Vec::new()
-    };
-    let mut file =
-        std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
-    let mut text = String::new();
-    for line in kept {
-        text.push_str(&line);
-        text.push('\n');
+    if start > 0 && path.is_file() {
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let mut kept = String::new();
+        let mut dropped = false;
+        for line in text.lines() {
+            let keep = serde_json::from_str::<serde_json::Value>(line)
+                .ok()
+                .and_then(|v| v["step"].as_u64())
+                .is_some_and(|s| s as usize <= start);
+            if keep {
+                kept.push_str(line);
+                kept.push('\n');
+            } else {
+                dropped = true;
+            }
+        }
+        if dropped || !text.ends_with('\n') && !text.is_empty() {
+            crate::output::write_atomic(path, kept.as_bytes())?;
+        }
+        return std::fs::OpenOptions::new()
+            .append(true)
+            .open(path)
+            .with_context(|| format!("opening {}", path.display()));
     }
-    file.write_all(text.as_bytes())?;
-    Ok(file)
+    std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))
 }
 
 /// Appends one JSONL record in a single write (the line and its newline), so a crash
@@ -120,9 +126,29 @@ pub fn save_moments(adam: &Adam, path: &Path) -> Result<()> {
     Ok(())
 }
 
-/// The `n` (m, v) pairs [`save_moments`] wrote.
+/// The `n` (m, v) pairs [`save_moments`] wrote. A tensor the run has no parameter for is an
+/// error, not dropped: it means the checkpoint belongs to another configuration.
 pub fn load_moments(path: &Path, n: usize, device: &Device) -> Result<Vec<(Tensor, Tensor)>> {
     let saved = lathe_core::safetensors::load(path, device)?;
+    let expected: std::collections::BTreeSet<String> = (0..n)
+        .flat_map(|i| [format!("m.{i}"), format!("v.{i}")])
+        .collect();
+    let extra: Vec<&str> = saved
+        .iter()
+        .map(|(k, _)| k.as_str())
+        .filter(|k| !expected.contains(*k))
+        .collect();
+    if !extra.is_empty() {
+        bail!(
+            "{} holds tensors this run has no parameter for: {} (the optimizer state is of \
+             {n} parameters, m.0..m.{} and v.0..v.{}); the checkpoint does not belong to this \
+             run's configuration",
+            path.display(),
+            extra.join(", "),
+            n.saturating_sub(1),
+            n.saturating_sub(1)
+        );
+    }
     let find = |key: String| {
         saved
             .iter()
@@ -135,14 +161,92 @@ pub fn load_moments(path: &Path, n: usize, device: &Device) -> Result<Vec<(Tenso
         .collect()
 }
 
-/// Moves the complete folder `temp` to `target`, replacing what was there, so a crash leaves
-/// either the old folder or the new one (at worst as `<target>.old`).
-pub fn replace_dir(temp: &Path, target: &Path) -> Result<()> {
+/// `<target>.old`: where [`replace_dir`] moves the folder it replaces.
+pub fn old_dir(target: &Path) -> PathBuf {
     let mut old = target.as_os_str().to_owned();
     old.push(".old");
-    let old = std::path::PathBuf::from(old);
-    let _ = std::fs::remove_dir_all(&old);
+    PathBuf::from(old)
+}
+
+/// The checkpoint folder to resume from: `out/<name>` when it holds `state_file`; else
+/// `out/<name>.old` when that does (a crash inside [`replace_dir`], between moving the old
+/// checkpoint aside and the new one into place, leaves only that), said on stderr; else
+/// none (a fresh run).
+pub fn checkpoint_to_resume(
+    out: &Path,
+    name: &str,
+    state_file: &str,
+    command: &str,
+) -> Option<PathBuf> {
+    let current = out.join(name);
+    if current.join(state_file).is_file() {
+        return Some(current);
+    }
+    let old = old_dir(&current);
+    if old.join(state_file).is_file() {
+        eprintln!(
+            "{command}: {} is missing or incomplete (a checkpoint save was interrupted); \
+             resuming from {}",
+            current.display(),
+            old.display()
+        );
+        return Some(old);
+    }
+    None
+}
+
+/// Writes a checkpoint folder: `fill` writes into `out/<name>.tmp`, which then replaces
+/// `out/<name>` ([`replace_dir`]). When `fill` fails (a full disk) the temporary folder is
+/// removed and the previous checkpoint stays as it was.
+pub fn save_dir(out: &Path, name: &str, fill: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+    let temp = out.join(format!("{name}.tmp"));
+    let _ = std::fs::remove_dir_all(&temp);
+    let result = std::fs::create_dir_all(&temp)
+        .with_context(|| format!("creating {}", temp.display()))
+        .and_then(|()| fill(&temp))
+        .and_then(|()| replace_dir(&temp, &out.join(name)));
+    if result.is_err() {
+        let _ = std::fs::remove_dir_all(&temp);
+    }
+    result.with_context(|| format!("saving {}", out.join(name).display()))
+}
+
+/// Writes a run's final files: `fill` writes them into a temporary folder inside `out`, and
+/// only when all are written are they renamed into `out` one by one (renames need no
+/// space). A failure (a full disk) removes the temporary folder and leaves `out`'s earlier
+/// files as they were, with no partial file or temporary left.
+pub fn save_into(out: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+    let temp = out.join(".final.lathe-tmp");
+    let _ = std::fs::remove_dir_all(&temp);
+    let result = std::fs::create_dir_all(&temp)
+        .with_context(|| format!("creating {}", temp.display()))
+        .and_then(|()| fill(&temp))
+        .and_then(|()| {
+            let mut names: Vec<_> = std::fs::read_dir(&temp)?
+                .filter_map(|e| e.ok())
+                .map(|e| e.file_name())
+                .collect();
+            // run.json last: it marks the run finished.
+            names.sort_by_key(|n| n == "run.json");
+            for name in names {
+                std::fs::rename(temp.join(&name), out.join(&name)).with_context(|| {
+                    format!("moving {} into {}", name.to_string_lossy(), out.display())
+                })?;
+            }
+            Ok(())
+        });
+    let _ = std::fs::remove_dir_all(&temp);
+    result.with_context(|| format!("saving the results in {}", out.display()))
+}
+
+/// Moves the complete folder `temp` to `target`, replacing what was there, so a crash leaves
+/// either the old folder or the new one (at worst as `<target>.old`, which a resume then
+/// uses: [`checkpoint_to_resume`]). A `<target>.old` is removed only once `target` exists to
+/// take its place, so at every moment one complete folder is on disk.
+pub fn replace_dir(temp: &Path, target: &Path) -> Result<()> {
+    let old = old_dir(target);
     if target.exists() {
+        let _ = std::fs::remove_dir_all(&old);
         std::fs::rename(target, &old)
             .with_context(|| format!("moving {} aside", target.display()))?;
     }

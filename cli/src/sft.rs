@@ -316,6 +316,91 @@ struct TrainerState {
     step: usize,
     adam_step: u64,
     config: SftConfig,
+    /// The run's inputs; absent in checkpoints of older versions.
+    #[serde(default)]
+    inputs: Option<crate::resume::Fingerprints>,
+}
+
+/// sha256 of the training and held-out blocks: the data as the run sees it, so another
+/// `--data`, `--text-field` or tokenizer shows as a difference.
+pub fn blocks_fingerprint(blocks: &Blocks) -> String {
+    let mut bytes = Vec::new();
+    for (part, list) in [(0u32, &blocks.train), (1, &blocks.eval)] {
+        bytes.extend(part.to_le_bytes());
+        bytes.extend((list.len() as u64).to_le_bytes());
+        for block in list {
+            bytes.extend((block.len() as u64).to_le_bytes());
+            bytes.extend(block.iter().flat_map(|t| t.to_le_bytes()));
+        }
+    }
+    crate::resume::bytes_fingerprint(&bytes)
+}
+
+/// Reads a checkpoint's trainer state and refuses one that no run of this code wrote (a
+/// hand edit, a damaged file): steps beyond the run, an optimizer step count that does not
+/// fit the step, a step metrics.jsonl never recorded.
+fn read_state(
+    dir: &Path,
+    out: &Path,
+    config: &SftConfig,
+    total_steps: usize,
+) -> Result<TrainerState> {
+    let path = dir.join(STATE_FILE);
+    let state: TrainerState = serde_json::from_str(
+        &std::fs::read_to_string(&path)
+            .with_context(|| format!("reading the checkpoint state {}", path.display()))?,
+    )
+    .with_context(|| format!("parsing the checkpoint state {}", path.display()))?;
+    let bad = |detail: String| {
+        anyhow::anyhow!(
+            "{}: {detail}; the checkpoint state is damaged or edited by hand. Delete {} to \
+             start over",
+            path.display(),
+            dir.display()
+        )
+    };
+    if state.step == 0 {
+        return Err(bad("step 0 (a checkpoint is written after a step)".into()));
+    }
+    // Only a run of the same settings bounds the step (another max_steps under
+    // --resume-anyway is the resume check's to report).
+    if state.config == *config && state.step > total_steps {
+        return Err(bad(format!(
+            "step {} is beyond the run's {total_steps} steps",
+            state.step
+        )));
+    }
+    // One optimizer update per step, always (accumulation sums micro-batches first).
+    if state.adam_step != state.step as u64 {
+        return Err(bad(format!(
+            "the optimizer has taken {} steps at step {} (an SFT run takes one per step)",
+            state.adam_step, state.step
+        )));
+    }
+    check_metrics_reach(&out.join(METRICS_FILE), state.step).map_err(bad)?;
+    Ok(state)
+}
+
+/// The highest step metrics.jsonl records must reach the checkpoint's: each step's line is
+/// written before its checkpoint.
+pub(crate) fn check_metrics_reach(metrics: &Path, step: usize) -> std::result::Result<(), String> {
+    let records = if metrics.is_file() {
+        crate::run_files::read_jsonl(metrics).map_err(|e| format!("{e:#}"))?
+    } else {
+        Vec::new()
+    };
+    let last = records
+        .iter()
+        .filter_map(|r| r["step"].as_u64())
+        .max()
+        .unwrap_or(0);
+    if (last as usize) < step {
+        return Err(format!(
+            "step {step}, but {} records steps only up to {last}",
+            metrics.display()
+        ));
+    }
+    Ok(())
 }
 
 /// Trains adapters on `model` and writes to `out`: the adapter (peft files), `metrics.jsonl`,
@@ -342,11 +427,16 @@ pub fn train_until(
     device: &Device,
     stop_after: Option<usize>,
 ) -> Result<SftSummary> {
-    train_stoppable(model, blocks, config, out, device, stop_after, None)
+    let options = crate::resume::ResumeOptions::default();
+    train_stoppable(
+        model, blocks, config, out, device, stop_after, None, &options,
+    )
 }
 
 /// [`train_until`]; `stop` set (Ctrl-C) ends the run after the current step with a
-/// checkpoint saved, the summary marked `interrupted`.
+/// checkpoint saved, the summary marked `interrupted`. `options` carries the model's
+/// fingerprint (checked on resume with the data's and the settings) and `--resume-anyway`.
+#[allow(clippy::too_many_arguments)]
 pub fn train_stoppable(
     model: &mut CausalLm,
     blocks: &Blocks,
@@ -355,6 +445,7 @@ pub fn train_stoppable(
     device: &Device,
     stop_after: Option<usize>,
     stop: Option<&AtomicBool>,
+    options: &crate::resume::ResumeOptions,
 ) -> Result<SftSummary> {
     config.validate()?;
     if blocks.block_size != config.block_size {
@@ -366,22 +457,41 @@ pub fn train_stoppable(
     }
     let lora_config = config.lora_config(&model.config());
     let switch = AdapterSwitch::new();
-    let checkpoint_dir = out.join(CHECKPOINT);
-    let resume = checkpoint_dir.join(STATE_FILE).is_file();
-    let (start_step, adam_state) = if resume {
-        let state: TrainerState = serde_json::from_str(
-            &std::fs::read_to_string(checkpoint_dir.join(STATE_FILE))
-                .context("reading the checkpoint state")?,
-        )
-        .context("parsing the checkpoint state")?;
-        if state.config != *config {
-            bail!(
-                "{} holds a checkpoint of a run with another config; use another --out, or \
-                 delete the checkpoint to start over",
-                out.display()
-            );
+    let micro_per_epoch = blocks.train.len().div_ceil(config.batch_size);
+    let steps_per_epoch = micro_per_epoch.div_ceil(config.grad_accum);
+    let total_steps = match config.max_steps {
+        Some(steps) => steps,
+        None => {
+            let steps = (config.epochs * steps_per_epoch as f64).ceil();
+            if steps > MAX_STEPS as f64 {
+                bail!(
+                    "{} epochs of {steps_per_epoch} steps are more than {MAX_STEPS} steps",
+                    config.epochs
+                );
+            }
+            (steps as usize).max(1)
         }
-        model.load_lora(&checkpoint_dir, &switch)?;
+    };
+    let inputs = crate::resume::Fingerprints {
+        model: options.model.clone(),
+        data: Some(blocks_fingerprint(blocks)),
+        reward: None,
+    };
+    let checkpoint_dir = crate::run_files::checkpoint_to_resume(out, CHECKPOINT, STATE_FILE, "sft");
+    let resume = checkpoint_dir.is_some();
+    let (start_step, adam_state) = if let Some(checkpoint_dir) = &checkpoint_dir {
+        let state = read_state(checkpoint_dir, out, config, total_steps)?;
+        crate::resume::check(
+            "sft",
+            checkpoint_dir,
+            state.inputs.as_ref(),
+            &inputs,
+            &serde_json::to_value(&state.config)?,
+            &serde_json::to_value(config)?,
+            options.anyway,
+        )?;
+        let loaded = model.load_lora(checkpoint_dir, &switch)?;
+        check_adapters(model, &lora_config, &loaded, checkpoint_dir)?;
         (
             state.step,
             Some((state.adam_step, checkpoint_dir.join(OPTIMIZER_FILE))),
@@ -403,21 +513,6 @@ pub fn train_stoppable(
         adam.restore(adam_step, moments)?;
     }
 
-    let micro_per_epoch = blocks.train.len().div_ceil(config.batch_size);
-    let steps_per_epoch = micro_per_epoch.div_ceil(config.grad_accum);
-    let total_steps = match config.max_steps {
-        Some(steps) => steps,
-        None => {
-            let steps = (config.epochs * steps_per_epoch as f64).ceil();
-            if steps > MAX_STEPS as f64 {
-                bail!(
-                    "{} epochs of {steps_per_epoch} steps are more than {MAX_STEPS} steps",
-                    config.epochs
-                );
-            }
-            (steps as usize).max(1)
-        }
-    };
     let schedule = LrSchedule {
         peak: config.lr,
         warmup_steps: config.warmup_steps,
@@ -574,7 +669,7 @@ pub fn train_stoppable(
             || interrupted
             || (config.save_every > 0 && done % config.save_every == 0)
         {
-            save_checkpoint(model, &adam, &lora_config, config, done, out)?;
+            save_checkpoint(model, &adam, &lora_config, config, &inputs, done, out)?;
         }
         if interrupted && done < total_steps {
             progress.finish();
@@ -602,12 +697,14 @@ fn save_final(
     summary: &SftSummary,
     out: &Path,
 ) -> Result<()> {
-    model.save_lora(out, lora_config)?;
-    std::fs::write(
-        out.join("run.json"),
-        serde_json::to_string_pretty(&json!({ "config": config, "summary": summary }))?,
-    )?;
-    Ok(())
+    crate::run_files::save_into(out, |dir| {
+        model.save_lora(dir, lora_config)?;
+        std::fs::write(
+            dir.join("run.json"),
+            serde_json::to_string_pretty(&json!({ "config": config, "summary": summary }))?,
+        )?;
+        Ok(())
+    })
 }
 
 /// The losses of the first `steps` steps, from a resumed run's `metrics.jsonl`.
@@ -638,20 +735,76 @@ fn save_checkpoint(
     adam: &Adam,
     lora_config: &LoraConfig,
     config: &SftConfig,
+    inputs: &crate::resume::Fingerprints,
     step: usize,
     out: &Path,
 ) -> Result<()> {
-    let temp = out.join(format!("{CHECKPOINT}.tmp"));
-    let _ = std::fs::remove_dir_all(&temp);
-    model.save_lora(&temp, lora_config)?;
-    crate::run_files::save_moments(adam, &temp.join(OPTIMIZER_FILE))?;
-    let state = TrainerState {
-        step,
-        adam_step: adam.step_count(),
-        config: config.clone(),
-    };
-    std::fs::write(temp.join(STATE_FILE), serde_json::to_string_pretty(&state)?)?;
-    crate::run_files::replace_dir(&temp, &out.join(CHECKPOINT))
+    crate::run_files::save_dir(out, CHECKPOINT, |temp| {
+        model.save_lora(temp, lora_config)?;
+        crate::run_files::save_moments(adam, &temp.join(OPTIMIZER_FILE))?;
+        let state = TrainerState {
+            step,
+            adam_step: adam.step_count(),
+            config: config.clone(),
+            inputs: Some(inputs.clone()),
+        };
+        std::fs::write(temp.join(STATE_FILE), serde_json::to_string_pretty(&state)?)?;
+        Ok(())
+    })
+}
+
+/// The adapters a checkpoint gave the model must be exactly those the run's LoRA config
+/// puts on it, with its rank and scaling: an adapter file with modules the config does not
+/// target (extra tensors) is refused, not trained along silently.
+pub(crate) fn check_adapters(
+    model: &CausalLm,
+    want: &LoraConfig,
+    loaded: &LoraConfig,
+    checkpoint: &Path,
+) -> Result<()> {
+    let adapted: Vec<String> = model
+        .linears()
+        .into_iter()
+        .filter(|(_, l)| l.adapter().is_some())
+        .map(|(name, _)| name)
+        .collect();
+    let targeted: Vec<String> = model
+        .linears()
+        .into_iter()
+        .map(|(name, _)| name)
+        .filter(|name| want.matches(name))
+        .collect();
+    let extra: Vec<&String> = adapted.iter().filter(|n| !targeted.contains(n)).collect();
+    let missing: Vec<&String> = targeted.iter().filter(|n| !adapted.contains(n)).collect();
+    if !extra.is_empty() || !missing.is_empty() {
+        bail!(
+            "{}: the adapter's modules do not match the run's target_modules {:?}{}{}; the \
+             checkpoint does not belong to this configuration",
+            checkpoint.display(),
+            want.targets(),
+            if extra.is_empty() {
+                String::new()
+            } else {
+                format!("; modules not targeted: {extra:?}")
+            },
+            if missing.is_empty() {
+                String::new()
+            } else {
+                format!("; targeted modules without an adapter: {missing:?}")
+            },
+        );
+    }
+    if loaded.r != want.r || loaded.lora_alpha != want.lora_alpha {
+        bail!(
+            "{}: the adapter has r {} and alpha {}, the run r {} and alpha {}",
+            checkpoint.display(),
+            loaded.r,
+            loaded.lora_alpha,
+            want.r,
+            want.lora_alpha
+        );
+    }
+    Ok(())
 }
 
 /// `lathe sft` flags.
@@ -722,6 +875,10 @@ pub struct SftArgs {
     pub save_every: usize,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Resume the checkpoint in --out even when its model, data or settings differ from
+    /// this run's (a warning names them); the LoRA shape settings must still match.
+    #[arg(long)]
+    pub resume_anyway: bool,
 }
 
 impl SftArgs {
@@ -825,6 +982,11 @@ pub fn run(args: &SftArgs, matches: Option<&clap::ArgMatches>) -> Result<()> {
             eprintln!("\nsft: Ctrl-C: finishing this step, then saving (Ctrl-C again to quit now)");
         });
     }
+    let options = crate::resume::ResumeOptions {
+        model: Some(args.model.fingerprint(None)?),
+        reward: None,
+        anyway: args.resume_anyway,
+    };
     let summary = train_stoppable(
         &mut pretrained.model,
         &blocks,
@@ -833,6 +995,7 @@ pub fn run(args: &SftArgs, matches: Option<&clap::ArgMatches>) -> Result<()> {
         &device,
         None,
         Some(&stop),
+        &options,
     )?;
     if summary.interrupted {
         return Err(crate::run_files::Interrupted {

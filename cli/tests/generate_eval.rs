@@ -295,5 +295,12 @@ fn bad_input_is_a_clear_error() {
         "hi",
     ]);
     assert!(!out.exists());
-    assert!(!dir.join("never.jsonl.tmp").exists());
+    // No temporary file of any name is left beside it either.
+    let leftovers: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains("never"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
 }

@@ -148,3 +148,125 @@ fn the_pipeline_runs_skips_finished_stages_and_redoes_deleted_ones() {
         ])
     );
 }
+
+/// A rerun with other settings reruns the stages they change and those after them (the
+/// old record said "done", the manifest now records the new settings truthfully); a stage
+/// whose output no longer parses is rerun, saying why; what is still valid is skipped.
+#[test]
+fn the_pipeline_reruns_stages_whose_settings_changed_or_whose_output_is_damaged() {
+    let root = std::env::temp_dir().join(format!("lathe-pipeline-valid-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    let inputs = tiny_inputs(&root.join("data"));
+    let out = root.join("run");
+    let settings = tiny_settings();
+    run_pipeline(&inputs, &settings, &out, &Device::Cpu, false).unwrap();
+
+    // Another SFT learning rate: SFT reruns; its adapter differs, so merge and PPO do too.
+    let mut other = tiny_settings();
+    other.sft.lr = 1e-3;
+    let changed = run_pipeline(&inputs, &other, &out, &Device::Cpu, false).unwrap();
+    assert_eq!(
+        statuses(&changed),
+        pairs(&[
+            ("reward", "skipped"),
+            ("sft", "ran"),
+            ("merged", "ran"),
+            ("ppo", "ran")
+        ])
+    );
+    let manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("manifest.json")).unwrap()).unwrap();
+    assert_eq!(
+        manifest["settings"]["sft"]["lr"].as_f64().unwrap() as f32,
+        1e-3
+    );
+    let run_json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("sft/run.json")).unwrap()).unwrap();
+    assert_eq!(run_json["config"]["lr"].as_f64().unwrap() as f32, 1e-3);
+    assert!(!out.join("sft.previous").exists());
+
+    // A truncated merged model: merge reruns (to the same files, so PPO stays valid).
+    let merged = out.join("merged/model.safetensors");
+    let bytes = std::fs::read(&merged).unwrap();
+    std::fs::write(&merged, &bytes[..bytes.len() / 2]).unwrap();
+    let repaired = run_pipeline(&inputs, &other, &out, &Device::Cpu, false).unwrap();
+    assert_eq!(
+        statuses(&repaired),
+        pairs(&[
+            ("reward", "skipped"),
+            ("sft", "skipped"),
+            ("merged", "ran"),
+            ("ppo", "skipped")
+        ])
+    );
+    assert_eq!(std::fs::read(&merged).unwrap(), bytes);
+}
+
+/// A rerun with changed settings on a full disk (a filled tmpfs; needs root, skipped with a
+/// message otherwise): the stage fails naming the full disk and the run folder is exactly as
+/// before (the earlier output and its record put back, no temporary left).
+#[test]
+fn a_stage_rerun_on_a_full_disk_keeps_the_earlier_run() {
+    let root = std::env::temp_dir().join(format!("lathe-pipeline-full-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    let inputs = tiny_inputs(&root.join("data"));
+    let out = root.join("run");
+    std::fs::create_dir_all(&out).unwrap();
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=16m", "tmpfs"])
+        .arg(&out)
+        .output();
+    if !mounted.as_ref().is_ok_and(|o| o.status.success()) {
+        println!("SKIPPED: cannot mount a tmpfs (the disk-full test needs root): {mounted:?}");
+        eprintln!("SKIPPED: cannot mount a tmpfs (the disk-full test needs root)");
+        return;
+    }
+    struct Unmount(PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let _unmount = Unmount(out.clone());
+    run_pipeline(&inputs, &tiny_settings(), &out, &Device::Cpu, false).unwrap();
+    let snapshot = |dir: &Path| -> Vec<(PathBuf, Vec<u8>)> {
+        let mut all = Vec::new();
+        let mut stack = vec![dir.to_path_buf()];
+        while let Some(d) = stack.pop() {
+            for e in std::fs::read_dir(&d).unwrap() {
+                let p = e.unwrap().path();
+                if p.file_name().is_some_and(|n| n == ".filler") {
+                    continue;
+                }
+                if p.is_dir() {
+                    stack.push(p.clone());
+                    all.push((p, Vec::new()));
+                } else {
+                    all.push((p.clone(), std::fs::read(&p).unwrap()));
+                }
+            }
+        }
+        all.sort();
+        all
+    };
+    // Fill the disk.
+    {
+        use std::io::Write;
+        let mut filler = std::fs::File::create(out.join(".filler")).unwrap();
+        for chunk in [1 << 16, 1 << 12, 1] {
+            let bytes = vec![0u8; chunk];
+            while filler.write_all(&bytes).is_ok() {}
+        }
+    }
+    let before = snapshot(&out);
+    let mut other = tiny_settings();
+    other.sft.lr = 1e-3;
+    let err = run_pipeline(&inputs, &other, &out, &Device::Cpu, false).unwrap_err();
+    let message = format!("{err:#}");
+    assert!(message.contains("No space left on device"), "{message}");
+    assert!(message.contains("stage sft"), "{message}");
+    assert!(
+        snapshot(&out) == before,
+        "the failed rerun changed the run folder: {message}"
+    );
+}

@@ -67,7 +67,7 @@ fn var(t: &Tensor) -> Tensor {
 fn elementwise_ops_and_casts() {
     let x = input(&[97, 131], 1);
     assert!(over_a_binding(&x));
-    same_on_both(&[x.clone()], EXACT, |t| {
+    same_on_both(std::slice::from_ref(&x), EXACT, |t| {
         let x = var(&t[0]);
         let half = x.to_dtype(DType::F16)?.to_dtype(DType::F32)?;
         Ok(vec![

@@ -109,7 +109,7 @@ impl std::fmt::Debug for GpuContext {
 /// least one offset-alignment unit plus a word, so every chunked op can make progress;
 /// a multiple of 4 (binding sizes must be).
 fn binding_limit(limits: &wgpu::Limits, forced: Option<u64>) -> u64 {
-    let adapter = limits.max_storage_buffer_binding_size as u64;
+    let adapter = limits.max_storage_buffer_binding_size;
     let floor = limits.min_storage_buffer_offset_alignment as u64 * 2;
     let limit = forced.map_or(adapter, |f| f.max(floor).min(adapter));
     limit / 4 * 4

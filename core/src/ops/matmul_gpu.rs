@@ -157,7 +157,7 @@ pub(crate) fn gpu_matmul(
     let buffers = [&ab, &bb, &out];
     let limit = ctx.binding_limit();
     if buffers.iter().all(|b| View::whole(b).size <= limit) {
-        let views = buffers.map(|b| View::whole(b));
+        let views = buffers.map(View::whole);
         let p = params((d.m, d.n, d.k), d.batch, [0; 3], false);
         launch_views(
             ctx,

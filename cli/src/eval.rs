@@ -135,12 +135,17 @@ pub fn run(args: &EvalArgs) -> Result<()> {
     if text.trim().is_empty() {
         bail!("{}: the file holds no text", args.file.display());
     }
-    // A text has at most one token per byte (byte-level BPE): the windows it can fill.
-    let bytes = std::fs::metadata(&args.file).map_or(usize::MAX, |m| m.len() as usize);
-    let block = args.block_size.unwrap_or(1024).min(bytes.saturating_add(1));
+    // The windows the text fills, from its tokens (the tokenizer loads in a moment; the
+    // model may take minutes, and must not start when it cannot fit). Without a tokenizer
+    // on its own, a text has at most one token per byte (byte-level BPE).
+    let tokens = match args.model.tokenizer() {
+        Ok(tokenizer) => tokenizer.encode(&text, !args.no_special_tokens)?.len(),
+        Err(_) => text.len(),
+    };
+    let block = args.block_size.unwrap_or(1024).min(tokens.max(2));
     args.model.preflight(PlanSettings {
         job: Job::Score,
-        batch: args.batch_size.min(bytes.div_ceil(block.max(1)).max(1)),
+        batch: args.batch_size.min(tokens.div_ceil(block.max(1)).max(1)),
         train_batch: 1,
         seq_len: block,
         ..PlanSettings::inference()

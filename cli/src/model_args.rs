@@ -91,6 +91,7 @@ impl ModelArgs {
         }
         let config = crate::plan_cmd::read_config(&self.model)?;
         settings.checkpoint = crate::plan_cmd::checkpoint_of(&self.model)?;
+        settings.on_gpu = self.device == DeviceArg::Gpu;
         settings.precision = self.precision()?;
         settings.embeddings_f16 = self.embeddings_f16;
         if settings.lora_targets.is_empty() {
@@ -108,6 +109,19 @@ impl ModelArgs {
         eprintln!("{}", crate::plan_cmd::summary(&plan, budget));
         crate::plan_cmd::check_fits(&plan, &settings, budget)
             .with_context(|| format!("memory plan of {}", self.model.display()))
+    }
+
+    /// The model's tokenizer alone (a directory's tokenizer.json, or a GGUF file's header), to
+    /// count tokens for the memory plan before the model loads.
+    pub fn tokenizer(&self) -> Result<lathe_models::tokenizer::Tokenizer> {
+        use lathe_models::tokenizer::Tokenizer;
+        let tokenizer = if self.model.is_dir() {
+            Tokenizer::from_file(self.model.join("tokenizer.json"))?
+        } else {
+            let header = lathe_models::gguf::GgufFile::open_header(&self.model)?;
+            Tokenizer::from_gguf(&header)?
+        };
+        Ok(tokenizer)
     }
 
     /// Opens the device and loads the model onto it, saying what it loaded on stderr.

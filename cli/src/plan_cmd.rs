@@ -24,9 +24,13 @@ pub enum JobArg {
 
 #[derive(clap::Args, Debug)]
 pub struct PlanArgs {
-    /// A HF model directory or its config.json (the weights need not be there).
-    #[arg(long, value_name = "DIR|config.json")]
+    /// A HF model directory, its config.json (the weights need not be there) or a GGUF file.
+    #[arg(long, value_name = "DIR|config.json|FILE.gguf")]
     pub model: PathBuf,
+    /// Plan for a GPU's memory instead of the host's (the budget is then required: wgpu
+    /// does not report an adapter's memory).
+    #[arg(long)]
+    pub gpu: bool,
     /// The job to plan.
     #[arg(long, value_enum, default_value = "ppo")]
     pub job: JobArg,
@@ -266,6 +270,7 @@ pub fn run(args: &PlanArgs) -> Result<()> {
         },
         gradient_checkpointing: !args.no_gradient_checkpointing,
         checkpoint: checkpoint_of(&args.model)?,
+        on_gpu: args.gpu,
     };
     let plan = plan(&config, &settings);
     println!(
@@ -281,9 +286,10 @@ pub fn run(args: &PlanArgs) -> Result<()> {
         settings.lora_r
     );
     print!("{}", render(&plan));
-    let budget = match &args.budget {
-        Some(text) => parse_bytes(text)?,
-        None => machine_ram().context("this machine's RAM is unknown: give --budget")?,
+    let budget = match (&args.budget, args.gpu) {
+        (Some(text), _) => parse_bytes(text)?,
+        (None, true) => bail!("--gpu needs --budget (the GPU's memory, e.g. 24GiB)"),
+        (None, false) => machine_ram().context("this machine's RAM is unknown: give --budget")?,
     };
     match check_fits(&plan, &settings, budget) {
         Ok(()) => println!("fits in {}", gib(budget)),

@@ -60,6 +60,9 @@ pub struct PlanSettings {
     pub lora_targets: Vec<String>,
     pub gradient_checkpointing: bool,
     pub checkpoint: Checkpoint,
+    /// Whether the model runs on a GPU (the plan is then of device memory): the CPU computes
+    /// an f32 LM head's loss in row chunks without the logits.
+    pub on_gpu: bool,
 }
 
 impl PlanSettings {
@@ -76,6 +79,7 @@ impl PlanSettings {
             lora_targets: Vec::new(),
             gradient_checkpointing: false,
             checkpoint: Checkpoint::Safetensors { elem_bytes: 2 },
+            on_gpu: false,
         }
     }
 }
@@ -307,18 +311,28 @@ pub fn plan(config: &ModelConfig, s: &PlanSettings) -> MemoryPlan {
     } else {
         tb * t * d.layers * per_token_block * f32b
     };
-    // The LM head's logits and their (log-)softmax, f32: for generation only the last
-    // position's row is kept per step, but the prompt's prefill makes them all.
+    // The LM head's logits, f32: generation keeps the prompt's prefill logits; scoring and
+    // PPO's log-probs the logits and their shifted copy; SFT the logits and their softmax's
+    // gradient, except on the CPU with an f32 head, whose fused loss goes through one buffer
+    // of row chunks (core's `linear_cross_entropy`, 24 MiB).
+    let fused_loss = !s.on_gpu && !s.embeddings_f16 && s.precision != Precision::F16;
     let logits = match s.job {
-        Job::Generate | Job::Score => b * t * d.vocab * f32b,
+        Job::Generate => b * t * d.vocab * f32b,
+        Job::Score | Job::Ppo => 2 * b * t * d.vocab * f32b,
+        Job::Sft if fused_loss => (tb * t * d.vocab).min(6 << 20) * f32b,
         Job::Sft => 2 * tb * t * d.vocab * f32b,
-        Job::Ppo => 2 * b * t * d.vocab * f32b,
     };
     // The run's transient buffers: the f16 LM head or an int8 weight widened 4 MiB at a time.
     let scratch = 8 << 20;
-    let loading = loading_extra(&d, &linears, s, weights);
+    // On a GPU the plan is of device memory: the process and loading's transient forms live
+    // on the host (each tensor is built there, then uploaded in its final form).
+    let (runtime, loading) = if s.on_gpu {
+        (0, 0)
+    } else {
+        (RUNTIME_BYTES, loading_extra(&d, &linears, s, weights))
+    };
     MemoryPlan {
-        runtime: RUNTIME_BYTES,
+        runtime,
         loading,
         weights,
         adapters,
@@ -406,6 +420,7 @@ mod tests {
             lora_targets: vec!["query_key_value".into()],
             gradient_checkpointing: true,
             checkpoint: Checkpoint::Safetensors { elem_bytes: 2 },
+            on_gpu: false,
         }
     }
 

@@ -94,10 +94,21 @@ impl Tokenizer {
     pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
         let source = path.display().to_string();
-        let inner = tokenizers::Tokenizer::from_file(path).map_err(|e| Error::Tokenizer {
+        let load_error = |detail: String| Error::Tokenizer {
             path: source.clone(),
-            detail: format!("cannot load tokenizer.json: {e}"),
-        })?;
+            detail: format!("cannot load tokenizer.json: {detail}"),
+        };
+        let text = std::fs::read_to_string(path).map_err(|e| load_error(e.to_string()))?;
+        // tokenizers 0.22 panics (`expect("Helper")` in decoders/mod.rs) instead of returning
+        // its error when the `decoder` value is cut short or nested past serde_json's depth
+        // limit. The same parser with the same limit checks the text as JSON first, so only
+        // well-formed documents reach it; the catch is a backstop for panics of the crate on
+        // other malformed input (a library never panics on a bad file).
+        serde_json::from_str::<serde_json::Value>(&text)
+            .map_err(|e| load_error(format!("invalid JSON: {e}")))?;
+        let inner = std::panic::catch_unwind(|| text.parse::<tokenizers::Tokenizer>())
+            .map_err(|_| load_error("the tokenizers crate panicked on its contents".into()))?
+            .map_err(|e| load_error(e.to_string()))?;
         // A tokenizer.json may carry padding/truncation settings (all-MiniLM-L6-v2's pads to
         // 128); transformers resets them on every call unless asked, and so do we: encode
         // returns exactly the text's ids. Batching pads on its own.

@@ -1,15 +1,16 @@
 //! Bounded fuzzing in CI of the labelled-data readers (`data::load` of `.json`, `.jsonl` and
-//! `.arrow` files): random bytes and structured mutations of valid files (truncation,
+//! `.arrow` files) and of the encoders' config.json (`EncoderConfig::from_dir`): random bytes and structured mutations of valid files (truncation,
 //! flipped bytes, and for Arrow every length, count, offset and row count replaced by huge
 //! or negative values). Every input must give `Ok` or `Err`, never a panic, and one load may
 //! allocate at most `lathe_core::testing::parse_alloc_bound(file length)` (16 MiB + 64 x
-//! the file) on the calling thread. `cargo +nightly fuzz run arrow|reward_data` (fuzz/) runs
-//! the same entry point unbounded.
+//! the file) on the calling thread. `cargo +nightly fuzz run arrow|reward_data|config_json`
+//! (fuzz/) runs the same entry points unbounded.
 
 use std::path::PathBuf;
 
 use lathe_core::testing::{parse_alloc_bound, peak_alloc_during, CountingAlloc};
 use lathe_reward::data::{self, Example};
+use lathe_reward::EncoderConfig;
 use proptest::prelude::*;
 
 #[global_allocator]
@@ -332,6 +333,65 @@ proptest! {
         let i = flip.index(bytes.len());
         bytes[i] ^= xor;
         load(name, &bytes)?;
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// The encoders' config.json
+
+/// `EncoderConfig::from_dir` of a directory (of this test thread) whose config.json is
+/// `bytes`, under the bound; whether it was accepted.
+fn encoder_config(bytes: &[u8]) -> Result<bool, TestCaseError> {
+    let path = std::env::temp_dir()
+        .join(format!(
+            "lathe-fuzz-encoder-{}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ))
+        .join("config.json");
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    std::fs::write(&path, bytes).unwrap();
+    let (config, peak) = peak_alloc_during(|| EncoderConfig::from_dir(path.parent().unwrap()));
+    let bound = parse_alloc_bound(bytes.len());
+    prop_assert!(peak <= bound, "config.json of {} bytes allocated {peak} > {bound}", bytes.len());
+    Ok(config.is_ok())
+}
+
+fn odd_json() -> impl Strategy<Value = serde_json::Value> {
+    prop_oneof![
+        Just(serde_json::Value::Null),
+        Just(serde_json::json!(0)),
+        Just(serde_json::json!(-1)),
+        Just(serde_json::json!(u64::MAX)),
+        Just(serde_json::json!(1u64 << 60)),
+        Just(serde_json::json!(1e308)),
+        Just(serde_json::json!("gelu_new")),
+        Just(serde_json::json!({"0": "NEGATIVE", "7": "POSITIVE"})),
+        Just(serde_json::json!({"18446744073709551615": "x"})),
+        Just(serde_json::json!({"pooling": "cls"})),
+        Just(serde_json::json!([1, 2])),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, failure_persistence: None, ..ProptestConfig::default() })]
+
+    #[test]
+    fn encoder_config_odd_values(distil in any::<bool>(),
+                                 edits in prop::collection::vec((any::<prop::sample::Index>(), odd_json()), 1..4),
+                                 cut in any::<prop::sample::Index>()) {
+        let name = if distil { "tiny_distilbert" } else { "tiny_bert" };
+        let text = std::fs::read_to_string(fixture(name).join("config.json")).unwrap();
+        prop_assert!(encoder_config(text.as_bytes())?);
+        let trimmed = text.trim_end();
+        prop_assert!(!encoder_config(&trimmed.as_bytes()[..cut.index(trimmed.len())])?);
+        let mut value: serde_json::Value = serde_json::from_str(&text).unwrap();
+        let map = value.as_object_mut().unwrap();
+        for (at, v) in edits {
+            let key = map.keys().nth(at.index(map.len())).unwrap().clone();
+            map.insert(key, v);
+        }
+        encoder_config(value.to_string().as_bytes())?;
     }
 }
 

@@ -38,7 +38,10 @@ fn write(name: &str, bytes: &[u8]) -> PathBuf {
 
 fn within_bound(what: &str, len: usize, peak: usize) -> Result<(), TestCaseError> {
     let bound = parse_alloc_bound(len);
-    prop_assert!(peak <= bound, "{what} of {len} bytes allocated {peak} > {bound}");
+    prop_assert!(
+        peak <= bound,
+        "{what} of {len} bytes allocated {peak} > {bound}"
+    );
     Ok(())
 }
 
@@ -141,7 +144,10 @@ fn read_any_texts(ext: &str, bytes: &[u8]) -> Result<bool, TestCaseError> {
     let (read, peak) = peak_alloc_during(|| read_texts(&path, "text"));
     within_bound("texts", bytes.len(), peak)?;
     if let Err(e) = &read {
-        prop_assert!(format!("{e:#}").contains("texts."), "error without the file: {e:#}");
+        prop_assert!(
+            format!("{e:#}").contains("texts."),
+            "error without the file: {e:#}"
+        );
     }
     Ok(read.is_ok())
 }
@@ -179,7 +185,10 @@ proptest! {
 
 /// `parse_jsonl` of `metrics`, then `lathe report` over a folder with these logs.
 fn report(metrics: &[u8], samples: &[u8]) -> Result<(), TestCaseError> {
-    let dir = write("metrics.jsonl", metrics).parent().unwrap().to_path_buf();
+    let dir = write("metrics.jsonl", metrics)
+        .parent()
+        .unwrap()
+        .to_path_buf();
     write("samples.jsonl", samples);
     let len = metrics.len() + samples.len();
     let ((), peak) = peak_alloc_during(|| {

@@ -20,7 +20,10 @@ static ALLOC: CountingAlloc = CountingAlloc;
 fn scratch_file(tag: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("lathe-fuzz-st-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    dir.join(format!("{tag}-{:?}.safetensors", std::thread::current().id()))
+    dir.join(format!(
+        "{tag}-{:?}.safetensors",
+        std::thread::current().id()
+    ))
 }
 
 /// A safetensors file from a JSON header and raw data bytes.
@@ -53,7 +56,9 @@ fn parse_both(bytes: &[u8], tag: &str) -> Result<bool, TestCaseError> {
     let (streamed, peak) = peak_alloc_during(|| match SafetensorsFile::open(&path) {
         Ok(file) => {
             let names: Vec<String> = file.names().map(str::to_string).collect();
-            names.iter().all(|name| file.read(name, &Device::Cpu).is_ok())
+            names
+                .iter()
+                .all(|name| file.read(name, &Device::Cpu).is_ok())
         }
         Err(_) => false,
     });
@@ -81,8 +86,7 @@ fn dim() -> impl Strategy<Value = u64> {
 
 fn dtype() -> impl Strategy<Value = &'static str> {
     prop::sample::select(vec![
-        "F32", "F16", "BF16", "U32", "I8", "U8", "F64", "BOOL", "I64", "F8_E4M3", "F4", "Q4",
-        "",
+        "F32", "F16", "BF16", "U32", "I8", "U8", "F64", "BOOL", "I64", "F8_E4M3", "F4", "Q4", "",
     ])
 }
 

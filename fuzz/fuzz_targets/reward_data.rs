@@ -8,7 +8,11 @@ fuzz_target!(|data: &[u8]| {
     let Some((&pick, body)) = data.split_first() else {
         return;
     };
-    let name = if pick & 1 == 0 { "data.json" } else { "data.jsonl" };
+    let name = if pick & 1 == 0 {
+        "data.json"
+    } else {
+        "data.jsonl"
+    };
     let path = lathe_fuzz::write_file(name, body);
     let _ = lathe_reward::data::load(&path);
 });

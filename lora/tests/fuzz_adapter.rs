@@ -48,7 +48,10 @@ fn load(config: &[u8], weights: &[u8]) -> Result<bool, TestCaseError> {
         load_adapter(&dir, &Device::Cpu).is_ok()
     });
     let bound = parse_alloc_bound(len);
-    prop_assert!(peak <= bound, "adapter of {len} bytes allocated {peak} > {bound}");
+    prop_assert!(
+        peak <= bound,
+        "adapter of {len} bytes allocated {peak} > {bound}"
+    );
     Ok(loaded)
 }
 

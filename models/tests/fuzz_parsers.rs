@@ -282,7 +282,11 @@ fn parse_config(text: &str) -> Result<bool, TestCaseError> {
     let _ = config.load_warning("config.json");
     let written = config.to_json_string().unwrap();
     let again = ModelConfig::from_json_str(&written, "written");
-    prop_assert!(again.is_ok(), "written config does not read back: {:?}", again.err());
+    prop_assert!(
+        again.is_ok(),
+        "written config does not read back: {:?}",
+        again.err()
+    );
     Ok(true)
 }
 
@@ -437,8 +441,13 @@ fn gguf_offset_near_2_pow_64_is_an_error() {
         .find(|&(_, kind)| kind == Claim::Offset)
         .unwrap();
     bytes[at..at + 8].copy_from_slice(&0u64.wrapping_sub(32).to_le_bytes());
-    let e = GgufFile::from_bytes("near.gguf", bytes).unwrap_err().to_string();
-    assert!(e.contains("near.gguf") && e.contains("runs past the end"), "{e}");
+    let e = GgufFile::from_bytes("near.gguf", bytes)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("near.gguf") && e.contains("runs past the end"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -447,10 +456,6 @@ fn tokenizer_json_cut_in_its_decoder_is_an_error() {
     let text = tokenizer_text();
     let cut = text.find("\"decoder\"").unwrap() + "\"decoder\": {".len();
     assert!(!parse_tokenizer(&text.as_bytes()[..cut]).unwrap());
-    let deep = format!(
-        r#"{{"decoder": {}{}}}"#,
-        "[".repeat(200),
-        "]".repeat(200)
-    );
+    let deep = format!(r#"{{"decoder": {}{}}}"#, "[".repeat(200), "]".repeat(200));
     assert!(!parse_tokenizer(deep.as_bytes()).unwrap());
 }

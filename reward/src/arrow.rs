@@ -241,7 +241,8 @@ fn read_batch(
     holds(
         "text offsets",
         offsets,
-        rows.checked_add(1).and_then(|n| n.checked_mul(offset_bytes)),
+        rows.checked_add(1)
+            .and_then(|n| n.checked_mul(offset_bytes)),
     )?;
     let offset_at = |i: usize| -> Result<usize> {
         let o = if wide {

@@ -353,7 +353,11 @@ fn encoder_config(bytes: &[u8]) -> Result<bool, TestCaseError> {
     std::fs::write(&path, bytes).unwrap();
     let (config, peak) = peak_alloc_during(|| EncoderConfig::from_dir(path.parent().unwrap()));
     let bound = parse_alloc_bound(bytes.len());
-    prop_assert!(peak <= bound, "config.json of {} bytes allocated {peak} > {bound}", bytes.len());
+    prop_assert!(
+        peak <= bound,
+        "config.json of {} bytes allocated {peak} > {bound}",
+        bytes.len()
+    );
     Ok(config.is_ok())
 }
 
@@ -425,7 +429,13 @@ fn arrow_claims_beyond_the_file_are_errors() {
     };
     // The indices above name what they should.
     assert_eq!(
-        [FIELD_COUNT, BATCH_BODY_LENGTH, ROW_COUNT, TEXT_OFFSETS_OFFSET].map(value),
+        [
+            FIELD_COUNT,
+            BATCH_BODY_LENGTH,
+            ROW_COUNT,
+            TEXT_OFFSETS_OFFSET
+        ]
+        .map(value),
         [3, 96, 3, 24]
     );
     for (index, claim, why) in [

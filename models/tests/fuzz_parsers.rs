@@ -459,3 +459,30 @@ fn tokenizer_json_cut_in_its_decoder_is_an_error() {
     let deep = format!(r#"{{"decoder": {}{}}}"#, "[".repeat(200), "]".repeat(200));
     assert!(!parse_tokenizer(deep.as_bytes()).unwrap());
 }
+
+#[test]
+fn tokenizer_json_with_a_template_encoding_would_panic_on_is_an_error() {
+    // Found by `cargo fuzz run tokenizer_json`: "[SEP]" of the single template mutated to
+    // "[SEPU" loaded, then encoding panicked ("no entry found for key", template.rs).
+    let edits: [(&str, serde_json::Value); 3] = [
+        ("/post_processor/single/2/SpecialToken/id", "[SEPU".into()),
+        ("/post_processor/single/1/Sequence/id", "B".into()),
+        (
+            "/post_processor/special_tokens/[SEP]/ids",
+            serde_json::json!([102, 103]),
+        ),
+    ];
+    for (pointer, value) in edits {
+        let mut json: Json = serde_json::from_str(&tokenizer_text()).unwrap();
+        *json.pointer_mut(pointer).unwrap() = value;
+        let dir = std::env::temp_dir().join(format!("lathe-template-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("tokenizer.json");
+        std::fs::write(&path, json.to_string()).unwrap();
+        let e = Tokenizer::from_file(&path).unwrap_err().to_string();
+        assert!(
+            e.contains("tokenizer.json") && e.contains("post_processor"),
+            "{pointer}: {e}"
+        );
+    }
+}

@@ -346,8 +346,8 @@ proptest! {
 
 #[test]
 fn the_mutated_configs_are_valid() {
-    for pick in 0..CONFIGS.len() {
-        ModelConfig::from_json_str(&config_text(pick), CONFIGS[pick]).unwrap();
+    for (pick, name) in CONFIGS.iter().enumerate() {
+        ModelConfig::from_json_str(&config_text(pick), name).unwrap();
     }
 }
 

@@ -1,5 +1,8 @@
 //! Test helpers shared by every crate's tests: an explicit tolerance that reports the worst
-//! element, a finite-difference gradient check, and the GPU device tests run on.
+//! element, a finite-difference gradient check, the GPU device tests run on, and a counting
+//! allocator for the parsers' allocation bounds ([`CountingAlloc`]).
+
+use std::cell::Cell;
 
 use crate::{Device, Result, Tensor};
 
@@ -186,4 +189,99 @@ mod tests {
         assert!(compare(&[1.0, f32::NAN], &[1.0, 1.0], Tolerance::new(1.0, 1.0)).is_err());
         assert!(compare(&[1.0, 2.0], &[1.0005, 2.0], Tolerance::new(1e-3, 0.0)).is_ok());
     }
+}
+
+/// A global allocator for test binaries that counts, per thread, the heap bytes live and
+/// their peak, so a parser test can assert that a file's claims (a header length, a count,
+/// a shape of 2^60) never drive an allocation beyond a bound derived from the input's size.
+/// A test binary installs it with
+/// `#[global_allocator] static ALLOC: CountingAlloc = CountingAlloc;` and measures with
+/// [`peak_alloc_during`]. Per thread, because tests run in parallel threads; the parsers
+/// measured allocate on the calling thread (C code's own `malloc`, e.g. onig's regexes, is
+/// not seen).
+pub struct CountingAlloc;
+
+mod counting {
+    use std::cell::Cell;
+
+    thread_local! {
+        // const-initialised Cells without destructors: usable from inside the allocator
+        // (no allocation, no lazy initialisation) and during thread teardown.
+        pub static LIVE: Cell<isize> = const { Cell::new(0) };
+        pub static PEAK: Cell<isize> = const { Cell::new(0) };
+    }
+
+    pub fn add(bytes: usize) {
+        let _ = LIVE.try_with(|live| {
+            let now = live.get().saturating_add(bytes as isize);
+            live.set(now);
+            let _ = PEAK.try_with(|peak| peak.set(peak.get().max(now)));
+        });
+    }
+
+    pub fn sub(bytes: usize) {
+        let _ = LIVE.try_with(|live| live.set(live.get().saturating_sub(bytes as isize)));
+    }
+}
+
+// SAFETY: every call is forwarded to the system allocator unchanged; the counters only
+// observe sizes.
+unsafe impl std::alloc::GlobalAlloc for CountingAlloc {
+    unsafe fn alloc(&self, layout: std::alloc::Layout) -> *mut u8 {
+        let p = unsafe { std::alloc::System.alloc(layout) };
+        if !p.is_null() {
+            counting::add(layout.size());
+        }
+        p
+    }
+
+    unsafe fn alloc_zeroed(&self, layout: std::alloc::Layout) -> *mut u8 {
+        let p = unsafe { std::alloc::System.alloc_zeroed(layout) };
+        if !p.is_null() {
+            counting::add(layout.size());
+        }
+        p
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: std::alloc::Layout) {
+        unsafe { std::alloc::System.dealloc(ptr, layout) };
+        counting::sub(layout.size());
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: std::alloc::Layout, new: usize) -> *mut u8 {
+        let p = unsafe { std::alloc::System.realloc(ptr, layout, new) };
+        if !p.is_null() {
+            // A moving realloc holds both blocks for a moment: count the new one first.
+            counting::add(new);
+            counting::sub(layout.size());
+        }
+        p
+    }
+}
+
+/// Runs `f` and returns its result with the peak of heap bytes the calling thread held
+/// during it beyond what it held before. Panics when [`CountingAlloc`] is not the test
+/// binary's global allocator (the peak would read 0 and every bound would pass).
+pub fn peak_alloc_during<R>(f: impl FnOnce() -> R) -> (R, usize) {
+    let before = counting::LIVE.with(Cell::get);
+    let probe = std::hint::black_box(Box::new([0u8; 64]));
+    assert!(
+        counting::LIVE.with(Cell::get) >= before + 64,
+        "peak_alloc_during needs `#[global_allocator] static ALLOC: CountingAlloc = CountingAlloc;`"
+    );
+    drop(probe);
+    let start = counting::LIVE.with(Cell::get);
+    counting::PEAK.with(|p| p.set(start));
+    let out = f();
+    let peak = counting::PEAK.with(Cell::get);
+    (out, (peak - start).max(0) as usize)
+}
+
+/// The allocation bound every parser of untrusted bytes is held to by its tests: the peak
+/// heap of one parse is at most 16 MiB plus 64 bytes per input byte. A claim in the input
+/// (a length, a count, a shape) can then never buy more memory than the input itself
+/// carries, up to the constant factor of the parsed form (a JSON `0` of 2 bytes becomes a
+/// 32-byte value; a GGUF u8 array element a 32-byte value).
+pub fn parse_alloc_bound(input_len: usize) -> usize {
+    (16 << 20) + 64 * input_len
 }

@@ -665,7 +665,9 @@ fn check_tensor_extent(
             ty.name(),
             t.shape,
             t.offset,
-            data_offset as u64 + t.offset
+            // u128: an offset near 2^64 (aligned, so past the checks above) must not
+            // overflow the message.
+            data_offset as u128 + t.offset as u128
         ));
     }
     Ok(())

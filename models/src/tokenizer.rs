@@ -94,10 +94,27 @@ impl Tokenizer {
     pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
         let source = path.display().to_string();
-        let inner = tokenizers::Tokenizer::from_file(path).map_err(|e| Error::Tokenizer {
+        let load_error = |detail: String| Error::Tokenizer {
             path: source.clone(),
-            detail: format!("cannot load tokenizer.json: {e}"),
-        })?;
+            detail: format!("cannot load tokenizer.json: {detail}"),
+        };
+        let text = std::fs::read_to_string(path).map_err(|e| load_error(e.to_string()))?;
+        // tokenizers 0.22 panics (`expect("Helper")` in decoders/mod.rs) instead of returning
+        // its error when the `decoder` value is cut short or nested past serde_json's depth
+        // limit. The same parser with the same limit checks the text as JSON first, so only
+        // well-formed documents reach it; the catch is a backstop for panics of the crate on
+        // other malformed input (a library never panics on a bad file).
+        serde_json::from_str::<serde_json::Value>(&text)
+            .map_err(|e| load_error(format!("invalid JSON: {e}")))?;
+        let inner = std::panic::catch_unwind(|| text.parse::<tokenizers::Tokenizer>())
+            .map_err(|_| load_error("the tokenizers crate panicked on its contents".into()))?
+            .map_err(|e| load_error(e.to_string()))?;
+        if let Some(post) = inner.get_post_processor() {
+            serde_json::to_value(post)
+                .map_err(|e| e.to_string())
+                .and_then(|post| check_post_processor(&post))
+                .map_err(|e| load_error(format!("post_processor: {e}")))?;
+        }
         // A tokenizer.json may carry padding/truncation settings (all-MiniLM-L6-v2's pads to
         // 128); transformers resets them on every call unless asked, and so do we: encode
         // returns exactly the text's ids. Batching pads on its own.
@@ -375,6 +392,59 @@ fn pre_tokenizer(pre: &str) -> std::result::Result<PreTokenizerWrapper, String> 
             PRE_GPT2.join(", "),
             PRE_DIGITS_THEN_GPT2.join(", ")
         ))
+    }
+}
+
+/// Checks a post-processor (as the `tokenizers` crate serializes it) the way that crate's
+/// builder does, and more: deserializing a tokenizer.json skips the builder, and encoding
+/// then panics on a template naming a special token it does not define, on `$B` in the
+/// single-sequence template (there is no second sequence), or on a special token whose ids
+/// and tokens differ in number. Nested `Sequence` post-processors are checked too.
+fn check_post_processor(post: &serde_json::Value) -> std::result::Result<(), String> {
+    use serde_json::Value;
+    match post.get("type").and_then(Value::as_str) {
+        Some("Sequence") => post
+            .get("processors")
+            .and_then(Value::as_array)
+            .map_or(Ok(()), |all| all.iter().try_for_each(check_post_processor)),
+        Some("TemplateProcessing") => {
+            let empty = serde_json::Map::new();
+            let specials = post
+                .get("special_tokens")
+                .and_then(Value::as_object)
+                .unwrap_or(&empty);
+            for (name, token) in specials {
+                let count = |key: &str| token.get(key).and_then(Value::as_array).map(Vec::len);
+                if count("ids") != count("tokens") {
+                    return Err(format!(
+                        "special token {name:?} has {:?} ids but {:?} tokens",
+                        count("ids"),
+                        count("tokens")
+                    ));
+                }
+            }
+            for (template, second_allowed) in [("single", false), ("pair", true)] {
+                let pieces = post.get(template).and_then(Value::as_array);
+                for piece in pieces.into_iter().flatten() {
+                    if let Some(id) = piece.pointer("/SpecialToken/id").and_then(Value::as_str) {
+                        if !specials.contains_key(id) {
+                            return Err(format!(
+                                "the {template} template uses special token {id:?}, which is \
+                                 not among its special_tokens"
+                            ));
+                        }
+                    }
+                    let sequence = piece.pointer("/Sequence/id").and_then(Value::as_str);
+                    if !second_allowed && sequence == Some("B") {
+                        return Err(format!(
+                            "the {template} template uses sequence $B (single texts have one)"
+                        ));
+                    }
+                }
+            }
+            Ok(())
+        }
+        _ => Ok(()),
     }
 }
 

@@ -7,6 +7,10 @@
 //! it. Only what is needed of the flatbuffer schema (Arrow `Schema.fbs`/`Message.fbs`) is
 //! decoded here. Unsupported: compression, dictionary-encoded or nested columns before or at
 //! the columns read, big-endian data.
+//!
+//! Every position, length and count in the file is checked against the bytes that hold it
+//! before it is used or allocated for: a malformed stream is an error naming the file, never
+//! a panic, and memory grows with the file's size, not with what its headers claim.
 
 use std::path::Path;
 
@@ -33,8 +37,10 @@ struct Fb<'a> {
 
 impl<'a> Fb<'a> {
     fn bytes<const N: usize>(&self, pos: usize) -> Result<[u8; N]> {
+        // `get(pos..)` first: `pos + N` overflows for a position near usize::MAX.
         self.buf
-            .get(pos..pos + N)
+            .get(pos..)
+            .and_then(|s| s.get(..N))
             .and_then(|s| s.try_into().ok())
             .ok_or_else(|| Error::Config("arrow: flatbuffer read out of bounds".into()))
     }
@@ -50,7 +56,8 @@ impl<'a> Fb<'a> {
     /// The position of field `id` of the table at `table`, `None` when absent.
     fn field(&self, table: usize, id: usize) -> Result<Option<usize>> {
         let soffset = i32::from_le_bytes(self.bytes(table)?) as i64;
-        let vtable = (table as i64 - soffset) as usize;
+        let vtable = usize::try_from(table as i64 - soffset)
+            .map_err(|_| Error::Config("arrow: flatbuffer vtable before the buffer".into()))?;
         let vlen = u16::from_le_bytes(self.bytes(vtable)?) as usize;
         let slot = 4 + 2 * id;
         if slot + 2 > vlen {
@@ -84,18 +91,30 @@ impl<'a> Fb<'a> {
     fn table_field(&self, table: usize, id: usize) -> Result<Option<usize>> {
         self.field(table, id)?.map(|p| self.deref(p)).transpose()
     }
-    /// (element start, length) of the vector field `id`.
-    fn vector_field(&self, table: usize, id: usize) -> Result<(usize, usize)> {
+    /// (element start, length) of the vector field `id`, whose elements are `elem_size`
+    /// bytes each: a length the buffer cannot hold is an error, so a caller may allocate
+    /// for it.
+    fn vector_field(&self, table: usize, id: usize, elem_size: usize) -> Result<(usize, usize)> {
         match self.field(table, id)? {
             Some(p) => {
                 let v = self.deref(p)?;
-                Ok((v + 4, self.u32(v)? as usize))
+                let len = self.u32(v)? as usize;
+                let fits = len
+                    .checked_mul(elem_size)
+                    .and_then(|n| n.checked_add(v + 4))
+                    .is_some_and(|end| end <= self.buf.len());
+                if !fits {
+                    return Err(Error::Config(format!(
+                        "arrow: flatbuffer vector of {len} elements runs past the metadata"
+                    )));
+                }
+                Ok((v + 4, len))
             }
             None => Ok((0, 0)),
         }
     }
     fn string_field(&self, table: usize, id: usize) -> Result<String> {
-        let (start, len) = self.vector_field(table, id)?;
+        let (start, len) = self.vector_field(table, id, 1)?;
         let bytes = self
             .buf
             .get(start..start + len)
@@ -114,7 +133,7 @@ struct Column {
 }
 
 fn read_schema(fb: &Fb, header: usize) -> Result<Vec<Column>> {
-    let (start, len) = fb.vector_field(header, 1)?;
+    let (start, len) = fb.vector_field(header, 1, 4)?;
     let mut columns = Vec::with_capacity(len);
     for i in 0..len {
         let field = fb.deref(start + 4 * i)?;
@@ -156,18 +175,45 @@ fn read_batch(
             "arrow: compressed record batches are not supported".into(),
         ));
     }
-    let rows = fb.i64_field(header, 0)? as usize;
-    let (bufs, nbufs) = fb.vector_field(header, 2)?;
+    let rows = fb.i64_field(header, 0)?;
+    let rows = usize::try_from(rows)
+        .map_err(|_| Error::Config(format!("arrow: record batch of {rows} rows")))?;
+    let (bufs, nbufs) = fb.vector_field(header, 2, 16)?;
     let buffer = |i: usize| -> Result<&[u8]> {
         if i >= nbufs {
             return Err(Error::Config(
                 "arrow: record batch has too few buffers".into(),
             ));
         }
-        let offset = fb.i64(bufs + 16 * i)? as usize;
-        let len = fb.i64(bufs + 16 * i + 8)? as usize;
-        body.get(offset..offset + len)
-            .ok_or_else(|| Error::Config("arrow: buffer outside the message body".into()))
+        let (offset, len) = (fb.i64(bufs + 16 * i)?, fb.i64(bufs + 16 * i + 8)?);
+        usize::try_from(offset)
+            .ok()
+            .zip(usize::try_from(len).ok())
+            .and_then(|(o, l)| body.get(o..o.checked_add(l)?))
+            .ok_or_else(|| {
+                Error::Config(format!(
+                    "arrow: buffer {i} ({len} bytes at {offset}) outside the message body ({} \
+                     bytes)",
+                    body.len()
+                ))
+            })
+    };
+    // Each buffer must hold `rows` entries (Arrow's rule): the row count is then bounded by
+    // the body's size before anything is allocated for it.
+    let holds = |what: &str, buf: &[u8], need: Option<usize>| -> Result<()> {
+        match need {
+            Some(n) if buf.len() >= n => Ok(()),
+            _ => Err(Error::Config(format!(
+                "arrow: {what} buffer of {} bytes is too short for {rows} rows",
+                buf.len()
+            ))),
+        }
+    };
+    let bitmap_ok = |what: &str, bitmap: &[u8]| -> Result<()> {
+        if bitmap.is_empty() {
+            return Ok(()); // no nulls
+        }
+        holds(what, bitmap, Some(rows.div_ceil(8)))
     };
     // The first buffer index of each column (flat columns only up to the ones read).
     let last = text_col.max(label_col);
@@ -190,6 +236,14 @@ fn read_batch(
     let offsets = buffer(first[text_col] + 1)?;
     let data = buffer(first[text_col] + 2)?;
     let wide = text.type_tag == TYPE_LARGE_UTF8;
+    bitmap_ok("text validity", validity)?;
+    let offset_bytes = if wide { 8 } else { 4 };
+    holds(
+        "text offsets",
+        offsets,
+        rows.checked_add(1)
+            .and_then(|n| n.checked_mul(offset_bytes)),
+    )?;
     let offset_at = |i: usize| -> Result<usize> {
         let o = if wide {
             offsets
@@ -207,6 +261,8 @@ fn read_batch(
     let lvalid = buffer(first[label_col])?;
     let ldata = buffer(first[label_col] + 1)?;
     let width = (label.bit_width / 8) as usize;
+    bitmap_ok("label validity", lvalid)?;
+    holds("label", ldata, rows.checked_mul(width))?;
     let mut out = Vec::with_capacity(rows);
     for i in 0..rows {
         let t = if valid(validity, i) {
@@ -245,6 +301,11 @@ pub fn read_columns(path: &Path) -> Result<Vec<(Option<String>, Option<i64>)>> {
         path: label.clone(),
         detail,
     };
+    // The flatbuffer readers' errors, named by the file.
+    let in_file = |e: Error| match e {
+        Error::Config(detail) => file_err(detail),
+        other => other,
+    };
     let bytes = std::fs::read(path).map_err(|e| file_err(format!("cannot read: {e}")))?;
     let mut pos = 0usize;
     let mut columns: Option<Vec<Column>> = None;
@@ -271,19 +332,27 @@ pub fn read_columns(path: &Path) -> Result<Vec<(Option<String>, Option<i64>)>> {
             .ok_or_else(|| file_err("truncated Arrow message".into()))?;
         pos += len as usize;
         let fb = Fb { buf: meta };
-        let message = fb.root()?;
-        let header_type = fb.u8_field(message, 1)?;
+        let message = fb.root().map_err(in_file)?;
+        let header_type = fb.u8_field(message, 1).map_err(in_file)?;
         let header = fb
-            .table_field(message, 2)?
+            .table_field(message, 2)
+            .map_err(in_file)?
             .ok_or_else(|| file_err("Arrow message without a header".into()))?;
-        let body_len = fb.i64_field(message, 3)? as usize;
-        let body = bytes
-            .get(pos..pos + body_len)
-            .ok_or_else(|| file_err("truncated Arrow message body".into()))?;
+        let body_len = fb.i64_field(message, 3).map_err(in_file)?;
+        let body = usize::try_from(body_len)
+            .ok()
+            .and_then(|n| bytes.get(pos..pos.checked_add(n)?))
+            .ok_or_else(|| {
+                file_err(format!(
+                    "truncated Arrow message body ({body_len} bytes at byte {pos}, the file has {})",
+                    bytes.len()
+                ))
+            })?;
+        let body_len = body.len();
         pos += body_len;
         match header_type {
             HEADER_SCHEMA => {
-                let cols = read_schema(&fb, header)?;
+                let cols = read_schema(&fb, header).map_err(in_file)?;
                 let find =
                     |names: &[&str]| cols.iter().position(|c| names.contains(&c.name.as_str()));
                 let text = find(&["sentence", "text"])
@@ -308,8 +377,7 @@ pub fn read_columns(path: &Path) -> Result<Vec<(Option<String>, Option<i64>)>> {
                     .as_ref()
                     .ok_or_else(|| file_err("record batch before the schema".into()))?;
                 rows.extend(
-                    read_batch(&fb, header, body, cols, picked.0, picked.1)
-                        .map_err(|e| file_err(e.to_string()))?,
+                    read_batch(&fb, header, body, cols, picked.0, picked.1).map_err(in_file)?,
                 );
             }
             other => {

@@ -194,9 +194,11 @@ pub fn render(plan: &MemoryPlan) -> String {
 /// its byte count to compare with the measured peak).
 pub fn summary(plan: &MemoryPlan, budget: u64) -> String {
     format!(
-        "memory plan: {} peak ({} bytes: weights {}, loading {}, run {}), budget {}",
+        "memory plan: {} peak ({} bytes; runtime + weights {} bytes: weights {}, loading {}, \
+         run {}), budget {}",
         gib(plan.total()),
         plan.total(),
+        plan.runtime + plan.weights,
         gib(plan.weights),
         gib(plan.loading),
         gib(plan.working_set()),

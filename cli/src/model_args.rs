@@ -81,10 +81,11 @@ impl ModelArgs {
         crate::resume::model_fingerprint(&self.model, &precision, adapter)
     }
 
-    /// Plans the job's memory from the model's config.json and refuses it, before anything
-    /// loads, when it will not fit the budget (`--budget`, else this machine's RAM for
-    /// `--device cpu|auto`; with `--device gpu` only given `--budget`, as wgpu does not report
-    /// device memory). GGUF files are not planned.
+    /// Plans the job's memory from the model's config.json (or a GGUF file's header) and
+    /// refuses it, before anything loads, when it will not fit the budget (`--budget`, else
+    /// this machine's RAM for `--device cpu|auto`; with `--device gpu` only given
+    /// `--budget`, as wgpu does not report device memory). A LoRA rank above a targeted
+    /// layer's width is refused here too.
     pub fn preflight(&self, mut settings: PlanSettings) -> Result<()> {
         if self.no_preflight || !self.model.exists() {
             return Ok(());
@@ -96,6 +97,21 @@ impl ModelArgs {
         settings.embeddings_f16 = self.embeddings_f16;
         if settings.lora_targets.is_empty() {
             settings.lora_targets = crate::plan_cmd::default_targets(&config);
+        }
+        // A rank above a targeted layer's width is refused here, as the adapter would refuse
+        // it, rather than planned as terabytes.
+        for layer in lathe_models::plan::block_linears(&config) {
+            let width = layer.out.min(layer.input);
+            if settings.lora_r > width && settings.lora_targets.iter().any(|t| t == layer.name) {
+                bail!(
+                    "{}: LoRA rank r = {} exceeds the layer's width min(in {}, out {}) = {width}: \
+                     give r in 1..={width}",
+                    layer.name,
+                    settings.lora_r,
+                    layer.input,
+                    layer.out
+                );
+            }
         }
         let budget = match (&self.budget, self.device) {
             (Some(text), _) => crate::plan_cmd::parse_bytes(text)?,

@@ -92,8 +92,22 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
     if args.batch_size == 0 {
         bail!("--batch-size must be at least 1");
     }
-    // A prompt has at most one token per byte (byte-level BPE), so this bounds its length.
-    let longest = prompts.iter().map(String::len).max().unwrap_or(0);
+    // The longest prompt in tokens (the tokenizer loads in a moment, the model may take
+    // minutes); without a tokenizer on its own, a prompt has at most one token per byte.
+    let longest = match args.model.tokenizer() {
+        Ok(tokenizer) => prompts
+            .iter()
+            .map(|p| {
+                tokenizer
+                    .encode(p, !args.no_special_tokens)
+                    .map(|ids| ids.len())
+            })
+            .collect::<std::result::Result<Vec<_>, _>>()?
+            .into_iter()
+            .max()
+            .unwrap_or(0),
+        Err(_) => prompts.iter().map(String::len).max().unwrap_or(0),
+    };
     args.model.preflight(PlanSettings {
         batch: args.batch_size.min(prompts.len()),
         train_batch: args.batch_size.min(prompts.len()),

@@ -98,6 +98,11 @@ impl ModelArgs {
         if settings.lora_targets.is_empty() {
             settings.lora_targets = crate::plan_cmd::default_targets(&config);
         }
+        // No sequence outruns the model's positions: a longer request is refused by the run's
+        // own check, with its reason, not planned as a sequence the model cannot hold.
+        settings.seq_len = settings
+            .seq_len
+            .min(config.max_position_embeddings().max(1));
         // A rank above a targeted layer's width is refused here, as the adapter would refuse
         // it, rather than planned as terabytes.
         for layer in lathe_models::plan::block_linears(&config) {

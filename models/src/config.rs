@@ -1082,6 +1082,14 @@ impl ModelConfig {
         }
     }
 
+    /// The longest sequence the model's positions cover.
+    pub fn max_position_embeddings(&self) -> usize {
+        match self {
+            ModelConfig::GptNeox(c) => c.max_position_embeddings,
+            ModelConfig::Llama(c) => c.max_position_embeddings,
+        }
+    }
+
     pub fn bos_token_id(&self) -> Option<u32> {
         match self {
             ModelConfig::GptNeox(c) => c.bos_token_id,

@@ -5,70 +5,25 @@
 //! (SFT lr 1e30 after a checkpoint, PPO lr 1e30), a NaN setting against an earlier PPO
 //! checkpoint, and Ctrl-C's exit status.
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 use std::sync::atomic::AtomicBool;
 
 use lathe_cli::sft::SftConfig;
 use lathe_core::Device;
 use lathe_models::pretrained::{Precision, Pretrained};
 
-fn fixture_model() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models/tests/fixtures/gguf_model_tied.gguf")
+mod common;
+use common::{fixture_model, lathe, path, snapshot, strings};
+
+fn scratch(name: &str) -> PathBuf {
+    common::scratch_in("bad", name)
 }
 
 fn fixture(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("../reward/tests/fixtures")
         .join(name)
-}
-
-fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("lathe-bad-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
-/// Every file under `dir` (relative path -> bytes); empty when `dir` does not exist.
-fn snapshot(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
-    fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<PathBuf, Vec<u8>>) {
-        let Ok(entries) = std::fs::read_dir(dir) else {
-            return;
-        };
-        for entry in entries {
-            let path = entry.unwrap().path();
-            if path.is_dir() {
-                out.insert(
-                    path.strip_prefix(root).unwrap().to_path_buf(),
-                    b"<dir>".to_vec(),
-                );
-                walk(root, &path, out);
-            } else {
-                let bytes = std::fs::read(&path).unwrap();
-                out.insert(path.strip_prefix(root).unwrap().to_path_buf(), bytes);
-            }
-        }
-    }
-    let mut out = BTreeMap::new();
-    walk(dir, dir, &mut out);
-    out
-}
-
-fn lathe(args: &[String]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_lathe"))
-        .args(args)
-        .output()
-        .unwrap()
-}
-
-fn strings(args: &[&str]) -> Vec<String> {
-    args.iter().map(|s| s.to_string()).collect()
-}
-
-fn path(p: &Path) -> String {
-    p.display().to_string()
 }
 
 /// Runs each case (extra argv or a TOML file's text, expected error text) against `out`,

@@ -4,70 +4,17 @@
 //! non-zero and leaves `--out` byte for byte. A checkpoint left as `checkpoint.old` by a
 //! crash mid-save is resumed from, keeping the metrics of its steps.
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 
 use lathe_cli::sft::SftConfig;
 use lathe_core::{Device, Tensor};
 use lathe_models::pretrained::{Precision, Pretrained};
 
-fn repo(path: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("..")
-        .join(path)
-}
-
-fn fixture_model() -> PathBuf {
-    repo("models/tests/fixtures/gguf_model_tied.gguf")
-}
+mod common;
+use common::{fixture_model, lathe, path, repo, snapshot, stderr, strings};
 
 fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("lathe-resume-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
-/// Every file under `dir` (relative path -> bytes).
-fn snapshot(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
-    fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<PathBuf, Vec<u8>>) {
-        let Ok(entries) = std::fs::read_dir(dir) else {
-            return;
-        };
-        for entry in entries {
-            let path = entry.unwrap().path();
-            let key = path.strip_prefix(root).unwrap().to_path_buf();
-            if path.is_dir() {
-                out.insert(key, b"<dir>".to_vec());
-                walk(root, &path, out);
-            } else {
-                out.insert(key, std::fs::read(&path).unwrap());
-            }
-        }
-    }
-    let mut out = BTreeMap::new();
-    walk(dir, dir, &mut out);
-    out
-}
-
-fn lathe(args: &[String]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_lathe"))
-        .args(args)
-        .output()
-        .unwrap()
-}
-
-fn strings(args: &[&str]) -> Vec<String> {
-    args.iter().map(|s| s.to_string()).collect()
-}
-
-fn path(p: &Path) -> String {
-    p.display().to_string()
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
+    common::scratch_in("resume", name)
 }
 
 fn texts(dir: &Path, name: &str, salt: usize) -> PathBuf {

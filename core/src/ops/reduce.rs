@@ -6,6 +6,7 @@ use lathe_shaders::{grid_1d, MemCategory, Shader};
 use rayon::prelude::*;
 
 use crate::dtype::DType;
+use crate::ops::dispatch::gcd;
 use crate::ops::{alloc_f32, launch_rows, Arg};
 use crate::shape::check_dim;
 use crate::storage::{CpuStorage, Storage};
@@ -41,6 +42,18 @@ pub(crate) struct ReduceParams {
     pub axis: u32,
     pub inner: u32,
     pub _pad: u32,
+}
+
+impl ReduceParams {
+    /// A (rows, axis, inner) view: `rows` of the outer dim in this dispatch.
+    fn new(rows: usize, axis: usize, inner: usize) -> ReduceParams {
+        ReduceParams {
+            outer: rows as u32,
+            axis: axis as u32,
+            inner: inner as u32,
+            _pad: 0,
+        }
+    }
 }
 
 impl Tensor {
@@ -80,12 +93,7 @@ impl Tensor {
                     &[Arg::Rows(&out, inner * 4)],
                     outer,
                     |_, rows| {
-                        let params = ReduceParams {
-                            outer: rows as u32,
-                            axis: axis as u32,
-                            inner: inner as u32,
-                            _pad: 0,
-                        };
+                        let params = ReduceParams::new(rows, axis, inner);
                         (params, grid_1d((rows * inner) as u64, 256))
                     },
                 )?;
@@ -181,14 +189,6 @@ fn slab_over_a_binding(device: &Device, axis: usize, inner: usize) -> bool {
         .is_some_and(|ctx| axis * inner * 4 > ctx.binding_limit() as usize && axis * inner > 1)
 }
 
-fn gcd(a: usize, b: usize) -> usize {
-    if b == 0 {
-        a
-    } else {
-        gcd(b, a % b)
-    }
-}
-
 /// The gradient of `max_keepdim`: `g` (keepdim shape) scattered to the saved argmax.
 fn max_backward(g: &Tensor, argmax: &Tensor, in_shape: &[usize], dim: usize) -> Result<Tensor> {
     let (outer, axis, inner) = split_at_dim(in_shape, dim);
@@ -215,12 +215,7 @@ fn max_backward(g: &Tensor, argmax: &Tensor, in_shape: &[usize], dim: usize) -> 
                 &[Arg::Rows(&dx, axis * inner * 4)],
                 outer,
                 |_, rows| {
-                    let params = ReduceParams {
-                        outer: rows as u32,
-                        axis: axis as u32,
-                        inner: inner as u32,
-                        _pad: 0,
-                    };
+                    let params = ReduceParams::new(rows, axis, inner);
                     (params, grid_1d((rows * axis * inner) as u64, 256))
                 },
             )?;
@@ -301,12 +296,7 @@ impl Tensor {
                     &[Arg::Rows(&values, inner * 4), Arg::Rows(&idx, inner * 4)],
                     outer,
                     |_, rows| {
-                        let params = ReduceParams {
-                            outer: rows as u32,
-                            axis: axis as u32,
-                            inner: inner as u32,
-                            _pad: 0,
-                        };
+                        let params = ReduceParams::new(rows, axis, inner);
                         (params, grid_1d((rows * inner) as u64, 256))
                     },
                 )?;

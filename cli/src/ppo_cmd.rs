@@ -32,6 +32,7 @@ use serde_json::json;
 
 use crate::config_file::read_toml;
 use crate::progress::Progress;
+use crate::run_files::STATE_FILE;
 use crate::run_files::{append_jsonl, Interrupted};
 
 /// The run's settings beyond trl's PPOConfig: rollouts, LoRA, length of the run.
@@ -145,27 +146,13 @@ struct TrainerState {
     inputs: Option<crate::resume::Fingerprints>,
 }
 
-const STATE_FILE: &str = "trainer_state.json";
-
 /// Reads a checkpoint's trainer state and refuses one that no run of `file` wrote (a hand
 /// edit, a damaged file): a step beyond the run, an optimizer step count no PPO step count
 /// gives, a KL coefficient that is negative or of another controller, a step
 /// metrics.jsonl never recorded.
 fn read_state(dir: &Path, out: &Path, file: &PpoFile) -> Result<TrainerState> {
-    let path = dir.join(STATE_FILE);
-    let state: TrainerState = serde_json::from_str(
-        &std::fs::read_to_string(&path)
-            .with_context(|| format!("reading the checkpoint state {}", path.display()))?,
-    )
-    .with_context(|| format!("parsing the checkpoint state {}", path.display()))?;
-    let bad = |detail: String| {
-        anyhow::anyhow!(
-            "{}: {detail}; the checkpoint state is damaged or edited by hand. Delete {} to \
-             start over",
-            path.display(),
-            dir.display()
-        )
-    };
+    let state: TrainerState = crate::run_files::read_state(dir)?;
+    let bad = |detail: String| crate::run_files::damaged_state(dir, detail);
     if state.step == 0 {
         return Err(bad("step 0 (a checkpoint is written after a step)".into()));
     }

@@ -114,6 +114,28 @@ impl std::fmt::Display for Interrupted {
 impl std::error::Error for Interrupted {}
 
 /// Adam's (m, v) of every parameter as `m.{i}` / `v.{i}` in a safetensors file.
+/// The trainer state file of an SFT or PPO checkpoint.
+pub const STATE_FILE: &str = "trainer_state.json";
+
+/// Reads the trainer state of the checkpoint in `dir` as `T`.
+pub fn read_state<T: serde::de::DeserializeOwned>(dir: &Path) -> Result<T> {
+    let path = dir.join(STATE_FILE);
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("reading the checkpoint state {}", path.display()))?;
+    serde_json::from_str(&text)
+        .with_context(|| format!("parsing the checkpoint state {}", path.display()))
+}
+
+/// The error for a trainer state in `dir` that no run wrote (a hand edit, a damaged file).
+pub fn damaged_state(dir: &Path, detail: String) -> anyhow::Error {
+    anyhow::anyhow!(
+        "{}: {detail}; the checkpoint state is damaged or edited by hand. Delete {} to start \
+         over",
+        dir.join(STATE_FILE).display(),
+        dir.display()
+    )
+}
+
 pub fn save_moments(adam: &Adam, path: &Path) -> Result<()> {
     let mut tensors: Vec<(String, Tensor)> = Vec::new();
     for i in 0..adam.params().len() {

@@ -33,6 +33,7 @@ use serde_json::json;
 
 use crate::config_file::{flags_win, given_on_command_line, read_toml};
 use crate::progress::Progress;
+use crate::run_files::STATE_FILE;
 
 /// Everything that shapes a run (written to `run.json`; a resume must match it). Also the
 /// keys of `lathe sft --config FILE.toml`.
@@ -307,7 +308,6 @@ pub struct SftSummary {
 }
 
 const CHECKPOINT: &str = "checkpoint";
-const STATE_FILE: &str = "trainer_state.json";
 const OPTIMIZER_FILE: &str = "optimizer.safetensors";
 const METRICS_FILE: &str = "metrics.jsonl";
 
@@ -345,20 +345,8 @@ fn read_state(
     config: &SftConfig,
     total_steps: usize,
 ) -> Result<TrainerState> {
-    let path = dir.join(STATE_FILE);
-    let state: TrainerState = serde_json::from_str(
-        &std::fs::read_to_string(&path)
-            .with_context(|| format!("reading the checkpoint state {}", path.display()))?,
-    )
-    .with_context(|| format!("parsing the checkpoint state {}", path.display()))?;
-    let bad = |detail: String| {
-        anyhow::anyhow!(
-            "{}: {detail}; the checkpoint state is damaged or edited by hand. Delete {} to \
-             start over",
-            path.display(),
-            dir.display()
-        )
-    };
+    let state: TrainerState = crate::run_files::read_state(dir)?;
+    let bad = |detail: String| crate::run_files::damaged_state(dir, detail);
     if state.step == 0 {
         return Err(bad("step 0 (a checkpoint is written after a step)".into()));
     }

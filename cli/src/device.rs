@@ -17,7 +17,7 @@ pub enum DeviceArg {
 
 /// Opens the device. `gpu` never falls back to the CPU: it errors with the reason.
 pub fn open(arg: DeviceArg, allow_software_gpu: bool) -> Result<Device> {
-    let env = AdapterChoice::from_env();
+    let env = AdapterChoice::from_env()?;
     let choice = AdapterChoice {
         allow_software: allow_software_gpu || env.allow_software,
         ..env

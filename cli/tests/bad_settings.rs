@@ -708,3 +708,29 @@ fn sft_rerun_of_a_finished_run_keeps_its_summary() {
         out.display()
     );
 }
+
+#[test]
+fn a_malformed_binding_limit_in_the_environment_is_refused() {
+    // A typo in the test-only binding limit must not quietly run unsplit.
+    for value in ["abc", "0", "-5"] {
+        let out = Command::new(env!("CARGO_BIN_EXE_lathe"))
+            .args([
+                "generate",
+                "--model",
+                &path(&fixture_model()),
+                "--device",
+                "gpu",
+                "--allow-software-gpu",
+                "hi",
+            ])
+            .env("LATHE_GPU_MAX_BINDING", value)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{value}: {stderr}");
+        assert!(
+            stderr.contains("LATHE_GPU_MAX_BINDING") && stderr.contains("positive byte count"),
+            "{value}: {stderr}"
+        );
+    }
+}

@@ -20,17 +20,27 @@ pub struct AdapterChoice {
 }
 
 impl AdapterChoice {
-    /// Hardware only, unless `LATHE_ALLOW_SOFTWARE_GPU=1` is set in the environment.
-    pub fn from_env() -> Self {
+    /// Hardware only, unless `LATHE_ALLOW_SOFTWARE_GPU=1` is set in the environment; the
+    /// binding limit forced by `LATHE_GPU_MAX_BINDING=<bytes>` (a positive byte count, else
+    /// an error: a typo must not silently test nothing).
+    pub fn from_env() -> Result<Self> {
         let allow =
             std::env::var("LATHE_ALLOW_SOFTWARE_GPU").is_ok_and(|v| v == "1" || v == "true");
-        let max_binding = std::env::var("LATHE_GPU_MAX_BINDING")
-            .ok()
-            .and_then(|v| v.trim().parse::<u64>().ok());
-        AdapterChoice {
+        let max_binding = match std::env::var("LATHE_GPU_MAX_BINDING") {
+            Err(_) => None,
+            Ok(v) => match v.trim().parse::<u64>() {
+                Ok(bytes) if bytes > 0 => Some(bytes),
+                _ => {
+                    return Err(Error::Device(format!(
+                        "LATHE_GPU_MAX_BINDING={v:?}: expected a positive byte count"
+                    )))
+                }
+            },
+        };
+        Ok(AdapterChoice {
             allow_software: allow,
             max_binding,
-        }
+        })
     }
 
     /// Hardware first, software accepted: what tests use.

@@ -19,6 +19,49 @@ pub enum DTypeArg {
     F16,
 }
 
+/// The memory check a command runs before it loads anything.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct PreflightArgs {
+    /// The memory the run must fit in (e.g. 24GiB; default on the CPU: this machine's RAM).
+    /// The run is planned from config.json first and refused when it will not fit.
+    #[arg(long)]
+    pub budget: Option<String>,
+    /// Skip the memory plan before loading.
+    #[arg(long)]
+    pub no_preflight: bool,
+}
+
+impl PreflightArgs {
+    /// The budget to check against: `--budget`, else this machine's RAM on the CPU; `None`
+    /// (no check) with `--no-preflight`, or on a GPU without `--budget` (wgpu does not report
+    /// device memory), or when the RAM cannot be read.
+    pub fn budget(&self, device: DeviceArg) -> Result<Option<u64>> {
+        if self.no_preflight {
+            return Ok(None);
+        }
+        Ok(match (&self.budget, device) {
+            (Some(text), _) => Some(crate::plan_cmd::parse_bytes(text)?),
+            (None, DeviceArg::Cpu | DeviceArg::Auto) => crate::plan_cmd::machine_ram(),
+            (None, _) => None,
+        })
+    }
+
+    /// Prints the plan's summary line and refuses a plan above the budget, advising
+    /// `advice` (what to change).
+    pub fn check(
+        &self,
+        plan: &lathe_models::plan::MemoryPlan,
+        device: DeviceArg,
+        advice: &[&str],
+    ) -> Result<()> {
+        let Some(budget) = self.budget(device)? else {
+            return Ok(());
+        };
+        eprintln!("{}", crate::plan_cmd::summary(plan, budget));
+        crate::plan_cmd::check_fits(plan, budget, advice)
+    }
+}
+
 #[derive(clap::Args, Debug, Clone)]
 pub struct ModelArgs {
     /// A HF model directory (config.json, *.safetensors, tokenizer.json) or a .gguf file.
@@ -40,13 +83,8 @@ pub struct ModelArgs {
     /// leaves them 16-bit (half their bytes: 1.2 GB less for GPT-NeoX-20B).
     #[arg(long)]
     pub embeddings_f16: bool,
-    /// The memory the run must fit in (e.g. 24GiB; default on the CPU: this machine's RAM).
-    /// The run is planned from config.json first and refused when it will not fit.
-    #[arg(long)]
-    pub budget: Option<String>,
-    /// Skip the memory plan before loading.
-    #[arg(long)]
-    pub no_preflight: bool,
+    #[command(flatten)]
+    pub preflight: PreflightArgs,
     /// Outlier threshold of LLM.int8 (0 disables the 16-bit outlier path).
     #[arg(long, default_value_t = 6.0, requires = "load_in_8bit")]
     pub int8_threshold: f32,
@@ -87,7 +125,7 @@ impl ModelArgs {
     /// `--budget`, as wgpu does not report device memory). A LoRA rank above a targeted
     /// layer's width is refused here too.
     pub fn preflight(&self, mut settings: PlanSettings) -> Result<()> {
-        if self.no_preflight || !self.model.exists() {
+        if self.preflight.no_preflight || !self.model.exists() {
             return Ok(());
         }
         let config = crate::plan_cmd::read_config(&self.model)?;
@@ -118,17 +156,9 @@ impl ModelArgs {
                 );
             }
         }
-        let budget = match (&self.budget, self.device) {
-            (Some(text), _) => crate::plan_cmd::parse_bytes(text)?,
-            (None, DeviceArg::Cpu | DeviceArg::Auto) => match crate::plan_cmd::machine_ram() {
-                Some(ram) => ram,
-                None => return Ok(()),
-            },
-            (None, _) => return Ok(()),
-        };
         let plan = lathe_models::plan::plan(&config, &settings);
-        eprintln!("{}", crate::plan_cmd::summary(&plan, budget));
-        crate::plan_cmd::check_fits(&plan, &settings, budget)
+        self.preflight
+            .check(&plan, self.device, &crate::plan_cmd::advice(&settings))
             .with_context(|| format!("memory plan of {}", self.model.display()))
     }
 

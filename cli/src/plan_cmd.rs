@@ -20,6 +20,10 @@ pub enum JobArg {
     Score,
     Sft,
     Ppo,
+    /// `lathe reward-train` on a BERT/DistilBERT encoder directory: `--batch-size` is the
+    /// LoRA batch and `--lora-r 0` the head alone; the texts are `--data` (tokenized as the
+    /// run will), else `--examples` texts of `--seq-len` tokens.
+    Reward,
 }
 
 #[derive(clap::Args, Debug)]
@@ -64,6 +68,12 @@ pub struct PlanArgs {
     /// The memory to fit in, e.g. 24GiB, 20GB, 512MiB (default: this machine's RAM).
     #[arg(long)]
     pub budget: Option<String>,
+    /// `--job reward`: the labelled training data (as `lathe reward-train --data`).
+    #[arg(long, value_name = "FILE")]
+    pub data: Vec<PathBuf>,
+    /// `--job reward` without `--data`: how many texts.
+    #[arg(long, default_value_t = 1000)]
+    pub examples: usize,
 }
 
 /// The config of a model path: a directory's config.json, a config.json itself, or a GGUF
@@ -109,16 +119,20 @@ pub fn checkpoint_of(model: &Path) -> Result<Checkpoint> {
     for shard in shards {
         let file = SafetensorsFile::open(&shard)
             .with_context(|| format!("reading the header of {}", shard.display()))?;
+        // A matrix of weights: integer buffers such as BERT's (1, 512) `position_ids` and
+        // bitsandbytes' byte markers do not say how the weights are stored.
         let weight = file.names().find_map(|name| {
             file.info(name)
                 .filter(|(_, shape)| shape.len() == 2)
-                .map(|(dtype, _)| dtype)
+                .and_then(|(dtype, _)| match dtype {
+                    StoredDType::F32 => Some(4),
+                    StoredDType::F16 | StoredDType::BF16 => Some(2),
+                    StoredDType::I8 => Some(1),
+                    StoredDType::U32 | StoredDType::U8 | StoredDType::Other => None,
+                })
         });
-        let elem_bytes = match weight {
-            Some(StoredDType::F32) => 4,
-            Some(StoredDType::I8 | StoredDType::U8) => 1,
-            Some(_) => 2,
-            None => continue,
+        let Some(elem_bytes) = weight else {
+            continue;
         };
         return Ok(Checkpoint::Safetensors { elem_bytes });
     }
@@ -193,12 +207,17 @@ pub fn render(plan: &MemoryPlan) -> String {
 /// One line on what the plan predicts, which commands print before loading (the bench parses
 /// its byte count to compare with the measured peak).
 pub fn summary(plan: &MemoryPlan, budget: u64) -> String {
+    let data = if plan.data > 0 {
+        format!("data {}, ", gib(plan.data))
+    } else {
+        String::new()
+    };
     format!(
-        "memory plan: {} peak ({} bytes; runtime + weights {} bytes: weights {}, loading {}, \
-         run {}), budget {}",
+        "memory plan: {} peak ({} bytes; held once loaded {} bytes: weights {}, {data}loading \
+         {}, run {}), budget {}",
         gib(plan.total()),
         plan.total(),
-        plan.runtime + plan.weights,
+        plan.runtime + plan.weights + plan.data,
         gib(plan.weights),
         gib(plan.loading),
         gib(plan.working_set()),
@@ -206,12 +225,8 @@ pub fn summary(plan: &MemoryPlan, budget: u64) -> String {
     )
 }
 
-/// Refuses (before anything loads) a job whose predicted peak exceeds `budget`, with the
-/// plan's table and what to change.
-pub fn check_fits(plan: &MemoryPlan, settings: &PlanSettings, budget: u64) -> Result<()> {
-    if plan.total() <= budget {
-        return Ok(());
-    }
+/// What to change when a language-model job does not fit, most effective first.
+pub fn advice(settings: &PlanSettings) -> Vec<&'static str> {
     let mut advice = Vec::new();
     if !matches!(settings.precision, Precision::Int8 { .. }) {
         advice.push("--load-in-8bit (about a quarter of the f32 weights)");
@@ -223,6 +238,15 @@ pub fn check_fits(plan: &MemoryPlan, settings: &PlanSettings, budget: u64) -> Re
         advice.push("gradient checkpointing");
     }
     advice.push("a smaller batch or shorter sequences");
+    advice
+}
+
+/// Refuses (before anything loads) a job whose predicted peak exceeds `budget`, with the
+/// plan's table and `advice` (what to change).
+pub fn check_fits(plan: &MemoryPlan, budget: u64, advice: &[&str]) -> Result<()> {
+    if plan.total() <= budget {
+        return Ok(());
+    }
     bail!(
         "this run needs about {} and the budget is {}:\n{}change: {} (or --no-preflight to try \
          anyway)",
@@ -233,7 +257,99 @@ pub fn check_fits(plan: &MemoryPlan, settings: &PlanSettings, budget: u64) -> Re
     )
 }
 
+/// The budget of `lathe plan`: `--budget`, else this machine's RAM (a GPU's must be given).
+fn plan_budget(args: &PlanArgs) -> Result<u64> {
+    match (&args.budget, args.gpu) {
+        (Some(text), _) => parse_bytes(text),
+        (None, true) => bail!("--gpu needs --budget (the GPU's memory, e.g. 24GiB)"),
+        (None, false) => machine_ram().context("this machine's RAM is unknown: give --budget"),
+    }
+}
+
+/// Prints the plan's table and whether it fits.
+fn print_fit(plan: &MemoryPlan, budget: u64, advice: &[&str]) {
+    print!("{}", render(plan));
+    match check_fits(plan, budget, advice) {
+        Ok(()) => println!("fits in {}", gib(budget)),
+        Err(e) => println!("does not fit: {e}"),
+    }
+}
+
+/// `lathe plan --job reward`: reward-model training on an encoder directory.
+fn run_reward(args: &PlanArgs) -> Result<()> {
+    use lathe_reward::plan::{training_plan, DataShape, Stored};
+    use lathe_reward::{EncoderConfig, LoraSettings, TrainConfig};
+
+    let dir = if args.model.is_file() {
+        args.model.parent().unwrap_or(Path::new(".")).to_path_buf()
+    } else {
+        args.model.clone()
+    };
+    if args.batch_size == 0 || args.seq_len == 0 || args.examples < 2 {
+        bail!("--batch-size and --seq-len must be at least 1, --examples at least 2");
+    }
+    let config = TrainConfig {
+        lora: (args.lora_r > 0).then(|| LoraSettings {
+            r: args.lora_r,
+            targets: args.target_modules.clone(),
+            batch_size: args.batch_size,
+            ..LoraSettings::default()
+        }),
+        ..TrainConfig::default()
+    };
+    let stored = Stored {
+        elem_bytes: match checkpoint_of(&dir)? {
+            Checkpoint::Safetensors { elem_bytes } => elem_bytes,
+            Checkpoint::Gguf { .. } => 4,
+        },
+        on_gpu: args.gpu,
+    };
+    let (encoder, plan) = if args.data.is_empty() {
+        let encoder = EncoderConfig::from_dir(&dir)?;
+        let t = args.seq_len.min(encoder.max_positions);
+        let held = (config.val_fraction as f64 * args.examples as f64).round() as usize;
+        let data = DataShape {
+            train_lengths: vec![t; args.examples - held],
+            val_lengths: vec![t; held],
+            test_lengths: Vec::new(),
+            text_bytes: (args.examples * t * 5) as u64,
+        };
+        let plan = training_plan(&encoder, &config, &data, stored);
+        (encoder, plan)
+    } else {
+        let mut examples = Vec::new();
+        for path in &args.data {
+            examples.extend(lathe_reward::data::load(path)?.examples);
+        }
+        let prepared = lathe_reward::train::prepare(&dir, &examples, &config)?;
+        let plan = prepared.memory_plan(Vec::new(), stored);
+        (prepared.encoder_config().clone(), plan)
+    };
+    println!(
+        "{} ({:?}, {} layers, hidden {}), reward-train, LoRA r {} batch {}:",
+        dir.display(),
+        encoder.architecture,
+        encoder.layers,
+        encoder.hidden,
+        args.lora_r,
+        args.batch_size
+    );
+    let advice = [
+        "a smaller --lora-batch-size, or no --lora",
+        "less data, or shorter texts",
+    ];
+    print_fit(&plan, plan_budget(args)?, &advice);
+    Ok(())
+}
+
 pub fn run(args: &PlanArgs) -> Result<()> {
+    let job = match args.job {
+        JobArg::Generate => Job::Generate,
+        JobArg::Score => Job::Score,
+        JobArg::Sft => Job::Sft,
+        JobArg::Ppo => Job::Ppo,
+        JobArg::Reward => return run_reward(args),
+    };
     let config = read_config(&args.model)?;
     let precision = match (args.load_in_8bit, args.f16) {
         (true, _) => Precision::Int8 { threshold: 6.0 },
@@ -243,12 +359,6 @@ pub fn run(args: &PlanArgs) -> Result<()> {
     if args.batch_size == 0 || args.mini_batch_size == 0 || args.seq_len == 0 {
         bail!("--batch-size, --mini-batch-size and --seq-len must be at least 1");
     }
-    let job = match args.job {
-        JobArg::Generate => Job::Generate,
-        JobArg::Score => Job::Score,
-        JobArg::Sft => Job::Sft,
-        JobArg::Ppo => Job::Ppo,
-    };
     let settings = PlanSettings {
         job,
         precision,
@@ -287,16 +397,7 @@ pub fn run(args: &PlanArgs) -> Result<()> {
         settings.seq_len,
         settings.lora_r
     );
-    print!("{}", render(&plan));
-    let budget = match (&args.budget, args.gpu) {
-        (Some(text), _) => parse_bytes(text)?,
-        (None, true) => bail!("--gpu needs --budget (the GPU's memory, e.g. 24GiB)"),
-        (None, false) => machine_ram().context("this machine's RAM is unknown: give --budget")?,
-    };
-    match check_fits(&plan, &settings, budget) {
-        Ok(()) => println!("fits in {}", gib(budget)),
-        Err(e) => println!("does not fit: {e}"),
-    }
+    print_fit(&plan, plan_budget(args)?, &advice(&settings));
     Ok(())
 }
 

@@ -6,11 +6,13 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use lathe_reward::train::{evaluate, train};
+use lathe_reward::plan::Stored;
+use lathe_reward::train::{evaluate, prepare, train_prepared};
 use lathe_reward::{data, LoadOptions, LoraSettings, Pooling, RewardModel, TrainConfig};
 
 use crate::config_file::{flags_win, read_toml};
 use crate::device::{self, DeviceArg};
+use crate::model_args::PreflightArgs;
 use crate::texts::read_texts;
 
 #[derive(clap::Args, Debug)]
@@ -73,6 +75,8 @@ pub struct RewardTrainArgs {
     /// Accept a software GPU adapter (lavapipe).
     #[arg(long)]
     pub allow_software_gpu: bool,
+    #[command(flatten)]
+    pub preflight: PreflightArgs,
     /// A TOML file of the training settings (the flag names with underscores: epochs,
     /// batch_size, lr, weight_decay, val_fraction, patience, seed, pooling, lora, lora_r,
     /// lora_alpha, lora_targets, lora_lr, lora_epochs, lora_batch_size); flags given on the
@@ -245,19 +249,59 @@ pub fn train_config(args: &RewardTrainSettings) -> Result<TrainConfig> {
     })
 }
 
+/// Plans the training's memory from the tokenized data and the encoder's config, and refuses
+/// it when it will not fit the budget (`--budget`, else this machine's RAM on the CPU).
+fn preflight(
+    args: &RewardTrainArgs,
+    prepared: &lathe_reward::train::Prepared,
+    tests: &[(PathBuf, Vec<data::Example>)],
+) -> Result<()> {
+    if args.preflight.budget(args.device)?.is_none() {
+        return Ok(());
+    }
+    let test_texts: Vec<&str> = tests
+        .iter()
+        .flat_map(|(_, examples)| examples.iter().map(|e| e.text.as_str()))
+        .collect();
+    let elem_bytes = match crate::plan_cmd::checkpoint_of(&args.encoder)? {
+        lathe_models::plan::Checkpoint::Safetensors { elem_bytes } => elem_bytes,
+        lathe_models::plan::Checkpoint::Gguf { .. } => 4,
+    };
+    let stored = Stored {
+        elem_bytes,
+        on_gpu: args.device == DeviceArg::Gpu,
+    };
+    let mut plan = prepared.memory_plan(prepared.token_lengths(&test_texts)?, stored);
+    if !stored.on_gpu {
+        plan.data += test_texts.iter().map(|t| t.len() as u64 + 32).sum::<u64>();
+    }
+    let mut advice = Vec::new();
+    if prepared.train_config().lora.is_some() {
+        advice.push("a smaller --lora-batch-size, or no --lora (the head alone)");
+    }
+    advice.push("less data, or shorter texts");
+    args.preflight
+        .check(&plan, args.device, &advice)
+        .with_context(|| format!("memory plan of training on {}", args.encoder.display()))
+}
+
 /// Trains, saves, writes metrics.jsonl and train_report.json into `--out`. `matches` are
 /// the subcommand's parsed flags (to tell given flags from defaults with `--config`).
 pub fn run_train(args: &RewardTrainArgs, matches: Option<&clap::ArgMatches>) -> Result<()> {
     check_out(&args.out)?;
     let settings = args.settings(matches)?;
     let config = train_config(&settings)?;
-    let device = device::open(args.device, args.allow_software_gpu)?;
     let examples = load_all(&args.data)?;
     let tests = args
         .test_data
         .iter()
         .map(|p| Ok((p.clone(), load_all(std::slice::from_ref(p))?)))
         .collect::<Result<Vec<_>>>()?;
+    // The data is tokenized before the encoder loads, so the plan knows every batch's length.
+    let prepared = prepare(&args.encoder, &examples, &config)
+        .with_context(|| format!("preparing to train on {}", args.encoder.display()))?;
+    preflight(args, &prepared, &tests)?;
+    let device = device::open(args.device, args.allow_software_gpu)?;
     let mut lines = Vec::new();
     let mut on_epoch = |s: &lathe_reward::EpochStats| {
         eprintln!(
@@ -266,7 +310,7 @@ pub fn run_train(args: &RewardTrainArgs, matches: Option<&clap::ArgMatches>) -> 
         );
         lines.push(s.to_json());
     };
-    let (model, report) = train(&args.encoder, &examples, &config, &device, &mut on_epoch)
+    let (model, report) = train_prepared(prepared, &device, &mut on_epoch)
         .with_context(|| format!("training on {}", args.encoder.display()))?;
     let mut test_results = serde_json::Map::new();
     for (path, examples) in &tests {

@@ -98,6 +98,9 @@ fn sft_refuses_bad_settings() {
     ]);
     let huge = "18446744073709551615";
     let cases: &[(&[&str], Option<&str>, &str)] = &[
+        // The memory plan refuses the run before the model loads, with what it needs.
+        (&["--budget", "64KiB"], None, "this run needs about"),
+        (&["--budget", "12 parsecs"], None, "unknown unit"),
         (&["--lr", "0"], None, "lr must be finite and > 0"),
         (&["--lr=-1e-3"], None, "lr must be finite and > 0"),
         (&["--lr", "NaN"], None, "lr must be finite and > 0"),
@@ -222,6 +225,7 @@ fn ppo_refuses_bad_settings() {
     let with = |extra: &str| format!("{PPO_TOML}{extra}");
     let ppo = |extra: &str| PPO_TOML.replace("[ppo]\n", &format!("[ppo]\n{extra}\n"));
     let cases: Vec<(Vec<&str>, Option<String>, &str)> = vec![
+        (vec!["--budget", "64KiB"], None, "this run needs about"),
         (
             vec!["--learning-rate", "0"],
             None,
@@ -379,6 +383,13 @@ fn reward_train_refuses_bad_settings() {
         &path(&data),
     ]);
     let cases: &[(&[&str], Option<&str>, &str)] = &[
+        // Planned from the tokenized data and config.json, refused before the encoder loads.
+        (&["--budget", "64KiB"], None, "this run needs about"),
+        (
+            &["--lora", "--budget", "64KiB"],
+            None,
+            "a smaller --lora-batch-size",
+        ),
         (
             &["--weight-decay", "NaN"],
             None,

@@ -8,6 +8,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use half::{bf16, f16};
 use lathe_shaders::MemCategory;
@@ -16,7 +17,7 @@ use safetensors::{Dtype, SafeTensorError, SafeTensors, View};
 
 use crate::device::Device;
 use crate::dtype::DType;
-use crate::storage::CpuStorage;
+use crate::storage::{CpuStorage, Storage};
 use crate::tensor::Tensor;
 use crate::{Error, Result};
 
@@ -391,11 +392,15 @@ fn parse_header(text: &str) -> std::result::Result<Metadata, SafeTensorError> {
 /// The largest header lathe reads (the `safetensors` crate's own bound).
 const MAX_HEADER_BYTES: u64 = 100_000_000;
 
-/// One tensor's little-endian bytes, ready to serialise.
+/// One tensor ready to serialise. A host tensor is kept by reference and its bytes are
+/// produced as the writer reaches it (borrowed as they are on a little-endian machine), so
+/// saving a model holds no second copy of its weights; a GPU tensor is downloaded up front
+/// (a failed read must be an error, and `View::data` cannot return one).
 struct HostView {
     dtype: Dtype,
     shape: Vec<usize>,
-    data: Vec<u8>,
+    elems: usize,
+    storage: Arc<CpuStorage>,
 }
 
 impl View for &HostView {
@@ -406,26 +411,61 @@ impl View for &HostView {
         &self.shape
     }
     fn data(&self) -> std::borrow::Cow<'_, [u8]> {
-        std::borrow::Cow::Borrowed(&self.data)
+        use std::borrow::Cow;
+        let n = self.elems;
+        match &*self.storage {
+            CpuStorage::F32(v) if cfg!(target_endian = "little") => {
+                Cow::Borrowed(bytemuck::cast_slice(&v[..n]))
+            }
+            CpuStorage::U32(v) if cfg!(target_endian = "little") => {
+                Cow::Borrowed(bytemuck::cast_slice(&v[..n]))
+            }
+            CpuStorage::F32(v) => Cow::Owned(v[..n].iter().flat_map(|x| x.to_le_bytes()).collect()),
+            CpuStorage::U32(v) => Cow::Owned(v[..n].iter().flat_map(|x| x.to_le_bytes()).collect()),
+            CpuStorage::F16(v) => Cow::Owned(
+                v[..n]
+                    .iter()
+                    .flat_map(|x| x.to_bits().to_le_bytes())
+                    .collect(),
+            ),
+        }
     }
     fn data_len(&self) -> usize {
-        self.data.len()
+        let elem = match &*self.storage {
+            CpuStorage::F32(_) | CpuStorage::U32(_) => 4,
+            CpuStorage::F16(_) => 2,
+        };
+        self.elems * elem
     }
 }
 
 fn host_view(tensor: &Tensor) -> Result<HostView> {
-    let (dtype, data) = match tensor.to_cpu_storage()? {
-        CpuStorage::F32(v) => (Dtype::F32, v.iter().flat_map(|x| x.to_le_bytes()).collect()),
-        CpuStorage::U32(v) => (Dtype::U32, v.iter().flat_map(|x| x.to_le_bytes()).collect()),
-        CpuStorage::F16(v) => (
-            Dtype::F16,
-            v.iter().flat_map(|x| x.to_bits().to_le_bytes()).collect(),
-        ),
+    let storage = match &*tensor.storage() {
+        Storage::Cpu(s) => Some(s.clone()),
+        Storage::Gpu(_) => None,
     };
+    let storage = match storage {
+        Some(s) => s,
+        None => Arc::new(tensor.to_cpu_storage()?),
+    };
+    let (dtype, len) = match &*storage {
+        CpuStorage::F32(v) => (Dtype::F32, v.len()),
+        CpuStorage::U32(v) => (Dtype::U32, v.len()),
+        CpuStorage::F16(v) => (Dtype::F16, v.len()),
+    };
+    let elems = tensor.elem_count();
+    if len < elems {
+        return Err(Error::DataLength {
+            len,
+            shape: tensor.shape().to_vec(),
+            expected: elems,
+        });
+    }
     Ok(HostView {
         dtype,
         shape: tensor.shape().to_vec(),
-        data,
+        elems,
+        storage,
     })
 }
 

@@ -93,6 +93,9 @@ pub struct MemoryPlan {
     /// read is the largest thing loading ever adds).
     pub loading: u64,
     pub weights: u64,
+    /// What the job holds of its data for the whole run: texts, token ids, cached features
+    /// (the reward model's training; 0 for the language-model jobs, whose data is small).
+    pub data: u64,
     pub adapters: u64,
     pub optimizer: u64,
     pub activations: u64,
@@ -104,10 +107,11 @@ pub struct MemoryPlan {
 impl MemoryPlan {
     /// Every category of the run with its name, in a fixed order (loading is apart: it
     /// peaks before the run).
-    pub fn rows(&self) -> [(&'static str, u64); 8] {
+    pub fn rows(&self) -> [(&'static str, u64); 9] {
         [
             ("runtime", self.runtime),
             ("weights", self.weights),
+            ("data", self.data),
             ("adapters", self.adapters),
             ("optimizer", self.optimizer),
             ("activations", self.activations),
@@ -127,10 +131,10 @@ impl MemoryPlan {
             + self.scratch
     }
 
-    /// The peak: runtime and weights, plus loading's extra or the run's working set,
+    /// The peak: runtime, weights and data, plus loading's extra or the run's working set,
     /// whichever is larger.
     pub fn total(&self) -> u64 {
-        self.runtime + self.weights + self.loading.max(self.working_set())
+        self.runtime + self.weights + self.data + self.loading.max(self.working_set())
     }
 }
 
@@ -335,6 +339,7 @@ pub fn plan(config: &ModelConfig, s: &PlanSettings) -> MemoryPlan {
         runtime,
         loading,
         weights,
+        data: 0,
         adapters,
         optimizer,
         activations,

@@ -78,6 +78,35 @@ struct Block {
     ffn_norm: Norm,
 }
 
+/// Block `i`'s module path without a task prefix: `encoder.layer.{i}` (BERT) or
+/// `transformer.layer.{i}` (DistilBERT).
+fn block_path(architecture: Architecture, i: usize) -> String {
+    match architecture {
+        Architecture::Bert => format!("encoder.layer.{i}"),
+        Architecture::DistilBert => format!("transformer.layer.{i}"),
+    }
+}
+
+/// Block `i`'s six linear layers in the block's order (query, key, value, attention output,
+/// FFN in, FFN out): module name without a task prefix, and (out, in).
+pub(crate) fn block_linears(config: &EncoderConfig, i: usize) -> [(String, usize, usize); 6] {
+    let n = match config.architecture {
+        Architecture::Bert => &BERT_NAMES,
+        Architecture::DistilBert => &DISTILBERT_NAMES,
+    };
+    let p = block_path(config.architecture, i);
+    let (h, f) = (config.hidden, config.intermediate);
+    [
+        (n.query, h, h),
+        (n.key, h, h),
+        (n.value, h, h),
+        (n.out, h, h),
+        (n.ffn_in, f, h),
+        (n.ffn_out, h, f),
+    ]
+    .map(|(name, out, input)| (format!("{p}.{name}"), out, input))
+}
+
 /// A BERT or DistilBERT encoder.
 #[derive(Clone, Debug)]
 pub struct Encoder {
@@ -106,10 +135,7 @@ impl Encoder {
     }
 
     fn block_prefix(&self, i: usize) -> String {
-        match self.config.architecture {
-            Architecture::Bert => format!("{}encoder.layer.{i}", self.prefix),
-            Architecture::DistilBert => format!("{}transformer.layer.{i}", self.prefix),
-        }
+        format!("{}{}", self.prefix, block_path(self.config.architecture, i))
     }
 
     /// Takes the encoder's tensors out of `weights`. The prefix ("bert." / "distilbert.")
@@ -270,9 +296,7 @@ impl Encoder {
     /// The module names (HF, with prefix) of each block's six linear layers, in the order
     /// of the block's `linears`.
     fn linear_names(&self, i: usize) -> [String; 6] {
-        let n = self.names();
-        let p = self.block_prefix(i);
-        [n.query, n.key, n.value, n.out, n.ffn_in, n.ffn_out].map(|m| format!("{p}.{m}"))
+        block_linears(&self.config, i).map(|(name, _, _)| format!("{}{name}", self.prefix))
     }
 
     /// Wraps every linear layer whose module name `config` targets (peft matching: the name

@@ -20,6 +20,7 @@ pub mod data;
 pub mod encoder;
 pub mod head;
 pub mod model;
+pub mod plan;
 pub mod train;
 
 pub use config::{Architecture, EncoderConfig, Pooling};

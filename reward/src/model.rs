@@ -8,7 +8,6 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use lathe_core::{DType, Device, Tensor};
 use lathe_models::hf::Weights;
 use lathe_models::tokenizer::Tokenizer;
-use safetensors::{Dtype, SafeTensors};
 use serde_json::Value;
 
 use crate::config::{reward_index, Architecture, EncoderConfig, Pooling};
@@ -77,78 +76,36 @@ pub struct RewardModel {
     warned: AtomicBool,
 }
 
-/// Reads the weights of a HF directory (single `model.safetensors` or the shards of
-/// `model.safetensors.index.json`) onto the host. Float tensors (F32, F16, BF16) are kept;
-/// integer buffers such as BERT's `embeddings.position_ids` (I64, saved by older
-/// transformers) are skipped, which lathe-core's safetensors loader would refuse.
+/// The weights of a HF directory (single `model.safetensors` or the shards of
+/// `model.safetensors.index.json`), read one tensor at a time as the encoder takes them
+/// (loading holds the encoder built so far plus one tensor, never a whole file). Integer
+/// buffers such as BERT's `embeddings.position_ids` (I64, saved by older transformers) are
+/// never taken, so never read.
 pub fn read_weights(dir: &Path, device: &Device) -> Result<Weights> {
-    let single = dir.join("model.safetensors");
-    let index = dir.join("model.safetensors.index.json");
-    let files: Vec<PathBuf> = if single.is_file() {
-        vec![single.clone()]
-    } else if index.is_file() {
-        let label = index.display().to_string();
-        let text = std::fs::read_to_string(&index).map_err(|e| Error::File {
-            path: label.clone(),
-            detail: e.to_string(),
-        })?;
-        let value: Value = serde_json::from_str(&text).map_err(|e| Error::File {
-            path: label.clone(),
-            detail: format!("invalid JSON: {e}"),
-        })?;
-        let mut shards: Vec<String> = value
-            .get("weight_map")
-            .and_then(Value::as_object)
-            .ok_or_else(|| Error::File {
-                path: label,
-                detail: "no \"weight_map\" object".into(),
-            })?
-            .values()
-            .filter_map(|v| v.as_str().map(str::to_string))
-            .collect();
-        shards.sort();
-        shards.dedup();
-        shards.iter().map(|s| dir.join(s)).collect()
-    } else {
-        return Err(Error::File {
-            path: dir.display().to_string(),
-            detail: "no model.safetensors and no model.safetensors.index.json".into(),
-        });
-    };
-    let origin = if single.is_file() { single } else { index };
-    let mut weights = Weights::new(origin.display().to_string(), device);
-    for file in files {
-        let label = file.display().to_string();
-        let bytes = std::fs::read(&file).map_err(|e| Error::File {
-            path: label.clone(),
-            detail: e.to_string(),
-        })?;
-        let st = SafeTensors::deserialize(&bytes).map_err(|e| Error::File {
-            path: label.clone(),
-            detail: format!("not a safetensors file: {e}"),
-        })?;
-        for (name, view) in st.tensors() {
-            let data = view.data();
-            let values: Vec<f32> = match view.dtype() {
-                Dtype::F32 => data
-                    .chunks_exact(4)
-                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                    .collect(),
-                Dtype::F16 => data
-                    .chunks_exact(2)
-                    .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
-                    .collect(),
-                Dtype::BF16 => data
-                    .chunks_exact(2)
-                    .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
-                    .collect(),
-                _ => continue,
-            };
-            let tensor = Tensor::from_vec(values, view.shape(), &Device::Cpu)?;
-            weights.insert(name, tensor, &label);
+    Ok(Weights::from_hf_dir(dir, device)?)
+}
+
+/// Token ids of `texts` with the tokenizer's special tokens, truncated to `max_positions`
+/// (keeping the final special token, as transformers' `truncation=True`). A text that
+/// tokenizes to nothing at all (a tokenizer without [CLS]/[SEP]) is an error.
+pub fn encode_ids(tokenizer: &Tokenizer, max_positions: usize, texts: &[&str]) -> Result<Encoded> {
+    let mut ids = tokenizer.encode_batch(texts, true)?;
+    let mut truncated = 0;
+    for (i, row) in ids.iter_mut().enumerate() {
+        if row.is_empty() {
+            return Err(Error::Config(format!(
+                "text {i} ({:?}) has no tokens: the tokenizer adds no special tokens",
+                texts[i]
+            )));
+        }
+        if row.len() > max_positions {
+            let last = *row.last().expect("non-empty");
+            row.truncate(max_positions - 1);
+            row.push(last);
+            truncated += 1;
         }
     }
-    Ok(weights)
+    Ok(Encoded { ids, truncated })
 }
 
 /// The pooling a sentence-transformers directory declares in `1_Pooling/config.json`.
@@ -341,22 +298,8 @@ impl RewardModel {
     /// tokenizer without [CLS]/[SEP]) is an error.
     pub fn encode(&self, texts: &[&str]) -> Result<Encoded> {
         let max = self.encoder.config().max_positions;
-        let mut ids = self.tokenizer.encode_batch(texts, true)?;
-        let mut truncated = 0;
-        for (i, row) in ids.iter_mut().enumerate() {
-            if row.is_empty() {
-                return Err(Error::Config(format!(
-                    "text {i} ({:?}) has no tokens: the tokenizer adds no special tokens",
-                    texts[i]
-                )));
-            }
-            if row.len() > max {
-                let last = *row.last().expect("non-empty");
-                row.truncate(max - 1);
-                row.push(last);
-                truncated += 1;
-            }
-        }
+        let encoded = encode_ids(&self.tokenizer, max, texts)?;
+        let truncated = encoded.truncated;
         if truncated > 0 {
             self.truncated.fetch_add(truncated, Ordering::Relaxed);
             if !self.warned.swap(true, Ordering::Relaxed) {
@@ -366,7 +309,7 @@ impl RewardModel {
                 );
             }
         }
-        Ok(Encoded { ids, truncated })
+        Ok(encoded)
     }
 
     /// Right-pads `ids` into a (B, T) tensor on the model's device and the row lengths.

@@ -16,7 +16,7 @@
 //! Labels: 0 = NEGATIVE, 1 = POSITIVE; the reward is the POSITIVE logit. No dropout is used
 //! in the encoder (transformers would apply hidden/attention dropout 0.1 in train mode).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use lathe_core::{Adam, AdamConfig, Device, Tensor};
@@ -28,7 +28,7 @@ use crate::config::{Architecture, EncoderConfig, Pooling};
 use crate::data::{holdout_split, Example, SplitMix64, LABELS};
 use crate::encoder::Encoder;
 use crate::head::Head;
-use crate::model::{read_weights, RewardModel};
+use crate::model::{encode_ids, read_weights, Encoded, RewardModel};
 use crate::{Error, Result};
 
 /// LoRA on the encoder.
@@ -169,7 +169,7 @@ fn length_batches(lengths: &[usize], batch: usize, rng: &mut SplitMix64) -> Vec<
 }
 
 /// Indices sorted by length, in batches (for inference).
-fn sorted_batches(lengths: &[usize], batch: usize) -> Vec<Vec<usize>> {
+pub(crate) fn sorted_batches(lengths: &[usize], batch: usize) -> Vec<Vec<usize>> {
     let mut order: Vec<usize> = (0..lengths.len()).collect();
     order.sort_by_key(|&i| lengths[i]);
     order.chunks(batch).map(<[usize]>::to_vec).collect()
@@ -208,7 +208,15 @@ fn argmax(row: &[f32]) -> usize {
 /// Loss and accuracy (argmax of the logits equal to the label index) of `model` on
 /// `examples`, in length-sorted batches.
 pub fn evaluate(model: &RewardModel, examples: &[Example]) -> Result<Evaluation> {
-    if examples.is_empty() {
+    let texts: Vec<&str> = examples.iter().map(|e| e.text.as_str()).collect();
+    let ids = model.encode(&texts)?.ids;
+    let labels: Vec<u32> = examples.iter().map(|e| e.label).collect();
+    evaluate_ids(model, &ids, &labels)
+}
+
+/// [`evaluate`] on token ids already encoded.
+fn evaluate_ids(model: &RewardModel, ids: &[Vec<u32>], labels: &[u32]) -> Result<Evaluation> {
+    if ids.is_empty() {
         return Ok(Evaluation {
             loss: f32::NAN,
             accuracy: f32::NAN,
@@ -216,23 +224,28 @@ pub fn evaluate(model: &RewardModel, examples: &[Example]) -> Result<Evaluation>
         });
     }
     let _no_grad = lathe_core::no_grad();
-    let texts: Vec<&str> = examples.iter().map(|e| e.text.as_str()).collect();
-    let ids = model.encode(&texts)?.ids;
     let lengths: Vec<usize> = ids.iter().map(Vec::len).collect();
     let (mut loss, mut right) = (0.0f64, 0usize);
     for batch in sorted_batches(&lengths, model.batch_size.max(1)) {
         let rows: Vec<Vec<u32>> = batch.iter().map(|&i| ids[i].clone()).collect();
-        let labels: Vec<u32> = batch.iter().map(|&i| examples[i].label).collect();
-        let (l, c) = loss_and_correct(&model.logits_ids(&rows)?, &labels)?;
+        let batch_labels: Vec<u32> = batch.iter().map(|&i| labels[i]).collect();
+        let (l, c) = loss_and_correct(&model.logits_ids(&rows)?, &batch_labels)?;
         loss += l as f64;
         right += c;
     }
     Ok(Evaluation {
-        loss: (loss / examples.len() as f64) as f32,
-        accuracy: right as f32 / examples.len() as f32,
-        examples: examples.len(),
+        loss: (loss / ids.len() as f64) as f32,
+        accuracy: right as f32 / ids.len() as f32,
+        examples: ids.len(),
     })
 }
+
+/// Texts per encoder pass when the head stage's pooled states are computed.
+pub const FEATURE_BATCH: usize = 64;
+
+/// Texts per pass when the trained model scores the held-out set (and, as its batch size,
+/// anything after training).
+pub const EVAL_BATCH: usize = 16;
 
 /// Pooled states (N, H) of every row of `ids`, in order, on the model's device.
 fn pooled_features(model: &RewardModel, ids: &[Vec<u32>], pooling: Pooling) -> Result<Tensor> {
@@ -240,7 +253,7 @@ fn pooled_features(model: &RewardModel, ids: &[Vec<u32>], pooling: Pooling) -> R
     let h = model.config().hidden;
     let lengths: Vec<usize> = ids.iter().map(Vec::len).collect();
     let mut features = vec![0.0f32; ids.len() * h];
-    for batch in sorted_batches(&lengths, 64) {
+    for batch in sorted_batches(&lengths, FEATURE_BATCH) {
         let rows: Vec<Vec<u32>> = batch.iter().map(|&i| ids[i].clone()).collect();
         let pooled = model.pooled_ids(&rows, pooling)?.to_vec_f32()?;
         for (k, &i) in batch.iter().enumerate() {
@@ -350,42 +363,50 @@ fn check_finite(stage: &str, epoch: usize, loss: f32, params: &[Tensor]) -> Resu
     )))
 }
 
-/// An encoder-only model from an encoder directory (any head in it is ignored: training
-/// makes a new one).
-fn load_encoder(dir: &Path, device: &Device) -> Result<RewardModel> {
-    let config = EncoderConfig::from_dir(dir)?;
-    let tokenizer_path = dir.join("tokenizer.json");
-    if !tokenizer_path.is_file() {
-        return Err(Error::File {
-            path: dir.display().to_string(),
-            detail: "no tokenizer.json (lathe-reward needs the fast tokenizer file)".into(),
-        });
-    }
-    let tokenizer = Tokenizer::from_file(&tokenizer_path)?;
-    tokenizer.check_fits(config.vocab_size)?;
-    let mut weights = read_weights(dir, device)?;
-    let encoder = Encoder::load(&mut weights, &config)?;
-    Ok(RewardModel::from_parts(
-        encoder,
-        None,
-        tokenizer,
-        LABELS.iter().map(|s| s.to_string()).collect(),
-        1,
-        Pooling::Mean,
-        dir.to_path_buf(),
-    ))
+/// Training data tokenized for an encoder whose weights are not read yet: what
+/// [`train_prepared`] trains on, and what [`crate::plan::training_plan`] plans the memory
+/// of before anything large is loaded.
+#[derive(Debug)]
+pub struct Prepared {
+    pub(crate) dir: PathBuf,
+    pub(crate) encoder: EncoderConfig,
+    pub(crate) tokenizer: Tokenizer,
+    pub(crate) config: TrainConfig,
+    pub(crate) train_ids: Vec<Vec<u32>>,
+    pub(crate) train_labels: Vec<u32>,
+    pub(crate) val_ids: Vec<Vec<u32>>,
+    pub(crate) val_labels: Vec<u32>,
+    /// Bytes of the examples' texts (held by the caller and by the split).
+    pub(crate) text_bytes: u64,
+    pub(crate) truncated: usize,
 }
 
-/// Trains a binary sentiment reward model on the encoder in `encoder_dir` (see the module
-/// docs). `on_epoch` sees each epoch's figures as they come. Returns the model (its head
-/// and merged-on-save adapters) and the report.
-pub fn train(
+impl Prepared {
+    /// The encoder's config.json.
+    pub fn encoder_config(&self) -> &EncoderConfig {
+        &self.encoder
+    }
+
+    pub fn train_config(&self) -> &TrainConfig {
+        &self.config
+    }
+
+    /// Token counts of `texts` as the trained model will see them (truncated to the
+    /// position table): the lengths of a test set, for the plan.
+    pub fn token_lengths(&self, texts: &[&str]) -> Result<Vec<usize>> {
+        let encoded = encode_ids(&self.tokenizer, self.encoder.max_positions, texts)?;
+        Ok(encoded.ids.iter().map(Vec::len).collect())
+    }
+}
+
+/// Checks the settings and the examples, reads the encoder's config and tokenizer (not its
+/// weights), splits the examples into train and held-out sets and tokenizes both.
+pub fn prepare(
     encoder_dir: impl AsRef<Path>,
     examples: &[Example],
     config: &TrainConfig,
-    device: &Device,
-    on_epoch: &mut dyn FnMut(&EpochStats),
-) -> Result<(RewardModel, TrainReport)> {
+) -> Result<Prepared> {
+    let dir = encoder_dir.as_ref();
     check_config(config)?;
     if let Some(bad) = examples.iter().find(|e| e.label > 1) {
         return Err(Error::Config(format!(
@@ -401,12 +422,11 @@ pub fn train(
             )));
         }
     }
-    let mut model = load_encoder(encoder_dir.as_ref(), device)?;
-    model.pooling = config.pooling;
+    let encoder = EncoderConfig::from_dir(dir)?;
     if let Some(lora) = &config.lora {
         // Every encoder linear is at least hidden wide: refuse a rank above it now rather
         // than after the head stage.
-        let width = model.config().hidden;
+        let width = encoder.hidden;
         if lora.r > width {
             return Err(Error::Config(format!(
                 "LoRA r = {} exceeds the encoder's hidden size {width}: give r in 1..={width}",
@@ -414,36 +434,109 @@ pub fn train(
             )));
         }
     }
+    let tokenizer_path = dir.join("tokenizer.json");
+    if !tokenizer_path.is_file() {
+        return Err(Error::File {
+            path: dir.display().to_string(),
+            detail: "no tokenizer.json (lathe-reward needs the fast tokenizer file)".into(),
+        });
+    }
+    let tokenizer = Tokenizer::from_file(&tokenizer_path)?;
+    tokenizer.check_fits(encoder.vocab_size)?;
     let (train_set, val_set) = holdout_split(examples, config.val_fraction, config.seed)?;
-    let texts: Vec<&str> = train_set.iter().map(|e| e.text.as_str()).collect();
-    let encoded = model.encode(&texts)?;
-    let val_texts: Vec<&str> = val_set.iter().map(|e| e.text.as_str()).collect();
-    let val_encoded = if val_set.is_empty() {
-        None
-    } else {
-        Some(model.encode(&val_texts)?)
+    let encode = |set: &[Example]| -> Result<Encoded> {
+        let texts: Vec<&str> = set.iter().map(|e| e.text.as_str()).collect();
+        encode_ids(&tokenizer, encoder.max_positions, &texts)
     };
-    let truncated = encoded.truncated + val_encoded.as_ref().map_or(0, |e| e.truncated);
-    let labels: Vec<u32> = train_set.iter().map(|e| e.label).collect();
-    let val_labels: Vec<u32> = val_set.iter().map(|e| e.label).collect();
+    let train = encode(&train_set)?;
+    let val = encode(&val_set)?;
+    let truncated = train.truncated + val.truncated;
+    if truncated > 0 {
+        eprintln!(
+            "lathe-reward: {truncated} text(s) longer than the encoder's {} positions were \
+             truncated to them",
+            encoder.max_positions
+        );
+    }
+    Ok(Prepared {
+        dir: dir.to_path_buf(),
+        encoder,
+        tokenizer,
+        config: config.clone(),
+        train_ids: train.ids,
+        train_labels: train_set.iter().map(|e| e.label).collect(),
+        val_ids: val.ids,
+        val_labels: val_set.iter().map(|e| e.label).collect(),
+        text_bytes: examples.iter().map(|e| e.text.len() as u64).sum(),
+        truncated,
+    })
+}
+
+/// Trains a binary sentiment reward model on the encoder in `encoder_dir` (see the module
+/// docs): [`prepare`], then [`train_prepared`]. `on_epoch` sees each epoch's figures as they
+/// come. Returns the model (its head and merged-on-save adapters) and the report.
+pub fn train(
+    encoder_dir: impl AsRef<Path>,
+    examples: &[Example],
+    config: &TrainConfig,
+    device: &Device,
+    on_epoch: &mut dyn FnMut(&EpochStats),
+) -> Result<(RewardModel, TrainReport)> {
+    train_prepared(prepare(encoder_dir, examples, config)?, device, on_epoch)
+}
+
+/// Loads the encoder's weights onto `device` (one tensor at a time) and trains on the
+/// prepared data.
+pub fn train_prepared(
+    prepared: Prepared,
+    device: &Device,
+    on_epoch: &mut dyn FnMut(&EpochStats),
+) -> Result<(RewardModel, TrainReport)> {
+    let Prepared {
+        dir,
+        encoder,
+        tokenizer,
+        config,
+        train_ids,
+        train_labels: labels,
+        val_ids,
+        val_labels,
+        truncated,
+        ..
+    } = prepared;
+    let mut weights = read_weights(&dir, device)?;
+    let encoder = Encoder::load(&mut weights, &encoder)?;
+    // An encoder-only model (any head in the directory is ignored: training makes a new one).
+    let mut model = RewardModel::from_parts(
+        encoder,
+        None,
+        tokenizer,
+        LABELS.iter().map(|s| s.to_string()).collect(),
+        1,
+        config.pooling,
+        dir,
+    );
+    model.set_batch_size(EVAL_BATCH)?;
     let mut report = TrainReport {
         epochs: Vec::new(),
         best_head_epoch: 0,
         best_lora_epoch: None,
         stopped_early: false,
-        train_examples: train_set.len(),
-        val_examples: val_set.len(),
+        train_examples: train_ids.len(),
+        val_examples: val_ids.len(),
         truncated,
         lora_layers: 0,
     };
+    let val_count = val_ids.len();
 
     // Head stage on cached pooled states.
     let h = model.config().hidden;
-    let features = pooled_features(&model, &encoded.ids, config.pooling)?;
-    let val_features = val_encoded
-        .as_ref()
-        .map(|e| pooled_features(&model, &e.ids, config.pooling))
-        .transpose()?;
+    let features = pooled_features(&model, &train_ids, config.pooling)?;
+    let val_features = if val_ids.is_empty() {
+        None
+    } else {
+        Some(pooled_features(&model, &val_ids, config.pooling)?)
+    };
     let head = Head::new_linear(h, 2, config.pooling, config.seed ^ 0x4ead, device)?;
     let mut optimizer = Adam::new(
         head.variables(),
@@ -452,7 +545,7 @@ pub fn train(
     let mut rng = SplitMix64::new(config.seed ^ 0xba7c);
     let mut stop = EarlyStop::new(config.patience);
     let mut best_head = head.snapshot()?;
-    let lengths_one = vec![1usize; train_set.len()];
+    let lengths_one = vec![1usize; train_ids.len()];
     for epoch in 1..=config.epochs {
         let start = Instant::now();
         let (mut loss_sum, mut right) = (0.0f64, 0usize);
@@ -475,15 +568,15 @@ pub fn train(
             Some(vf) => {
                 let _no_grad = lathe_core::no_grad();
                 let (l, c) = loss_and_correct(&head.forward_pooled(vf)?, &val_labels)?;
-                (l / val_set.len() as f32, c as f32 / val_set.len() as f32)
+                (l / val_count as f32, c as f32 / val_count as f32)
             }
             None => (f32::NAN, f32::NAN),
         };
         let stats = EpochStats {
             stage: "head",
             epoch,
-            train_loss: (loss_sum / train_set.len() as f64) as f32,
-            train_accuracy: right as f32 / train_set.len() as f32,
+            train_loss: (loss_sum / train_ids.len() as f64) as f32,
+            train_accuracy: right as f32 / train_ids.len() as f32,
             val_loss,
             val_accuracy,
             seconds: start.elapsed().as_secs_f32(),
@@ -507,15 +600,32 @@ pub fn train(
         train_lora(
             &mut model,
             lora,
-            config,
-            (&encoded.ids, &labels),
-            &val_set,
+            &config,
+            (&train_ids, &labels),
+            (&val_ids, &val_labels),
             head_val_loss,
             &mut report,
             on_epoch,
         )?;
     }
     Ok((model, report))
+}
+
+/// The peft config of the LoRA stage: `lora`'s targets, or the attention query and value
+/// projections of `architecture` when it names none.
+pub(crate) fn lora_config(architecture: Architecture, lora: &LoraSettings) -> LoraConfig {
+    let targets: Vec<String> = if lora.targets.is_empty() {
+        match architecture {
+            Architecture::Bert => vec!["query".into(), "value".into()],
+            Architecture::DistilBert => vec!["q_lin".into(), "v_lin".into()],
+        }
+    } else {
+        lora.targets.clone()
+    };
+    let mut config = LoraConfig::new(lora.r, lora.alpha, &[]);
+    config.task_type = Some("SEQ_CLS".into());
+    config.target_modules = TargetModules::List(targets);
+    config
 }
 
 /// The LoRA stage: adapters + head trained through the encoder.
@@ -525,27 +635,13 @@ fn train_lora(
     lora: &LoraSettings,
     config: &TrainConfig,
     (ids, labels): (&[Vec<u32>], &[u32]),
-    val_set: &[Example],
+    (val_ids, val_labels): (&[Vec<u32>], &[u32]),
     head_val_loss: f32,
     report: &mut TrainReport,
     on_epoch: &mut dyn FnMut(&EpochStats),
 ) -> Result<()> {
     let device = model.device().clone();
-    let targets: Vec<String> = if lora.targets.is_empty() {
-        match model.config().architecture {
-            Architecture::Bert => vec!["query".into(), "value".into()],
-            Architecture::DistilBert => vec!["q_lin".into(), "v_lin".into()],
-        }
-    } else {
-        lora.targets.clone()
-    };
-    let mut lora_config = LoraConfig::new(
-        lora.r,
-        lora.alpha,
-        &targets.iter().map(String::as_str).collect::<Vec<_>>(),
-    );
-    lora_config.task_type = Some("SEQ_CLS".into());
-    lora_config.target_modules = TargetModules::List(targets);
+    let lora_config = lora_config(model.config().architecture, lora);
     let switch = AdapterSwitch::new();
     report.lora_layers = model
         .encoder
@@ -609,7 +705,7 @@ fn train_lora(
             loss_sum += loss_value as f64 * batch.len() as f64;
             right += correct(&logits.detach(), &targets)?;
         }
-        let eval = evaluate(model, val_set)?;
+        let eval = evaluate_ids(model, val_ids, val_labels)?;
         let stats = EpochStats {
             stage: "lora",
             epoch,

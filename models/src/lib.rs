@@ -2,6 +2,7 @@
 //! configs from HF `config.json` or GGUF metadata; weights from HF safetensors (single or
 //! sharded) and GGUF; tokenizers; KV cache and batched generation.
 
+pub mod arch;
 pub mod attention;
 mod blocks;
 pub mod config;
@@ -17,6 +18,7 @@ pub mod logprobs;
 pub mod lora;
 pub mod plan;
 pub mod pretrained;
+pub mod qwen2;
 pub mod sampling;
 pub mod sampling_gpu;
 pub mod tokenizer;

@@ -18,13 +18,16 @@ use lathe_core::ops::rotary::RotaryTables;
 use lathe_core::ops::softmax::AttentionMask;
 use lathe_core::Tensor;
 
+use crate::arch::{ArchConfig, Architecture};
 use crate::attention::{attend, split_heads, TokenLayout};
 use crate::blocks::{run_blocks, BlockStack};
-use crate::config::LlamaConfig;
-use crate::hf::Weights;
+use crate::config::{LlamaConfig, ModelConfig, Registration, TokenIds};
+use crate::hf::{CausalLm, Weights};
 use crate::kv_cache::KvCache;
 use crate::linear::Linear;
+use crate::plan::{Dims, LinearShape};
 use crate::Result;
+use serde_json::{Map, Value};
 
 /// One transformer block.
 #[derive(Clone, Debug)]
@@ -63,6 +66,17 @@ pub struct Llama {
 impl Llama {
     /// Builds the model from HF-named weights (taken out of `weights`), on their device.
     pub fn from_weights(config: LlamaConfig, weights: &mut Weights) -> Result<Llama> {
+        let ab = config.attention_bias;
+        Llama::with_biases(config, [ab, ab, ab, ab], weights)
+    }
+
+    /// As [`Llama::from_weights`], with a bias on each of q, k, v, o as `biases` says (Qwen2
+    /// has them on q, k and v only).
+    pub(crate) fn with_biases(
+        config: LlamaConfig,
+        [qb, kb, vb, ob]: [bool; 4],
+        weights: &mut Weights,
+    ) -> Result<Llama> {
         config.validate()?;
         let (h, f, v) = (
             config.hidden_size,
@@ -71,7 +85,7 @@ impl Llama {
         );
         let q_width = config.num_attention_heads * config.head_dim();
         let kv_width = config.kv_heads() * config.head_dim();
-        let (ab, mb) = (config.attention_bias, config.mlp_bias);
+        let mb = config.mlp_bias;
         let embed_tokens = weights.take_embedding("model.embed_tokens.weight", &[v, h])?;
         let layers = (0..config.num_hidden_layers)
             .map(|i| {
@@ -79,10 +93,10 @@ impl Llama {
                 let mut linear = |name: &str, out: usize, input: usize, bias: bool| {
                     Linear::load_block(weights, &format!("{p}.{name}"), out, input, bias)
                 };
-                let q_proj = linear("self_attn.q_proj", q_width, h, ab)?;
-                let k_proj = linear("self_attn.k_proj", kv_width, h, ab)?;
-                let v_proj = linear("self_attn.v_proj", kv_width, h, ab)?;
-                let o_proj = linear("self_attn.o_proj", h, q_width, ab)?;
+                let q_proj = linear("self_attn.q_proj", q_width, h, qb)?;
+                let k_proj = linear("self_attn.k_proj", kv_width, h, kb)?;
+                let v_proj = linear("self_attn.v_proj", kv_width, h, vb)?;
+                let o_proj = linear("self_attn.o_proj", h, q_width, ob)?;
                 let gate_proj = linear("mlp.gate_proj", f, h, mb)?;
                 let up_proj = linear("mlp.up_proj", f, h, mb)?;
                 let down_proj = linear("mlp.down_proj", h, f, mb)?;
@@ -314,5 +328,139 @@ impl LlamaLayer {
             ("mlp.up_proj", &mut self.up_proj),
             ("mlp.down_proj", &mut self.down_proj),
         ]
+    }
+}
+
+/// config.json's `llama`: 4.46's `rope_theta` filled from 5.x's `rope_parameters`.
+pub const REGISTRATION: Registration = Registration {
+    model_type: "llama",
+    rope_keys: &[("rope_theta", "rope_theta")],
+    parse: |value| serde_json::from_value(value).map(ModelConfig::Llama),
+};
+
+impl ArchConfig for LlamaConfig {
+    fn model_type(&self) -> &'static str {
+        "llama"
+    }
+    fn validate(&self) -> Result<()> {
+        LlamaConfig::validate(self)
+    }
+    fn vocab_size(&self) -> usize {
+        self.vocab_size
+    }
+    fn hidden_size(&self) -> usize {
+        self.hidden_size
+    }
+    fn num_hidden_layers(&self) -> usize {
+        self.num_hidden_layers
+    }
+    fn max_position_embeddings(&self) -> usize {
+        self.max_position_embeddings
+    }
+    fn bos_token_id(&self) -> Option<u32> {
+        self.bos_token_id
+    }
+    fn eos_token_ids(&self) -> Vec<u32> {
+        self.eos_token_id
+            .as_ref()
+            .map(TokenIds::ids)
+            .unwrap_or_default()
+    }
+    fn extra(&self) -> &Map<String, Value> {
+        &self.extra
+    }
+    fn unknown_keys(&self) -> Vec<String> {
+        LlamaConfig::unknown_keys(self)
+    }
+    fn rope_keys(&self) -> Vec<(&'static str, &'static str, f64)> {
+        vec![("rope_theta", "rope_theta", self.rope_theta)]
+    }
+    fn to_value(&self) -> serde_json::Result<Value> {
+        serde_json::to_value(self)
+    }
+    fn default_lora_targets(&self) -> &'static [&'static str] {
+        &["q_proj", "v_proj"]
+    }
+    fn block_linears(&self) -> Vec<LinearShape> {
+        let (ab, mb) = (self.attention_bias, self.mlp_bias);
+        llama_block_linears(self, [ab, ab, ab, ab], mb)
+    }
+    fn plan_dims(&self) -> Dims {
+        Dims {
+            hidden: self.hidden_size as u64,
+            ffn: self.intermediate_size as u64,
+            layers: self.num_hidden_layers as u64,
+            heads: self.num_attention_heads as u64,
+            kv_width: (self.kv_heads() * self.head_dim()) as u64,
+            vocab: self.vocab_size as u64,
+            tied: self.tie_word_embeddings,
+            norm_floats: self.hidden_size as u64,
+            rotary_floats: self.max_position_embeddings as u64 * self.head_dim() as u64,
+        }
+    }
+    fn build(&self, weights: &mut Weights) -> Result<CausalLm> {
+        Ok(CausalLm::Llama(Llama::from_weights(self.clone(), weights)?))
+    }
+}
+
+/// The linear layers of a Llama-style block: q, k, v, o with the given biases, then the
+/// gated MLP's gate, up and down with `mlp_bias`.
+pub(crate) fn llama_block_linears(
+    c: &LlamaConfig,
+    [qb, kb, vb, ob]: [bool; 4],
+    mlp_bias: bool,
+) -> Vec<LinearShape> {
+    let (h, f) = (c.hidden_size, c.intermediate_size);
+    let q = c.num_attention_heads * c.head_dim();
+    let kv = c.kv_heads() * c.head_dim();
+    vec![
+        LinearShape::new("q_proj", q, h, qb),
+        LinearShape::new("k_proj", kv, h, kb),
+        LinearShape::new("v_proj", kv, h, vb),
+        LinearShape::new("o_proj", h, q, ob),
+        LinearShape::new("gate_proj", f, h, mlp_bias),
+        LinearShape::new("up_proj", f, h, mlp_bias),
+        LinearShape::new("down_proj", h, f, mlp_bias),
+    ]
+}
+
+impl Architecture for Llama {
+    fn arch_config(&self) -> &dyn ArchConfig {
+        &self.config
+    }
+    fn model_config(&self) -> ModelConfig {
+        ModelConfig::Llama(self.config.clone())
+    }
+    fn forward_hidden(
+        &self,
+        ids: &Tensor,
+        layout: &TokenLayout,
+        cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
+        Llama::forward_hidden(self, ids, layout, cache)
+    }
+    fn head(&self) -> &Linear {
+        &self.lm_head
+    }
+    fn embedding_and_head(&mut self) -> (&mut Tensor, &mut Linear) {
+        (&mut self.embed_tokens, &mut self.lm_head)
+    }
+    fn linears(&self) -> Vec<(String, &Linear)> {
+        Llama::linears(self)
+    }
+    fn linears_mut(&mut self) -> Vec<(String, &mut Linear)> {
+        Llama::linears_mut(self)
+    }
+    fn named_weights(&self) -> Result<Vec<(String, Tensor)>> {
+        Llama::named_weights(self)
+    }
+    fn set_gradient_checkpointing(&mut self, on: bool) {
+        self.gradient_checkpointing = on;
+    }
+    fn sample_vocab(&self) -> Option<usize> {
+        self.sample_vocab
+    }
+    fn set_sample_vocab(&mut self, ids: Option<usize>) {
+        self.sample_vocab = ids;
     }
 }

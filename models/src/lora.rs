@@ -18,18 +18,12 @@ use crate::{Error, Result};
 impl CausalLm {
     /// Every linear layer of the transformer blocks under its HF module name.
     pub fn linears(&self) -> Vec<(String, &Linear)> {
-        match self {
-            CausalLm::GptNeox(m) => m.linears(),
-            CausalLm::Llama(m) => m.linears(),
-        }
+        self.arch().linears()
     }
 
     /// The same, mutable (for swapping a layer's form).
     pub fn linears_mut(&mut self) -> Vec<(String, &mut Linear)> {
-        match self {
-            CausalLm::GptNeox(m) => m.linears_mut(),
-            CausalLm::Llama(m) => m.linears_mut(),
-        }
+        self.arch_mut().linears_mut()
     }
 
     /// Wraps every block linear `config` targets with a fresh adapter (A drawn from

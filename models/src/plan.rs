@@ -147,40 +147,20 @@ pub struct LinearShape {
     pub bias: bool,
 }
 
-/// The linear layers of one transformer block of `config`.
-pub fn block_linears(config: &ModelConfig) -> Vec<LinearShape> {
-    let lin = |name, out, input, bias| LinearShape {
-        name,
-        out,
-        input,
-        bias,
-    };
-    match config {
-        ModelConfig::GptNeox(c) => {
-            let (h, f, ab) = (c.hidden_size, c.intermediate_size, c.attention_bias);
-            vec![
-                lin("query_key_value", 3 * h, h, ab),
-                lin("dense", h, h, ab),
-                lin("dense_h_to_4h", f, h, true),
-                lin("dense_4h_to_h", h, f, true),
-            ]
-        }
-        ModelConfig::Llama(c) => {
-            let (h, f) = (c.hidden_size, c.intermediate_size);
-            let q = c.num_attention_heads * c.head_dim();
-            let kv = c.kv_heads() * c.head_dim();
-            let (ab, mb) = (c.attention_bias, c.mlp_bias);
-            vec![
-                lin("q_proj", q, h, ab),
-                lin("k_proj", kv, h, ab),
-                lin("v_proj", kv, h, ab),
-                lin("o_proj", h, q, ab),
-                lin("gate_proj", f, h, mb),
-                lin("up_proj", f, h, mb),
-                lin("down_proj", h, f, mb),
-            ]
+impl LinearShape {
+    pub fn new(name: &'static str, out: usize, input: usize, bias: bool) -> LinearShape {
+        LinearShape {
+            name,
+            out,
+            input,
+            bias,
         }
     }
+}
+
+/// The linear layers of one transformer block of `config`.
+pub fn block_linears(config: &ModelConfig) -> Vec<LinearShape> {
+    config.arch().block_linears()
 }
 
 /// Bytes of one block weight (out, in) in `precision` (int8: rows padded to 4 bytes, plus an
@@ -194,45 +174,24 @@ fn weight_bytes(out: usize, input: usize, precision: Precision) -> u64 {
     }
 }
 
-/// Shape facts of a config the plan needs.
-struct Dims {
-    hidden: u64,
-    ffn: u64,
-    layers: u64,
-    heads: u64,
-    kv_width: u64,
-    vocab: u64,
-    tied: bool,
+/// Shape facts of a config the plan needs (each architecture's [`crate::arch::ArchConfig::plan_dims`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Dims {
+    pub hidden: u64,
+    pub ffn: u64,
+    pub layers: u64,
+    pub heads: u64,
+    /// Key (= value) width of one token: kv heads x head size.
+    pub kv_width: u64,
+    pub vocab: u64,
+    pub tied: bool,
     /// LayerNorm (weight + bias) or RMSNorm (weight) floats per norm.
-    norm_floats: u64,
-    rotary_floats: u64,
+    pub norm_floats: u64,
+    pub rotary_floats: u64,
 }
 
 fn dims(config: &ModelConfig) -> Dims {
-    match config {
-        ModelConfig::GptNeox(c) => Dims {
-            hidden: c.hidden_size as u64,
-            ffn: c.intermediate_size as u64,
-            layers: c.num_hidden_layers as u64,
-            heads: c.num_attention_heads as u64,
-            kv_width: c.hidden_size as u64,
-            vocab: c.vocab_size as u64,
-            tied: c.tie_word_embeddings,
-            norm_floats: 2 * c.hidden_size as u64,
-            rotary_floats: c.max_position_embeddings as u64 * c.rotary_ndims() as u64,
-        },
-        ModelConfig::Llama(c) => Dims {
-            hidden: c.hidden_size as u64,
-            ffn: c.intermediate_size as u64,
-            layers: c.num_hidden_layers as u64,
-            heads: c.num_attention_heads as u64,
-            kv_width: (c.kv_heads() * c.head_dim()) as u64,
-            vocab: c.vocab_size as u64,
-            tied: c.tie_word_embeddings,
-            norm_floats: c.hidden_size as u64,
-            rotary_floats: c.max_position_embeddings as u64 * c.head_dim() as u64,
-        },
-    }
+    config.arch().plan_dims()
 }
 
 /// Whether the `target_modules` list selects the block linear `name` (a leaf name such as

@@ -23,6 +23,10 @@ const GPT_NEOX: [&str; 4] = [
 ];
 const LLAMA: [&str; 1] = ["llama_gqa_tied"];
 
+/// Written by transformers 5.x (scripts/golden_qwen2.py): q/k/v biases, GQA, rope_theta
+/// 50000 in `rope_parameters`; tied and untied heads.
+const QWEN2: [&str; 2] = ["qwen2_tiny", "qwen2_untied"];
+
 /// transformers' logits and ours, f32 both: the sums run in different orders.
 const GOLDEN: Tolerance = Tolerance::new(1e-4, 1e-4);
 /// A KV-cache decode against the full forward of the same implementation.
@@ -319,13 +323,84 @@ fn llama_kv_cache_decode_equals_full_forward_gpu() {
         .for_each(|n| kv_cache_matches_full_forward(n, &test_gpu()));
 }
 
+#[test]
+fn qwen2_full_batch_matches_transformers_cpu() {
+    QWEN2
+        .iter()
+        .for_each(|n| full_batch_matches(n, &Device::Cpu));
+}
+
+#[test]
+fn qwen2_full_batch_matches_transformers_gpu() {
+    QWEN2
+        .iter()
+        .for_each(|n| full_batch_matches(n, &test_gpu()));
+}
+
+#[test]
+fn qwen2_padded_batch_matches_transformers_cpu() {
+    QWEN2
+        .iter()
+        .for_each(|n| padded_batch_matches(n, &Device::Cpu));
+}
+
+#[test]
+fn qwen2_padded_batch_matches_transformers_gpu() {
+    QWEN2
+        .iter()
+        .for_each(|n| padded_batch_matches(n, &test_gpu()));
+}
+
+#[test]
+fn qwen2_kv_cache_decode_equals_full_forward_cpu() {
+    QWEN2
+        .iter()
+        .for_each(|n| kv_cache_matches_full_forward(n, &Device::Cpu));
+}
+
+#[test]
+fn qwen2_kv_cache_decode_equals_full_forward_gpu() {
+    QWEN2
+        .iter()
+        .for_each(|n| kv_cache_matches_full_forward(n, &test_gpu()));
+}
+
+/// The same Qwen2 model with its config in transformers 4.46's layout (top-level
+/// `rope_theta`, `torch_dtype`, `sliding_window` 4096 with `use_sliding_window` false, no
+/// `layer_types`): the same logits.
+#[test]
+fn qwen2_config_in_the_4_46_layout_gives_the_same_logits() {
+    let source = fixture_dir("qwen2_untied");
+    let dir = std::env::temp_dir().join(format!("lathe-qwen2-v4-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::copy(
+        source.join("model.safetensors"),
+        dir.join("model.safetensors"),
+    )
+    .unwrap();
+    std::fs::copy(source.join("config_v4.json"), dir.join("config.json")).unwrap();
+    let golden = Golden::load("qwen2_untied");
+    let (b, t) = golden.dims();
+    let model = load_hf_dir(&dir, &Device::Cpu).unwrap();
+    let ids = golden.get("input_ids").clone();
+    let layout = TokenLayout::contiguous(b, t, 0, &Device::Cpu).unwrap();
+    let logits = model.forward(&ids, &layout, None).unwrap();
+    check(
+        "qwen2 4.46 config: logits",
+        &logits.to_vec_f32().unwrap(),
+        &golden.f32s("logits"),
+        GOLDEN,
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// `--load-in-8bit`: every block linear as LLM.int8 (threshold 6.0). The logits stay within
 /// 10% of the f32 model's largest logit on both devices (measured: 1.7% to 5.7% on these
 /// tiny random models, whose 32-wide rows quantize coarsely), and the two devices agree.
 #[test]
 fn int8_models_stay_close_to_f32() {
     let gpu = test_gpu();
-    for name in GPT_NEOX.iter().chain(&LLAMA) {
+    for name in GPT_NEOX.iter().chain(&LLAMA).chain(&QWEN2) {
         let golden = Golden::load(name);
         let (b, t) = golden.dims();
         let want = golden.f32s("logits");
@@ -367,7 +442,7 @@ fn int8_models_stay_close_to_f32() {
 #[test]
 fn f16_models_stay_close_to_f32() {
     let gpu = test_gpu();
-    for name in GPT_NEOX.iter().chain(&LLAMA) {
+    for name in GPT_NEOX.iter().chain(&LLAMA).chain(&QWEN2) {
         let golden = Golden::load(name);
         let (b, t) = golden.dims();
         let want = golden.f32s("logits");

@@ -137,8 +137,9 @@ struct GoldenCase {
     expected: Vec<Vec<u32>>,
 }
 
-fn golden_cases(name: &str) -> Vec<GoldenCase> {
-    let path = fixtures().join("generate_greedy.json");
+/// The cases of `name` in a greedy golden file (scripts/golden_generate.py's layout).
+fn golden_cases_in(file: &str, name: &str) -> Vec<GoldenCase> {
+    let path = fixtures().join(file);
     let text = std::fs::read_to_string(&path).unwrap();
     let doc: serde_json::Value = serde_json::from_str(&text).unwrap();
     let ids =
@@ -166,12 +167,23 @@ fn golden_cases(name: &str) -> Vec<GoldenCase> {
         .collect()
 }
 
+fn golden_cases(name: &str) -> Vec<GoldenCase> {
+    golden_cases_in("generate_greedy.json", name)
+}
+
 /// Token for token, single prompts and left-padded batches, with and without EOS and
-/// min_new_tokens, both with and without the cache.
+/// min_new_tokens, both with and without the cache: the 4.46 goldens, and Qwen2's from
+/// transformers 5.x (scripts/golden_qwen2.py).
 fn greedy_matches_transformers(device: &Device) {
-    for name in MODELS {
+    let models = MODELS
+        .iter()
+        .map(|name| (*name, golden_cases(name)))
+        .chain([(
+            "qwen2_tiny",
+            golden_cases_in("generate_greedy_qwen2.json", "qwen2_tiny"),
+        )]);
+    for (name, cases) in models {
         let model = load(name, device);
-        let cases = golden_cases(name);
         assert!(cases.iter().any(|c| c.label.ends_with("batched")), "{name}");
         for case in cases {
             for use_cache in [true, false] {

@@ -11,7 +11,7 @@ use lathe_lora::{AdapterSwitch, LoraConfig};
 use lathe_models::attention::TokenLayout;
 use lathe_models::hf::{load_hf_dir, CausalLm};
 
-const CASES: [&str; 2] = ["neox", "llama"];
+const CASES: [&str; 3] = ["neox", "llama", "qwen2"];
 /// peft's f32 logits and ours, sums in different orders.
 const LOGITS: Tolerance = Tolerance::new(1e-4, 1e-4);
 const GRADS: Tolerance = Tolerance::new(1e-4, 1e-4);

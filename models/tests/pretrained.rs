@@ -23,18 +23,11 @@ fn error_of(path: &std::path::Path) -> String {
 
 /// The first block's linear layers, whatever their form.
 fn block_linears(model: &mut CausalLm) -> Vec<Linear> {
-    match model {
-        CausalLm::Llama(m) => m
-            .linears_mut()
-            .into_iter()
-            .map(|(_, l)| l.clone())
-            .collect(),
-        CausalLm::GptNeox(m) => m
-            .linears_mut()
-            .into_iter()
-            .map(|(_, l)| l.clone())
-            .collect(),
-    }
+    model
+        .linears_mut()
+        .into_iter()
+        .map(|(_, l)| l.clone())
+        .collect()
 }
 
 #[test]

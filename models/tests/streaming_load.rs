@@ -117,10 +117,7 @@ fn write_f16_shards(model: &CausalLm, dir: &Path) {
 }
 
 fn int8_parts(model: &CausalLm) -> Vec<(Vec<i8>, Vec<f32>)> {
-    let linears = match model {
-        CausalLm::GptNeox(m) => m.linears().into_iter().map(|(_, l)| l).collect::<Vec<_>>(),
-        CausalLm::Llama(m) => m.linears().into_iter().map(|(_, l)| l).collect(),
-    };
+    let linears: Vec<&Linear> = model.linears().into_iter().map(|(_, l)| l).collect();
     linears
         .into_iter()
         .map(|l| match l {
@@ -190,10 +187,9 @@ fn f16_embeddings_at_load_equal_converting_afterwards() {
         };
         for device in [Device::Cpu, test_gpu()] {
             let streamed = load_hf_dir_with(&dir, &device, options).unwrap();
-            let embed = match &streamed {
-                CausalLm::GptNeox(m) => &m.embed_in,
-                CausalLm::Llama(m) => &m.embed_tokens,
-            };
+            let mut streamed = streamed;
+            let (embed, _) = streamed.arch_mut().embedding_and_head();
+            let embed = embed.clone();
             assert_eq!(embed.dtype(), DType::F16, "{name}");
             let mut reference = load_hf_dir(&dir, &device).unwrap();
             reference.quantize_int8(6.0).unwrap();

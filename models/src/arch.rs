@@ -2,15 +2,16 @@
 //! the built model. Everything else in lathe (loading, int8/f16 conversion, LoRA, generation,
 //! planning, saving, the CLI's defaults) works through these two traits, so a new
 //! architecture is one model file plus its registration: a [`ModelConfig`] and a
-//! [`CausalLm`] variant and their lines in [`ModelConfig::arch`], [`CausalLm::arch`],
-//! [`CausalLm::arch_mut`] and [`crate::config::ARCHITECTURES`].
+//! [`crate::hf::CausalLm`] variant and their lines in [`ModelConfig::arch`],
+//! [`crate::hf::CausalLm::arch`], `arch_mut` and `from_weights`, and
+//! [`crate::config::ARCHITECTURES`]. The model files import the weight store
+//! ([`crate::weights`]), never the loader (`hf.rs`), which names them.
 
 use lathe_core::Tensor;
 use serde_json::{Map, Value};
 
 use crate::attention::TokenLayout;
 use crate::config::{BnbInt8Config, ModelConfig};
-use crate::hf::{CausalLm, Weights};
 use crate::kv_cache::KvCache;
 use crate::linear::Linear;
 use crate::plan::{Dims, LinearShape};
@@ -45,8 +46,6 @@ pub trait ArchConfig: std::fmt::Debug + Send + Sync {
     fn block_linears(&self) -> Vec<LinearShape>;
     /// The other shape facts memory planning needs.
     fn plan_dims(&self) -> Dims;
-    /// Builds the model from HF-named weights (taken out of `weights`), on their device.
-    fn build(&self, weights: &mut Weights) -> Result<CausalLm>;
     /// The bitsandbytes 8-bit quantization of the checkpoint, `None` for a plain one.
     fn bnb_int8(&self) -> Result<Option<BnbInt8Config>> {
         BnbInt8Config::from_extra(self.model_type(), self.extra())

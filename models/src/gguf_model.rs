@@ -18,9 +18,9 @@ use lathe_core::{Device, Tensor};
 
 use crate::config::{LlamaConfig, TokenIds};
 use crate::gguf::GgufFile;
-use crate::hf::{LoadOptions, Weights};
 use crate::llama::Llama;
 use crate::tokenizer::Tokenizer;
+use crate::weights::{LoadOptions, Weights};
 use crate::{Error, Result};
 
 /// The one architecture read here.

@@ -25,10 +25,10 @@ use serde_json::{Map, Value};
 
 use crate::arch::{ArchConfig, Architecture};
 use crate::config::{GptNeoxConfig, ModelConfig, Registration, TokenIds};
-use crate::hf::{CausalLm, Weights};
 use crate::kv_cache::KvCache;
 use crate::linear::Linear;
 use crate::plan::{Dims, LinearShape};
+use crate::weights::Weights;
 use crate::Result;
 
 /// A LayerNorm's affine parameters, (H,) each.
@@ -119,17 +119,44 @@ impl GptNeoxLayer {
             .filter(|t| t.is_variable())
             .cloned()
             .collect();
-        for linear in [
-            &self.query_key_value,
-            &self.dense,
-            &self.dense_h_to_4h,
-            &self.dense_4h_to_h,
-        ] {
+        for (_, linear) in self.linears() {
             out.extend(linear.variables());
         }
         out
     }
+
+    /// The block's linears in [`LINEAR_NAMES`] order, with their names.
+    fn linears(&self) -> [(&'static str, &Linear); 4] {
+        let layers = [
+            &self.query_key_value,
+            &self.dense,
+            &self.dense_h_to_4h,
+            &self.dense_4h_to_h,
+        ];
+        let mut names = LINEAR_NAMES.into_iter();
+        layers.map(|l| (names.next().expect("four names"), l))
+    }
+
+    fn linears_mut(&mut self) -> [(&'static str, &mut Linear); 4] {
+        let layers = [
+            &mut self.query_key_value,
+            &mut self.dense,
+            &mut self.dense_h_to_4h,
+            &mut self.dense_4h_to_h,
+        ];
+        let mut names = LINEAR_NAMES.into_iter();
+        layers.map(|l| (names.next().expect("four names"), l))
+    }
 }
+
+/// The HF module names of a block's linears (under `gpt_neox.layers.{i}.`), in the order of
+/// [`GptNeoxLayer`]'s fields: the one place they are written.
+const LINEAR_NAMES: [&str; 4] = [
+    "attention.query_key_value",
+    "attention.dense",
+    "mlp.dense_h_to_4h",
+    "mlp.dense_4h_to_h",
+];
 
 /// GPT-NeoX for causal language modelling.
 #[derive(Clone, Debug)]
@@ -166,6 +193,10 @@ impl GptNeox {
         let layers = (0..config.num_hidden_layers)
             .map(|i| {
                 let p = format!("gpt_neox.layers.{i}");
+                let linear = |weights: &mut Weights, name: &str, out, input, bias| {
+                    Linear::load_block(weights, &format!("{p}.{name}"), out, input, bias)
+                };
+                let [qkv, dense, up, down] = LINEAR_NAMES;
                 Ok(GptNeoxLayer {
                     input_layernorm: LayerNorm::load(
                         weights,
@@ -179,34 +210,10 @@ impl GptNeox {
                         h,
                         eps,
                     )?,
-                    query_key_value: Linear::load_block(
-                        weights,
-                        &format!("{p}.attention.query_key_value"),
-                        3 * h,
-                        h,
-                        bias,
-                    )?,
-                    dense: Linear::load_block(
-                        weights,
-                        &format!("{p}.attention.dense"),
-                        h,
-                        h,
-                        bias,
-                    )?,
-                    dense_h_to_4h: Linear::load_block(
-                        weights,
-                        &format!("{p}.mlp.dense_h_to_4h"),
-                        f,
-                        h,
-                        true,
-                    )?,
-                    dense_4h_to_h: Linear::load_block(
-                        weights,
-                        &format!("{p}.mlp.dense_4h_to_h"),
-                        h,
-                        f,
-                        true,
-                    )?,
+                    query_key_value: linear(weights, qkv, 3 * h, h, bias)?,
+                    dense: linear(weights, dense, h, h, bias)?,
+                    dense_h_to_4h: linear(weights, up, f, h, true)?,
+                    dense_4h_to_h: linear(weights, down, h, f, true)?,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
@@ -320,18 +327,9 @@ impl GptNeox {
             layer
                 .post_attention_layernorm
                 .named(&format!("{p}.post_attention_layernorm"), &mut out);
-            layer
-                .query_key_value
-                .push_named(&format!("{p}.attention.query_key_value"), &mut out)?;
-            layer
-                .dense
-                .push_named(&format!("{p}.attention.dense"), &mut out)?;
-            layer
-                .dense_h_to_4h
-                .push_named(&format!("{p}.mlp.dense_h_to_4h"), &mut out)?;
-            layer
-                .dense_4h_to_h
-                .push_named(&format!("{p}.mlp.dense_4h_to_h"), &mut out)?;
+            for (name, linear) in layer.linears() {
+                linear.push_named(&format!("{p}.{name}"), &mut out)?;
+            }
         }
         self.final_layer_norm
             .named("gpt_neox.final_layer_norm", &mut out);
@@ -345,14 +343,9 @@ impl GptNeox {
     pub fn linears(&self) -> Vec<(String, &Linear)> {
         let mut out = Vec::new();
         for (i, layer) in self.layers.iter().enumerate() {
-            let p = format!("gpt_neox.layers.{i}");
-            out.push((
-                format!("{p}.attention.query_key_value"),
-                &layer.query_key_value,
-            ));
-            out.push((format!("{p}.attention.dense"), &layer.dense));
-            out.push((format!("{p}.mlp.dense_h_to_4h"), &layer.dense_h_to_4h));
-            out.push((format!("{p}.mlp.dense_4h_to_h"), &layer.dense_4h_to_h));
+            for (name, linear) in layer.linears() {
+                out.push((format!("gpt_neox.layers.{i}.{name}"), linear));
+            }
         }
         out
     }
@@ -361,14 +354,9 @@ impl GptNeox {
     pub fn linears_mut(&mut self) -> Vec<(String, &mut Linear)> {
         let mut out = Vec::new();
         for (i, layer) in self.layers.iter_mut().enumerate() {
-            let p = format!("gpt_neox.layers.{i}");
-            out.push((
-                format!("{p}.attention.query_key_value"),
-                &mut layer.query_key_value,
-            ));
-            out.push((format!("{p}.attention.dense"), &mut layer.dense));
-            out.push((format!("{p}.mlp.dense_h_to_4h"), &mut layer.dense_h_to_4h));
-            out.push((format!("{p}.mlp.dense_4h_to_h"), &mut layer.dense_4h_to_h));
+            for (name, linear) in layer.linears_mut() {
+                out.push((format!("gpt_neox.layers.{i}.{name}"), linear));
+            }
         }
         out
     }
@@ -456,12 +444,6 @@ impl ArchConfig for GptNeoxConfig {
             norm_floats: 2 * self.hidden_size as u64,
             rotary_floats: self.max_position_embeddings as u64 * self.rotary_ndims() as u64,
         }
-    }
-    fn build(&self, weights: &mut Weights) -> Result<CausalLm> {
-        Ok(CausalLm::GptNeox(GptNeox::from_weights(
-            self.clone(),
-            weights,
-        )?))
     }
 }
 

@@ -23,6 +23,7 @@ pub mod sampling;
 pub mod sampling_gpu;
 pub mod tokenizer;
 pub mod value_head;
+pub mod weights;
 
 /// Errors of lathe-models. Each names the file (and tensor) it is about.
 #[derive(Debug, thiserror::Error)]

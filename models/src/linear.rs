@@ -8,7 +8,7 @@ use lathe_core::{DType, Tensor};
 use lathe_lora::LoraAdapter;
 use lathe_quant::{Int8Linear, Int8Variant};
 
-use crate::hf::Weights;
+use crate::weights::Weights;
 use crate::{Error, Result};
 
 /// The precision of every linear layer of the transformer blocks (embeddings, norms and the

@@ -22,12 +22,24 @@ use crate::arch::{ArchConfig, Architecture};
 use crate::attention::{attend, split_heads, TokenLayout};
 use crate::blocks::{run_blocks, BlockStack};
 use crate::config::{LlamaConfig, ModelConfig, Registration, TokenIds};
-use crate::hf::{CausalLm, Weights};
 use crate::kv_cache::KvCache;
 use crate::linear::Linear;
 use crate::plan::{Dims, LinearShape};
+use crate::weights::Weights;
 use crate::Result;
 use serde_json::{Map, Value};
+
+/// The HF module names of a block's linears (under `model.layers.{i}.`), in the order of
+/// [`LlamaLayer`]'s fields: the one place they are written.
+const LINEAR_NAMES: [&str; 7] = [
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+];
 
 /// One transformer block.
 #[derive(Clone, Debug)]
@@ -93,13 +105,14 @@ impl Llama {
                 let mut linear = |name: &str, out: usize, input: usize, bias: bool| {
                     Linear::load_block(weights, &format!("{p}.{name}"), out, input, bias)
                 };
-                let q_proj = linear("self_attn.q_proj", q_width, h, qb)?;
-                let k_proj = linear("self_attn.k_proj", kv_width, h, kb)?;
-                let v_proj = linear("self_attn.v_proj", kv_width, h, vb)?;
-                let o_proj = linear("self_attn.o_proj", h, q_width, ob)?;
-                let gate_proj = linear("mlp.gate_proj", f, h, mb)?;
-                let up_proj = linear("mlp.up_proj", f, h, mb)?;
-                let down_proj = linear("mlp.down_proj", h, f, mb)?;
+                let [q, k, v, o, gate, up, down] = LINEAR_NAMES;
+                let q_proj = linear(q, q_width, h, qb)?;
+                let k_proj = linear(k, kv_width, h, kb)?;
+                let v_proj = linear(v, kv_width, h, vb)?;
+                let o_proj = linear(o, h, q_width, ob)?;
+                let gate_proj = linear(gate, f, h, mb)?;
+                let up_proj = linear(up, f, h, mb)?;
+                let down_proj = linear(down, h, f, mb)?;
                 Ok(LlamaLayer {
                     input_layernorm: weights.take(&format!("{p}.input_layernorm.weight"), &[h])?,
                     post_attention_layernorm: weights
@@ -306,28 +319,33 @@ impl LlamaLayer {
         out
     }
 
+    /// The block's linears in [`LINEAR_NAMES`] order, with their names.
     fn linears(&self) -> [(&'static str, &Linear); 7] {
-        [
-            ("self_attn.q_proj", &self.q_proj),
-            ("self_attn.k_proj", &self.k_proj),
-            ("self_attn.v_proj", &self.v_proj),
-            ("self_attn.o_proj", &self.o_proj),
-            ("mlp.gate_proj", &self.gate_proj),
-            ("mlp.up_proj", &self.up_proj),
-            ("mlp.down_proj", &self.down_proj),
-        ]
+        let layers = [
+            &self.q_proj,
+            &self.k_proj,
+            &self.v_proj,
+            &self.o_proj,
+            &self.gate_proj,
+            &self.up_proj,
+            &self.down_proj,
+        ];
+        let mut names = LINEAR_NAMES.into_iter();
+        layers.map(|l| (names.next().expect("seven names"), l))
     }
 
     fn linears_mut(&mut self) -> [(&'static str, &mut Linear); 7] {
-        [
-            ("self_attn.q_proj", &mut self.q_proj),
-            ("self_attn.k_proj", &mut self.k_proj),
-            ("self_attn.v_proj", &mut self.v_proj),
-            ("self_attn.o_proj", &mut self.o_proj),
-            ("mlp.gate_proj", &mut self.gate_proj),
-            ("mlp.up_proj", &mut self.up_proj),
-            ("mlp.down_proj", &mut self.down_proj),
-        ]
+        let layers = [
+            &mut self.q_proj,
+            &mut self.k_proj,
+            &mut self.v_proj,
+            &mut self.o_proj,
+            &mut self.gate_proj,
+            &mut self.up_proj,
+            &mut self.down_proj,
+        ];
+        let mut names = LINEAR_NAMES.into_iter();
+        layers.map(|l| (names.next().expect("seven names"), l))
     }
 }
 
@@ -397,9 +415,6 @@ impl ArchConfig for LlamaConfig {
             norm_floats: self.hidden_size as u64,
             rotary_floats: self.max_position_embeddings as u64 * self.head_dim() as u64,
         }
-    }
-    fn build(&self, weights: &mut Weights) -> Result<CausalLm> {
-        Ok(CausalLm::Llama(Llama::from_weights(self.clone(), weights)?))
     }
 }
 

@@ -22,11 +22,11 @@ use serde_json::{Map, Value};
 use crate::arch::{ArchConfig, Architecture};
 use crate::attention::TokenLayout;
 use crate::config::{LlamaConfig, ModelConfig, Registration, TokenIds};
-use crate::hf::{CausalLm, Weights};
 use crate::kv_cache::KvCache;
 use crate::linear::Linear;
 use crate::llama::{llama_block_linears, Llama};
 use crate::plan::{Dims, LinearShape};
+use crate::weights::Weights;
 use crate::{Error, Result};
 
 /// q, k, v with biases, o without.
@@ -243,14 +243,6 @@ impl ArchConfig for Qwen2Config {
     fn plan_dims(&self) -> Dims {
         self.as_llama().plan_dims()
     }
-    fn build(&self, weights: &mut Weights) -> Result<CausalLm> {
-        self.validate()?;
-        let model = Llama::with_biases(self.as_llama(), BIASES, weights)?;
-        Ok(CausalLm::Qwen2(Qwen2 {
-            config: Box::new(self.clone()),
-            model,
-        }))
-    }
 }
 
 /// Qwen2 for causal language modelling: lathe's Llama with Qwen2's biases and config.
@@ -262,6 +254,16 @@ pub struct Qwen2 {
 }
 
 impl Qwen2 {
+    /// Builds the model from HF-named weights (taken out of `weights`), on their device.
+    pub fn from_weights(config: Qwen2Config, weights: &mut Weights) -> Result<Qwen2> {
+        config.validate()?;
+        let model = Llama::with_biases(config.as_llama(), BIASES, weights)?;
+        Ok(Qwen2 {
+            config: Box::new(config),
+            model,
+        })
+    }
+
     pub fn config(&self) -> &Qwen2Config {
         &self.config
     }

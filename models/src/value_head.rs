@@ -5,8 +5,8 @@
 
 use lathe_core::{Device, Tensor};
 
-use crate::hf::Weights;
 use crate::linear::Linear;
+use crate::weights::Weights;
 use crate::{Error, Result};
 
 /// Dropout and a Linear(H, 1) over hidden states.

@@ -5,7 +5,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use lathe_shaders::{AdapterChoice, GpuContext};
 
-use crate::Result;
+use crate::{Error, Result};
 
 /// A compute device: the host CPU, or one GPU context.
 #[derive(Clone, Debug)]
@@ -73,6 +73,15 @@ impl Device {
             Device::Gpu(ctx) => Some(ctx),
             Device::Cpu => None,
         }
+    }
+
+    /// The GPU context of a device a GPU kernel runs on: an error (not a panic) on the CPU.
+    pub fn gpu_operand_context(&self) -> Result<&Arc<GpuContext>> {
+        self.gpu_context().ok_or_else(|| Error::DeviceMismatch {
+            op: "gpu kernel",
+            a: self.name(),
+            b: "a GPU".into(),
+        })
     }
 
     /// Waits for all queued GPU work (a no-op on the CPU). Benchmarks call this before timing.

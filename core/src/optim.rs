@@ -168,16 +168,16 @@ fn cpu_step(param: &Tensor, grad: &Tensor, state: &Moments, s: &StepScalars) -> 
 }
 
 fn gpu_step(param: &Tensor, grad: &Tensor, state: &Moments, s: &StepScalars) -> Result<()> {
-    let ctx = param.device().gpu_context().expect("gpu");
+    let ctx = param.device().gpu_operand_context()?;
     let (p, m, v) = (
-        param.gpu_buffer().expect("gpu"),
-        state.m.gpu_buffer().expect("gpu"),
-        state.v.gpu_buffer().expect("gpu"),
+        param.gpu_operand()?,
+        state.m.gpu_operand()?,
+        state.v.gpu_operand()?,
     );
     // A buffer cannot be bound as input and output of one dispatch: copy an aliasing gradient.
-    let mut g = grad.gpu_buffer().expect("gpu");
+    let mut g = grad.gpu_operand()?;
     if g.same_buffer(&p) || g.same_buffer(&m) || g.same_buffer(&v) {
-        g = grad.affine(1.0, 0.0)?.gpu_buffer().expect("gpu");
+        g = grad.affine(1.0, 0.0)?.gpu_operand()?;
     }
     let n = param.elem_count();
     let c = &s.config;

@@ -310,6 +310,16 @@ impl Tensor {
         }
     }
 
+    /// The GPU buffer of an operand a GPU kernel reads or writes: an error (not a panic)
+    /// when the tensor lives on the host.
+    pub fn gpu_operand(&self) -> Result<GpuBuffer> {
+        self.gpu_buffer().ok_or_else(|| Error::DeviceMismatch {
+            op: "gpu kernel",
+            a: self.device().name(),
+            b: "a GPU".into(),
+        })
+    }
+
     /// Errors unless the dtype is `expected`.
     pub fn expect_dtype(&self, op: &'static str, expected: DType) -> Result<()> {
         if self.dtype() != expected {

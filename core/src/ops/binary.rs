@@ -162,7 +162,7 @@ fn gpu_binary(
     b: &Tensor,
     out_shape: &[usize],
 ) -> Result<crate::storage::Storage> {
-    let ctx = a.device().gpu_context().expect("gpu tensor");
+    let ctx = a.device().gpu_operand_context()?;
     let n = elem_count(out_shape);
     let out = alloc_f32(ctx, n)?;
     let (shape, a_strides, b_strides) = collapse(
@@ -171,7 +171,7 @@ fn gpu_binary(
         &broadcast_strides(b.shape(), out_shape),
     );
     let out_strides = strides(&shape);
-    let (ab, bb) = (a.gpu_buffer().expect("gpu"), b.gpu_buffer().expect("gpu"));
+    let (ab, bb) = (a.gpu_operand()?, b.gpu_operand()?);
     let all_strides = [a_strides, b_strides, out_strides];
     let budget = window_budget(ctx, 4);
     // One tile (whole buffers) when everything fits a binding, else tiles whose windows do.

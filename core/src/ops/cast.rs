@@ -129,7 +129,7 @@ pub(crate) fn to_dtype(t: &Tensor, dtype: DType) -> Result<Tensor> {
                     format!("{n} elements are over the GPU limit of 2^32"),
                 ));
             }
-            let x = t.gpu_buffer().expect("gpu tensor");
+            let x = t.gpu_operand()?;
             Storage::Gpu(gpu_cast(ctx, &x, n, from, dtype)?)
         }
     };

@@ -96,7 +96,7 @@ fn apply(x: &Tensor, params: DropoutParams) -> Result<Storage> {
         }
         Device::Gpu(ctx) => {
             let out = alloc_f32(ctx, n)?;
-            let xb = x.gpu_buffer().expect("gpu tensor");
+            let xb = x.gpu_operand()?;
             launch_rows(
                 ctx,
                 Shader::Elementwise,

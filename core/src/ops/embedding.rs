@@ -134,10 +134,7 @@ fn scatter_add(
         Device::Gpu(ctx) => {
             let out =
                 ctx.alloc_zeroed((vocab * hidden).max(1) as u64 * 4, MemCategory::Activations)?;
-            let (g, i) = (
-                grad.gpu_buffer().expect("gpu"),
-                ids.gpu_buffer().expect("gpu"),
-            );
+            let (g, i) = (grad.gpu_operand()?, ids.gpu_operand()?);
             let entry = "embedding_scatter_add";
             let row = hidden * 4;
             let sizes = (host_ids.len(), vocab, hidden);
@@ -221,10 +218,7 @@ impl Tensor {
                     ));
                 }
                 let out = alloc_f32(ctx, n)?;
-                let (w, i) = (
-                    weight.gpu_buffer().expect("gpu"),
-                    ids.gpu_buffer().expect("gpu"),
-                );
+                let (w, i) = (weight.gpu_operand()?, ids.gpu_operand()?);
                 let (entry, table_row) = match weight.dtype() {
                     DType::F16 => ("embedding_gather_half", hidden * 2),
                     _ => ("embedding_gather", hidden * 4),

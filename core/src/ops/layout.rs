@@ -281,7 +281,7 @@ fn assemble(
                 alloc_f32(ctx, n)?
             };
             for (t, spec) in parts {
-                let src = t.gpu_buffer().expect("gpu tensor");
+                let src = t.gpu_operand()?;
                 gpu_copy(op, ctx, &src, &out, spec)?;
             }
             Ok(Storage::Gpu(out))

@@ -152,8 +152,8 @@ fn log_softmax_gather_backward(
         }
         Device::Gpu(ctx) => {
             let dx = alloc_f32(ctx, rows * v)?;
-            let bufs = [x, ids, lse, g].map(|t| t.gpu_buffer().expect("gpu"));
-            let [xb, ib, lb, gb] = &bufs;
+            let [xb, ib, lb, gb] = [x, ids, lse, g].map(Tensor::gpu_operand);
+            let (xb, ib, lb, gb) = (&xb?, &ib?, &lb?, &gb?);
             launch_rows(
                 ctx,
                 Shader::Loss,
@@ -204,7 +204,7 @@ fn log_softmax_last_backward(y: &Tensor, g: &Tensor, v: usize) -> Result<Tensor>
         }
         Device::Gpu(ctx) => {
             let dx = alloc_f32(ctx, rows * v)?;
-            let (yb, gb) = (y.gpu_buffer().expect("gpu"), g.gpu_buffer().expect("gpu"));
+            let (yb, gb) = (y.gpu_operand()?, g.gpu_operand()?);
             launch_rows(
                 ctx,
                 Shader::Loss,
@@ -253,10 +253,7 @@ impl Tensor {
             }
             Device::Gpu(ctx) => {
                 let (out, lse) = (alloc_f32(ctx, rows)?, alloc_f32(ctx, rows)?);
-                let (xb, ib) = (
-                    self.gpu_buffer().expect("gpu"),
-                    ids.gpu_buffer().expect("gpu"),
-                );
+                let (xb, ib) = (self.gpu_operand()?, ids.gpu_operand()?);
                 launch_rows(
                     ctx,
                     Shader::Loss,
@@ -314,7 +311,7 @@ impl Tensor {
             }
             Device::Gpu(ctx) => {
                 let h = alloc_f32(ctx, rows)?;
-                let xb = self.gpu_buffer().expect("gpu");
+                let xb = self.gpu_operand()?;
                 launch_rows(
                     ctx,
                     Shader::Loss,
@@ -355,7 +352,7 @@ impl Tensor {
             }
             Device::Gpu(ctx) => {
                 let y = alloc_f32(ctx, rows * v)?;
-                let xb = self.gpu_buffer().expect("gpu");
+                let xb = self.gpu_operand()?;
                 launch_rows(
                     ctx,
                     Shader::Loss,

@@ -95,9 +95,9 @@ pub(crate) fn gpu_matmul(
     ta: bool,
     tb: bool,
 ) -> Result<Storage> {
-    let ctx = a.device().gpu_context().expect("gpu tensor");
+    let ctx = a.device().gpu_operand_context()?;
     let out = alloc_f32(ctx, d.batch * d.m * d.n)?;
-    let (ab, bb) = (a.gpu_buffer().expect("gpu"), b.gpu_buffer().expect("gpu"));
+    let (ab, bb) = (a.gpu_operand()?, b.gpu_operand()?);
     let entry = match b.dtype() {
         DType::F16 => "matmul_half_b",
         _ => "matmul",

@@ -260,10 +260,10 @@ fn forward(
         }
         Device::Gpu(ctx) => {
             let out = alloc_f32(ctx, view.rows * view.d)?;
-            let xb = x.gpu_buffer().expect("gpu");
+            let xb = x.gpu_operand()?;
             let (wb, bb) = (
-                w.map(|w| w.gpu_buffer().expect("gpu")),
-                b.map(|b| b.gpu_buffer().expect("gpu")),
+                w.map(Tensor::gpu_operand).transpose()?,
+                b.map(Tensor::gpu_operand).transpose()?,
             );
             let row = view.d * 4;
             // Absent operands are bound to x's rows and never read.
@@ -336,9 +336,9 @@ fn backward(
             let dx = alloc_f32(ctx, n)?;
             // Without a weight gradient the products go nowhere: a one-element stand-in.
             let gxhat = alloc_f32(ctx, if want_gxhat { n } else { 1 })?;
-            let xb = x.gpu_buffer().expect("gpu");
-            let wb: Option<GpuBuffer> = w.map(|w| w.gpu_buffer().expect("gpu"));
-            let gb = g.gpu_buffer().expect("gpu");
+            let xb = x.gpu_operand()?;
+            let wb: Option<GpuBuffer> = w.map(Tensor::gpu_operand).transpose()?;
+            let gb = g.gpu_operand()?;
             let row = view.d * 4;
             let flags = flags(kind, w.is_some(), false, want_gxhat);
             launch_rows(

@@ -84,7 +84,7 @@ impl Tensor {
             }
             Device::Gpu(ctx) => {
                 let out = alloc_f32(ctx, outer * inner)?;
-                let x = self.gpu_buffer().expect("gpu");
+                let x = self.gpu_operand()?;
                 launch_rows(
                     ctx,
                     Shader::Reduce,
@@ -203,10 +203,7 @@ fn max_backward(g: &Tensor, argmax: &Tensor, in_shape: &[usize], dim: usize) -> 
         }
         Device::Gpu(ctx) => {
             let dx = alloc_f32(ctx, outer * axis * inner)?;
-            let (gb, ib) = (
-                g.gpu_buffer().expect("gpu"),
-                argmax.gpu_buffer().expect("gpu"),
-            );
+            let (gb, ib) = (g.gpu_operand()?, argmax.gpu_operand()?);
             launch_rows(
                 ctx,
                 Shader::Reduce,
@@ -285,7 +282,7 @@ impl Tensor {
                 let n = outer * inner;
                 let values = alloc_f32(ctx, n)?;
                 let idx = ctx.alloc((n.max(1) * 4) as u64, MemCategory::Activations)?;
-                let x = self.gpu_buffer().expect("gpu");
+                let x = self.gpu_operand()?;
                 // Rows of the outer dim are split over bindings; one (axis, inner) slab must
                 // fit one.
                 launch_rows(

@@ -245,10 +245,10 @@ impl Tensor {
                 }
                 let out = alloc_f32(ctx, n)?;
                 let buffers = [
-                    self.gpu_buffer().expect("gpu"),
-                    positions.gpu_buffer().expect("gpu"),
-                    tables.cos.gpu_buffer().expect("gpu"),
-                    tables.sin.gpu_buffer().expect("gpu"),
+                    self.gpu_operand()?,
+                    positions.gpu_operand()?,
+                    tables.cos.gpu_operand()?,
+                    tables.sin.gpu_operand()?,
                 ];
                 let row = dims.head_dim * 4;
                 launch_rows(

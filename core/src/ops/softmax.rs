@@ -146,7 +146,7 @@ fn forward(x: &Tensor, ranges: &[u32], view: SoftmaxView) -> Result<Storage> {
                 return Ok(Storage::Gpu(out));
             }
             let rb = ctx.upload(bytemuck::cast_slice(ranges), MemCategory::Scratch)?;
-            let xb = x.gpu_buffer().expect("gpu");
+            let xb = x.gpu_operand()?;
             let tk = view.tk * 4;
             launch_rows(
                 ctx,
@@ -181,7 +181,7 @@ fn backward(y: &Tensor, g: &Tensor, view: SoftmaxView) -> Result<Tensor> {
         Device::Gpu(ctx) => {
             let out = alloc_f32(ctx, y.elem_count())?;
             if y.elem_count() > 0 {
-                let (yb, gb) = (y.gpu_buffer().expect("gpu"), g.gpu_buffer().expect("gpu"));
+                let (yb, gb) = (y.gpu_operand()?, g.gpu_operand()?);
                 let tk = view.tk * 4;
                 launch_rows(
                     ctx,

@@ -76,7 +76,7 @@ impl Tensor {
             }
             Device::Gpu(ctx) => {
                 let out = alloc_f32(ctx, n)?;
-                let x = self.gpu_buffer().expect("gpu");
+                let x = self.gpu_operand()?;
                 launch_rows(
                     ctx,
                     Shader::Elementwise,
@@ -314,7 +314,7 @@ fn activation_forward(x: &Tensor, kind: Activation) -> Result<Storage> {
         }
         Device::Gpu(ctx) => {
             let out = alloc_f32(ctx, n)?;
-            let xb = x.gpu_buffer().expect("gpu");
+            let xb = x.gpu_operand()?;
             launch_rows(
                 ctx,
                 Shader::Elementwise,
@@ -341,7 +341,7 @@ fn activation_backward(x: &Tensor, g: &Tensor, kind: Activation) -> Result<Tenso
         }
         Device::Gpu(ctx) => {
             let out = alloc_f32(ctx, n)?;
-            let (xb, gb) = (x.gpu_buffer().expect("gpu"), g.gpu_buffer().expect("gpu"));
+            let (xb, gb) = (x.gpu_operand()?, g.gpu_operand()?);
             launch_rows(
                 ctx,
                 Shader::Elementwise,

@@ -34,18 +34,6 @@ pub(crate) struct Params {
 /// step, so blocks of a multiple of 16 keep its summation order.
 const OUT_BLOCK: usize = 16;
 
-fn launch_rows(
-    ctx: &GpuContext,
-    entry: &'static str,
-    inputs: &[Arg],
-    outputs: &[Arg],
-    rows: usize,
-    dispatch: impl Fn(usize, usize) -> (Params, [u32; 3]),
-) -> Result<()> {
-    ops::launch_rows(ctx, Shader::Int8, entry, inputs, outputs, rows, dispatch)?;
-    Ok(())
-}
-
 /// Rows of activations and outputs of the weight per dispatch, so that every window of a
 /// block fits a binding; `rows_bytes` are the bytes per activation row of each buffer split
 /// by rows, `out_bytes` per weight row (output feature).
@@ -106,8 +94,9 @@ fn quantize_rows(
     let in4 = p.in4 as usize;
     let q = ctx.alloc((rows * in4 * 4).max(4) as u64, category)?;
     let scale = ctx.alloc((rows * 4).max(4) as u64, category)?;
-    launch_rows(
+    ops::launch_rows(
         ctx,
+        Shader::Int8,
         "quantize_rows",
         &[Arg::Rows(x, p.cols as usize * 4), Arg::Whole(flags)],
         &[Arg::Rows(&q, in4 * 4), Arg::Rows(&scale, 4)],
@@ -183,8 +172,9 @@ pub(crate) fn forward(
     // (a) outlier columns, compacted into [count, j...]; a column is an outlier when any row
     // of any block of rows flags it.
     let flags = ctx.alloc_zeroed(cols.max(1) as u64 * 4, MemCategory::Scratch)?;
-    launch_rows(
+    ops::launch_rows(
         ctx,
+        Shader::Int8,
         "outlier_flags",
         &[Arg::Rows(&xb, cols * 4)],
         &[Arg::Whole(&flags)],

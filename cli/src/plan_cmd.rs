@@ -83,7 +83,7 @@ pub fn read_config(model: &Path) -> Result<ModelConfig> {
         let file = GgufFile::open_header(model)?;
         let config = llama_config_from_gguf(&file)
             .with_context(|| format!("planning from {}", model.display()))?;
-        return Ok(ModelConfig::Llama(config));
+        return Ok(ModelConfig::new(config));
     }
     let path = if model.is_dir() {
         model.join("config.json")

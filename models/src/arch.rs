@@ -1,11 +1,12 @@
 //! What an architecture implements: [`ArchConfig`] for its config.json, [`Architecture`] for
 //! the built model. Everything else in lathe (loading, int8/f16 conversion, LoRA, generation,
-//! planning, saving, the CLI's defaults) works through these two traits, so a new
-//! architecture is one model file plus its registration: a [`ModelConfig`] and a
-//! [`crate::hf::CausalLm`] variant and their lines in [`ModelConfig::arch`],
-//! [`crate::hf::CausalLm::arch`], `arch_mut` and `from_weights`, and
-//! [`crate::config::ARCHITECTURES`]. The model files import the weight store
-//! ([`crate::weights`]), never the loader (`hf.rs`), which names them.
+//! planning, saving, the CLI's defaults) works through these two traits: [`ModelConfig`] holds
+//! a `dyn ArchConfig`, [`crate::hf::CausalLm`] a `dyn Architecture`. So a new architecture is
+//! its model file (config struct, both impls, a [`crate::config::Registration`]) plus two
+//! lines: `pub mod` in lib.rs and its registration in [`crate::config::ARCHITECTURES`]. The
+//! model files import the weight store ([`crate::weights`]), never the loader (`hf.rs`).
+
+use std::any::Any;
 
 use lathe_core::Tensor;
 use serde_json::{Map, Value};
@@ -15,10 +16,11 @@ use crate::config::{BnbInt8Config, ModelConfig};
 use crate::kv_cache::KvCache;
 use crate::linear::Linear;
 use crate::plan::{Dims, LinearShape};
+use crate::weights::Weights;
 use crate::Result;
 
 /// An architecture's config.json, as read (see `config.rs` for the rules on keys).
-pub trait ArchConfig: std::fmt::Debug + Send + Sync {
+pub trait ArchConfig: Any + std::fmt::Debug + Send + Sync {
     /// config.json's `model_type`.
     fn model_type(&self) -> &'static str;
     /// Checks every value a model needs to be built.
@@ -46,6 +48,8 @@ pub trait ArchConfig: std::fmt::Debug + Send + Sync {
     fn block_linears(&self) -> Vec<LinearShape>;
     /// The other shape facts memory planning needs.
     fn plan_dims(&self) -> Dims;
+    /// Builds the model from HF-named weights (taken out of `weights`), on their device.
+    fn build(&self, weights: &mut Weights) -> Result<Box<dyn Architecture>>;
     /// The bitsandbytes 8-bit quantization of the checkpoint, `None` for a plain one.
     fn bnb_int8(&self) -> Result<Option<BnbInt8Config>> {
         BnbInt8Config::from_extra(self.model_type(), self.extra())
@@ -53,10 +57,10 @@ pub trait ArchConfig: std::fmt::Debug + Send + Sync {
 }
 
 /// A built causal language model of one architecture.
-pub trait Architecture: Send + Sync {
+pub trait Architecture: Any + Send + Sync {
     /// Its config.
     fn arch_config(&self) -> &dyn ArchConfig;
-    /// Its config, as the variant of [`ModelConfig`] it was built from (a copy).
+    /// Its config as a [`ModelConfig`] (a copy).
     fn model_config(&self) -> ModelConfig;
     /// The last hidden state (B, T, H) of token ids u32 (B, T) laid out by `layout`, after
     /// the final norm (transformers' `hidden_states[-1]`). With a cache, the ids follow the

@@ -37,8 +37,9 @@ use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::{Map, Value};
 
 pub use crate::arch::ArchConfig;
-pub use crate::qwen2::Qwen2Config;
 use crate::{Error, Result};
+use std::any::Any;
+use std::sync::Arc;
 
 /// A token id or a list of them: Llama 3 style configs list several end-of-sequence ids.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -913,17 +914,14 @@ impl BnbInt8Config {
     }
 }
 
-/// A model configuration, by architecture (`model_type` of config.json). Each variant's
-/// config implements [`ArchConfig`]; everything reaches it through [`ModelConfig::arch`].
+/// A model configuration: the config of one architecture (`model_type` of config.json),
+/// behind [`ArchConfig`]. Cheap to clone (shared).
 #[derive(Clone, Debug)]
-pub enum ModelConfig {
-    GptNeox(GptNeoxConfig),
-    Llama(LlamaConfig),
-    Qwen2(Qwen2Config),
-}
+pub struct ModelConfig(Arc<dyn ArchConfig>);
 
 /// An architecture config.json can name: its `model_type`, the rotary keys of 4.46's layout
 /// filled from 5.x's `rope_parameters` (top-level key, `rope_parameters` key), and its parser.
+/// Adding an architecture is its model file and its line in [`ARCHITECTURES`].
 pub struct Registration {
     pub model_type: &'static str,
     pub rope_keys: &'static [(&'static str, &'static str)],
@@ -938,13 +936,19 @@ pub const ARCHITECTURES: &[Registration] = &[
 ];
 
 impl ModelConfig {
-    /// The architecture's config behind the variant.
+    pub fn new(config: impl ArchConfig + 'static) -> ModelConfig {
+        ModelConfig(Arc::new(config))
+    }
+
+    /// The architecture's config.
     pub fn arch(&self) -> &dyn ArchConfig {
-        match self {
-            ModelConfig::GptNeox(c) => c,
-            ModelConfig::Llama(c) => c,
-            ModelConfig::Qwen2(c) => c,
-        }
+        &*self.0
+    }
+
+    /// The concrete config, when it is a `C` (e.g. `config.downcast_ref::<LlamaConfig>()`).
+    pub fn downcast_ref<C: ArchConfig>(&self) -> Option<&C> {
+        let any: &dyn Any = &*self.0;
+        any.downcast_ref()
     }
 
     /// Parses config.json text; `origin` names the file in errors.

@@ -370,7 +370,7 @@ pub const REGISTRATION: Registration = Registration {
         ("rotary_emb_base", "rope_theta"),
         ("rotary_pct", "partial_rotary_factor"),
     ],
-    parse: |value| serde_json::from_value(value).map(ModelConfig::GptNeox),
+    parse: |value| serde_json::from_value::<GptNeoxConfig>(value).map(ModelConfig::new),
 };
 
 impl ArchConfig for GptNeoxConfig {
@@ -445,6 +445,9 @@ impl ArchConfig for GptNeoxConfig {
             rotary_floats: self.max_position_embeddings as u64 * self.rotary_ndims() as u64,
         }
     }
+    fn build(&self, weights: &mut Weights) -> Result<Box<dyn Architecture>> {
+        Ok(Box::new(GptNeox::from_weights(self.clone(), weights)?))
+    }
 }
 
 impl Architecture for GptNeox {
@@ -452,7 +455,7 @@ impl Architecture for GptNeox {
         &self.config
     }
     fn model_config(&self) -> ModelConfig {
-        ModelConfig::GptNeox(self.config.clone())
+        ModelConfig::new(self.config.clone())
     }
     fn forward_hidden(
         &self,

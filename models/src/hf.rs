@@ -1,6 +1,7 @@
 //! HF model directories as a [`CausalLm`]: `config.json` plus the weights (read through
 //! [`Weights`], one tensor at a time), loaded in the precision asked and saved back.
 
+use std::any::Any;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
@@ -9,38 +10,38 @@ use lathe_core::{DType, Device, Tensor};
 use crate::arch::Architecture;
 use crate::attention::TokenLayout;
 use crate::config::ModelConfig;
-use crate::gpt_neox::GptNeox;
 use crate::kv_cache::KvCache;
 use crate::linear::{Linear, Precision};
-use crate::llama::Llama;
-use crate::qwen2::Qwen2;
 pub use crate::weights::{Deferred, LoadOptions, Weights, CONFIG_FILE, INDEX_FILE, WEIGHTS_FILE};
 use crate::{Error, Result};
 
-/// A causal language model of any supported architecture. Each variant's model implements
-/// [`Architecture`]; everything reaches it through [`CausalLm::arch`] / [`CausalLm::arch_mut`].
-pub enum CausalLm {
-    GptNeox(GptNeox),
-    Llama(Llama),
-    Qwen2(Qwen2),
-}
+/// A causal language model of any supported architecture: its model behind
+/// [`Architecture`].
+pub struct CausalLm(Box<dyn Architecture>);
 
 impl CausalLm {
-    /// The architecture's model behind the variant.
+    pub fn new(model: impl Architecture) -> CausalLm {
+        CausalLm(Box::new(model))
+    }
+
+    /// The architecture's model.
     pub fn arch(&self) -> &dyn Architecture {
-        match self {
-            CausalLm::GptNeox(m) => m,
-            CausalLm::Llama(m) => m,
-            CausalLm::Qwen2(m) => m,
-        }
+        &*self.0
     }
 
     pub fn arch_mut(&mut self) -> &mut dyn Architecture {
-        match self {
-            CausalLm::GptNeox(m) => m,
-            CausalLm::Llama(m) => m,
-            CausalLm::Qwen2(m) => m,
-        }
+        &mut *self.0
+    }
+
+    /// The concrete model, when it is an `M` (e.g. `lm.downcast_ref::<Llama>()`).
+    pub fn downcast_ref<M: Architecture>(&self) -> Option<&M> {
+        let any: &dyn Any = &*self.0;
+        any.downcast_ref()
+    }
+
+    pub fn downcast_mut<M: Architecture>(&mut self) -> Option<&mut M> {
+        let any: &mut dyn Any = &mut *self.0;
+        any.downcast_mut()
     }
 
     /// Replaces every linear layer of the transformer blocks with its LLM.int8 form (the
@@ -94,11 +95,7 @@ impl CausalLm {
 
     /// Builds the model of `config` from `weights` (tensor names as in HF checkpoints).
     pub fn from_weights(config: ModelConfig, weights: &mut Weights) -> Result<CausalLm> {
-        Ok(match config {
-            ModelConfig::GptNeox(c) => CausalLm::GptNeox(GptNeox::from_weights(c, weights)?),
-            ModelConfig::Llama(c) => CausalLm::Llama(Llama::from_weights(c, weights)?),
-            ModelConfig::Qwen2(c) => CausalLm::Qwen2(Qwen2::from_weights(c, weights)?),
-        })
+        Ok(CausalLm(config.arch().build(weights)?))
     }
 
     /// Logits (B, T, V) of token ids (B, T); see [`Architecture::forward_hidden`].

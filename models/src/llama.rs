@@ -353,7 +353,7 @@ impl LlamaLayer {
 pub const REGISTRATION: Registration = Registration {
     model_type: "llama",
     rope_keys: &[("rope_theta", "rope_theta")],
-    parse: |value| serde_json::from_value(value).map(ModelConfig::Llama),
+    parse: |value| serde_json::from_value::<LlamaConfig>(value).map(ModelConfig::new),
 };
 
 impl ArchConfig for LlamaConfig {
@@ -416,6 +416,9 @@ impl ArchConfig for LlamaConfig {
             rotary_floats: self.max_position_embeddings as u64 * self.head_dim() as u64,
         }
     }
+    fn build(&self, weights: &mut Weights) -> Result<Box<dyn Architecture>> {
+        Ok(Box::new(Llama::from_weights(self.clone(), weights)?))
+    }
 }
 
 /// The linear layers of a Llama-style block: q, k, v, o with the given biases, then the
@@ -444,7 +447,7 @@ impl Architecture for Llama {
         &self.config
     }
     fn model_config(&self) -> ModelConfig {
-        ModelConfig::Llama(self.config.clone())
+        ModelConfig::new(self.config.clone())
     }
     fn forward_hidden(
         &self,

@@ -55,7 +55,7 @@ impl Pretrained {
             .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
         {
             let (model, _, tokenizer) = load_llama_gguf_with(path, device, options)?;
-            (CausalLm::Llama(model), tokenizer)
+            (CausalLm::new(model), tokenizer)
         } else if path.exists() {
             return Err(Error::File {
                 path: path.display().to_string(),

@@ -157,7 +157,7 @@ impl Qwen2Config {
 pub const REGISTRATION: Registration = Registration {
     model_type: "qwen2",
     rope_keys: &[("rope_theta", "rope_theta")],
-    parse: |value| serde_json::from_value(value).map(ModelConfig::Qwen2),
+    parse: |value| serde_json::from_value::<Qwen2Config>(value).map(ModelConfig::new),
 };
 
 impl ArchConfig for Qwen2Config {
@@ -243,6 +243,9 @@ impl ArchConfig for Qwen2Config {
     fn plan_dims(&self) -> Dims {
         self.as_llama().plan_dims()
     }
+    fn build(&self, weights: &mut Weights) -> Result<Box<dyn Architecture>> {
+        Ok(Box::new(Qwen2::from_weights(self.clone(), weights)?))
+    }
 }
 
 /// Qwen2 for causal language modelling: lathe's Llama with Qwen2's biases and config.
@@ -274,7 +277,7 @@ impl Architecture for Qwen2 {
         &*self.config
     }
     fn model_config(&self) -> ModelConfig {
-        ModelConfig::Qwen2((*self.config).clone())
+        ModelConfig::new((*self.config).clone())
     }
     fn forward_hidden(
         &self,
@@ -324,9 +327,10 @@ mod tests {
 
     #[test]
     fn transformers_5_config_reads_with_its_rope_parameters() {
-        let ModelConfig::Qwen2(c) = with(|_| {}).unwrap() else {
-            panic!("not qwen2");
-        };
+        let config = with(|_| {}).unwrap();
+        let c = config
+            .downcast_ref::<Qwen2Config>()
+            .expect("a qwen2 config");
         assert_eq!(c.rope_theta, 50000.0);
         assert_eq!(c.num_key_value_heads, Some(2));
         assert!(c.tie_word_embeddings);

@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use lathe_core::testing::{compare, test_gpu, Tolerance};
 use lathe_core::{Device, Tensor};
 use lathe_models::attention::TokenLayout;
-use lathe_models::config::ModelConfig;
+use lathe_models::config::{GptNeoxConfig, LlamaConfig, ModelConfig};
 use lathe_models::hf::load_hf_dir;
 use serde_json::{json, Value};
 
@@ -202,13 +202,21 @@ fn v5_models_read_without_rope_parameters_differ() {
 #[test]
 fn v5_configs_read_rope_parameters() {
     for name in GPT_NEOX_V5 {
-        let ModelConfig::GptNeox(c) = parse(&config_json(name)).unwrap() else {
+        let Some(c) = parse(&config_json(name))
+            .unwrap()
+            .downcast_ref::<GptNeoxConfig>()
+            .cloned()
+        else {
             panic!("{name}: not gpt_neox")
         };
         assert_eq!((c.rotary_pct, c.rotary_emb_base), (0.5, 50000.0), "{name}");
         assert_eq!(c.rotary_ndims(), 4, "{name}");
     }
-    let ModelConfig::Llama(c) = parse(&config_json("llama_gqa_v5")).unwrap() else {
+    let Some(c) = parse(&config_json("llama_gqa_v5"))
+        .unwrap()
+        .downcast_ref::<LlamaConfig>()
+        .cloned()
+    else {
         panic!("not llama")
     };
     assert_eq!((c.rope_theta, c.kv_heads(), c.head_dim()), (50000.0, 2, 4));
@@ -255,21 +263,28 @@ fn v5_configs_written_back_keep_what_was_read() {
 /// A value changed after reading is written to both layouts.
 #[test]
 fn a_changed_rope_value_is_written_to_both_layouts() {
-    let ModelConfig::Llama(mut c) = parse(&config_json("llama_gqa_v5")).unwrap() else {
+    let Some(mut c) = parse(&config_json("llama_gqa_v5"))
+        .unwrap()
+        .downcast_ref::<LlamaConfig>()
+        .cloned()
+    else {
         panic!()
     };
     c.rope_theta = 123.0;
-    let text = ModelConfig::Llama(c).to_json_string().unwrap();
+    let text = ModelConfig::new(c).to_json_string().unwrap();
     let written: Value = serde_json::from_str(&text).unwrap();
     assert_eq!(written["rope_theta"], json!(123.0));
     assert_eq!(written["rope_parameters"]["rope_theta"], json!(123.0));
-    let ModelConfig::GptNeox(mut c) = parse(&config_json("neox_parallel_quarter_gelu")).unwrap()
+    let Some(mut c) = parse(&config_json("neox_parallel_quarter_gelu"))
+        .unwrap()
+        .downcast_ref::<GptNeoxConfig>()
+        .cloned()
     else {
         panic!()
     };
     c.rotary_pct = 1.0;
     let written: Value =
-        serde_json::from_str(&ModelConfig::GptNeox(c).to_json_string().unwrap()).unwrap();
+        serde_json::from_str(&ModelConfig::new(c).to_json_string().unwrap()).unwrap();
     // 4.46 wrote the mirror partial_rotary_factor too; it follows.
     assert_eq!(
         (&written["rotary_pct"], &written["partial_rotary_factor"]),
@@ -436,7 +451,11 @@ fn norm_eps_must_be_positive_and_finite() {
         );
     }
     // NaN cannot be written in JSON; a config built in code (or from GGUF) can hold it.
-    let ModelConfig::Llama(mut c) = parse(&llama).unwrap() else {
+    let Some(mut c) = parse(&llama)
+        .unwrap()
+        .downcast_ref::<LlamaConfig>()
+        .cloned()
+    else {
         panic!()
     };
     c.rms_norm_eps = f64::NAN;
@@ -478,7 +497,7 @@ fn rope_base_must_be_positive_and_finite() {
         &err,
         &["llama: rope_theta -1 is out of range: must be a finite number > 0"],
     );
-    let ModelConfig::GptNeox(mut c) = parse(&v4).unwrap() else {
+    let Some(mut c) = parse(&v4).unwrap().downcast_ref::<GptNeoxConfig>().cloned() else {
         panic!()
     };
     c.rotary_emb_base = f64::NAN;

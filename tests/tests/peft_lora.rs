@@ -1,4 +1,5 @@
-//! LoRA against peft 0.13.2 (scripts/golden_lora.py; fixtures in lora/tests/fixtures): a
+//! LoRA against peft 0.13.2 (scripts/golden_lora.py) and, for Qwen2, peft 0.21.2
+//! (scripts/golden_qwen2.py); fixtures in lora/tests/fixtures: a
 //! peft adapter loads onto the tiny GPT-NeoX and Llama and gives peft's logits with adapters
 //! on and off, its loss and A/B gradients, its merged weights; lathe's saved adapter has
 //! peft's keys and reloads to the same logits; bad adapters are clear errors.
@@ -17,9 +18,7 @@ const LOGITS: Tolerance = Tolerance::new(1e-4, 1e-4);
 const GRADS: Tolerance = Tolerance::new(1e-4, 1e-4);
 
 fn case_dir(case: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../lora/tests/fixtures")
-        .join(case)
+    lathe_tests::fixture("lora", case)
 }
 
 struct Golden(Vec<(String, Tensor)>);

@@ -56,6 +56,40 @@ pub trait ArchConfig: Any + std::fmt::Debug + Send + Sync {
     }
 }
 
+/// The [`ArchConfig`] getters of a config struct with transformers' standard field names
+/// (`vocab_size`, `hidden_size`, `num_hidden_layers`, `max_position_embeddings`,
+/// `bos_token_id`, `eos_token_id: Option<TokenIds>`, `extra`), written once for every
+/// architecture: `impl ArchConfig for C { standard_config_fields!(); ... }`.
+#[macro_export]
+macro_rules! standard_config_fields {
+    () => {
+        fn vocab_size(&self) -> usize {
+            self.vocab_size
+        }
+        fn hidden_size(&self) -> usize {
+            self.hidden_size
+        }
+        fn num_hidden_layers(&self) -> usize {
+            self.num_hidden_layers
+        }
+        fn max_position_embeddings(&self) -> usize {
+            self.max_position_embeddings
+        }
+        fn bos_token_id(&self) -> Option<u32> {
+            self.bos_token_id
+        }
+        fn eos_token_ids(&self) -> Vec<u32> {
+            self.eos_token_id
+                .as_ref()
+                .map($crate::config::TokenIds::ids)
+                .unwrap_or_default()
+        }
+        fn extra(&self) -> &serde_json::Map<String, serde_json::Value> {
+            &self.extra
+        }
+    };
+}
+
 /// A built causal language model of one architecture.
 pub trait Architecture: Any + Send + Sync {
     /// Its config.

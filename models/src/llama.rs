@@ -21,13 +21,13 @@ use lathe_core::Tensor;
 use crate::arch::{ArchConfig, Architecture};
 use crate::attention::{attend, split_heads, TokenLayout};
 use crate::blocks::{run_blocks, BlockStack};
-use crate::config::{LlamaConfig, ModelConfig, Registration, TokenIds};
+use crate::config::{LlamaConfig, ModelConfig, Registration};
 use crate::kv_cache::KvCache;
 use crate::linear::Linear;
 use crate::plan::{Dims, LinearShape};
 use crate::weights::Weights;
 use crate::Result;
-use serde_json::{Map, Value};
+use serde_json::Value;
 
 /// The HF module names of a block's linears (under `model.layers.{i}.`), in the order of
 /// [`LlamaLayer`]'s fields: the one place they are written.
@@ -363,30 +363,7 @@ impl ArchConfig for LlamaConfig {
     fn validate(&self) -> Result<()> {
         LlamaConfig::validate(self)
     }
-    fn vocab_size(&self) -> usize {
-        self.vocab_size
-    }
-    fn hidden_size(&self) -> usize {
-        self.hidden_size
-    }
-    fn num_hidden_layers(&self) -> usize {
-        self.num_hidden_layers
-    }
-    fn max_position_embeddings(&self) -> usize {
-        self.max_position_embeddings
-    }
-    fn bos_token_id(&self) -> Option<u32> {
-        self.bos_token_id
-    }
-    fn eos_token_ids(&self) -> Vec<u32> {
-        self.eos_token_id
-            .as_ref()
-            .map(TokenIds::ids)
-            .unwrap_or_default()
-    }
-    fn extra(&self) -> &Map<String, Value> {
-        &self.extra
-    }
+    crate::standard_config_fields!();
     fn unknown_keys(&self) -> Vec<String> {
         LlamaConfig::unknown_keys(self)
     }

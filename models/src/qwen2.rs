@@ -201,30 +201,7 @@ impl ArchConfig for Qwen2Config {
         }
         Ok(())
     }
-    fn vocab_size(&self) -> usize {
-        self.vocab_size
-    }
-    fn hidden_size(&self) -> usize {
-        self.hidden_size
-    }
-    fn num_hidden_layers(&self) -> usize {
-        self.num_hidden_layers
-    }
-    fn max_position_embeddings(&self) -> usize {
-        self.max_position_embeddings
-    }
-    fn bos_token_id(&self) -> Option<u32> {
-        self.bos_token_id
-    }
-    fn eos_token_ids(&self) -> Vec<u32> {
-        self.eos_token_id
-            .as_ref()
-            .map(TokenIds::ids)
-            .unwrap_or_default()
-    }
-    fn extra(&self) -> &Map<String, Value> {
-        &self.extra
-    }
+    crate::standard_config_fields!();
     fn unknown_keys(&self) -> Vec<String> {
         self.as_llama().unknown_keys()
     }

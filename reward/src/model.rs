@@ -85,6 +85,20 @@ pub fn read_weights(dir: &Path, device: &Device) -> Result<Weights> {
     Ok(Weights::from_hf_dir(dir, device)?)
 }
 
+/// The `tokenizer.json` of an encoder directory, checked against the encoder's vocabulary.
+pub fn read_tokenizer(dir: &Path, config: &EncoderConfig) -> Result<Tokenizer> {
+    let path = dir.join("tokenizer.json");
+    if !path.is_file() {
+        return Err(Error::File {
+            path: dir.display().to_string(),
+            detail: "no tokenizer.json (lathe-reward needs the fast tokenizer file)".into(),
+        });
+    }
+    let tokenizer = Tokenizer::from_file(&path)?;
+    tokenizer.check_fits(config.vocab_size)?;
+    Ok(tokenizer)
+}
+
 /// Token ids of `texts` with the tokenizer's special tokens, truncated to `max_positions`
 /// (keeping the final special token, as transformers' `truncation=True`). A text that
 /// tokenizes to nothing at all (a tokenizer without [CLS]/[SEP]) is an error.
@@ -146,15 +160,7 @@ impl RewardModel {
             return Err(Error::Config("batch size must be at least 1".into()));
         }
         let config = EncoderConfig::from_dir(dir)?;
-        let tokenizer_path = dir.join("tokenizer.json");
-        if !tokenizer_path.is_file() {
-            return Err(Error::File {
-                path: dir.display().to_string(),
-                detail: "no tokenizer.json (lathe-reward needs the fast tokenizer file)".into(),
-            });
-        }
-        let tokenizer = Tokenizer::from_file(&tokenizer_path)?;
-        tokenizer.check_fits(config.vocab_size)?;
+        let tokenizer = read_tokenizer(dir, &config)?;
         let mut weights = read_weights(dir, device)?;
         let encoder = Encoder::load(&mut weights, &config)?;
         let mut labels = config.labels.clone();

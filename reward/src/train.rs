@@ -28,7 +28,7 @@ use crate::config::{Architecture, EncoderConfig, Pooling};
 use crate::data::{holdout_split, Example, SplitMix64, LABELS};
 use crate::encoder::Encoder;
 use crate::head::Head;
-use crate::model::{encode_ids, read_weights, Encoded, RewardModel};
+use crate::model::{encode_ids, read_tokenizer, read_weights, Encoded, RewardModel};
 use crate::{Error, Result};
 
 /// LoRA on the encoder.
@@ -434,15 +434,7 @@ pub fn prepare(
             )));
         }
     }
-    let tokenizer_path = dir.join("tokenizer.json");
-    if !tokenizer_path.is_file() {
-        return Err(Error::File {
-            path: dir.display().to_string(),
-            detail: "no tokenizer.json (lathe-reward needs the fast tokenizer file)".into(),
-        });
-    }
-    let tokenizer = Tokenizer::from_file(&tokenizer_path)?;
-    tokenizer.check_fits(encoder.vocab_size)?;
+    let tokenizer = read_tokenizer(dir, &encoder)?;
     let (train_set, val_set) = holdout_split(examples, config.val_fraction, config.seed)?;
     let encode = |set: &[Example]| -> Result<Encoded> {
         let texts: Vec<&str> = set.iter().map(|e| e.text.as_str()).collect();

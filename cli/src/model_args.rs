@@ -116,7 +116,11 @@ impl ModelArgs {
             self.precision()?,
             self.embeddings_f16
         );
-        crate::resume::model_fingerprint(&self.model, &precision, adapter)
+        Ok(crate::resume::model_fingerprint(
+            &self.model,
+            &precision,
+            adapter,
+        )?)
     }
 
     /// Plans the job's memory from the model's config.json (or a GGUF file's header) and

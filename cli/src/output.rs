@@ -102,29 +102,12 @@ pub fn file_target(path: &Path) -> Result<FileTarget> {
 
 /// A temporary sibling of `path` whose name no user file is likely to have, so that
 /// writing never clobbers a neighbour (`out.txt.tmp` might be the user's).
-pub fn temp_sibling(path: &Path) -> PathBuf {
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "out".into());
-    path.with_file_name(format!(".{name}.{}.lathe-tmp", std::process::id()))
-}
+pub use lathe_train::run_dir::temp_sibling;
 
 /// Writes `bytes` to `path` through a synced temporary sibling renamed over it: a failure
 /// (a full disk) leaves the old file as it was and no temporary behind.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let temp = temp_sibling(path);
-    let result = (|| -> std::io::Result<()> {
-        let mut file = File::create(&temp)?;
-        file.write_all(bytes)?;
-        file.sync_all()?;
-        std::fs::rename(&temp, path)
-    })();
-    if let Err(e) = result {
-        let _ = std::fs::remove_file(&temp);
-        return Err(e).with_context(|| format!("writing {}", path.display()));
-    }
-    Ok(())
+    Ok(lathe_train::run_dir::write_atomic(path, bytes)?)
 }
 
 /// Builds an output folder whole: `fill` writes into a temporary sibling of `out`, which is

@@ -108,7 +108,11 @@ impl RunSettings {
                 self.value_head_dropout
             );
         }
-        crate::sft::check_lora(self.lora_r, self.lora_alpha, self.lora_dropout)
+        Ok(crate::sft::check_lora(
+            self.lora_r,
+            self.lora_alpha,
+            self.lora_dropout,
+        )?)
     }
 }
 
@@ -152,7 +156,7 @@ struct TrainerState {
 /// metrics.jsonl never recorded.
 fn read_state(dir: &Path, out: &Path, file: &PpoFile) -> Result<TrainerState> {
     let state: TrainerState = crate::run_files::read_state(dir)?;
-    let bad = |detail: String| crate::run_files::damaged_state(dir, detail);
+    let bad = |detail: String| anyhow::Error::from(crate::run_files::damaged_state(dir, detail));
     if state.step == 0 {
         return Err(bad("step 0 (a checkpoint is written after a step)".into()));
     }
@@ -207,7 +211,7 @@ fn read_state(dir: &Path, out: &Path, file: &PpoFile) -> Result<TrainerState> {
             state.kl
         )));
     }
-    crate::sft::check_metrics_reach(&out.join("metrics.jsonl"), state.step).map_err(bad)?;
+    crate::run_files::check_metrics_reach(&out.join("metrics.jsonl"), state.step).map_err(bad)?;
     Ok(state)
 }
 
@@ -481,7 +485,7 @@ fn save_final(
     summary: &PpoSummary,
     out: &Path,
 ) -> Result<()> {
-    crate::run_files::save_into(out, |dir| {
+    crate::run_files::save_into(out, |dir| -> Result<()> {
         trainer.model.save_lora(dir, lora)?;
         save_value_head(&trainer.value_head, &dir.join(VALUE_HEAD_FILE))?;
         std::fs::write(
@@ -581,21 +585,25 @@ fn save_checkpoint(
     step: usize,
     out: &Path,
 ) -> Result<()> {
-    crate::run_files::save_dir(out, CHECKPOINT, |temp| {
-        trainer.model.save_lora(temp, lora)?;
-        save_value_head(&trainer.value_head, &temp.join(VALUE_HEAD_FILE))?;
-        let adam = trainer.optimizer();
-        crate::run_files::save_moments(adam, &temp.join("optimizer.safetensors"))?;
-        let state = TrainerState {
-            step,
-            adam_step: adam.step_count(),
-            kl: trainer.kl_controller().clone(),
-            config: file.clone(),
-            inputs: Some(inputs.clone()),
-        };
-        std::fs::write(temp.join(STATE_FILE), serde_json::to_string_pretty(&state)?)?;
-        Ok(())
-    })
+    Ok(crate::run_files::save_dir(
+        out,
+        CHECKPOINT,
+        |temp| -> Result<()> {
+            trainer.model.save_lora(temp, lora)?;
+            save_value_head(&trainer.value_head, &temp.join(VALUE_HEAD_FILE))?;
+            let adam = trainer.optimizer();
+            crate::run_files::save_moments(adam, &temp.join("optimizer.safetensors"))?;
+            let state = TrainerState {
+                step,
+                adam_step: adam.step_count(),
+                kl: trainer.kl_controller().clone(),
+                config: file.clone(),
+                inputs: Some(inputs.clone()),
+            };
+            std::fs::write(temp.join(STATE_FILE), serde_json::to_string_pretty(&state)?)?;
+            Ok(())
+        },
+    )?)
 }
 
 /// `lathe ppo` flags; each overrides the config file's value when given.

@@ -142,7 +142,7 @@ pub(crate) fn measure(
     for run in 0..=runs {
         switch.train(run as u64);
         let start = Instant::now();
-        let loss = lathe_cli::sft::block_loss(&pretrained.model, &refs, device)?;
+        let loss = lathe_train::sft::block_loss(&pretrained.model, &refs, device)?;
         let grads = loss.backward()?;
         adam.step(&grads)?;
         device.sync()?;

@@ -1,8 +1,8 @@
 //! lathe-cli: the `lathe` binary's commands, as a library so tests drive them directly.
 
 pub mod config_file;
-pub mod demo;
 pub mod device;
+pub mod device_check;
 pub mod eval;
 pub mod generate;
 pub mod merge;

@@ -4,8 +4,8 @@ use std::process::ExitCode;
 
 use anyhow::Result;
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
-use lathe_cli::demo::{self, DemoConfig};
 use lathe_cli::device::{self, DeviceArg};
+use lathe_cli::device_check::{self, DeviceCheckConfig};
 use lathe_cli::eval::{self, EvalArgs};
 use lathe_cli::generate::{self, GenerateArgs};
 use lathe_cli::merge::{self, MergeArgs};
@@ -110,11 +110,11 @@ enum Command {
     ///
     /// A synthetic next-token task; prints both loss curves and the GPU memory ledger.
     ///
-    /// Example: lathe demo --device both --steps 30
-    Demo {
+    /// Example: lathe device-check --device both --steps 30
+    DeviceCheck {
         /// cpu, gpu, both (CPU and GPU side by side) or auto (GPU when present, else CPU).
         #[arg(long, default_value = "auto")]
-        device: DemoDevice,
+        device: CheckDevice,
         /// Accept a software adapter (lavapipe) when no hardware GPU exists.
         #[arg(long)]
         allow_software_gpu: bool,
@@ -128,7 +128,7 @@ enum Command {
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-enum DemoDevice {
+enum CheckDevice {
     Cpu,
     Gpu,
     Both,
@@ -160,27 +160,27 @@ fn run(cli: Cli, matches: clap::ArgMatches) -> Result<()> {
             println!("{}", ctx.ledger_snapshot());
             Ok(())
         }
-        Command::Demo {
+        Command::DeviceCheck {
             device,
             allow_software_gpu,
             steps,
             seed,
         } => {
-            let config = DemoConfig {
+            let config = DeviceCheckConfig {
                 steps,
                 seed,
-                ..DemoConfig::default()
+                ..DeviceCheckConfig::default()
             };
             let devices = match device {
-                DemoDevice::Cpu => vec![Device::Cpu],
-                DemoDevice::Gpu => vec![device::open(DeviceArg::Gpu, allow_software_gpu)?],
-                DemoDevice::Auto => vec![device::open(DeviceArg::Auto, allow_software_gpu)?],
-                DemoDevice::Both => vec![
+                CheckDevice::Cpu => vec![Device::Cpu],
+                CheckDevice::Gpu => vec![device::open(DeviceArg::Gpu, allow_software_gpu)?],
+                CheckDevice::Auto => vec![device::open(DeviceArg::Auto, allow_software_gpu)?],
+                CheckDevice::Both => vec![
                     Device::Cpu,
                     device::open(DeviceArg::Gpu, allow_software_gpu)?,
                 ],
             };
-            demo::run_and_print(&config, &devices)
+            device_check::run_and_print(&config, &devices)
         }
     }
 }

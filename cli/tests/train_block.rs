@@ -1,14 +1,14 @@
 //! The tiny attention block trains to the same losses on the CPU and the GPU, and learns.
 
-use lathe_cli::demo::{train, DemoConfig};
+use lathe_cli::device_check::{train, DeviceCheckConfig};
 use lathe_core::testing::{assert_close, test_gpu, Tolerance};
 use lathe_core::Device;
 
 #[test]
 fn attention_block_reaches_the_same_loss_on_cpu_and_gpu() {
-    let config = DemoConfig {
+    let config = DeviceCheckConfig {
         steps: 12,
-        ..DemoConfig::default()
+        ..DeviceCheckConfig::default()
     };
     let cpu = train(&config, &Device::Cpu).unwrap();
     let gpu = train(&config, &test_gpu()).unwrap();

@@ -1,4 +1,4 @@
-//! The demo job: a tiny causal attention block (embedding, LayerNorm, fused QKV with rotary,
+//! `lathe device-check`: a tiny causal attention block (embedding, LayerNorm, fused QKV with rotary,
 //! masked softmax, GELU MLP, LM head) trained with AdamW on a synthetic next-token task where
 //! token t is always followed by (3t + 1) mod V. The same seeds give the same run on every
 //! device, so the CPU and GPU loss curves can be compared step by step.
@@ -12,9 +12,9 @@ use lathe_core::ops::unary::GeluKind;
 use lathe_core::optim::{Adam, AdamConfig};
 use lathe_core::{Device, MemCategory, Tensor};
 
-/// Sizes and schedule of the demo.
+/// Sizes and schedule of the device check.
 #[derive(Clone, Debug)]
-pub struct DemoConfig {
+pub struct DeviceCheckConfig {
     pub vocab: usize,
     pub hidden: usize,
     pub heads: usize,
@@ -26,9 +26,9 @@ pub struct DemoConfig {
     pub seed: u64,
 }
 
-impl Default for DemoConfig {
+impl Default for DeviceCheckConfig {
     fn default() -> Self {
-        DemoConfig {
+        DeviceCheckConfig {
             vocab: 29,
             hidden: 32,
             heads: 4,
@@ -59,7 +59,7 @@ struct Block {
 }
 
 impl Block {
-    fn new(c: &DemoConfig, device: &Device) -> Result<Block> {
+    fn new(c: &DeviceCheckConfig, device: &Device) -> Result<Block> {
         let mut seed = c.seed * 1000;
         let mut param = |shape: &[usize], scale: f32| -> Result<Tensor> {
             seed += 1;
@@ -101,7 +101,7 @@ impl Block {
     /// Logits (B, T, V) for ids (B, T).
     fn forward(
         &self,
-        c: &DemoConfig,
+        c: &DeviceCheckConfig,
         ids: &Tensor,
         positions: &Tensor,
         rotary: &RotaryTables,
@@ -147,7 +147,7 @@ impl Block {
 }
 
 /// The synthetic batch: ids (B, T), next-token targets (B*T) with the last position ignored.
-fn batch(c: &DemoConfig) -> (Vec<u32>, Vec<u32>) {
+fn batch(c: &DeviceCheckConfig) -> (Vec<u32>, Vec<u32>) {
     let v = c.vocab as u32;
     let mut ids = Vec::with_capacity(c.batch * c.seq_len);
     let mut targets = Vec::with_capacity(c.batch * c.seq_len);
@@ -164,7 +164,7 @@ fn batch(c: &DemoConfig) -> (Vec<u32>, Vec<u32>) {
 }
 
 /// Trains on `device` and returns the loss before each step.
-pub fn train(c: &DemoConfig, device: &Device) -> Result<Vec<f32>> {
+pub fn train(c: &DeviceCheckConfig, device: &Device) -> Result<Vec<f32>> {
     let block = Block::new(c, device)?;
     let (ids, targets) = batch(c);
     let ids = Tensor::from_vec(ids, &[c.batch, c.seq_len], device)?;
@@ -196,10 +196,10 @@ pub fn train(c: &DemoConfig, device: &Device) -> Result<Vec<f32>> {
     Ok(losses)
 }
 
-/// Runs the demo on each device and prints the loss curves side by side.
-pub fn run_and_print(c: &DemoConfig, devices: &[Device]) -> Result<()> {
+/// Runs the check on each device and prints the loss curves side by side.
+pub fn run_and_print(c: &DeviceCheckConfig, devices: &[Device]) -> Result<()> {
     println!(
-        "lathe demo: causal attention block (V {}, H {}, {} heads, FFN {}), batch {} x {} tokens, {} AdamW steps",
+        "lathe device-check: causal attention block (V {}, H {}, {} heads, FFN {}), batch {} x {} tokens, {} AdamW steps",
         c.vocab, c.hidden, c.heads, c.ffn, c.batch, c.seq_len, c.steps
     );
     let mut curves = Vec::new();

@@ -1,4 +1,16 @@
 //! lathe-cli: the `lathe` binary's commands, as a library so tests drive them directly.
+//! Each command parses its flags (and `--config FILE.toml`, `config_file.rs`), builds the
+//! settings and calls the library crates; what is the binary's own:
+//! - `pipeline.rs`, the main job: reward model, SFT, merge, PPO, report, stage folders under
+//!   `--out`; a stage is skipped only when its `<stage>.stage.json` record matches the
+//!   settings and input fingerprints and its outputs parse.
+//! - `model_args.rs`: the flags for loading a model and the memory preflight every training
+//!   and generation command runs before loading (`plan_cmd.rs` is `lathe plan`).
+//! - `output.rs`: outputs written through temp files (a regular `--out` replaced by rename,
+//!   a symlink written through, a FIFO or character device streamed into, a directory
+//!   refused up front; whole output folders built in a temporary sibling).
+//! - `reward_glue.rs` (the reward model as PPO's `Reward`), `texts.rs`, `progress.rs`,
+//!   `report.rs` and `png.rs` (the PPO report), `device_check.rs` (`lathe device-check`).
 
 pub mod config_file;
 pub mod device;

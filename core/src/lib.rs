@@ -1,6 +1,22 @@
 //! lathe-core: tensors on CPU and GPU, their ops (each with a forward and a backward on both
 //! devices), reverse-mode autodiff, Adam/AdamW and safetensors IO.
 //!
+//! - `Tensor` (contiguous row-major; f32, f16, u32) on `Device::Cpu` or `Device::Gpu`.
+//! - `ops/`, one file per op family, each with its CPU kernel, GPU dispatch and backward:
+//!   `dispatch.rs` launches a kernel over buffers larger than one storage binding (chunks of
+//!   rows, or strided tiles, each binding the windows it touches); `matmul_gpu.rs` cuts a
+//!   matmul into batch groups or (M, N, K) blocks that fit; `skinny.rs` is the CPU product of
+//!   a few rows with a weight (decoding); `matmul.rs` widens an f16 second operand a 4 MiB
+//!   panel at a time; `dropout.rs` is counter-based (the same mask on both devices,
+//!   replayable); `linear_loss.rs` is the LM head's loss without its logits (row chunks
+//!   through one reused buffer on the CPU); `vexp.rs` a vectorized exp and `dispatched!`,
+//!   which runs a hot loop in the widest SIMD build the CPU has.
+//! - `backprop.rs` (reverse-mode autodiff), `checkpoint.rs` (gradient checkpointing),
+//!   `optim.rs` (Adam/AdamW with state restore, global-norm clipping, LR schedules),
+//!   `safetensors.rs` (`SafetensorsFile` reads the header at open, then one tensor at a
+//!   time; saving writes each tensor's bytes as it goes, through a temp file), `testing.rs`
+//!   (test helpers: tolerances, the test GPU, forced binding limits, a counting allocator).
+//!
 //! ```
 //! use lathe_core::{Device, Tensor};
 //! let w = Tensor::from_vec(vec![1.0f32, 2.0, 3.0, 4.0], &[2, 2], &Device::Cpu).unwrap().into_variable();

@@ -11,7 +11,7 @@
 //! string = len: u64 | UTF-8 bytes;  array = elem_type: u32 | len: u64 | len × value
 //! ```
 //!
-//! GGUF dims are innermost-first (ggml's ne[0] is the contiguous one): a PyTorch weight of
+//! GGUF dims are innermost-first (ggml's `ne[0]` is the contiguous one): a PyTorch weight of
 //! shape [out, in] is stored with dims [in, out]. [`TensorInfo::shape`] is the row-major
 //! shape (dims reversed), the one the HF checkpoint would have.
 //!

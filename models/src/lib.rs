@@ -1,6 +1,31 @@
-//! lathe-models: GPT-NeoX (the seed's architecture) and Llama (SmolLM2), one file each;
-//! configs from HF `config.json` or GGUF metadata; weights from HF safetensors (single or
-//! sharded) and GGUF; tokenizers; KV cache and batched generation.
+//! lathe-models: causal language models, one file per architecture, and everything that
+//! loads, converts, plans and runs them.
+//!
+//! - [`arch`]: the two traits an architecture implements, `ArchConfig` (its config.json:
+//!   sizes, rope keys, default LoRA targets, planning shapes, `build`) and `Architecture`
+//!   (the built model: hidden states, LM head, linears under HF names, named weights,
+//!   checkpointing switch). [`config::ModelConfig`] and [`hf::CausalLm`] hold one `dyn` of
+//!   each; [`config::ARCHITECTURES`] registers each `model_type`.
+//! - The architectures: [`gpt_neox`] (the seed's), [`llama`] (SmolLM2), [`qwen2`] (Qwen2 and
+//!   Qwen2.5: Llama's block with q/k/v biases). They share [`attention`] (per-row positions
+//!   and key ranges for padded batches, GQA) and the block loop (`blocks.rs`: plain, or
+//!   checkpointed per block); every projection is a [`linear::Linear`] (dense f32/f16,
+//!   LLM.int8, LoRA over either), so int8, f16 and LoRA never touch a model file.
+//! - [`config`]: configs as transformers writes them (4.46 and 5.x layouts), with the rule
+//!   that a key changing the math is implemented or refused.
+//! - [`weights`]: the weight store, tensors read one at a time from safetensors shards and
+//!   built at once in their final form (int8 quantized a row at a time from the file's
+//!   bytes; bitsandbytes 8-bit checkpoints loaded as stored); [`hf`]: HF directories as a
+//!   `CausalLm` (load, convert, save); [`gguf`] and [`gguf_model`]: Llama from GGUF;
+//!   [`pretrained`]: "the model the user named".
+//! - [`plan`]: a job's peak memory by category from a config alone.
+//! - [`lora`]: peft adapters on a model (add, load, save, merge, count); [`logprobs`];
+//!   [`generate`], [`sampling`], [`sampling_gpu`]: batched generation with a seeded sampler
+//!   on the host or the device; [`kv_cache`]; [`tokenizer`]; [`value_head`] (trl's).
+//!
+//! Invariants: model files import the weight store, never the loader; a model never holds a
+//! second copy of a weight (quantization and LoRA swap the `Linear`); every tensor a model
+//! takes is shape-checked against its config with an error naming the file and tensor.
 
 pub mod arch;
 pub mod attention;

@@ -27,7 +27,7 @@ pub const INDEX_FILE: &str = "model.safetensors.index.json";
 /// are stored (never dequantized to f32 or f16 and never requantized), with the config's
 /// outlier threshold, as transformers loads such a checkpoint in 8 bits whatever `dtype` it is
 /// given. `precision` then only decides the dense form (f32, or f16 for `F16`) of the block
-/// linears listed in `llm_int8_skip_modules`. [`bnb_int8_note`] words this for the user.
+/// linears listed in `llm_int8_skip_modules`. [`crate::hf::bnb_int8_note`] words this for the user.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct LoadOptions {
     /// The precision of the transformer blocks' linear layers.
@@ -149,7 +149,7 @@ impl Weights {
         self.bnb_int8.as_ref()
     }
 
-    /// Marks the store as a bitsandbytes 8-bit checkpoint's ([`ModelConfig::bnb_int8`]):
+    /// Marks the store as a bitsandbytes 8-bit checkpoint's ([`crate::config::ModelConfig::bnb_int8`]):
     /// int8 block weights with their `SCB` scales are then taken as they are stored
     /// ([`Weights::take_bnb_int8`]); without it an int8 weight is an error.
     pub fn set_bnb_int8(&mut self, config: Option<BnbInt8Config>) {

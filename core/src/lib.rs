@@ -18,6 +18,7 @@ mod error;
 pub mod ops;
 pub mod optim;
 pub mod safetensors;
+pub mod seed;
 pub mod shape;
 pub mod storage;
 pub mod tensor;

@@ -32,8 +32,7 @@ use serde_json::json;
 
 use crate::config_file::read_toml;
 use crate::progress::Progress;
-use crate::run_files::STATE_FILE;
-use crate::run_files::{append_jsonl, Interrupted};
+use crate::run_files::{append_jsonl, Interrupted, RunDir, METRICS_FILE, OPTIMIZER_FILE};
 
 /// The run's settings beyond trl's PPOConfig: rollouts, LoRA, length of the run.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -136,7 +135,6 @@ impl PpoFile {
     }
 }
 
-const CHECKPOINT: &str = "checkpoint";
 const VALUE_HEAD_FILE: &str = "value_head.safetensors";
 
 #[derive(Serialize, Deserialize)]
@@ -154,20 +152,10 @@ struct TrainerState {
 /// edit, a damaged file): a step beyond the run, an optimizer step count no PPO step count
 /// gives, a KL coefficient that is negative or of another controller, a step
 /// metrics.jsonl never recorded.
-fn read_state(dir: &Path, out: &Path, file: &PpoFile) -> Result<TrainerState> {
-    let state: TrainerState = crate::run_files::read_state(dir)?;
+fn read_state(folder: &RunDir, dir: &Path, file: &PpoFile) -> Result<TrainerState> {
+    let state: TrainerState = folder.read_state(dir)?;
     let bad = |detail: String| anyhow::Error::from(crate::run_files::damaged_state(dir, detail));
-    if state.step == 0 {
-        return Err(bad("step 0 (a checkpoint is written after a step)".into()));
-    }
-    // Only a run of the same settings bounds the step (another step count under
-    // --resume-anyway is the resume check's to report).
-    if state.config == *file && state.step > file.run.steps {
-        return Err(bad(format!(
-            "step {} is beyond the run's {} steps",
-            state.step, file.run.steps
-        )));
-    }
+    folder.check_step(dir, state.step, state.config == *file, file.run.steps)?;
     // Each PPO step updates at least once (the first epoch's first backward batch) and at
     // most once per backward batch of every epoch.
     let c = &state.config.ppo;
@@ -211,7 +199,7 @@ fn read_state(dir: &Path, out: &Path, file: &PpoFile) -> Result<TrainerState> {
             state.kl
         )));
     }
-    crate::run_files::check_metrics_reach(&out.join("metrics.jsonl"), state.step).map_err(bad)?;
+    folder.check_logged(dir, state.step)?;
     Ok(state)
 }
 
@@ -288,11 +276,12 @@ pub fn train_with(
         data: Some(texts_fingerprint(&tokenized)),
         reward: options.reward.clone(),
     };
-    let resume_dir = crate::run_files::checkpoint_to_resume(out, CHECKPOINT, STATE_FILE, "ppo");
+    let folder = RunDir::new(out, "ppo");
+    let resume_dir = folder.checkpoint_to_resume();
     let hidden = model.config().hidden_size();
     let lora = lora_config(run, &model);
     let (value_head, state) = if let Some(checkpoint) = &resume_dir {
-        let state = read_state(checkpoint, out, file)?;
+        let state = read_state(&folder, checkpoint, file)?;
         crate::resume::check(
             "ppo",
             checkpoint,
@@ -324,25 +313,21 @@ pub fn train_with(
     let pad = tokenizer.pad_id().or(tokenizer.eos_id()).unwrap_or(0);
     let mut trainer = PpoTrainer::new(model, switch, value_head, config.clone(), pad, device)?;
     // Only now, with every setting and the adapters accepted, does the run folder appear.
-    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    folder.create()?;
     let start = match &state {
         Some(s) => {
             let n = trainer.optimizer().params().len();
             let checkpoint = resume_dir
                 .as_ref()
                 .expect("a state comes from a checkpoint");
-            let pairs = crate::run_files::load_moments(
-                &checkpoint.join("optimizer.safetensors"),
-                n,
-                device,
-            )?;
+            let pairs =
+                crate::run_files::load_moments(&checkpoint.join(OPTIMIZER_FILE), n, device)?;
             trainer.restore(s.step, s.kl.clone(), s.adam_step, pairs)?;
             s.step
         }
         None => 0,
     };
-    let metrics_path = out.join("metrics.jsonl");
-    let samples_path = out.join("samples.jsonl");
+    let metrics_path = folder.metrics();
     if start >= run.steps {
         // A rerun of a finished run: nothing to train. Its outputs stay as they are; only
         // when the final ones are missing (a crash after the last checkpoint) are they
@@ -363,8 +348,8 @@ pub fn train_with(
         }
         return Ok(summary);
     }
-    let mut metrics = crate::run_files::reopen_jsonl(&metrics_path, start)?;
-    let mut samples = crate::run_files::reopen_jsonl(&samples_path, start)?;
+    let mut metrics = folder.reopen_log(METRICS_FILE, start)?;
+    let mut samples = folder.reopen_log("samples.jsonl", start)?;
     let sampling = SamplingConfig {
         temperature: run.temperature,
         top_k: run.top_k,
@@ -388,7 +373,7 @@ pub fn train_with(
     let started = Instant::now();
     for step in start..run.steps {
         let step_started = Instant::now();
-        let mut rng = Rng::new(config.seed ^ (step as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15));
+        let mut rng = Rng::new(lathe_core::seed::derive(config.seed, 0, step as u64 + 1));
         let drawn: Vec<&[u32]> = (0..config.batch_size)
             .map(|_| tokenized[(rng.next_u64() % tokenized.len() as u64) as usize].as_slice())
             .collect();
@@ -485,7 +470,7 @@ fn save_final(
     summary: &PpoSummary,
     out: &Path,
 ) -> Result<()> {
-    crate::run_files::save_into(out, |dir| -> Result<()> {
+    RunDir::new(out, "ppo").save_final(|dir| -> Result<()> {
         trainer.model.save_lora(dir, lora)?;
         save_value_head(&trainer.value_head, &dir.join(VALUE_HEAD_FILE))?;
         std::fs::write(
@@ -585,14 +570,12 @@ fn save_checkpoint(
     step: usize,
     out: &Path,
 ) -> Result<()> {
-    Ok(crate::run_files::save_dir(
-        out,
-        CHECKPOINT,
-        |temp| -> Result<()> {
+    Ok(
+        RunDir::new(out, "ppo").save_checkpoint(|temp| -> Result<()> {
             trainer.model.save_lora(temp, lora)?;
             save_value_head(&trainer.value_head, &temp.join(VALUE_HEAD_FILE))?;
             let adam = trainer.optimizer();
-            crate::run_files::save_moments(adam, &temp.join("optimizer.safetensors"))?;
+            crate::run_files::save_moments(adam, &temp.join(OPTIMIZER_FILE))?;
             let state = TrainerState {
                 step,
                 adam_step: adam.step_count(),
@@ -600,10 +583,9 @@ fn save_checkpoint(
                 config: file.clone(),
                 inputs: Some(inputs.clone()),
             };
-            std::fs::write(temp.join(STATE_FILE), serde_json::to_string_pretty(&state)?)?;
-            Ok(())
-        },
-    )?)
+            Ok(crate::run_files::write_state(temp, &state)?)
+        })?,
+    )
 }
 
 /// `lathe ppo` flags; each overrides the config file's value when given.

@@ -81,6 +81,29 @@ impl GradStore {
     pub fn is_empty(&self) -> bool {
         self.grads.is_empty()
     }
+
+    /// Gradient accumulation: `next` added into `sum` for every parameter of `params`
+    /// (`previous + next`, in that order, or `next`'s gradient where `sum` has none). With
+    /// no `sum` yet (the first micro-batch), `next` becomes it whole.
+    pub fn accumulate(
+        sum: Option<GradStore>,
+        next: GradStore,
+        params: &[Tensor],
+    ) -> Result<GradStore> {
+        let Some(mut sum) = sum else {
+            return Ok(next);
+        };
+        for p in params {
+            if let Some(g) = next.get(p) {
+                let total = match sum.remove(p) {
+                    Some(previous) => previous.add(g)?,
+                    None => g.clone(),
+                };
+                sum.insert(p, total);
+            }
+        }
+        Ok(sum)
+    }
 }
 
 /// Tensors reachable from `root` through tracking inputs, inputs before users.

@@ -34,6 +34,7 @@ mod error;
 pub mod ops;
 pub mod optim;
 pub mod safetensors;
+pub mod seed;
 pub mod shape;
 pub mod storage;
 pub mod tensor;

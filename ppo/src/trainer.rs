@@ -287,8 +287,7 @@ impl PpoTrainer {
         let backward_batch = c.mini_batch_size * c.gradient_accumulation_steps;
         let params = self.adam.params().to_vec();
         let mut all = Vec::new();
-        let mut rng =
-            Rng::new(c.seed ^ (self.steps_done as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15));
+        let mut rng = Rng::new(lathe_core::seed::derive(c.seed, 0, self.steps_done as u64));
         for _epoch in 0..c.ppo_epochs {
             let order = rng.permutation(b);
             for backward in order.chunks(backward_batch) {
@@ -345,10 +344,7 @@ impl PpoTrainer {
                         let scaled =
                             loss.affine(1.0 / c.gradient_accumulation_steps as f32, 0.0)?;
                         let g = scaled.backward()?;
-                        grads = Some(match grads {
-                            None => g,
-                            Some(sum) => add_grads(sum, &g, &params)?,
-                        });
+                        grads = Some(GradStore::accumulate(grads, g, &params)?);
                     }
                     all.push(stats);
                 }
@@ -461,18 +457,4 @@ pub fn record_step_stats(r: &StepRecord<'_>) -> StepStats {
     let explained = 1.0 - stats["ppo/val/error"] as f64 / stats["ppo/returns/var"] as f64;
     stats.insert("ppo/val/var_explained".to_string(), explained as f32);
     stats
-}
-
-/// sum + next for every parameter.
-fn add_grads(mut sum: GradStore, next: &GradStore, params: &[Tensor]) -> Result<GradStore> {
-    for p in params {
-        if let Some(g) = next.get(p) {
-            let total = match sum.remove(p) {
-                Some(previous) => previous.add(g)?,
-                None => g.clone(),
-            };
-            sum.insert(p, total);
-        }
-    }
-    Ok(sum)
 }

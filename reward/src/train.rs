@@ -529,12 +529,18 @@ pub fn train_prepared(
     } else {
         Some(pooled_features(&model, &val_ids, config.pooling)?)
     };
-    let head = Head::new_linear(h, 2, config.pooling, config.seed ^ 0x4ead, device)?;
+    let head = Head::new_linear(
+        h,
+        2,
+        config.pooling,
+        lathe_core::seed::derive(config.seed, 0x4ead, 0),
+        device,
+    )?;
     let mut optimizer = Adam::new(
         head.variables(),
         AdamConfig::adamw(config.lr, config.weight_decay),
     )?;
-    let mut rng = SplitMix64::new(config.seed ^ 0xba7c);
+    let mut rng = SplitMix64::new(lathe_core::seed::derive(config.seed, 0xba7c, 0));
     let mut stop = EarlyStop::new(config.patience);
     let mut best_head = head.snapshot()?;
     let lengths_one = vec![1usize; train_ids.len()];
@@ -635,9 +641,11 @@ fn train_lora(
     let device = model.device().clone();
     let lora_config = lora_config(model.config().architecture, lora);
     let switch = AdapterSwitch::new();
-    report.lora_layers = model
-        .encoder
-        .add_lora(&lora_config, &switch, config.seed ^ 0x10a)?;
+    report.lora_layers = model.encoder.add_lora(
+        &lora_config,
+        &switch,
+        lathe_core::seed::derive(config.seed, 0x10a, 0),
+    )?;
     // The head continues from the head stage, as trainable variables again.
     let head = model.head.take().expect("head stage ran");
     let (w, b) = match &head {
@@ -657,7 +665,7 @@ fn train_lora(
     params.extend(model.head.as_ref().expect("set").variables());
     let mut optimizer = Adam::new(params, AdamConfig::adamw(lora.lr, 0.0))?;
     let lengths: Vec<usize> = ids.iter().map(Vec::len).collect();
-    let mut rng = SplitMix64::new(config.seed ^ 0x10a_ba7c);
+    let mut rng = SplitMix64::new(lathe_core::seed::derive(config.seed, 0x10a_ba7c, 0));
     let patience = if config.patience == 0 {
         0
     } else {

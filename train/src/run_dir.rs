@@ -44,6 +44,121 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     Ok(())
 }
 
+/// A training run's folder, as SFT and PPO keep it: logs (`metrics.jsonl`, PPO's
+/// `samples.jsonl`) with a line a step, `checkpoint/` (the adapters, `optimizer.safetensors`
+/// and `trainer_state.json`, replaced in one rename), and the final files, moved in only
+/// once all are written. `command` names the run in what it says on stderr ("sft").
+#[derive(Clone, Debug)]
+pub struct RunDir {
+    out: PathBuf,
+    command: &'static str,
+}
+
+impl RunDir {
+    pub fn new(out: &Path, command: &'static str) -> RunDir {
+        RunDir {
+            out: out.to_path_buf(),
+            command,
+        }
+    }
+
+    /// The folder.
+    pub fn path(&self) -> &Path {
+        &self.out
+    }
+
+    /// `metrics.jsonl`.
+    pub fn metrics(&self) -> PathBuf {
+        self.out.join(METRICS_FILE)
+    }
+
+    /// Creates the folder (once every setting of the run is accepted).
+    pub fn create(&self) -> Result<()> {
+        std::fs::create_dir_all(&self.out)
+            .context_with(|| format!("creating {}", self.out.display()))
+    }
+
+    /// The checkpoint to resume from, if any ([`checkpoint_to_resume`]).
+    pub fn checkpoint_to_resume(&self) -> Option<PathBuf> {
+        checkpoint_to_resume(&self.out, CHECKPOINT, STATE_FILE, self.command)
+    }
+
+    /// The trainer state of `checkpoint` as `T`, checked for what every run's state must
+    /// be (the command's own checks come between [`check_step`](RunDir::check_step) and
+    /// [`check_logged`](RunDir::check_logged)).
+    pub fn read_state<T: serde::de::DeserializeOwned>(&self, checkpoint: &Path) -> Result<T> {
+        read_state(checkpoint)
+    }
+
+    /// A checkpoint's step is after the first step and, for a run of the same settings
+    /// (`same_settings`), within its `total_steps`.
+    pub fn check_step(
+        &self,
+        checkpoint: &Path,
+        step: usize,
+        same_settings: bool,
+        total_steps: usize,
+    ) -> Result<()> {
+        if step == 0 {
+            return Err(damaged_state(
+                checkpoint,
+                "step 0 (a checkpoint is written after a step)".into(),
+            ));
+        }
+        // Only a run of the same settings bounds the step (another step count under
+        // --resume-anyway is the resume check's to report).
+        if same_settings && step > total_steps {
+            return Err(damaged_state(
+                checkpoint,
+                format!("step {step} is beyond the run's {total_steps} steps"),
+            ));
+        }
+        Ok(())
+    }
+
+    /// metrics.jsonl records the checkpoint's step ([`check_metrics_reach`]).
+    pub fn check_logged(&self, checkpoint: &Path, step: usize) -> Result<()> {
+        check_metrics_reach(&self.metrics(), step).map_err(|d| damaged_state(checkpoint, d))
+    }
+
+    /// The log `name` for appending, from step `start` on ([`reopen_jsonl`]).
+    pub fn reopen_log(&self, name: &str, start: usize) -> Result<File> {
+        reopen_jsonl(&self.out.join(name), start)
+    }
+
+    /// Writes `checkpoint/`: `fill` writes into a temporary folder that then replaces it
+    /// ([`save_dir`]).
+    pub fn save_checkpoint<E>(
+        &self,
+        fill: impl FnOnce(&Path) -> std::result::Result<(), E>,
+    ) -> Result<()>
+    where
+        E: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        save_dir(&self.out, CHECKPOINT, fill)
+    }
+
+    /// Writes the final files ([`save_into`]).
+    pub fn save_final<E>(
+        &self,
+        fill: impl FnOnce(&Path) -> std::result::Result<(), E>,
+    ) -> Result<()>
+    where
+        E: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        save_into(&self.out, fill)
+    }
+}
+
+/// Writes a trainer state into the checkpoint folder being filled.
+pub fn write_state<T: serde::Serialize>(checkpoint: &Path, state: &T) -> Result<()> {
+    std::fs::write(
+        checkpoint.join(STATE_FILE),
+        serde_json::to_string_pretty(state)?,
+    )?;
+    Ok(())
+}
+
 /// A JSONL log for appending. On a resume from step `start`, the lines of later steps (written
 /// by the interrupted run after its checkpoint) are dropped, so the file reads as one run.
 /// The kept lines are written through a temporary file renamed over the log, so a failure

@@ -14,7 +14,7 @@
 
 use std::fs::File;
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Instant;
 
 use lathe_core::optim::{Adam, AdamConfig};
@@ -29,8 +29,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use crate::resume::{Fingerprints, ResumeOptions};
-use crate::run_dir::{CHECKPOINT, METRICS_FILE, OPTIMIZER_FILE, STATE_FILE};
-use crate::{invalid, Context, Error, Result};
+use crate::run_dir::{RunDir, OPTIMIZER_FILE};
+use crate::{invalid, Error, Result};
 
 /// Everything that shapes a run (written to `run.json`; a resume must match it). Also the
 /// keys of `lathe sft --config FILE.toml`.
@@ -237,8 +237,13 @@ pub fn pack(
     })
 }
 
-fn mix(seed: u64, salt: u64) -> u64 {
-    seed ^ salt.wrapping_add(1).wrapping_mul(0x9e37_79b9_7f4a_7c15)
+/// The salt of the dropout masks' stream (the block order's is 0).
+const DROPOUT_STREAM: u64 = 0x5eed;
+
+/// The seed of position `index` of a stream (positions are 1-based in the seeds, as the
+/// runs written so far have them).
+fn position_seed(seed: u64, stream: u64, index: usize) -> u64 {
+    lathe_core::seed::derive(seed, stream, (index as u64).wrapping_add(1))
 }
 
 /// The causal-LM loss of a batch of equal-length blocks (B, T): mean over B (T - 1)
@@ -326,32 +331,24 @@ pub fn blocks_fingerprint(blocks: &Blocks) -> String {
 /// hand edit, a damaged file): steps beyond the run, an optimizer step count that does not
 /// fit the step, a step metrics.jsonl never recorded.
 fn read_state(
+    run: &RunDir,
     dir: &Path,
-    out: &Path,
     config: &SftConfig,
     total_steps: usize,
 ) -> Result<TrainerState> {
-    let state: TrainerState = crate::run_dir::read_state(dir)?;
-    let bad = |detail: String| crate::run_dir::damaged_state(dir, detail);
-    if state.step == 0 {
-        return Err(bad("step 0 (a checkpoint is written after a step)".into()));
-    }
-    // Only a run of the same settings bounds the step (another max_steps under
-    // --resume-anyway is the resume check's to report).
-    if state.config == *config && state.step > total_steps {
-        return Err(bad(format!(
-            "step {} is beyond the run's {total_steps} steps",
-            state.step
-        )));
-    }
+    let state: TrainerState = run.read_state(dir)?;
+    run.check_step(dir, state.step, state.config == *config, total_steps)?;
     // One optimizer update per step, always (accumulation sums micro-batches first).
     if state.adam_step != state.step as u64 {
-        return Err(bad(format!(
-            "the optimizer has taken {} steps at step {} (an SFT run takes one per step)",
-            state.adam_step, state.step
-        )));
+        return Err(crate::run_dir::damaged_state(
+            dir,
+            format!(
+                "the optimizer has taken {} steps at step {} (an SFT run takes one per step)",
+                state.adam_step, state.step
+            ),
+        ));
     }
-    crate::run_dir::check_metrics_reach(&out.join(METRICS_FILE), state.step).map_err(bad)?;
+    run.check_logged(dir, state.step)?;
     Ok(state)
 }
 
@@ -559,8 +556,8 @@ impl<'a> SftTrainer<'a> {
             let per_epoch = self.plan.micro_per_epoch;
             let (epoch, index) = (global / per_epoch, global % per_epoch);
             if epoch != self.order_epoch {
-                self.order =
-                    Rng::new(mix(config.seed, epoch as u64)).permutation(self.blocks.train.len());
+                self.order = Rng::new(position_seed(config.seed, 0, epoch))
+                    .permutation(self.blocks.train.len());
                 self.order_epoch = epoch;
             }
             let order = &self.order;
@@ -569,28 +566,15 @@ impl<'a> SftTrainer<'a> {
                 .iter()
                 .map(|&i| &self.blocks.train[i])
                 .collect();
-            self.switch.train(mix(config.seed ^ 0x5eed, global as u64));
+            self.switch
+                .train(position_seed(config.seed, DROPOUT_STREAM, global));
             let loss = block_loss(self.model, &batch, &self.device)?;
             let weight = batch.len() as f32 / (config.batch_size * config.grad_accum) as f32;
             let micro_grads = loss.affine(weight, 0.0)?.backward()?;
             step_loss += loss.to_scalar()? as f64 * batch.len() as f64;
             step_blocks += batch.len();
             tokens += batch.len() * config.block_size;
-            grads = Some(match grads {
-                None => micro_grads,
-                Some(mut sum) => {
-                    for p in &self.params {
-                        if let Some(g) = micro_grads.get(p) {
-                            let total = match sum.remove(p) {
-                                Some(previous) => previous.add(g)?,
-                                None => g.clone(),
-                            };
-                            sum.insert(p, total);
-                        }
-                    }
-                    sum
-                }
-            });
+            grads = Some(GradStore::accumulate(grads, micro_grads, &self.params)?);
         }
         let grads = grads.expect("grad_accum >= 1");
         Ok(((step_loss / step_blocks as f64) as f32, grads, tokens))
@@ -675,7 +659,7 @@ pub struct StepRecord {
 /// [`crate::resume::check`]), and it continues exactly as the uninterrupted run would have.
 pub struct SftRun<'a> {
     trainer: SftTrainer<'a>,
-    out: PathBuf,
+    run: RunDir,
     inputs: Fingerprints,
     start_step: usize,
     /// Open once there is something to train.
@@ -704,10 +688,10 @@ impl<'a> SftRun<'a> {
             data: Some(blocks_fingerprint(blocks)),
             reward: None,
         };
-        let checkpoint_dir =
-            crate::run_dir::checkpoint_to_resume(out, CHECKPOINT, STATE_FILE, "sft");
+        let run = RunDir::new(out, "sft");
+        let checkpoint_dir = run.checkpoint_to_resume();
         let trainer = if let Some(dir) = &checkpoint_dir {
-            let state = read_state(dir, out, config, total_steps)?;
+            let state = read_state(&run, dir, config, total_steps)?;
             crate::resume::check(
                 "sft",
                 dir,
@@ -728,10 +712,10 @@ impl<'a> SftRun<'a> {
             SftTrainer::build(model, blocks, config, device, Start::Fresh)?
         };
         // Only now, with every setting and the adapters accepted, does the run folder appear.
-        std::fs::create_dir_all(out).context_with(|| format!("creating {}", out.display()))?;
+        run.create()?;
         let start_step = trainer.steps_done();
         let resumed = checkpoint_dir.is_some();
-        let metrics_path = out.join(METRICS_FILE);
+        let metrics_path = run.metrics();
         let mut summary = SftSummary {
             steps: total_steps,
             losses: Vec::new(),
@@ -744,13 +728,13 @@ impl<'a> SftRun<'a> {
             read_summary(&metrics_path, start_step, &mut summary)?;
         }
         let metrics = if start_step < total_steps {
-            Some(crate::run_dir::reopen_jsonl(&metrics_path, start_step)?)
+            Some(run.reopen_log(crate::run_dir::METRICS_FILE, start_step)?)
         } else {
             None
         };
         Ok(SftRun {
             trainer,
-            out: out.to_path_buf(),
+            run,
             inputs,
             start_step,
             metrics,
@@ -774,8 +758,9 @@ impl<'a> SftRun<'a> {
         self.summary.resumed_from.is_some()
     }
 
-    pub fn out(&self) -> &Path {
-        &self.out
+    /// The run folder.
+    pub fn run_dir(&self) -> &RunDir {
+        &self.run
     }
 
     /// Whether the run's steps are all done (a rerun of a finished run has none to do).
@@ -785,7 +770,8 @@ impl<'a> SftRun<'a> {
 
     /// Whether `out` holds the run finished: all steps done and `run.json` written.
     pub fn already_finished(&self) -> bool {
-        self.start_step >= self.trainer.plan.total_steps && self.out.join("run.json").is_file()
+        self.start_step >= self.trainer.plan.total_steps
+            && self.run.path().join("run.json").is_file()
     }
 
     /// One training step, evaluated when due (every `eval_every` steps and at the end), its
@@ -847,7 +833,7 @@ impl<'a> SftRun<'a> {
     /// temporary folder renamed into place.
     pub fn save_checkpoint(&self) -> Result<()> {
         let trainer = &self.trainer;
-        crate::run_dir::save_dir(&self.out, CHECKPOINT, |temp| -> Result<()> {
+        self.run.save_checkpoint(|temp| -> Result<()> {
             trainer.model.save_lora(temp, &trainer.lora_config)?;
             crate::run_dir::save_moments(&trainer.adam, &temp.join(OPTIMIZER_FILE))?;
             let state = TrainerState {
@@ -856,8 +842,7 @@ impl<'a> SftRun<'a> {
                 config: trainer.config.clone(),
                 inputs: Some(self.inputs.clone()),
             };
-            std::fs::write(temp.join(STATE_FILE), serde_json::to_string_pretty(&state)?)?;
-            Ok(())
+            crate::run_dir::write_state(temp, &state)
         })
     }
 
@@ -892,7 +877,7 @@ impl<'a> SftRun<'a> {
             &self.trainer.lora_config,
             &self.trainer.config,
             &self.summary,
-            &self.out,
+            &self.run,
         )?;
         Ok(self.summary)
     }
@@ -904,9 +889,9 @@ fn save_final(
     lora_config: &LoraConfig,
     config: &SftConfig,
     summary: &SftSummary,
-    out: &Path,
+    run: &RunDir,
 ) -> Result<()> {
-    crate::run_dir::save_into(out, |dir| -> Result<()> {
+    run.save_final(|dir| -> Result<()> {
         model.save_lora(dir, lora_config)?;
         std::fs::write(
             dir.join("run.json"),

@@ -246,41 +246,6 @@ impl GptNeox {
         &self.config
     }
 
-    /// Logits (B, T, V) of token ids u32 (B, T) laid out by `layout`. With a cache, the ids
-    /// follow the cached tokens and their keys and values are appended to it.
-    pub fn forward(
-        &self,
-        ids: &Tensor,
-        layout: &TokenLayout,
-        cache: Option<&mut KvCache>,
-    ) -> Result<Tensor> {
-        self.lm_head(&self.forward_hidden(ids, layout, cache)?)
-    }
-
-    /// Logits (B, T, V) of a last hidden state (B, T, H).
-    pub fn lm_head(&self, hidden: &Tensor) -> Result<Tensor> {
-        self.embed_out.forward(hidden)
-    }
-
-    /// The last hidden state (B, T, H), after final_layer_norm (transformers'
-    /// `hidden_states[-1]`, what trl's value head reads).
-    pub fn forward_hidden(
-        &self,
-        ids: &Tensor,
-        layout: &TokenLayout,
-        cache: Option<&mut KvCache>,
-    ) -> Result<Tensor> {
-        layout.check_ids(ids)?;
-        let past = match &cache {
-            Some(c) => c.offset_for(self.layers.len())?,
-            None => 0,
-        };
-        let mask = layout.mask(past + layout.seq_len())?;
-        let x = Tensor::embedding(&self.embed_in, ids)?; // (B, T, H)
-        let x = run_blocks(self, x, layout, &mask, cache)?;
-        self.final_layer_norm.forward(&x)
-    }
-
     /// Self-attention of normed x (B, T, H) -> (B, T, H).
     fn attention(
         &self,
@@ -311,54 +276,6 @@ impl GptNeox {
     fn mlp(&self, layer: &GptNeoxLayer, x: &Tensor) -> Result<Tensor> {
         let up = layer.dense_h_to_4h.forward(x)?.gelu(self.gelu)?;
         layer.dense_4h_to_h.forward(&up)
-    }
-
-    /// Every weight under its HF name (embed_out omitted when tied, as transformers saves).
-    pub fn named_weights(&self) -> Result<Vec<(String, Tensor)>> {
-        let mut out = vec![(
-            "gpt_neox.embed_in.weight".to_string(),
-            self.embed_in.clone(),
-        )];
-        for (i, layer) in self.layers.iter().enumerate() {
-            let p = format!("gpt_neox.layers.{i}");
-            layer
-                .input_layernorm
-                .named(&format!("{p}.input_layernorm"), &mut out);
-            layer
-                .post_attention_layernorm
-                .named(&format!("{p}.post_attention_layernorm"), &mut out);
-            for (name, linear) in layer.linears() {
-                linear.push_named(&format!("{p}.{name}"), &mut out)?;
-            }
-        }
-        self.final_layer_norm
-            .named("gpt_neox.final_layer_norm", &mut out);
-        if !self.config.tie_word_embeddings {
-            self.embed_out.push_named("embed_out", &mut out)?;
-        }
-        Ok(out)
-    }
-
-    /// Every linear layer of the blocks under its HF module name.
-    pub fn linears(&self) -> Vec<(String, &Linear)> {
-        let mut out = Vec::new();
-        for (i, layer) in self.layers.iter().enumerate() {
-            for (name, linear) in layer.linears() {
-                out.push((format!("gpt_neox.layers.{i}.{name}"), linear));
-            }
-        }
-        out
-    }
-
-    /// Every linear layer of the blocks under its HF module name, for swapping (LoRA, int8).
-    pub fn linears_mut(&mut self) -> Vec<(String, &mut Linear)> {
-        let mut out = Vec::new();
-        for (i, layer) in self.layers.iter_mut().enumerate() {
-            for (name, linear) in layer.linears_mut() {
-                out.push((format!("gpt_neox.layers.{i}.{name}"), linear));
-            }
-        }
-        out
     }
 }
 
@@ -440,7 +357,15 @@ impl Architecture for GptNeox {
         layout: &TokenLayout,
         cache: Option<&mut KvCache>,
     ) -> Result<Tensor> {
-        GptNeox::forward_hidden(self, ids, layout, cache)
+        layout.check_ids(ids)?;
+        let past = match &cache {
+            Some(c) => c.offset_for(self.layers.len())?,
+            None => 0,
+        };
+        let mask = layout.mask(past + layout.seq_len())?;
+        let x = Tensor::embedding(&self.embed_in, ids)?; // (B, T, H)
+        let x = run_blocks(self, x, layout, &mask, cache)?;
+        self.final_layer_norm.forward(&x)
     }
     fn head(&self) -> &Linear {
         &self.embed_out
@@ -449,13 +374,46 @@ impl Architecture for GptNeox {
         (&mut self.embed_in, &mut self.embed_out)
     }
     fn linears(&self) -> Vec<(String, &Linear)> {
-        GptNeox::linears(self)
+        let mut out = Vec::new();
+        for (i, layer) in self.layers.iter().enumerate() {
+            for (name, linear) in layer.linears() {
+                out.push((format!("gpt_neox.layers.{i}.{name}"), linear));
+            }
+        }
+        out
     }
     fn linears_mut(&mut self) -> Vec<(String, &mut Linear)> {
-        GptNeox::linears_mut(self)
+        let mut out = Vec::new();
+        for (i, layer) in self.layers.iter_mut().enumerate() {
+            for (name, linear) in layer.linears_mut() {
+                out.push((format!("gpt_neox.layers.{i}.{name}"), linear));
+            }
+        }
+        out
     }
     fn named_weights(&self) -> Result<Vec<(String, Tensor)>> {
-        GptNeox::named_weights(self)
+        let mut out = vec![(
+            "gpt_neox.embed_in.weight".to_string(),
+            self.embed_in.clone(),
+        )];
+        for (i, layer) in self.layers.iter().enumerate() {
+            let p = format!("gpt_neox.layers.{i}");
+            layer
+                .input_layernorm
+                .named(&format!("{p}.input_layernorm"), &mut out);
+            layer
+                .post_attention_layernorm
+                .named(&format!("{p}.post_attention_layernorm"), &mut out);
+            for (name, linear) in layer.linears() {
+                linear.push_named(&format!("{p}.{name}"), &mut out)?;
+            }
+        }
+        self.final_layer_norm
+            .named("gpt_neox.final_layer_norm", &mut out);
+        if !self.config.tie_word_embeddings {
+            self.embed_out.push_named("embed_out", &mut out)?;
+        }
+        Ok(out)
     }
     fn set_gradient_checkpointing(&mut self, on: bool) {
         self.gradient_checkpointing = on;

@@ -155,42 +155,6 @@ impl Llama {
         &self.config
     }
 
-    /// Logits (B, T, V) of token ids u32 (B, T) laid out by `layout`. With a cache, the ids
-    /// follow the cached tokens and their keys and values are appended to it.
-    pub fn forward(
-        &self,
-        ids: &Tensor,
-        layout: &TokenLayout,
-        cache: Option<&mut KvCache>,
-    ) -> Result<Tensor> {
-        self.lm_head(&self.forward_hidden(ids, layout, cache)?)
-    }
-
-    /// Logits (B, T, V) of a last hidden state (B, T, H).
-    pub fn lm_head(&self, hidden: &Tensor) -> Result<Tensor> {
-        self.lm_head.forward(hidden)
-    }
-
-    /// The last hidden state (B, T, H), after the final norm (transformers'
-    /// `hidden_states[-1]`).
-    pub fn forward_hidden(
-        &self,
-        ids: &Tensor,
-        layout: &TokenLayout,
-        cache: Option<&mut KvCache>,
-    ) -> Result<Tensor> {
-        layout.check_ids(ids)?;
-        let past = match &cache {
-            Some(c) => c.offset_for(self.layers.len())?,
-            None => 0,
-        };
-        let mask = layout.mask(past + layout.seq_len())?;
-        let eps = self.config.rms_norm_eps as f32;
-        let x = Tensor::embedding(&self.embed_tokens, ids)?; // (B, T, H)
-        let x = run_blocks(self, x, layout, &mask, cache)?;
-        Ok(x.rms_norm(Some(&self.norm), eps)?)
-    }
-
     /// Self-attention of normed x (B, T, H) -> (B, T, H).
     fn attention(
         &self,
@@ -222,55 +186,6 @@ impl Llama {
         let gate = layer.gate_proj.forward(x)?.silu()?;
         let up = layer.up_proj.forward(x)?;
         layer.down_proj.forward(&gate.mul(&up)?)
-    }
-
-    /// Every weight under its HF name (lm_head omitted when tied, as transformers saves).
-    pub fn named_weights(&self) -> Result<Vec<(String, Tensor)>> {
-        let mut out = vec![(
-            "model.embed_tokens.weight".to_string(),
-            self.embed_tokens.clone(),
-        )];
-        for (i, layer) in self.layers.iter().enumerate() {
-            let p = format!("model.layers.{i}");
-            out.push((
-                format!("{p}.input_layernorm.weight"),
-                layer.input_layernorm.clone(),
-            ));
-            out.push((
-                format!("{p}.post_attention_layernorm.weight"),
-                layer.post_attention_layernorm.clone(),
-            ));
-            for (name, linear) in layer.linears() {
-                linear.push_named(&format!("{p}.{name}"), &mut out)?;
-            }
-        }
-        out.push(("model.norm.weight".to_string(), self.norm.clone()));
-        if !self.config.tie_word_embeddings {
-            self.lm_head.push_named("lm_head", &mut out)?;
-        }
-        Ok(out)
-    }
-
-    /// Every linear layer of the blocks under its HF module name.
-    pub fn linears(&self) -> Vec<(String, &Linear)> {
-        let mut out = Vec::new();
-        for (i, layer) in self.layers.iter().enumerate() {
-            for (name, linear) in layer.linears() {
-                out.push((format!("model.layers.{i}.{name}"), linear));
-            }
-        }
-        out
-    }
-
-    /// Every linear layer under its HF module name, for swapping (LoRA, int8).
-    pub fn linears_mut(&mut self) -> Vec<(String, &mut Linear)> {
-        let mut out = Vec::new();
-        for (i, layer) in self.layers.iter_mut().enumerate() {
-            for (name, linear) in layer.linears_mut() {
-                out.push((format!("model.layers.{i}.{name}"), linear));
-            }
-        }
-        out
     }
 }
 
@@ -432,7 +347,16 @@ impl Architecture for Llama {
         layout: &TokenLayout,
         cache: Option<&mut KvCache>,
     ) -> Result<Tensor> {
-        Llama::forward_hidden(self, ids, layout, cache)
+        layout.check_ids(ids)?;
+        let past = match &cache {
+            Some(c) => c.offset_for(self.layers.len())?,
+            None => 0,
+        };
+        let mask = layout.mask(past + layout.seq_len())?;
+        let eps = self.config.rms_norm_eps as f32;
+        let x = Tensor::embedding(&self.embed_tokens, ids)?; // (B, T, H)
+        let x = run_blocks(self, x, layout, &mask, cache)?;
+        Ok(x.rms_norm(Some(&self.norm), eps)?)
     }
     fn head(&self) -> &Linear {
         &self.lm_head
@@ -441,13 +365,47 @@ impl Architecture for Llama {
         (&mut self.embed_tokens, &mut self.lm_head)
     }
     fn linears(&self) -> Vec<(String, &Linear)> {
-        Llama::linears(self)
+        let mut out = Vec::new();
+        for (i, layer) in self.layers.iter().enumerate() {
+            for (name, linear) in layer.linears() {
+                out.push((format!("model.layers.{i}.{name}"), linear));
+            }
+        }
+        out
     }
     fn linears_mut(&mut self) -> Vec<(String, &mut Linear)> {
-        Llama::linears_mut(self)
+        let mut out = Vec::new();
+        for (i, layer) in self.layers.iter_mut().enumerate() {
+            for (name, linear) in layer.linears_mut() {
+                out.push((format!("model.layers.{i}.{name}"), linear));
+            }
+        }
+        out
     }
     fn named_weights(&self) -> Result<Vec<(String, Tensor)>> {
-        Llama::named_weights(self)
+        let mut out = vec![(
+            "model.embed_tokens.weight".to_string(),
+            self.embed_tokens.clone(),
+        )];
+        for (i, layer) in self.layers.iter().enumerate() {
+            let p = format!("model.layers.{i}");
+            out.push((
+                format!("{p}.input_layernorm.weight"),
+                layer.input_layernorm.clone(),
+            ));
+            out.push((
+                format!("{p}.post_attention_layernorm.weight"),
+                layer.post_attention_layernorm.clone(),
+            ));
+            for (name, linear) in layer.linears() {
+                linear.push_named(&format!("{p}.{name}"), &mut out)?;
+            }
+        }
+        out.push(("model.norm.weight".to_string(), self.norm.clone()));
+        if !self.config.tie_word_embeddings {
+            self.lm_head.push_named("lm_head", &mut out)?;
+        }
+        Ok(out)
     }
     fn set_gradient_checkpointing(&mut self, on: bool) {
         self.gradient_checkpointing = on;

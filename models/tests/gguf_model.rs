@@ -16,6 +16,7 @@ use lathe_core::testing::{compare, test_gpu, Tolerance};
 use lathe_core::{Device, Tensor};
 use lathe_models::attention::TokenLayout;
 use lathe_models::config::LlamaConfig;
+use lathe_models::generate::LanguageModel;
 use lathe_models::gguf::{GgufFile, Value, ValueType};
 use lathe_models::gguf_model::{load_llama_gguf, unpermute_rows};
 use lathe_models::kv_cache::KvCache;

@@ -126,7 +126,7 @@ pub fn train_stoppable(
     Ok(run.finish()?)
 }
 
-/// `lathe sft` flags.
+/// `lathe sft` flags. Their defaults are `SftConfig::default()`'s, the `--config` file's too.
 #[derive(clap::Args, Debug)]
 pub struct SftArgs {
     #[command(flatten)]
@@ -145,36 +145,36 @@ pub struct SftArgs {
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
     /// Tokens per training block.
-    #[arg(long, default_value_t = 128)]
+    #[arg(long, default_value_t = SftConfig::default().block_size)]
     pub block_size: usize,
     /// Blocks per micro-batch.
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = SftConfig::default().batch_size)]
     pub batch_size: usize,
     /// Micro-batches per optimizer step.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = SftConfig::default().grad_accum)]
     pub grad_accum: usize,
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = SftConfig::default().epochs)]
     pub epochs: f64,
     /// Stop after this many optimizer steps (overrides --epochs; >= 1).
     #[arg(long)]
     pub max_steps: Option<usize>,
-    #[arg(long, default_value_t = 2e-4)]
+    #[arg(long, default_value_t = SftConfig::default().lr)]
     pub lr: f32,
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = SftConfig::default().weight_decay)]
     pub weight_decay: f32,
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = SftConfig::default().warmup_steps)]
     pub warmup_steps: usize,
     /// constant, linear or cosine decay after the warm-up.
-    #[arg(long, default_value = "linear")]
+    #[arg(long, default_value_t = SftConfig::default().schedule)]
     pub schedule: String,
     /// Clip the gradients' global L2 norm to this (> 0; inf: no clipping).
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = SftConfig::default().max_grad_norm)]
     pub max_grad_norm: f32,
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = SftConfig::default().lora_r)]
     pub lora_r: usize,
-    #[arg(long, default_value_t = 32.0)]
+    #[arg(long, default_value_t = SftConfig::default().lora_alpha)]
     pub lora_alpha: f64,
-    #[arg(long, default_value_t = 0.05)]
+    #[arg(long, default_value_t = SftConfig::default().lora_dropout)]
     pub lora_dropout: f64,
     /// Modules to adapt, comma-separated (default: query_key_value for GPT-NeoX, q_proj,v_proj
     /// for Llama).
@@ -184,15 +184,15 @@ pub struct SftArgs {
     #[arg(long)]
     pub no_gradient_checkpointing: bool,
     /// Share of the blocks held out for the eval loss.
-    #[arg(long, default_value_t = 0.05)]
+    #[arg(long, default_value_t = SftConfig::default().eval_fraction)]
     pub eval_fraction: f64,
     /// Evaluate every N steps (0: at the end only).
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = SftConfig::default().eval_every)]
     pub eval_every: usize,
     /// Save a checkpoint every N steps (0: at the end only); a rerun resumes from it.
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = SftConfig::default().save_every)]
     pub save_every: usize,
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = SftConfig::default().seed)]
     pub seed: u64,
     /// Resume the checkpoint in --out even when its model, data or settings differ from
     /// this run's (a warning names them); the LoRA shape settings must still match.

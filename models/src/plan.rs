@@ -123,18 +123,29 @@ impl MemoryPlan {
 
     /// The run's working set: everything the run adds to the finished weights.
     pub fn working_set(&self) -> u64 {
-        self.adapters
-            + self.optimizer
-            + self.activations
-            + self.kv_cache
-            + self.logits
-            + self.scratch
+        [
+            self.adapters,
+            self.optimizer,
+            self.activations,
+            self.kv_cache,
+            self.logits,
+            self.scratch,
+        ]
+        .into_iter()
+        .fold(0, u64::saturating_add)
     }
 
     /// The peak: runtime, weights and data, plus loading's extra or the run's working set,
     /// whichever is larger.
     pub fn total(&self) -> u64 {
-        self.runtime + self.weights + self.data + self.loading.max(self.working_set())
+        [
+            self.runtime,
+            self.weights,
+            self.data,
+            self.loading.max(self.working_set()),
+        ]
+        .into_iter()
+        .fold(0, u64::saturating_add)
     }
 }
 

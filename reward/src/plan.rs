@@ -64,17 +64,33 @@ pub struct Stored {
     pub on_gpu: bool,
 }
 
+/// The product of `factors` in bytes, saturating at `u64::MAX`: a config whose sizes would
+/// overflow plans as "more than any budget" instead of wrapping.
+fn bytes(factors: &[u64]) -> u64 {
+    factors
+        .iter()
+        .try_fold(1u64, |acc, &f| acc.checked_mul(f))
+        .unwrap_or(u64::MAX)
+}
+
 /// Floats the encoder holds per token at the peak of a pass without gradients: one block's
 /// working set (fitted: 9 H + 2 F, plus the attention scores of the token's row).
 fn inference_floats(c: &EncoderConfig, t: u64) -> u64 {
-    9 * c.hidden as u64 + 2 * c.intermediate as u64 + c.heads as u64 * t
+    let (h, f, heads) = (c.hidden as u64, c.intermediate as u64, c.heads as u64);
+    bytes(&[9, h])
+        .saturating_add(bytes(&[2, f]))
+        .saturating_add(bytes(&[heads, t]))
 }
 
 /// Floats a training pass keeps per token per block for the backward (fitted: 18 H + 4 F,
 /// the scores, their scaled copy and probabilities (3 x heads x T), and each adapted
 /// linear's input, r-wide middle and output).
 fn training_floats(c: &EncoderConfig, t: u64, lora: u64) -> u64 {
-    18 * c.hidden as u64 + 4 * c.intermediate as u64 + 3 * c.heads as u64 * t + lora
+    let (h, f, heads) = (c.hidden as u64, c.intermediate as u64, c.heads as u64);
+    bytes(&[18, h])
+        .saturating_add(bytes(&[4, f]))
+        .saturating_add(bytes(&[3, heads, t]))
+        .saturating_add(lora)
 }
 
 /// The largest no-gradient pass over `lengths` in length-sorted batches of `batch`: each
@@ -86,7 +102,7 @@ fn sorted_pass_peak(c: &EncoderConfig, lengths: &[usize], batch: usize) -> u64 {
         .chunks(batch.max(1))
         .map(|rows| {
             let t = *rows.last().expect("chunks are non-empty") as u64;
-            4 * rows.len() as u64 * t * inference_floats(c, t)
+            bytes(&[4, rows.len() as u64, t, inference_floats(c, t)])
         })
         .max()
         .unwrap_or(0)
@@ -94,11 +110,14 @@ fn sorted_pass_peak(c: &EncoderConfig, lengths: &[usize], batch: usize) -> u64 {
 
 /// The encoder's f32 parameters: embeddings (words, positions, token types, norm) and per
 /// block four H x H and two H x F linears with biases and two norms.
+/// Saturates at `u64::MAX` for sizes no machine holds.
 pub fn encoder_parameters(c: &EncoderConfig) -> u64 {
-    let (h, f) = (c.hidden as u64, c.intermediate as u64);
-    let embeddings = (c.vocab_size + c.max_positions + c.type_vocab_size) as u64 * h + 2 * h;
+    let (h, f) = (c.hidden as u128, c.intermediate as u128);
+    let rows = c.vocab_size as u128 + c.max_positions as u128 + c.type_vocab_size as u128;
+    let embeddings = rows * h + 2 * h;
     let block = 4 * (h * h + h) + (h * f + f) + (f * h + h) + 4 * h;
-    embeddings + c.layers as u64 * block
+    let total = embeddings.saturating_add((c.layers as u128).saturating_mul(block));
+    u64::try_from(total).unwrap_or(u64::MAX)
 }
 
 /// The predicted peak of training a reward model on `encoder` with `config` over `data`.
@@ -110,14 +129,14 @@ pub fn training_plan(
 ) -> MemoryPlan {
     let c = encoder;
     let (h, f32b) = (c.hidden as u64, 4u64);
-    let weights = encoder_parameters(c) * f32b;
+    let weights = encoder_parameters(c).saturating_mul(f32b);
     // The largest tensor is the word embedding; read whole in its stored form before it is
     // widened (read straight into place when stored as f32).
-    let largest = c.vocab_size.max(c.intermediate) as u64 * h;
+    let largest = bytes(&[c.vocab_size.max(c.intermediate) as u64, h]);
     let loading = if stored.on_gpu || stored.elem_bytes == 4 {
         0
     } else {
-        stored.elem_bytes * largest
+        stored.elem_bytes.saturating_mul(largest)
     };
 
     // Texts (the caller's examples and the split's copies), ids, cached pooled states.
@@ -129,7 +148,7 @@ pub fn training_plan(
         .map(|&l| l as u64)
         .sum();
     let host_data = 2 * data.text_bytes + 2 * examples * 32 + tokens * 4 + examples * 24;
-    let features = examples * h * f32b;
+    let features = bytes(&[examples, h, f32b]);
 
     // The head (2 x H + 2) with the head stage's best copy; the LoRA stage's adapters, their
     // best copy and Adam's gradients and two moments.
@@ -144,16 +163,17 @@ pub fn training_plan(
             for (name, out, input) in block_linears(c, i) {
                 if peft.matches(&name) {
                     let (out, input) = (out as u64, input as u64);
-                    adapted += r * (out + input);
-                    lora_floats += out + input + r;
-                    merged += out * input;
+                    adapted = adapted.saturating_add(bytes(&[r, out + input]));
+                    lora_floats = lora_floats.saturating_add(out + input + r);
+                    merged = merged.saturating_add(bytes(&[out, input]));
                 }
             }
         }
         lora_floats /= c.layers.max(1) as u64;
     }
-    let adapters = 2 * (head + adapted) * f32b;
-    let optimizer = 3 * (head + adapted) * f32b;
+    let trainable = head.saturating_add(adapted);
+    let adapters = bytes(&[2, trainable, f32b]);
+    let optimizer = bytes(&[3, trainable, f32b]);
 
     let longest = |lengths: &[usize]| lengths.iter().copied().max().unwrap_or(0) as u64;
     let features_pass = sorted_pass_peak(c, &data.train_lengths, FEATURE_BATCH)
@@ -167,20 +187,26 @@ pub fn training_plan(
         Some(lora) => {
             let t = longest(&data.train_lengths);
             let rows = (lora.batch_size as u64).min(data.train_lengths.len() as u64);
-            4 * rows * t * c.layers as u64 * training_floats(c, t, lora_floats)
+            bytes(&[
+                4,
+                rows,
+                t,
+                c.layers as u64,
+                training_floats(c, t, lora_floats),
+            ])
         }
         None => 0,
     };
     let activations = features_pass.max(scoring).max(lora_pass);
     // Saving merges each adapted weight into a new tensor (the file is written from the
     // tensors themselves).
-    let scratch = merged * f32b;
+    let scratch = merged.saturating_mul(f32b);
 
     MemoryPlan {
         runtime: if stored.on_gpu { 0 } else { RUNTIME_BYTES },
         loading,
         weights,
-        data: host_data * u64::from(!stored.on_gpu) + features,
+        data: (host_data * u64::from(!stored.on_gpu)).saturating_add(features),
         adapters,
         optimizer,
         activations,

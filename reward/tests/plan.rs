@@ -124,3 +124,26 @@ fn prepared_data_plans_its_own_token_counts() {
         training_plan(prepared.encoder_config(), &config, &shape, CPU_F32)
     );
 }
+
+/// Sizes no machine holds plan as "more than any budget", never as a wrapped small number
+/// (or an overflow panic).
+#[test]
+fn absurd_sizes_saturate_instead_of_wrapping() {
+    let mut c = EncoderConfig::from_dir(&fixture("tiny_bert")).unwrap();
+    c.hidden = 1 << 40;
+    c.intermediate = 1 << 42;
+    c.vocab_size = 1 << 40;
+    let data = DataShape {
+        train_lengths: vec![1 << 20; 4],
+        val_lengths: vec![1 << 20],
+        test_lengths: vec![],
+        text_bytes: 100,
+    };
+    let lora = TrainConfig {
+        lora: Some(LoraSettings::default()),
+        ..TrainConfig::default()
+    };
+    let plan = training_plan(&c, &lora, &data, CPU_F32);
+    assert_eq!(plan.weights, u64::MAX);
+    assert_eq!(plan.total(), u64::MAX);
+}

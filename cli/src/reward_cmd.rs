@@ -273,7 +273,8 @@ fn preflight(
     };
     let mut plan = prepared.memory_plan(prepared.token_lengths(&test_texts)?, stored);
     if !stored.on_gpu {
-        plan.data += test_texts.iter().map(|t| t.len() as u64 + 32).sum::<u64>();
+        let test_bytes: u64 = test_texts.iter().map(|t| t.len() as u64 + 32).sum();
+        plan.data = plan.data.saturating_add(test_bytes);
     }
     let mut advice = Vec::new();
     if prepared.train_config().lora.is_some() {

@@ -58,3 +58,19 @@ pub(crate) fn run_blocks<M: BlockStack>(
     }
     Ok(x)
 }
+
+/// Each layer's named parts (e.g. its linears, `&` or `&mut`) under their full module name
+/// `{prefix}.{layer index}.{name}`, layer by layer.
+pub(crate) fn by_layer<T, const N: usize>(
+    prefix: &str,
+    layers: impl Iterator<Item = [(&'static str, T); N]>,
+) -> Vec<(String, T)> {
+    layers
+        .enumerate()
+        .flat_map(|(i, parts)| {
+            parts
+                .into_iter()
+                .map(move |(name, part)| (format!("{prefix}.{i}.{name}"), part))
+        })
+        .collect()
+}

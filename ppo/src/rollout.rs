@@ -3,9 +3,10 @@
 //! and cut to a length drawn from another range; the reward scores the decoded text.
 
 use lathe_core::Device;
+use lathe_core::Rng;
 use lathe_models::generate::{generate, GenerateConfig};
 use lathe_models::hf::CausalLm;
-use lathe_models::sampling::{Rng, SamplingConfig};
+use lathe_models::sampling::SamplingConfig;
 
 use crate::{Error, Result};
 

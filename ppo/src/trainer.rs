@@ -5,11 +5,11 @@
 use std::collections::BTreeMap;
 
 use lathe_core::optim::{Adam, AdamConfig};
+use lathe_core::Rng;
 use lathe_core::{clip_grad_norm, first_diverged, no_grad, Device, GradStore, Tensor};
 use lathe_lora::AdapterSwitch;
 use lathe_models::attention::TokenLayout;
 use lathe_models::hf::CausalLm;
-use lathe_models::sampling::Rng;
 use lathe_models::value_head::ValueHead;
 
 use crate::config::PpoConfig;

@@ -6,9 +6,10 @@
 use std::path::PathBuf;
 
 use lathe_core::Device;
+use lathe_core::Rng;
 use lathe_lora::{AdapterSwitch, LoraConfig};
 use lathe_models::pretrained::{Precision, Pretrained};
-use lathe_models::sampling::{Rng, SamplingConfig};
+use lathe_models::sampling::SamplingConfig;
 use lathe_models::value_head::ValueHead;
 use lathe_ppo::rollout::{make_queries, sample_responses, LengthRange};
 use lathe_ppo::{PpoConfig, PpoTrainer};

@@ -18,12 +18,12 @@ use std::path::Path;
 use std::time::Instant;
 
 use lathe_core::optim::{Adam, AdamConfig};
+use lathe_core::Rng;
 use lathe_core::{clip_grad_norm, Device, GradStore, LrSchedule, ScheduleKind, Tensor};
 use lathe_lora::{AdapterSwitch, LoraConfig};
 use lathe_models::attention::TokenLayout;
 use lathe_models::config::ModelConfig;
 use lathe_models::hf::CausalLm;
-use lathe_models::sampling::Rng;
 use lathe_models::tokenizer::Tokenizer;
 use serde::{Deserialize, Serialize};
 use serde_json::json;

@@ -10,10 +10,10 @@ use std::time::Instant;
 use anyhow::{bail, Result};
 use lathe_core::optim::{Adam, AdamConfig};
 use lathe_core::Device;
+use lathe_core::Rng;
 use lathe_lora::{AdapterSwitch, LoraConfig};
 use lathe_models::plan::{plan, Job, PlanSettings};
 use lathe_models::pretrained::{Precision, Pretrained};
-use lathe_models::sampling::Rng;
 use serde::Serialize;
 
 pub(crate) const BATCH: usize = 16;

@@ -9,6 +9,8 @@
 //!   minibatches, the KL controller update, every statistic trl logs.
 //! - [`rollout`]: queries and responses as the seed samples them, and the [`rollout::Reward`]
 //!   trait through which any scorer plugs in (a closure is one).
+//! - [`run`]: [`PpoRun`], the trainer in a run folder (lathe-train's): queries drawn from
+//!   texts, responses sampled and scored, metrics, samples, checkpoints, exact resume.
 //!
 //! This crate knows nothing of a particular reward model.
 
@@ -16,10 +18,12 @@ pub mod config;
 pub mod loss;
 pub mod math;
 pub mod rollout;
+pub mod run;
 pub mod trainer;
 
 pub use config::PpoConfig;
 pub use rollout::Reward;
+pub use run::{PpoFile, PpoRun, PpoSummary, RunSettings};
 pub use trainer::{PpoTrainer, StepStats};
 
 /// Errors of lathe-ppo.
@@ -40,6 +44,15 @@ pub enum Error {
     Models(#[from] lathe_models::Error),
     #[error(transparent)]
     Lora(#[from] lathe_lora::Error),
+    /// The run folder: its files, checkpoints and resume checks.
+    #[error(transparent)]
+    Train(#[from] lathe_train::Error),
+}
+
+impl From<std::io::Error> for Error {
+    fn from(e: std::io::Error) -> Self {
+        Error::Train(e.into())
+    }
 }
 
 pub type Result<T> = std::result::Result<T, Error>;

@@ -265,6 +265,25 @@ pub enum KlController {
 }
 
 impl KlController {
+    /// Whether `other` is the same controller with its coefficient free: both fixed, or
+    /// both adaptive with the same target and horizon.
+    pub fn same_kind(&self, other: &KlController) -> bool {
+        match (self, other) {
+            (KlController::Fixed { .. }, KlController::Fixed { .. }) => true,
+            (
+                KlController::Adaptive {
+                    target, horizon, ..
+                },
+                KlController::Adaptive {
+                    target: t,
+                    horizon: h,
+                    ..
+                },
+            ) => target == t && horizon == h,
+            _ => false,
+        }
+    }
+
     pub fn value(&self) -> f32 {
         match self {
             KlController::Fixed { value } | KlController::Adaptive { value, .. } => *value,

@@ -86,6 +86,11 @@ impl PpoTrainer {
         &self.kl
     }
 
+    /// The token that pads batched sequences on the right.
+    pub fn pad_id(&self) -> u32 {
+        self.pad_id
+    }
+
     pub fn steps_done(&self) -> usize {
         self.steps_done
     }

@@ -99,14 +99,13 @@ impl SftConfig {
 
     /// The LoRA config for `model` (default targets by architecture).
     pub fn lora_config(&self, model: &ModelConfig) -> LoraConfig {
-        let targets: Vec<&str> = if self.target_modules.is_empty() {
-            model.default_lora_targets().to_vec()
-        } else {
-            self.target_modules.iter().map(String::as_str).collect()
-        };
-        let mut config = LoraConfig::new(self.lora_r, self.lora_alpha, &targets);
-        config.lora_dropout = self.lora_dropout;
-        config
+        lora_config(
+            model,
+            self.lora_r,
+            self.lora_alpha,
+            self.lora_dropout,
+            &self.target_modules,
+        )
     }
 
     /// Checks every setting against its meaning; the error names the key and its range.
@@ -187,6 +186,25 @@ pub fn check_lora(r: usize, alpha: f64, dropout: f64) -> Result<()> {
         invalid!("lora_dropout must be in [0, 1), got {dropout}");
     }
     Ok(())
+}
+
+/// The LoRA config of a run's settings on `model`: `targets`, or the architecture's default
+/// targets when empty.
+pub fn lora_config(
+    model: &ModelConfig,
+    r: usize,
+    alpha: f64,
+    dropout: f64,
+    targets: &[String],
+) -> LoraConfig {
+    let targets: Vec<&str> = if targets.is_empty() {
+        model.default_lora_targets().to_vec()
+    } else {
+        targets.iter().map(String::as_str).collect()
+    };
+    let mut config = LoraConfig::new(r, alpha, &targets);
+    config.lora_dropout = dropout;
+    config
 }
 
 /// Token blocks for training and held-out evaluation.

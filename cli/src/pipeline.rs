@@ -19,13 +19,13 @@ use std::sync::atomic::AtomicBool;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use clap::Parser;
 use lathe_core::Device;
 use lathe_models::pretrained::{Precision, Pretrained};
 use serde_json::json;
 use sha2::{Digest, Sha256};
 
 use crate::ppo_cmd::PpoFile;
+use crate::reward_cmd::{RewardInputs, RewardJob, RewardTrainSettings};
 use crate::sft::SftConfig;
 
 /// The inputs of a pipeline run.
@@ -46,6 +46,7 @@ pub struct Inputs {
 /// The settings of every stage.
 #[derive(Clone, Debug)]
 pub struct Settings {
+    pub reward: RewardTrainSettings,
     pub sft: SftConfig,
     pub ppo: PpoFile,
     pub seed: u64,
@@ -74,7 +75,12 @@ impl Settings {
         ppo.ppo.learning_rate = 3e-4;
         ppo.ppo.early_stopping = true;
         ppo.run.steps = 100;
-        Settings { sft, ppo, seed: 0 }
+        Settings {
+            reward: RewardTrainSettings::default(),
+            sft,
+            ppo,
+            seed: 0,
+        }
     }
 }
 
@@ -341,34 +347,19 @@ pub fn run_pipeline(
     for (i, p) in inputs.reward_test.iter().enumerate() {
         reward_inputs.insert(format!("test{i}"), json!(fp(p)?));
     }
+    let mut reward_settings = settings.reward.clone();
+    reward_settings.seed = settings.seed;
     let reward_want = json!({
-        "settings": { "seed": settings.seed, "device": device.is_gpu() },
+        "settings": { "reward": reward_settings, "device": device.is_gpu() },
         "inputs": reward_inputs,
     });
     stage(REWARD, reward_want, &mut |path| {
-        #[derive(Parser)]
-        struct Wrap {
-            #[command(flatten)]
-            args: crate::reward_cmd::RewardTrainArgs,
-        }
-        let mut argv: Vec<String> = vec!["reward-train".into(), "--encoder".into()];
-        argv.push(inputs.encoder.display().to_string());
-        for d in &inputs.reward_data {
-            argv.extend(["--data".into(), d.display().to_string()]);
-        }
-        for d in &inputs.reward_test {
-            argv.extend(["--test-data".into(), d.display().to_string()]);
-        }
-        argv.extend(["--out".into(), path.display().to_string()]);
-        argv.extend(["--seed".into(), settings.seed.to_string()]);
-        let device_arg = if device.is_gpu() { "gpu" } else { "cpu" };
-        argv.extend([
-            "--device".into(),
-            device_arg.into(),
-            "--allow-software-gpu".into(),
-        ]);
-        let wrap = Wrap::try_parse_from(argv)?;
-        crate::reward_cmd::run_train(&wrap.args, None)
+        let inputs = RewardInputs {
+            encoder: inputs.encoder.clone(),
+            data: inputs.reward_data.clone(),
+            test_data: inputs.reward_test.clone(),
+        };
+        RewardJob::prepare(&inputs, &reward_settings)?.train(device, path)
     })?;
 
     let sft_want = json!({
@@ -459,7 +450,7 @@ pub fn run_pipeline(
             "texts": inputs.texts.display().to_string(),
         },
         "input_sha256": input_hashes(inputs)?,
-        "settings": { "sft": sft_config, "ppo": ppo_file },
+        "settings": { "reward": reward_settings, "sft": sft_config, "ppo": ppo_file },
         "stages": outcome.stages.iter().map(|(s, what, secs)| json!({"stage": s, "status": what, "seconds": secs})).collect::<Vec<_>>(),
         "total_seconds": started.elapsed().as_secs_f64(),
     });

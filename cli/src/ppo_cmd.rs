@@ -17,7 +17,7 @@ use lathe_ppo::{PpoRun, Reward};
 
 pub use lathe_ppo::run::{PpoFile, PpoSummary, RunSettings, MAX_STEPS};
 
-use crate::config_file::read_toml;
+use crate::config_file::{read_toml, settings};
 use crate::progress::Progress;
 use crate::run_files::Interrupted;
 
@@ -114,7 +114,8 @@ pub fn train_with(
     Ok(summary)
 }
 
-/// `lathe ppo` flags; each overrides the config file's value when given.
+/// `lathe ppo` flags: the inputs, and every setting of the `--config` file's two sections
+/// ([`PpoSettings`] and [`PpoRunSettings`]).
 #[derive(clap::Args, Debug)]
 pub struct PpoArgs {
     #[command(flatten)]
@@ -134,63 +135,132 @@ pub struct PpoArgs {
     #[arg(long, value_name = "DIR")]
     pub out: PathBuf,
     /// A TOML file: [ppo] with trl's PPOConfig keys, [run] with steps, query_length,
-    /// response_length, sampling, LoRA settings.
+    /// response_length, sampling, LoRA settings; flags given on the command line override
+    /// it.
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
-    #[arg(long)]
-    pub steps: Option<usize>,
-    #[arg(long)]
-    pub batch_size: Option<usize>,
-    #[arg(long)]
-    pub mini_batch_size: Option<usize>,
-    #[arg(long)]
-    pub ppo_epochs: Option<usize>,
-    #[arg(long)]
-    pub learning_rate: Option<f32>,
-    #[arg(long)]
-    pub init_kl_coef: Option<f32>,
-    #[arg(long)]
-    pub seed: Option<u64>,
-    #[arg(long)]
-    pub save_every: Option<usize>,
+    #[command(flatten)]
+    pub ppo: PpoSettings,
+    #[command(flatten)]
+    pub run: PpoRunSettings,
     /// Resume the checkpoint in --out even when its model, reward, data or settings differ
     /// from this run's (a warning names them); the LoRA shape settings must still match.
     #[arg(long)]
     pub resume_anyway: bool,
 }
 
+settings! {
+    /// The `[ppo]` section: trl's PPOConfig keys; unset ones are `PpoConfig::default()`'s.
+    pub struct PpoSettings => lathe_ppo::PpoConfig {
+        /// Adam's learning rate.
+        learning_rate: f32,
+        /// Samples per PPO step (rollouts scored together).
+        batch_size: usize,
+        /// Samples per forward/backward in the PPO epochs.
+        mini_batch_size: usize,
+        /// Minibatches whose gradients are summed before one optimizer step.
+        gradient_accumulation_steps: usize,
+        /// Passes over the batch per step.
+        ppo_epochs: usize,
+        /// The KL coefficient to start from.
+        init_kl_coef: f32,
+        /// Adapt the KL coefficient towards --target (else fixed at --init-kl-coef).
+        #[arg(num_args = 0..=1, default_missing_value = "true")]
+        adap_kl_ctrl: bool,
+        /// The adaptive controller's target KL.
+        target: f32,
+        /// The adaptive controller's horizon.
+        horizon: f32,
+        /// Discount of GAE.
+        gamma: f32,
+        /// GAE's lambda.
+        lam: f32,
+        /// The policy ratio's clip range.
+        cliprange: f32,
+        /// The value prediction's clip range.
+        cliprange_value: f32,
+        /// The value loss's weight.
+        vf_coef: f32,
+        /// The per-token KL estimate: kl, abs or mse.
+        kl_penalty: lathe_ppo::math::KlPenalty,
+        /// Whiten the per-token rewards.
+        #[arg(num_args = 0..=1, default_missing_value = "true")]
+        whiten_rewards: bool,
+        /// Skip a minibatch's update when its mean ratio exceeds this.
+        ratio_threshold: f32,
+        /// Stop a step's epochs once the policy KL exceeds 1.5 --target-kl.
+        #[arg(num_args = 0..=1, default_missing_value = "true")]
+        early_stopping: bool,
+        /// The policy KL early stopping compares with.
+        target_kl: f32,
+        /// Clip the gradients' global norm to this (default: no clipping).
+        max_grad_norm: f32,
+        /// The seed of everything random in the run.
+        seed: u64,
+    }
+}
+
+settings! {
+    /// The `[run]` section: the run beyond trl's PPOConfig; unset ones are
+    /// `RunSettings::default()`'s.
+    pub struct PpoRunSettings => RunSettings {
+        /// PPO steps to run.
+        steps: usize,
+        /// Query lengths, MIN-MAX tokens of a text, drawn uniformly.
+        query_length: lathe_ppo::rollout::LengthRange,
+        /// Response lengths, MIN-MAX new tokens, drawn uniformly.
+        response_length: lathe_ppo::rollout::LengthRange,
+        /// Sampling temperature.
+        temperature: f32,
+        /// Sample among the k most likely tokens (0: all).
+        top_k: usize,
+        /// Nucleus sampling's mass.
+        top_p: f32,
+        /// LoRA rank.
+        lora_r: usize,
+        /// LoRA alpha (scaling alpha / r).
+        lora_alpha: f64,
+        /// Dropout on the adapters' input.
+        lora_dropout: f64,
+        /// Modules to adapt, comma-separated (default: the architecture's).
+        #[arg(value_delimiter = ',')]
+        target_modules: Vec<String>,
+        /// The value head's dropout.
+        value_head_dropout: f32,
+        /// Save a checkpoint every N steps (0: at the end only); a rerun resumes from it.
+        save_every: usize,
+        /// Recompute every block's activations in the backward instead of keeping them.
+        #[arg(num_args = 0..=1, default_missing_value = "true")]
+        gradient_checkpointing: bool,
+    }
+}
+
+/// The `--config` file of `lathe ppo`: its two sections.
+#[derive(serde::Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct PpoSettingsFile {
+    #[serde(default)]
+    ppo: PpoSettings,
+    #[serde(default)]
+    run: PpoRunSettings,
+}
+
+/// The `--help` text after the flags: the defaults, as a `--config` file would set them.
+pub fn defaults_help() -> String {
+    crate::config_file::defaults_help(&PpoFile::default())
+}
+
 impl PpoArgs {
-    /// The config file (or defaults) with the flags applied.
+    /// The defaults, under the config file's settings, under the flags.
     pub fn settings(&self) -> Result<PpoFile> {
-        let mut file = match &self.config {
+        let file: PpoSettingsFile = match &self.config {
             Some(path) => read_toml(path, "PPO config")?,
-            None => PpoFile::default(),
+            None => PpoSettingsFile::default(),
         };
-        if let Some(v) = self.steps {
-            file.run.steps = v;
-        }
-        if let Some(v) = self.batch_size {
-            file.ppo.batch_size = v;
-        }
-        if let Some(v) = self.mini_batch_size {
-            file.ppo.mini_batch_size = v;
-        }
-        if let Some(v) = self.ppo_epochs {
-            file.ppo.ppo_epochs = v;
-        }
-        if let Some(v) = self.learning_rate {
-            file.ppo.learning_rate = v;
-        }
-        if let Some(v) = self.init_kl_coef {
-            file.ppo.init_kl_coef = v;
-        }
-        if let Some(v) = self.seed {
-            file.ppo.seed = v;
-        }
-        if let Some(v) = self.save_every {
-            file.run.save_every = v;
-        }
-        Ok(file)
+        let mut settings = PpoFile::default();
+        self.ppo.clone().over(file.ppo).apply_to(&mut settings.ppo);
+        self.run.clone().over(file.run).apply_to(&mut settings.run);
+        Ok(settings)
     }
 }
 

@@ -10,7 +10,7 @@ use lathe_reward::plan::Stored;
 use lathe_reward::train::{evaluate, prepare, train_prepared};
 use lathe_reward::{data, LoadOptions, LoraSettings, Pooling, RewardModel, TrainConfig};
 
-use crate::config_file::{flags_win, read_toml};
+use crate::config_file::{read_toml, settings};
 use crate::device::{self, DeviceArg};
 use crate::model_args::PreflightArgs;
 use crate::texts::read_texts;
@@ -31,45 +31,8 @@ pub struct RewardTrainArgs {
     /// Labelled files to report accuracy on after training (not used for training).
     #[arg(long, value_name = "FILE")]
     pub test_data: Vec<PathBuf>,
-    /// Head-stage epochs (the encoder runs once; epochs over cached states are cheap).
-    #[arg(long, default_value_t = 100)]
-    pub epochs: usize,
-    #[arg(long, default_value_t = 32)]
-    pub batch_size: usize,
-    /// Head learning rate (AdamW).
-    #[arg(long, default_value_t = 3e-3)]
-    pub lr: f32,
-    #[arg(long, default_value_t = 0.01)]
-    pub weight_decay: f32,
-    /// Fraction of the data held out for loss/accuracy per epoch and early stopping.
-    #[arg(long, default_value_t = 0.1)]
-    pub val_fraction: f32,
-    /// Epochs without a better held-out loss before stopping (0: never); the LoRA stage
-    /// uses at most 2.
-    #[arg(long, default_value_t = 10)]
-    pub patience: usize,
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
-    /// Pooling of the head: mean (over the text's tokens) or first ([CLS]).
-    #[arg(long, default_value = "mean")]
-    pub pooling: String,
-    /// Also train LoRA adapters on the encoder (after the head stage), merged on save.
-    #[arg(long)]
-    pub lora: bool,
-    #[arg(long, default_value_t = 8)]
-    pub lora_r: usize,
-    #[arg(long, default_value_t = 16.0)]
-    pub lora_alpha: f64,
-    /// Comma-separated module names (default: query,value for BERT; q_lin,v_lin for
-    /// DistilBERT).
-    #[arg(long, value_delimiter = ',')]
-    pub lora_targets: Vec<String>,
-    #[arg(long, default_value_t = 5e-4)]
-    pub lora_lr: f32,
-    #[arg(long, default_value_t = 3)]
-    pub lora_epochs: usize,
-    #[arg(long, default_value_t = 16)]
-    pub lora_batch_size: usize,
+    #[command(flatten)]
+    pub settings: RewardSettings,
     #[arg(long, value_enum, default_value = "cpu")]
     pub device: DeviceArg,
     /// Accept a software GPU adapter (lavapipe).
@@ -85,9 +48,42 @@ pub struct RewardTrainArgs {
     pub config: Option<PathBuf>,
 }
 
-/// The training settings of `lathe reward-train --config FILE.toml` (defaults as the flags').
+settings! {
+    /// reward-train's settings (flags and `--config` keys); unset ones are lathe-reward's
+    /// `TrainConfig::default()`'s.
+    pub struct RewardSettings => RewardTrainSettings {
+        /// Head-stage epochs (the encoder runs once; epochs over cached states are cheap).
+        epochs: usize,
+        batch_size: usize,
+        /// Head learning rate (AdamW).
+        lr: f32,
+        weight_decay: f32,
+        /// Fraction of the data held out for loss/accuracy per epoch and early stopping.
+        val_fraction: f32,
+        /// Epochs without a better held-out loss before stopping (0: never); the LoRA stage
+        /// uses at most 2.
+        patience: usize,
+        seed: u64,
+        /// Pooling of the head: mean (over the text's tokens) or first ([CLS]).
+        pooling: String,
+        /// Also train LoRA adapters on the encoder (after the head stage), merged on save.
+        #[arg(num_args = 0..=1, default_missing_value = "true")]
+        lora: bool,
+        lora_r: usize,
+        lora_alpha: f64,
+        /// Comma-separated module names (default: query,value for BERT; q_lin,v_lin for
+        /// DistilBERT).
+        #[arg(value_delimiter = ',')]
+        lora_targets: Vec<String>,
+        lora_lr: f32,
+        lora_epochs: usize,
+        lora_batch_size: usize,
+    }
+}
+
+/// The training settings in full, as train_report.json records them: lathe-reward's
+/// `TrainConfig` in the flags' terms.
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
-#[serde(default, deny_unknown_fields)]
 pub struct RewardTrainSettings {
     pub epochs: usize,
     pub batch_size: usize,
@@ -107,72 +103,43 @@ pub struct RewardTrainSettings {
 }
 
 impl Default for RewardTrainSettings {
+    /// `TrainConfig::default()`, LoRA's settings `LoraSettings::default()` (off).
     fn default() -> Self {
+        let (config, lora) = (TrainConfig::default(), LoraSettings::default());
         RewardTrainSettings {
-            epochs: 100,
-            batch_size: 32,
-            lr: 3e-3,
-            weight_decay: 0.01,
-            val_fraction: 0.1,
-            patience: 10,
-            seed: 0,
-            pooling: "mean".into(),
-            lora: false,
-            lora_r: 8,
-            lora_alpha: 16.0,
-            lora_targets: Vec::new(),
-            lora_lr: 5e-4,
-            lora_epochs: 3,
-            lora_batch_size: 16,
+            epochs: config.epochs,
+            batch_size: config.batch_size,
+            lr: config.lr,
+            weight_decay: config.weight_decay,
+            val_fraction: config.val_fraction,
+            patience: config.patience,
+            seed: config.seed,
+            pooling: config.pooling.name().into(),
+            lora: config.lora.is_some(),
+            lora_r: lora.r,
+            lora_alpha: lora.alpha,
+            lora_targets: lora.targets,
+            lora_lr: lora.lr,
+            lora_epochs: lora.epochs,
+            lora_batch_size: lora.batch_size,
         }
     }
 }
 
+/// The `--help` text after the flags: the defaults, as a `--config` file would set them.
+pub fn defaults_help() -> String {
+    crate::config_file::defaults_help(&RewardTrainSettings::default())
+}
+
 impl RewardTrainArgs {
-    /// The `--config` file's settings with the flags given on the command line on top, or
-    /// the flags alone.
-    pub fn settings(&self, matches: Option<&clap::ArgMatches>) -> Result<RewardTrainSettings> {
-        let flags = RewardTrainSettings {
-            epochs: self.epochs,
-            batch_size: self.batch_size,
-            lr: self.lr,
-            weight_decay: self.weight_decay,
-            val_fraction: self.val_fraction,
-            patience: self.patience,
-            seed: self.seed,
-            pooling: self.pooling.clone(),
-            lora: self.lora,
-            lora_r: self.lora_r,
-            lora_alpha: self.lora_alpha,
-            lora_targets: self.lora_targets.clone(),
-            lora_lr: self.lora_lr,
-            lora_epochs: self.lora_epochs,
-            lora_batch_size: self.lora_batch_size,
+    /// The defaults, under the `--config` file's settings, under the flags.
+    pub fn settings(&self) -> Result<RewardTrainSettings> {
+        let file: RewardSettings = match &self.config {
+            Some(path) => read_toml(path, "reward-train config")?,
+            None => RewardSettings::default(),
         };
-        let Some(path) = &self.config else {
-            return Ok(flags);
-        };
-        let mut settings: RewardTrainSettings = read_toml(path, "reward-train config")?;
-        flags_win!(
-            matches,
-            settings,
-            flags,
-            epochs,
-            batch_size,
-            lr,
-            weight_decay,
-            val_fraction,
-            patience,
-            seed,
-            pooling,
-            lora,
-            lora_r,
-            lora_alpha,
-            lora_targets,
-            lora_lr,
-            lora_epochs,
-            lora_batch_size
-        );
+        let mut settings = RewardTrainSettings::default();
+        self.settings.clone().over(file).apply_to(&mut settings);
         Ok(settings)
     }
 }
@@ -249,123 +216,169 @@ pub fn train_config(args: &RewardTrainSettings) -> Result<TrainConfig> {
     })
 }
 
-/// Plans the training's memory from the tokenized data and the encoder's config, and refuses
-/// it when it will not fit the budget (`--budget`, else this machine's RAM on the CPU).
-fn preflight(
-    args: &RewardTrainArgs,
-    prepared: &lathe_reward::train::Prepared,
-    tests: &[(PathBuf, Vec<data::Example>)],
-) -> Result<()> {
-    if args.preflight.budget(args.device)?.is_none() {
-        return Ok(());
-    }
-    let test_texts: Vec<&str> = tests
-        .iter()
-        .flat_map(|(_, examples)| examples.iter().map(|e| e.text.as_str()))
-        .collect();
-    let elem_bytes = match crate::plan_cmd::checkpoint_of(&args.encoder)? {
-        lathe_models::plan::Checkpoint::Safetensors { elem_bytes } => elem_bytes,
-        lathe_models::plan::Checkpoint::Gguf { .. } => 4,
-    };
-    let stored = Stored {
-        elem_bytes,
-        on_gpu: args.device == DeviceArg::Gpu,
-    };
-    let mut plan = prepared.memory_plan(prepared.token_lengths(&test_texts)?, stored);
-    if !stored.on_gpu {
-        let test_bytes: u64 = test_texts.iter().map(|t| t.len() as u64 + 32).sum();
-        plan.data = plan.data.saturating_add(test_bytes);
-    }
-    let mut advice = Vec::new();
-    if prepared.train_config().lora.is_some() {
-        advice.push("a smaller --lora-batch-size, or no --lora (the head alone)");
-    }
-    advice.push("less data, or shorter texts");
-    args.preflight
-        .check(&plan, args.device, &advice)
-        .with_context(|| format!("memory plan of training on {}", args.encoder.display()))
+/// What reward training reads: the encoder and the labelled files.
+#[derive(Clone, Debug)]
+pub struct RewardInputs {
+    /// A HF BERT or DistilBERT directory.
+    pub encoder: PathBuf,
+    /// Labelled files to train on.
+    pub data: Vec<PathBuf>,
+    /// Labelled files to report accuracy on after training.
+    pub test_data: Vec<PathBuf>,
 }
 
-/// Trains, saves, writes metrics.jsonl and train_report.json into `--out`. `matches` are
-/// the subcommand's parsed flags (to tell given flags from defaults with `--config`).
-pub fn run_train(args: &RewardTrainArgs, matches: Option<&clap::ArgMatches>) -> Result<()> {
-    check_out(&args.out)?;
-    let settings = args.settings(matches)?;
-    let config = train_config(&settings)?;
-    let examples = load_all(&args.data)?;
-    let tests = args
-        .test_data
-        .iter()
-        .map(|p| Ok((p.clone(), load_all(std::slice::from_ref(p))?)))
-        .collect::<Result<Vec<_>>>()?;
-    // The data is tokenized before the encoder loads, so the plan knows every batch's length.
-    let prepared = prepare(&args.encoder, &examples, &config)
-        .with_context(|| format!("preparing to train on {}", args.encoder.display()))?;
-    preflight(args, &prepared, &tests)?;
-    let device = device::open(args.device, args.allow_software_gpu)?;
-    let mut lines = Vec::new();
-    let mut on_epoch = |s: &lathe_reward::EpochStats| {
-        eprintln!(
-            "{} epoch {:3}: train loss {:.4} acc {:.4} | held-out loss {:.4} acc {:.4} ({:.1}s)",
-            s.stage, s.epoch, s.train_loss, s.train_accuracy, s.val_loss, s.val_accuracy, s.seconds
-        );
-        lines.push(s.to_json());
-    };
-    let (model, report) = train_prepared(prepared, &device, &mut on_epoch)
-        .with_context(|| format!("training on {}", args.encoder.display()))?;
-    let mut test_results = serde_json::Map::new();
-    for (path, examples) in &tests {
-        let eval = evaluate(&model, examples)?;
-        eprintln!(
-            "test {}: accuracy {:.4}, loss {:.4} ({} examples)",
-            path.display(),
-            eval.accuracy,
-            eval.loss,
-            eval.examples
-        );
-        test_results.insert(
-            path.display().to_string(),
-            serde_json::json!({"accuracy": eval.accuracy, "loss": eval.loss, "examples": eval.examples}),
-        );
+/// A reward training ready to run: the settings checked, the data read and tokenized, the
+/// encoder not yet loaded (so its memory can be planned first).
+pub struct RewardJob {
+    inputs: RewardInputs,
+    settings: RewardTrainSettings,
+    prepared: lathe_reward::train::Prepared,
+    tests: Vec<(PathBuf, Vec<data::Example>)>,
+}
+
+impl RewardJob {
+    /// Reads and tokenizes the data of `inputs` for `settings`.
+    pub fn prepare(inputs: &RewardInputs, settings: &RewardTrainSettings) -> Result<RewardJob> {
+        let config = train_config(settings)?;
+        let examples = load_all(&inputs.data)?;
+        let tests = inputs
+            .test_data
+            .iter()
+            .map(|p| Ok((p.clone(), load_all(std::slice::from_ref(p))?)))
+            .collect::<Result<Vec<_>>>()?;
+        // The data is tokenized before the encoder loads, so the plan knows every batch's
+        // length.
+        let prepared = prepare(&inputs.encoder, &examples, &config)
+            .with_context(|| format!("preparing to train on {}", inputs.encoder.display()))?;
+        Ok(RewardJob {
+            inputs: inputs.clone(),
+            settings: settings.clone(),
+            prepared,
+            tests,
+        })
     }
-    let summary = serde_json::json!({
-        "encoder": args.encoder.display().to_string(),
-        "train_examples": report.train_examples,
-        "val_examples": report.val_examples,
-        "truncated": report.truncated,
-        "best_head_epoch": report.best_head_epoch,
-        "best_lora_epoch": report.best_lora_epoch,
-        "lora_layers": report.lora_layers,
-        "stopped_early": report.stopped_early,
-        "test": test_results,
-        "settings": settings,
-    });
-    // Every file goes into a temporary folder renamed to --out once all are written: the
-    // folder is a whole reward model or nothing.
-    crate::output::build_dir(&args.out, |dir| {
-        model.save(dir)?;
-        let mut metrics = std::fs::File::create(dir.join("metrics.jsonl"))?;
-        for line in &lines {
-            crate::run_files::append_jsonl(&mut metrics, line)?;
+
+    /// Trains on `device`, evaluates on the test files, and writes the reward model,
+    /// metrics.jsonl and train_report.json into `out` (whole or not at all).
+    pub fn train(self, device: &lathe_core::Device, out: &Path) -> Result<()> {
+        let encoder = &self.inputs.encoder;
+        let mut lines = Vec::new();
+        let mut on_epoch = |s: &lathe_reward::EpochStats| {
+            eprintln!(
+                "{} epoch {:3}: train loss {:.4} acc {:.4} | held-out loss {:.4} acc {:.4} ({:.1}s)",
+                s.stage, s.epoch, s.train_loss, s.train_accuracy, s.val_loss, s.val_accuracy, s.seconds
+            );
+            lines.push(s.to_json());
+        };
+        let (model, report) = train_prepared(self.prepared, device, &mut on_epoch)
+            .with_context(|| format!("training on {}", encoder.display()))?;
+        let mut test_results = serde_json::Map::new();
+        for (path, examples) in &self.tests {
+            let eval = evaluate(&model, examples)?;
+            eprintln!(
+                "test {}: accuracy {:.4}, loss {:.4} ({} examples)",
+                path.display(),
+                eval.accuracy,
+                eval.loss,
+                eval.examples
+            );
+            test_results.insert(
+                path.display().to_string(),
+                serde_json::json!({"accuracy": eval.accuracy, "loss": eval.loss, "examples": eval.examples}),
+            );
         }
-        metrics.sync_all()?;
-        std::fs::write(
-            dir.join("train_report.json"),
-            serde_json::to_string_pretty(&summary)?,
-        )?;
+        let summary = serde_json::json!({
+            "encoder": encoder.display().to_string(),
+            "train_examples": report.train_examples,
+            "val_examples": report.val_examples,
+            "truncated": report.truncated,
+            "best_head_epoch": report.best_head_epoch,
+            "best_lora_epoch": report.best_lora_epoch,
+            "lora_layers": report.lora_layers,
+            "stopped_early": report.stopped_early,
+            "test": test_results,
+            "settings": self.settings,
+        });
+        // Every file goes into a temporary folder renamed to `out` once all are written: the
+        // folder is a whole reward model or nothing.
+        crate::output::build_dir(out, |dir| {
+            model.save(dir)?;
+            let mut metrics = std::fs::File::create(dir.join("metrics.jsonl"))?;
+            for line in &lines {
+                crate::run_files::append_jsonl(&mut metrics, line)?;
+            }
+            metrics.sync_all()?;
+            std::fs::write(
+                dir.join("train_report.json"),
+                serde_json::to_string_pretty(&summary)?,
+            )?;
+            Ok(())
+        })
+        .with_context(|| format!("writing the reward model to {}", out.display()))?;
+        eprintln!(
+            "saved the reward model to {} (best head epoch {}{})",
+            out.display(),
+            report.best_head_epoch,
+            report
+                .best_lora_epoch
+                .map(|e| format!(", best LoRA epoch {e}"))
+                .unwrap_or_default()
+        );
         Ok(())
-    })
-    .with_context(|| format!("writing the reward model to {}", args.out.display()))?;
-    eprintln!(
-        "saved the reward model to {} (best head epoch {}{})",
-        args.out.display(),
-        report.best_head_epoch,
-        report
-            .best_lora_epoch
-            .map(|e| format!(", best LoRA epoch {e}"))
-            .unwrap_or_default()
-    );
-    Ok(())
+    }
+
+    /// Plans the training's memory from the tokenized data and the encoder's config, and
+    /// refuses it when it will not fit `budget` on `device`.
+    fn preflight(&self, args: &PreflightArgs, device: DeviceArg) -> Result<()> {
+        if args.budget(device)?.is_none() {
+            return Ok(());
+        }
+        let test_texts: Vec<&str> = self
+            .tests
+            .iter()
+            .flat_map(|(_, examples)| examples.iter().map(|e| e.text.as_str()))
+            .collect();
+        let elem_bytes = match crate::plan_cmd::checkpoint_of(&self.inputs.encoder)? {
+            lathe_models::plan::Checkpoint::Safetensors { elem_bytes } => elem_bytes,
+            lathe_models::plan::Checkpoint::Gguf { .. } => 4,
+        };
+        let stored = Stored {
+            elem_bytes,
+            on_gpu: device == DeviceArg::Gpu,
+        };
+        let prepared = &self.prepared;
+        let mut plan = prepared.memory_plan(prepared.token_lengths(&test_texts)?, stored);
+        if !stored.on_gpu {
+            let test_bytes: u64 = test_texts.iter().map(|t| t.len() as u64 + 32).sum();
+            plan.data = plan.data.saturating_add(test_bytes);
+        }
+        let mut advice = Vec::new();
+        if prepared.train_config().lora.is_some() {
+            advice.push("a smaller --lora-batch-size, or no --lora (the head alone)");
+        }
+        advice.push("less data, or shorter texts");
+        args.check(&plan, device, &advice).with_context(|| {
+            format!(
+                "memory plan of training on {}",
+                self.inputs.encoder.display()
+            )
+        })
+    }
+}
+
+/// `lathe reward-train`: trains, saves, writes metrics.jsonl and train_report.json into
+/// `--out`.
+pub fn run_train(args: &RewardTrainArgs) -> Result<()> {
+    check_out(&args.out)?;
+    let inputs = RewardInputs {
+        encoder: args.encoder.clone(),
+        data: args.data.clone(),
+        test_data: args.test_data.clone(),
+    };
+    let job = RewardJob::prepare(&inputs, &args.settings()?)?;
+    job.preflight(&args.preflight, args.device)?;
+    let device = device::open(args.device, args.allow_software_gpu)?;
+    job.train(&device, &args.out)
 }
 
 /// Scores the texts of the arguments and/or `--file`; writes one line per text to `out`.

@@ -16,7 +16,7 @@ pub use lathe_train::sft::{
     SftRun, SftSummary, SftTrainer, StepStats, MAX_COUNT, MAX_STEPS,
 };
 
-use crate::config_file::{flags_win, given_on_command_line, read_toml};
+use crate::config_file::{read_toml, settings};
 use crate::progress::Progress;
 
 /// Trains adapters on `model` and writes to `out`: the adapter (peft files), `metrics.jsonl`,
@@ -126,7 +126,7 @@ pub fn train_stoppable(
     Ok(run.finish()?)
 }
 
-/// `lathe sft` flags. Their defaults are `SftConfig::default()`'s, the `--config` file's too.
+/// `lathe sft` flags: the inputs, and [`SftSettings`] (also the `--config` file's keys).
 #[derive(clap::Args, Debug)]
 pub struct SftArgs {
     #[command(flatten)]
@@ -144,131 +144,84 @@ pub struct SftArgs {
     /// batch_size, lr, lora_r, ...); flags given on the command line override it.
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
-    /// Tokens per training block.
-    #[arg(long, default_value_t = SftConfig::default().block_size)]
-    pub block_size: usize,
-    /// Blocks per micro-batch.
-    #[arg(long, default_value_t = SftConfig::default().batch_size)]
-    pub batch_size: usize,
-    /// Micro-batches per optimizer step.
-    #[arg(long, default_value_t = SftConfig::default().grad_accum)]
-    pub grad_accum: usize,
-    #[arg(long, default_value_t = SftConfig::default().epochs)]
-    pub epochs: f64,
-    /// Stop after this many optimizer steps (overrides --epochs; >= 1).
-    #[arg(long)]
-    pub max_steps: Option<usize>,
-    #[arg(long, default_value_t = SftConfig::default().lr)]
-    pub lr: f32,
-    #[arg(long, default_value_t = SftConfig::default().weight_decay)]
-    pub weight_decay: f32,
-    #[arg(long, default_value_t = SftConfig::default().warmup_steps)]
-    pub warmup_steps: usize,
-    /// constant, linear or cosine decay after the warm-up.
-    #[arg(long, default_value_t = SftConfig::default().schedule)]
-    pub schedule: String,
-    /// Clip the gradients' global L2 norm to this (> 0; inf: no clipping).
-    #[arg(long, default_value_t = SftConfig::default().max_grad_norm)]
-    pub max_grad_norm: f32,
-    #[arg(long, default_value_t = SftConfig::default().lora_r)]
-    pub lora_r: usize,
-    #[arg(long, default_value_t = SftConfig::default().lora_alpha)]
-    pub lora_alpha: f64,
-    #[arg(long, default_value_t = SftConfig::default().lora_dropout)]
-    pub lora_dropout: f64,
-    /// Modules to adapt, comma-separated (default: query_key_value for GPT-NeoX, q_proj,v_proj
-    /// for Llama).
-    #[arg(long, value_delimiter = ',')]
-    pub target_modules: Vec<String>,
-    /// Keep every block's activations instead of recomputing them in the backward.
-    #[arg(long)]
-    pub no_gradient_checkpointing: bool,
-    /// Share of the blocks held out for the eval loss.
-    #[arg(long, default_value_t = SftConfig::default().eval_fraction)]
-    pub eval_fraction: f64,
-    /// Evaluate every N steps (0: at the end only).
-    #[arg(long, default_value_t = SftConfig::default().eval_every)]
-    pub eval_every: usize,
-    /// Save a checkpoint every N steps (0: at the end only); a rerun resumes from it.
-    #[arg(long, default_value_t = SftConfig::default().save_every)]
-    pub save_every: usize,
-    #[arg(long, default_value_t = SftConfig::default().seed)]
-    pub seed: u64,
+    #[command(flatten)]
+    pub settings: SftSettings,
     /// Resume the checkpoint in --out even when its model, data or settings differ from
     /// this run's (a warning names them); the LoRA shape settings must still match.
     #[arg(long)]
     pub resume_anyway: bool,
 }
 
-impl SftArgs {
-    pub fn config(&self) -> SftConfig {
-        SftConfig {
-            block_size: self.block_size,
-            batch_size: self.batch_size,
-            grad_accum: self.grad_accum,
-            epochs: self.epochs,
-            max_steps: self.max_steps,
-            lr: self.lr,
-            weight_decay: self.weight_decay,
-            warmup_steps: self.warmup_steps,
-            schedule: self.schedule.clone(),
-            max_grad_norm: self.max_grad_norm,
-            lora_r: self.lora_r,
-            lora_alpha: self.lora_alpha,
-            lora_dropout: self.lora_dropout,
-            target_modules: self.target_modules.clone(),
-            gradient_checkpointing: !self.no_gradient_checkpointing,
-            eval_fraction: self.eval_fraction,
-            eval_every: self.eval_every,
-            save_every: self.save_every,
-            seed: self.seed,
-        }
+settings! {
+    /// SFT's settings; unset ones are `SftConfig::default()`'s.
+    pub struct SftSettings => SftConfig {
+        /// Tokens per training block.
+        block_size: usize,
+        /// Blocks per micro-batch.
+        batch_size: usize,
+        /// Micro-batches per optimizer step.
+        grad_accum: usize,
+        /// Passes over the training blocks.
+        epochs: f64,
+        /// Stop after this many optimizer steps (overrides --epochs; >= 1).
+        max_steps: usize,
+        /// AdamW's peak learning rate.
+        lr: f32,
+        /// AdamW's decoupled weight decay.
+        weight_decay: f32,
+        /// Steps of linear warm-up from 0.
+        warmup_steps: usize,
+        /// constant, linear or cosine decay after the warm-up.
+        schedule: String,
+        /// Clip the gradients' global L2 norm to this (> 0; inf: no clipping).
+        max_grad_norm: f32,
+        /// LoRA rank.
+        lora_r: usize,
+        /// LoRA alpha (scaling alpha / r).
+        lora_alpha: f64,
+        /// Dropout on the adapters' input.
+        lora_dropout: f64,
+        /// Modules to adapt, comma-separated (default: the architecture's, e.g.
+        /// query_key_value for GPT-NeoX, q_proj,v_proj for Llama).
+        #[arg(value_delimiter = ',')]
+        target_modules: Vec<String>,
+        /// Recompute every block's activations in the backward instead of keeping them
+        /// (`--gradient-checkpointing false` keeps them).
+        #[arg(num_args = 0..=1, default_missing_value = "true")]
+        gradient_checkpointing: bool,
+        /// Share of the blocks held out for the eval loss.
+        eval_fraction: f64,
+        /// Evaluate every N steps (0: at the end only).
+        eval_every: usize,
+        /// Save a checkpoint every N steps (0: at the end only); a rerun resumes from it
+        ///.
+        save_every: usize,
+        /// The seed of the adapters' init, the data order and dropout.
+        seed: u64,
     }
 }
 
+/// The `--help` text after the flags: the defaults, as a `--config` file would set them.
+pub fn defaults_help() -> String {
+    crate::config_file::defaults_help(&SftConfig::default())
+}
+
 impl SftArgs {
-    /// The settings: the `--config` file when given, with the flags that were given on the
-    /// command line (`matches`) on top; the flags alone otherwise.
-    pub fn settings(&self, matches: Option<&clap::ArgMatches>) -> Result<SftConfig> {
-        let flags = self.config();
-        let Some(path) = &self.config else {
-            return Ok(flags);
+    /// The settings: `SftConfig::default()`, under the `--config` file's, under the flags.
+    pub fn settings(&self) -> Result<SftConfig> {
+        let file: SftSettings = match &self.config {
+            Some(path) => read_toml(path, "SFT config")?,
+            None => SftSettings::default(),
         };
-        let mut config: SftConfig = read_toml(path, "SFT config")?;
-        flags_win!(
-            matches,
-            config,
-            flags,
-            block_size,
-            batch_size,
-            grad_accum,
-            epochs,
-            max_steps,
-            lr,
-            weight_decay,
-            warmup_steps,
-            schedule,
-            max_grad_norm,
-            lora_r,
-            lora_alpha,
-            lora_dropout,
-            target_modules,
-            eval_fraction,
-            eval_every,
-            save_every,
-            seed
-        );
-        if given_on_command_line(matches, "no_gradient_checkpointing") {
-            config.gradient_checkpointing = flags.gradient_checkpointing;
-        }
+        let mut config = SftConfig::default();
+        self.settings.clone().over(file).apply_to(&mut config);
         Ok(config)
     }
 }
 
-/// `lathe sft`; `matches` are the subcommand's parsed flags (to tell given flags from
-/// defaults when a config file is used).
-pub fn run(args: &SftArgs, matches: Option<&clap::ArgMatches>) -> Result<()> {
-    let config = args.settings(matches)?;
+/// `lathe sft`.
+pub fn run(args: &SftArgs) -> Result<()> {
+    let config = args.settings()?;
     config.validate()?;
     args.model.precision()?;
     args.model.preflight(PlanSettings {

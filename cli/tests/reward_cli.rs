@@ -81,7 +81,7 @@ fn reward_train_then_score() {
         "--lora-r",
         "2",
     ]);
-    run_train(&args, None).unwrap();
+    run_train(&args).unwrap();
     for file in [
         "config.json",
         "model.safetensors",
@@ -164,7 +164,7 @@ fn reward_cli_errors() {
         "--out",
         &dir.display().to_string(),
     ]);
-    let e = run_train(&args, None).unwrap_err().to_string();
+    let e = run_train(&args).unwrap_err().to_string();
     assert!(e.contains("not empty"), "{e}");
     // Bad labels name the record.
     let bad = dir.join("bad.jsonl");
@@ -182,7 +182,7 @@ fn reward_cli_errors() {
         "--out",
         &out,
     ]);
-    let e = format!("{:#}", run_train(&args, None).unwrap_err());
+    let e = format!("{:#}", run_train(&args).unwrap_err());
     assert!(e.contains("record 2") && e.contains("not binary"), "{e}");
     // Unknown pooling.
     let args = train_args(&[
@@ -195,7 +195,7 @@ fn reward_cli_errors() {
         "--pooling",
         "max",
     ]);
-    let e = run_train(&args, None).unwrap_err().to_string();
+    let e = run_train(&args).unwrap_err().to_string();
     assert!(e.contains("pooling"), "{e}");
     // Scoring: no texts; an encoder without a head.
     let args = Score::try_parse_from(["lathe", "--reward", &enc])

@@ -148,6 +148,22 @@ pub enum KlPenalty {
     Mse,
 }
 
+/// trl's names: kl, abs, mse.
+impl std::str::FromStr for KlPenalty {
+    type Err = crate::Error;
+
+    fn from_str(name: &str) -> crate::Result<KlPenalty> {
+        match name {
+            "kl" => Ok(KlPenalty::Kl),
+            "abs" => Ok(KlPenalty::Abs),
+            "mse" => Ok(KlPenalty::Mse),
+            other => Err(crate::Error::Config(format!(
+                "kl_penalty {other:?} is not one of kl, abs, mse (\"full\" is not supported)"
+            ))),
+        }
+    }
+}
+
 impl KlPenalty {
     pub fn estimate(self, logprob: f32, ref_logprob: f32) -> f32 {
         let d = logprob - ref_logprob;

@@ -51,6 +51,26 @@ impl LengthRange {
     }
 }
 
+/// `MIN-MAX` (as `--query-length 2-7` gives it), or one number for a fixed length.
+impl std::str::FromStr for LengthRange {
+    type Err = Error;
+
+    fn from_str(text: &str) -> Result<LengthRange> {
+        let number = |t: &str| {
+            t.trim().parse::<usize>().map_err(|_| {
+                Error::Config(format!(
+                    "{text:?} is not a length range: write MIN-MAX (e.g. 2-7) or one length"
+                ))
+            })
+        };
+        let (min, max) = match text.split_once('-') {
+            Some((min, max)) => (number(min)?, number(max)?),
+            None => (number(text)?, number(text)?),
+        };
+        Ok(LengthRange { min, max })
+    }
+}
+
 /// Queries: for each text drawn (in `order`), its first L tokens with L from `lengths`
 /// (texts shorter than L give all their tokens; empty texts are skipped by the caller).
 pub fn make_queries(tokenized: &[&[u32]], lengths: LengthRange, rng: &mut Rng) -> Vec<Vec<u32>> {

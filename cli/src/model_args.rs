@@ -40,8 +40,8 @@ impl PreflightArgs {
             return Ok(None);
         }
         Ok(match (&self.budget, device) {
-            (Some(text), _) => Some(crate::plan_cmd::parse_bytes(text)?),
-            (None, DeviceArg::Cpu | DeviceArg::Auto) => crate::plan_cmd::machine_ram(),
+            (Some(text), _) => Some(crate::commands::plan::parse_bytes(text)?),
+            (None, DeviceArg::Cpu | DeviceArg::Auto) => crate::commands::plan::machine_ram(),
             (None, _) => None,
         })
     }
@@ -57,8 +57,8 @@ impl PreflightArgs {
         let Some(budget) = self.budget(device)? else {
             return Ok(());
         };
-        eprintln!("{}", crate::plan_cmd::summary(plan, budget));
-        crate::plan_cmd::check_fits(plan, budget, advice)
+        eprintln!("{}", crate::commands::plan::summary(plan, budget));
+        crate::commands::plan::check_fits(plan, budget, advice)
     }
 }
 
@@ -132,13 +132,13 @@ impl ModelArgs {
         if self.preflight.no_preflight || !self.model.exists() {
             return Ok(());
         }
-        let config = crate::plan_cmd::read_config(&self.model)?;
-        settings.checkpoint = crate::plan_cmd::checkpoint_of(&self.model)?;
+        let config = crate::commands::plan::read_config(&self.model)?;
+        settings.checkpoint = crate::commands::plan::checkpoint_of(&self.model)?;
         settings.on_gpu = self.device == DeviceArg::Gpu;
         settings.precision = self.precision()?;
         settings.embeddings_f16 = self.embeddings_f16;
         if settings.lora_targets.is_empty() {
-            settings.lora_targets = crate::plan_cmd::default_targets(&config);
+            settings.lora_targets = crate::commands::plan::default_targets(&config);
         }
         // No sequence outruns the model's positions: a longer request is refused by the run's
         // own check, with its reason, not planned as a sequence the model cannot hold.
@@ -162,7 +162,11 @@ impl ModelArgs {
         }
         let plan = lathe_models::plan::plan(&config, &settings);
         self.preflight
-            .check(&plan, self.device, &crate::plan_cmd::advice(&settings))
+            .check(
+                &plan,
+                self.device,
+                &crate::commands::plan::advice(&settings),
+            )
             .with_context(|| format!("memory plan of {}", self.model.display()))
     }
 

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::AtomicBool;
 
-use lathe_cli::sft::SftConfig;
+use lathe_cli::commands::sft::SftConfig;
 use lathe_core::Device;
 use lathe_models::pretrained::{Precision, Pretrained};
 
@@ -488,14 +488,14 @@ fn sft_divergence_stops_and_keeps_the_last_checkpoint() {
     // Step 1 (lr 0) through the library, stopped there as an interrupted run would be.
     let mut pretrained = Pretrained::load(&fixture_model(), &Device::Cpu, Precision::F32).unwrap();
     let texts = lathe_cli::texts::read_texts(&data, "text").unwrap();
-    let blocks = lathe_cli::sft::pack(
+    let blocks = lathe_cli::commands::sft::pack(
         &texts,
         &pretrained.tokenizer,
         config.block_size,
         config.eval_fraction,
     )
     .unwrap();
-    lathe_cli::sft::train_until(
+    lathe_cli::commands::sft::train_until(
         &mut pretrained.model,
         &blocks,
         &config,
@@ -540,7 +540,7 @@ fn sft_divergence_stops_and_keeps_the_last_checkpoint() {
 fn ppo_divergence_is_an_error() {
     let dir = scratch("ppo-diverge");
     let out = dir.join("out");
-    let mut file: lathe_cli::ppo_cmd::PpoFile =
+    let mut file: lathe_cli::commands::ppo::PpoFile =
         toml::from_str(PPO_TOML).expect("the test's PPO config");
     file.ppo.learning_rate = 1e30;
     file.run.steps = 3;
@@ -551,7 +551,7 @@ fn ppo_divergence_is_an_error() {
     let texts: Vec<String> = ["The film was great", "A slow plot", "I loved it"]
         .map(String::from)
         .to_vec();
-    let err = lathe_cli::ppo_cmd::train(
+    let err = lathe_cli::commands::ppo::train(
         pretrained.model,
         &pretrained.tokenizer,
         &texts,

@@ -11,11 +11,11 @@
 
 use std::path::PathBuf;
 
+use lathe_cli::commands::ppo::PpoFile;
+use lathe_cli::commands::reward::RewardTrainSettings;
+use lathe_cli::commands::sft::SftConfig;
 use lathe_cli::config_file::read_toml;
-use lathe_cli::ppo_cmd::PpoFile;
-use lathe_cli::reward_cmd::RewardTrainSettings;
 use lathe_cli::run_files::parse_jsonl;
-use lathe_cli::sft::SftConfig;
 use lathe_cli::texts::read_texts;
 use lathe_core::testing::{parse_alloc_bound, peak_alloc_during, CountingAlloc};
 use proptest::prelude::*;

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::AtomicBool;
 
-use lathe_cli::sft::SftConfig;
+use lathe_cli::commands::sft::SftConfig;
 use lathe_core::Device;
 use lathe_models::pretrained::{Precision, Pretrained};
 
@@ -259,8 +259,9 @@ fn sft_adapter(data: &Path, out: &Path, steps: usize, stop_after: Option<usize>)
     let texts = lathe_cli::texts::read_texts(data, "text").unwrap();
     let config = sft_config(steps);
     let blocks =
-        lathe_cli::sft::pack(&texts, &pretrained.tokenizer, 16, config.eval_fraction).unwrap();
-    lathe_cli::sft::train_until(
+        lathe_cli::commands::sft::pack(&texts, &pretrained.tokenizer, 16, config.eval_fraction)
+            .unwrap();
+    lathe_cli::commands::sft::train_until(
         &mut pretrained.model,
         &blocks,
         &config,
@@ -339,13 +340,13 @@ fn ppo_on_a_full_disk_keeps_the_last_checkpoint() {
     std::fs::write(&config, PPO_TOML).unwrap();
     let out = disk.dir.join("run");
     // Step 1 of 2 through the library (the reward: the text's length).
-    let file: lathe_cli::ppo_cmd::PpoFile = toml::from_str(PPO_TOML).unwrap();
+    let file: lathe_cli::commands::ppo::PpoFile = toml::from_str(PPO_TOML).unwrap();
     let pretrained = Pretrained::load(&fixture_model(), &Device::Cpu, Precision::F32).unwrap();
     let texts = lathe_cli::texts::read_texts(&data, "text").unwrap();
     let mut reward = |texts: &[String]| -> lathe_ppo::Result<Vec<f32>> {
         Ok(texts.iter().map(|t| t.len() as f32 / 10.0).collect())
     };
-    lathe_cli::ppo_cmd::train(
+    lathe_cli::commands::ppo::train(
         pretrained.model,
         &pretrained.tokenizer,
         &texts,

@@ -5,8 +5,8 @@
 
 use std::path::{Path, PathBuf};
 
-use lathe_cli::pipeline::{run_pipeline, Inputs, Settings};
-use lathe_cli::sft::SftConfig;
+use lathe_cli::commands::pipeline::{run_pipeline, Inputs, Settings};
+use lathe_cli::commands::sft::SftConfig;
 use lathe_core::Device;
 use lathe_ppo::rollout::LengthRange;
 
@@ -77,7 +77,7 @@ fn tiny_settings() -> Settings {
     settings
 }
 
-fn statuses(outcome: &lathe_cli::pipeline::Outcome) -> Vec<(String, String)> {
+fn statuses(outcome: &lathe_cli::commands::pipeline::Outcome) -> Vec<(String, String)> {
     outcome
         .stages
         .iter()

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::AtomicBool;
 
-use lathe_cli::ppo_cmd::{train, PpoFile};
+use lathe_cli::commands::ppo::{train, PpoFile};
 use lathe_core::Device;
 use lathe_models::pretrained::{Precision, Pretrained};
 use lathe_ppo::rollout::LengthRange;
@@ -60,7 +60,11 @@ fn settings(steps: usize) -> PpoFile {
     file
 }
 
-fn run(out: &Path, steps: usize, stop_after: Option<usize>) -> lathe_cli::ppo_cmd::PpoSummary {
+fn run(
+    out: &Path,
+    steps: usize,
+    stop_after: Option<usize>,
+) -> lathe_cli::commands::ppo::PpoSummary {
     let pretrained = Pretrained::load(&fixture_model(), &Device::Cpu, Precision::F32).unwrap();
     let mut reward = score;
     train(

@@ -6,7 +6,7 @@
 
 use std::path::{Path, PathBuf};
 
-use lathe_cli::sft::SftConfig;
+use lathe_cli::commands::sft::SftConfig;
 use lathe_core::{Device, Tensor};
 use lathe_models::pretrained::{Precision, Pretrained};
 
@@ -359,8 +359,9 @@ fn sft_resumes_from_checkpoint_old() {
     let mut pretrained = Pretrained::load(&fixture_model(), &Device::Cpu, Precision::F32).unwrap();
     let texts = lathe_cli::texts::read_texts(&data, "text").unwrap();
     let blocks =
-        lathe_cli::sft::pack(&texts, &pretrained.tokenizer, 16, config.eval_fraction).unwrap();
-    lathe_cli::sft::train_until(
+        lathe_cli::commands::sft::pack(&texts, &pretrained.tokenizer, 16, config.eval_fraction)
+            .unwrap();
+    lathe_cli::commands::sft::train_until(
         &mut pretrained.model,
         &blocks,
         &config,

@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 
 use clap::Parser;
-use lathe_cli::reward_cmd::{run_train, score, RewardTrainArgs, ScoreArgs};
+use lathe_cli::commands::reward::{run_train, score, RewardTrainArgs, ScoreArgs};
 
 #[derive(Parser)]
 struct Train {

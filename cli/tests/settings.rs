@@ -2,9 +2,9 @@
 //! flags typed on the command line.
 
 use clap::Parser;
-use lathe_cli::ppo_cmd::PpoArgs;
-use lathe_cli::reward_cmd::RewardTrainArgs;
-use lathe_cli::sft::{SftArgs, SftConfig};
+use lathe_cli::commands::ppo::PpoArgs;
+use lathe_cli::commands::reward::RewardTrainArgs;
+use lathe_cli::commands::sft::{SftArgs, SftConfig};
 
 #[derive(Parser)]
 struct Sft {

@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
-use lathe_cli::sft::{eval_loss, pack, train, train_until, Blocks, SftConfig};
+use lathe_cli::commands::sft::{eval_loss, pack, train, train_until, Blocks, SftConfig};
 use lathe_core::testing::{assert_close, test_gpu, Tolerance};
 use lathe_core::{Device, Tensor};
 use lathe_lora::AdapterSwitch;
@@ -239,7 +239,7 @@ fn merged_model_equals_model_plus_adapter() {
     let data = blocks(&trained, &config);
     train(&mut trained.model, &data, &config, &out, &Device::Cpu).unwrap();
     let merged_dir = scratch("merged");
-    lathe_cli::merge::merge(&fixture_model(), &out, &merged_dir).unwrap();
+    lathe_cli::commands::merge::merge(&fixture_model(), &out, &merged_dir).unwrap();
     let merged = Pretrained::load(&merged_dir, &Device::Cpu, Precision::F32).unwrap();
     let ids = &data.eval[0];
     assert_eq!(
@@ -259,7 +259,7 @@ fn merged_model_equals_model_plus_adapter() {
     let _off = switch.disable();
     assert_eq!(logits(&with_adapter, ids), logits(&base, ids));
     // Merging into a non-empty folder is refused.
-    let err = lathe_cli::merge::merge(&fixture_model(), &out, &merged_dir).unwrap_err();
+    let err = lathe_cli::commands::merge::merge(&fixture_model(), &out, &merged_dir).unwrap_err();
     assert!(err.to_string().contains("not empty"), "{err}");
 }
 

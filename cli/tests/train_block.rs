@@ -1,6 +1,6 @@
 //! The tiny attention block trains to the same losses on the CPU and the GPU, and learns.
 
-use lathe_cli::device_check::{train, DeviceCheckConfig};
+use lathe_cli::commands::device_check::{train, DeviceCheckConfig};
 use lathe_core::testing::{assert_close, test_gpu, Tolerance};
 use lathe_core::Device;
 

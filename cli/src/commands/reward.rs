@@ -338,7 +338,7 @@ impl RewardJob {
             .iter()
             .flat_map(|(_, examples)| examples.iter().map(|e| e.text.as_str()))
             .collect();
-        let elem_bytes = match crate::plan_cmd::checkpoint_of(&self.inputs.encoder)? {
+        let elem_bytes = match crate::commands::plan::checkpoint_of(&self.inputs.encoder)? {
             lathe_models::plan::Checkpoint::Safetensors { elem_bytes } => elem_bytes,
             lathe_models::plan::Checkpoint::Gguf { .. } => 4,
         };

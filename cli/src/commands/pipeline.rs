@@ -24,9 +24,9 @@ use lathe_models::pretrained::{Precision, Pretrained};
 use serde_json::json;
 use sha2::{Digest, Sha256};
 
-use crate::ppo_cmd::PpoFile;
-use crate::reward_cmd::{RewardInputs, RewardJob, RewardTrainSettings};
-use crate::sft::SftConfig;
+use crate::commands::ppo::PpoFile;
+use crate::commands::reward::{RewardInputs, RewardJob, RewardTrainSettings};
+use crate::commands::sft::SftConfig;
 
 /// The inputs of a pipeline run.
 #[derive(Clone, Debug)]
@@ -232,7 +232,7 @@ fn input_hashes(inputs: &Inputs) -> Result<serde_json::Value> {
 pub struct Outcome {
     /// (stage, "ran" | "skipped", seconds).
     pub stages: Vec<(String, String, f64)>,
-    pub ppo: Option<crate::ppo_cmd::PpoSummary>,
+    pub ppo: Option<crate::commands::ppo::PpoSummary>,
 }
 
 /// Runs (or skips) every stage into `out`.
@@ -369,7 +369,7 @@ pub fn run_pipeline(
     stage(SFT, sft_want, &mut |path| {
         let texts = crate::texts::read_texts(&inputs.texts, "text")?;
         let mut pretrained = Pretrained::load(&inputs.model, device, Precision::F32)?;
-        let blocks = crate::sft::pack(
+        let blocks = crate::commands::sft::pack(
             &texts,
             &pretrained.tokenizer,
             sft_config.block_size,
@@ -383,7 +383,7 @@ pub fn run_pipeline(
             )?),
             ..Default::default()
         };
-        crate::sft::train_stoppable(
+        crate::commands::sft::train_stoppable(
             &mut pretrained.model,
             &blocks,
             &sft_config,
@@ -401,7 +401,7 @@ pub fn run_pipeline(
         "inputs": { "model": model_fp, "adapter": adapter_fingerprint(&dir(SFT))? },
     });
     stage(MERGED, merged_want, &mut |path| {
-        crate::merge::merge(&inputs.model, &dir(SFT), path)
+        crate::commands::merge::merge(&inputs.model, &dir(SFT), path)
     })?;
 
     let mut ppo_summary = None;
@@ -420,7 +420,7 @@ pub fn run_pipeline(
             reward: Some(reward_fp.clone()),
             anyway: false,
         };
-        let summary = crate::ppo_cmd::train_with(
+        let summary = crate::commands::ppo::train_with(
             pretrained.model,
             &pretrained.tokenizer,
             &texts,

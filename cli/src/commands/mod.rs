@@ -1,0 +1,11 @@
+//! One file per `lathe` subcommand: its flags and its `run`.
+
+pub mod device_check;
+pub mod eval;
+pub mod generate;
+pub mod merge;
+pub mod pipeline;
+pub mod plan;
+pub mod ppo;
+pub mod reward;
+pub mod sft;

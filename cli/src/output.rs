@@ -110,40 +110,20 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     Ok(lathe_train::run_dir::write_atomic(path, bytes)?)
 }
 
-/// Builds an output folder whole: `fill` writes into a temporary sibling of `out`, which is
-/// renamed to `out` when every file is written; a failure (a full disk) removes it, so `out`
-/// is either complete or absent. `out` must not exist or be an empty folder (which the
-/// rename replaces).
+/// Builds an output folder whole (lathe-train's [`lathe_train::run_dir::build_dir`]).
 pub fn build_dir(out: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
-    check_new_dir(out)?;
-    let temp = temp_sibling(out);
-    let _ = std::fs::remove_dir_all(&temp);
-    let result = std::fs::create_dir_all(&temp)
-        .with_context(|| format!("creating {}", temp.display()))
-        .and_then(|()| fill(&temp))
-        .and_then(|()| {
-            std::fs::rename(&temp, out)
-                .with_context(|| format!("renaming {} to {}", temp.display(), out.display()))
-        });
-    if result.is_err() {
-        let _ = std::fs::remove_dir_all(&temp);
-    }
-    result
+    lathe_train::run_dir::build_dir(out, |dir| fill(dir).map_err(anyhow_error))?;
+    Ok(())
 }
 
 /// Refuses an output folder that exists and is not an empty folder.
 pub fn check_new_dir(out: &Path) -> Result<()> {
-    match std::fs::symlink_metadata(out) {
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(e).with_context(|| format!("--out {}", out.display())),
-        Ok(m) if !m.is_dir() => bail!("{} exists and is not a folder", out.display()),
-        Ok(_) => {
-            if std::fs::read_dir(out)?.next().is_some() {
-                bail!("{} exists and is not empty", out.display());
-            }
-            Ok(())
-        }
-    }
+    Ok(lathe_train::run_dir::check_new_dir(out)?)
+}
+
+/// An anyhow error as a boxed error that keeps its chain in its message.
+fn anyhow_error(e: anyhow::Error) -> Box<dyn std::error::Error + Send + Sync> {
+    format!("{e:#}").into()
 }
 
 impl Output {

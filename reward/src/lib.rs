@@ -9,7 +9,9 @@
 //!   on CPU or GPU; and the [`Reward`] trait PPO takes rewards through.
 //! - [`train`]: training a reward model (head only, or LoRA on the encoder too) on labelled
 //!   text, with a held-out split, per-epoch loss/accuracy and early stopping; [`data`] reads
-//!   the labelled text (JSON / JSONL, and Arrow IPC streams such as HF datasets' files).
+//!   the labelled text (JSON / JSONL, and Arrow IPC streams such as HF datasets' files);
+//!   [`run`] is that training as a run: trained, measured on test files, written to a
+//!   folder whole with its metrics.jsonl and train_report.json.
 //!
 //! The directory [`RewardModel::save`] writes (documented in the crate README) is a HF
 //! encoder directory plus a `classifier` and a `lathe_reward` section in `config.json`.
@@ -21,6 +23,7 @@ pub mod encoder;
 pub mod head;
 pub mod model;
 pub mod plan;
+pub mod run;
 pub mod train;
 
 pub use config::{Architecture, EncoderConfig, Pooling};
@@ -47,6 +50,15 @@ pub enum Error {
     Models(#[from] lathe_models::Error),
     #[error(transparent)]
     Lora(#[from] lathe_lora::Error),
+    /// Writing the run's folder.
+    #[error(transparent)]
+    Train(#[from] lathe_train::Error),
+}
+
+impl From<std::io::Error> for Error {
+    fn from(e: std::io::Error) -> Self {
+        Error::Train(e.into())
+    }
 }
 
 pub type Result<T> = std::result::Result<T, Error>;

@@ -218,7 +218,10 @@ fn reward_sft_merge_and_ppo_run_on_the_libraries_alone() {
     // The reference is the policy with its adapters off: exactly the merged SFT model.
     {
         let trainer = run.trainer();
-        assert!(max_diff(&logits(&trainer.model), &merged) > 1e-4, "PPO moved the policy");
+        assert!(
+            max_diff(&logits(&trainer.model), &merged) > 1e-4,
+            "PPO moved the policy"
+        );
         let _off = trainer.switch.disable();
         assert!(max_diff(&logits(&trainer.model), &merged) < 1e-5);
     }

@@ -368,6 +368,48 @@ pub fn checkpoint_to_resume(
     None
 }
 
+/// Builds an output folder whole: `fill` writes into a temporary sibling of `out`, which is
+/// renamed to `out` when every file is written; a failure (a full disk) removes it, so `out`
+/// is either complete or absent. `out` must not exist or be an empty folder (which the
+/// rename replaces): a reward model, a merged model.
+pub fn build_dir<E>(
+    out: &Path,
+    fill: impl FnOnce(&Path) -> std::result::Result<(), E>,
+) -> Result<()>
+where
+    E: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    check_new_dir(out)?;
+    let temp = temp_sibling(out);
+    let _ = std::fs::remove_dir_all(&temp);
+    let result = std::fs::create_dir_all(&temp)
+        .context_with(|| format!("creating {}", temp.display()))
+        .and_then(|()| fill(&temp).map_err(caller_error))
+        .and_then(|()| {
+            std::fs::rename(&temp, out)
+                .context_with(|| format!("renaming {} to {}", temp.display(), out.display()))
+        });
+    if result.is_err() {
+        let _ = std::fs::remove_dir_all(&temp);
+    }
+    result
+}
+
+/// Refuses an output folder that exists and is not an empty folder.
+pub fn check_new_dir(out: &Path) -> Result<()> {
+    match std::fs::symlink_metadata(out) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e).context_with(|| format!("--out {}", out.display())),
+        Ok(m) if !m.is_dir() => invalid!("{} exists and is not a folder", out.display()),
+        Ok(_) => {
+            if std::fs::read_dir(out)?.next().is_some() {
+                invalid!("{} exists and is not empty", out.display());
+            }
+            Ok(())
+        }
+    }
+}
+
 /// Writes a checkpoint folder: `fill` writes into `out/<name>.tmp`, which then replaces
 /// `out/<name>` ([`replace_dir`]). When `fill` fails (a full disk) the temporary folder is
 /// removed and the previous checkpoint stays as it was.

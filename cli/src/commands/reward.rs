@@ -7,7 +7,8 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use lathe_reward::plan::Stored;
-use lathe_reward::train::{evaluate, prepare, train_prepared};
+use lathe_reward::run::{train_into, TestSet};
+use lathe_reward::train::prepare;
 use lathe_reward::{data, LoadOptions, LoraSettings, Pooling, RewardModel, TrainConfig};
 
 use crate::config_file::{read_toml, settings};
@@ -259,67 +260,40 @@ impl RewardJob {
     }
 
     /// Trains on `device`, evaluates on the test files, and writes the reward model,
-    /// metrics.jsonl and train_report.json into `out` (whole or not at all).
+    /// metrics.jsonl and train_report.json into `out` (whole or not at all):
+    /// `lathe_reward::run::train_into`, with progress on stderr.
     pub fn train(self, device: &lathe_core::Device, out: &Path) -> Result<()> {
-        let encoder = &self.inputs.encoder;
-        let mut lines = Vec::new();
+        let tests: Vec<TestSet> = self
+            .tests
+            .into_iter()
+            .map(|(path, examples)| (path.display().to_string(), examples))
+            .collect();
         let mut on_epoch = |s: &lathe_reward::EpochStats| {
             eprintln!(
                 "{} epoch {:3}: train loss {:.4} acc {:.4} | held-out loss {:.4} acc {:.4} ({:.1}s)",
                 s.stage, s.epoch, s.train_loss, s.train_accuracy, s.val_loss, s.val_accuracy, s.seconds
             );
-            lines.push(s.to_json());
         };
-        let (model, report) = train_prepared(self.prepared, device, &mut on_epoch)
-            .with_context(|| format!("training on {}", encoder.display()))?;
-        let mut test_results = serde_json::Map::new();
-        for (path, examples) in &self.tests {
-            let eval = evaluate(&model, examples)?;
+        let settings = serde_json::to_value(&self.settings)?;
+        let run = train_into(out, self.prepared, &tests, settings, device, &mut on_epoch)
+            .with_context(|| {
+                format!(
+                    "training on {} into {}",
+                    self.inputs.encoder.display(),
+                    out.display()
+                )
+            })?;
+        for (name, eval) in &run.tests {
             eprintln!(
-                "test {}: accuracy {:.4}, loss {:.4} ({} examples)",
-                path.display(),
-                eval.accuracy,
-                eval.loss,
-                eval.examples
-            );
-            test_results.insert(
-                path.display().to_string(),
-                serde_json::json!({"accuracy": eval.accuracy, "loss": eval.loss, "examples": eval.examples}),
+                "test {name}: accuracy {:.4}, loss {:.4} ({} examples)",
+                eval.accuracy, eval.loss, eval.examples
             );
         }
-        let summary = serde_json::json!({
-            "encoder": encoder.display().to_string(),
-            "train_examples": report.train_examples,
-            "val_examples": report.val_examples,
-            "truncated": report.truncated,
-            "best_head_epoch": report.best_head_epoch,
-            "best_lora_epoch": report.best_lora_epoch,
-            "lora_layers": report.lora_layers,
-            "stopped_early": report.stopped_early,
-            "test": test_results,
-            "settings": self.settings,
-        });
-        // Every file goes into a temporary folder renamed to `out` once all are written: the
-        // folder is a whole reward model or nothing.
-        crate::output::build_dir(out, |dir| {
-            model.save(dir)?;
-            let mut metrics = std::fs::File::create(dir.join("metrics.jsonl"))?;
-            for line in &lines {
-                crate::run_files::append_jsonl(&mut metrics, line)?;
-            }
-            metrics.sync_all()?;
-            std::fs::write(
-                dir.join("train_report.json"),
-                serde_json::to_string_pretty(&summary)?,
-            )?;
-            Ok(())
-        })
-        .with_context(|| format!("writing the reward model to {}", out.display()))?;
         eprintln!(
             "saved the reward model to {} (best head epoch {}{})",
             out.display(),
-            report.best_head_epoch,
-            report
+            run.report.best_head_epoch,
+            run.report
                 .best_lora_epoch
                 .map(|e| format!(", best LoRA epoch {e}"))
                 .unwrap_or_default()

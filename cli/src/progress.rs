@@ -2,6 +2,8 @@
 //! printed as plain lines (at most one every few seconds) when stderr is a file or a pipe.
 
 use std::io::{IsTerminal, Write};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 pub struct Progress {
@@ -67,4 +69,21 @@ pub fn clock(d: Duration) -> String {
         60..=3599 => format!("{}m{:02}s", s / 60, s % 60),
         _ => format!("{}h{:02}m", s / 3600, (s % 3600) / 60),
     }
+}
+
+/// The flag a training command's loop reads after each step: Ctrl-C sets it (the command
+/// then saves a checkpoint and exits), a second Ctrl-C kills the process as usual.
+/// `command` names the run in the message.
+pub fn stop_on_ctrl_c(command: &'static str) -> Arc<AtomicBool> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    let _ = ctrlc::set_handler(move || {
+        if flag.swap(true, Ordering::SeqCst) {
+            std::process::exit(130);
+        }
+        eprintln!(
+            "\n{command}: Ctrl-C: finishing this step, then saving (Ctrl-C again to quit now)"
+        );
+    });
+    stop
 }

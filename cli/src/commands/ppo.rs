@@ -6,7 +6,6 @@
 use lathe_models::plan::{Job, PlanSettings};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use lathe_core::Device;
@@ -294,17 +293,7 @@ pub fn run(args: &PpoArgs) -> Result<()> {
         );
     }
     let mut reward = crate::reward_glue::load_reward(&args.reward, &device)?;
-    let stop = Arc::new(AtomicBool::new(false));
-    {
-        let stop = stop.clone();
-        // A second Ctrl-C kills the process as usual.
-        let _ = ctrlc::set_handler(move || {
-            if stop.swap(true, Ordering::SeqCst) {
-                std::process::exit(130);
-            }
-            eprintln!("\nppo: Ctrl-C: finishing this step, then saving (Ctrl-C again to quit now)");
-        });
-    }
+    let stop = crate::progress::stop_on_ctrl_c("ppo");
     let options = crate::resume::ResumeOptions {
         model: Some(args.model.fingerprint(args.adapter.as_deref())?),
         reward: Some(crate::resume::path_fingerprint(&args.reward)?),

@@ -4,7 +4,6 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use lathe_core::Device;
@@ -243,17 +242,7 @@ pub fn run(args: &SftArgs) -> Result<()> {
         config.eval_fraction,
     )
     .with_context(|| format!("packing {}", args.data.display()))?;
-    let stop = Arc::new(AtomicBool::new(false));
-    {
-        let stop = stop.clone();
-        // A second Ctrl-C kills the process as usual.
-        let _ = ctrlc::set_handler(move || {
-            if stop.swap(true, Ordering::SeqCst) {
-                std::process::exit(130);
-            }
-            eprintln!("\nsft: Ctrl-C: finishing this step, then saving (Ctrl-C again to quit now)");
-        });
-    }
+    let stop = crate::progress::stop_on_ctrl_c("sft");
     let options = crate::resume::ResumeOptions {
         model: Some(args.model.fingerprint(None)?),
         reward: None,

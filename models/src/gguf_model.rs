@@ -1,36 +1,137 @@
-//! Llama models from GGUF files (llama.cpp's format): config from the `llama.*` metadata,
-//! weights dequantized to f32 and renamed to their HF names, the tokenizer from the
-//! `tokenizer.ggml.*` metadata.
+//! Llama and Qwen2 models from GGUF files (llama.cpp's format): config from the `llama.*` /
+//! `qwen2.*` metadata (`general.architecture` picks), weights dequantized to f32 and renamed
+//! to their HF names, the tokenizer from the `tokenizer.ggml.*` metadata. [`load_gguf`]
+//! returns either as a [`CausalLm`]; the two share one reader and one tensor map, an
+//! `Arch` entry holding what differs (the key prefix, the q/k permutation), Qwen2 adding
+//! its q/k/v biases (`blk.N.attn_{q,k,v}.bias`).
 //!
-//! llama.cpp's `convert_hf_to_gguf.py` permutes the rows of q_proj and k_proj so that its
-//! rotary kernel can rotate adjacent pairs: per head, HF row `i * d/2 + j` (half `i` of the
-//! split-half layout, `j < d/2`) becomes GGUF row `2 * j + i`. [`unpermute_rows`] undoes it,
-//! as transformers' `reverse_permute_weights` does (k with the kv head count).
+//! llama.cpp's `convert_hf_to_gguf.py` permutes the rows of a Llama's q_proj and k_proj so
+//! that its rotary kernel can rotate adjacent pairs: per head, HF row `i * d/2 + j` (half `i`
+//! of the split-half layout, `j < d/2`) becomes GGUF row `2 * j + i`. [`unpermute_rows`]
+//! undoes it, as transformers' `reverse_permute_weights` does (k with the kv head count). Its
+//! `Qwen2Model` writes q/k (and their biases) as HF has them (llama.cpp runs Qwen2 with
+//! NeoX-style rotary instead), and transformers reads them back unchanged: nothing to undo.
 //!
-//! A GGUF without `output.weight` ties the lm head to `token_embd` (SmolLM2): llama.cpp
-//! falls back to the embedding. transformers 4.46 does not (its LlamaConfig defaults to
-//! untied, leaving lm_head random) unless given `tie_word_embeddings=True`.
+//! A GGUF without `output.weight` ties the lm head to `token_embd` (SmolLM2, Qwen2.5-0.5B):
+//! llama.cpp falls back to the embedding. transformers 4.46 does not for Llama (its
+//! LlamaConfig defaults to untied, leaving lm_head random) unless given
+//! `tie_word_embeddings=True`.
+//!
+//! Refused, with an error naming the file and the key or tensor: other architectures, RoPE
+//! scaling (`{arch}.rope.scaling.type` other than "none", `rope_freqs.weight`),
+//! sliding-window attention (`{arch}.attention.sliding_window`), partial rotary, a Qwen2
+//! head_dim other than hidden / heads, and any tensor the model would not take (an o_proj or
+//! MLP bias in a Qwen2 file, say), besides missing and misshapen ones.
 
 use std::path::Path;
 use std::sync::Arc;
 
 use lathe_core::{Device, Tensor};
 
-use crate::config::{LlamaConfig, TokenIds};
+use crate::arch::ArchConfig;
+use crate::config::{LlamaConfig, ModelConfig, TokenIds};
 use crate::gguf::GgufFile;
+use crate::hf::CausalLm;
 use crate::llama::Llama;
+use crate::qwen2::{self, Qwen2Config};
 use crate::tokenizer::Tokenizer;
 use crate::weights::{LoadOptions, Weights};
 use crate::{Error, Result};
 
-/// The one architecture read here.
-const LLAMA: &str = "llama";
+/// What differs between the GGUF architectures read here.
+struct Arch {
+    /// `general.architecture`, also the prefix of the model's metadata keys.
+    name: &'static str,
+    /// Whether convert_hf_to_gguf.py permuted the q/k rows (`LlamaModel.permute`).
+    permuted_qk: bool,
+}
+
+const LLAMA: Arch = Arch {
+    name: "llama",
+    permuted_qk: true,
+};
+/// `Qwen2Model` writes q/k as HF has them (its `modify_tensors` only renames).
+const QWEN2: Arch = Arch {
+    name: "qwen2",
+    permuted_qk: false,
+};
 
 impl LlamaConfig {
     /// The config of a Llama GGUF file; see [`llama_config_from_gguf`].
     pub fn from_gguf(file: &GgufFile) -> Result<LlamaConfig> {
         llama_config_from_gguf(file)
     }
+}
+
+impl Qwen2Config {
+    /// The config of a Qwen2 GGUF file: the `qwen2.*` metadata read as
+    /// [`llama_config_from_gguf`] reads `llama.*`; head_dim is hidden / heads.
+    pub fn from_gguf(file: &GgufFile) -> Result<Qwen2Config> {
+        check_architecture(file, &QWEN2)?;
+        let c = read_config(file, &QWEN2)?;
+        if c.head_dim.is_some() {
+            return Err(file_error(
+                file,
+                format!(
+                    "qwen2.attention.key_length {} differs from embedding_length / head_count: \
+                     lathe's Qwen2 has head_dim = hidden_size / heads",
+                    c.head_dim()
+                ),
+            ));
+        }
+        let config = Qwen2Config {
+            vocab_size: c.vocab_size,
+            hidden_size: c.hidden_size,
+            intermediate_size: c.intermediate_size,
+            num_hidden_layers: c.num_hidden_layers,
+            num_attention_heads: c.num_attention_heads,
+            num_key_value_heads: c.num_key_value_heads,
+            hidden_act: c.hidden_act,
+            max_position_embeddings: c.max_position_embeddings,
+            rms_norm_eps: c.rms_norm_eps,
+            tie_word_embeddings: c.tie_word_embeddings,
+            rope_theta: c.rope_theta,
+            rope_scaling: None,
+            rope_parameters: None,
+            use_sliding_window: false,
+            sliding_window: None,
+            max_window_layers: None,
+            layer_types: None,
+            bos_token_id: c.bos_token_id,
+            eos_token_id: c.eos_token_id,
+            extra: Default::default(),
+        };
+        config
+            .validate()
+            .map_err(|e| file_error(file, e.to_string()))?;
+        Ok(config)
+    }
+}
+
+/// The config of a GGUF file of any architecture read here ("llama", "qwen2").
+pub fn config_from_gguf(file: &GgufFile) -> Result<ModelConfig> {
+    match file.architecture()? {
+        "qwen2" => Ok(ModelConfig::new(Qwen2Config::from_gguf(file)?)),
+        _ => Ok(ModelConfig::new(llama_config_from_gguf(file)?)),
+    }
+}
+
+fn check_architecture(file: &GgufFile, arch: &Arch) -> Result<()> {
+    let found = file.architecture()?;
+    let detail = if found == arch.name {
+        return Ok(());
+    } else if [LLAMA.name, QWEN2.name].contains(&found) {
+        format!(
+            "general.architecture is {found:?}, not {:?} (gguf_model::load_gguf reads either)",
+            arch.name
+        )
+    } else {
+        format!(
+            "general.architecture is {found:?}; lathe loads \"llama\" and \"qwen2\" GGUF \
+             models only"
+        )
+    };
+    Err(file_error(file, detail))
 }
 
 /// Builds a [`LlamaConfig`] from a GGUF file's `llama.*` metadata (names as transformers'
@@ -40,21 +141,25 @@ impl LlamaConfig {
 /// else the token list's length; when both the embedding and `llama.vocab_size` are present
 /// they must agree. tie_word_embeddings is true when `output.weight` is absent.
 pub fn llama_config_from_gguf(file: &GgufFile) -> Result<LlamaConfig> {
-    let arch = file.architecture()?;
-    if arch != LLAMA {
-        return Err(file_error(
-            file,
-            format!("general.architecture is {arch:?}; lathe loads \"llama\" GGUF models only"),
-        ));
-    }
-    let key = |k: &str| format!("{LLAMA}.{k}");
+    check_architecture(file, &LLAMA)?;
+    let config = read_config(file, &LLAMA)?;
+    config
+        .validate()
+        .map_err(|e| file_error(file, e.to_string()))?;
+    Ok(config)
+}
+
+/// The `{arch}.*` metadata as a [`LlamaConfig`], not yet validated.
+fn read_config(file: &GgufFile, arch: &Arch) -> Result<LlamaConfig> {
+    let prefix = arch.name;
+    let key = |k: &str| format!("{prefix}.{k}");
     let optional_usize = |k: &str| -> Result<Option<usize>> {
         match file.metadata(&key(k)) {
             Some(_) => file.get_usize(&key(k)).map(Some),
             None => Ok(None),
         }
     };
-    check_rope_scaling(file)?;
+    check_unsupported(file, prefix)?;
 
     let hidden_size = file.get_usize(&key("embedding_length"))?;
     let num_attention_heads = file.get_usize(&key("attention.head_count"))?;
@@ -66,7 +171,9 @@ pub fn llama_config_from_gguf(file: &GgufFile) -> Result<LlamaConfig> {
         if v != head_dim {
             return Err(file_error(
                 file,
-                format!("llama.attention.value_length {v} differs from the key length {head_dim}"),
+                format!(
+                    "{prefix}.attention.value_length {v} differs from the key length {head_dim}"
+                ),
             ));
         }
     }
@@ -75,7 +182,7 @@ pub fn llama_config_from_gguf(file: &GgufFile) -> Result<LlamaConfig> {
             return Err(file_error(
                 file,
                 format!(
-                    "llama.rope.dimension_count {rot} differs from head_dim {head_dim}: partial \
+                    "{prefix}.rope.dimension_count {rot} differs from head_dim {head_dim}: partial \
                      rotary embeddings are not supported"
                 ),
             ));
@@ -116,7 +223,7 @@ pub fn llama_config_from_gguf(file: &GgufFile) -> Result<LlamaConfig> {
         }
     };
     let config = LlamaConfig {
-        vocab_size: vocab_size(file)?,
+        vocab_size: vocab_size(file, prefix)?,
         hidden_size,
         num_hidden_layers: file.get_usize(&key("block_count"))?,
         num_attention_heads,
@@ -136,23 +243,32 @@ pub fn llama_config_from_gguf(file: &GgufFile) -> Result<LlamaConfig> {
         rope_parameters: None,
         extra: Default::default(),
     };
-    config
-        .validate()
-        .map_err(|e| file_error(file, e.to_string()))?;
     Ok(config)
 }
 
 /// RoPE scaling (Llama 3.1's `rope_freqs`, linear/yarn `rope.scaling.*`) changes the
-/// rotary frequencies; lathe implements only the plain form.
-fn check_rope_scaling(file: &GgufFile) -> Result<()> {
-    let scaling = match file.metadata("llama.rope.scaling.type") {
-        Some(_) => Some(file.get_str("llama.rope.scaling.type")?),
+/// rotary frequencies, sliding-window attention what each token sees; lathe implements
+/// neither.
+fn check_unsupported(file: &GgufFile, prefix: &str) -> Result<()> {
+    let scaling_key = format!("{prefix}.rope.scaling.type");
+    let scaling = match file.metadata(&scaling_key) {
+        Some(_) => Some(file.get_str(&scaling_key)?),
         None => None,
     };
     if let Some(kind) = scaling.filter(|k| *k != "none") {
         return Err(file_error(
             file,
-            format!("llama.rope.scaling.type {kind:?} is not supported (plain rotary only)"),
+            format!("{scaling_key} {kind:?} is not supported (plain rotary only)"),
+        ));
+    }
+    let window_key = format!("{prefix}.attention.sliding_window");
+    if file.metadata(&window_key).is_some() {
+        return Err(file_error(
+            file,
+            format!(
+                "{window_key} is set: sliding-window attention is not supported (lathe attends \
+                 to every earlier token)"
+            ),
         ));
     }
     if file.tensor_info("rope_freqs.weight").is_some() {
@@ -165,9 +281,10 @@ fn check_rope_scaling(file: &GgufFile) -> Result<()> {
     Ok(())
 }
 
-fn vocab_size(file: &GgufFile) -> Result<usize> {
-    let declared = match file.metadata("llama.vocab_size") {
-        Some(_) => Some(file.get_usize("llama.vocab_size")?),
+fn vocab_size(file: &GgufFile, prefix: &str) -> Result<usize> {
+    let key = format!("{prefix}.vocab_size");
+    let declared = match file.metadata(&key) {
+        Some(_) => Some(file.get_usize(&key)?),
         None => None,
     };
     let rows = file
@@ -177,11 +294,44 @@ fn vocab_size(file: &GgufFile) -> Result<usize> {
         (Some(r), Some(d)) if r != d => Err(tensor_error(
             file,
             "token_embd.weight",
-            format!("{r} rows but llama.vocab_size is {d}"),
+            format!("{r} rows but {key} is {d}"),
         )),
         (Some(n), _) | (None, Some(n)) => Ok(n),
         (None, None) => Ok(file.get_str_array("tokenizer.ggml.tokens")?.len()),
     }
+}
+
+/// Loads a GGUF file of any architecture read here ("llama", "qwen2") onto `device`: the
+/// model (f32 weights, every quantized tensor dequantized) and its tokenizer (checked to fit
+/// the embedding).
+pub fn load_gguf(path: impl AsRef<Path>, device: &Device) -> Result<(CausalLm, Tokenizer)> {
+    load_gguf_with(path, device, LoadOptions::default())
+}
+
+/// As [`load_gguf`], with the load options of [`load_llama_gguf_with`].
+pub fn load_gguf_with(
+    path: impl AsRef<Path>,
+    device: &Device,
+    options: LoadOptions,
+) -> Result<(CausalLm, Tokenizer)> {
+    let file = Arc::new(GgufFile::open(path)?);
+    let (config, tensors) = match file.architecture()? {
+        "qwen2" => {
+            let c = Qwen2Config::from_gguf(&file)?;
+            let tensors = tensor_map(&c.as_llama(), qwen2::BIASES, QWEN2.permuted_qk);
+            (ModelConfig::new(c), tensors)
+        }
+        _ => {
+            let c = llama_config_from_gguf(&file)?;
+            let tensors = llama_tensors(&c);
+            (ModelConfig::new(c), tensors)
+        }
+    };
+    let tokenizer = Tokenizer::from_gguf(&file)?;
+    tokenizer.check_fits(config.vocab_size())?;
+    let mut weights = hf_weights(&file, tensors, device)?;
+    weights.set_options(options);
+    Ok((CausalLm::from_weights(config, &mut weights)?, tokenizer))
 }
 
 /// Loads a Llama GGUF file onto `device`: the model (f32 weights, every quantized tensor
@@ -205,18 +355,36 @@ pub fn load_llama_gguf_with(
     let config = llama_config_from_gguf(&file)?;
     let tokenizer = Tokenizer::from_gguf(&file)?;
     tokenizer.check_fits(config.vocab_size)?;
-    let mut weights = hf_weights(&file, &config, device)?;
+    let mut weights = hf_weights(&file, llama_tensors(&config), device)?;
     weights.set_options(options);
     let model = Llama::from_weights(config.clone(), &mut weights)?;
     Ok((model, config, tokenizer))
 }
 
+/// (GGUF name, HF name, row-major shape, heads to un-permute by) of one tensor.
+type TensorSpec = (String, String, Vec<usize>, Option<usize>);
+
 /// Every tensor the model needs under its HF name, dequantized and un-permuted when a model
-/// takes it (one tensor at a time: an int8 model never exists whole in f32). Missing and
-/// misshapen tensors are errors now, before anything is built.
-pub fn hf_weights(file: &Arc<GgufFile>, config: &LlamaConfig, device: &Device) -> Result<Weights> {
+/// takes it (one tensor at a time: an int8 model never exists whole in f32). Missing,
+/// misshapen and unexpected tensors (which the model would silently go without) are errors
+/// now, before anything is built.
+fn hf_weights(file: &Arc<GgufFile>, tensors: Vec<TensorSpec>, device: &Device) -> Result<Weights> {
+    if let Some(extra) = file
+        .tensor_infos()
+        .iter()
+        .find(|t| !tensors.iter().any(|(name, ..)| *name == t.name))
+    {
+        return Err(tensor_error(
+            file,
+            &extra.name,
+            format!(
+                "not a tensor of a {} model as lathe reads it (it would be ignored)",
+                file.architecture()?
+            ),
+        ));
+    }
     let mut weights = Weights::new(file.path(), device);
-    for (gguf_name, hf_name, shape, heads) in tensor_map(config) {
+    for (gguf_name, hf_name, shape, heads) in tensors {
         let Some(info) = file.tensor_info(&gguf_name) else {
             return Err(tensor_error(file, &gguf_name, "missing".into()));
         };
@@ -247,9 +415,14 @@ pub fn hf_weights(file: &Arc<GgufFile>, config: &LlamaConfig, device: &Device) -
     Ok(weights)
 }
 
-/// (GGUF name, HF name, row-major shape, heads to un-permute by) of every tensor. Biases
-/// are included when the config says so (q/k biases are permuted like their weights' rows).
-fn tensor_map(c: &LlamaConfig) -> Vec<(String, String, Vec<usize>, Option<usize>)> {
+/// A Llama's tensors: q/k/v/o biases when the config says so, q/k rows permuted.
+fn llama_tensors(c: &LlamaConfig) -> Vec<TensorSpec> {
+    tensor_map(c, [c.attention_bias; 4], LLAMA.permuted_qk)
+}
+
+/// Every tensor of a Llama-shaped model: q/k/v/o biases as `attn_biases` says, MLP biases
+/// as the config does; when `permuted`, q/k rows (and biases) are un-permuted.
+fn tensor_map(c: &LlamaConfig, attn_biases: [bool; 4], permuted: bool) -> Vec<TensorSpec> {
     let (h, f, v) = (c.hidden_size, c.intermediate_size, c.vocab_size);
     let (heads, kv_heads) = (c.num_attention_heads, c.kv_heads());
     let (q, kv) = (heads * c.head_dim(), kv_heads * c.head_dim());
@@ -260,32 +433,20 @@ fn tensor_map(c: &LlamaConfig) -> Vec<(String, String, Vec<usize>, Option<usize>
         None,
     )];
     for i in 0..c.num_hidden_layers {
+        let qk_heads = |n| permuted.then_some(n);
+        let [q_bias, k_bias, v_bias, o_bias] = attn_biases;
         let linears = [
-            (
-                "attn_q",
-                "self_attn.q_proj",
-                q,
-                h,
-                Some(heads),
-                c.attention_bias,
-            ),
+            ("attn_q", "self_attn.q_proj", q, h, qk_heads(heads), q_bias),
             (
                 "attn_k",
                 "self_attn.k_proj",
                 kv,
                 h,
-                Some(kv_heads),
-                c.attention_bias,
+                qk_heads(kv_heads),
+                k_bias,
             ),
-            ("attn_v", "self_attn.v_proj", kv, h, None, c.attention_bias),
-            (
-                "attn_output",
-                "self_attn.o_proj",
-                h,
-                q,
-                None,
-                c.attention_bias,
-            ),
+            ("attn_v", "self_attn.v_proj", kv, h, None, v_bias),
+            ("attn_output", "self_attn.o_proj", h, q, None, o_bias),
             ("ffn_gate", "mlp.gate_proj", f, h, None, c.mlp_bias),
             ("ffn_up", "mlp.up_proj", f, h, None, c.mlp_bias),
             ("ffn_down", "mlp.down_proj", h, f, None, c.mlp_bias),

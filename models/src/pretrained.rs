@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use lathe_core::Device;
 
 use crate::config::ModelConfig;
-use crate::gguf_model::load_llama_gguf_with;
+use crate::gguf_model::load_gguf_with;
 use crate::hf::{load_hf_dir_with, CausalLm, LoadOptions};
 use crate::tokenizer::Tokenizer;
 use crate::{Error, Result};
@@ -23,7 +23,8 @@ pub struct Pretrained {
 
 impl Pretrained {
     /// Loads `path`: a directory is a HF model directory (its tokenizer.json beside the
-    /// weights), a file ending in `.gguf` a GGUF file (tokenizer from its metadata).
+    /// weights), a file ending in `.gguf` a GGUF file (Llama or Qwen2, tokenizer from its
+    /// metadata).
     ///
     /// Special ids the model config names (bos, the first eos) override the tokenizer's
     /// guesses, as transformers' generation config does. The tokenizer is checked to fit the
@@ -54,8 +55,7 @@ impl Pretrained {
             .extension()
             .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
         {
-            let (model, _, tokenizer) = load_llama_gguf_with(path, device, options)?;
-            (CausalLm::new(model), tokenizer)
+            load_gguf_with(path, device, options)?
         } else if path.exists() {
             return Err(Error::File {
                 path: path.display().to_string(),

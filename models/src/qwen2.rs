@@ -30,7 +30,7 @@ use crate::weights::Weights;
 use crate::{Error, Result};
 
 /// q, k, v with biases, o without.
-const BIASES: [bool; 4] = [true, true, true, false];
+pub(crate) const BIASES: [bool; 4] = [true, true, true, false];
 
 /// Qwen2's config.json (transformers `Qwen2Config`), defaults as transformers'.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -115,7 +115,7 @@ impl Qwen2Config {
     /// The Llama config the model is built from: the same sizes and settings (the biases
     /// are Qwen2's, passed apart); `extra` carries `model_type` "qwen2", so the checks the
     /// two share name this architecture.
-    fn as_llama(&self) -> LlamaConfig {
+    pub(crate) fn as_llama(&self) -> LlamaConfig {
         LlamaConfig {
             vocab_size: self.vocab_size,
             hidden_size: self.hidden_size,

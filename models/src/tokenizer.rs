@@ -12,7 +12,10 @@
 //!   "smollm" (and starcoder, refact, command-r, codeshell, exaone, minerva-7b) split every
 //!   digit on its own (`\p{N}`) before the GPT-2 regex; "gpt-2", "default" and friends use the
 //!   GPT-2 regex alone. This equals the `Digits(individual_digits) + ByteLevel` pre-tokenizer
-//!   of SmolLM2's own tokenizer.json. Unknown pre types are refused rather than guessed.
+//!   of SmolLM2's own tokenizer.json. "qwen2" (and deepseek-r1-qwen) splits with Qwen2's
+//!   tokenizer.json regex (single digits, `\s*[\r\n]+` runs), as its `Split` + `ByteLevel`
+//!   pre-tokenizer does (without its NFC normalizer, which neither llama.cpp nor
+//!   transformers' GGUF loader applies). Unknown pre types are refused rather than guessed.
 //!   (transformers' GGUF loader ignores `tokenizer.ggml.pre` and always uses the GPT-2 regex;
 //!   we follow llama.cpp and the original tokenizer. For SmolLM2 the ids agree anyway, its
 //!   merges never joining digits, but other vocabularies would differ on digit runs.)
@@ -26,7 +29,9 @@ use tokenizers::models::bpe::{Vocab, BPE};
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::pre_tokenizers::digits::Digits;
 use tokenizers::pre_tokenizers::sequence::Sequence;
+use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
 use tokenizers::processors::template::TemplateProcessing;
+use tokenizers::SplitDelimiterBehavior;
 use tokenizers::{AddedToken, PostProcessorWrapper, PreTokenizerWrapper};
 
 use crate::gguf::GgufFile;
@@ -58,6 +63,16 @@ const PRE_GPT2: &[&str] = &[
     "olmo",
     "roberta-bpe",
 ];
+
+/// `tokenizer.ggml.pre` values whose llama.cpp regex is Qwen2's ([`QWEN2_REGEX`]).
+const PRE_QWEN2: &[&str] = &["qwen2", "deepseek-r1-qwen"];
+
+/// The `Split` regex of Qwen2's tokenizer.json (llama.cpp spells the `(?i:...)` group out
+/// case by case; onig takes it as written).
+const QWEN2_REGEX: &str = concat!(
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}",
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+);
 
 /// A text tokenizer with its special-token ids.
 pub struct Tokenizer {
@@ -385,12 +400,23 @@ fn pre_tokenizer(pre: &str) -> std::result::Result<PreTokenizerWrapper, String> 
         Ok(byte_level.into())
     } else if PRE_DIGITS_THEN_GPT2.contains(&pre) {
         Ok(Sequence::new(vec![Digits::new(true).into(), byte_level.into()]).into())
+    } else if PRE_QWEN2.contains(&pre) {
+        // Qwen2's tokenizer.json: Split(regex, Isolated), then ByteLevel without its regex.
+        let split = Split::new(
+            SplitPattern::Regex(QWEN2_REGEX.into()),
+            SplitDelimiterBehavior::Isolated,
+            false,
+        )
+        .map_err(|e| format!("cannot build the qwen2 pre-tokenizer: {e}"))?;
+        let bytes = ByteLevel::new(false, false, false);
+        Ok(Sequence::new(vec![split.into(), bytes.into()]).into())
     } else {
         Err(format!(
             "tokenizer.ggml.pre {pre:?} is not supported (its pre-tokenizer regexes are not \
-             implemented); supported: {} and {}",
+             implemented); supported: {}, {} and {}",
             PRE_GPT2.join(", "),
-            PRE_DIGITS_THEN_GPT2.join(", ")
+            PRE_DIGITS_THEN_GPT2.join(", "),
+            PRE_QWEN2.join(", ")
         ))
     }
 }

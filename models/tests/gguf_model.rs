@@ -1,9 +1,10 @@
-//! Llama from GGUF against transformers 4.46.3.
+//! Llama and Qwen2 from GGUF against transformers (4.46.3 for Llama, 5.25.0 for Qwen2).
 //!
 //! Always run: the tiny random Llamas of scripts/golden_gguf_model.py (F32 GGUFs written with
-//! llama.cpp's q/k permutation, tied and untied) give transformers' logits on the CPU and the
-//! GPU; the config read from the metadata; malformed files (each error names the file and
-//! the tensor or key).
+//! llama.cpp's q/k permutation, tied and untied) and Qwen2s of scripts/golden_gguf_qwen2.py
+//! (q/k/v biases, q/k not permuted, tokenizer.ggml.pre "qwen2") give transformers' logits on
+//! the CPU and the GPU; the config read from the metadata; the Qwen2 tokenizer's ids;
+//! malformed and unsupported files (each error names the file and the tensor or key).
 //!
 //! `#[ignore]`d, as they need `cargo xtask assets`: the real SmolLM2-135M-Instruct Q4_1 GGUF
 //! against `AutoModelForCausalLM.from_pretrained(dir, gguf_file=...)` (f32, tied lm head):
@@ -18,9 +19,11 @@ use lathe_models::attention::TokenLayout;
 use lathe_models::config::LlamaConfig;
 use lathe_models::generate::LanguageModel;
 use lathe_models::gguf::{GgufFile, Value, ValueType};
-use lathe_models::gguf_model::{load_llama_gguf, unpermute_rows};
+use lathe_models::gguf_model::{config_from_gguf, load_gguf, load_llama_gguf, unpermute_rows};
 use lathe_models::kv_cache::KvCache;
 use lathe_models::llama::Llama;
+use lathe_models::pretrained::{Precision, Pretrained};
+use lathe_models::qwen2::{Qwen2, Qwen2Config};
 use lathe_models::Error;
 use serde_json::Value as Json;
 
@@ -78,7 +81,7 @@ fn load(path: &Path, device: &Device) -> (Llama, LlamaConfig, lathe_models::toke
 }
 
 /// Logits (B, T, V) of ids (B, T) in one full forward.
-fn logits(model: &Llama, ids: &[u32], batch: usize, device: &Device) -> Vec<f32> {
+fn logits(model: &impl LanguageModel, ids: &[u32], batch: usize, device: &Device) -> Vec<f32> {
     let t = ids.len() / batch;
     let ids = Tensor::from_vec(ids.to_vec(), &[batch, t], device).unwrap();
     let layout = TokenLayout::contiguous(batch, t, 0, device).unwrap();
@@ -172,6 +175,113 @@ fn tiny_tokenizer_comes_along() {
     assert_eq!(tokenizer.encode(" the", false).unwrap(), vec![258]);
 }
 
+// ---------------------------------------------------------------------------------------
+// Tiny random Qwen2s (scripts/golden_gguf_qwen2.py).
+
+fn qwen2_golden() -> Json {
+    read_json("gguf_qwen2_golden.json")
+}
+
+fn qwen2_logits_match(device: &Device) {
+    for case in qwen2_golden()["models"].as_array().unwrap() {
+        let file = case["file"].as_str().unwrap();
+        let (lm, tokenizer) = load_gguf(fixture(file), device).unwrap_or_else(|e| panic!("{e}"));
+        let qwen2 = lm
+            .downcast_ref::<Qwen2>()
+            .expect("a qwen2 GGUF loads as Qwen2");
+        assert_eq!(
+            qwen2.config().tie_word_embeddings,
+            case["tied"].as_bool().unwrap(),
+            "{file}"
+        );
+        assert_eq!(tokenizer.vocab_size(), 266);
+        let rows = case["input_ids"].as_array().unwrap();
+        let ids: Vec<u32> = rows.iter().flat_map(u32s).collect();
+        let got = logits(&lm, &ids, rows.len(), device);
+        let shape: Vec<usize> = u32s(&case["logits_shape"])
+            .into_iter()
+            .map(|x| x as usize)
+            .collect();
+        assert_eq!(got.len(), shape.iter().product::<usize>());
+        check(
+            &format!("{file} on {}: logits", device.name()),
+            &got,
+            &f32s(&case["logits"]),
+            GOLDEN,
+        );
+    }
+}
+
+#[test]
+fn qwen2_logits_match_transformers_cpu() {
+    qwen2_logits_match(&Device::Cpu);
+}
+
+#[test]
+fn qwen2_logits_match_transformers_gpu() {
+    qwen2_logits_match(&test_gpu());
+}
+
+#[test]
+fn qwen2_config_from_metadata() {
+    for (name, tied) in [
+        ("gguf_qwen2_tied.gguf", true),
+        ("gguf_qwen2_untied.gguf", false),
+    ] {
+        let file = GgufFile::open(fixture(name)).unwrap();
+        let c = Qwen2Config::from_gguf(&file).unwrap();
+        assert_eq!(
+            (c.vocab_size, c.hidden_size, c.num_hidden_layers),
+            (266, 32, 2)
+        );
+        assert_eq!(
+            (
+                c.num_attention_heads,
+                c.num_key_value_heads,
+                c.intermediate_size
+            ),
+            (4, Some(2), 40)
+        );
+        assert_eq!((c.rope_theta, c.rms_norm_eps as f32), (50000.0, 1e-6));
+        assert_eq!(c.max_position_embeddings, 64);
+        assert_eq!(c.tie_word_embeddings, tied);
+        assert!(!c.use_sliding_window);
+        assert_eq!(config_from_gguf(&file).unwrap().model_type(), "qwen2");
+        // The Llama reader names what it reads.
+        let e = LlamaConfig::from_gguf(&file).unwrap_err().to_string();
+        assert!(e.contains("\"qwen2\""), "{e}");
+    }
+}
+
+#[test]
+fn qwen2_tokenizer_matches_transformers() {
+    let golden = qwen2_golden();
+    let (_, tokenizer) = load_gguf(fixture("gguf_qwen2_tied.gguf"), &Device::Cpu).unwrap();
+    let texts = golden["tokenizer"]["texts"].as_array().unwrap();
+    let ids = golden["tokenizer"]["ids"].as_array().unwrap();
+    for (text, want) in texts.iter().zip(ids) {
+        let text = text.as_str().unwrap();
+        assert_eq!(
+            tokenizer.encode(text, false).unwrap(),
+            u32s(want),
+            "{text:?}"
+        );
+    }
+}
+
+#[test]
+fn pretrained_loads_a_qwen2_gguf() {
+    let loaded = Pretrained::load(
+        &fixture("gguf_qwen2_untied.gguf"),
+        &Device::Cpu,
+        Precision::F32,
+    )
+    .unwrap();
+    assert!(loaded.model.downcast_ref::<Qwen2>().is_some());
+    assert_eq!(loaded.model.config().model_type(), "qwen2");
+    assert_eq!(loaded.tokenizer.eos_id(), Some(265));
+}
+
 /// The un-permutation is the inverse of llama.cpp's `permute` (reshape (heads, 2, d/2, cols),
 /// swap axes 1 and 2), written here directly on indices.
 #[test]
@@ -202,7 +312,11 @@ struct Edit {
 
 impl Edit {
     fn of_tiny() -> Edit {
-        let file = GgufFile::open(fixture("gguf_model_tied.gguf")).unwrap();
+        Edit::of("gguf_model_tied.gguf")
+    }
+
+    fn of(name: &str) -> Edit {
+        let file = GgufFile::open(fixture(name)).unwrap();
         let tensors = file
             .tensor_infos()
             .iter()
@@ -227,6 +341,14 @@ impl Edit {
 
     fn drop_tensor(mut self, name: &str) -> Edit {
         self.tensors.retain(|t| t.0 != name);
+        self
+    }
+
+    /// Adds an f32 tensor of zeros.
+    fn add_tensor(mut self, name: &str, shape: &[usize]) -> Edit {
+        let bytes = vec![0u8; 4 * shape.iter().product::<usize>()];
+        self.tensors
+            .push((name.to_string(), shape.to_vec(), 0, bytes));
         self
     }
 
@@ -267,7 +389,7 @@ impl Edit {
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join(name);
         std::fs::write(&path, self.bytes()).unwrap();
-        let result = load_llama_gguf(&path, &Device::Cpu);
+        let result = load_gguf(&path, &Device::Cpu);
         std::fs::remove_file(&path).unwrap();
         match result {
             Ok(_) => panic!("{name}: loaded without error"),
@@ -458,6 +580,70 @@ fn tokenizer_larger_than_the_embedding_is_an_error() {
         )
         .load_error("tokens.gguf");
     assert_error(&path, &e, None, "only 263 rows");
+}
+
+#[test]
+fn qwen2_unsupported_settings_are_errors_naming_the_key() {
+    let cases = [
+        (
+            "qwen2.attention.sliding_window",
+            Value::U32(4096),
+            "qwen2.attention.sliding_window is set: sliding-window attention is not supported",
+        ),
+        (
+            "qwen2.rope.scaling.type",
+            Value::String("yarn".into()),
+            "qwen2.rope.scaling.type \"yarn\" is not supported",
+        ),
+        (
+            "qwen2.attention.key_length",
+            Value::U32(16),
+            "qwen2.attention.key_length 16 differs",
+        ),
+    ];
+    for (i, (key, value, needle)) in cases.into_iter().enumerate() {
+        let (path, e) = Edit::of("gguf_qwen2_tied.gguf")
+            .set(key, value)
+            .load_error(&format!("qwen2_key_{i}.gguf"));
+        assert_error(&path, &e, None, needle);
+    }
+    // "none" is plain rotary: it loads.
+    let dir = std::env::temp_dir().join(format!("lathe-gguf-qwen2-ok-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("none.gguf");
+    let edit = Edit::of("gguf_qwen2_tied.gguf")
+        .set("qwen2.rope.scaling.type", Value::String("none".into()));
+    std::fs::write(&path, edit.bytes()).unwrap();
+    let loaded = load_gguf(&path, &Device::Cpu);
+    std::fs::remove_file(&path).unwrap();
+    loaded.unwrap();
+}
+
+#[test]
+fn qwen2_missing_bias_and_foreign_tensors_are_errors_naming_them() {
+    let (path, e) = Edit::of("gguf_qwen2_tied.gguf")
+        .drop_tensor("blk.1.attn_k.bias")
+        .load_error("qwen2_no_bias.gguf");
+    assert_error(&path, &e, Some("blk.1.attn_k.bias"), "missing");
+    // An o_proj or MLP bias is no Qwen2 tensor: dropping it silently would change the model.
+    let (path, e) = Edit::of("gguf_qwen2_tied.gguf")
+        .add_tensor("blk.0.attn_output.bias", &[32])
+        .load_error("qwen2_o_bias.gguf");
+    assert_error(
+        &path,
+        &e,
+        Some("blk.0.attn_output.bias"),
+        "not a tensor of a qwen2 model",
+    );
+    let (path, e) = Edit::of("gguf_qwen2_untied.gguf")
+        .set("qwen2.feed_forward_length", Value::U32(48))
+        .load_error("qwen2_shape.gguf");
+    assert_error(
+        &path,
+        &e,
+        Some("blk.0.ffn_gate.weight"),
+        "[40, 32], expected [48, 32]",
+    );
 }
 
 // ---------------------------------------------------------------------------------------

@@ -312,8 +312,8 @@ fn gguf_bad_tokenizer_metadata_is_an_error() {
             "byte-level BPE (\"gpt2\") tokenizers only",
         ),
         (
-            Box::new(|kvs| set(kvs, "tokenizer.ggml.pre", Value::String("qwen2".into()))),
-            "tokenizer.ggml.pre \"qwen2\" is not supported",
+            Box::new(|kvs| set(kvs, "tokenizer.ggml.pre", Value::String("llama-bpe".into()))),
+            "tokenizer.ggml.pre \"llama-bpe\" is not supported",
         ),
         (
             Box::new(|kvs| set(kvs, "tokenizer.ggml.bos_token_id", Value::U32(27))),

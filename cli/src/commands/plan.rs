@@ -9,7 +9,7 @@ use anyhow::{bail, Context, Result};
 use lathe_core::safetensors::{SafetensorsFile, StoredDType};
 use lathe_models::config::ModelConfig;
 use lathe_models::gguf::GgufFile;
-use lathe_models::gguf_model::llama_config_from_gguf;
+use lathe_models::gguf_model::config_from_gguf;
 use lathe_models::linear::Precision;
 use lathe_models::plan::{gib, plan, Checkpoint, Job, MemoryPlan, PlanSettings};
 
@@ -81,9 +81,8 @@ pub struct PlanArgs {
 pub fn read_config(model: &Path) -> Result<ModelConfig> {
     if is_gguf(model) {
         let file = GgufFile::open_header(model)?;
-        let config = llama_config_from_gguf(&file)
-            .with_context(|| format!("planning from {}", model.display()))?;
-        return Ok(ModelConfig::new(config));
+        return config_from_gguf(&file)
+            .with_context(|| format!("planning from {}", model.display()));
     }
     let path = if model.is_dir() {
         model.join("config.json")

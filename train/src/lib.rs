@@ -5,6 +5,9 @@
 //!   optimizer step (forward and loss, backward, clip, schedule, AdamW update), and
 //!   [`sft::SftRun`] the same trainer in a run folder (metrics.jsonl, checkpoints, resume,
 //!   the final adapter).
+//! - [`dpo`]: Direct Preference Optimization as trl's `DPOTrainer` (sigmoid, IPO, hinge and
+//!   robust losses; the reference is the model with its adapters off): [`dpo::DpoTrainer`]
+//!   and [`dpo::DpoRun`], the same loop in a run folder.
 //! - [`run_dir`]: the files a training run keeps in its folder (JSONL logs, optimizer
 //!   moments, checkpoint folders swapped in by rename, trainer states), shared by SFT and PPO.
 //! - [`resume`]: fingerprints of a run's inputs and the check a resumed checkpoint must pass.
@@ -43,6 +46,7 @@
 //! # Ok::<(), lathe_train::Error>(())
 //! ```
 
+pub mod dpo;
 pub mod resume;
 pub mod run_dir;
 pub mod sft;

@@ -5,6 +5,7 @@ use std::process::ExitCode;
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 use lathe_cli::commands::device_check::{self, DeviceCheckConfig};
+use lathe_cli::commands::dpo::{self, DpoArgs};
 use lathe_cli::commands::eval::{self, EvalArgs};
 use lathe_cli::commands::generate::{self, GenerateArgs};
 use lathe_cli::commands::merge::{self, MergeArgs};
@@ -89,6 +90,17 @@ enum Command {
     ///   lathe ppo --model FILE.gguf --adapter runs/sft --reward runs/reward --data reviews.jsonl --out runs/ppo --steps 30 --batch-size 16 --mini-batch-size 4
     #[command(after_help = ppo::defaults_help())]
     Ppo(PpoArgs),
+    /// DPO on preference pairs ({"prompt", "chosen", "rejected"}), as trl's DPOTrainer.
+    ///
+    /// A fresh LoRA on the model, the reference being the same model with its adapters off
+    /// (no second copy); sigmoid, ipo, hinge or robust loss; trl's DPOConfig names as flags
+    /// and in a --config TOML file. Writes metrics.jsonl (trl's rewards/* and logps/*),
+    /// checkpoints (a rerun resumes; Ctrl-C saves and exits) and the adapter in peft's format.
+    ///
+    /// Example:
+    ///   lathe dpo --model FILE.gguf --data pairs.jsonl --out runs/dpo --beta 0.1 --learning-rate 5e-5 --max-steps 100
+    #[command(after_help = dpo::defaults_help())]
+    Dpo(DpoArgs),
     /// Predict a job's peak memory by category from a model's config.json alone, and whether
     /// it fits a budget (the training and generation commands run the same check first).
     ///
@@ -148,6 +160,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::RewardTrain(args) => reward::run_train(&args),
         Command::Score(args) => reward::run_score(&args),
         Command::Ppo(args) => ppo::run(&args),
+        Command::Dpo(args) => dpo::run(&args),
         Command::Plan(args) => plan::run(&args),
         Command::Report { run_dir } => {
             lathe_cli::report::write_report(&run_dir)?;

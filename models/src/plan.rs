@@ -26,6 +26,9 @@ pub enum Job {
     Sft,
     /// PPO: generation for the rollout, then training on minibatches, plus a value head.
     Ppo,
+    /// DPO: training on batches of chosen and rejected rows (`batch` counts rows, 2 per
+    /// pair), with their full logits for the log-probs; the reference is the same model.
+    Dpo,
 }
 
 /// How the checkpoint is stored: what loading holds beyond the weights built so far.
@@ -250,7 +253,7 @@ pub fn plan(config: &ModelConfig, s: &PlanSettings) -> MemoryPlan {
     if s.job == Job::Ppo {
         trainable += d.hidden + 1;
     }
-    let training = matches!(s.job, Job::Sft | Job::Ppo);
+    let training = matches!(s.job, Job::Sft | Job::Ppo | Job::Dpo);
     let adapters = trainable * f32b;
     // Gradients and Adam's two moments, f32 each.
     let optimizer = if training { 3 * trainable * f32b } else { 0 };
@@ -258,7 +261,7 @@ pub fn plan(config: &ModelConfig, s: &PlanSettings) -> MemoryPlan {
     let (b, t) = (s.batch as u64, s.seq_len as u64);
     let kv_cache = match s.job {
         Job::Generate | Job::Ppo => 2 * d.layers * b * t * d.kv_width * f32b,
-        Job::Sft | Job::Score => 0,
+        Job::Sft | Job::Score | Job::Dpo => 0,
     };
     // Floats one block keeps per token for its backward: norm inputs and outputs, the
     // projections' outputs, the heads split and rotated, attention probabilities (heads x T),
@@ -292,7 +295,7 @@ pub fn plan(config: &ModelConfig, s: &PlanSettings) -> MemoryPlan {
     let fused_loss = !s.on_gpu && !s.embeddings_f16 && s.precision != Precision::F16;
     let logits = match s.job {
         Job::Generate => b * t * d.vocab * f32b,
-        Job::Score | Job::Ppo => 2 * b * t * d.vocab * f32b,
+        Job::Score | Job::Ppo | Job::Dpo => 2 * b * t * d.vocab * f32b,
         Job::Sft if fused_loss => (tb * t * d.vocab).min(6 << 20) * f32b,
         Job::Sft => 2 * tb * t * d.vocab * f32b,
     };

@@ -1,6 +1,7 @@
 //! One file per `lathe` subcommand: its flags and its `run`.
 
 pub mod device_check;
+pub mod dpo;
 pub mod eval;
 pub mod generate;
 pub mod merge;

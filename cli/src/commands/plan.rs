@@ -234,7 +234,7 @@ pub fn advice(settings: &PlanSettings) -> Vec<&'static str> {
     if !settings.embeddings_f16 {
         advice.push("--embeddings-f16");
     }
-    if matches!(settings.job, Job::Sft | Job::Ppo) && !settings.gradient_checkpointing {
+    if matches!(settings.job, Job::Sft | Job::Ppo | Job::Dpo) && !settings.gradient_checkpointing {
         advice.push("gradient checkpointing");
     }
     advice.push("a smaller batch or shorter sequences");

@@ -9,12 +9,15 @@
 //!   minibatches, the KL controller update, every statistic trl logs.
 //! - [`rollout`]: queries and responses as the seed samples them, and the [`rollout::Reward`]
 //!   trait through which any scorer plugs in (a closure is one).
+//! - [`grpo`]: GRPO as trl's `GRPOTrainer`: group-relative advantages and its loss
+//!   variants, on the same LoRA policy whose reference is its adapters off.
 //! - [`run`]: [`PpoRun`], the trainer in a run folder (lathe-train's): queries drawn from
 //!   texts, responses sampled and scored, metrics, samples, checkpoints, exact resume.
 //!
 //! This crate knows nothing of a particular reward model.
 
 pub mod config;
+pub mod grpo;
 pub mod loss;
 pub mod math;
 pub mod rollout;

@@ -4,9 +4,13 @@
 //!
 //! - [`advantages`]: rewards to advantages (`scale_rewards`, several weighted functions).
 //! - [`loss`]: the per-token loss and its gradient (`loss_type` grpo, bnpo, dr_grpo, dapo).
+//! - [`trainer`]: [`GrpoTrainer::step`]: generate G completions per prompt, score, advantages,
+//!   `num_iterations` optimizer steps over the batch.
 
 pub mod advantages;
 pub mod loss;
+pub mod trainer;
 
 pub use advantages::{group_advantages, Advantages, Aggregation, ScaleRewards};
 pub use loss::{grpo_loss, GrpoLoss, GrpoLossOutput, LossSettings, TokenBatch};
+pub use trainer::{GrpoConfig, GrpoStepStats, GrpoTrainer, REWARD_FUNCS};

@@ -184,3 +184,69 @@ fn settings_grpo_cannot_run_are_refused() {
         assert!(e.contains(want), "{want}: {e}");
     }
 }
+
+#[test]
+fn a_run_resumed_from_its_checkpoint_equals_the_uninterrupted_one() {
+    use lathe_ppo::grpo::GrpoRun;
+    use lathe_train::resume::ResumeOptions;
+    let root = std::env::temp_dir().join(format!("lathe-grpo-resume-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    let config = GrpoConfig {
+        max_steps: 8,
+        save_steps: 4,
+        lora_dropout: 0.1,
+        ..config()
+    };
+    let texts: Vec<String> = ["the film was great", "a slow plot", "actors did well"]
+        .map(String::from)
+        .to_vec();
+    let run_to = |out: &std::path::Path, stop_after: Option<usize>| {
+        let pretrained = fixture();
+        let mut run = GrpoRun::open(
+            pretrained.model,
+            &pretrained.tokenizer,
+            &texts,
+            &config,
+            out,
+            &Device::Cpu,
+            &ResumeOptions::default(),
+        )
+        .unwrap();
+        let mut reward = letters;
+        while !run.done() {
+            let stats = run.step(&mut reward).unwrap();
+            if run.checkpoint_due() {
+                run.save_checkpoint().unwrap();
+            }
+            if stop_after == Some(stats.step) {
+                return;
+            }
+        }
+        run.finish().unwrap();
+    };
+    let (whole, split) = (root.join("whole"), root.join("split"));
+    run_to(&whole, None);
+    run_to(&split, Some(4));
+    assert!(!split.join("run.json").exists());
+    run_to(&split, None);
+    let read = |dir: &std::path::Path, name: &str| std::fs::read(dir.join(name)).unwrap();
+    assert_eq!(
+        read(&whole, "adapter_model.safetensors"),
+        read(&split, "adapter_model.safetensors")
+    );
+    let without_time = |dir: &std::path::Path| -> Vec<serde_json::Value> {
+        String::from_utf8(read(dir, "metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| {
+                let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
+                v.as_object_mut().unwrap().remove("time/step_s");
+                v
+            })
+            .collect()
+    };
+    assert_eq!(without_time(&whole), without_time(&split));
+    assert_eq!(without_time(&whole).len(), 8);
+    assert_eq!(read(&whole, "samples.jsonl"), read(&split, "samples.jsonl"));
+    let _ = std::fs::remove_dir_all(&root);
+}

@@ -8,6 +8,7 @@ use lathe_cli::commands::device_check::{self, DeviceCheckConfig};
 use lathe_cli::commands::dpo::{self, DpoArgs};
 use lathe_cli::commands::eval::{self, EvalArgs};
 use lathe_cli::commands::generate::{self, GenerateArgs};
+use lathe_cli::commands::grpo::{self, GrpoArgs};
 use lathe_cli::commands::merge::{self, MergeArgs};
 use lathe_cli::commands::pipeline::{self, PipelineArgs};
 use lathe_cli::commands::plan::{self, PlanArgs};
@@ -101,6 +102,20 @@ enum Command {
     ///   lathe dpo --model FILE.gguf --data pairs.jsonl --out runs/dpo --beta 0.1 --learning-rate 5e-5 --max-steps 100
     #[command(after_help = dpo::defaults_help())]
     Dpo(DpoArgs),
+    /// GRPO towards a reward model, as trl's GRPOTrainer: G completions per prompt, group-
+    /// relative advantages, no value head.
+    ///
+    /// A fresh LoRA on the model, the reference being the same model with its adapters off
+    /// (the KL term with --beta > 0); reward functions "model" (--reward) and "length",
+    /// weighted; loss types grpo, bnpo, dr_grpo, dapo; trl's GRPOConfig names as flags and in
+    /// a --config TOML file. Writes metrics.jsonl, samples.jsonl, checkpoints (a rerun
+    /// resumes; Ctrl-C saves at the next generation batch and exits), the adapter in peft's
+    /// format and report.html.
+    ///
+    /// Example:
+    ///   lathe grpo --model FILE.gguf --reward runs/reward --data reviews.jsonl --out runs/grpo --num-generations 4 --max-completion-length 16 --max-steps 30
+    #[command(after_help = grpo::defaults_help())]
+    Grpo(GrpoArgs),
     /// Predict a job's peak memory by category from a model's config.json alone, and whether
     /// it fits a budget (the training and generation commands run the same check first).
     ///
@@ -161,6 +176,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Score(args) => reward::run_score(&args),
         Command::Ppo(args) => ppo::run(&args),
         Command::Dpo(args) => dpo::run(&args),
+        Command::Grpo(args) => grpo::run(&args),
         Command::Plan(args) => plan::run(&args),
         Command::Report { run_dir } => {
             lathe_cli::report::write_report(&run_dir)?;

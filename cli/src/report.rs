@@ -1,6 +1,8 @@
-//! `lathe report RUN_DIR`: a self-contained HTML page of a PPO run (inline SVG plots of the
-//! mean reward, KL, entropy and losses per step, with axes and values, and tables of sampled
-//! responses), plus the same curves as PNG files for tools that take images.
+//! `lathe report RUN_DIR`: a self-contained HTML page of a PPO, GRPO or DPO run (inline SVG
+//! plots of its curves per step: PPO's mean reward, KL, entropy and losses; GRPO's reward,
+//! KL, completion length, loss and clipping; DPO's loss, implicit rewards and accuracy;
+//! with axes and values, and tables of sampled responses), plus the same curves as PNG
+//! files for tools that take images.
 
 use std::fmt::Write as _;
 use std::path::Path;
@@ -10,21 +12,87 @@ use serde_json::Value;
 
 use crate::png::plot_bounds;
 
-/// The curves drawn: (file stem, title, metric keys).
-const PLOTS: [(&str, &str, &[&str]); 4] = [
-    ("reward", "Mean reward", &["env/reward_mean"]),
-    ("kl", "KL to the reference", &["objective/kl"]),
-    (
-        "entropy",
-        "Entropy of the responses (nats)",
-        &["objective/entropy"],
-    ),
-    (
-        "losses",
-        "PPO losses",
-        &["ppo/loss/total", "ppo/loss/policy", "ppo/loss/value"],
-    ),
-];
+/// What a run's report shows: its curves (file stem, title, metric keys), the metric its
+/// summary line follows, and the sample table's columns.
+struct Layout {
+    algorithm: &'static str,
+    plots: &'static [(&'static str, &'static str, &'static [&'static str])],
+    /// The summary's metric, and its name in the sentence.
+    headline: (&'static str, &'static str),
+    kl: Option<&'static str>,
+    /// samples.jsonl's (prompt, completion) keys.
+    sample_keys: (&'static str, &'static str),
+}
+
+const PPO: Layout = Layout {
+    algorithm: "PPO",
+    plots: &[
+        ("reward", "Mean reward", &["env/reward_mean"]),
+        ("kl", "KL to the reference", &["objective/kl"]),
+        (
+            "entropy",
+            "Entropy of the responses (nats)",
+            &["objective/entropy"],
+        ),
+        (
+            "losses",
+            "PPO losses",
+            &["ppo/loss/total", "ppo/loss/policy", "ppo/loss/value"],
+        ),
+    ],
+    headline: ("env/reward_mean", "Mean reward"),
+    kl: Some("objective/kl"),
+    sample_keys: ("query", "response"),
+};
+
+const GRPO: Layout = Layout {
+    algorithm: "GRPO",
+    plots: &[
+        ("reward", "Mean reward", &["reward"]),
+        ("kl", "KL to the reference (k3)", &["kl"]),
+        (
+            "length",
+            "Completion length (tokens)",
+            &["completions/mean_length"],
+        ),
+        (
+            "losses",
+            "GRPO loss and clipped share",
+            &["loss", "clip_ratio/region_mean"],
+        ),
+    ],
+    headline: ("reward", "Mean reward"),
+    kl: Some("kl"),
+    sample_keys: ("prompt", "completion"),
+};
+
+const DPO: Layout = Layout {
+    algorithm: "DPO",
+    plots: &[
+        ("loss", "DPO loss", &["loss"]),
+        (
+            "rewards",
+            "Implicit rewards",
+            &["rewards/chosen", "rewards/rejected", "rewards/margins"],
+        ),
+        ("accuracy", "Preference accuracy", &["rewards/accuracies"]),
+    ],
+    headline: ("rewards/margins", "Reward margin"),
+    kl: None,
+    sample_keys: ("prompt", "completion"),
+};
+
+/// The layout of a run from the metrics it logged.
+fn layout_of(metrics: &[Value]) -> &'static Layout {
+    let has = |key: &str| metrics.first().is_some_and(|m| m.get(key).is_some());
+    if has("rewards/margins") {
+        &DPO
+    } else if has("env/reward_mean") || !has("reward") {
+        &PPO
+    } else {
+        &GRPO
+    }
+}
 
 const COLORS: [(u8, u8, u8); 3] = [(31, 119, 180), (214, 39, 40), (44, 160, 44)];
 
@@ -117,7 +185,7 @@ pub fn write_report(run_dir: &Path) -> Result<()> {
     let metrics_path = run_dir.join("metrics.jsonl");
     if !metrics_path.is_file() {
         bail!(
-            "{}: no metrics.jsonl (is this a `lathe ppo` run directory?)",
+            "{}: no metrics.jsonl (is this a `lathe ppo`, `grpo` or `dpo` run directory?)",
             run_dir.display()
         );
     }
@@ -127,16 +195,20 @@ pub fn write_report(run_dir: &Path) -> Result<()> {
     } else {
         Vec::new()
     };
-    let mut html = String::from(
-        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>lathe PPO report</title>\
-         <style>body{font-family:sans-serif;max-width:1340px;margin:1em auto;padding:0 1em}\
+    let layout = layout_of(&metrics);
+    let algorithm = layout.algorithm;
+    let mut html = format!(
+        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>lathe {algorithm} report</title>"
+    );
+    html.push_str(
+        "<style>body{font-family:sans-serif;max-width:1340px;margin:1em auto;padding:0 1em}\
          .plots{display:flex;flex-wrap:wrap;gap:12px}table{border-collapse:collapse;width:100%;margin:1em 0}\
          td,th{border:1px solid #ccc;padding:4px 6px;font-size:13px;vertical-align:top}th{background:#f4f4f4}\
          </style></head><body>\n",
     );
     let _ = writeln!(
         html,
-        "<h1>PPO run: {}</h1>",
+        "<h1>{algorithm} run: {}</h1>",
         escape(&run_dir.display().to_string())
     );
     let first_last = |key: &str| {
@@ -146,19 +218,23 @@ pub fn write_report(run_dir: &Path) -> Result<()> {
         let mean = |p: &[(f64, f64)]| p.iter().map(|x| x.1).sum::<f64>() / p.len().max(1) as f64;
         (n > 0).then(|| (mean(&s[..k]), mean(&s[n - k..])))
     };
-    if let (Some((r0, r1)), Some((_, kl))) =
-        (first_last("env/reward_mean"), first_last("objective/kl"))
-    {
+    let (key, name) = layout.headline;
+    if let Some((r0, r1)) = first_last(key) {
+        let kl = layout
+            .kl
+            .and_then(first_last)
+            .map(|(_, kl)| format!("; KL to the reference over the last 5 steps {kl:.3}"))
+            .unwrap_or_default();
         let _ = writeln!(
             html,
-            "<p id=\"summary\">{} steps. Mean reward of the first 5 steps {r0:.3}, of the last 5 {r1:.3} \
-             ({:+.3}); KL to the reference over the last 5 steps {kl:.3}.</p>",
+            "<p id=\"summary\">{} steps. {name} of the first 5 steps {r0:.3}, of the last 5 {r1:.3} \
+             ({:+.3}){kl}.</p>",
             metrics.len(),
             r1 - r0
         );
     }
     html.push_str("<div class=\"plots\">\n");
-    for (stem, title, keys) in PLOTS {
+    for &(stem, title, keys) in layout.plots {
         let all: Vec<Vec<(f64, f64)>> = keys.iter().map(|k| series(&metrics, k)).collect();
         html.push_str(&svg_plot(title, keys, &all));
         html.push('\n');
@@ -179,14 +255,16 @@ pub fn write_report(run_dir: &Path) -> Result<()> {
         }
         let _ = writeln!(
             html,
-            "<h2>Samples of the {label} step ({step})</h2><table class=\"samples\"><tr><th>query</th><th>response</th><th>reward</th></tr>"
+            "<h2>Samples of the {label} step ({step})</h2><table class=\"samples\"><tr><th>{}</th><th>{}</th><th>reward</th></tr>",
+            layout.sample_keys.0,
+            layout.sample_keys.1
         );
         for r in rows {
             let _ = writeln!(
                 html,
                 "<tr><td>{}</td><td>{}</td><td>{:.3}</td></tr>",
-                escape(r["query"].as_str().unwrap_or("")),
-                escape(r["response"].as_str().unwrap_or("")),
+                escape(r[layout.sample_keys.0].as_str().unwrap_or("")),
+                escape(r[layout.sample_keys.1].as_str().unwrap_or("")),
                 r["reward"].as_f64().unwrap_or(f64::NAN)
             );
         }

@@ -2,7 +2,7 @@
 //! (`{"prompt", "chosen", "rejected"}`), the reference being the same model with its
 //! adapters off. The trainer and its run folder are `lathe_train::dpo`'s; this is the
 //! command: flags and `--config` (trl's DPOConfig names), the memory plan from the
-//! tokenized pairs, the progress display, Ctrl-C.
+//! tokenized pairs, the progress display, Ctrl-C, and the report.
 
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
@@ -196,6 +196,7 @@ pub fn run(args: &DpoArgs) -> Result<()> {
     }
     progress.finish();
     let summary = run.finish()?;
+    crate::report::write_report(&args.out)?;
     let (first, last) = (
         summary.losses.first().copied().unwrap_or(f64::NAN),
         summary.losses.last().copied().unwrap_or(f64::NAN),

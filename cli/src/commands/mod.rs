@@ -4,6 +4,7 @@ pub mod device_check;
 pub mod dpo;
 pub mod eval;
 pub mod generate;
+pub mod grpo;
 pub mod merge;
 pub mod pipeline;
 pub mod plan;

@@ -270,3 +270,76 @@ fn a_stage_rerun_on_a_full_disk_keeps_the_earlier_run() {
         "the failed rerun changed the run folder: {message}"
     );
 }
+
+/// `--algorithm grpo|dpo`: the third stage is GRPO (on the same reward model) or DPO (on
+/// pairs built from the labelled sentences), in its own folder with its adapter, metrics and
+/// report; switching the algorithm keeps the finished first stages.
+#[test]
+fn the_pipeline_runs_grpo_or_dpo_as_its_third_stage() {
+    use lathe_cli::commands::pipeline::Algorithm;
+    let root = std::env::temp_dir().join(format!("lathe-pipeline-algo-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    let inputs = tiny_inputs(&root.join("data"));
+    let out = root.join("run");
+    let mut settings = tiny_settings();
+    settings.algorithm = Algorithm::Grpo;
+    settings.grpo.num_generations = 2;
+    settings.grpo.per_device_train_batch_size = 4;
+    settings.grpo.gradient_accumulation_steps = 1;
+    settings.grpo.max_completion_length = 3;
+    settings.grpo.max_steps = 2;
+    settings.grpo.lora_r = 4;
+    settings.grpo.prompt_length = LengthRange { min: 2, max: 3 };
+    let grpo = run_pipeline(&inputs, &settings, &out, &Device::Cpu, false).unwrap();
+    assert_eq!(
+        statuses(&grpo),
+        pairs(&[
+            ("reward", "ran"),
+            ("sft", "ran"),
+            ("merged", "ran"),
+            ("grpo", "ran")
+        ])
+    );
+    let (algorithm, rewards) = grpo.third.as_ref().unwrap();
+    assert_eq!(*algorithm, Algorithm::Grpo);
+    assert_eq!(rewards.len(), 2);
+    assert!(rewards.iter().all(|r| r.is_finite()));
+    for file in [
+        "grpo/adapter_model.safetensors",
+        "grpo/metrics.jsonl",
+        "grpo/report.html",
+    ] {
+        assert!(out.join(file).is_file(), "{file} missing");
+    }
+
+    settings.algorithm = Algorithm::Dpo;
+    settings.dpo.per_device_train_batch_size = 2;
+    settings.dpo.max_steps = Some(2);
+    settings.dpo.max_length = 32;
+    settings.dpo.lora_r = 4;
+    let dpo = run_pipeline(&inputs, &settings, &out, &Device::Cpu, false).unwrap();
+    assert_eq!(
+        statuses(&dpo),
+        pairs(&[
+            ("reward", "skipped"),
+            ("sft", "skipped"),
+            ("merged", "skipped"),
+            ("dpo", "ran")
+        ])
+    );
+    let (algorithm, margins) = dpo.third.as_ref().unwrap();
+    assert_eq!(*algorithm, Algorithm::Dpo);
+    assert_eq!(margins.len(), 2);
+    // The first step's policy is the reference (fresh adapters): a zero reward margin; the
+    // second step's, after one update, is not.
+    assert_eq!(margins[0], 0.0, "{margins:?}");
+    assert!(margins[1].is_finite() && margins[1] != 0.0, "{margins:?}");
+    for file in [
+        "dpo/adapter_model.safetensors",
+        "dpo/metrics.jsonl",
+        "dpo/report.html",
+    ] {
+        assert!(out.join(file).is_file(), "{file} missing");
+    }
+    let _ = std::fs::remove_dir_all(&root);
+}

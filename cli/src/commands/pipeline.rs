@@ -1,7 +1,9 @@
 //! `lathe pipeline`: the seed's whole job on the packaged assets, stage by stage:
 //! reward model (a head on all-MiniLM-L6-v2, from the labelled sentences) -> LoRA SFT of the
 //! causal LM on the IMDB sentences -> merge -> PPO towards positive reviews with a fresh LoRA
-//! on the merged model -> the HTML report.
+//! on the merged model -> the HTML report. `--algorithm grpo` runs GRPO towards the same
+//! reward instead of PPO, `--algorithm dpo` DPO on pairs of the labelled sentences (a
+//! positive one chosen over a negative one).
 //!
 //! Each stage writes its own folder under the run directory and records, in
 //! `<stage>.stage.json` beside it, the settings and input fingerprints it ran with. A stage
@@ -27,6 +29,8 @@ use sha2::{Digest, Sha256};
 use crate::commands::ppo::PpoFile;
 use crate::commands::reward::{RewardInputs, RewardJob, RewardTrainSettings};
 use crate::commands::sft::SftConfig;
+use lathe_ppo::grpo::GrpoConfig;
+use lathe_train::dpo::{tokenize_pairs, DpoConfig, DpoRun, PreferencePair};
 
 /// The inputs of a pipeline run.
 #[derive(Clone, Debug)]
@@ -48,7 +52,11 @@ pub struct Inputs {
 pub struct Settings {
     pub reward: RewardTrainSettings,
     pub sft: SftConfig,
+    /// The third stage's algorithm, and each algorithm's settings.
+    pub algorithm: Algorithm,
     pub ppo: PpoFile,
+    pub grpo: GrpoConfig,
+    pub dpo: DpoConfig,
     pub seed: u64,
 }
 
@@ -75,11 +83,57 @@ impl Settings {
         ppo.ppo.learning_rate = 3e-4;
         ppo.ppo.early_stopping = true;
         ppo.run.steps = 100;
+        // GRPO with PPO's budget: 16 completions a step (4 prompts x 4), as long as PPO's
+        // longest responses, the KL term on (trl's paper setting), PPO's learning rate.
+        let grpo = GrpoConfig {
+            num_generations: 4,
+            per_device_train_batch_size: 8,
+            gradient_accumulation_steps: 2,
+            max_completion_length: 15,
+            beta: 0.04,
+            learning_rate: 3e-4,
+            max_steps: 100,
+            ..GrpoConfig::default()
+        };
+        // DPO on the labelled sentences: a positive one chosen over a negative one.
+        let dpo = DpoConfig {
+            per_device_train_batch_size: 8,
+            learning_rate: 2e-4,
+            max_steps: Some(40),
+            max_length: 128,
+            ..DpoConfig::default()
+        };
         Settings {
             reward: RewardTrainSettings::default(),
             sft,
+            algorithm: Algorithm::Ppo,
             ppo,
+            grpo,
+            dpo,
             seed: 0,
+        }
+    }
+}
+
+/// The algorithm of the third stage.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Algorithm {
+    /// trl's classic PPO (the seed's).
+    Ppo,
+    /// GRPO: G completions per prompt, group advantages, no value head.
+    Grpo,
+    /// DPO on preference pairs from the labelled sentences.
+    Dpo,
+}
+
+impl Algorithm {
+    /// The stage's name and folder.
+    pub fn stage(self) -> &'static str {
+        match self {
+            Algorithm::Ppo => PPO,
+            Algorithm::Grpo => "grpo",
+            Algorithm::Dpo => "dpo",
         }
     }
 }
@@ -105,9 +159,14 @@ fn outputs_parse(stage: &str, dir: &Path) -> Result<()> {
             &["adapter_model.safetensors"],
             &[],
         ),
-        _ => (
+        PPO => (
             &["adapter_config.json", "run.json"],
             &["adapter_model.safetensors", "value_head.safetensors"],
+            &["report.html"],
+        ),
+        _ => (
+            &["adapter_config.json", "run.json"],
+            &["adapter_model.safetensors"],
             &["report.html"],
         ),
     };
@@ -232,7 +291,9 @@ fn input_hashes(inputs: &Inputs) -> Result<serde_json::Value> {
 pub struct Outcome {
     /// (stage, "ran" | "skipped", seconds).
     pub stages: Vec<(String, String, f64)>,
-    pub ppo: Option<crate::commands::ppo::PpoSummary>,
+    /// The third stage's algorithm and the headline figure of each of its steps: the mean
+    /// reward (PPO, GRPO) or the reward margin (DPO).
+    pub third: Option<(Algorithm, Vec<f64>)>,
 }
 
 /// Runs (or skips) every stage into `out`.
@@ -248,7 +309,7 @@ pub fn run_pipeline(
     let mut outcome = Outcome::default();
     let dir = |stage: &str| out.join(stage);
     if force {
-        for stage in [REWARD, SFT, MERGED, PPO] {
+        for stage in [REWARD, SFT, MERGED, settings.algorithm.stage()] {
             let _ = std::fs::remove_dir_all(dir(stage));
             let _ = std::fs::remove_file(stage_record_path(out, stage));
         }
@@ -277,7 +338,8 @@ pub fn run_pipeline(
             .is_some_and(|r| r["stage"] == want);
         if path.exists()
             && record_matches
-            && (name == SFT || name == PPO)
+            && name != REWARD
+            && name != MERGED
             && reason == "it did not finish"
         {
             // Same settings and inputs: the stage's own checkpoint resumes it.
@@ -404,38 +466,110 @@ pub fn run_pipeline(
         crate::commands::merge::merge(&inputs.model, &dir(SFT), path)
     })?;
 
-    let mut ppo_summary = None;
     let merged_fp = fp(&dir(MERGED))?;
     let reward_fp = fp(&dir(REWARD))?;
-    let ppo_want = json!({
-        "settings": { "ppo": ppo_file },
-        "inputs": { "merged": merged_fp, "reward": reward_fp, "texts": texts_fp },
-    });
-    stage(PPO, ppo_want, &mut |path| {
-        let texts = crate::texts::read_texts(&inputs.texts, "text")?;
-        let pretrained = Pretrained::load(&dir(MERGED), device, Precision::F32)?;
-        let mut reward = crate::reward_glue::load_reward(&dir(REWARD), device)?;
+    let algorithm = settings.algorithm;
+    let mut grpo_config = settings.grpo.clone();
+    grpo_config.seed = settings.seed;
+    let mut dpo_config = settings.dpo.clone();
+    dpo_config.seed = settings.seed;
+    let third_settings = match algorithm {
+        Algorithm::Ppo => json!({ "ppo": ppo_file }),
+        Algorithm::Grpo => json!({ "grpo": grpo_config }),
+        Algorithm::Dpo => json!({ "dpo": dpo_config }),
+    };
+    let mut third_inputs = json!({ "merged": merged_fp, "texts": texts_fp });
+    match algorithm {
+        Algorithm::Dpo => {
+            for (i, p) in inputs.reward_data.iter().enumerate() {
+                third_inputs[format!("labelled{i}")] = json!(fp(p)?);
+            }
+        }
+        _ => third_inputs["reward"] = json!(reward_fp),
+    }
+    let third_want = json!({ "settings": third_settings, "inputs": third_inputs });
+    let mut headline = None;
+    stage(algorithm.stage(), third_want, &mut |path| {
+        let mut pretrained = Pretrained::load(&dir(MERGED), device, Precision::F32)?;
         let options = crate::resume::ResumeOptions {
             model: Some(crate::resume::model_fingerprint(&dir(MERGED), "F32", None)?),
-            reward: Some(reward_fp.clone()),
+            reward: (algorithm != Algorithm::Dpo).then(|| reward_fp.clone()),
             anyway: false,
         };
-        let summary = crate::commands::ppo::train_with(
-            pretrained.model,
-            &pretrained.tokenizer,
-            &texts,
-            reward.as_mut(),
-            &ppo_file,
-            path,
-            device,
-            &AtomicBool::new(false),
-            None,
-            &options,
-        )?;
-        ppo_summary = Some(summary);
+        let never = AtomicBool::new(false);
+        headline = Some(match algorithm {
+            Algorithm::Dpo => {
+                let pairs = preference_pairs(&inputs.reward_data)?;
+                let tokens = tokenize_pairs(&pairs, &pretrained.tokenizer, dpo_config.max_length)?;
+                let pad = pretrained
+                    .tokenizer
+                    .pad_id()
+                    .or(pretrained.tokenizer.eos_id())
+                    .unwrap_or(0);
+                let mut run = DpoRun::open(
+                    &mut pretrained.model,
+                    &tokens,
+                    &dpo_config,
+                    pad,
+                    path,
+                    device,
+                    &options,
+                )?;
+                let mut progress =
+                    crate::progress::Progress::new("dpo", run.trainer().plan().total_steps);
+                let start = run.start_step();
+                while !run.done() {
+                    let record = run.step()?;
+                    progress.update(
+                        record.stats.step,
+                        start,
+                        &format!("loss {:.4}", record.stats.loss),
+                    );
+                    if run.checkpoint_due() {
+                        run.save_checkpoint()?;
+                    }
+                }
+                progress.finish();
+                let summary = run.finish()?;
+                crate::report::write_report(path)?;
+                summary.margins
+            }
+            _ => {
+                let texts = crate::texts::read_texts(&inputs.texts, "text")?;
+                let mut reward = crate::reward_glue::load_reward(&dir(REWARD), device)?;
+                if algorithm == Algorithm::Ppo {
+                    let summary = crate::commands::ppo::train_with(
+                        pretrained.model,
+                        &pretrained.tokenizer,
+                        &texts,
+                        reward.as_mut(),
+                        &ppo_file,
+                        path,
+                        device,
+                        &never,
+                        None,
+                        &options,
+                    )?;
+                    summary.mean_rewards.iter().map(|&r| r as f64).collect()
+                } else {
+                    crate::commands::grpo::train(
+                        pretrained.model,
+                        &pretrained.tokenizer,
+                        &texts,
+                        reward.as_mut(),
+                        &grpo_config,
+                        path,
+                        device,
+                        &never,
+                        &options,
+                    )?
+                    .mean_rewards
+                }
+            }
+        });
         Ok(())
     })?;
-    outcome.ppo = ppo_summary;
+    outcome.third = headline.map(|h| (algorithm, h));
 
     let manifest = json!({
         "lathe_version": env!("CARGO_PKG_VERSION"),
@@ -450,7 +584,7 @@ pub fn run_pipeline(
             "texts": inputs.texts.display().to_string(),
         },
         "input_sha256": input_hashes(inputs)?,
-        "settings": { "reward": reward_settings, "sft": sft_config, "ppo": ppo_file },
+        "settings": { "reward": reward_settings, "sft": sft_config, "algorithm": algorithm, "third": third_settings },
         "stages": outcome.stages.iter().map(|(s, what, secs)| json!({"stage": s, "status": what, "seconds": secs})).collect::<Vec<_>>(),
         "total_seconds": started.elapsed().as_secs_f64(),
     });
@@ -459,6 +593,39 @@ pub fn run_pipeline(
         serde_json::to_string_pretty(&manifest)?.as_bytes(),
     )?;
     Ok(outcome)
+}
+
+/// DPO's pairs from labelled sentences: the k-th positive sentence chosen over the k-th
+/// negative one (as many pairs as the smaller class), after an empty prompt: the policy
+/// learns to prefer positive text, the objective PPO and GRPO reach through the reward model.
+pub fn preference_pairs(labelled: &[PathBuf]) -> Result<Vec<PreferencePair>> {
+    let mut positive = Vec::new();
+    let mut negative = Vec::new();
+    for path in labelled {
+        for e in lathe_reward::data::load(path)?.examples {
+            if e.label == 1 {
+                positive.push(e.text);
+            } else {
+                negative.push(e.text);
+            }
+        }
+    }
+    if positive.is_empty() || negative.is_empty() {
+        bail!(
+            "the labelled data has {} positive and {} negative sentences: DPO's pairs need both",
+            positive.len(),
+            negative.len()
+        );
+    }
+    Ok(positive
+        .into_iter()
+        .zip(negative)
+        .map(|(chosen, rejected)| PreferencePair {
+            prompt: String::new(),
+            chosen,
+            rejected,
+        })
+        .collect())
 }
 
 fn git_commit() -> Option<String> {
@@ -534,7 +701,10 @@ pub struct PipelineArgs {
     pub device: crate::device::DeviceArg,
     #[arg(long)]
     pub allow_software_gpu: bool,
-    /// PPO steps (the demo's default fits the time budget of a 2-core CPU).
+    /// The third stage: ppo (the seed's), grpo or dpo.
+    #[arg(long, value_enum, default_value = "ppo")]
+    pub algorithm: Algorithm,
+    /// PPO or GRPO steps (the demo's default fits the time budget of a 2-core CPU).
     #[arg(long)]
     pub ppo_steps: Option<usize>,
     /// SFT optimizer steps.
@@ -561,8 +731,10 @@ pub fn run(args: &PipelineArgs) -> Result<()> {
     let inputs = packaged_inputs(&assets, &args.out.join("data"))?;
     let mut settings = Settings::demo();
     settings.seed = args.seed;
+    settings.algorithm = args.algorithm;
     if let Some(steps) = args.ppo_steps {
         settings.ppo.run.steps = steps;
+        settings.grpo.max_steps = steps;
     }
     if let Some(steps) = args.sft_steps {
         settings.sft.max_steps = Some(steps);
@@ -577,22 +749,29 @@ pub fn run(args: &PipelineArgs) -> Result<()> {
     for (stage, status, secs) in &outcome.stages {
         eprintln!("  {stage:7} {status:8} {secs:6.0} s");
     }
-    if let Some(ppo) = &outcome.ppo {
-        let n = ppo.mean_rewards.len();
+    if let Some((algorithm, values)) = &outcome.third {
+        let n = values.len();
         let k = n.min(10);
         if k > 0 {
-            let mean = |v: &[f32]| v.iter().sum::<f32>() / v.len() as f32;
+            let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
+            let what = match algorithm {
+                Algorithm::Dpo => "DPO reward margin",
+                Algorithm::Ppo => "PPO mean reward",
+                Algorithm::Grpo => "GRPO mean reward",
+            };
             eprintln!(
-                "  PPO mean reward: first {k} steps {:.3}, last {k} steps {:.3}; KL at the end {:.3}",
-                mean(&ppo.mean_rewards[..k]),
-                mean(&ppo.mean_rewards[n - k..]),
-                ppo.kls[n - 1]
+                "  {what}: first {k} steps {:.3}, last {k} steps {:.3}",
+                mean(&values[..k]),
+                mean(&values[n - k..]),
             );
         }
     }
     eprintln!(
         "  report: {}",
-        args.out.join(PPO).join("report.html").display()
+        args.out
+            .join(args.algorithm.stage())
+            .join("report.html")
+            .display()
     );
     Ok(())
 }

@@ -117,6 +117,32 @@ impl TokenLayout {
         )
     }
 
+    /// The same layout with every row `group` times in a row (row b becomes rows
+    /// b*group..(b+1)*group): the layout of a prompt's G samples.
+    pub fn repeat_rows(&self, group: usize) -> Result<TokenLayout> {
+        let [batch, seq] = *self.positions.shape() else {
+            unreachable!("positions are (B, T)")
+        };
+        let positions_host: Vec<u32> = (0..batch)
+            .flat_map(|b| std::iter::repeat_n(&self.positions_host[b * seq..(b + 1) * seq], group))
+            .flatten()
+            .copied()
+            .collect();
+        let key_ranges = self.key_ranges.as_ref().map(|ranges| {
+            ranges
+                .iter()
+                .flat_map(|&r| std::iter::repeat_n(r, group))
+                .collect()
+        });
+        TokenLayout::new(
+            positions_host,
+            batch * group,
+            seq,
+            key_ranges,
+            self.positions.device(),
+        )
+    }
+
     /// (B, T) u32 positions.
     pub fn positions(&self) -> &Tensor {
         &self.positions

@@ -160,26 +160,59 @@ pub fn generate<M: LanguageModel + ?Sized>(
     config: &GenerateConfig,
     device: &Device,
 ) -> Result<Vec<Vec<u32>>> {
+    generate_groups(model, prompts, 1, config, device)
+}
+
+/// `group` samples of every prompt, the prompt's prefill computed once: row p*group + i of
+/// the result is prompt p's i-th sample. The prompts run as a batch of P rows; their keys and
+/// values, layout and next-token logits are then repeated `group` times in a row, and
+/// decoding goes on with P x group rows. Equal to [`generate`] on each prompt repeated
+/// `group` times in a row (same seed: the same per-row sampling streams), with 1/group of
+/// its prefill work (GRPO's G completions per prompt). Without the KV cache there is no
+/// prefill to share: the prompts are repeated.
+pub fn generate_groups<M: LanguageModel + ?Sized>(
+    model: &M,
+    prompts: &[Vec<u32>],
+    group: usize,
+    config: &GenerateConfig,
+    device: &Device,
+) -> Result<Vec<Vec<u32>>> {
     check_inputs(model, prompts, config)?;
+    if group == 0 {
+        return Err(Error::Config(
+            "generate: a group of 0 samples per prompt".into(),
+        ));
+    }
+    if !config.use_cache && group > 1 {
+        let rows: Vec<Vec<u32>> = prompts
+            .iter()
+            .flat_map(|p| std::iter::repeat_n(p.clone(), group))
+            .collect();
+        return generate_groups(model, &rows, 1, config, device);
+    }
     // On a worker of rayon's pool, the CPU ops' parallel loops start without waking the
     // pool from outside: a cold start costs tens of microseconds per op, and a decode step
     // is hundreds of small ops. (The no-grad guard is per thread: taken inside.)
-    rayon::scope(|_| generate_here(model, prompts, config, device))
+    rayon::scope(|_| generate_here(model, prompts, group, config, device))
 }
 
 fn generate_here<M: LanguageModel + ?Sized>(
     model: &M,
     prompts: &[Vec<u32>],
+    group: usize,
     config: &GenerateConfig,
     device: &Device,
 ) -> Result<Vec<Vec<u32>>> {
     let _no_grad = lathe_core::no_grad();
-    let mut run = Run::new(model, prompts, config, device)?;
-    let mut out = vec![Vec::with_capacity(config.max_new_tokens); prompts.len()];
+    let mut run = Run::new(model, prompts, group, config, device)?;
+    let mut out = vec![Vec::with_capacity(config.max_new_tokens); prompts.len() * group];
     if config.max_new_tokens == 0 {
         return Ok(out);
     }
-    let mut logits = run.prefill()?; // (B, V), on the model's device
+    let mut logits = run.prefill()?; // (P, V), on the model's device
+    if group > 1 {
+        logits = run.repeat_rows(group, &logits)?; // (P * group, V)
+    }
     for step in 0..config.max_new_tokens {
         // EOS is suppressed inside the sampler (on a GPU, in the kernel): no host pass.
         let suppress = config.eos_token_id.filter(|_| step < config.min_new_tokens);
@@ -279,9 +312,13 @@ struct Run<'a, M: LanguageModel + ?Sized> {
 }
 
 impl<'a, M: LanguageModel + ?Sized> Run<'a, M> {
+    /// The run of `prompts`, each to be sampled `group` times (the sampler and the
+    /// finished flags have P x group rows from the start; the model rows become that many
+    /// after the prefill, in [`Run::repeat_rows`]).
     fn new(
         model: &'a M,
         prompts: &[Vec<u32>],
+        group: usize,
         config: &GenerateConfig,
         device: &'a Device,
     ) -> Result<Run<'a, M>> {
@@ -310,8 +347,8 @@ impl<'a, M: LanguageModel + ?Sized> Run<'a, M> {
             seq,
             cache,
             layout: None,
-            sampler: Sampler::new(config.sampling, config.seed, batch)?,
-            finished: vec![false; batch],
+            sampler: Sampler::new(config.sampling, config.seed, batch * group)?,
+            finished: vec![false; batch * group],
         })
     }
 
@@ -325,6 +362,31 @@ impl<'a, M: LanguageModel + ?Sized> Run<'a, M> {
             .forward_last(&ids, &layout, self.cache.as_mut())?;
         self.layout = Some(layout);
         self.last_logits(&logits)
+    }
+
+    /// After the prefill: every row (cache, layout, host ids and mask, the prefill's
+    /// logits (B, V)) `group` times in a row. Returns the logits (B * group, V).
+    fn repeat_rows(&mut self, group: usize, logits: &Tensor) -> Result<Tensor> {
+        let (batch, seq) = (self.batch, self.seq);
+        if let Some(cache) = &mut self.cache {
+            cache.repeat_rows(group)?;
+        }
+        if let Some(layout) = &mut self.layout {
+            *layout = layout.repeat_rows(group)?;
+        }
+        let repeat = |v: &[u32]| -> Vec<u32> {
+            v.chunks(seq.max(1))
+                .flat_map(|row| std::iter::repeat_n(row, group))
+                .flatten()
+                .copied()
+                .collect()
+        };
+        self.ids = repeat(&self.ids);
+        self.mask = repeat(&self.mask);
+        self.batch = batch * group;
+        let index: Vec<u32> = (0..batch * group).map(|r| (r / group) as u32).collect();
+        let index = Tensor::from_vec(index, &[batch * group], self.device)?;
+        Ok(Tensor::embedding(logits, &index)?)
     }
 
     /// Appends one token per row and returns the next-token logits (B, V) on the device.

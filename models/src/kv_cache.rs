@@ -133,6 +133,47 @@ impl TimeMajor {
     fn capacity_bytes(&self) -> usize {
         self.storage.elem_count() * 4
     }
+
+    /// Every row `group` times in a row: row b becomes rows b*group..(b+1)*group. One gather
+    /// of the valid steps (an embedding lookup over the (len * B, kv_heads * d) rows), the
+    /// GPU capacity kept.
+    fn repeat_rows(&mut self, group: usize) -> Result<()> {
+        let [b, heads, d] = self.row;
+        let len = self.len;
+        let device = self.storage.device().clone();
+        let valid = if device.is_gpu() {
+            Tensor::from_gpu_buffer(
+                buffer!(&self.storage)?,
+                &[len * b, heads * d],
+                DType::F32,
+                &device,
+            )?
+        } else {
+            self.storage.reshape(&[len * b, heads * d])?
+        };
+        // Output row (t, b * group + g) reads input row (t, b).
+        let index: Vec<u32> = (0..len)
+            .flat_map(|t| (0..b * group).map(move |r| (t * b + r / group) as u32))
+            .collect();
+        let index = Tensor::from_vec(index, &[len * b * group], &device)?;
+        let repeated = Tensor::embedding(&valid, &index)?; // (len * B * G, kv_heads * d)
+        self.row = [b * group, heads, d];
+        let Some(ctx) = device.gpu_context() else {
+            self.storage = repeated.reshape(&[len, b * group, heads, d])?;
+            return Ok(());
+        };
+        let capacity = self.storage.shape()[0];
+        let grown = alloc_steps(&device, capacity, self.row)?;
+        ctx.copy(
+            &buffer!(&repeated)?,
+            0,
+            &buffer!(&grown)?,
+            0,
+            (len * self.row_elems() * 4) as u64,
+        );
+        self.storage = grown;
+        Ok(())
+    }
 }
 
 /// A GPU tensor of `steps` time-major steps, charged as KV cache (contents unspecified).
@@ -224,6 +265,19 @@ impl KvCache {
         }
         let cache = slot.as_ref().expect("just filled");
         Ok((cache.keys.read()?, cache.values.read()?))
+    }
+
+    /// Repeats every row `group` times in a row (row b becomes rows b*group..(b+1)*group):
+    /// G samples of one prompt continue from the prompt's keys and values computed once.
+    pub fn repeat_rows(&mut self, group: usize) -> Result<()> {
+        if group == 0 {
+            return Err(Error::Config("kv cache: repeat_rows by 0".to_string()));
+        }
+        for layer in self.layers.iter_mut().flatten() {
+            layer.keys.repeat_rows(group)?;
+            layer.values.repeat_rows(group)?;
+        }
+        Ok(())
     }
 
     /// Forgets every cached token (the memory is freed).

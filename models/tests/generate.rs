@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use lathe_core::testing::{gpu_with_binding_limit, test_gpu};
 use lathe_core::{Device, Rng, Tensor};
 use lathe_models::attention::TokenLayout;
-use lathe_models::generate::{generate, GenerateConfig, LanguageModel};
+use lathe_models::generate::{generate, generate_groups, GenerateConfig, LanguageModel};
 use lathe_models::hf::{load_hf_dir, CausalLm};
 use lathe_models::kv_cache::KvCache;
 use lathe_models::sampling::{
@@ -126,6 +126,92 @@ fn generation_with_tensors_over_a_binding_equals_cpu_generation() {
             assert_eq!(on_cpu.unwrap(), on_gpu.unwrap(), "{name}");
         }
     }
+}
+
+// ---- groups of samples sharing their prompt's prefill (GRPO) ----
+
+/// A model that records the (B, T) of every forward it runs.
+struct Recording<'a> {
+    model: &'a CausalLm,
+    shapes: std::sync::Mutex<Vec<Vec<usize>>>,
+}
+
+impl LanguageModel for Recording<'_> {
+    fn forward(
+        &self,
+        ids: &Tensor,
+        layout: &TokenLayout,
+        cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
+        self.shapes.lock().unwrap().push(ids.shape().to_vec());
+        LanguageModel::forward(self.model, ids, layout, cache)
+    }
+    fn forward_last(
+        &self,
+        ids: &Tensor,
+        layout: &TokenLayout,
+        cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
+        self.shapes.lock().unwrap().push(ids.shape().to_vec());
+        LanguageModel::forward_last(self.model, ids, layout, cache)
+    }
+    fn vocab_size(&self) -> usize {
+        LanguageModel::vocab_size(self.model)
+    }
+    fn num_layers(&self) -> usize {
+        LanguageModel::num_layers(self.model)
+    }
+    fn max_positions(&self) -> usize {
+        LanguageModel::max_positions(self.model)
+    }
+}
+
+/// G samples per prompt from one prefill of the P prompts equal, token for token, the
+/// samples of the prompts each repeated G times (prompts of different lengths, rows that
+/// finish at EOS at different steps), and the prefill runs P rows, not P x G.
+fn groups_equal_repeated_prompts(device: &Device) {
+    const G: usize = 3;
+    let mut with_eos = sampled(8, 5);
+    with_eos.eos_token_id = Some(3);
+    for name in MODELS {
+        let model = load(name, device);
+        for config in [sampled(8, 11), with_eos, greedy(6)] {
+            let recording = Recording {
+                model: &model,
+                shapes: Default::default(),
+            };
+            let grouped = generate_groups(&recording, &prompts(), G, &config, device).unwrap();
+            let repeated: Vec<Vec<u32>> = prompts()
+                .into_iter()
+                .flat_map(|p| std::iter::repeat_n(p, G))
+                .collect();
+            let expected = generate(&model, &repeated, &config, device).unwrap();
+            assert_eq!(grouped, expected, "{name} on {}", device.name());
+            let shapes = recording.shapes.into_inner().unwrap();
+            let (p, longest) = (prompts().len(), 5);
+            assert_eq!(
+                shapes[0],
+                [p, longest],
+                "{name}: the prefill runs the P prompts"
+            );
+            assert!(
+                shapes[1..].iter().all(|s| s[..] == [p * G, 1]),
+                "{name}: decoding runs P x G rows of one token: {shapes:?}"
+            );
+        }
+    }
+}
+
+#[test]
+fn groups_of_samples_share_the_prefill_cpu() {
+    groups_equal_repeated_prompts(&Device::Cpu);
+}
+
+#[test]
+fn groups_of_samples_share_the_prefill_gpu() {
+    groups_equal_repeated_prompts(&test_gpu());
+    // The repeated caches and logits split over binding windows.
+    groups_equal_repeated_prompts(&gpu_with_binding_limit(TINY_BINDING));
 }
 
 // ---- transformers goldens ----

@@ -11,7 +11,7 @@ use lathe_core::optim::{Adam, AdamConfig};
 use lathe_core::{clip_grad_norm, Device, GradStore, LrSchedule, Rng, ScheduleKind, Tensor};
 use lathe_lora::{AdapterSwitch, LoraConfig};
 use lathe_models::attention::TokenLayout;
-use lathe_models::generate::{generate, GenerateConfig};
+use lathe_models::generate::{generate_groups, GenerateConfig};
 use lathe_models::hf::CausalLm;
 use lathe_models::logprobs::token_logprobs;
 use lathe_models::sampling::SamplingConfig;
@@ -477,7 +477,8 @@ impl GrpoTrainer {
             .map(|_| texts[(rng.next_u64() % texts.len() as u64) as usize].as_slice())
             .collect();
         let prompts = make_queries(&drawn, c.prompt_length, &mut rng);
-        // Each prompt G times; the G rows sample independently (per-row streams).
+        // Each prompt G times; the G rows sample independently (per-row streams) after one
+        // shared prefill of the prompt.
         let rows: Vec<Vec<u32>> = prompts
             .iter()
             .flat_map(|p| std::iter::repeat_n(p.clone(), g))
@@ -498,7 +499,7 @@ impl GrpoTrainer {
             use_cache: true,
         };
         self.switch.eval();
-        let mut completions = generate(&self.model, &rows, &config, &self.device)?;
+        let mut completions = generate_groups(&self.model, &prompts, g, &config, &self.device)?;
         // A finished row ends at its EOS; the pads after it are not part of it.
         let mut terminated = 0usize;
         for completion in &mut completions {

@@ -364,6 +364,124 @@ fn ppo_refuses_bad_settings() {
 }
 
 #[test]
+fn grpo_refuses_bad_settings() {
+    let dir = scratch("grpo");
+    let data = ppo_texts(&dir);
+    let out = dir.join("out");
+    std::fs::create_dir_all(&out).unwrap();
+    std::fs::write(out.join("keep.txt"), "an earlier file").unwrap();
+    let base = {
+        let mut argv = ppo_base(&data);
+        argv[0] = "grpo".into();
+        argv.extend(strings(&[
+            "--max-steps",
+            "2",
+            "--max-completion-length",
+            "3",
+            "--lora-r",
+            "2",
+        ]));
+        argv
+    };
+    let cases: Vec<(&[&str], Option<&str>, &str)> = vec![
+        (
+            &["--num-generations", "1"],
+            None,
+            "num_generations must be in 2..=",
+        ),
+        (
+            &[
+                "--num-generations",
+                "4",
+                "--per-device-train-batch-size",
+                "6",
+            ],
+            None,
+            "is not a multiple of num_generations 4",
+        ),
+        (
+            &["--reward-funcs", "model,brevity"],
+            None,
+            "reward function \"brevity\" does not exist",
+        ),
+        (
+            &["--reward-weights", "1,2"],
+            None,
+            "one per reward function",
+        ),
+        (&["--beta=-0.1"], None, "beta must be finite and >= 0"),
+        (&["--loss-type", "ppo"], None, "loss_type"),
+        (
+            &["--num-iterations", "2", "--save-steps", "3"],
+            None,
+            "multiples of num_iterations",
+        ),
+        (
+            &[],
+            Some("num_generatoins = 4\n"),
+            "unknown field `num_generatoins`",
+        ),
+        (
+            &[],
+            Some("temperature = nan\n"),
+            "temperature must be finite and > 0",
+        ),
+    ];
+    check_table("grpo", &base, &dir, &out, &cases);
+}
+
+#[test]
+fn dpo_refuses_bad_settings_and_bad_preference_records() {
+    let dir = scratch("dpo");
+    let out = dir.join("out");
+    std::fs::create_dir_all(&out).unwrap();
+    std::fs::write(out.join("keep.txt"), "an earlier file").unwrap();
+    let write = |name: &str, text: &str| {
+        let file = dir.join(name);
+        std::fs::write(&file, text).unwrap();
+        path(&file)
+    };
+    let good = write(
+        "good.jsonl",
+        "{\"prompt\": \"The film\", \"chosen\": \" was great\", \"rejected\": \" was dull\"}\n",
+    );
+    let no_rejected = write(
+        "no_rejected.jsonl",
+        "{\"prompt\": \"The film\", \"chosen\": \" was great\"}\n",
+    );
+    let empty_chosen = write(
+        "empty_chosen.json",
+        "[{\"prompt\": \"The film\", \"chosen\": \" \", \"rejected\": \" was dull\"}]",
+    );
+    let not_json = write("not_json.jsonl", "prompt,chosen,rejected\n");
+    let base = strings(&["dpo", "--device", "cpu", "--model", &path(&fixture_model())]);
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (vec!["--data", &no_rejected], "no \"rejected\" field"),
+        (vec!["--data", &empty_chosen], "\"chosen\" is empty"),
+        (vec!["--data", &not_json], "not JSON"),
+        (vec!["--data", &good, "--beta", "0"], "beta"),
+        (
+            vec!["--data", &good, "--learning-rate", "NaN"],
+            "learning_rate",
+        ),
+        (
+            vec!["--data", &good, "--max-length", "1"],
+            "max_length must be in 2..=",
+        ),
+        (vec!["--data", &good, "--loss-type", "kto"], "loss_type"),
+        (
+            vec!["--data", &good, "--label-smoothing", "0.1"],
+            "label_smoothing",
+        ),
+    ];
+    let table: Vec<(&[&str], Option<&str>, &str)> = cases
+        .iter()
+        .map(|(argv, e)| (argv.as_slice(), None, *e))
+        .collect();
+    check_table("dpo", &base, &dir, &out, &table);
+}
+
+#[test]
 fn reward_train_refuses_bad_settings() {
     let dir = scratch("reward");
     let mut lines = String::new();

@@ -16,6 +16,27 @@ pub fn token_logprobs<M: LanguageModel + ?Sized>(
     ids: &Tensor,
     layout: &TokenLayout,
 ) -> Result<Tensor> {
+    Ok(predictions(model, ids, layout)?.0)
+}
+
+/// [`token_logprobs`] and the entropy of each of those predictions, (B, T - 1) each: the
+/// policy's entropy trl's GRPO logs. The entropy is a statistic (no gradient), read from
+/// the same logits in one more pass over them.
+pub fn token_logprobs_and_entropy<M: LanguageModel + ?Sized>(
+    model: &M,
+    ids: &Tensor,
+    layout: &TokenLayout,
+) -> Result<(Tensor, Tensor)> {
+    let (logps, predicting) = predictions(model, ids, layout)?;
+    Ok((logps, predicting.detach().entropy_last()?))
+}
+
+/// The log-probs (B, T - 1) and the logits (B, T - 1, V) they come from.
+fn predictions<M: LanguageModel + ?Sized>(
+    model: &M,
+    ids: &Tensor,
+    layout: &TokenLayout,
+) -> Result<(Tensor, Tensor)> {
     let &[batch, seq] = ids.shape() else {
         return Err(Error::Config(format!(
             "token_logprobs takes ids (B, T), got {:?}",
@@ -32,5 +53,5 @@ pub fn token_logprobs<M: LanguageModel + ?Sized>(
     let targets = ids.narrow(1, 1, seq - 1)?; // (B, T - 1)
     let out = predicting.log_softmax_gather(&targets)?;
     debug_assert_eq!(out.shape(), [batch, seq - 1]);
-    Ok(out)
+    Ok((out, predicting))
 }

@@ -41,6 +41,12 @@ pub enum Error {
     Diverged(String),
     #[error("reward: {0}")]
     Reward(String),
+    /// GRPO settings (or inputs) it cannot run on.
+    #[error("GRPO config: {0}")]
+    GrpoConfig(String),
+    /// A non-finite GRPO loss, gradient norm or parameter: training stopped.
+    #[error("GRPO diverged: {0}")]
+    GrpoDiverged(String),
     #[error(transparent)]
     Core(#[from] lathe_core::Error),
     #[error(transparent)]

@@ -79,6 +79,7 @@ fn run(config: &GrpoConfig) -> Vec<f64> {
     .map(|t| pretrained.tokenizer.encode(t, true).unwrap())
     .collect();
     let base = logits(&pretrained.model);
+    let vocab = pretrained.model.config().vocab_size() as f64;
     let mut trainer = GrpoTrainer::new(
         pretrained.model,
         None,
@@ -89,6 +90,7 @@ fn run(config: &GrpoConfig) -> Vec<f64> {
     .unwrap();
     let mut rewards = Vec::new();
     let mut reward = letters;
+    let mut tokens_seen = 0.0;
     while !trainer.done() {
         let stats = trainer
             .step(&texts, &pretrained.tokenizer, &mut reward)
@@ -99,9 +101,24 @@ fn run(config: &GrpoConfig) -> Vec<f64> {
             "kl",
             "reward",
             "clip_ratio/region_mean",
+            "completions/mean_terminated_length",
         ] {
             assert!(stats.get(key).is_finite(), "{key} at step {}", stats.step);
         }
+        // The policy's mean token entropy lies in (0, ln V].
+        let entropy = stats.get("entropy");
+        assert!(
+            entropy > 0.0 && entropy <= vocab.ln() + 1e-9,
+            "entropy {entropy}"
+        );
+        // num_tokens counts every generation batch's prompt and completion tokens.
+        let num_tokens = stats.get("num_tokens");
+        if stats.samples.is_empty() {
+            assert_eq!(num_tokens, tokens_seen);
+        } else {
+            assert!(num_tokens > tokens_seen, "{num_tokens} after {tokens_seen}");
+        }
+        tokens_seen = num_tokens;
         if !stats.samples.is_empty() {
             rewards.push(stats.get("rewards/model/mean"));
         }

@@ -82,7 +82,7 @@ pub fn group_advantages(
 ) -> Result<Advantages> {
     let funcs = names.len();
     if g < 2 || rewards.is_empty() || !rewards.len().is_multiple_of(g) {
-        return Err(Error::Config(format!(
+        return Err(Error::GrpoConfig(format!(
             "{} completions do not form groups of num_generations {g} (>= 2)",
             rewards.len()
         )));

@@ -27,7 +27,7 @@ macro_rules! from_serde_name {
 
             fn from_str(name: &str) -> crate::Result<$ty> {
                 serde_json::from_value(serde_json::Value::String(name.into())).map_err(|_| {
-                    crate::Error::Config(format!(
+                    crate::Error::GrpoConfig(format!(
                         concat!($key, " {:?} is not one of ", $names),
                         name
                     ))

@@ -26,6 +26,8 @@ const SAMPLES_FILE: &str = "samples.jsonl";
 #[derive(Serialize, Deserialize)]
 struct TrainerState {
     step: usize,
+    /// trl's `num_tokens` at the checkpoint.
+    num_tokens: u64,
     adam_step: u64,
     config: GrpoConfig,
     #[serde(default)]
@@ -76,7 +78,7 @@ impl<'t> GrpoRun<'t> {
             .filter(|t| !t.is_empty())
             .collect();
         if tokenized.is_empty() {
-            return Err(Error::Config(
+            return Err(Error::GrpoConfig(
                 "no text gives a token to start a prompt from".into(),
             ));
         }
@@ -142,7 +144,7 @@ impl<'t> GrpoRun<'t> {
                 let n = trainer.optimizer().params().len();
                 let moments =
                     lathe_train::run_dir::load_moments(&dir.join(OPTIMIZER_FILE), n, device)?;
-                trainer.restore(s.step, s.adam_step, moments)?;
+                trainer.restore(s.step, s.num_tokens, s.adam_step, moments)?;
                 s.step
             }
             None => 0,
@@ -248,6 +250,7 @@ impl<'t> GrpoRun<'t> {
             lathe_train::run_dir::save_moments(trainer.optimizer(), &temp.join(OPTIMIZER_FILE))?;
             let state = TrainerState {
                 step: trainer.steps_done(),
+                num_tokens: trainer.num_tokens(),
                 adam_step: trainer.optimizer().step_count(),
                 config: trainer.config().clone(),
                 inputs: Some(self.inputs.clone()),

@@ -13,7 +13,7 @@ use lathe_lora::{AdapterSwitch, LoraConfig};
 use lathe_models::attention::TokenLayout;
 use lathe_models::generate::{generate_groups, GenerateConfig};
 use lathe_models::hf::CausalLm;
-use lathe_models::logprobs::token_logprobs;
+use lathe_models::logprobs::{token_logprobs, token_logprobs_and_entropy};
 use lathe_models::sampling::SamplingConfig;
 use lathe_models::tokenizer::Tokenizer;
 use serde::{Deserialize, Serialize};
@@ -121,7 +121,7 @@ const MAX_COUNT: usize = 1 << 20;
 impl GrpoConfig {
     /// Checks every setting against its meaning; the error names the key and its range.
     pub fn validate(&self) -> Result<()> {
-        let bad = |m: String| Err(Error::Config(m));
+        let bad = |m: String| Err(Error::GrpoConfig(m));
         if !(2..=MAX_COUNT).contains(&self.num_generations) {
             return bad(format!(
                 "num_generations must be in 2..={MAX_COUNT} (a group needs two completions to \
@@ -248,7 +248,7 @@ impl GrpoConfig {
             "linear" => ScheduleKind::Linear,
             "cosine" => ScheduleKind::Cosine,
             other => {
-                return Err(Error::Config(format!(
+                return Err(Error::GrpoConfig(format!(
                     "lr_scheduler_type {other:?} is not constant, linear or cosine"
                 )))
             }
@@ -325,6 +325,8 @@ pub struct GrpoTrainer {
     eos: Option<u32>,
     device: Device,
     steps_done: usize,
+    /// Prompt and completion tokens of every generation batch so far (trl's `num_tokens`).
+    num_tokens: u64,
     generation: Option<Generation>,
 }
 
@@ -351,7 +353,7 @@ impl GrpoTrainer {
         model.set_gradient_checkpointing(config.gradient_checkpointing);
         let params = model.lora_parameters();
         if params.is_empty() {
-            return Err(Error::Config("the policy has no LoRA adapters".into()));
+            return Err(Error::GrpoConfig("the policy has no LoRA adapters".into()));
         }
         let adam = Adam::new(
             params.clone(),
@@ -375,6 +377,7 @@ impl GrpoTrainer {
             eos: tokenizer.eos_id(),
             device: device.clone(),
             steps_done: 0,
+            num_tokens: 0,
             generation: None,
         })
     }
@@ -399,15 +402,23 @@ impl GrpoTrainer {
         self.steps_done >= self.config.max_steps
     }
 
-    /// Restores a checkpoint's step count and optimizer moments (at a generation boundary).
+    /// Tokens generated and prompted so far (trl's `num_tokens`).
+    pub fn num_tokens(&self) -> u64 {
+        self.num_tokens
+    }
+
+    /// Restores a checkpoint's step count, token count and optimizer moments (at a
+    /// generation boundary).
     pub fn restore(
         &mut self,
         steps_done: usize,
+        num_tokens: u64,
         adam_step: u64,
         moments: Vec<(Tensor, Tensor)>,
     ) -> Result<()> {
         self.adam.restore(adam_step, moments)?;
         self.steps_done = steps_done;
+        self.num_tokens = num_tokens;
         self.generation = None;
         Ok(())
     }
@@ -433,7 +444,7 @@ impl GrpoTrainer {
         let grad_norm = clip_grad_norm(&mut grads, &self.params, self.config.max_grad_norm)?;
         let lr = self.schedule.lr(step);
         if !loss.is_finite() || !grad_norm.is_finite() {
-            return Err(Error::Diverged(format!(
+            return Err(Error::GrpoDiverged(format!(
                 "step {}: loss {loss}, gradient norm {grad_norm} (learning rate {lr:e}); the \
                  last checkpoint and adapter are kept",
                 step + 1
@@ -442,7 +453,7 @@ impl GrpoTrainer {
         self.adam.set_lr(lr);
         self.adam.step(&grads)?;
         if let Some(i) = lathe_core::first_diverged(&self.params)? {
-            return Err(Error::Diverged(format!(
+            return Err(Error::GrpoDiverged(format!(
                 "step {}: LoRA parameter {i} holds NaN/inf after the update",
                 step + 1
             )));
@@ -450,6 +461,7 @@ impl GrpoTrainer {
         self.steps_done += 1;
         let generation = self.generation.as_ref().expect("generated above");
         metrics.extend(generation.metrics.iter().cloned());
+        metrics.push(("num_tokens".into(), self.num_tokens as f64));
         metrics.push(("loss".into(), loss));
         metrics.push(("grad_norm".into(), grad_norm as f64));
         metrics.push(("learning_rate".into(), lr as f64));
@@ -578,6 +590,8 @@ impl GrpoTrainer {
             }
         }
         let tokens: usize = completions.iter().map(Vec::len).sum();
+        let prompt_tokens: usize = rows.iter().map(Vec::len).sum();
+        self.num_tokens += (prompt_tokens + tokens) as u64;
         let lengths: Vec<f64> = completions.iter().map(|c| c.len() as f64).collect();
         let mut metrics = advantages.metrics.clone();
         metrics.push((
@@ -596,6 +610,23 @@ impl GrpoTrainer {
             "completions/clipped_ratio".into(),
             1.0 - terminated as f64 / rows.len() as f64,
         ));
+        // The lengths of the completions that ended at EOS (trl: 0 when none did).
+        let ended: Vec<f64> = completions
+            .iter()
+            .filter(|c| self.eos.is_some() && c.last().copied() == self.eos)
+            .map(|c| c.len() as f64)
+            .collect();
+        let (mean, min, max) = match ended.is_empty() {
+            true => (0.0, 0.0, 0.0),
+            false => (
+                ended.iter().sum::<f64>() / ended.len() as f64,
+                ended.iter().copied().fold(f64::INFINITY, f64::min),
+                ended.iter().copied().fold(0.0, f64::max),
+            ),
+        };
+        metrics.push(("completions/mean_terminated_length".into(), mean));
+        metrics.push(("completions/min_terminated_length".into(), min));
+        metrics.push(("completions/max_terminated_length".into(), max));
         let summed: Vec<f64> = per_func
             .iter()
             .map(|r| r.iter().zip(&weights).map(|(x, w)| x * w).sum())
@@ -642,7 +673,7 @@ impl GrpoTrainer {
         Ok(out)
     }
 
-    /// (n, T - 1) per-token log-probs of rows `start..start + n`, back-propagating.
+    /// (n, T - 1) per-token log-probs of rows `start..start + n`.
     fn row_logps(&self, generation: &Generation, start: usize, n: usize) -> Result<Tensor> {
         let seq = generation.seq;
         let ids = generation.ids[start * seq..(start + n) * seq].to_vec();
@@ -679,8 +710,15 @@ impl GrpoTrainer {
                 0x5eed,
                 (step * accum + m) as u64 + 1,
             ));
-            let logps = self.row_logps(generation, start, micro)?;
+            let seq = generation.seq;
+            let ids = generation.ids[start * seq..(start + micro) * seq].to_vec();
+            let ids = Tensor::from_vec(ids, &[micro, seq], &self.device)?;
+            let layout = TokenLayout::contiguous(micro, seq, 0, &self.device)?;
+            let (logps, entropy) = token_logprobs_and_entropy(&self.model, &ids, &layout)?;
             let values: Vec<f64> = logps.to_vec_f32()?.into_iter().map(f64::from).collect();
+            // trl's `entropy`: the masked mean over the micro-batch's completion tokens,
+            // averaged over micro-batches as its other statistics are.
+            let entropy = masked_mean(&entropy.to_vec_f32()?, &generation.mask[span.clone()]);
             let old = generation
                 .old_logps
                 .as_ref()
@@ -706,7 +744,8 @@ impl GrpoTrainer {
             let micro_grads = logps.mul(&upstream)?.sum_all()?.backward()?;
             grads = Some(GradStore::accumulate(grads, micro_grads, &self.params)?);
             loss += out.loss;
-            for (i, (name, value)) in out.metrics.into_iter().enumerate() {
+            let stats = out.metrics.into_iter().chain([("entropy", entropy)]);
+            for (i, (name, value)) in stats.enumerate() {
                 match tallies.get_mut(i) {
                     Some((_, sum)) => *sum += value / accum as f64,
                     None => tallies.push((name, value / accum as f64)),
@@ -722,5 +761,16 @@ impl GrpoTrainer {
             metrics,
             grads.expect("gradient_accumulation_steps >= 1"),
         ))
+    }
+}
+
+/// The mean of `values` where `mask` is 1 (0 when nothing is masked in).
+fn masked_mean(values: &[f32], mask: &[f64]) -> f64 {
+    let count: f64 = mask.iter().sum();
+    let total: f64 = values.iter().zip(mask).map(|(&v, m)| v as f64 * m).sum();
+    if count > 0.0 {
+        total / count
+    } else {
+        0.0
     }
 }

@@ -798,3 +798,133 @@ fn linear_cross_entropy_rejects_bad_input_and_is_nan_when_all_ignored() {
         Err(Error::DeviceMismatch { .. })
     ));
 }
+
+/// log-probs, entropy and the gradients of a weighted sum of the log-probs (weights other
+/// than one per row: the policy-gradient losses' shape), on h's device.
+fn token_logps_and_grads(
+    h: &Tensor,
+    w: &Tensor,
+    ids: &[u32],
+    ignore: Option<u32>,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let (h, w) = (h.detach().into_variable(), w.detach());
+    let (logps, entropy) = h.linear_log_softmax_gather(&w, ids, ignore, true).unwrap();
+    let n = ids.len();
+    let weights: Vec<f32> = (0..n).map(|i| 1.5 - 0.25 * (i % 7) as f32).collect();
+    let weights = Tensor::from_vec(weights, &[n], h.device()).unwrap();
+    let grads = logps
+        .mul(&weights)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    let entropy = entropy.unwrap();
+    assert!(!entropy.tracks_grad());
+    (
+        logps.to_vec_f32().unwrap(),
+        entropy.to_vec_f32().unwrap(),
+        grads.get(&h).unwrap().to_vec_f32().unwrap(),
+    )
+}
+
+#[test]
+fn linear_log_softmax_gather_equals_the_composed_ops_on_both_devices() {
+    let tol = Tolerance::new(1e-5, 1e-5);
+    // 300 x 30000 logits: the CPU's pass takes chunks of 192 rows, so two run.
+    for (n, hd, v) in [(5, 3, 7), (300, 16, 30_000)] {
+        let h = Tensor::rand_uniform(-1.0, 1.0, &[n, hd], 31, &Device::Cpu).unwrap();
+        let w = Tensor::rand_uniform(-1.0, 1.0, &[v, hd], 32, &Device::Cpu).unwrap();
+        let mut ids = ids_for(n, v, 33);
+        ids[1] = u32::MAX;
+        ids[n - 1] = u32::MAX;
+        let kept: Vec<f32> = ids
+            .iter()
+            .map(|&t| if t == u32::MAX { 0.0 } else { 1.0 })
+            .collect();
+        // The composed ops, every row computed (class 0 for ignored ones), then masked.
+        let (want_logps, want_entropy, want_dh) = {
+            let hv = h.detach().into_variable();
+            let safe: Vec<u32> = ids
+                .iter()
+                .map(|&t| if t == u32::MAX { 0 } else { t })
+                .collect();
+            let logits = hv.matmul_t(&w, false, true).unwrap();
+            let mask = Tensor::from_vec(kept.clone(), &[n], &Device::Cpu).unwrap();
+            let logps = logits
+                .log_softmax_gather(&Tensor::from_vec(safe, &[n], &Device::Cpu).unwrap())
+                .unwrap()
+                .mul(&mask)
+                .unwrap();
+            let entropy = logits.entropy_last().unwrap().mul(&mask).unwrap();
+            let weights: Vec<f32> = (0..n).map(|i| 1.5 - 0.25 * (i % 7) as f32).collect();
+            let weights = Tensor::from_vec(weights, &[n], &Device::Cpu).unwrap();
+            let grads = logps
+                .mul(&weights)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            (
+                logps.to_vec_f32().unwrap(),
+                entropy.to_vec_f32().unwrap(),
+                grads.get(&hv).unwrap().to_vec_f32().unwrap(),
+            )
+        };
+        let gpu = test_gpu();
+        let (hg, wg) = (h.to_device(&gpu).unwrap(), w.to_device(&gpu).unwrap());
+        for (logps, entropy, dh) in [
+            token_logps_and_grads(&h, &w, &ids, Some(u32::MAX)),
+            token_logps_and_grads(&hg, &wg, &ids, Some(u32::MAX)),
+        ] {
+            assert_close(&logps, &want_logps, tol);
+            assert_close(&entropy, &want_entropy, tol);
+            assert_close(&dh, &want_dh, tol);
+            assert_eq!((logps[1], entropy[1]), (0.0, 0.0), "an ignored row is 0");
+            assert!(dh[hd..2 * hd].iter().all(|&g| g == 0.0));
+        }
+    }
+    // Bad targets: out of range, or not one per row.
+    let h = Tensor::rand_uniform(-1.0, 1.0, &[2, 3], 1, &Device::Cpu).unwrap();
+    let w = Tensor::rand_uniform(-1.0, 1.0, &[4, 3], 2, &Device::Cpu).unwrap();
+    assert!(matches!(
+        h.linear_log_softmax_gather(&w, &[0, 4], None, false),
+        Err(Error::IndexOutOfRange { .. })
+    ));
+    assert!(h.linear_log_softmax_gather(&w, &[0], None, false).is_err());
+}
+
+#[test]
+fn linear_log_softmax_gather_matches_finite_differences() {
+    let h = Tensor::rand_uniform(-1.0, 1.0, &[5, 4], 41, &Device::Cpu).unwrap();
+    let w = Tensor::rand_uniform(-1.0, 1.0, &[7, 4], 42, &Device::Cpu).unwrap();
+    let weights = Tensor::from_vec(vec![1.0f32, -2.0, 0.5, 3.0, -1.0], &[5], &Device::Cpu).unwrap();
+    let targets = [1u32, 100, 6, 0, 3];
+    // A frozen weight: the fused pass (h's gradient only).
+    check_gradients(
+        |t| {
+            t[0].linear_log_softmax_gather(&w, &targets, Some(100), false)?
+                .0
+                .mul(&weights)?
+                .sum_all()
+        },
+        std::slice::from_ref(&h),
+        1e-2,
+        FD_TOL,
+    )
+    .unwrap();
+    // A weight that trains: the composed ops, both gradients.
+    check_gradients(
+        |t| {
+            t[0].linear_log_softmax_gather(&t[1], &targets, Some(100), false)?
+                .0
+                .mul(&weights)?
+                .sum_all()
+        },
+        &[h, w],
+        1e-2,
+        FD_TOL,
+    )
+    .unwrap();
+}

@@ -13,6 +13,7 @@ use crate::arch::Architecture;
 use crate::attention::TokenLayout;
 use crate::hf::CausalLm;
 use crate::kv_cache::KvCache;
+use crate::linear::Linear;
 use crate::sampling::{Sampler, SamplingConfig};
 use crate::{Error, Result};
 
@@ -50,6 +51,83 @@ pub trait LanguageModel: Sync {
     fn num_layers(&self) -> usize;
     /// Positions the rotary tables cover: prompt plus new tokens must fit.
     fn max_positions(&self) -> usize;
+    /// log p(targets[b, t] | ids[b, ..= t]) for ids (B, T) and host `targets` (B, T - 1)
+    /// (normally ids[b, t + 1]; [`IGNORE`] where no prediction is wanted: those entries are
+    /// 0), and each prediction's entropy when `entropy` (no gradient): (B, T - 1) each. The
+    /// default builds the (B, T, V) logits; models with an LM head run it through
+    /// [`Linear::token_logprobs`], which on the CPU never holds the logits and skips the
+    /// ignored positions.
+    fn next_token_logprobs(
+        &self,
+        ids: &Tensor,
+        layout: &TokenLayout,
+        targets: &[u32],
+        entropy: bool,
+    ) -> Result<(Tensor, Option<Tensor>)> {
+        let (b, t) = logprob_shape(ids, targets)?;
+        let logits = self.forward(ids, layout, None)?; // (B, T, V)
+        let v = logits.shape()[2];
+        let predicting = logits.narrow(1, 0, t - 1)?.reshape(&[b * (t - 1), v])?;
+        let (logps, entropy) =
+            predicting.log_softmax_gather_masked(targets, Some(IGNORE), entropy)?;
+        rows_of(b, t - 1, logps, entropy)
+    }
+}
+
+/// The target that asks for no prediction in [`LanguageModel::next_token_logprobs`].
+pub const IGNORE: u32 = u32::MAX;
+
+/// (B, T) of ids, checked against targets (B (T - 1)) and T >= 2.
+fn logprob_shape(ids: &Tensor, targets: &[u32]) -> Result<(usize, usize)> {
+    let &[b, t] = ids.shape() else {
+        return Err(Error::Config(format!(
+            "next_token_logprobs takes ids (B, T), got {:?}",
+            ids.shape()
+        )));
+    };
+    if t < 2 {
+        return Err(Error::Config(format!(
+            "next_token_logprobs needs at least 2 tokens per row (one to predict from), got {t}"
+        )));
+    }
+    if targets.len() != b * (t - 1) {
+        return Err(Error::Config(format!(
+            "next_token_logprobs: {} targets for ids {:?} (want B (T - 1) = {})",
+            targets.len(),
+            ids.shape(),
+            b * (t - 1)
+        )));
+    }
+    Ok((b, t))
+}
+
+/// (N,) log-probs and entropies back to (B, T - 1) rows.
+fn rows_of(
+    b: usize,
+    cols: usize,
+    logps: Tensor,
+    entropy: Option<Tensor>,
+) -> Result<(Tensor, Option<Tensor>)> {
+    Ok((
+        logps.reshape(&[b, cols])?,
+        entropy.map(|e| e.reshape(&[b, cols])).transpose()?,
+    ))
+}
+
+/// [`LanguageModel::next_token_logprobs`] through a model's own LM head: the last hidden
+/// states (B, T, H) of every position but the last, then the head's per-token pass.
+fn head_token_logprobs(
+    hidden: Tensor,
+    head: &Linear,
+    targets: &[u32],
+    entropy: bool,
+) -> Result<(Tensor, Option<Tensor>)> {
+    let &[b, t, h] = hidden.shape() else {
+        unreachable!("forward_hidden returns (B, T, H)");
+    };
+    let predicting = hidden.narrow(1, 0, t - 1)?.reshape(&[b * (t - 1), h])?;
+    let (logps, entropy) = head.token_logprobs(&predicting, targets, Some(IGNORE), entropy)?;
+    rows_of(b, t - 1, logps, entropy)
 }
 
 impl<M: Architecture + ?Sized> LanguageModel for M {
@@ -74,6 +152,17 @@ impl<M: Architecture + ?Sized> LanguageModel for M {
     }
     fn max_positions(&self) -> usize {
         self.arch_config().max_position_embeddings()
+    }
+    fn next_token_logprobs(
+        &self,
+        ids: &Tensor,
+        layout: &TokenLayout,
+        targets: &[u32],
+        entropy: bool,
+    ) -> Result<(Tensor, Option<Tensor>)> {
+        logprob_shape(ids, targets)?;
+        let hidden = self.forward_hidden(ids, layout, None)?;
+        head_token_logprobs(hidden, self.head(), targets, entropy)
     }
 }
 
@@ -112,6 +201,16 @@ impl LanguageModel for CausalLm {
     }
     fn max_positions(&self) -> usize {
         self.arch().max_positions()
+    }
+    fn next_token_logprobs(
+        &self,
+        ids: &Tensor,
+        layout: &TokenLayout,
+        targets: &[u32],
+        entropy: bool,
+    ) -> Result<(Tensor, Option<Tensor>)> {
+        self.arch()
+            .next_token_logprobs(ids, layout, targets, entropy)
     }
 }
 

@@ -123,6 +123,20 @@ impl CausalLm {
         self.arch().head().forward(hidden)
     }
 
+    /// log p(targets[r]) of last hidden states (N, H) through the LM head and, when
+    /// `entropy`, each row's entropy: see [`crate::linear::Linear::token_logprobs`].
+    pub fn lm_head_logprobs(
+        &self,
+        hidden: &Tensor,
+        targets: &[u32],
+        ignore_index: Option<u32>,
+        entropy: bool,
+    ) -> Result<(Tensor, Option<Tensor>)> {
+        self.arch()
+            .head()
+            .token_logprobs(hidden, targets, ignore_index, entropy)
+    }
+
     /// The mean next-token loss of last hidden states (N, H) against targets (N,) (rows
     /// whose target is `ignore_index` drop out), through the LM head without holding its
     /// (N, V) logits where the head allows (see [`crate::linear::Linear::cross_entropy`]).

@@ -164,6 +164,28 @@ impl Linear {
         })
     }
 
+    /// The log-softmax of this layer's logits (N, out) for x (N, in), gathered at host
+    /// `targets` (N) (rows whose target is `ignore_index` are 0), and the entropy of each
+    /// row's softmax when asked: the per-token log-probs of an LM head. A plain dense layer
+    /// takes core's fused [`Tensor::linear_log_softmax_gather`] (no (N, V) logits held on the
+    /// CPU, ignored rows skipped); other layers build the logits.
+    pub fn token_logprobs(
+        &self,
+        x: &Tensor,
+        targets: &[u32],
+        ignore_index: Option<u32>,
+        entropy: bool,
+    ) -> Result<(Tensor, Option<Tensor>)> {
+        Ok(match self {
+            Linear::Dense { weight, bias: None } => {
+                x.linear_log_softmax_gather(weight, targets, ignore_index, entropy)?
+            }
+            _ => self
+                .forward(x)?
+                .log_softmax_gather_masked(targets, ignore_index, entropy)?,
+        })
+    }
+
     pub fn out_features(&self) -> usize {
         match self {
             Linear::Dense { weight, .. } => weight.shape()[0],

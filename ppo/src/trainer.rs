@@ -142,18 +142,19 @@ impl PpoTrainer {
         let picked = Tensor::embedding(
             &hidden.reshape(&[b * seq, h])?,
             &Tensor::from_vec(rows, &[n], &self.device)?,
-        )?
-        .reshape(&[1, n, h])?; // (1, n, H)
-        let logits = self.model.lm_head(&picked)?; // (1, n, V)
-        let targets = Tensor::from_vec(targets, &[1, n], &self.device)?;
-        let logprobs = logits.log_softmax_gather(&targets)?; // (1, n)
-        let values = self.value_head.forward(&picked)?.reshape(&[1, n])?;
-        let entropy = if with_entropy {
-            let ent = logits.detach().entropy_last()?; // (1, n)
-            Some(Grid::new(1, n, ent.to_vec_f32()?)?)
-        } else {
-            None
-        };
+        )?; // (n, H)
+            // The head and log-softmax fused: the (n, V) logits are never held on the CPU.
+        let (logprobs, entropy) =
+            self.model
+                .lm_head_logprobs(&picked, &targets, None, with_entropy)?; // (n,) each
+        let logprobs = logprobs.reshape(&[1, n])?;
+        let values = self
+            .value_head
+            .forward(&picked.reshape(&[1, n, h])?)?
+            .reshape(&[1, n])?;
+        let entropy = entropy
+            .map(|ent| Grid::new(1, n, ent.to_vec_f32()?))
+            .transpose()?;
         Ok(Forward {
             logprobs,
             values,

@@ -22,7 +22,7 @@ use lathe_core::{clip_grad_norm, Device, GradStore, LrSchedule, Rng, ScheduleKin
 use lathe_lora::{AdapterSwitch, LoraConfig};
 use lathe_models::attention::TokenLayout;
 use lathe_models::hf::CausalLm;
-use lathe_models::logprobs::token_logprobs;
+use lathe_models::logprobs::{next_tokens, token_logprobs};
 use lathe_models::tokenizer::Tokenizer;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -468,23 +468,23 @@ pub fn completion_logps(
         .max(2);
     let n = rows.len();
     let mut ids = Vec::with_capacity(n * seq);
-    // mask[row, t] = 1 when position t predicts a completion token (t + 1 in the completion).
-    let mut mask = vec![0f32; n * (seq - 1)];
+    // wanted[row, t] when position t predicts a completion token (t + 1 in the completion):
+    // the prompt's and the padding's predictions are never computed.
+    let mut wanted = vec![false; n * (seq - 1)];
     for (row, (prompt, completion)) in rows.iter().enumerate() {
         ids.extend_from_slice(prompt);
         ids.extend_from_slice(completion);
         ids.resize((row + 1) * seq, pad);
         let start = prompt.len().max(1) - 1;
-        for t in start..prompt.len() + completion.len() - 1 {
-            mask[row * (seq - 1) + t] = 1.0;
-        }
+        wanted[row * (seq - 1) + start..row * (seq - 1) + prompt.len() + completion.len() - 1]
+            .fill(true);
     }
     let lengths = rows.iter().map(|(_, c)| c.len()).collect();
+    let targets = next_tokens(&ids, seq, Some(&wanted))?;
     let ids = Tensor::from_vec(ids, &[n, seq], device)?;
     let layout = TokenLayout::contiguous(n, seq, 0, device)?;
-    let per_token = token_logprobs(model, &ids, &layout)?; // (2B, T - 1)
-    let mask = Tensor::from_vec(mask, &[n, seq - 1], device)?;
-    Ok((per_token.mul(&mask)?.sum(1)?, lengths))
+    let per_token = token_logprobs(model, &ids, &layout, &targets)?; // (2B, T - 1)
+    Ok((per_token.sum(1)?, lengths))
 }
 
 /// The step counts of a run: micro-batches per epoch, optimizer steps per epoch, and the

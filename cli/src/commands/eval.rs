@@ -14,7 +14,7 @@ use anyhow::{bail, Context, Result};
 use lathe_core::Tensor;
 use lathe_models::attention::TokenLayout;
 use lathe_models::generate::LanguageModel;
-use lathe_models::logprobs::token_logprobs;
+use lathe_models::logprobs::{next_tokens, token_logprobs};
 use serde_json::json;
 
 use crate::model_args::ModelArgs;
@@ -103,9 +103,10 @@ pub fn evaluate<M: LanguageModel + ?Sized>(
             .copied()
             .collect();
         let flat: Vec<u32> = group.iter().flat_map(|w| w.iter().copied()).collect();
+        let targets = next_tokens(&flat, len, None)?;
         let tokens = Tensor::from_vec(flat, &[group.len(), len], device)?;
         let layout = TokenLayout::contiguous(group.len(), len, 0, device)?;
-        let out = token_logprobs(model, &tokens, &layout)?; // (windows, len - 1)
+        let out = token_logprobs(model, &tokens, &layout, &targets)?; // (windows, len - 1)
         logprobs.extend(out.to_vec_f32()?);
         i += group.len();
         done += group.len() * (len - 1);

@@ -13,6 +13,13 @@
 //! weight trains), so the backward only scales gradients the forward already holds. Nothing
 //! is computed for gradients when no operand tracks one. Other devices and f16 weights
 //! compose the two ops (same values, the logits materialised).
+//!
+//! `h.linear_log_softmax_gather(w, targets, ignore, entropy)` is the same pass for the
+//! per-token log-probs a policy-gradient or preference loss is made of (PPO, GRPO, DPO):
+//! log p(target) of each row, and the entropy of its softmax when asked. The loss over those
+//! log-probs is only known after the forward, but each log-prob depends on its own row of h
+//! alone, so the forward keeps d logp_r / d h_r (N, H) and the backward scales its rows by
+//! the upstream gradient. Ignored rows (a prompt's positions) are left out of the GEMMs.
 
 use rayon::prelude::*;
 
@@ -129,6 +136,97 @@ fn cpu_fused(
     }
 }
 
+/// What the per-token pass produces: log p(target) of each row (0 when ignored), the entropy
+/// of each row's softmax when asked, and d logp_r / d h_r (N, H) when h tracks a gradient.
+struct TokenPass {
+    logps: Vec<f32>,
+    entropy: Option<Vec<f32>>,
+    dlogp_dh: Option<Vec<f32>>,
+}
+
+/// The CPU per-token pass: the rows whose target is not `ignore` (each < v) are gathered
+/// and go through in chunks of `chunk` rows.
+#[allow(clippy::too_many_arguments)]
+fn cpu_token_pass(
+    h: &[f32],
+    w: &[f32],
+    targets: &[u32],
+    ignore: Option<u32>,
+    Dims { n, hd, v }: Dims,
+    need_dh: bool,
+    want_entropy: bool,
+    chunk: usize,
+) -> TokenPass {
+    let kept: Vec<usize> = (0..n).filter(|&r| Some(targets[r]) != ignore).collect();
+    let mut logps = vec![0f32; n];
+    let mut entropy = want_entropy.then(|| vec![0f32; n]);
+    let mut dlogp_dh = need_dh.then(|| vec![0f32; n * hd]);
+    let mut logits = vec![0f32; chunk.min(kept.len()) * v];
+    let mut hc = vec![0f32; chunk.min(kept.len()) * hd];
+    let mut dhc = vec![0f32; if need_dh { hc.len() } else { 0 }];
+    for rows in kept.chunks(chunk) {
+        let m = rows.len();
+        for (i, &r) in rows.iter().enumerate() {
+            hc[i * hd..(i + 1) * hd].copy_from_slice(&h[r * hd..(r + 1) * hd]);
+        }
+        let lc = &mut logits[..m * v];
+        // logits (m, V) = h_c (m, H) @ w^T, w (V, H) read transposed.
+        // SAFETY: hc holds >= m * hd elements, w holds v * hd, lc holds m * v.
+        unsafe { cpu_gemm(lc, &hc[..m * hd], (hd, 1), w, (1, hd), (m, v, hd), false) };
+        let stats: Vec<(f32, f32)> = lc
+            .par_chunks_mut(v)
+            .zip(rows.par_iter())
+            .map(|(row, &r)| {
+                let t = targets[r] as usize;
+                let target_logit = row[t];
+                let max = vexp::row_max(row);
+                let (s, dot) = if want_entropy {
+                    vexp::exp_shift_sum_dot(row, max)
+                } else if need_dh {
+                    (vexp::exp_shift_sum(row, max), 0.0)
+                } else {
+                    (vexp::sum_exp_shift(row, max), 0.0)
+                };
+                if need_dh {
+                    // d logp / d logits = onehot - softmax, in place of exp(x - max).
+                    vexp::scale(row, -1.0 / s);
+                    row[t] += 1.0;
+                }
+                (target_logit - max - s.ln(), s.ln() - dot / s)
+            })
+            .collect();
+        for (&r, (logp, ent)) in rows.iter().zip(stats) {
+            logps[r] = logp;
+            if let Some(e) = entropy.as_mut() {
+                e[r] = ent;
+            }
+        }
+        if let Some(out) = dlogp_dh.as_mut() {
+            // d logp / d h_c (m, H) = d logp / d logits (m, V) @ w (V, H).
+            // SAFETY: as above; dhc holds >= m * hd elements.
+            unsafe {
+                cpu_gemm(
+                    &mut dhc[..m * hd],
+                    lc,
+                    (v, 1),
+                    w,
+                    (hd, 1),
+                    (m, hd, v),
+                    false,
+                )
+            };
+            for (i, &r) in rows.iter().enumerate() {
+                out[r * hd..(r + 1) * hd].copy_from_slice(&dhc[i * hd..(i + 1) * hd]);
+            }
+        }
+    }
+    TokenPass {
+        logps,
+        entropy,
+        dlogp_dh,
+    }
+}
+
 impl Tensor {
     /// Cross-entropy of the logits `self @ weight^T` against u32 `targets`, as
     /// [`Tensor::cross_entropy`] (mean over rows whose target is not `ignore_index`; NaN when
@@ -222,6 +320,161 @@ impl Tensor {
     }
 }
 
+impl Tensor {
+    /// `log_softmax(self @ weight^T)[r, targets[r]]` for each row r, (N,), and, when
+    /// `entropy`, the entropy of each row's softmax (N,) (a statistic: no gradient): the
+    /// per-token log-probs of a language model through its LM head. self (N, H) f32, weight
+    /// (V, H) (no bias), host `targets` (N) < V (they are known on the host wherever the
+    /// ids were built, so no device read is needed); rows whose target is `ignore_index` are
+    /// 0 (and their entropy 0) and get no gradient. On the CPU with an f32 weight that tracks
+    /// no gradient (a frozen head) the (N, V) logits are never held and ignored rows cost
+    /// nothing; otherwise the ops are composed (same values).
+    pub fn linear_log_softmax_gather(
+        &self,
+        weight: &Tensor,
+        targets: &[u32],
+        ignore_index: Option<u32>,
+        entropy: bool,
+    ) -> Result<(Tensor, Option<Tensor>)> {
+        let op = "linear_log_softmax_gather";
+        self.expect_dtype(op, DType::F32)?;
+        self.expect_same_device(op, weight)?;
+        let (&[n, hd], &[v, hw]) = (self.shape(), weight.shape()) else {
+            return Err(Error::shape(
+                op,
+                format!(
+                    "needs h (N, H) and weight (V, H), got {:?} and {:?}",
+                    self.shape(),
+                    weight.shape()
+                ),
+            ));
+        };
+        if hd != hw || v == 0 {
+            return Err(Error::shape(
+                op,
+                format!(
+                    "h {:?} and weight {:?} do not make (N, H) @ (V, H)^T with V > 0",
+                    self.shape(),
+                    weight.shape()
+                ),
+            ));
+        }
+        if targets.len() != n {
+            return Err(Error::shape(
+                op,
+                format!("{} targets for {n} rows", targets.len()),
+            ));
+        }
+        if let Some(&bad) = targets
+            .iter()
+            .find(|&&t| Some(t) != ignore_index && t as usize >= v)
+        {
+            return Err(Error::IndexOutOfRange {
+                op,
+                index: bad as usize,
+                size: v,
+            });
+        }
+        let host = targets;
+        let grad = backprop::grad_enabled();
+        let fused = matches!(self.device(), Device::Cpu)
+            && weight.dtype() == DType::F32
+            && !(grad && weight.tracks_grad());
+        if !fused {
+            return self.composed_log_softmax_gather(weight, host, ignore_index, entropy);
+        }
+        let need_dh = grad && self.tracks_grad();
+        let kept = host.iter().filter(|&&t| Some(t) != ignore_index).count();
+        let pass = self.with_cpu_f32(op, |h| {
+            weight.with_cpu_f32(op, |w| {
+                cpu_token_pass(
+                    h,
+                    w,
+                    host,
+                    ignore_index,
+                    Dims { n, hd, v },
+                    need_dh,
+                    entropy,
+                    chunk_rows(kept, v, CHUNK_ELEMS),
+                )
+            })
+        })??;
+        let entropy = pass
+            .entropy
+            .map(|e| Tensor::from_vec(e, &[n], &Device::Cpu))
+            .transpose()?;
+        let dlogp_dh = pass.dlogp_dh;
+        let logps = Tensor::from_op(
+            Tensor::cpu_f32(pass.logps, vec![n]),
+            vec![n],
+            DType::F32,
+            self.device(),
+            op,
+            &[self, weight],
+            move |_, g| {
+                // Row r of dh is g[r] d logp_r / d h_r (held since the forward).
+                let Some(unit) = dlogp_dh.as_ref() else {
+                    return Ok(vec![None, None]);
+                };
+                let g = g.to_vec_f32()?;
+                let mut dh = unit.clone();
+                dh.par_chunks_mut(hd)
+                    .zip(g.par_iter())
+                    .for_each(|(row, &g)| vexp::scale(row, g));
+                Ok(vec![
+                    Some(Tensor::from_vec(dh, &[n, hd], &Device::Cpu)?),
+                    None,
+                ])
+            },
+        );
+        Ok((logps, entropy))
+    }
+
+    /// [`Tensor::linear_log_softmax_gather`] as composed ops (the logits materialised).
+    fn composed_log_softmax_gather(
+        &self,
+        weight: &Tensor,
+        targets: &[u32],
+        ignore_index: Option<u32>,
+        entropy: bool,
+    ) -> Result<(Tensor, Option<Tensor>)> {
+        self.matmul_t(weight, false, true)?
+            .log_softmax_gather_masked(targets, ignore_index, entropy)
+    }
+
+    /// [`Tensor::log_softmax_gather`] of logits (N, V) at host `targets` (N), rows whose
+    /// target is `ignore_index` zeroed (they gather class 0, then a mask), and the entropy
+    /// of each row when asked (no gradient, ignored rows 0): the composed form of
+    /// [`Tensor::linear_log_softmax_gather`] for logits some other layer built.
+    pub fn log_softmax_gather_masked(
+        &self,
+        targets: &[u32],
+        ignore_index: Option<u32>,
+        entropy: bool,
+    ) -> Result<(Tensor, Option<Tensor>)> {
+        let n = targets.len();
+        let device = self.device();
+        let (safe, mask): (Vec<u32>, Vec<f32>) = targets
+            .iter()
+            .map(|&t| {
+                if Some(t) == ignore_index {
+                    (0, 0.0)
+                } else {
+                    (t, 1.0)
+                }
+            })
+            .unzip();
+        let mask = Tensor::from_vec(mask, &[n], device)?;
+        let logps = self
+            .log_softmax_gather(&Tensor::from_vec(safe, &[n], device)?)?
+            .mul(&mask)?;
+        let entropy = entropy
+            .then(|| self.detach().entropy_last()?.mul(&mask))
+            .transpose()?;
+        Ok((logps, entropy))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -270,6 +523,74 @@ mod tests {
             crate::testing::assert_close(&f.dh.unwrap(), &want_dh, tol);
             crate::testing::assert_close(&f.dw.unwrap(), &want_dw, tol);
         }
+    }
+
+    /// The per-token pass in small chunks against the composed ops: log-probs, entropy and
+    /// the gradient of a weighted sum of the log-probs, with ignored rows.
+    #[test]
+    fn token_pass_matches_the_composed_ops() {
+        let (n, hd, v) = (11, 6, 29);
+        let h = Tensor::rand_uniform(-1.0, 1.0, &[n, hd], 3, &Device::Cpu)
+            .unwrap()
+            .into_variable();
+        let w = Tensor::rand_uniform(-2.0, 2.0, &[v, hd], 4, &Device::Cpu).unwrap();
+        let mut targets: Vec<u32> = (0..n as u32).map(|i| (i * 5 + 2) % v as u32).collect();
+        targets[0] = u32::MAX;
+        targets[7] = u32::MAX;
+        let upstream: Vec<f32> = (0..n).map(|i| 0.3 * i as f32 - 1.0).collect();
+        let upstream = Tensor::from_vec(upstream, &[n], &Device::Cpu).unwrap();
+        let weighted = |logps: &Tensor| {
+            let grads = logps
+                .mul(&upstream)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            grads.get(&h).unwrap().to_vec_f32().unwrap()
+        };
+        let (want, want_entropy) = h
+            .composed_log_softmax_gather(&w, &targets, Some(u32::MAX), true)
+            .unwrap();
+        let want_dh = weighted(&want);
+        let (hv, wv) = (h.to_vec_f32().unwrap(), w.to_vec_f32().unwrap());
+        let tol = crate::testing::Tolerance::new(1e-5, 1e-6);
+        for chunk in [1, 4, 9] {
+            let pass = cpu_token_pass(
+                &hv,
+                &wv,
+                &targets,
+                Some(u32::MAX),
+                Dims { n, hd, v },
+                true,
+                true,
+                chunk,
+            );
+            crate::testing::assert_close(&pass.logps, &want.to_vec_f32().unwrap(), tol);
+            crate::testing::assert_close(
+                &pass.entropy.unwrap(),
+                &want_entropy.as_ref().unwrap().to_vec_f32().unwrap(),
+                tol,
+            );
+            assert_eq!(pass.logps[0], 0.0);
+        }
+        let (got, got_entropy) = h
+            .linear_log_softmax_gather(&w, &targets, Some(u32::MAX), false)
+            .unwrap();
+        assert!(got_entropy.is_none());
+        crate::testing::assert_close(&got.to_vec_f32().unwrap(), &want.to_vec_f32().unwrap(), tol);
+        let got_dh = weighted(&got);
+        crate::testing::assert_close(&got_dh, &want_dh, tol);
+        assert!(
+            got_dh[..hd].iter().all(|&g| g == 0.0),
+            "an ignored row has no gradient"
+        );
+        assert!(h
+            .linear_log_softmax_gather(&w, &[v as u32; 11], None, false)
+            .is_err());
+        assert!(h
+            .linear_log_softmax_gather(&w, &targets[..3], None, false)
+            .is_err());
     }
 
     #[test]

@@ -119,6 +119,30 @@ fn exp_shift_sum_body(row: &mut [f32], m: f32) -> f32 {
     acc.iter().sum::<f32>() + s
 }
 
+/// The entropy pass of a row: row[i] = e_i = exp(row[i] - m) in place; returns
+/// (sum e_i, sum e_i (x_i - m)), from which the entropy is ln(s) - t / s.
+#[inline(always)]
+fn exp_shift_sum_dot_body(row: &mut [f32], m: f32) -> (f32, f32) {
+    let (mut acc, mut dot) = ([0f32; LANES], [0f32; LANES]);
+    let mut chunks = row.chunks_exact_mut(LANES);
+    for c in &mut chunks {
+        for ((a, t), x) in acc.iter_mut().zip(dot.iter_mut()).zip(c.iter_mut()) {
+            let d = *x - m;
+            *x = exp_nonpositive(d);
+            *a += *x;
+            *t += *x * d;
+        }
+    }
+    let (mut s, mut t) = (0f32, 0f32);
+    for x in chunks.into_remainder() {
+        let d = *x - m;
+        *x = exp_nonpositive(d);
+        s += *x;
+        t += *x * d;
+    }
+    (acc.iter().sum::<f32>() + s, dot.iter().sum::<f32>() + t)
+}
+
 #[inline(always)]
 fn sum_exp_shift_body(row: &[f32], m: f32) -> f32 {
     let mut acc = [0f32; LANES];
@@ -149,6 +173,12 @@ dispatched!(
     /// row[i] = exp(row[i] - m) in place; returns the sum. `m` must be >= every element
     /// (the row's maximum).
     pub(crate) fn exp_shift_sum(row: &mut [f32], m: f32) -> f32 = exp_shift_sum_body
+);
+dispatched!(
+    /// row[i] = exp(row[i] - m) in place; returns (sum_i exp(row[i] - m), sum_i exp(row[i]
+    /// - m) (row[i] - m)) for `m` >= every element: the softmax's normaliser and what its
+    /// entropy needs.
+    pub(crate) fn exp_shift_sum_dot(row: &mut [f32], m: f32) -> (f32, f32) = exp_shift_sum_dot_body
 );
 dispatched!(
     /// sum_i exp(row[i] - m), for `m` >= every element (the row's maximum).

@@ -13,7 +13,7 @@ use lathe_lora::{AdapterSwitch, LoraConfig};
 use lathe_models::attention::TokenLayout;
 use lathe_models::generate::{generate_groups, GenerateConfig};
 use lathe_models::hf::CausalLm;
-use lathe_models::logprobs::{token_logprobs, token_logprobs_and_entropy};
+use lathe_models::logprobs::{next_tokens, token_logprobs, token_logprobs_and_entropy};
 use lathe_models::sampling::SamplingConfig;
 use lathe_models::tokenizer::Tokenizer;
 use serde::{Deserialize, Serialize};
@@ -274,6 +274,9 @@ struct Generation {
     seq: usize,
     /// (rows, T - 1): 1 where position t predicts a completion token.
     mask: Vec<f64>,
+    /// (rows, T - 1): the completion token position t predicts, [`lathe_models::generate::IGNORE`] elsewhere (the
+    /// prompt's and the padding's predictions are never computed).
+    targets: Vec<u32>,
     advantages: Vec<f64>,
     /// (rows, T - 1) log-probs at generation time (μ > 1) and of the reference (β ≠ 0).
     old_logps: Option<Vec<f64>>,
@@ -589,6 +592,8 @@ impl GrpoTrainer {
                 mask[r * (seq - 1) + t] = 1.0;
             }
         }
+        let wanted: Vec<bool> = mask.iter().map(|&m| m == 1.0).collect();
+        let targets = next_tokens(&ids, seq, Some(&wanted))?;
         let tokens: usize = completions.iter().map(Vec::len).sum();
         let prompt_tokens: usize = rows.iter().map(Vec::len).sum();
         self.num_tokens += (prompt_tokens + tokens) as u64;
@@ -641,6 +646,7 @@ impl GrpoTrainer {
             ids,
             seq,
             mask,
+            targets,
             advantages: advantages.advantages,
             old_logps: None,
             ref_logps: None,
@@ -679,7 +685,8 @@ impl GrpoTrainer {
         let ids = generation.ids[start * seq..(start + n) * seq].to_vec();
         let ids = Tensor::from_vec(ids, &[n, seq], &self.device)?;
         let layout = TokenLayout::contiguous(n, seq, 0, &self.device)?;
-        Ok(token_logprobs(&self.model, &ids, &layout)?)
+        let targets = &generation.targets[start * (seq - 1)..(start + n) * (seq - 1)];
+        Ok(token_logprobs(&self.model, &ids, &layout, targets)?)
     }
 
     /// The step's micro-batches over the generation batch: the loss (summed as trl's
@@ -714,7 +721,8 @@ impl GrpoTrainer {
             let ids = generation.ids[start * seq..(start + micro) * seq].to_vec();
             let ids = Tensor::from_vec(ids, &[micro, seq], &self.device)?;
             let layout = TokenLayout::contiguous(micro, seq, 0, &self.device)?;
-            let (logps, entropy) = token_logprobs_and_entropy(&self.model, &ids, &layout)?;
+            let targets = &generation.targets[span.clone()];
+            let (logps, entropy) = token_logprobs_and_entropy(&self.model, &ids, &layout, targets)?;
             let values: Vec<f64> = logps.to_vec_f32()?.into_iter().map(f64::from).collect();
             // trl's `entropy`: the masked mean over the micro-batch's completion tokens,
             // averaged over micro-batches as its other statistics are.

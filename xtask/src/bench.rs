@@ -8,7 +8,10 @@ use lathe_core::{Device, Tensor};
 use lathe_shaders::AdapterChoice;
 
 use crate::report::{GpuSection, LedgerRow, Measurement, PeerSection, Report};
-use crate::{bench_generate, bench_int8, bench_plan, bench_ppo, bench_reward, bench_sft, peer};
+use crate::{
+    bench_dpo, bench_generate, bench_grpo, bench_int8, bench_plan, bench_ppo, bench_reward,
+    bench_sft, peer,
+};
 
 #[derive(clap::Args, Debug)]
 pub struct BenchArgs {
@@ -24,7 +27,8 @@ pub struct BenchArgs {
     /// Skip the Python peers even when they are available.
     #[arg(long)]
     no_peer: bool,
-    /// Which sections to run (comma-separated): matmul, int8, generate, sft, ppo, reward, plan.
+    /// Which sections to run (comma-separated): matmul, int8, generate, sft, ppo, reward, dpo,
+    /// grpo, plan.
     #[arg(
         long,
         value_delimiter = ',',
@@ -47,6 +51,17 @@ pub enum Section {
     Ppo,
     /// Reward-model scoring texts/s, transformers peer (needs `cargo xtask assets`).
     Reward,
+    /// One DPO optimizer step on SmolLM2 (8 pairs of 16 + 48 tokens, LoRA r 16 on q,v), with
+    /// and without gradient checkpointing, trl 1.16 DPOTrainer + peft peer (needs `cargo xtask
+    /// assets`; steps of tens of seconds on 2 cores, `--warmup` and `--runs` of them on each
+    /// side: not in the default list).
+    Dpo,
+    /// One GRPO optimizer step on SmolLM2 (8 prompts of 16 tokens × G 4 completions of at most
+    /// 16 tokens, length reward, beta 0.04, LoRA r 16 on q,v), with and without gradient
+    /// checkpointing, trl 1.16 GRPOTrainer + peft peer (needs `cargo xtask assets`; steps of
+    /// tens of seconds on 2 cores, `--warmup` and `--runs` of them on each side: not in the
+    /// default list).
+    Grpo,
     /// `lathe plan` against the measured peak resident memory of real runs (SmolLM2 and two
     /// synthetic GPT-NeoX-20B-width shapes; writes ~8 GB of checkpoints to /tmp; not in the
     /// default list).
@@ -60,6 +75,30 @@ fn trl_python() -> Option<std::path::PathBuf> {
         Some(p) if !p.is_empty() => Some(p.into()),
         _ => {
             let default = std::path::PathBuf::from("/tmp/venv-trl/bin/python");
+            default.exists().then_some(default)
+        }
+    }
+}
+
+/// The interpreter of the DPO peer (trl 1.16): `LATHE_PEER_DPO_PYTHON`, else the pinned venv
+/// of scripts/peer_dpo.py when it exists.
+fn dpo_python() -> Option<std::path::PathBuf> {
+    match std::env::var_os("LATHE_PEER_DPO_PYTHON") {
+        Some(p) if !p.is_empty() => Some(p.into()),
+        _ => {
+            let default = std::path::PathBuf::from("/tmp/venv-tf5/bin/python");
+            default.exists().then_some(default)
+        }
+    }
+}
+
+/// The interpreter of the GRPO peer (trl 1.16): `LATHE_PEER_GRPO_PYTHON`, else the pinned
+/// venv of scripts/peer_grpo.py when it exists.
+fn grpo_python() -> Option<std::path::PathBuf> {
+    match std::env::var_os("LATHE_PEER_GRPO_PYTHON") {
+        Some(p) if !p.is_empty() => Some(p.into()),
+        _ => {
+            let default = std::path::PathBuf::from("/tmp/venv-tf5/bin/python");
             default.exists().then_some(default)
         }
     }
@@ -211,6 +250,50 @@ pub fn run(args: &BenchArgs) -> Result<()> {
                 markdown += &format!("\n## Reward scoring\n\nskipped: {e:#}\n");
                 json.insert(
                     "reward".into(),
+                    serde_json::json!({ "skipped": format!("{e:#}") }),
+                );
+            }
+        }
+    }
+
+    if args.sections.contains(&Section::Dpo) {
+        let mut devices = vec![(Device::Cpu, "cpu".to_string())];
+        if let Some(device) = gpu_device.as_ref().filter(|d| !is_software(d)) {
+            devices.push((device.clone(), "gpu".to_string()));
+        }
+        let peer = if args.no_peer { None } else { dpo_python() };
+        match bench_dpo::run(&devices, threads, args.warmup, args.runs, peer.as_deref()) {
+            Ok(section) => {
+                markdown += &bench_dpo::markdown(&section);
+                json.insert("dpo".into(), serde_json::to_value(&section)?);
+            }
+            Err(e) => {
+                eprintln!("  dpo: skipped ({e:#})");
+                markdown += &format!("\n## DPO step\n\nskipped: {e:#}\n");
+                json.insert(
+                    "dpo".into(),
+                    serde_json::json!({ "skipped": format!("{e:#}") }),
+                );
+            }
+        }
+    }
+
+    if args.sections.contains(&Section::Grpo) {
+        let mut devices = vec![(Device::Cpu, "cpu".to_string())];
+        if let Some(device) = gpu_device.as_ref().filter(|d| !is_software(d)) {
+            devices.push((device.clone(), "gpu".to_string()));
+        }
+        let peer = if args.no_peer { None } else { grpo_python() };
+        match bench_grpo::run(&devices, threads, args.warmup, args.runs, peer.as_deref()) {
+            Ok(section) => {
+                markdown += &bench_grpo::markdown(&section);
+                json.insert("grpo".into(), serde_json::to_value(&section)?);
+            }
+            Err(e) => {
+                eprintln!("  grpo: skipped ({e:#})");
+                markdown += &format!("\n## GRPO step\n\nskipped: {e:#}\n");
+                json.insert(
+                    "grpo".into(),
                     serde_json::json!({ "skipped": format!("{e:#}") }),
                 );
             }

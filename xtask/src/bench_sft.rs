@@ -64,7 +64,7 @@ pub struct SftSection {
 }
 
 /// A field of /proc/self/status (VmRSS: current, VmHWM: peak resident set) in MiB.
-fn status_mib(field: &str) -> Option<f64> {
+pub(crate) fn status_mib(field: &str) -> Option<f64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
     let line = status.lines().find(|l| l.starts_with(field))?;
     let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
@@ -81,13 +81,13 @@ fn peak_rss_mib() -> Option<f64> {
 }
 
 /// Resets the peak resident set to the current one (Linux: 5 > clear_refs).
-fn reset_peak_rss() -> bool {
+pub(crate) fn reset_peak_rss() -> bool {
     std::fs::write("/proc/self/clear_refs", "5").is_ok()
 }
 
 /// Hands the allocator's free memory back to the kernel, so that the resident set counts
 /// live data only and rows measured one after another do not hide each other's growth.
-fn trim_heap() {
+pub(crate) fn trim_heap() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {
         extern "C" {

@@ -15,7 +15,9 @@
 
 mod assets;
 mod bench;
+mod bench_dpo;
 mod bench_generate;
+mod bench_grpo;
 mod bench_int8;
 mod bench_plan;
 mod bench_ppo;

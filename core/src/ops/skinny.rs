@@ -4,7 +4,10 @@
 //! A general GEMM packs w into panels before multiplying; with a handful of rows that packing
 //! costs as much as the product and the weight is read twice. Here each weight row is read
 //! once, straight from memory, and dotted with every x row while it is in L1 (the x rows stay
-//! in L1/L2: M * K * 4 bytes). Threads split the weight rows.
+//! in L1/L2: M * K * 4 bytes). Threads split the weight rows. With AVX-512 four weight rows go
+//! together and the next four are prefetched while the x tiles run (SmolLM2 decoding on 2
+//! cores: 16 x 16 tokens 197 -> 223 tokens/s, 1 x 32 tokens 39.7 -> 46 tokens/s, against the
+//! AVX2 pair kernel).
 
 use rayon::prelude::*;
 
@@ -24,10 +27,27 @@ pub(crate) fn matmul_bt_rows(x: &[f32], w: &[f32], m: usize, n: usize, k: usize)
     if m == 0 || n == 0 {
         return by_weight_row;
     }
+    #[cfg(target_arch = "x86_64")]
+    let avx512 = std::is_x86_feature_detected!("avx512f");
     let task = |(t, block): (usize, &mut [f32])| {
         let first = t * ROWS_PER_TASK;
         let rows = block.len() / m;
         let mut j = 0;
+        // Four weight rows at a time where AVX-512 runs: each x load feeds four FMAs.
+        #[cfg(target_arch = "x86_64")]
+        if avx512 {
+            while j + 4 <= rows {
+                let (o0, rest) = block[j * m..(j + 4) * m].split_at_mut(m);
+                let (o1, rest) = rest.split_at_mut(m);
+                let (o2, o3) = rest.split_at_mut(m);
+                let w4 = &w[(first + j) * k..(first + j + 4) * k];
+                let next = w.get((first + j + 4) * k..(first + j + 8) * k);
+                // SAFETY: the CPU has AVX-512F (checked above); w4 holds 4 rows of k, x
+                // holds m rows of k, each output m values.
+                unsafe { dot_rows_quad_avx512(x, w4, next, m, k, [o0, o1, o2, o3]) };
+                j += 4;
+            }
+        }
         // Two weight rows at a time: each x load feeds two FMAs.
         while j + 2 <= rows {
             let (out0, out1) = block[j * m..(j + 2) * m].split_at_mut(m);
@@ -247,5 +267,178 @@ unsafe fn dot_rows_avx2(x: &[f32], row: &[f32], m: usize, k: usize, out: &mut [f
         }
         out[i] = hsum(acc) + tail(i);
         i += 1;
+    }
+}
+
+/// AVX-512: four weight rows (`w4`, 4 k values) against the m rows of x: out[j][i] =
+/// x[i] . w4[j]. Tiles of 4 x rows keep 16 accumulators; per 16 columns 8 loads feed 16
+/// FMAs, and each x row is read once per four weight rows. Only the first tile reads the
+/// weight rows from memory (the rest find them in L1), so the tiles prefetch the `next`
+/// four rows into L2 as they go: the weight stream never waits for the arithmetic. The
+/// k % 16 tail goes through masked loads.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn dot_rows_quad_avx512(
+    x: &[f32],
+    w4: &[f32],
+    next: Option<&[f32]>,
+    m: usize,
+    k: usize,
+    out: [&mut [f32]; 4],
+) {
+    debug_assert!(x.len() >= m * k && w4.len() >= 4 * k);
+    let mut out = out;
+    let tiles = m / 4 + m % 4;
+    let mut tile = Tile {
+        next,
+        index: 0,
+        tiles,
+    };
+    let mut i = 0;
+    while i + 4 <= m {
+        // SAFETY: rows i..i + 4 of x exist; the caller checked AVX-512F.
+        unsafe { quad_tile::<4>(x, i, w4, k, &tile, &mut out) };
+        tile.index += 1;
+        i += 4;
+    }
+    while i < m {
+        // SAFETY: as above, for row i.
+        unsafe { quad_tile::<1>(x, i, w4, k, &tile, &mut out) };
+        tile.index += 1;
+        i += 1;
+    }
+}
+
+/// Which share of the next four weight rows a tile prefetches: tile t takes rows t,
+/// t + tiles, ... (every row once, spread over the first four tiles).
+struct Tile<'a> {
+    next: Option<&'a [f32]>,
+    index: usize,
+    tiles: usize,
+}
+
+/// Rows i..i + R of x against the four weight rows of `w4`, into out[j][i..i + R]. The
+/// 4 R accumulators are plain locals (an array indexed in loops was kept in memory, one
+/// store-to-load round trip per FMA).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn quad_tile<const R: usize>(
+    x: &[f32],
+    i: usize,
+    w4: &[f32],
+    k: usize,
+    tile: &Tile<'_>,
+    out: &mut [&mut [f32]; 4],
+) {
+    use std::arch::x86_64::*;
+    let wp = w4.as_ptr();
+    // The next rows this tile prefetches: a bit set per row.
+    let prefetch: u8 = match tile.next {
+        Some(_) => (0..4)
+            .filter(|r| r % tile.tiles == tile.index)
+            .fold(0, |bits, r| bits | 1 << r),
+        None => 0,
+    };
+    let next = tile.next.map_or(wp, <[f32]>::as_ptr);
+    // Rows i..i + R of x (R is 1 or 4; absent rows alias row i and are not stored).
+    let xr = |r: usize| x[(i + r.min(R - 1)) * k..].as_ptr();
+    let (x0, x1, x2, x3) = (xr(0), xr(1), xr(2), xr(3));
+    let z = _mm512_setzero_ps();
+    let (mut a00, mut a01, mut a02, mut a03) = (z, z, z, z);
+    let (mut a10, mut a11, mut a12, mut a13) = (z, z, z, z);
+    let (mut a20, mut a21, mut a22, mut a23) = (z, z, z, z);
+    let (mut a30, mut a31, mut a32, mut a33) = (z, z, z, z);
+    let mut c = 0;
+    while c < k {
+        // All 16 lanes in the body, the k % 16 tail through masked loads.
+        let mask: __mmask16 = if c + 16 <= k {
+            u16::MAX
+        } else {
+            (1u16 << (k - c)) - 1
+        };
+        // SAFETY: the mask keeps every load inside its row (c + lanes <= k) of the 4 weight
+        // rows and of x rows i..i + R; a prefetch is a hint and touches nothing (its address
+        // is inside `next`'s rows all the same).
+        unsafe {
+            for r in 0..4 {
+                if prefetch & (1 << r) != 0 {
+                    _mm_prefetch::<_MM_HINT_T1>(next.add(r * k + c) as *const i8);
+                }
+            }
+            let w0 = _mm512_maskz_loadu_ps(mask, wp.add(c));
+            let w1 = _mm512_maskz_loadu_ps(mask, wp.add(k + c));
+            let w2 = _mm512_maskz_loadu_ps(mask, wp.add(2 * k + c));
+            let w3 = _mm512_maskz_loadu_ps(mask, wp.add(3 * k + c));
+            let v = _mm512_maskz_loadu_ps(mask, x0.add(c));
+            a00 = _mm512_fmadd_ps(v, w0, a00);
+            a01 = _mm512_fmadd_ps(v, w1, a01);
+            a02 = _mm512_fmadd_ps(v, w2, a02);
+            a03 = _mm512_fmadd_ps(v, w3, a03);
+            if R == 4 {
+                let v = _mm512_maskz_loadu_ps(mask, x1.add(c));
+                a10 = _mm512_fmadd_ps(v, w0, a10);
+                a11 = _mm512_fmadd_ps(v, w1, a11);
+                a12 = _mm512_fmadd_ps(v, w2, a12);
+                a13 = _mm512_fmadd_ps(v, w3, a13);
+                let v = _mm512_maskz_loadu_ps(mask, x2.add(c));
+                a20 = _mm512_fmadd_ps(v, w0, a20);
+                a21 = _mm512_fmadd_ps(v, w1, a21);
+                a22 = _mm512_fmadd_ps(v, w2, a22);
+                a23 = _mm512_fmadd_ps(v, w3, a23);
+                let v = _mm512_maskz_loadu_ps(mask, x3.add(c));
+                a30 = _mm512_fmadd_ps(v, w0, a30);
+                a31 = _mm512_fmadd_ps(v, w1, a31);
+                a32 = _mm512_fmadd_ps(v, w2, a32);
+                a33 = _mm512_fmadd_ps(v, w3, a33);
+            }
+        }
+        c += 16;
+    }
+    let rows = [
+        [a00, a01, a02, a03],
+        [a10, a11, a12, a13],
+        [a20, a21, a22, a23],
+        [a30, a31, a32, a33],
+    ];
+    for (r, acc) in rows.iter().enumerate().take(R) {
+        for (o, &a) in out.iter_mut().zip(acc) {
+            o[i + r] = _mm512_reduce_add_ps(a);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every path (4-row weight tiles, pairs, single rows; 4-row x tiles and the rest; the
+    /// k tails) against an f64 dot product.
+    #[test]
+    fn matches_f64_dot_products() {
+        let value =
+            |seed: usize, i: usize| ((seed * 7919 + i * 104_729) % 2001) as f32 / 1000.0 - 1.0;
+        for m in [1, 2, 3, 4, 5, 7, 16, 32] {
+            for k in [1, 5, 16, 33, 579] {
+                for n in [1, 3, 4, 7, 37, 69] {
+                    let x: Vec<f32> = (0..m * k).map(|i| value(1, i)).collect();
+                    let w: Vec<f32> = (0..n * k).map(|i| value(2, i)).collect();
+                    let got = matmul_bt_rows(&x, &w, m, n, k);
+                    for a in 0..m {
+                        for b in 0..n {
+                            let want: f64 = (0..k)
+                                .map(|c| x[a * k + c] as f64 * w[b * k + c] as f64)
+                                .sum();
+                            let err = (got[a * n + b] as f64 - want).abs();
+                            assert!(
+                                err <= 1e-5 * (k as f64).sqrt() * 4.0,
+                                "m {m} k {k} n {n} ({a}, {b}): {} vs {want}",
+                                got[a * n + b]
+                            );
+                        }
+                    }
+                }
+            }
+        }
     }
 }

@@ -411,6 +411,43 @@ unsafe fn quad_tile<const R: usize>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    /// max |got - x w^T| over the product, against f64 dot products, and the bound it must
+    /// stay under (f32 rounding over k terms of magnitude <= 1).
+    fn worst_error(x: &[f32], w: &[f32], m: usize, n: usize, k: usize) -> (f64, f64) {
+        let got = matmul_bt_rows(x, w, m, n, k);
+        let mut worst = 0f64;
+        for a in 0..m {
+            for b in 0..n {
+                let want: f64 = (0..k)
+                    .map(|c| x[a * k + c] as f64 * w[b * k + c] as f64)
+                    .sum();
+                worst = worst.max((got[a * n + b] as f64 - want).abs());
+            }
+        }
+        (worst, 4e-6 * (k as f64).sqrt() + 1e-6)
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+        /// Odd shapes through every path against the f64 oracle.
+        #[test]
+        fn any_shape_matches_the_f64_oracle(
+            m in 1usize..=MAX_ROWS,
+            n in 1usize..150,
+            k in 1usize..700,
+            seed in any::<u64>(),
+        ) {
+            let mut rng = crate::Rng::new(seed);
+            let mut draw = |len: usize| -> Vec<f32> {
+                (0..len).map(|_| (rng.next_u64() % 2001) as f32 / 1000.0 - 1.0).collect()
+            };
+            let (x, w) = (draw(m * k), draw(n * k));
+            let (worst, bound) = worst_error(&x, &w, m, n, k);
+            prop_assert!(worst <= bound, "m {} n {} k {}: error {} > {}", m, n, k, worst, bound);
+        }
+    }
 
     /// Every path (4-row weight tiles, pairs, single rows; 4-row x tiles and the rest; the
     /// k tails) against an f64 dot product.

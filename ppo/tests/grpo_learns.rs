@@ -14,10 +14,10 @@ use lathe_ppo::grpo::{GrpoConfig, GrpoLoss, GrpoTrainer};
 use lathe_ppo::rollout::LengthRange;
 use lathe_ppo::Result;
 
-fn fixture() -> Pretrained {
+fn fixture(precision: Precision) -> Pretrained {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("../models/tests/fixtures/gguf_model_tied.gguf");
-    Pretrained::load(&path, &Device::Cpu, Precision::F32).unwrap()
+    Pretrained::load(&path, &Device::Cpu, precision).unwrap()
 }
 
 fn letters(texts: &[String]) -> Result<Vec<f32>> {
@@ -68,7 +68,11 @@ fn config() -> GrpoConfig {
 
 /// The mean reward of each generation batch, and the final adapters' logits check.
 fn run(config: &GrpoConfig) -> Vec<f64> {
-    let pretrained = fixture();
+    run_on(config, Precision::F32)
+}
+
+fn run_on(config: &GrpoConfig, precision: Precision) -> Vec<f64> {
+    let pretrained = fixture(precision);
     let texts: Vec<Vec<u32>> = [
         "the film was great",
         "a slow plot",
@@ -140,6 +144,29 @@ fn the_reward_rises_and_the_run_repeats_under_its_seed() {
     let tail: f64 = rewards[9..].iter().sum::<f64>() / 3.0;
     assert!(tail > head + 0.3, "rewards {rewards:?}");
     assert_eq!(run(&config()), rewards);
+}
+
+/// The frozen base in LLM.int8 or f16: LoRA trains through it (over a longer run than the
+/// test above, the mean reward of the last six generation batches beats the first six's, as
+/// on f32) and the adapter-off reference stays the base, to the bit (checked in `run_on`).
+#[test]
+fn an_int8_or_f16_base_learns_too() {
+    let config = GrpoConfig {
+        max_steps: 72,
+        ..config()
+    };
+    for precision in [
+        Precision::F32,
+        Precision::F16,
+        Precision::Int8 { threshold: 6.0 },
+    ] {
+        let rewards = run_on(&config, precision);
+        let n = rewards.len();
+        let head: f64 = rewards[..6].iter().sum::<f64>() / 6.0;
+        let tail: f64 = rewards[n - 6..].iter().sum::<f64>() / 6.0;
+        // Measured: f32 +0.46, f16 +0.25, int8 +0.53.
+        assert!(tail > head + 0.2, "{precision:?}: rewards {rewards:?}");
+    }
 }
 
 #[test]
@@ -218,7 +245,7 @@ fn a_run_resumed_from_its_checkpoint_equals_the_uninterrupted_one() {
         .map(String::from)
         .to_vec();
     let run_to = |out: &std::path::Path, stop_after: Option<usize>| {
-        let pretrained = fixture();
+        let pretrained = fixture(Precision::F32);
         let mut run = GrpoRun::open(
             pretrained.model,
             &pretrained.tokenizer,

@@ -266,19 +266,36 @@ fn tiny_config() -> DpoConfig {
 }
 
 fn tiny_model() -> Pretrained {
+    tiny_model_in(Precision::F32)
+}
+
+fn tiny_model_in(precision: Precision) -> Pretrained {
     let path = repo("models/tests/fixtures/gguf_model_tied.gguf");
-    Pretrained::load(&path, &Device::Cpu, Precision::F32).unwrap()
+    Pretrained::load(&path, &Device::Cpu, precision).unwrap()
 }
 
 #[test]
 fn training_widens_the_margin_and_leaves_the_reference_alone() {
-    let pretrained = tiny_model();
+    margins_widen_over(Precision::F32);
+}
+
+/// The frozen base in LLM.int8 or f16: LoRA trains through it as on f32.
+#[test]
+fn an_int8_or_f16_base_trains_too() {
+    margins_widen_over(Precision::Int8 { threshold: 6.0 });
+    margins_widen_over(Precision::F16);
+}
+
+/// Six steps with per-batch and precomputed reference log-probs: the reward margin widens
+/// and the adapter-off reference is the base model, to the bit.
+fn margins_widen_over(precision: Precision) {
+    let pretrained = tiny_model_in(precision);
     let tokens = tokenize_pairs(&tiny_pairs(), &pretrained.tokenizer, 64).unwrap();
     let all: Vec<&TokenPair> = tokens.iter().collect();
     let (before, _) = completion_logps(&pretrained.model, &all, 0, &Device::Cpu).unwrap();
     let before = before.to_vec_f32().unwrap();
     for precompute in [false, true] {
-        let mut model = tiny_model().model;
+        let mut model = tiny_model_in(precision).model;
         let config = DpoConfig {
             precompute_ref_log_probs: precompute,
             ..tiny_config()
@@ -296,7 +313,10 @@ fn training_widens_the_margin_and_leaves_the_reference_alone() {
             margins.push(margin);
         }
         assert_eq!(margins.len(), 6);
-        assert!(margins[5] > margins[0] + 0.1, "margins {margins:?}");
+        assert!(
+            margins[5] > margins[0] + 0.1,
+            "{precision:?}: margins {margins:?}"
+        );
         // The reference (adapters off) is the base model, to the bit.
         let _off = trainer.switch().disable();
         let (reference, _) = completion_logps(trainer.model(), &all, 0, &Device::Cpu).unwrap();

@@ -216,36 +216,20 @@ fn run_peer(
     runs: usize,
     checkpointing: bool,
 ) -> Result<serde_json::Value> {
-    let mut args: Vec<std::ffi::OsString> = vec![
-        "--model".into(),
-        model.into(),
-        "--pairs".into(),
-        PAIRS.to_string().into(),
-        "--prompt-len".into(),
-        PROMPT.to_string().into(),
-        "--completion-len".into(),
-        COMPLETION.to_string().into(),
-        "--lr".into(),
-        LEARNING_RATE.to_string().into(),
-        "--threads".into(),
-        threads.to_string().into(),
-        "--steps".into(),
-        runs.to_string().into(),
-        "--warmup".into(),
-        warmup.to_string().into(),
-    ];
+    let mut args = crate::peer::flags(&[
+        ("model", model.display().to_string()),
+        ("pairs", PAIRS.to_string()),
+        ("prompt-len", PROMPT.to_string()),
+        ("completion-len", COMPLETION.to_string()),
+        ("lr", LEARNING_RATE.to_string()),
+        ("threads", threads.to_string()),
+        ("steps", runs.to_string()),
+        ("warmup", warmup.to_string()),
+    ]);
     if checkpointing {
         args.push("--gradient-checkpointing".into());
     }
     crate::peer::run_script(python, "peer_dpo.py", &args, threads)
-}
-
-fn yes_no(b: bool) -> &'static str {
-    if b {
-        "yes"
-    } else {
-        "no"
-    }
 }
 
 pub fn markdown(section: &DpoSection) -> String {
@@ -256,20 +240,7 @@ pub fn markdown(section: &DpoSection) -> String {
         section.runs, section.warmup
     );
     let describe = |peer: &serde_json::Value, what: &str| {
-        match peer.get("pairs_per_s") {
-        Some(_) => format!(
-            "peer{what}: trl {} DPOTrainer, peft {}, transformers {} (torch {}), {} threads: {:.3} s/step (median {:.3}), peak RSS {:.0} MiB",
-            peer["trl"].as_str().unwrap_or("?"),
-            peer["peft"].as_str().unwrap_or("?"),
-            peer["version"].as_str().unwrap_or("?"),
-            peer["torch"].as_str().unwrap_or("?"),
-            peer["threads"],
-            peer["best_s"].as_f64().unwrap_or(f64::NAN),
-            peer["median_s"].as_f64().unwrap_or(f64::NAN),
-            peer["peak_rss_process_mib"].as_f64().unwrap_or(f64::NAN)
-        ),
-        None => format!("peer{what}: {peer}"),
-    }
+        crate::peer::describe_trl(peer, "DPOTrainer", what, "")
     };
     let _ = writeln!(
         s,
@@ -290,7 +261,7 @@ pub fn markdown(section: &DpoSection) -> String {
             s,
             "| {} | {} | {:.3} | {:.3} | {:.2} | {} | {} | {} | {} | {} |",
             r.device,
-            yes_no(r.gradient_checkpointing),
+            crate::peer::yes_no(r.gradient_checkpointing),
             r.best_s,
             r.median_s,
             r.pairs_per_s,

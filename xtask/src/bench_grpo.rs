@@ -328,44 +328,24 @@ fn run_peer(
     runs: usize,
     checkpointing: bool,
 ) -> Result<serde_json::Value> {
-    let mut args: Vec<std::ffi::OsString> = vec![
-        "--model".into(),
-        model.into(),
-        "--prompts-json".into(),
-        serde_json::to_string(&PROMPT_TEXTS)?.into(),
-        "--num-generations".into(),
-        GENERATIONS.to_string().into(),
-        "--prompt-len".into(),
-        PROMPT.to_string().into(),
-        "--max-completion-length".into(),
-        MAX_COMPLETION.to_string().into(),
-        "--micro-batch".into(),
-        MICRO_BATCH.to_string().into(),
-        "--accumulation".into(),
-        ACCUMULATION.to_string().into(),
-        "--beta".into(),
-        BETA.to_string().into(),
-        "--lr".into(),
-        LEARNING_RATE.to_string().into(),
-        "--threads".into(),
-        threads.to_string().into(),
-        "--steps".into(),
-        runs.to_string().into(),
-        "--warmup".into(),
-        warmup.to_string().into(),
-    ];
+    let mut args = crate::peer::flags(&[
+        ("model", model.display().to_string()),
+        ("prompts-json", serde_json::to_string(&PROMPT_TEXTS)?),
+        ("num-generations", GENERATIONS.to_string()),
+        ("prompt-len", PROMPT.to_string()),
+        ("max-completion-length", MAX_COMPLETION.to_string()),
+        ("micro-batch", MICRO_BATCH.to_string()),
+        ("accumulation", ACCUMULATION.to_string()),
+        ("beta", BETA.to_string()),
+        ("lr", LEARNING_RATE.to_string()),
+        ("threads", threads.to_string()),
+        ("steps", runs.to_string()),
+        ("warmup", warmup.to_string()),
+    ]);
     if checkpointing {
         args.push("--gradient-checkpointing".into());
     }
     crate::peer::run_script(python, "peer_grpo.py", &args, threads)
-}
-
-fn yes_no(b: bool) -> &'static str {
-    if b {
-        "yes"
-    } else {
-        "no"
-    }
 }
 
 pub fn markdown(section: &GrpoSection) -> String {
@@ -376,24 +356,14 @@ pub fn markdown(section: &GrpoSection) -> String {
         section.runs, section.warmup
     );
     let describe = |peer: &serde_json::Value, what: &str| {
-        match peer.get("completions_per_s") {
-        Some(_) => format!(
-            "peer{what}: trl {} GRPOTrainer, peft {}, transformers {} (torch {}), {} threads: {:.3} s/step (median {:.3}; `_generate` {:.3}, generate and score {:.3}), peak RSS {:.0} MiB",
-            peer["trl"].as_str().unwrap_or("?"),
-            peer["peft"].as_str().unwrap_or("?"),
-            peer["version"].as_str().unwrap_or("?"),
-            peer["torch"].as_str().unwrap_or("?"),
-            peer["threads"],
-            peer["best_s"].as_f64().unwrap_or(f64::NAN),
-            peer["median_s"].as_f64().unwrap_or(f64::NAN),
+        let extra = format!(
+            "; `_generate` {:.3}, generate and score {:.3}",
             peer["generate_median_s"].as_f64().unwrap_or(f64::NAN),
             peer["generate_and_score_median_s"]
                 .as_f64()
-                .unwrap_or(f64::NAN),
-            peer["peak_rss_process_mib"].as_f64().unwrap_or(f64::NAN)
-        ),
-        None => format!("peer{what}: {peer}"),
-    }
+                .unwrap_or(f64::NAN)
+        );
+        crate::peer::describe_trl(peer, "GRPOTrainer", what, &extra)
     };
     let _ = writeln!(
         s,
@@ -426,7 +396,7 @@ pub fn markdown(section: &GrpoSection) -> String {
             s,
             "| {} | {} | {:.3} | {:.3} | {:.3} | {:.3} | {:.2} | {:.1} | {} | {} | {} | {} | {} | {} | {} |",
             r.device,
-            yes_no(r.gradient_checkpointing),
+            crate::peer::yes_no(r.gradient_checkpointing),
             r.best_s,
             r.median_s,
             r.generate_median_s,

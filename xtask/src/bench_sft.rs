@@ -302,14 +302,6 @@ fn run_peer(
     crate::peer::run_script(python, "peer_sft.py", &args, threads)
 }
 
-fn yes_no(b: bool) -> &'static str {
-    if b {
-        "yes"
-    } else {
-        "no"
-    }
-}
-
 pub fn markdown(section: &SftSection) -> String {
     let mut s = String::new();
     let _ = writeln!(
@@ -349,7 +341,7 @@ pub fn markdown(section: &SftSection) -> String {
             "| {} | {} | {} | {:.3} | {:.0} | {} | {} |",
             r.device,
             r.base,
-            yes_no(r.gradient_checkpointing),
+            crate::peer::yes_no(r.gradient_checkpointing),
             r.best_s,
             r.tokens_per_s,
             opt(r.peer_tokens_per_s, ""),
@@ -377,7 +369,7 @@ pub fn markdown(section: &SftSection) -> String {
                 "| {} | {} | {} | {:.0} | {:.0} | {:.1} | {:.1} | {} | {:.0} |",
                 r.device,
                 r.base,
-                yes_no(r.gradient_checkpointing),
+                crate::peer::yes_no(r.gradient_checkpointing),
                 m.weights_mib,
                 m.planned_weights_mib,
                 m.adapters_mib,

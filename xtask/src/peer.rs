@@ -157,6 +157,45 @@ pub fn run_script(
     Ok(serde_json::from_str(line)?)
 }
 
+/// `--name value` pairs as a peer script's arguments.
+pub fn flags(pairs: &[(&str, String)]) -> Vec<std::ffi::OsString> {
+    pairs
+        .iter()
+        .flat_map(|(name, value)| [format!("--{name}").into(), value.into()])
+        .collect()
+}
+
+/// One line on a trl peer's result: "peer{what}: trl V {trainer}, peft V, transformers V
+/// (torch V), N threads: best s/step (median m{extra}), peak RSS P MiB", or what it said when
+/// it was skipped.
+pub fn describe_trl(peer: &serde_json::Value, trainer: &str, what: &str, extra: &str) -> String {
+    if peer.get("best_s").is_none() {
+        return format!("peer{what}: {peer}");
+    }
+    let text = |key: &str| peer[key].as_str().unwrap_or("?").to_string();
+    let number = |key: &str| peer[key].as_f64().unwrap_or(f64::NAN);
+    format!(
+        "peer{what}: trl {} {trainer}, peft {}, transformers {} (torch {}), {} threads: {:.3} s/step (median {:.3}{extra}), peak RSS {:.0} MiB",
+        text("trl"),
+        text("peft"),
+        text("version"),
+        text("torch"),
+        peer["threads"],
+        number("best_s"),
+        number("median_s"),
+        number("peak_rss_process_mib")
+    )
+}
+
+/// "yes" or "no", for the tables.
+pub fn yes_no(b: bool) -> &'static str {
+    if b {
+        "yes"
+    } else {
+        "no"
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

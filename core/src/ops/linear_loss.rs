@@ -228,18 +228,8 @@ fn cpu_token_pass(
 }
 
 impl Tensor {
-    /// Cross-entropy of the logits `self @ weight^T` against u32 `targets`, as
-    /// [`Tensor::cross_entropy`] (mean over rows whose target is not `ignore_index`; NaN when
-    /// every row is ignored), without materialising the logits on the CPU. self (N, H) f32,
-    /// weight (V, H) f32 or f16 (torch's `nn.Linear` layout, no bias), targets (N,); the
-    /// result has shape (1,). Gradients flow to both operands.
-    pub fn linear_cross_entropy(
-        &self,
-        weight: &Tensor,
-        targets: &Tensor,
-        ignore_index: Option<u32>,
-    ) -> Result<Tensor> {
-        let op = "linear_cross_entropy";
+    /// The sizes of an LM-head op: self h (N, H) f32 and weight (V, H) on its device, V > 0.
+    fn head_dims(&self, op: &'static str, weight: &Tensor) -> Result<Dims> {
         self.expect_dtype(op, DType::F32)?;
         self.expect_same_device(op, weight)?;
         let (&[n, hd], &[v, hw]) = (self.shape(), weight.shape()) else {
@@ -262,6 +252,22 @@ impl Tensor {
                 ),
             ));
         }
+        Ok(Dims { n, hd, v })
+    }
+
+    /// Cross-entropy of the logits `self @ weight^T` against u32 `targets`, as
+    /// [`Tensor::cross_entropy`] (mean over rows whose target is not `ignore_index`; NaN when
+    /// every row is ignored), without materialising the logits on the CPU. self (N, H) f32,
+    /// weight (V, H) f32 or f16 (torch's `nn.Linear` layout, no bias), targets (N,); the
+    /// result has shape (1,). Gradients flow to both operands.
+    pub fn linear_cross_entropy(
+        &self,
+        weight: &Tensor,
+        targets: &Tensor,
+        ignore_index: Option<u32>,
+    ) -> Result<Tensor> {
+        let op = "linear_cross_entropy";
+        let Dims { n, hd, v } = self.head_dims(op, weight)?;
         let host = check_targets(op, &[n], v, targets, ignore_index, self.device())?;
         let kept = host.iter().filter(|&&t| Some(t) != ignore_index).count();
         if !matches!(self.device(), Device::Cpu) || weight.dtype() != DType::F32 || kept == 0 {
@@ -337,28 +343,7 @@ impl Tensor {
         entropy: bool,
     ) -> Result<(Tensor, Option<Tensor>)> {
         let op = "linear_log_softmax_gather";
-        self.expect_dtype(op, DType::F32)?;
-        self.expect_same_device(op, weight)?;
-        let (&[n, hd], &[v, hw]) = (self.shape(), weight.shape()) else {
-            return Err(Error::shape(
-                op,
-                format!(
-                    "needs h (N, H) and weight (V, H), got {:?} and {:?}",
-                    self.shape(),
-                    weight.shape()
-                ),
-            ));
-        };
-        if hd != hw || v == 0 {
-            return Err(Error::shape(
-                op,
-                format!(
-                    "h {:?} and weight {:?} do not make (N, H) @ (V, H)^T with V > 0",
-                    self.shape(),
-                    weight.shape()
-                ),
-            ));
-        }
+        let Dims { n, hd, v } = self.head_dims(op, weight)?;
         if targets.len() != n {
             return Err(Error::shape(
                 op,

@@ -123,7 +123,10 @@ fn head_token_logprobs(
     entropy: bool,
 ) -> Result<(Tensor, Option<Tensor>)> {
     let &[b, t, h] = hidden.shape() else {
-        unreachable!("forward_hidden returns (B, T, H)");
+        return Err(Error::Config(format!(
+            "next_token_logprobs: hidden states {:?} are not (B, T, H)",
+            hidden.shape()
+        )));
     };
     let predicting = hidden.narrow(1, 0, t - 1)?.reshape(&[b * (t - 1), h])?;
     let (logps, entropy) = head.token_logprobs(&predicting, targets, Some(IGNORE), entropy)?;

@@ -139,11 +139,12 @@ impl PpoTrainer {
             .map(|&(r, t)| (r * seq + t) as u32)
             .collect();
         let targets: Vec<u32> = positions.iter().map(|&(r, t)| seqs[r][t + 1]).collect();
+        // (n, H) hidden states at the positions.
         let picked = Tensor::embedding(
             &hidden.reshape(&[b * seq, h])?,
             &Tensor::from_vec(rows, &[n], &self.device)?,
-        )?; // (n, H)
-            // The head and log-softmax fused: the (n, V) logits are never held on the CPU.
+        )?;
+        // The head and log-softmax fused: the (n, V) logits are never held on the CPU.
         let (logprobs, entropy) =
             self.model
                 .lm_head_logprobs(&picked, &targets, None, with_entropy)?; // (n,) each

@@ -274,8 +274,9 @@ struct Generation {
     seq: usize,
     /// (rows, T - 1): 1 where position t predicts a completion token.
     mask: Vec<f64>,
-    /// (rows, T - 1): the completion token position t predicts, [`lathe_models::generate::IGNORE`] elsewhere (the
-    /// prompt's and the padding's predictions are never computed).
+    /// (rows, T - 1): the completion token position t predicts, and
+    /// [`lathe_models::generate::IGNORE`] elsewhere (the prompt's and the padding's
+    /// predictions are never computed).
     targets: Vec<u32>,
     advantages: Vec<f64>,
     /// (rows, T - 1) log-probs at generation time (μ > 1) and of the reference (β ≠ 0).

@@ -360,22 +360,21 @@ impl Tensor {
                 size: v,
             });
         }
-        let host = targets;
         let grad = backprop::grad_enabled();
         let fused = matches!(self.device(), Device::Cpu)
             && weight.dtype() == DType::F32
             && !(grad && weight.tracks_grad());
         if !fused {
-            return self.composed_log_softmax_gather(weight, host, ignore_index, entropy);
+            return self.composed_log_softmax_gather(weight, targets, ignore_index, entropy);
         }
         let need_dh = grad && self.tracks_grad();
-        let kept = host.iter().filter(|&&t| Some(t) != ignore_index).count();
+        let kept = targets.iter().filter(|&&t| Some(t) != ignore_index).count();
         let pass = self.with_cpu_f32(op, |h| {
             weight.with_cpu_f32(op, |w| {
                 cpu_token_pass(
                     h,
                     w,
-                    host,
+                    targets,
                     ignore_index,
                     Dims { n, hd, v },
                     need_dh,

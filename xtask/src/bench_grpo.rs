@@ -223,13 +223,7 @@ pub fn run(
     runs: usize,
     peer_python: Option<&Path>,
 ) -> Result<GrpoSection> {
-    let model_path = crate::bench_generate::smollm2_path()?;
-    if !model_path.is_file() {
-        bail!(
-            "{} is missing: run `cargo xtask assets` first",
-            model_path.display()
-        );
-    }
+    let model_path = crate::bench_generate::smollm2_present()?;
     let runs = runs.max(1);
     let mut rows = Vec::new();
     let mut prompt_ids = Vec::new();

@@ -8,7 +8,7 @@ use std::fmt::Write as _;
 use std::path::Path;
 use std::time::Instant;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use lathe_core::Device;
 use lathe_core::Rng;
 use lathe_lora::{AdapterSwitch, LoraConfig};
@@ -46,13 +46,7 @@ fn imdb_texts() -> Result<Vec<String>> {
 }
 
 pub fn run(threads: usize, runs: usize, peer_python: Option<&Path>) -> Result<PpoSection> {
-    let model_path = crate::bench_generate::smollm2_path()?;
-    if !model_path.is_file() {
-        bail!(
-            "{} is missing: run `cargo xtask assets` first",
-            model_path.display()
-        );
-    }
+    let model_path = crate::bench_generate::smollm2_present()?;
     let device = Device::Cpu;
     let texts = imdb_texts()?;
     let (generate_s, step_s, total_s) = lathe_core::on_cpu_pool(|| -> Result<_> {

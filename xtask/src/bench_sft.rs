@@ -7,7 +7,7 @@ use std::fmt::Write as _;
 use std::path::Path;
 use std::time::Instant;
 
-use anyhow::{bail, Result};
+use anyhow::Result;
 use lathe_core::optim::{Adam, AdamConfig};
 use lathe_core::Device;
 use lathe_core::Rng;
@@ -196,13 +196,7 @@ pub fn run(
     runs: usize,
     peer_python: Option<&Path>,
 ) -> Result<SftSection> {
-    let model_path = crate::bench_generate::smollm2_path()?;
-    if !model_path.is_file() {
-        bail!(
-            "{} is missing: run `cargo xtask assets` first",
-            model_path.display()
-        );
-    }
+    let model_path = crate::bench_generate::smollm2_present()?;
     let mut rows = Vec::new();
     let mut process_peak_mib = None::<f64>;
     for (device, label) in devices {

@@ -26,10 +26,43 @@
 //! Invariants: model files import the weight store, never the loader; a model never holds a
 //! second copy of a weight (quantization and LoRA swap the `Linear`); every tensor a model
 //! takes is shape-checked against its config with an error naming the file and tensor.
+//!
+//! Loading a model (a HF directory or a GGUF file; here a tiny random Llama GGUF from the
+//! tests), generating greedily, then putting LoRA adapters on it:
+//!
+//! ```
+//! use lathe_core::Device;
+//! use lathe_lora::{AdapterSwitch, LoraConfig};
+//! use lathe_models::generate::{generate, GenerateConfig};
+//! use lathe_models::pretrained::{Precision, Pretrained};
+//! use lathe_models::sampling::SamplingConfig;
+//!
+//! let device = Device::Cpu;
+//! let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/gguf_model_tied.gguf");
+//! let mut pretrained = Pretrained::load(path.as_ref(), &device, Precision::F32)?;
+//! let tokenizer = &pretrained.tokenizer;
+//! let prompts = tokenizer.encode_batch(&["The film was", "I"], false)?;
+//! let config = GenerateConfig {
+//!     max_new_tokens: 8,
+//!     eos_token_id: None, // always 8 new tokens
+//!     pad_token_id: tokenizer.pad_id().or(tokenizer.eos_id()).unwrap_or(0),
+//!     sampling: SamplingConfig::greedy(),
+//!     ..GenerateConfig::default()
+//! };
+//! let new_tokens = generate(&pretrained.model, &prompts, &config, &device)?;
+//! assert_eq!(new_tokens.len(), 2);
+//! assert!(new_tokens.iter().all(|row| row.len() == 8));
+//! let _text = tokenizer.decode(&new_tokens[0], true)?;
+//!
+//! let switch = AdapterSwitch::new();
+//! pretrained.model.add_lora(&LoraConfig::new(4, 8.0, &["q_proj", "v_proj"]), &switch, 0)?;
+//! # Ok::<(), lathe_models::Error>(())
+//! ```
 
 pub mod arch;
 pub mod attention;
 mod blocks;
+pub mod chat;
 pub mod config;
 pub mod generate;
 pub mod gguf;
@@ -52,6 +85,7 @@ pub mod weights;
 
 /// Errors of lathe-models. Each names the file (and tensor) it is about.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
     #[error("{path}: {detail}")]
     File { path: String, detail: String },
@@ -65,6 +99,8 @@ pub enum Error {
     Config(String),
     #[error("tokenizer {path}: {detail}")]
     Tokenizer { path: String, detail: String },
+    #[error("chat template: {0}")]
+    ChatTemplate(String),
     #[error(transparent)]
     Core(#[from] lathe_core::Error),
     #[error(transparent)]

@@ -6,7 +6,9 @@ use std::path::{Path, PathBuf};
 
 use lathe_core::Device;
 
+use crate::chat::ChatTemplate;
 use crate::config::ModelConfig;
+use crate::gguf::GgufFile;
 use crate::gguf_model::load_gguf_with;
 use crate::hf::{load_hf_dir_with, CausalLm, LoadOptions};
 use crate::tokenizer::Tokenizer;
@@ -79,6 +81,29 @@ impl Pretrained {
             model,
             tokenizer,
             source: path.to_path_buf(),
+        })
+    }
+}
+
+impl Pretrained {
+    /// The chat template the model ships (see [`ChatTemplate::from_hf_dir`] and
+    /// [`ChatTemplate::from_gguf`]); an error saying where it looked when there is none.
+    pub fn chat_template(&self) -> Result<ChatTemplate> {
+        let path = &self.source;
+        let (found, looked) = if path.is_dir() {
+            (
+                ChatTemplate::from_hf_dir(path)?,
+                "chat_template.jinja, tokenizer_config.json's chat_template, chat_template.json",
+            )
+        } else {
+            (
+                ChatTemplate::from_gguf(&GgufFile::open_header(path)?)?,
+                "the GGUF metadata key tokenizer.chat_template",
+            )
+        };
+        found.ok_or_else(|| Error::File {
+            path: path.display().to_string(),
+            detail: format!("the model has no chat template (looked for {looked})"),
         })
     }
 }

@@ -74,6 +74,9 @@ const QWEN2_REGEX: &str = concat!(
     r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 );
 
+/// `(start, end)` byte offsets of a token in the text it was encoded from.
+pub type ByteRange = (usize, usize);
+
 /// A text tokenizer with its special-token ids.
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
@@ -290,6 +293,16 @@ impl Tokenizer {
             .encode_fast(text, add_special_tokens)
             .map_err(|e| self.error(format!("encode failed: {e}")))?;
         Ok(enc.get_ids().to_vec())
+    }
+
+    /// The ids of `text` (no special tokens added) with the byte range of `text` each
+    /// token came from.
+    pub fn encode_with_offsets(&self, text: &str) -> Result<(Vec<u32>, Vec<ByteRange>)> {
+        let enc = self
+            .inner
+            .encode(text, false)
+            .map_err(|e| self.error(format!("encode failed: {e}")))?;
+        Ok((enc.get_ids().to_vec(), enc.get_offsets().to_vec()))
     }
 
     /// [`Tokenizer::encode`] of each text (in parallel), without padding.

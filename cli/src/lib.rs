@@ -11,14 +11,15 @@
 //!   a symlink written through, a FIFO or character device streamed into, a directory
 //!   refused up front; whole output folders built in a temporary sibling).
 //! - `reward_glue.rs` (the reward model as PPO's `Reward`), `texts.rs`, `progress.rs`,
-//!   `report.rs` and `png.rs` (the PPO report), `commands/device_check.rs` (`lathe device-check`).
+//!   `report.rs` and `plot.rs` (the run report and its plots), `commands/device_check.rs` (`lathe device-check`).
 
+pub mod chat;
 pub mod commands;
 pub mod config_file;
 pub mod device;
 pub mod model_args;
 pub mod output;
-pub mod png;
+pub mod plot;
 pub mod progress;
 pub mod report;
 pub mod resume;

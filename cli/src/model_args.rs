@@ -12,6 +12,12 @@ use lathe_models::pretrained::{Precision, Pretrained};
 
 use crate::device::{self, DeviceArg};
 
+/// `--model`'s value as a path: itself, or the snapshot of a Hub name in the local Hugging
+/// Face cache (see [`lathe_models::hub_cache`]).
+pub fn model_path(value: &str) -> Result<PathBuf, String> {
+    lathe_models::hub_cache::resolve_model(value).map_err(|e| e.to_string())
+}
+
 /// Weight precision of the linear layers, when not int8.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum DTypeArg {
@@ -64,8 +70,9 @@ impl PreflightArgs {
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct ModelArgs {
-    /// A HF model directory (config.json, *.safetensors, tokenizer.json) or a .gguf file.
-    #[arg(long, value_name = "DIR|FILE.gguf")]
+    /// A HF model directory (config.json, *.safetensors, tokenizer.json), a .gguf file, or
+    /// a Hub name `ORG/NAME[@REVISION]` already in the local Hugging Face cache.
+    #[arg(long, value_name = "DIR|FILE.gguf|ORG/NAME", value_parser = model_path)]
     pub model: PathBuf,
     /// cpu, gpu (an error when none is usable) or auto (a GPU when present, else the CPU).
     #[arg(long, value_enum, default_value = "auto")]

@@ -458,7 +458,11 @@ fn dpo_refuses_bad_settings_and_bad_preference_records() {
     let cases: Vec<(Vec<&str>, &str)> = vec![
         (vec!["--data", &no_rejected], "no \"rejected\" field"),
         (vec!["--data", &empty_chosen], "\"chosen\" is empty"),
-        (vec!["--data", &not_json], "not JSON"),
+        (vec!["--data", &not_json], "line 1: invalid JSON"),
+        (
+            vec!["--data", &good, "--chosen-field", "answer"],
+            "no \"answer\" field (keys: chosen, prompt, rejected)",
+        ),
         (vec!["--data", &good, "--beta", "0"], "beta"),
         (
             vec!["--data", &good, "--learning-rate", "NaN"],
@@ -581,6 +585,17 @@ fn reward_train_refuses_bad_settings() {
             Some("batch_size = 2305843009213693952\n"),
             "batch size must be in 1..=",
         ),
+        // Columns by name, as flags and as config keys.
+        (
+            &["--label-field", "stars"],
+            None,
+            "line 1: missing label (\"stars\")",
+        ),
+        (
+            &[],
+            Some("text_field = \"review\"\n"),
+            "line 1: empty text",
+        ),
     ];
     check_table("reward-train", &base, &dir, &out, cases);
 }
@@ -669,10 +684,11 @@ fn ppo_divergence_is_an_error() {
     let texts: Vec<String> = ["The film was great", "A slow plot", "I loved it"]
         .map(String::from)
         .to_vec();
+    let prompts = lathe_ppo::Prompts::cut_from_texts(&pretrained.tokenizer, &texts).unwrap();
     let err = lathe_cli::commands::ppo::train(
         pretrained.model,
         &pretrained.tokenizer,
-        &texts,
+        prompts,
         &mut reward,
         &file,
         &out,

@@ -346,10 +346,11 @@ fn ppo_on_a_full_disk_keeps_the_last_checkpoint() {
     let mut reward = |texts: &[String]| -> lathe_ppo::Result<Vec<f32>> {
         Ok(texts.iter().map(|t| t.len() as f32 / 10.0).collect())
     };
+    let prompts = lathe_ppo::Prompts::cut_from_texts(&pretrained.tokenizer, &texts).unwrap();
     lathe_cli::commands::ppo::train(
         pretrained.model,
         &pretrained.tokenizer,
-        &texts,
+        prompts,
         &mut reward,
         &file,
         &out,

@@ -10,6 +10,7 @@ use lathe_cli::commands::ppo::{train, PpoFile};
 use lathe_core::Device;
 use lathe_models::pretrained::{Precision, Pretrained};
 use lathe_ppo::rollout::LengthRange;
+use lathe_ppo::Prompts;
 
 fn fixture_model() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models/tests/fixtures/gguf_model_tied.gguf")
@@ -67,10 +68,11 @@ fn run(
 ) -> lathe_cli::commands::ppo::PpoSummary {
     let pretrained = Pretrained::load(&fixture_model(), &Device::Cpu, Precision::F32).unwrap();
     let mut reward = score;
+    let prompts = Prompts::cut_from_texts(&pretrained.tokenizer, &texts()).unwrap();
     train(
         pretrained.model,
         &pretrained.tokenizer,
-        &texts(),
+        prompts,
         &mut reward,
         &settings(steps),
         out,

@@ -72,6 +72,8 @@ const GENERATION_FILTER: &str = "__lathe_generation";
 
 /// A compiled chat template.
 pub struct ChatTemplate {
+    /// The Jinja source as the model ships it (written back when a model is saved).
+    source: String,
     env: Environment<'static>,
     special: SpecialTokens,
     /// The template has `{% generation %}` blocks (rewritten into filter blocks).
@@ -94,6 +96,7 @@ fn template_error(detail: impl std::fmt::Display) -> Error {
 impl ChatTemplate {
     /// Compiles `source` (Jinja) with the special tokens it may refer to.
     pub fn new(source: &str, special: SpecialTokens) -> Result<ChatTemplate> {
+        let original = source.to_string();
         let (source, marks_generation) = rewrite_generation_blocks(source);
         let mut env = Environment::new();
         let syntax = minijinja::syntax::SyntaxConfig::builder()
@@ -118,10 +121,16 @@ impl ChatTemplate {
         env.add_template_owned("chat", source)
             .map_err(|e| template_error(format!("cannot compile the chat template: {e}")))?;
         Ok(ChatTemplate {
+            source: original,
             env,
             special,
             marks_generation,
         })
+    }
+
+    /// The template's Jinja source, as read.
+    pub fn source(&self) -> &str {
+        &self.source
     }
 
     /// The template of a HF model or tokenizer directory, as transformers 5.x saves it

@@ -67,6 +67,7 @@ pub mod config;
 pub mod generate;
 pub mod gguf;
 pub mod gguf_model;
+pub mod hub_cache;
 pub mod gpt_neox;
 pub mod hf;
 pub mod kv_cache;

@@ -86,26 +86,31 @@ impl Pretrained {
 }
 
 impl Pretrained {
-    /// The chat template the model ships (see [`ChatTemplate::from_hf_dir`] and
-    /// [`ChatTemplate::from_gguf`]); an error saying where it looked when there is none.
+    /// The chat template the model ships: [`chat_template_of`] its source.
     pub fn chat_template(&self) -> Result<ChatTemplate> {
-        let path = &self.source;
-        let (found, looked) = if path.is_dir() {
-            (
-                ChatTemplate::from_hf_dir(path)?,
-                "chat_template.jinja, tokenizer_config.json's chat_template, chat_template.json",
-            )
-        } else {
-            (
-                ChatTemplate::from_gguf(&GgufFile::open_header(path)?)?,
-                "the GGUF metadata key tokenizer.chat_template",
-            )
-        };
-        found.ok_or_else(|| Error::File {
-            path: path.display().to_string(),
-            detail: format!("the model has no chat template (looked for {looked})"),
-        })
+        chat_template_of(&self.source)
     }
+}
+
+/// The chat template of the model at `path` (a HF directory: see
+/// [`ChatTemplate::from_hf_dir`]; a GGUF file: [`ChatTemplate::from_gguf`]), read without
+/// loading the weights; an error saying where it looked when there is none.
+pub fn chat_template_of(path: &Path) -> Result<ChatTemplate> {
+    let (found, looked) = if path.is_dir() {
+        (
+            ChatTemplate::from_hf_dir(path)?,
+            "chat_template.jinja, tokenizer_config.json's chat_template, chat_template.json",
+        )
+    } else {
+        (
+            ChatTemplate::from_gguf(&GgufFile::open_header(path)?)?,
+            "the GGUF metadata key tokenizer.chat_template",
+        )
+    };
+    found.ok_or_else(|| Error::File {
+        path: path.display().to_string(),
+        detail: format!("the model has no chat template (looked for {looked})"),
+    })
 }
 
 /// The config's bos and first eos id replace the tokenizer's, when the config names them;

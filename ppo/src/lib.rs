@@ -15,6 +15,63 @@
 //!   texts, responses sampled and scored, metrics, samples, checkpoints, exact resume.
 //!
 //! This crate knows nothing of a particular reward model.
+//!
+//! One PPO step on a tiny random Llama (from lathe-models' tests): a LoRA policy with a
+//! value head, queries cut from texts, sampled responses, scores from a closure (any
+//! [`Reward`]), then [`PpoTrainer::step`]:
+//!
+//! ```
+//! use lathe_core::{Device, Rng};
+//! use lathe_lora::{AdapterSwitch, LoraConfig};
+//! use lathe_models::pretrained::{Precision, Pretrained};
+//! use lathe_models::sampling::SamplingConfig;
+//! use lathe_models::value_head::ValueHead;
+//! use lathe_ppo::rollout::{make_queries, sample_responses, LengthRange};
+//! use lathe_ppo::{PpoConfig, PpoTrainer, Reward};
+//!
+//! let device = Device::Cpu;
+//! let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../models/tests/fixtures/gguf_model_tied.gguf");
+//! let mut pretrained = Pretrained::load(path.as_ref(), &device, Precision::F32)?;
+//! let switch = AdapterSwitch::new();
+//! pretrained.model.add_lora(&LoraConfig::new(4, 8.0, &["q_proj", "v_proj"]), &switch, 0)?;
+//! let value_head = ValueHead::new(pretrained.model.config().hidden_size(), 0.1, 0, &device)?;
+//! let config = PpoConfig { batch_size: 4, mini_batch_size: 2, ..PpoConfig::default() };
+//! let tokenizer = pretrained.tokenizer;
+//! let pad = tokenizer.eos_id().unwrap_or(0);
+//! let mut trainer = PpoTrainer::new(pretrained.model, switch, value_head, config, pad, &device)?;
+//! // Longer texts score higher.
+//! let mut reward = |texts: &[String]| -> lathe_ppo::Result<Vec<f32>> {
+//!     Ok(texts.iter().map(|t| t.len() as f32 / 16.0).collect())
+//! };
+//!
+//! let texts = ["the film was great", "a slow plot", "actors did well", "bad"];
+//! let tokenized = texts
+//!     .iter()
+//!     .map(|t| tokenizer.encode(t, true))
+//!     .collect::<lathe_models::Result<Vec<_>>>()?;
+//! let drawn: Vec<&[u32]> = tokenized.iter().map(Vec::as_slice).collect();
+//! let mut rng = Rng::new(0);
+//! let queries = make_queries(&drawn, LengthRange { min: 2, max: 4 }, &mut rng);
+//! let responses = sample_responses(
+//!     &trainer.model,
+//!     &queries,
+//!     LengthRange { min: 2, max: 6 },
+//!     SamplingConfig::default(),
+//!     pad,
+//!     0,
+//!     &mut rng,
+//!     &device,
+//! )?;
+//! let mut full = Vec::new();
+//! for (q, r) in queries.iter().zip(&responses) {
+//!     full.push(format!("{}{}", tokenizer.decode(q, true)?, tokenizer.decode(r, true)?));
+//! }
+//! let scores = reward.score(&full)?;
+//! let stats = trainer.step(&queries, &responses, &scores)?;
+//! assert!(stats["objective/kl"].is_finite());
+//! assert_eq!(trainer.steps_done(), 1);
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
 
 pub mod config;
 pub mod grpo;
@@ -25,12 +82,13 @@ pub mod run;
 pub mod trainer;
 
 pub use config::PpoConfig;
-pub use rollout::Reward;
+pub use rollout::{Prompts, Reward};
 pub use run::{PpoFile, PpoRun, PpoSummary, RunSettings};
 pub use trainer::{PpoTrainer, StepStats};
 
 /// Errors of lathe-ppo.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
     #[error("PPO config: {0}")]
     Config(String),

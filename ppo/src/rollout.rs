@@ -7,6 +7,7 @@ use lathe_core::Rng;
 use lathe_models::generate::{generate, GenerateConfig};
 use lathe_models::hf::CausalLm;
 use lathe_models::sampling::SamplingConfig;
+use lathe_models::tokenizer::Tokenizer;
 
 use crate::{Error, Result};
 
@@ -68,6 +69,84 @@ impl std::str::FromStr for LengthRange {
             None => (number(text)?, number(text)?),
         };
         Ok(LengthRange { min, max })
+    }
+}
+
+/// The prompts a run draws its queries from, tokenized.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Prompts {
+    tokenized: Vec<Vec<u32>>,
+    /// Each prompt is a query as it stands (a chat-templated prompt), rather than the
+    /// first L tokens of a text.
+    whole: bool,
+}
+
+impl Prompts {
+    /// Texts whose first L tokens (L drawn per query) make a query: the seed's setup.
+    /// Tokenized with the tokenizer's special tokens; texts with no token are left out.
+    pub fn cut_from_texts(tokenizer: &Tokenizer, texts: &[String]) -> Result<Prompts> {
+        let tokenized = texts
+            .iter()
+            .map(|t| tokenizer.encode(t, true))
+            .collect::<std::result::Result<Vec<_>, _>>()?
+            .into_iter()
+            .filter(|t| !t.is_empty())
+            .collect();
+        Prompts::new(tokenized, false)
+    }
+
+    /// Whole prompts (e.g. rendered through the model's chat template), each a query as it is.
+    pub fn whole(tokenized: Vec<Vec<u32>>) -> Result<Prompts> {
+        Prompts::new(tokenized, true)
+    }
+
+    fn new(tokenized: Vec<Vec<u32>>, whole: bool) -> Result<Prompts> {
+        if tokenized.iter().all(Vec::is_empty) {
+            return Err(Error::Config(
+                "no prompt: no text gives a token to start a query from".into(),
+            ));
+        }
+        let tokenized = tokenized.into_iter().filter(|t| !t.is_empty()).collect();
+        Ok(Prompts { tokenized, whole })
+    }
+
+    pub fn len(&self) -> usize {
+        self.tokenized.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.tokenized.is_empty()
+    }
+
+    pub fn is_whole(&self) -> bool {
+        self.whole
+    }
+
+    /// `count` queries: prompts drawn uniformly with `rng`, each cut to a length drawn from
+    /// `lengths` unless the prompts are whole.
+    pub fn draw(&self, count: usize, lengths: LengthRange, rng: &mut Rng) -> Vec<Vec<u32>> {
+        let n = self.tokenized.len() as u64;
+        let drawn: Vec<&[u32]> = (0..count)
+            .map(|_| self.tokenized[(rng.next_u64() % n) as usize].as_slice())
+            .collect();
+        if self.whole {
+            drawn.iter().map(|p| p.to_vec()).collect()
+        } else {
+            make_queries(&drawn, lengths, rng)
+        }
+    }
+
+    /// sha256 of the prompts' tokens (and of "whole" for whole prompts), for resuming.
+    pub fn fingerprint(&self) -> String {
+        let mut bytes = Vec::new();
+        if self.whole {
+            bytes.extend(b"whole");
+        }
+        for t in &self.tokenized {
+            bytes.extend((t.len() as u64).to_le_bytes());
+            bytes.extend(t.iter().flat_map(|x| x.to_le_bytes()));
+        }
+        lathe_train::resume::bytes_fingerprint(&bytes)
     }
 }
 

@@ -29,7 +29,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use crate::math::KlController;
-use crate::rollout::{make_queries, sample_responses, LengthRange};
+use crate::rollout::{sample_responses, LengthRange, Prompts};
 use crate::trainer::StepStats;
 use crate::{Error, PpoConfig, PpoTrainer, Result, Reward};
 
@@ -198,8 +198,8 @@ pub struct StepRecord {
 pub struct PpoRun<'t> {
     trainer: PpoTrainer,
     tokenizer: &'t Tokenizer,
-    /// The texts' token ids (none empty).
-    tokenized: Vec<Vec<u32>>,
+    /// What queries are drawn from: texts to cut, or whole (chat-templated) prompts.
+    prompts: Prompts,
     file: PpoFile,
     lora: LoraConfig,
     run: RunDir,
@@ -214,13 +214,13 @@ pub struct PpoRun<'t> {
 
 impl<'t> PpoRun<'t> {
     /// Opens (resumes, or starts) the run in `out`: `model` with no adapters yet (or merged
-    /// SFT ones), `texts` to cut queries from. The folder is created once every setting and
+    /// SFT ones), `prompts` to draw queries from. The folder is created once every setting and
     /// the adapters are accepted. `options` carries the model's and reward's fingerprints
     /// and whether a mismatch on resume is only warned about.
     pub fn open(
         mut model: CausalLm,
         tokenizer: &'t Tokenizer,
-        texts: &[String],
+        prompts: Prompts,
         file: &PpoFile,
         out: &Path,
         device: &Device,
@@ -228,21 +228,9 @@ impl<'t> PpoRun<'t> {
     ) -> Result<Self> {
         file.validate()?;
         let (config, settings) = (&file.ppo, &file.run);
-        let tokenized: Vec<Vec<u32>> = texts
-            .iter()
-            .map(|t| tokenizer.encode(t, true))
-            .collect::<std::result::Result<Vec<_>, _>>()?
-            .into_iter()
-            .filter(|t| !t.is_empty())
-            .collect();
-        if tokenized.is_empty() {
-            return Err(Error::Config(
-                "no text gives a token to start a query from".into(),
-            ));
-        }
         let inputs = Fingerprints {
             model: options.model.clone(),
-            data: Some(texts_fingerprint(&tokenized)),
+            data: Some(prompts.fingerprint()),
             reward: options.reward.clone(),
         };
         let run = RunDir::new(out, "ppo");
@@ -317,7 +305,7 @@ impl<'t> PpoRun<'t> {
         Ok(PpoRun {
             trainer,
             tokenizer,
-            tokenized,
+            prompts,
             file: file.clone(),
             lora,
             run,
@@ -366,11 +354,9 @@ impl<'t> PpoRun<'t> {
         let (config, settings) = (&self.file.ppo, &self.file.run);
         let step = self.steps_done();
         let mut rng = Rng::new(lathe_core::seed::derive(config.seed, 0, step as u64 + 1));
-        let n = self.tokenized.len() as u64;
-        let drawn: Vec<&[u32]> = (0..config.batch_size)
-            .map(|_| self.tokenized[(rng.next_u64() % n) as usize].as_slice())
-            .collect();
-        let queries = make_queries(&drawn, settings.query_length, &mut rng);
+        let queries = self
+            .prompts
+            .draw(config.batch_size, settings.query_length, &mut rng);
         let generate_started = Instant::now();
         let responses = sample_responses(
             &self.trainer.model,
@@ -539,16 +525,6 @@ fn read_state(run: &RunDir, dir: &Path, file: &PpoFile) -> Result<TrainerState> 
     }
     run.check_logged(dir, state.step)?;
     Ok(state)
-}
-
-/// sha256 of the tokenized texts queries are cut from.
-fn texts_fingerprint(tokenized: &[Vec<u32>]) -> String {
-    let mut bytes = Vec::new();
-    for t in tokenized {
-        bytes.extend((t.len() as u64).to_le_bytes());
-        bytes.extend(t.iter().flat_map(|x| x.to_le_bytes()));
-    }
-    lathe_train::resume::bytes_fingerprint(&bytes)
 }
 
 /// The summary of the first `steps` steps of a run from its `metrics.jsonl` (a resumed or

@@ -12,7 +12,7 @@ use lathe_models::hf::CausalLm;
 use lathe_models::pretrained::{Precision, Pretrained};
 use lathe_ppo::grpo::{GrpoConfig, GrpoLoss, GrpoTrainer};
 use lathe_ppo::rollout::LengthRange;
-use lathe_ppo::Result;
+use lathe_ppo::{Prompts, Result};
 
 fn fixture(precision: Precision) -> Pretrained {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -73,15 +73,15 @@ fn run(config: &GrpoConfig) -> Vec<f64> {
 
 fn run_on(config: &GrpoConfig, precision: Precision) -> Vec<f64> {
     let pretrained = fixture(precision);
-    let texts: Vec<Vec<u32>> = [
+    let texts: Vec<String> = [
         "the film was great",
         "a slow plot",
         "actors did well",
         "bad",
     ]
-    .iter()
-    .map(|t| pretrained.tokenizer.encode(t, true).unwrap())
-    .collect();
+    .map(String::from)
+    .to_vec();
+    let prompts = Prompts::cut_from_texts(&pretrained.tokenizer, &texts).unwrap();
     let base = logits(&pretrained.model);
     let vocab = pretrained.model.config().vocab_size() as f64;
     let mut trainer = GrpoTrainer::new(
@@ -97,7 +97,7 @@ fn run_on(config: &GrpoConfig, precision: Precision) -> Vec<f64> {
     let mut tokens_seen = 0.0;
     while !trainer.done() {
         let stats = trainer
-            .step(&texts, &pretrained.tokenizer, &mut reward)
+            .step(&prompts, &pretrained.tokenizer, &mut reward)
             .unwrap();
         for key in [
             "loss",
@@ -246,10 +246,11 @@ fn a_run_resumed_from_its_checkpoint_equals_the_uninterrupted_one() {
         .to_vec();
     let run_to = |out: &std::path::Path, stop_after: Option<usize>| {
         let pretrained = fixture(Precision::F32);
+        let prompts = Prompts::cut_from_texts(&pretrained.tokenizer, &texts).unwrap();
         let mut run = GrpoRun::open(
             pretrained.model,
             &pretrained.tokenizer,
-            &texts,
+            prompts,
             &config,
             out,
             &Device::Cpu,

@@ -192,10 +192,11 @@ fn reward_sft_merge_and_ppo_run_on_the_libraries_alone() {
             .score_texts(&refs)
             .map_err(|e| lathe_ppo::Error::Reward(e.to_string()))
     };
+    let prompts = lathe_ppo::Prompts::cut_from_texts(&policy.tokenizer, &texts()).unwrap();
     let mut run = PpoRun::open(
         policy.model,
         &policy.tokenizer,
-        &texts(),
+        prompts,
         &file,
         &ppo_dir,
         &device,

@@ -22,7 +22,9 @@ use lathe_core::Rng;
 use lathe_core::{clip_grad_norm, Device, GradStore, LrSchedule, ScheduleKind, Tensor};
 use lathe_lora::{AdapterSwitch, LoraConfig};
 use lathe_models::attention::TokenLayout;
+use lathe_models::chat::{tokenize_conversation, ChatTemplate, Message};
 use lathe_models::config::ModelConfig;
+use lathe_models::generate::IGNORE;
 use lathe_models::hf::CausalLm;
 use lathe_models::tokenizer::Tokenizer;
 use serde::{Deserialize, Serialize};
@@ -207,7 +209,12 @@ pub fn lora_config(
     config
 }
 
-/// Token blocks for training and held-out evaluation.
+/// Set on a token id in a block: the token is read but not predicted (the system and user
+/// turns of a conversation trained with `assistant_only_loss`). Token ids stay below 2^31.
+pub const NO_LOSS: u32 = 1 << 31;
+
+/// Token blocks for training and held-out evaluation. A token with [`NO_LOSS`] set is
+/// context only.
 #[derive(Clone, Debug)]
 pub struct Blocks {
     pub block_size: usize,
@@ -231,6 +238,59 @@ pub fn pack(
             stream.push(eos);
         }
     }
+    split_blocks(stream, block_size, eval_fraction)
+}
+
+/// Conversations (trl's `{"messages": [...]}` records) rendered with the model's chat
+/// `template`, tokenized without added special tokens (the template writes them; no EOS is
+/// appended: the turns end with the template's own end-of-turn token), concatenated and cut
+/// as [`pack`] does. With `assistant_only_loss` (trl's setting of that name) only the
+/// assistant's turns are predicted, the rest is marked [`NO_LOSS`]; a block with nothing to
+/// predict is left out.
+pub fn pack_conversations(
+    conversations: &[Vec<Message>],
+    template: &ChatTemplate,
+    tokenizer: &Tokenizer,
+    block_size: usize,
+    eval_fraction: f64,
+    assistant_only_loss: bool,
+) -> Result<Blocks> {
+    let mut stream = Vec::new();
+    for (i, messages) in conversations.iter().enumerate() {
+        let tokens = tokenize_conversation(tokenizer, template, messages)
+            .map_err(|e| Error::Invalid(format!("conversation {}: {e}", i + 1)))?;
+        if assistant_only_loss && !tokens.assistant_mask.contains(&true) {
+            invalid!(
+                "conversation {} has no assistant turn to learn (assistant_only_loss)",
+                i + 1
+            );
+        }
+        stream.extend(
+            tokens
+                .ids
+                .iter()
+                .zip(&tokens.assistant_mask)
+                .map(|(&id, &learn)| {
+                    if learn || !assistant_only_loss {
+                        id
+                    } else {
+                        id | NO_LOSS
+                    }
+                }),
+        );
+    }
+    let mut blocks = split_blocks(stream, block_size, eval_fraction)?;
+    let predicts = |block: &Vec<u32>| block[1..].iter().any(|&id| id & NO_LOSS == 0);
+    blocks.train.retain(predicts);
+    blocks.eval.retain(predicts);
+    if blocks.train.is_empty() {
+        invalid!("no training block has an assistant token to predict: use a larger --block-size");
+    }
+    Ok(blocks)
+}
+
+/// Cuts a token stream into blocks and holds out the last `eval_fraction` of them.
+fn split_blocks(stream: Vec<u32>, block_size: usize, eval_fraction: f64) -> Result<Blocks> {
     let blocks: Vec<Vec<u32>> = stream
         .chunks_exact(block_size)
         .map(<[u32]>::to_vec)
@@ -264,18 +324,30 @@ fn position_seed(seed: u64, stream: u64, index: usize) -> u64 {
     lathe_core::seed::derive(seed, stream, (index as u64).wrapping_add(1))
 }
 
-/// The causal-LM loss of a batch of equal-length blocks (B, T): mean over B (T - 1)
-/// next-token predictions.
+/// The causal-LM loss of a batch of equal-length blocks (B, T): mean over the B (T - 1)
+/// next-token predictions, less those of [`NO_LOSS`] tokens.
 pub fn block_loss(model: &CausalLm, blocks: &[&Vec<u32>], device: &Device) -> Result<Tensor> {
     let (b, t) = (blocks.len(), blocks[0].len());
     let flat: Vec<u32> = blocks.iter().flat_map(|x| x.iter().copied()).collect();
-    let ids = Tensor::from_vec(flat, &[b, t], device)?;
+    let masked = flat.iter().any(|&id| id & NO_LOSS != 0);
+    let inputs: Vec<u32> = flat.iter().map(|&id| id & !NO_LOSS).collect();
+    let ids = Tensor::from_vec(inputs, &[b, t], device)?;
     let layout = TokenLayout::contiguous(b, t, 0, device)?;
     let hidden = model.forward_hidden(&ids, &layout, None)?; // (B, T, H)
     let h = hidden.shape()[2];
     let predicting = hidden.narrow(1, 0, t - 1)?.reshape(&[b * (t - 1), h])?;
-    let targets = ids.narrow(1, 1, t - 1)?.reshape(&[b * (t - 1)])?;
-    Ok(model.lm_head_loss(&predicting, &targets, None)?)
+    if !masked {
+        let targets = ids.narrow(1, 1, t - 1)?.reshape(&[b * (t - 1)])?;
+        return Ok(model.lm_head_loss(&predicting, &targets, None)?);
+    }
+    // (B (T - 1),): the next token, or IGNORE where it is context only.
+    let targets: Vec<u32> = flat
+        .chunks_exact(t)
+        .flat_map(|block| block[1..].iter())
+        .map(|&id| if id & NO_LOSS != 0 { IGNORE } else { id })
+        .collect();
+    let targets = Tensor::from_vec(targets, &[b * (t - 1)], device)?;
+    Ok(model.lm_head_loss(&predicting, &targets, Some(IGNORE))?)
 }
 
 /// Mean loss over the held-out blocks (adapters on, no dropout, no gradients).

@@ -143,6 +143,8 @@ fn measure(
     {
         bail!("{t:?} is {} tokens, not {PROMPT}", ids.len());
     }
+    let strings: Vec<String> = PROMPT_TEXTS.iter().map(|t| t.to_string()).collect();
+    let prompts = lathe_ppo::Prompts::cut_from_texts(&tokenizer, &strings)?;
     let config = GrpoConfig {
         num_generations: GENERATIONS,
         max_completion_length: MAX_COMPLETION,
@@ -190,7 +192,7 @@ fn measure(
     for step in 0..warmup + runs {
         scored_at.set(None);
         let start = Instant::now();
-        let stats = trainer.step(&texts, &tokenizer, &mut probe)?;
+        let stats = trainer.step(&prompts, &tokenizer, &mut probe)?;
         device.sync()?;
         let elapsed = start.elapsed().as_secs_f64();
         let Some(scored) = scored_at.get() else {

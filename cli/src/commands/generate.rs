@@ -70,6 +70,10 @@ pub struct GenerateArgs {
     /// Do not add the tokenizer's special tokens (BOS) to the prompts.
     #[arg(long)]
     pub no_special_tokens: bool,
+    /// Each prompt is a user turn put through the model's chat template, with the
+    /// generation prompt (the template writes the special tokens; none are added).
+    #[arg(long, conflicts_with = "no_special_tokens")]
+    pub chat: bool,
     #[arg(long, value_enum, default_value = "text")]
     pub format: Format,
     /// Write the output here (written to a temporary file and renamed) instead of stdout.
@@ -92,21 +96,24 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
     if args.batch_size == 0 {
         bail!("--batch-size must be at least 1");
     }
+    // What the model reads: the prompts, or their chat-template renderings.
+    let inputs = if args.chat {
+        crate::chat::render_prompts(&args.model.model, &prompts)?
+    } else {
+        prompts.clone()
+    };
+    let add_special = !(args.no_special_tokens || args.chat);
     // The longest prompt in tokens (the tokenizer loads in a moment, the model may take
     // minutes); without a tokenizer on its own, a prompt has at most one token per byte.
     let longest = match args.model.tokenizer() {
-        Ok(tokenizer) => prompts
+        Ok(tokenizer) => inputs
             .iter()
-            .map(|p| {
-                tokenizer
-                    .encode(p, !args.no_special_tokens)
-                    .map(|ids| ids.len())
-            })
+            .map(|p| tokenizer.encode(p, add_special).map(|ids| ids.len()))
             .collect::<std::result::Result<Vec<_>, _>>()?
             .into_iter()
             .max()
             .unwrap_or(0),
-        Err(_) => prompts.iter().map(String::len).max().unwrap_or(0),
+        Err(_) => inputs.iter().map(String::len).max().unwrap_or(0),
     };
     args.model.preflight(PlanSettings {
         batch: args.batch_size.min(prompts.len()),
@@ -138,10 +145,13 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
     };
     let mut output = Output::open(args.out.as_deref())?;
     let (mut new_tokens, mut seconds) = (0usize, 0.0f64);
-    for (chunk_index, chunk) in prompts.chunks(args.batch_size).enumerate() {
-        let texts: Vec<&str> = chunk.iter().map(String::as_str).collect();
+    let batches = prompts
+        .chunks(args.batch_size)
+        .zip(inputs.chunks(args.batch_size));
+    for (chunk_index, (chunk, chunk_inputs)) in batches.enumerate() {
+        let texts: Vec<&str> = chunk_inputs.iter().map(String::as_str).collect();
         let ids = tokenizer
-            .encode_batch(&texts, !args.no_special_tokens)
+            .encode_batch(&texts, add_special)
             .context("tokenizing the prompts")?;
         let start = Instant::now();
         // Each batch gets its own seed so that batches are not copies of each other.

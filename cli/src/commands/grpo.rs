@@ -14,7 +14,7 @@ use lathe_models::plan::{Job, PlanSettings};
 use lathe_models::tokenizer::Tokenizer;
 use lathe_ppo::grpo::{Aggregation, GrpoConfig, GrpoLoss, GrpoRun, GrpoSummary, ScaleRewards};
 use lathe_ppo::rollout::LengthRange;
-use lathe_ppo::Reward;
+use lathe_ppo::{Prompts, Reward};
 
 use crate::config_file::{read_toml, settings};
 use crate::progress::Progress;
@@ -27,11 +27,15 @@ pub struct GrpoArgs {
     /// The reward model directory (`lathe reward-train`'s output), for the "model" reward.
     #[arg(long, value_name = "DIR")]
     pub reward: PathBuf,
-    /// Texts to cut prompts from: .txt, .jsonl or .json (with --text-field).
+    /// Texts to cut prompts from: .txt, .jsonl, .json, Parquet or Arrow (with --text-field).
     #[arg(long, value_name = "FILE")]
     pub data: PathBuf,
     #[arg(long, default_value = "text")]
     pub text_field: String,
+    /// Each text is a user turn put through the model's chat template (with the generation
+    /// prompt), used whole as a prompt instead of cut to prompt_length.
+    #[arg(long)]
+    pub chat: bool,
     /// Run directory.
     #[arg(long, value_name = "DIR")]
     pub out: PathBuf,
@@ -125,7 +129,7 @@ impl GrpoArgs {
 pub fn train(
     model: CausalLm,
     tokenizer: &Tokenizer,
-    texts: &[String],
+    prompts: Prompts,
     reward: &mut dyn Reward,
     config: &GrpoConfig,
     out: &Path,
@@ -133,7 +137,7 @@ pub fn train(
     stop: &AtomicBool,
     options: &crate::resume::ResumeOptions,
 ) -> Result<GrpoSummary> {
-    let mut run = GrpoRun::open(model, tokenizer, texts, config, out, device, options)?;
+    let mut run = GrpoRun::open(model, tokenizer, prompts, config, out, device, options)?;
     eprintln!("{}", run.trainer().model.trainable_parameters_line()?);
     if run.already_finished() {
         eprintln!(
@@ -180,17 +184,19 @@ pub fn run(args: &GrpoArgs) -> Result<()> {
     let config = args.settings()?;
     config.validate()?;
     args.model.precision()?;
+    let texts = crate::texts::read_texts(&args.data, &args.text_field)?;
+    let prompt_max =
+        crate::chat::longest_query(&args.model, &texts, args.chat, config.prompt_length.max)?;
     args.model.preflight(PlanSettings {
         job: Job::Ppo,
         batch: config.generation_batch(),
         train_batch: config.per_device_train_batch_size,
-        seq_len: config.prompt_length.max + config.max_completion_length,
+        seq_len: prompt_max + config.max_completion_length,
         lora_r: config.lora_r,
         lora_targets: config.target_modules.clone(),
         gradient_checkpointing: config.gradient_checkpointing,
         ..PlanSettings::inference()
     })?;
-    let texts = crate::texts::read_texts(&args.data, &args.text_field)?;
     let (pretrained, device) = args.model.load()?;
     let mut reward = crate::reward_glue::load_reward(&args.reward, &device)?;
     let stop = crate::progress::stop_on_ctrl_c("grpo");
@@ -199,10 +205,12 @@ pub fn run(args: &GrpoArgs) -> Result<()> {
         reward: Some(crate::resume::path_fingerprint(&args.reward)?),
         anyway: args.resume_anyway,
     };
+    let prompts =
+        crate::chat::prompts(&args.model.model, &pretrained.tokenizer, &texts, args.chat)?;
     let summary = train(
         pretrained.model,
         &pretrained.tokenizer,
-        &texts,
+        prompts,
         reward.as_mut(),
         &config,
         &args.out,

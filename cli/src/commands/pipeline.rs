@@ -537,11 +537,12 @@ pub fn run_pipeline(
             _ => {
                 let texts = crate::texts::read_texts(&inputs.texts, "text")?;
                 let mut reward = crate::reward_glue::load_reward(&dir(REWARD), device)?;
+                let prompts = lathe_ppo::Prompts::cut_from_texts(&pretrained.tokenizer, &texts)?;
                 if algorithm == Algorithm::Ppo {
                     let summary = crate::commands::ppo::train_with(
                         pretrained.model,
                         &pretrained.tokenizer,
-                        &texts,
+                        prompts,
                         reward.as_mut(),
                         &ppo_file,
                         path,
@@ -555,7 +556,7 @@ pub fn run_pipeline(
                     crate::commands::grpo::train(
                         pretrained.model,
                         &pretrained.tokenizer,
-                        &texts,
+                        prompts,
                         reward.as_mut(),
                         &grpo_config,
                         path,

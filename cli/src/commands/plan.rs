@@ -1,7 +1,8 @@
 //! `lathe plan`: the predicted peak memory of a job, by category, from a model's config.json
 //! or GGUF metadata (no weights read; safetensors headers tell the stored dtype), and whether
-//! it fits a budget. The training and generation
-//! commands run the same check first ([`preflight`]) and refuse a run that will not fit.
+//! it fits a budget. The training and generation commands run the same check first
+//! ([`ModelArgs::preflight`](crate::model_args::ModelArgs::preflight)) and refuse a run
+//! that will not fit.
 
 use std::path::{Path, PathBuf};
 
@@ -29,7 +30,7 @@ pub enum JobArg {
 #[derive(clap::Args, Debug)]
 pub struct PlanArgs {
     /// A HF model directory, its config.json (the weights need not be there) or a GGUF file.
-    #[arg(long, value_name = "DIR|config.json|FILE.gguf")]
+    #[arg(long, value_name = "DIR|config.json|FILE.gguf|ORG/NAME", value_parser = crate::model_args::model_path)]
     pub model: PathBuf,
     /// Plan for a GPU's memory instead of the host's (the budget is then required: wgpu
     /// does not report an adapter's memory).

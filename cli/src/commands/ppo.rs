@@ -12,7 +12,7 @@ use lathe_core::Device;
 use lathe_lora::AdapterSwitch;
 use lathe_models::hf::CausalLm;
 use lathe_models::tokenizer::Tokenizer;
-use lathe_ppo::{PpoRun, Reward};
+use lathe_ppo::{PpoRun, Prompts, Reward};
 
 pub use lathe_ppo::run::{PpoFile, PpoSummary, RunSettings, MAX_STEPS};
 
@@ -20,14 +20,14 @@ use crate::config_file::{read_toml, settings};
 use crate::progress::Progress;
 use crate::run_files::Interrupted;
 
-/// The PPO run: `model` (with no adapters yet, or a checkpoint's), `texts` to cut queries
+/// The PPO run: `model` (with no adapters yet, or a checkpoint's), `prompts` to draw queries
 /// from, `reward` to score query + response texts, outputs under `out`. `stop` ends the run
 /// after the current step (Ctrl-C); `stop_after` stops after that many steps (tests).
 #[allow(clippy::too_many_arguments)]
 pub fn train(
     model: CausalLm,
     tokenizer: &Tokenizer,
-    texts: &[String],
+    prompts: Prompts,
     reward: &mut dyn Reward,
     file: &PpoFile,
     out: &Path,
@@ -37,18 +37,18 @@ pub fn train(
 ) -> Result<PpoSummary> {
     let options = crate::resume::ResumeOptions::default();
     train_with(
-        model, tokenizer, texts, reward, file, out, device, stop, stop_after, &options,
+        model, tokenizer, prompts, reward, file, out, device, stop, stop_after, &options,
     )
 }
 
 /// [`train`], with the model's and reward's fingerprints (checked on resume with the
-/// texts' and the settings) and `--resume-anyway` in `options`; progress on stderr, and the
+/// prompts' and the settings) and `--resume-anyway` in `options`; progress on stderr, and the
 /// report written at the end.
 #[allow(clippy::too_many_arguments)]
 pub fn train_with(
     model: CausalLm,
     tokenizer: &Tokenizer,
-    texts: &[String],
+    prompts: Prompts,
     reward: &mut dyn Reward,
     file: &PpoFile,
     out: &Path,
@@ -57,7 +57,7 @@ pub fn train_with(
     stop_after: Option<usize>,
     options: &crate::resume::ResumeOptions,
 ) -> Result<PpoSummary> {
-    let mut run = PpoRun::open(model, tokenizer, texts, file, out, device, options)?;
+    let mut run = PpoRun::open(model, tokenizer, prompts, file, out, device, options)?;
     let steps = file.run.steps;
     if run.resumed() {
         eprintln!(
@@ -125,15 +125,19 @@ pub struct PpoArgs {
     /// The reward model directory (`lathe reward-train`'s output).
     #[arg(long, value_name = "DIR")]
     pub reward: PathBuf,
-    /// Texts to cut queries from: .txt, .jsonl or .json (with --text-field).
+    /// Texts to cut queries from: .txt, .jsonl, .json, Parquet or Arrow (with --text-field).
     #[arg(long, value_name = "FILE")]
     pub data: PathBuf,
     #[arg(long, default_value = "text")]
     pub text_field: String,
+    /// Each text is a user turn put through the model's chat template (with the generation
+    /// prompt), used whole as a query instead of cut to --query-length.
+    #[arg(long)]
+    pub chat: bool,
     /// Run directory.
     #[arg(long, value_name = "DIR")]
     pub out: PathBuf,
-    /// A TOML file: [ppo] with trl's PPOConfig keys, [run] with steps, query_length,
+    /// A TOML file: `[ppo]` with trl's PPOConfig keys, `[run]` with steps, query_length,
     /// response_length, sampling, LoRA settings; flags given on the command line override
     /// it.
     #[arg(long, value_name = "FILE")]
@@ -269,17 +273,19 @@ pub fn run(args: &PpoArgs) -> Result<()> {
     file.validate()?;
     args.model.precision()?;
     let run = &file.run;
+    let texts = crate::texts::read_texts(&args.data, &args.text_field)?;
+    let query_max =
+        crate::chat::longest_query(&args.model, &texts, args.chat, run.query_length.max)?;
     args.model.preflight(PlanSettings {
         job: Job::Ppo,
         batch: file.ppo.batch_size,
         train_batch: file.ppo.mini_batch_size,
-        seq_len: run.query_length.max + run.response_length.max,
+        seq_len: query_max + run.response_length.max,
         lora_r: run.lora_r,
         lora_targets: run.target_modules.clone(),
         gradient_checkpointing: run.gradient_checkpointing,
         ..PlanSettings::inference()
     })?;
-    let texts = crate::texts::read_texts(&args.data, &args.text_field)?;
     let (mut pretrained, device) = args.model.load()?;
     if let Some(adapter) = &args.adapter {
         pretrained
@@ -299,10 +305,12 @@ pub fn run(args: &PpoArgs) -> Result<()> {
         reward: Some(crate::resume::path_fingerprint(&args.reward)?),
         anyway: args.resume_anyway,
     };
+    let prompts =
+        crate::chat::prompts(&args.model.model, &pretrained.tokenizer, &texts, args.chat)?;
     let summary = train_with(
         pretrained.model,
         &pretrained.tokenizer,
-        &texts,
+        prompts,
         reward.as_mut(),
         &file,
         &args.out,

@@ -7,12 +7,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::{Context, Result};
 use lathe_core::Device;
+use lathe_models::chat::Message;
 use lathe_models::hf::CausalLm;
 use lathe_models::plan::{Job, PlanSettings};
 
 pub use lathe_train::sft::{
-    block_loss, blocks_fingerprint, check_adapters, check_lora, eval_loss, pack, Blocks, SftConfig,
-    SftRun, SftSummary, SftTrainer, StepStats, MAX_COUNT, MAX_STEPS,
+    block_loss, blocks_fingerprint, check_adapters, check_lora, eval_loss, pack,
+    pack_conversations, Blocks, SftConfig, SftRun, SftSummary, SftTrainer, StepStats, MAX_COUNT,
+    MAX_STEPS,
 };
 
 use crate::config_file::{read_toml, settings};
@@ -130,12 +132,22 @@ pub fn train_stoppable(
 pub struct SftArgs {
     #[command(flatten)]
     pub model: crate::model_args::ModelArgs,
-    /// Training text: .txt (one text per line), .jsonl or .json (objects with --text-field).
+    /// Training text: .txt (one text per line), .jsonl or .json (objects with --text-field),
+    /// or Parquet / Arrow (HF datasets' files) with a --text-field column.
     #[arg(long, value_name = "FILE")]
     pub data: PathBuf,
     /// The field holding the text in JSON objects.
     #[arg(long, default_value = "text")]
     pub text_field: String,
+    /// The field holding conversations (trl's conversational format: a list of
+    /// {"role", "content"}), rendered with the model's chat template. Without it, records
+    /// with no --text-field but a "messages" field are taken as conversations.
+    #[arg(long, value_name = "FIELD")]
+    pub messages_field: Option<String>,
+    /// On conversations, learn only the assistant's turns (trl's assistant_only_loss);
+    /// `false` learns every token of the rendered conversation.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL")]
+    pub assistant_only_loss: bool,
     /// Output folder: the adapter (peft files), metrics.jsonl, run.json, checkpoint/.
     #[arg(long, value_name = "DIR")]
     pub out: PathBuf,
@@ -218,6 +230,37 @@ impl SftArgs {
     }
 }
 
+/// What `lathe sft` trains on.
+enum SftData {
+    Texts(Vec<String>),
+    Conversations(Vec<Vec<Message>>),
+}
+
+/// The texts of `--text-field`, or the conversations of `--messages-field` (or of a
+/// "messages" field when the records have no text field).
+fn read_sft_data(args: &SftArgs) -> Result<SftData> {
+    let conversations = |field: &str| -> Result<SftData> {
+        let read = lathe_data::read_messages(&args.data, field)?;
+        Ok(SftData::Conversations(
+            read.into_iter()
+                .map(|turns| {
+                    turns
+                        .into_iter()
+                        .map(|m| Message::new(m.role, m.content))
+                        .collect()
+                })
+                .collect(),
+        ))
+    };
+    if let Some(field) = &args.messages_field {
+        return conversations(field);
+    }
+    match crate::texts::read_texts(&args.data, &args.text_field) {
+        Ok(texts) => Ok(SftData::Texts(texts)),
+        Err(texts_error) => conversations("messages").map_err(|_| texts_error),
+    }
+}
+
 /// `lathe sft`.
 pub fn run(args: &SftArgs) -> Result<()> {
     let config = args.settings()?;
@@ -233,14 +276,24 @@ pub fn run(args: &SftArgs) -> Result<()> {
         gradient_checkpointing: config.gradient_checkpointing,
         ..PlanSettings::inference()
     })?;
-    let texts = crate::texts::read_texts(&args.data, &args.text_field)?;
+    let data = read_sft_data(args)?;
     let (mut pretrained, device) = args.model.load()?;
-    let blocks = pack(
-        &texts,
-        &pretrained.tokenizer,
-        config.block_size,
-        config.eval_fraction,
-    )
+    let blocks = match &data {
+        SftData::Texts(texts) => pack(
+            texts,
+            &pretrained.tokenizer,
+            config.block_size,
+            config.eval_fraction,
+        ),
+        SftData::Conversations(conversations) => pack_conversations(
+            conversations,
+            &pretrained.chat_template()?,
+            &pretrained.tokenizer,
+            config.block_size,
+            config.eval_fraction,
+            args.assistant_only_loss,
+        ),
+    }
     .with_context(|| format!("packing {}", args.data.display()))?;
     let stop = crate::progress::stop_on_ctrl_c("sft");
     let options = crate::resume::ResumeOptions {

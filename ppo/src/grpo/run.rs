@@ -19,7 +19,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use super::trainer::{GrpoConfig, GrpoStepStats, GrpoTrainer};
-use crate::{Error, Result, Reward};
+use crate::rollout::Prompts;
+use crate::{Result, Reward};
 
 const SAMPLES_FILE: &str = "samples.jsonl";
 
@@ -49,7 +50,7 @@ pub struct GrpoSummary {
 pub struct GrpoRun<'t> {
     trainer: GrpoTrainer,
     tokenizer: &'t Tokenizer,
-    tokenized: Vec<Vec<u32>>,
+    prompts: Prompts,
     run: RunDir,
     inputs: Fingerprints,
     start_step: usize,
@@ -63,33 +64,16 @@ impl<'t> GrpoRun<'t> {
     pub fn open(
         mut model: CausalLm,
         tokenizer: &'t Tokenizer,
-        texts: &[String],
+        prompts: Prompts,
         config: &GrpoConfig,
         out: &Path,
         device: &Device,
         options: &ResumeOptions,
     ) -> Result<Self> {
         config.validate()?;
-        let tokenized: Vec<Vec<u32>> = texts
-            .iter()
-            .map(|t| tokenizer.encode(t, true))
-            .collect::<std::result::Result<Vec<_>, _>>()?
-            .into_iter()
-            .filter(|t| !t.is_empty())
-            .collect();
-        if tokenized.is_empty() {
-            return Err(Error::GrpoConfig(
-                "no text gives a token to start a prompt from".into(),
-            ));
-        }
-        let mut bytes = Vec::new();
-        for t in &tokenized {
-            bytes.extend((t.len() as u64).to_le_bytes());
-            bytes.extend(t.iter().flat_map(|x| x.to_le_bytes()));
-        }
         let inputs = Fingerprints {
             model: options.model.clone(),
-            data: Some(lathe_train::resume::bytes_fingerprint(&bytes)),
+            data: Some(prompts.fingerprint()),
             reward: options.reward.clone(),
         };
         let run = RunDir::new(out, "grpo");
@@ -174,7 +158,7 @@ impl<'t> GrpoRun<'t> {
         Ok(GrpoRun {
             trainer,
             tokenizer,
-            tokenized,
+            prompts,
             run,
             inputs,
             start_step,
@@ -206,7 +190,7 @@ impl<'t> GrpoRun<'t> {
     /// to samples.jsonl).
     pub fn step(&mut self, reward: &mut dyn Reward) -> Result<GrpoStepStats> {
         let started = Instant::now();
-        let stats = self.trainer.step(&self.tokenized, self.tokenizer, reward)?;
+        let stats = self.trainer.step(&self.prompts, self.tokenizer, reward)?;
         let mut record = json!({ "step": stats.step });
         for (k, v) in &stats.metrics {
             record[k] = json!(v);

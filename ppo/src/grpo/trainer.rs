@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 
 use super::advantages::{group_advantages, Aggregation, ScaleRewards};
 use super::loss::{grpo_loss, GrpoLoss, LossSettings, TokenBatch};
-use crate::rollout::{make_queries, LengthRange};
+use crate::rollout::{LengthRange, Prompts};
 use crate::{Error, Result, Reward};
 
 /// The reward functions lathe has besides the reward model (trl's `reward_funcs` may name
@@ -299,7 +299,7 @@ pub struct GrpoStepStats {
     /// Steps done, this one included.
     pub step: usize,
     /// (name, value): loss, grad_norm, learning_rate, reward, reward_std,
-    /// rewards/<f>/mean|std, frac_reward_zero_std, kl, clip_ratio/*, completions/*.
+    /// `rewards/<f>/mean|std`, frac_reward_zero_std, kl, `clip_ratio/*`, `completions/*`.
     pub metrics: Metrics,
     /// The prompts, completions and rewards of a step that generated (else empty).
     pub samples: Vec<(String, String, f64)>,
@@ -427,20 +427,24 @@ impl GrpoTrainer {
         Ok(())
     }
 
-    /// One optimizer step; a new generation batch first when one is due. `texts` are the
-    /// tokenized texts prompts are cut from, `reward` scores prompt + completion texts
-    /// (for the "model" reward function).
+    /// One optimizer step; a new generation batch first when one is due. `prompts` are
+    /// what the generation's prompts are drawn from, `reward` scores prompt + completion
+    /// texts (for the "model" reward function).
     pub fn step(
         &mut self,
-        texts: &[Vec<u32>],
+        prompts: &Prompts,
         tokenizer: &Tokenizer,
         reward: &mut dyn Reward,
     ) -> Result<GrpoStepStats> {
         let step = self.steps_done;
         let mut samples = Vec::new();
         if step.is_multiple_of(self.config.num_iterations) || self.generation.is_none() {
-            let generation =
-                self.generate(step / self.config.num_iterations, texts, tokenizer, reward)?;
+            let generation = self.generate(
+                step / self.config.num_iterations,
+                prompts,
+                tokenizer,
+                reward,
+            )?;
             samples = generation.samples.clone();
             self.generation = Some(generation);
         }
@@ -481,7 +485,7 @@ impl GrpoTrainer {
     fn generate(
         &mut self,
         index: usize,
-        texts: &[Vec<u32>],
+        prompts: &Prompts,
         tokenizer: &Tokenizer,
         reward: &mut dyn Reward,
     ) -> Result<Generation> {
@@ -489,10 +493,7 @@ impl GrpoTrainer {
         let g = c.num_generations;
         let prompts_n = c.generation_batch() / g;
         let mut rng = Rng::new(lathe_core::seed::derive(c.seed, 0, index as u64 + 1));
-        let drawn: Vec<&[u32]> = (0..prompts_n)
-            .map(|_| texts[(rng.next_u64() % texts.len() as u64) as usize].as_slice())
-            .collect();
-        let prompts = make_queries(&drawn, c.prompt_length, &mut rng);
+        let prompts = prompts.draw(prompts_n, c.prompt_length, &mut rng);
         // Each prompt G times; the G rows sample independently (per-row streams) after one
         // shared prefill of the prompt.
         let rows: Vec<Vec<u32>> = prompts

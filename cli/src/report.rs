@@ -1,8 +1,9 @@
 //! `lathe report RUN_DIR`: a self-contained HTML page of a PPO, GRPO or DPO run (inline SVG
 //! plots of its curves per step: PPO's mean reward, KL, entropy and losses; GRPO's reward,
 //! KL, completion length, loss and clipping; DPO's loss, implicit rewards and accuracy;
-//! with axes and values, and tables of sampled responses), plus the same curves as PNG
-//! files for tools that take images.
+//! each with a title, axis labels, ticks, a legend and the raw values under their smoothing,
+//! drawn by `plot.rs`; and tables of sampled responses), plus each plot as
+//! `plot_<name>.png` and `plot_<name>.svg` files for tools and pages that take images.
 
 use std::fmt::Write as _;
 use std::path::Path;
@@ -10,13 +11,21 @@ use std::path::Path;
 use anyhow::{bail, Result};
 use serde_json::Value;
 
-use crate::png::plot_bounds;
+use crate::plot::{escape, Plot};
 
-/// What a run's report shows: its curves (file stem, title, metric keys), the metric its
-/// summary line follows, and the sample table's columns.
+/// One curve of a report: (file stem, title, y axis label, metric keys).
+type PlotSpec = (
+    &'static str,
+    &'static str,
+    &'static str,
+    &'static [&'static str],
+);
+
+/// What a run's report shows: its curves, the metric its summary line follows, and the
+/// sample table's columns.
 struct Layout {
     algorithm: &'static str,
-    plots: &'static [(&'static str, &'static str, &'static [&'static str])],
+    plots: &'static [PlotSpec],
     /// The summary's metric, and its name in the sentence.
     headline: (&'static str, &'static str),
     kl: Option<&'static str>,
@@ -27,16 +36,18 @@ struct Layout {
 const PPO: Layout = Layout {
     algorithm: "PPO",
     plots: &[
-        ("reward", "Mean reward", &["env/reward_mean"]),
-        ("kl", "KL to the reference", &["objective/kl"]),
+        ("reward", "Mean reward", "reward", &["env/reward_mean"]),
+        ("kl", "KL to the reference", "KL (nats)", &["objective/kl"]),
         (
             "entropy",
-            "Entropy of the responses (nats)",
+            "Entropy of the responses",
+            "entropy (nats)",
             &["objective/entropy"],
         ),
         (
             "losses",
             "PPO losses",
+            "loss",
             &["ppo/loss/total", "ppo/loss/policy", "ppo/loss/value"],
         ),
     ],
@@ -48,16 +59,18 @@ const PPO: Layout = Layout {
 const GRPO: Layout = Layout {
     algorithm: "GRPO",
     plots: &[
-        ("reward", "Mean reward", &["reward"]),
-        ("kl", "KL to the reference (k3)", &["kl"]),
+        ("reward", "Mean reward", "reward", &["reward"]),
+        ("kl", "KL to the reference (k3)", "KL (nats)", &["kl"]),
         (
             "length",
-            "Completion length (tokens)",
+            "Completion length",
+            "tokens",
             &["completions/mean_length"],
         ),
         (
             "losses",
             "GRPO loss and clipped share",
+            "loss, share",
             &["loss", "clip_ratio/region_mean"],
         ),
     ],
@@ -69,13 +82,19 @@ const GRPO: Layout = Layout {
 const DPO: Layout = Layout {
     algorithm: "DPO",
     plots: &[
-        ("loss", "DPO loss", &["loss"]),
+        ("loss", "DPO loss", "loss", &["loss"]),
         (
             "rewards",
             "Implicit rewards",
+            "reward",
             &["rewards/chosen", "rewards/rejected", "rewards/margins"],
         ),
-        ("accuracy", "Preference accuracy", &["rewards/accuracies"]),
+        (
+            "accuracy",
+            "Preference accuracy",
+            "accuracy",
+            &["rewards/accuracies"],
+        ),
     ],
     headline: ("rewards/margins", "Reward margin"),
     kl: None,
@@ -94,9 +113,8 @@ fn layout_of(metrics: &[Value]) -> &'static Layout {
     }
 }
 
-const COLORS: [(u8, u8, u8); 3] = [(31, 119, 180), (214, 39, 40), (44, 160, 44)];
-
-/// (step, value) points of one metric.
+/// (step, value) points of one metric; non-finite values (a diverged step) are left out,
+/// here for the summary's means and again in the plots.
 fn series(metrics: &[Value], key: &str) -> Vec<(f64, f64)> {
     metrics
         .iter()
@@ -105,82 +123,7 @@ fn series(metrics: &[Value], key: &str) -> Vec<(f64, f64)> {
         .collect()
 }
 
-fn escape(s: &str) -> String {
-    s.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
-        .replace('"', "&quot;")
-}
-
-/// One SVG line chart with axes, tick values and a legend.
-fn svg_plot(title: &str, keys: &[&str], all: &[Vec<(f64, f64)>]) -> String {
-    let (w, h, left, right, top, bottom) = (640.0, 300.0, 64.0, 24.0, 28.0, 36.0);
-    let (x0, x1, y0, y1) = plot_bounds(all);
-    let sx = |x: f64| left + (x - x0) / (x1 - x0) * (w - left - right);
-    let sy = |y: f64| top + (y1 - y) / (y1 - y0) * (h - top - bottom);
-    let mut s = String::new();
-    let _ = write!(
-        s,
-        r#"<svg class="plot" xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" viewBox="0 0 {w} {h}" role="img" aria-label="{t}"><title>{t}</title><text x="{left}" y="18" font-size="14" font-family="sans-serif">{t}</text>"#,
-        t = escape(title)
-    );
-    for i in 0..=4 {
-        let y = y0 + (y1 - y0) * i as f64 / 4.0;
-        let _ = write!(
-            s,
-            r##"<line x1="{left}" x2="{}" y1="{py:.1}" y2="{py:.1}" stroke="#ddd"/><text x="{}" y="{:.1}" font-size="11" text-anchor="end" font-family="sans-serif">{}</text>"##,
-            w - right,
-            left - 6.0,
-            sy(y) + 4.0,
-            format_tick(y),
-            py = sy(y)
-        );
-    }
-    for i in 0..=4 {
-        let x = x0 + (x1 - x0) * i as f64 / 4.0;
-        let _ = write!(
-            s,
-            r#"<text x="{:.1}" y="{}" font-size="11" text-anchor="middle" font-family="sans-serif">{}</text>"#,
-            sx(x),
-            h - bottom + 16.0,
-            // Steps are whole numbers.
-            x.round()
-        );
-    }
-    let _ = write!(
-        s,
-        r#"<text x="{:.1}" y="{}" font-size="11" text-anchor="middle" font-family="sans-serif">step</text>"#,
-        (left + w - right) / 2.0,
-        h - 4.0
-    );
-    for (i, (key, points)) in keys.iter().zip(all).enumerate() {
-        let (r, g, b) = COLORS[i % COLORS.len()];
-        let path: Vec<String> = points
-            .iter()
-            .map(|&(x, y)| format!("{:.1},{:.1}", sx(x), sy(y)))
-            .collect();
-        let _ = write!(
-            s,
-            r#"<polyline class="series" data-key="{k}" fill="none" stroke="rgb({r},{g},{b})" stroke-width="2" points="{}"/><text x="{}" y="{}" font-size="11" fill="rgb({r},{g},{b})" font-family="sans-serif">{k}</text>"#,
-            path.join(" "),
-            w - right - 180.0,
-            18.0 + 13.0 * i as f64,
-            k = escape(key)
-        );
-    }
-    s.push_str("</svg>");
-    s
-}
-
-fn format_tick(v: f64) -> String {
-    if v.abs() >= 1000.0 || (v != 0.0 && v.abs() < 0.01) {
-        format!("{v:.2e}")
-    } else {
-        format!("{v:.3}")
-    }
-}
-
-/// Writes `report.html` and `plot_<name>.png` into the run directory.
+/// Writes `report.html`, `plot_<name>.png` and `plot_<name>.svg` into the run directory.
 pub fn write_report(run_dir: &Path) -> Result<()> {
     let metrics_path = run_dir.join("metrics.jsonl");
     if !metrics_path.is_file() {
@@ -202,7 +145,8 @@ pub fn write_report(run_dir: &Path) -> Result<()> {
     );
     html.push_str(
         "<style>body{font-family:sans-serif;max-width:1340px;margin:1em auto;padding:0 1em}\
-         .plots{display:flex;flex-wrap:wrap;gap:12px}table{border-collapse:collapse;width:100%;margin:1em 0}\
+         .plots{display:flex;flex-wrap:wrap;gap:12px}figure{margin:0}\
+         figcaption{font-size:12px;text-align:right}table{border-collapse:collapse;width:100%;margin:1em 0}\
          td,th{border:1px solid #ccc;padding:4px 6px;font-size:13px;vertical-align:top}th{background:#f4f4f4}\
          </style></head><body>\n",
     );
@@ -234,12 +178,23 @@ pub fn write_report(run_dir: &Path) -> Result<()> {
         );
     }
     html.push_str("<div class=\"plots\">\n");
-    for &(stem, title, keys) in layout.plots {
-        let all: Vec<Vec<(f64, f64)>> = keys.iter().map(|k| series(&metrics, k)).collect();
-        html.push_str(&svg_plot(title, keys, &all));
-        html.push('\n');
-        let png = crate::png::plot_png(&all, 640, 300);
+    for &(stem, title, y_label, keys) in layout.plots {
+        let curves: Vec<(&str, Vec<(f64, f64)>)> =
+            keys.iter().map(|&k| (k, series(&metrics, k))).collect();
+        let plot = Plot {
+            title,
+            y_label,
+            series: &curves,
+        };
+        let svg = crate::plot::svg(&plot)?;
+        crate::output::write_atomic(&run_dir.join(format!("plot_{stem}.svg")), svg.as_bytes())?;
+        let png = crate::plot::png(&plot)?;
         crate::output::write_atomic(&run_dir.join(format!("plot_{stem}.png")), &png)?;
+        let _ = writeln!(
+            html,
+            "<figure>{svg}<figcaption><a href=\"plot_{stem}.png\">PNG</a> \
+             <a href=\"plot_{stem}.svg\">SVG</a></figcaption></figure>"
+        );
     }
     html.push_str("</div>\n");
     let last_step = samples.iter().filter_map(|s| s["step"].as_u64()).max();

@@ -25,7 +25,25 @@ use crate::{Error, Result, Reward};
 
 /// The reward functions lathe has besides the reward model (trl's `reward_funcs` may name
 /// any Python callable; these are lathe's built-ins).
-pub const REWARD_FUNCS: &[&str] = &["model", "length"];
+pub const REWARD_FUNCS: &[&str] = &["model", "length", "format"];
+
+/// The "format" reward: 1 when the completion is `<think>…</think>` then `<answer>…</answer>`
+/// and nothing else (whitespace between and around allowed), else 0 — the format reward of
+/// trl's GRPO examples (`^<think>.*?</think>\s*<answer>.*?</answer>$`).
+pub fn format_reward(completion: &str) -> f64 {
+    let matches = (|| {
+        let rest = completion.trim().strip_prefix("<think>")?;
+        let (_, rest) = rest.split_once("</think>")?;
+        let rest = rest.trim_start().strip_prefix("<answer>")?;
+        let (answer, tail) = rest.split_once("</answer>")?;
+        (tail.is_empty() && !answer.contains("<answer>")).then_some(())
+    })();
+    if matches.is_some() {
+        1.0
+    } else {
+        0.0
+    }
+}
 
 /// GRPO's settings under trl's `GRPOConfig` names, trl 1.16's defaults; the prompt length
 /// and the LoRA keys are lathe's (as PPO's `[run]`).
@@ -50,7 +68,8 @@ pub struct GrpoConfig {
     /// Optimizer steps per generation batch (μ).
     pub num_iterations: usize,
     /// Names from [`REWARD_FUNCS`]: "model" (the reward model's score of prompt +
-    /// completion), "length" (the share of `max_completion_length` the completion uses).
+    /// completion), "length" (the share of `max_completion_length` the completion uses),
+    /// "format" ([`format_reward`] of the completion text).
     pub reward_funcs: Vec<String>,
     /// One per reward function (default: all 1).
     pub reward_weights: Option<Vec<f64>>,
@@ -558,6 +577,7 @@ impl GrpoTrainer {
                     }
                     scores.into_iter().map(f64::from).collect()
                 }
+                "format" => completion_texts.iter().map(|t| format_reward(t)).collect(),
                 _ => completions
                     .iter()
                     .map(|t| t.len() as f64 / c.max_completion_length as f64)
@@ -782,5 +802,30 @@ fn masked_mean(values: &[f32], mask: &[f64]) -> f64 {
         total / count
     } else {
         0.0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::format_reward;
+
+    #[test]
+    fn format_reward_wants_think_then_answer_and_nothing_else() {
+        for good in [
+            "<think>2+2</think><answer>4</answer>",
+            "  <think>a\nb</think>\n<answer>yes</answer>\n",
+        ] {
+            assert_eq!(format_reward(good), 1.0, "{good:?}");
+        }
+        for bad in [
+            "<answer>4</answer>",
+            "<think>x</think>",
+            "<think>x</think><answer>4</answer> and more",
+            "well <think>x</think><answer>4</answer>",
+            "<think>x</think><answer>4",
+            "",
+        ] {
+            assert_eq!(format_reward(bad), 0.0, "{bad:?}");
+        }
     }
 }

@@ -106,9 +106,9 @@ enum Command {
     /// relative advantages, no value head.
     ///
     /// A fresh LoRA on the model, the reference being the same model with its adapters off
-    /// (the KL term with --beta > 0); reward functions "model" (--reward), "length" and "format",
-    /// weighted; loss types grpo, bnpo, dr_grpo, dapo; trl's GRPOConfig names as flags and in
-    /// a --config TOML file. Writes metrics.jsonl, samples.jsonl, checkpoints (a rerun
+    /// (the KL term with --beta > 0); reward functions "model" (--reward), "length" and
+    /// "format", weighted; loss types grpo, bnpo, dr_grpo, dapo; trl's GRPOConfig names as
+    /// flags and in a --config TOML file. Writes metrics.jsonl, samples.jsonl, checkpoints (a rerun
     /// resumes; Ctrl-C saves at the next generation batch and exits), the adapter in peft's
     /// format and report.html.
     ///

@@ -47,7 +47,17 @@ printf 'epochs = 2\nbatch_size = 8\nlr = 1e-3\n' > "$c/toml_config/reward"
 # reward_data: the first byte picks .json (even) or .jsonl (odd).
 printf '\x00[{"text": "good film", "label": 1}, {"text": "bad", "label": "neg"}, {"text": "", "label": null}]' > "$c/reward_data/json"
 printf '\x01{"text": "good film", "label": 1}\n{"text": "bad", "class": false}\n' > "$c/reward_data/jsonl"
-cp "$root/reward/tests/fixtures/tiny.arrow" "$c/arrow/tiny"
+# arrow: the first byte picks .arrow (0), .feather (1) or .parquet (2); pyarrow and HF
+# datasets wrote these (scripts/make_data_fixtures.py).
+{ printf '\x00'; cat "$root/reward/tests/fixtures/tiny.arrow"; } > "$c/arrow/tiny"
+for f in "$root"/data/tests/fixtures/*.arrow "$root"/data/tests/fixtures/*.parquet; do
+  case "$f" in
+    *.file.arrow) pick='\x01' ;;
+    *.parquet) pick='\x02' ;;
+    *) pick='\x00' ;;
+  esac
+  { printf "$pick"; cat "$f"; } > "$c/arrow/$(basename "$f")"
+done
 
 # texts: the first byte picks .txt (0), .json (1) or .jsonl (2).
 printf '\x00one text\n\nanother text\n' > "$c/texts/txt"

@@ -1,13 +1,12 @@
-//! Labelled text for reward-model training and evaluation.
+//! Labelled text for reward-model training and evaluation, read by lathe-data
+//! ([`lathe_data::read_labelled`]): `.jsonl` / `.json` records `{"text": "...", "label": 0 |
+//! 1}`, Parquet files, Arrow IPC streams and files (HF datasets' `.arrow` files, or a
+//! `save_to_disk` folder of them). With the default column names, `sentence` is read for
+//! `text` (GLUE) and `class` for `label` (the `sentiment` npm package's fixtures); labels may
+//! also be booleans or the strings "0"/"1", "neg"/"pos", "negative"/"positive" (any case).
 //!
-//! Files: `.jsonl` (one JSON object per line) or `.json` (an array of objects), each object
-//! `{"text": "...", "label": 0 | 1}`. `class` is accepted for `label` (the `sentiment` npm
-//! package's fixtures use it); labels may also be booleans or the strings "0"/"1",
-//! "neg"/"pos", "negative"/"positive" (any case). `.arrow` files are Arrow IPC streams
-//! (HF datasets' cache files) with a `sentence` or `text` utf8 column and a `label` integer
-//! column.
-//!
-//! Handling of bad records (errors name the file and the record, counting from 1):
+//! Handling of bad records (errors name the file and the record: `line N` of JSONL, `record
+//! N` of a JSON array, `row N` of Parquet and Arrow, counting from 1):
 //! - a blank record (empty text and a null or missing label, as the trailing entry of the
 //!   sentiment fixtures) is skipped and counted in [`Loaded::skipped`];
 //! - a missing or null label on a non-empty text, or a label other than 0/1, is an error;
@@ -15,8 +14,6 @@
 //! - a file without any example is an error.
 
 use std::path::Path;
-
-use serde_json::Value;
 
 use crate::{Error, Result};
 
@@ -37,123 +34,42 @@ pub struct Loaded {
 /// The label names of a binary sentiment model trained by lathe, by id.
 pub const LABELS: [&str; 2] = ["NEGATIVE", "POSITIVE"];
 
-fn parse_label(value: &Value) -> std::result::Result<Option<u32>, String> {
-    match value {
-        Value::Null => Ok(None),
-        Value::Bool(b) => Ok(Some(u32::from(*b))),
-        Value::Number(n) => match n.as_f64() {
-            Some(0.0) => Ok(Some(0)),
-            Some(1.0) => Ok(Some(1)),
-            _ => Err(format!("label {n} is not binary (0 or 1)")),
-        },
-        Value::String(s) => match s.to_ascii_lowercase().as_str() {
-            "0" | "neg" | "negative" => Ok(Some(0)),
-            "1" | "pos" | "positive" => Ok(Some(1)),
-            _ => Err(format!(
-                "label {s:?} is not binary (0/1, neg/pos, negative/positive)"
-            )),
-        },
-        other => Err(format!("label {other} is not binary (0 or 1)")),
-    }
-}
+/// The default columns: `text` (or `sentence`) and `label` (or `class`).
+pub const TEXT_COLUMN: &str = "text";
+pub const LABEL_COLUMN: &str = "label";
 
-/// One record -> an example, `None` for a blank record.
-fn parse_record(value: &Value) -> std::result::Result<Option<Example>, String> {
-    let Value::Object(obj) = value else {
-        return Err("not a JSON object with \"text\" and \"label\"".into());
-    };
-    let text = match obj.get("text") {
-        Some(Value::String(s)) => s.clone(),
-        Some(Value::Null) | None => String::new(),
-        Some(other) => return Err(format!("\"text\" is not a string: {other}")),
-    };
-    let label_value = obj.get("label").or_else(|| obj.get("class"));
-    let label = match label_value {
-        None => None,
-        Some(v) => parse_label(v)?,
-    };
-    match (text.trim().is_empty(), label) {
-        (true, None) => Ok(None),
-        (true, Some(_)) => Err("empty text".into()),
-        (false, None) => Err("missing label (\"label\" or \"class\", 0 or 1)".into()),
-        (false, Some(label)) => Ok(Some(Example { text, label })),
-    }
-}
-
-/// Reads labelled examples from a `.json`, `.jsonl` or `.arrow` file (see the module docs).
+/// Reads labelled examples from the default columns (see the module docs).
 pub fn load(path: impl AsRef<Path>) -> Result<Loaded> {
-    let path = path.as_ref();
-    let label = path.display().to_string();
-    if path.extension().and_then(|e| e.to_str()) == Some("arrow") {
-        let examples = crate::arrow::read_labelled(path)?;
-        return finish(
-            label,
-            Loaded {
-                examples,
-                skipped: 0,
-            },
-        );
-    }
-    let text = std::fs::read_to_string(path).map_err(|e| Error::File {
-        path: label.clone(),
-        detail: format!("cannot read: {e}"),
-    })?;
-    let records: Vec<(usize, Value)> = if text.trim_start().starts_with('[') {
-        let value: Value = serde_json::from_str(&text).map_err(|e| Error::File {
-            path: label.clone(),
-            detail: format!("invalid JSON: {e}"),
-        })?;
-        let Value::Array(items) = value else {
-            unreachable!("starts with [")
-        };
-        items
-            .into_iter()
-            .enumerate()
-            .map(|(i, v)| (i + 1, v))
-            .collect()
-    } else {
-        text.lines()
-            .enumerate()
-            .filter(|(_, line)| !line.trim().is_empty())
-            .map(|(i, line)| {
-                serde_json::from_str(line)
-                    .map(|v| (i + 1, v))
-                    .map_err(|e| Error::Data {
-                        path: label.clone(),
-                        record: i + 1,
-                        detail: format!("invalid JSON: {e}"),
-                    })
-            })
-            .collect::<Result<_>>()?
-    };
-    let mut loaded = Loaded {
-        examples: Vec::with_capacity(records.len()),
-        skipped: 0,
-    };
-    for (record, value) in records {
-        match parse_record(&value) {
-            Ok(Some(example)) => loaded.examples.push(example),
-            Ok(None) => loaded.skipped += 1,
-            Err(detail) => {
-                return Err(Error::Data {
-                    path: label,
-                    record,
-                    detail,
-                })
-            }
-        }
-    }
-    finish(label, loaded)
+    load_columns(path, TEXT_COLUMN, LABEL_COLUMN)
 }
 
-fn finish(path: String, loaded: Loaded) -> Result<Loaded> {
-    if loaded.examples.is_empty() {
-        return Err(Error::File {
-            path,
-            detail: "no labelled examples".into(),
-        });
-    }
-    Ok(loaded)
+/// Reads labelled examples from the columns (or JSON fields) `text_column` and
+/// `label_column`; labels must be binary.
+pub fn load_columns(
+    path: impl AsRef<Path>,
+    text_column: &str,
+    label_column: &str,
+) -> Result<Loaded> {
+    let path = path.as_ref();
+    let read = lathe_data::read_labelled(path, text_column, label_column)?;
+    let examples = read
+        .examples
+        .into_iter()
+        .map(|e| match e.label {
+            0 | 1 => Ok(Example {
+                text: e.text,
+                label: e.label as u32,
+            }),
+            other => Err(Error::File {
+                path: path.display().to_string(),
+                detail: format!("{}: label {other} is not binary (0 or 1)", e.at),
+            }),
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(Loaded {
+        examples,
+        skipped: read.skipped,
+    })
 }
 
 /// A splitmix64 generator: tiny, seedable, and easy to reproduce in Python (the golden

@@ -9,14 +9,14 @@
 //!   on CPU or GPU; and the [`Reward`] trait PPO takes rewards through.
 //! - [`train`]: training a reward model (head only, or LoRA on the encoder too) on labelled
 //!   text, with a held-out split, per-epoch loss/accuracy and early stopping; [`data`] reads
-//!   the labelled text (JSON / JSONL, and Arrow IPC streams such as HF datasets' files);
+//!   the labelled text through lathe-data (JSON / JSONL, Parquet, Arrow IPC such as HF
+//!   datasets' files);
 //!   [`run`] is that training as a run: trained, measured on test files, written to a
 //!   folder whole with its metrics.jsonl and train_report.json.
 //!
 //! The directory [`RewardModel::save`] writes (documented in the crate README) is a HF
 //! encoder directory plus a `classifier` and a `lathe_reward` section in `config.json`.
 
-pub mod arrow;
 pub mod config;
 pub mod data;
 pub mod encoder;
@@ -44,6 +44,9 @@ pub enum Error {
         record: usize,
         detail: String,
     },
+    /// Reading labelled data (lathe-data names the file and the record).
+    #[error(transparent)]
+    Read(#[from] lathe_data::DataError),
     #[error(transparent)]
     Core(#[from] lathe_core::Error),
     #[error(transparent)]

@@ -140,12 +140,12 @@ fn data_files_bad_labels_and_texts() {
         (
             "missing.jsonl",
             "{\"text\": \"fine\", \"label\": 1}\n{\"text\": \"no label\"}\n",
-            "record 2: missing label",
+            "line 2: missing label",
         ),
         (
             "ternary.jsonl",
             "{\"text\": \"meh\", \"label\": 2}\n",
-            "record 1: label 2 is not binary",
+            "line 1: label 2 is not binary",
         ),
         (
             "word.json",
@@ -155,12 +155,12 @@ fn data_files_bad_labels_and_texts() {
         (
             "empty.jsonl",
             "{\"text\": \"  \", \"label\": 0}\n",
-            "record 1: empty text",
+            "line 1: empty text",
         ),
         (
             "notjson.jsonl",
             "{\"text\": \"a\", \"label\": 0}\nnot json\n",
-            "record 2: invalid JSON",
+            "line 2: invalid JSON",
         ),
         ("nothing.json", "[]", "no labelled examples"),
         (

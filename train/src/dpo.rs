@@ -211,71 +211,26 @@ impl DpoConfig {
     }
 }
 
-/// One preference record: `{"prompt", "chosen", "rejected"}` (trl's standard format).
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct PreferencePair {
-    pub prompt: String,
-    pub chosen: String,
-    pub rejected: String,
+/// One preference record: `{"prompt", "chosen", "rejected"}` (trl's standard format); the
+/// type lives in lathe-data, which reads it from any data file.
+pub use lathe_data::PreferencePair;
+
+/// The preference records of a data file (JSONL, JSON, Parquet, Arrow; see lathe-data) with
+/// trl's column names `prompt`, `chosen` and `rejected`. A record without one of the three,
+/// or with an empty `chosen` or `rejected`, is an error naming it.
+pub fn read_preferences(path: &Path) -> Result<Vec<PreferencePair>> {
+    read_preferences_from(path, "prompt", "chosen", "rejected")
 }
 
-/// The preference records of a JSONL file (one object a line) or a JSON file (an array of
-/// objects). A record without one of the three fields, or with an empty `chosen` or
-/// `rejected`, is an error naming it.
-pub fn read_preferences(path: &Path) -> Result<Vec<PreferencePair>> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| Error::Invalid(format!("reading {}: {e}", path.display())))?;
-    let records: Vec<serde_json::Value> = if text.trim_start().starts_with('[') {
-        serde_json::from_str(&text)
-            .map_err(|e| Error::Invalid(format!("{}: not a JSON array: {e}", path.display())))?
-    } else {
-        text.lines()
-            .enumerate()
-            .filter(|(_, l)| !l.trim().is_empty())
-            .map(|(i, l)| {
-                serde_json::from_str(l).map_err(|e| {
-                    Error::Invalid(format!("{} line {}: not JSON: {e}", path.display(), i + 1))
-                })
-            })
-            .collect::<Result<_>>()?
-    };
-    let pairs = records
-        .iter()
-        .enumerate()
-        .map(|(i, r)| {
-            let field = |name: &str| -> Result<String> {
-                match r.get(name) {
-                    Some(serde_json::Value::String(s)) => Ok(s.clone()),
-                    Some(other) => invalid!(
-                        "{} record {}: \"{name}\" is {other}, not a string",
-                        path.display(),
-                        i + 1
-                    ),
-                    None => invalid!(
-                        "{} record {}: no \"{name}\" field (a preference record has prompt, \
-                         chosen and rejected)",
-                        path.display(),
-                        i + 1
-                    ),
-                }
-            };
-            let pair = PreferencePair {
-                prompt: field("prompt")?,
-                chosen: field("chosen")?,
-                rejected: field("rejected")?,
-            };
-            for (name, text) in [("chosen", &pair.chosen), ("rejected", &pair.rejected)] {
-                if text.trim().is_empty() {
-                    invalid!("{} record {}: \"{name}\" is empty", path.display(), i + 1);
-                }
-            }
-            Ok(pair)
-        })
-        .collect::<Result<Vec<_>>>()?;
-    if pairs.is_empty() {
-        invalid!("{} holds no preference records", path.display());
-    }
-    Ok(pairs)
+/// [`read_preferences`] from the named columns.
+pub fn read_preferences_from(
+    path: &Path,
+    prompt: &str,
+    chosen: &str,
+    rejected: &str,
+) -> Result<Vec<PreferencePair>> {
+    lathe_data::read_preferences(path, prompt, chosen, rejected)
+        .map_err(|e| Error::Invalid(e.to_string()))
 }
 
 /// A pair as token ids: the prompt (special tokens as the tokenizer adds them) and each

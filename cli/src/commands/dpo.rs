@@ -9,7 +9,7 @@ use std::sync::atomic::Ordering;
 
 use anyhow::{Context, Result};
 use lathe_models::plan::{Job, PlanSettings};
-use lathe_train::dpo::{read_preferences, tokenize_pairs, DpoConfig, DpoLoss, DpoRun};
+use lathe_train::dpo::{read_preferences_from, tokenize_pairs, DpoConfig, DpoLoss, DpoRun};
 
 use crate::config_file::{read_toml, settings};
 use crate::progress::Progress;
@@ -20,9 +20,19 @@ pub struct DpoArgs {
     #[command(flatten)]
     pub model: crate::model_args::ModelArgs,
     /// Preference pairs: .jsonl (an object a line) or .json (an array) of
-    /// {"prompt", "chosen", "rejected"}.
+    /// {"prompt", "chosen", "rejected"}, or Parquet / Arrow (HF datasets' files) with those
+    /// columns.
     #[arg(long, value_name = "FILE")]
     pub data: PathBuf,
+    /// The prompt column (JSON field) of --data.
+    #[arg(long, default_value = "prompt")]
+    pub prompt_field: String,
+    /// The preferred completion's column.
+    #[arg(long, default_value = "chosen")]
+    pub chosen_field: String,
+    /// The rejected completion's column.
+    #[arg(long, default_value = "rejected")]
+    pub rejected_field: String,
     /// Output folder: the adapter (peft files), metrics.jsonl, run.json, checkpoint/.
     #[arg(long, value_name = "DIR")]
     pub out: PathBuf,
@@ -105,7 +115,12 @@ pub fn run(args: &DpoArgs) -> Result<()> {
     let config = args.settings()?;
     config.validate()?;
     args.model.precision()?;
-    let pairs = read_preferences(&args.data)?;
+    let pairs = read_preferences_from(
+        &args.data,
+        &args.prompt_field,
+        &args.chosen_field,
+        &args.rejected_field,
+    )?;
     // Tokenized before the model loads, so the plan knows the longest row.
     let tokenizer = args.model.tokenizer()?;
     let tokens = tokenize_pairs(&pairs, &tokenizer, config.max_length)

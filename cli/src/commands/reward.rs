@@ -22,8 +22,9 @@ pub struct RewardTrainArgs {
     /// tokenizer.json), e.g. all-MiniLM-L6-v2.
     #[arg(long, value_name = "DIR")]
     pub encoder: PathBuf,
-    /// Labelled text: .jsonl / .json records {"text", "label": 0|1} ("class" also read), or
-    /// an Arrow IPC stream (.arrow) with sentence/text and label columns. Repeatable.
+    /// Labelled text: .jsonl / .json records {"text", "label": 0|1} ("class" also read),
+    /// Parquet, or Arrow (.arrow: HF datasets' files, or a save_to_disk folder) with
+    /// text/sentence and label columns (see --text-field, --label-field). Repeatable.
     #[arg(long, value_name = "FILE", required = true)]
     pub data: Vec<PathBuf>,
     /// Where to write the reward model (must not exist, or be empty).
@@ -43,8 +44,8 @@ pub struct RewardTrainArgs {
     pub preflight: PreflightArgs,
     /// A TOML file of the training settings (the flag names with underscores: epochs,
     /// batch_size, lr, weight_decay, val_fraction, patience, seed, pooling, lora, lora_r,
-    /// lora_alpha, lora_targets, lora_lr, lora_epochs, lora_batch_size); flags given on the
-    /// command line override it.
+    /// lora_alpha, lora_targets, lora_lr, lora_epochs, lora_batch_size, text_field,
+    /// label_field); flags given on the command line override it.
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
 }
@@ -79,6 +80,12 @@ settings! {
         lora_lr: f32,
         lora_epochs: usize,
         lora_batch_size: usize,
+        /// The text column (JSON field) of --data and --test-data; with the default, text,
+        /// a sentence column is read too.
+        text_field: String,
+        /// The label column (JSON field); with the default, label, a class field is read
+        /// too.
+        label_field: String,
     }
 }
 
@@ -101,6 +108,18 @@ pub struct RewardTrainSettings {
     pub lora_lr: f32,
     pub lora_epochs: usize,
     pub lora_batch_size: usize,
+    #[serde(default = "default_text_field")]
+    pub text_field: String,
+    #[serde(default = "default_label_field")]
+    pub label_field: String,
+}
+
+fn default_text_field() -> String {
+    data::TEXT_COLUMN.into()
+}
+
+fn default_label_field() -> String {
+    data::LABEL_COLUMN.into()
 }
 
 impl Default for RewardTrainSettings {
@@ -123,6 +142,8 @@ impl Default for RewardTrainSettings {
             lora_lr: lora.lr,
             lora_epochs: lora.epochs,
             lora_batch_size: lora.batch_size,
+            text_field: default_text_field(),
+            label_field: default_label_field(),
         }
     }
 }
@@ -153,7 +174,8 @@ pub struct ScoreArgs {
     pub reward: PathBuf,
     /// Texts to score.
     pub texts: Vec<String>,
-    /// A file of texts: plain text (one per line), .jsonl or .json.
+    /// A file of texts: plain text (one per line), .jsonl, .json, Parquet or Arrow (with
+    /// --field).
     #[arg(long, value_name = "FILE")]
     pub file: Option<PathBuf>,
     /// The JSON field holding the text.
@@ -173,10 +195,10 @@ pub struct ScoreArgs {
     pub allow_software_gpu: bool,
 }
 
-fn load_all(paths: &[PathBuf]) -> Result<Vec<data::Example>> {
+fn load_all(paths: &[PathBuf], settings: &RewardTrainSettings) -> Result<Vec<data::Example>> {
     let mut all = Vec::new();
     for path in paths {
-        let loaded = data::load(path)?;
+        let loaded = data::load_columns(path, &settings.text_field, &settings.label_field)?;
         eprintln!(
             "{}: {} examples{}",
             path.display(),
@@ -241,11 +263,11 @@ impl RewardJob {
     /// Reads and tokenizes the data of `inputs` for `settings`.
     pub fn prepare(inputs: &RewardInputs, settings: &RewardTrainSettings) -> Result<RewardJob> {
         let config = train_config(settings)?;
-        let examples = load_all(&inputs.data)?;
+        let examples = load_all(&inputs.data, settings)?;
         let tests = inputs
             .test_data
             .iter()
-            .map(|p| Ok((p.clone(), load_all(std::slice::from_ref(p))?)))
+            .map(|p| Ok((p.clone(), load_all(std::slice::from_ref(p), settings)?)))
             .collect::<Result<Vec<_>>>()?;
         // The data is tokenized before the encoder loads, so the plan knows every batch's
         // length.

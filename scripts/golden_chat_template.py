@@ -9,7 +9,9 @@ and conversations, what transformers' `apply_chat_template` returns:
     SmolLM2's tokenizer as transformers' GGUF loader builds it;
   - for the `{% generation %}` template: `assistant_masks` (`return_assistant_tokens_mask`),
     the tokens trl's `assistant_only_loss` trains on;
-  - the error text transformers raises for a template that calls `raise_exception`.
+  - the error text transformers raises for a template that calls `raise_exception`;
+  - "dpo_conversational": conversational preference pairs tokenized as trl 1.16's
+    DPOTrainer does (SmolLM2's template, trl's `common_prefix_length`).
 
 Templates: SmolLM2-135M-Instruct's (from the GGUF asset), and templates written here in the
 styles instruct models ship (Llama-3 headers with `bos_token` and `| trim`; Mistral's
@@ -22,7 +24,7 @@ The GGUF comes from `cargo xtask assets` (cache: $LATHE_ASSETS or ~/.cache/lathe
 
 How to run (pinned versions):
     python3 -m venv /tmp/venv-tf5
-    /tmp/venv-tf5/bin/pip install torch "transformers==5.25.*" gguf==0.19.0 jinja2
+    /tmp/venv-tf5/bin/pip install torch "transformers==5.25.*" trl==1.16.0 gguf==0.19.0 jinja2
     /tmp/venv-tf5/bin/python scripts/golden_chat_template.py
 """
 
@@ -31,6 +33,7 @@ import os
 import pathlib
 
 import transformers
+import trl
 from gguf import GGUFReader
 from transformers import AutoTokenizer
 
@@ -128,6 +131,23 @@ CONVERSATIONS = {
 }
 
 
+DPO_PAIRS = [
+    {
+        "prompt": [{"role": "user", "content": "Is the film good?"}],
+        "chosen": [{"role": "assistant", "content": "Yes, a warm and funny film."}],
+        "rejected": [{"role": "assistant", "content": "No."}],
+    },
+    {
+        "prompt": [
+            {"role": "system", "content": "Answer in one word."},
+            {"role": "user", "content": "Tea or café?"},
+        ],
+        "chosen": [{"role": "assistant", "content": "Tea"}],
+        "rejected": [{"role": "assistant", "content": "Both, and then some more words."}],
+    },
+]
+
+
 def main():
     reader = GGUFReader(str(GGUF))
     field = reader.fields["tokenizer.chat_template"]
@@ -179,8 +199,39 @@ def main():
                     if tname == "chatml_generation":
                         case["assistant_masks"] = list(out["assistant_masks"])
                 cases.append(case)
+    # trl's DPOTrainer on conversational preference records (trl/trainer/dpo_trainer.py,
+    # `tokenize_fn`): prompt with the generation prompt, prompt + chosen and prompt +
+    # rejected rendered whole, the completion from trl's `common_prefix_length` on.
+    from trl.data_utils import common_prefix_length
+
+    def ids(conversation, add_generation_prompt=False):
+        out = tok.apply_chat_template(
+            conversation,
+            chat_template=smollm2,
+            tokenize=True,
+            return_dict=True,
+            add_generation_prompt=add_generation_prompt,
+        )
+        return list(out["input_ids"])
+
+    dpo = []
+    for pair in DPO_PAIRS:
+        prompt_ids = ids(pair["prompt"], add_generation_prompt=True)
+        chosen = ids(pair["prompt"] + pair["chosen"])
+        rejected = ids(pair["prompt"] + pair["rejected"])
+        cut = min(common_prefix_length(prompt_ids, chosen), common_prefix_length(prompt_ids, rejected))
+        dpo.append(
+            {
+                "pair": pair,
+                "prompt_ids": prompt_ids[:cut],
+                "chosen_ids": chosen[cut:],
+                "rejected_ids": rejected[cut:],
+            }
+        )
+
     golden = {
-        "versions": {"transformers": transformers.__version__},
+        "versions": {"transformers": transformers.__version__, "trl": trl.__version__},
+        "dpo_conversational": dpo,
         "special_tokens": special,
         "templates": templates,
         "conversations": CONVERSATIONS,

@@ -1,7 +1,8 @@
 //! The files users already have: a model in the local Hugging Face cache named as on the
 //! Hub (`--model ORG/NAME`), its chat template applied to prompts (`--chat`) and to SFT
-//! conversations (`{"messages": [...]}`, the loss on the assistant's turns), and the
-//! template carried into a model directory lathe writes.
+//! conversations (`{"messages": [...]}`, the loss on the assistant's turns) and to DPO's
+//! conversational preference records, and the template carried into a model directory
+//! lathe writes.
 //!
 //! The model: the tiny random Llama GGUF fixture of lathe-models, written as a HF model
 //! directory with a ChatML-style template, laid out as huggingface_hub caches it.
@@ -191,6 +192,41 @@ fn hub_names_chat_prompts_and_conversations() {
     );
     assert!(!refused.status.success());
     assert!(String::from_utf8_lossy(&refused.stderr).contains("no assistant turn"));
+
+    // DPO on trl's conversational preference records, through the same template.
+    let prefs = root.join("prefs.jsonl");
+    let pair = |q: &str, good: &str, bad: &str| {
+        serde_json::json!({
+            "prompt": [{"role": "user", "content": q}],
+            "chosen": [{"role": "assistant", "content": good}],
+            "rejected": [{"role": "assistant", "content": bad}],
+        })
+        .to_string()
+    };
+    let lines: Vec<String> = (0..4)
+        .map(|i| pair(&format!("review {i}?"), "a fine film", "dull"))
+        .collect();
+    std::fs::write(&prefs, lines.join("\n")).unwrap();
+    let dpo = root.join("dpo");
+    ok(lathe(
+        &cache,
+        &[
+            "dpo",
+            "--model",
+            "tiny-org/tiny-chat",
+            "--device",
+            "cpu",
+            "--data",
+            prefs.to_str().unwrap(),
+            "--out",
+            dpo.to_str().unwrap(),
+            "--max-steps",
+            "1",
+            "--per-device-train-batch-size",
+            "2",
+        ],
+    ));
+    assert!(dpo.join("adapter_model.safetensors").is_file());
 
     // Merging writes the template into tokenizer_config.json (transformers 4.x and 5.x).
     let merged = root.join("merged");

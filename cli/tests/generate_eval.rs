@@ -266,7 +266,7 @@ fn bad_input_is_a_clear_error() {
         bad_json.to_str().unwrap(),
     ]);
     assert!(
-        field.contains("line 1") && field.contains("no field \"prompt\""),
+        field.contains("line 1") && field.contains("no \"prompt\" field (keys: text)"),
         "{field}"
     );
     let long = stderr_of_failure(&[

@@ -183,7 +183,7 @@ fn reward_cli_errors() {
         &out,
     ]);
     let e = format!("{:#}", run_train(&args).unwrap_err());
-    assert!(e.contains("record 2") && e.contains("not binary"), "{e}");
+    assert!(e.contains("line 2") && e.contains("not binary"), "{e}");
     // Unknown pooling.
     let args = train_args(&[
         "--encoder",

@@ -328,54 +328,7 @@ pub fn read_messages(path: impl AsRef<Path>, column: &str) -> Result<Vec<Vec<Mes
                 format!("not an object with a {column:?} field"),
             ));
         };
-        let turns = match map.remove(column) {
-            Some(Value::Array(turns)) => turns,
-            Some(other) => {
-                return Err(record_err(
-                    file,
-                    at,
-                    format!("{column:?} is {}, not a list of messages", kind_of(&other)),
-                ))
-            }
-            None => return Err(no_field(file, at, &[column], &map)),
-        };
-        if turns.is_empty() {
-            return Err(record_err(file, at, format!("{column:?} has no messages")));
-        }
-        let messages = turns
-            .into_iter()
-            .enumerate()
-            .map(|(i, turn)| {
-                let get =
-                    |turn: &mut serde_json::Map<String, Value>, key: &str| match turn.remove(key) {
-                        Some(Value::String(s)) => Ok(s),
-                        other => Err(record_err(
-                            file,
-                            at,
-                            format!(
-                                "message {} has no string {key:?} ({})",
-                                i + 1,
-                                other.map_or("missing".into(), |v| kind_of(&v).to_string())
-                            ),
-                        )),
-                    };
-                match turn {
-                    Value::Object(mut turn) => Ok(Message {
-                        role: get(&mut turn, "role")?,
-                        content: get(&mut turn, "content")?,
-                    }),
-                    other => Err(record_err(
-                        file,
-                        at,
-                        format!(
-                            "message {} is {}, not a {{\"role\", \"content\"}} object",
-                            i + 1,
-                            kind_of(&other)
-                        ),
-                    )),
-                }
-            })
-            .collect::<Result<Vec<_>>>()?;
+        let messages = take_messages(file, at, column, &mut map)?;
         conversations.push(messages);
         Ok(())
     })?;
@@ -386,6 +339,109 @@ pub fn read_messages(path: impl AsRef<Path>, column: &str) -> Result<Vec<Vec<Mes
         });
     }
     Ok(conversations)
+}
+
+/// The non-empty list of `{"role", "content"}` turns in field `column` of a record.
+fn take_messages(
+    file: &Path,
+    at: Location,
+    column: &str,
+    map: &mut serde_json::Map<String, Value>,
+) -> Result<Vec<Message>> {
+    let turns = match map.remove(column) {
+        Some(Value::Array(turns)) => turns,
+        Some(other) => {
+            return Err(record_err(
+                file,
+                at,
+                format!("{column:?} is {}, not a list of messages", kind_of(&other)),
+            ))
+        }
+        None => return Err(no_field(file, at, &[column], map)),
+    };
+    if turns.is_empty() {
+        return Err(record_err(file, at, format!("{column:?} has no messages")));
+    }
+    turns
+        .into_iter()
+        .enumerate()
+        .map(|(i, turn)| {
+            let get = |turn: &mut serde_json::Map<String, Value>, key: &str| match turn.remove(key)
+            {
+                Some(Value::String(s)) => Ok(s),
+                other => Err(record_err(
+                    file,
+                    at,
+                    format!(
+                        "message {} has no string {key:?} ({})",
+                        i + 1,
+                        other.map_or("missing".into(), |v| kind_of(&v).to_string())
+                    ),
+                )),
+            };
+            match turn {
+                Value::Object(mut turn) => Ok(Message {
+                    role: get(&mut turn, "role")?,
+                    content: get(&mut turn, "content")?,
+                }),
+                other => Err(record_err(
+                    file,
+                    at,
+                    format!(
+                        "message {} is {}, not a {{\"role\", \"content\"}} object",
+                        i + 1,
+                        kind_of(&other)
+                    ),
+                )),
+            }
+        })
+        .collect()
+}
+
+/// One conversational preference record (trl's conversational preference format): the
+/// prompt's turns, then the chosen and the rejected continuation's turns.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ConversationPair {
+    pub prompt: Vec<Message>,
+    pub chosen: Vec<Message>,
+    pub rejected: Vec<Message>,
+}
+
+/// The conversational preference pairs of `path`: three columns (or fields) of message
+/// lists, `{"prompt": [{"role": "user", ...}], "chosen": [{"role": "assistant", ...}],
+/// "rejected": [...]}`. A record missing one, or with an empty list, is an error naming it.
+pub fn read_preference_conversations(
+    path: impl AsRef<Path>,
+    prompt: &str,
+    chosen: &str,
+    rejected: &str,
+) -> Result<Vec<ConversationPair>> {
+    let path = path.as_ref();
+    let names = [prompt, chosen, rejected];
+    let columns = names.map(|n| Column::new(&[n], Expect::Messages));
+    let mut pairs = Vec::new();
+    source::scan(path, Kind::Records, &columns, &mut |file, at, record| {
+        let Value::Object(mut map) = record else {
+            return Err(record_err(
+                file,
+                at,
+                format!("not an object with {} fields", quoted(&names)),
+            ));
+        };
+        pairs.push(ConversationPair {
+            prompt: take_messages(file, at, prompt, &mut map)?,
+            chosen: take_messages(file, at, chosen, &mut map)?,
+            rejected: take_messages(file, at, rejected, &mut map)?,
+        });
+        Ok(())
+    })?;
+    if pairs.is_empty() {
+        return Err(DataError::Empty {
+            path: path.to_path_buf(),
+            what: "preference records",
+        });
+    }
+    Ok(pairs)
 }
 
 /// A label: `None` for null.

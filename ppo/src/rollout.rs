@@ -197,3 +197,30 @@ pub fn sample_responses(
         })
         .collect())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn whole_prompts_are_drawn_whole_and_texts_are_cut() {
+        let ids = vec![vec![1, 2, 3, 4, 5, 6, 7, 8], vec![9, 10, 11, 12, 13, 14]];
+        let lengths = LengthRange { min: 2, max: 3 };
+        let whole = Prompts::whole(ids.clone()).unwrap();
+        let cut = Prompts::new(ids.clone(), false).unwrap();
+        let drawn_whole = whole.draw(16, lengths, &mut Rng::new(5));
+        let drawn_cut = cut.draw(16, lengths, &mut Rng::new(5));
+        assert!(drawn_whole.iter().all(|q| ids.contains(q)));
+        for q in &drawn_cut {
+            assert!((2..=3).contains(&q.len()), "{q:?}");
+            assert!(ids.iter().any(|p| p.starts_with(q)), "{q:?}");
+        }
+        // Both modes draw the same prompts in the same order for the same generator.
+        for (w, c) in drawn_whole.iter().zip(&drawn_cut) {
+            assert!(w.starts_with(c));
+        }
+        assert_ne!(whole.fingerprint(), cut.fingerprint());
+        assert!(Prompts::whole(vec![vec![], vec![]]).is_err());
+        assert_eq!(Prompts::whole(vec![vec![], vec![3]]).unwrap().len(), 1);
+    }
+}

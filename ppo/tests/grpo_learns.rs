@@ -189,7 +189,7 @@ fn settings_grpo_cannot_run_are_refused() {
         ),
         (
             GrpoConfig {
-                reward_funcs: vec!["format".into()],
+                reward_funcs: vec!["no_such".into()],
                 reward_weights: None,
                 ..config()
             },

@@ -21,6 +21,7 @@ use lathe_core::optim::{Adam, AdamConfig};
 use lathe_core::{clip_grad_norm, Device, GradStore, LrSchedule, Rng, ScheduleKind, Tensor};
 use lathe_lora::{AdapterSwitch, LoraConfig};
 use lathe_models::attention::TokenLayout;
+use lathe_models::chat::{ChatTemplate, Message};
 use lathe_models::hf::CausalLm;
 use lathe_models::logprobs::{next_tokens, token_logprobs};
 use lathe_models::tokenizer::Tokenizer;
@@ -29,7 +30,7 @@ use serde_json::json;
 
 use crate::resume::{Fingerprints, ResumeOptions};
 use crate::run_dir::{RunDir, OPTIMIZER_FILE};
-use crate::sft::{check_adapters, check_lora, lora_config, MAX_COUNT, MAX_STEPS};
+use crate::sft::{chat_messages, check_adapters, check_lora, lora_config, MAX_COUNT, MAX_STEPS};
 use crate::{invalid, Error, Result};
 
 /// trl's `loss_type`s implemented here.
@@ -273,6 +274,75 @@ pub fn tokenize_pairs(
                 prompt: prompt.clone(),
                 chosen: completion(&p.chosen)?,
                 rejected: completion(&p.rejected)?,
+            })
+        })
+        .collect()
+}
+
+/// One conversational preference record (prompt, chosen and rejected as message lists); the
+/// type lives in lathe-data.
+pub use lathe_data::ConversationPair;
+
+/// The conversational preference records of a data file, with the named columns.
+pub fn read_preference_conversations(
+    path: &Path,
+    prompt: &str,
+    chosen: &str,
+    rejected: &str,
+) -> Result<Vec<ConversationPair>> {
+    lathe_data::read_preference_conversations(path, prompt, chosen, rejected)
+        .map_err(|e| Error::Invalid(e.to_string()))
+}
+
+/// Conversational pairs as token ids, as trl's DPOTrainer tokenizes them: the prompt
+/// rendered with the generation prompt, prompt + chosen and prompt + rejected rendered
+/// whole (no special tokens added and no EOS appended: the template writes them); the
+/// completion starts where the prompt's ids and both whole conversations' ids stop agreeing
+/// (trl's `common_prefix_length`). Completions are cut to fit `max_length` as in
+/// [`tokenize_pairs`].
+pub fn tokenize_conversation_pairs(
+    pairs: &[ConversationPair],
+    template: &ChatTemplate,
+    tokenizer: &Tokenizer,
+    max_length: usize,
+) -> Result<Vec<TokenPair>> {
+    let render = |turns: Vec<Message>, generation: bool| -> Result<Vec<u32>> {
+        let text = template
+            .render(&turns, generation)
+            .map_err(|e| Error::Invalid(e.to_string()))?;
+        Ok(tokenizer.encode(&text, false)?)
+    };
+    let common = |a: &[u32], b: &[u32]| a.iter().zip(b).take_while(|(x, y)| x == y).count();
+    pairs
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            let prompt_turns = chat_messages(&p.prompt);
+            let whole = |completion: &[lathe_data::Message]| {
+                let mut turns = prompt_turns.clone();
+                turns.extend(chat_messages(completion));
+                render(turns, false)
+            };
+            let prompt = render(prompt_turns.clone(), true)?;
+            let (chosen, rejected) = (whole(&p.chosen)?, whole(&p.rejected)?);
+            let cut = common(&prompt, &chosen).min(common(&prompt, &rejected));
+            let Some(room) = max_length.checked_sub(cut).filter(|r| *r > 0) else {
+                invalid!(
+                    "pair {}: the prompt is {cut} tokens, no room for a completion within \
+                     max_length {max_length}",
+                    i + 1
+                );
+            };
+            let completion = |ids: &[u32]| -> Result<Vec<u32>> {
+                if ids.len() == cut {
+                    invalid!("pair {}: a completion renders to no token", i + 1);
+                }
+                Ok(ids[cut..ids.len().min(cut + room)].to_vec())
+            };
+            Ok(TokenPair {
+                prompt: prompt[..cut].to_vec(),
+                chosen: completion(&chosen)?,
+                rejected: completion(&rejected)?,
             })
         })
         .collect()

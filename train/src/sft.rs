@@ -241,6 +241,14 @@ pub fn pack(
     split_blocks(stream, block_size, eval_fraction)
 }
 
+/// lathe-data's turns as the chat template takes them.
+pub fn chat_messages(turns: &[lathe_data::Message]) -> Vec<Message> {
+    turns
+        .iter()
+        .map(|m| Message::new(m.role.as_str(), m.content.as_str()))
+        .collect()
+}
+
 /// Conversations (trl's `{"messages": [...]}` records) rendered with the model's chat
 /// `template`, tokenized without added special tokens (the template writes them; no EOS is
 /// appended: the turns end with the template's own end-of-turn token), concatenated and cut

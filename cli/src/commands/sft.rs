@@ -12,7 +12,7 @@ use lathe_models::hf::CausalLm;
 use lathe_models::plan::{Job, PlanSettings};
 
 pub use lathe_train::sft::{
-    block_loss, blocks_fingerprint, check_adapters, check_lora, eval_loss, pack,
+    block_loss, blocks_fingerprint, chat_messages, check_adapters, check_lora, eval_loss, pack,
     pack_conversations, Blocks, SftConfig, SftRun, SftSummary, SftTrainer, StepStats, MAX_COUNT,
     MAX_STEPS,
 };
@@ -242,14 +242,7 @@ fn read_sft_data(args: &SftArgs) -> Result<SftData> {
     let conversations = |field: &str| -> Result<SftData> {
         let read = lathe_data::read_messages(&args.data, field)?;
         Ok(SftData::Conversations(
-            read.into_iter()
-                .map(|turns| {
-                    turns
-                        .into_iter()
-                        .map(|m| Message::new(m.role, m.content))
-                        .collect()
-                })
-                .collect(),
+            read.iter().map(|turns| chat_messages(turns)).collect(),
         ))
     };
     if let Some(field) = &args.messages_field {

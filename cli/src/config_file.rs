@@ -1,5 +1,5 @@
 //! The one settings pattern of the training commands (`sft`, `reward-train`, `ppo`): each
-//! has a settings struct, written with [`settings!`], that is both the flags (clap) and the
+//! has a settings struct, written with `settings!`, that is both the flags (clap) and the
 //! `--config FILE.toml` keys (serde). Every field is an `Option`: `None` means "not given",
 //! so a file and the command line overlay without telling a typed value from a default
 //! (`flags.over(file)`), and the defaults are written once, in the library's config type

@@ -2,6 +2,7 @@ use crate::dtype::DType;
 
 /// Errors of lathe-core. Every bad input maps to one of these; none panics.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
     #[error("{op}: shape mismatch: {detail}")]
     Shape { op: &'static str, detail: String },

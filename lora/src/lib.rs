@@ -42,6 +42,7 @@ pub use linear::LoraLinear;
 
 /// Errors of lathe-lora; each names the file or module it is about.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
     #[error("{path}: {detail}")]
     File { path: String, detail: String },

@@ -74,6 +74,7 @@ fn default_true() -> bool {
 
 /// GPT-NeoX (transformers `GPTNeoXConfig`, model_type "gpt_neox"): Pythia, GPT-NeoX-20B.
 #[derive(Clone, Debug, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct GptNeoxConfig {
     pub vocab_size: usize,
     pub hidden_size: usize,
@@ -267,6 +268,7 @@ impl GptNeoxConfig {
 
 /// Llama (transformers `LlamaConfig`, model_type "llama"): SmolLM2, TinyLlama, Llama 2/3.
 #[derive(Clone, Debug, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct LlamaConfig {
     pub vocab_size: usize,
     pub hidden_size: usize,

@@ -123,7 +123,7 @@ impl CausalLm {
         self.arch().head().forward(hidden)
     }
 
-    /// log p(targets[r]) of last hidden states (N, H) through the LM head and, when
+    /// log p(`targets[r]`) of last hidden states (N, H) through the LM head and, when
     /// `entropy`, each row's entropy: see [`crate::linear::Linear::token_logprobs`].
     pub fn lm_head_logprobs(
         &self,

@@ -32,6 +32,7 @@ pub use int8::{Int8Linear, Int8Variant, Int8Weight};
 
 /// Errors of lathe-quant.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
     #[error("{op}: {detail}")]
     Shape { op: &'static str, detail: String },

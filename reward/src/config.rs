@@ -26,7 +26,7 @@ pub enum Pooling {
     /// Mean over the text's tokens (padding excluded), as sentence-transformers.
     #[default]
     Mean,
-    /// The first token's state ([CLS]).
+    /// The first token's state (`[CLS]`).
     First,
 }
 
@@ -51,6 +51,7 @@ impl Pooling {
 
 /// The shape and settings of an encoder, read from `config.json`.
 #[derive(Clone, Debug)]
+#[non_exhaustive]
 pub struct EncoderConfig {
     pub architecture: Architecture,
     pub vocab_size: usize,

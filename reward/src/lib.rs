@@ -16,6 +16,21 @@
 //!
 //! The directory [`RewardModel::save`] writes (documented in the crate README) is a HF
 //! encoder directory plus a `classifier` and a `lathe_reward` section in `config.json`.
+//!
+//! Scoring texts with a reward model (here a tiny random DistilBERT from the tests):
+//!
+//! ```
+//! use lathe_core::Device;
+//! use lathe_reward::{Reward, RewardModel};
+//!
+//! let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/tiny_distilbert");
+//! let model = RewardModel::load(dir, &Device::Cpu)?;
+//! assert_eq!(model.reward_label(), "POSITIVE");
+//! let texts = vec!["What a wonderful film".to_string(), "Dull and far too long".to_string()];
+//! let rewards: Vec<f32> = model.score(&texts)?; // one raw logit per text
+//! assert_eq!(rewards.len(), 2);
+//! # Ok::<(), lathe_reward::Error>(())
+//! ```
 
 pub mod config;
 pub mod data;
@@ -33,6 +48,7 @@ pub use train::{EpochStats, LoraSettings, TrainConfig, TrainReport};
 
 /// Errors of lathe-reward; each names the file, record or setting it is about.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
     #[error("{0}")]
     Config(String),

@@ -56,7 +56,7 @@ pub struct Encoded {
 /// `score` gives the raw logit of the reward label (no softmax), as the seed's
 /// `pipeline("sentiment-analysis", function_to_apply="none")` with the POSITIVE logit.
 /// Texts longer than the encoder's position table are truncated to it (the last token, the
-/// tokenizer's [SEP], is kept, as transformers' `truncation=True`); the first time it happens
+/// tokenizer's `[SEP]`, is kept, as transformers' `truncation=True`); the first time it happens
 /// a line goes to stderr, and [`RewardModel::truncated_count`] counts them. Empty texts are
 /// scored as `[CLS] [SEP]`, as transformers does.
 #[derive(Debug)]
@@ -101,7 +101,7 @@ pub fn read_tokenizer(dir: &Path, config: &EncoderConfig) -> Result<Tokenizer> {
 
 /// Token ids of `texts` with the tokenizer's special tokens, truncated to `max_positions`
 /// (keeping the final special token, as transformers' `truncation=True`). A text that
-/// tokenizes to nothing at all (a tokenizer without [CLS]/[SEP]) is an error.
+/// tokenizes to nothing at all (a tokenizer without `[CLS]`/`[SEP]`) is an error.
 pub fn encode_ids(tokenizer: &Tokenizer, max_positions: usize, texts: &[&str]) -> Result<Encoded> {
     let mut ids = tokenizer.encode_batch(texts, true)?;
     let mut truncated = 0;
@@ -301,7 +301,7 @@ impl RewardModel {
 
     /// Token ids of `texts` with the tokenizer's special tokens, truncated to the position
     /// table (keeping the final special token). A text that tokenizes to nothing at all (a
-    /// tokenizer without [CLS]/[SEP]) is an error.
+    /// tokenizer without `[CLS]`/`[SEP]`) is an error.
     pub fn encode(&self, texts: &[&str]) -> Result<Encoded> {
         let max = self.encoder.config().max_positions;
         let encoded = encode_ids(&self.tokenizer, max, texts)?;

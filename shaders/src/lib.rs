@@ -24,6 +24,7 @@ pub use pool::GpuBuffer;
 
 /// Errors of the GPU runtime.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
     #[error(
         "no hardware GPU adapter found (adapters seen: {seen}); a software adapter such as \

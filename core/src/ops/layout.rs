@@ -1,5 +1,5 @@
 //! Layout ops. `reshape` only relabels the (contiguous) data; every other op here copies, and
-//! every copy is one strided copy (see [`CopySpec`]): for each index `idx` of a copy shape,
+//! every copy is one strided copy (see `CopySpec`): for each index `idx` of a copy shape,
 //! `dst[dst_offset + Σ idx_k dst_stride_k] = src[src_offset + Σ idx_k src_stride_k]`.
 //!
 //! - `permute` / `transpose`: src strides permuted, dst contiguous. Backward: inverse permute.

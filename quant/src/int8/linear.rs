@@ -33,9 +33,9 @@ pub enum Int8Variant {
 /// A linear layer with a frozen int8 weight.
 ///
 /// Forward, on CPU and GPU alike, in the [`Int8Variant::Lathe`] arithmetic: (a) outlier
-/// columns j with any |x[r, j]| >= threshold; (b) per row SCA[r] = max over the other columns
-/// of |x[r, j]|, CA = round_ties_even(x * (127 / SCA[r])) (0 in outlier columns); (c) int32
-/// acc = CA @ CB^T; (d) y = acc * SCA[r] * SCB[o] / 127^2 + sum over outliers of
+/// columns j with any |x[r, j]| >= threshold; (b) per row SCA\[r\] = max over the other columns
+/// of |x[r, j]|, CA = round_ties_even(x * (127 / SCA\[r\])) (0 in outlier columns); (c) int32
+/// acc = CA @ CB^T; (d) y = acc * SCA\[r\] * SCB\[o\] / 127^2 + sum over outliers of
 /// f16(x[r, j]) * f16(dequant(W)[o, j]) (products and sums in f32) + bias. With
 /// [`Int8Variant::Bitsandbytes`], (a), (b) and (d) change as its doc says. Backward, for
 /// both: dx = dy @ dequant(W) (no dW; the bias gets a gradient when it is a variable).

@@ -25,8 +25,8 @@ pub(crate) enum Packed {
     Gpu { cb: GpuBuffer, scb: GpuBuffer },
 }
 
-/// An LLM.int8() weight (docs/REFERENCE.md §3): SCB[o] = max_j |W[o, j]| (f32),
-/// CB = round_ties_even(W * (127 / SCB[o])) as int8 (a zero row: scale 0, values 0), packed
+/// An LLM.int8() weight (docs/REFERENCE.md §3): SCB\[o\] = max_j |W[o, j]| (f32),
+/// CB = round_ties_even(W * (127 / SCB\[o\])) as int8 (a zero row: scale 0, values 0), packed
 /// four per u32 little-endian with rows padded to a multiple of 4 elements. About one byte
 /// per parameter plus four per output row.
 #[derive(Clone, Debug)]

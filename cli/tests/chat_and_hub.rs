@@ -46,6 +46,16 @@ fn lathe(cache: &Path, args: &[&str]) -> Output {
         .expect("the lathe binary runs")
 }
 
+/// `lathe <command>` on the cached model, on the CPU, reading `data` and writing `out`.
+fn train(cache: &Path, command: &str, data: &Path, out: &Path, extra: &[&str]) -> Output {
+    let (data, out) = (data.to_str().unwrap(), out.to_str().unwrap());
+    let args = [command, "--model", "tiny-org/tiny-chat", "--device", "cpu"];
+    lathe(
+        cache,
+        &[&args[..], &["--data", data, "--out", out], extra].concat(),
+    )
+}
+
 fn ok(output: Output) -> String {
     assert!(
         output.status.success(),
@@ -150,46 +160,26 @@ fn hub_names_chat_prompts_and_conversations() {
         .collect();
     std::fs::write(&data, lines.join("\n")).unwrap();
     let out = root.join("sft");
-    ok(lathe(
+    let steps = [
+        "--block-size",
+        "16",
+        "--batch-size",
+        "2",
+        "--max-steps",
+        "2",
+    ];
+    ok(train(
         &cache,
-        &[
-            "sft",
-            "--model",
-            "tiny-org/tiny-chat",
-            "--device",
-            "cpu",
-            "--data",
-            data.to_str().unwrap(),
-            "--out",
-            out.to_str().unwrap(),
-            "--block-size",
-            "16",
-            "--batch-size",
-            "2",
-            "--max-steps",
-            "2",
-            "--eval-fraction",
-            "0",
-        ],
+        "sft",
+        &data,
+        &out,
+        &[&steps[..], &["--eval-fraction", "0"]].concat(),
     ));
     assert!(out.join("adapter_model.safetensors").is_file());
     // A conversation file without an assistant turn is refused before training.
     let bad = root.join("bad.jsonl");
     std::fs::write(&bad, r#"{"messages": [{"role": "user", "content": "hi"}]}"#).unwrap();
-    let refused = lathe(
-        &cache,
-        &[
-            "sft",
-            "--model",
-            "tiny-org/tiny-chat",
-            "--device",
-            "cpu",
-            "--data",
-            bad.to_str().unwrap(),
-            "--out",
-            root.join("sft-bad").to_str().unwrap(),
-        ],
-    );
+    let refused = train(&cache, "sft", &bad, &root.join("sft-bad"), &[]);
     assert!(!refused.status.success());
     assert!(String::from_utf8_lossy(&refused.stderr).contains("no assistant turn"));
 
@@ -208,24 +198,8 @@ fn hub_names_chat_prompts_and_conversations() {
         .collect();
     std::fs::write(&prefs, lines.join("\n")).unwrap();
     let dpo = root.join("dpo");
-    ok(lathe(
-        &cache,
-        &[
-            "dpo",
-            "--model",
-            "tiny-org/tiny-chat",
-            "--device",
-            "cpu",
-            "--data",
-            prefs.to_str().unwrap(),
-            "--out",
-            dpo.to_str().unwrap(),
-            "--max-steps",
-            "1",
-            "--per-device-train-batch-size",
-            "2",
-        ],
-    ));
+    let batch = ["--max-steps", "1", "--per-device-train-batch-size", "2"];
+    ok(train(&cache, "dpo", &prefs, &dpo, &batch));
     assert!(dpo.join("adapter_model.safetensors").is_file());
 
     // Merging writes the template into tokenizer_config.json (transformers 4.x and 5.x).

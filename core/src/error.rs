@@ -49,6 +49,7 @@ pub enum Error {
     Gpu(#[from] lathe_shaders::Error),
 }
 
+/// The result of every fallible function of lathe-core.
 pub type Result<T> = std::result::Result<T, Error>;
 
 impl Error {

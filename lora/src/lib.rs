@@ -54,4 +54,5 @@ pub enum Error {
     Core(#[from] lathe_core::Error),
 }
 
+/// The result of every fallible function of lathe-lora.
 pub type Result<T> = std::result::Result<T, Error>;

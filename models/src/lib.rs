@@ -110,4 +110,5 @@ pub enum Error {
     Lora(#[from] lathe_lora::Error),
 }
 
+/// The result of every fallible function of lathe-models.
 pub type Result<T> = std::result::Result<T, Error>;

@@ -122,4 +122,5 @@ impl From<std::io::Error> for Error {
     }
 }
 
+/// The result of every fallible function of lathe-ppo.
 pub type Result<T> = std::result::Result<T, Error>;

@@ -47,4 +47,5 @@ pub enum Error {
     Gpu(#[from] lathe_shaders::Error),
 }
 
+/// The result of every fallible function of lathe-quant.
 pub type Result<T> = std::result::Result<T, Error>;

@@ -80,6 +80,7 @@ impl From<std::io::Error> for Error {
     }
 }
 
+/// The result of every fallible function of lathe-reward.
 pub type Result<T> = std::result::Result<T, Error>;
 
 /// Anything that scores texts: one reward per text, higher is better. PPO takes its rewards

@@ -64,4 +64,5 @@ pub enum Error {
     Device(String),
 }
 
+/// The result of every fallible function of lathe-shaders.
 pub type Result<T> = std::result::Result<T, Error>;

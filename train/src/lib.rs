@@ -105,6 +105,7 @@ pub enum Error {
     Other(Box<dyn std::error::Error + Send + Sync>),
 }
 
+/// The result of every fallible function of lathe-train.
 pub type Result<T> = std::result::Result<T, Error>;
 
 /// An error and its causes, "what: why: ..." (anyhow's `{:#}`).

@@ -143,12 +143,15 @@ impl Int8Weight {
         })
     }
 
+    /// Rows of the weight (output features).
     pub fn out_features(&self) -> usize {
         self.out_features
     }
+    /// Columns of the weight (input features).
     pub fn in_features(&self) -> usize {
         self.in_features
     }
+    /// The device the packed weight and its scales live on.
     pub fn device(&self) -> &Device {
         &self.device
     }

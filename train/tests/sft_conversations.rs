@@ -4,7 +4,7 @@
 //! predicted) and on the loss itself (the mean next-token loss over exactly those
 //! positions, computed here from the model's logits in f64).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use lathe_core::{Device, Tensor};
 use lathe_models::attention::TokenLayout;
@@ -16,7 +16,7 @@ fn tiny_model() -> Pretrained {
     let path = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("..")
         .join("models/tests/fixtures/gguf_model_tied.gguf");
-    Pretrained::load(&PathBuf::from(path), &Device::Cpu, Precision::F32).unwrap()
+    Pretrained::load(&path, &Device::Cpu, Precision::F32).unwrap()
 }
 
 /// A ChatML-style template whose markers the tiny tokenizer spells out as plain text.

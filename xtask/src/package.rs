@@ -10,7 +10,11 @@
 //! and the root's target folder, so the dependencies `cargo doc` already checked are
 //! reused. It fails where verification would on the crates' own code: a file included from
 //! outside a crate's folder or left out of its package, an internal dependency without a
-//! version, a manifest crates.io would refuse (cargo package's own checks).
+//! version, a manifest crates.io would refuse (cargo package's own checks). It also unpacks
+//! afresh on every run, where verification (cargo 1.95) unpacks the tarballs of its local
+//! overlay under `$CARGO_HOME/registry/src/` once and then keeps building those sources: a
+//! second `cargo package --workspace` in one CARGO_HOME verified a dependent crate against
+//! the first run's sources of lathe-models.
 
 use std::fs;
 use std::path::Path;
@@ -49,7 +53,12 @@ pub fn run() -> Result<ExitStatus> {
         let tarball = target.join("package").join(format!("{folder}.crate"));
         let file =
             fs::File::open(&tarball).with_context(|| format!("opening {}", tarball.display()))?;
-        tar::Archive::new(flate2::read::GzDecoder::new(file))
+        let mut archive = tar::Archive::new(flate2::read::GzDecoder::new(file));
+        // cargo package stamps every file with one fixed date: kept, a rerun's changed
+        // sources would look older than the last check's outputs, and cargo would not
+        // check them again.
+        archive.set_preserve_mtime(false);
+        archive
             .unpack(&dir)
             .with_context(|| format!("unpacking {}", tarball.display()))?;
         if !dir.join(&folder).join("Cargo.toml").is_file() {

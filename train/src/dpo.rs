@@ -68,14 +68,18 @@ impl std::str::FromStr for DpoLoss {
 pub struct DpoConfig {
     /// The KL penalty's inverse temperature: how far the policy may move from the reference.
     pub beta: f64,
+    /// Which preference loss to minimise (trl's `loss_type`).
     pub loss_type: DpoLoss,
     /// The assumed share of flipped labels; used by `robust` only (trl accepts it with the
     /// other losses and ignores it: lathe refuses it there).
     pub label_smoothing: f64,
+    /// Peak learning rate of AdamW.
     pub learning_rate: f32,
     /// Pairs per micro-batch.
     pub per_device_train_batch_size: usize,
+    /// Micro-batches whose gradients are summed into one optimizer step.
     pub gradient_accumulation_steps: usize,
+    /// Passes over the pairs; ignored when `max_steps` is set.
     pub num_train_epochs: f64,
     /// Optimizer steps to run (overrides `num_train_epochs`).
     pub max_steps: Option<usize>,
@@ -83,18 +87,25 @@ pub struct DpoConfig {
     pub max_length: usize,
     /// Compute the reference log-probs of every pair once before training (else per batch).
     pub precompute_ref_log_probs: bool,
+    /// AdamW's decoupled weight decay (>= 0).
     pub weight_decay: f32,
     /// Clip the gradients' global L2 norm to this (> 0; inf: no clipping).
     pub max_grad_norm: f32,
+    /// Steps of linear warmup from 0 to `learning_rate`.
     pub warmup_steps: usize,
     /// constant, linear or cosine decay after the warm-up.
     pub lr_scheduler_type: String,
+    /// Seed of everything random: pair order, dropout masks, adapter init.
     pub seed: u64,
     /// Checkpoint every N steps (0: at the end only).
     pub save_steps: usize,
+    /// Recompute activations in the backward pass instead of keeping them (less memory).
     pub gradient_checkpointing: bool,
+    /// LoRA rank (>= 1).
     pub lora_r: usize,
+    /// LoRA scale numerator: the update is scaled by `lora_alpha / lora_r`.
     pub lora_alpha: f64,
+    /// Dropout on the adapters' input, in [0, 1).
     pub lora_dropout: f64,
     /// Empty: the architecture's defaults.
     pub target_modules: Vec<String>,
@@ -238,8 +249,11 @@ pub fn read_preferences_from(
 /// completion (without special tokens, EOS appended when the tokenizer has one).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TokenPair {
+    /// The prompt's token ids.
     pub prompt: Vec<u32>,
+    /// The preferred completion's token ids.
     pub chosen: Vec<u32>,
+    /// The dispreferred completion's token ids.
     pub rejected: Vec<u32>,
 }
 
@@ -355,11 +369,13 @@ pub struct DpoLossOutput {
     pub loss: f64,
     /// Per pair.
     pub losses: Vec<f64>,
-    /// β (πc - rc) and β (πr - rr) per pair.
+    /// β (πc - rc) per pair.
     pub chosen_rewards: Vec<f64>,
+    /// β (πr - rr) per pair.
     pub rejected_rewards: Vec<f64>,
-    /// ∂loss/∂πc and ∂loss/∂πr per pair (of the mean loss).
+    /// ∂loss/∂πc per pair (of the mean loss).
     pub grad_chosen: Vec<f64>,
+    /// ∂loss/∂πr per pair (of the mean loss).
     pub grad_rejected: Vec<f64>,
 }
 
@@ -367,11 +383,17 @@ pub struct DpoLossOutput {
 /// rejected (r) completions, and the completions' token counts (IPO normalises by them).
 #[derive(Clone, Copy, Debug)]
 pub struct PairLogps<'a> {
+    /// πc: the policy's summed log-prob of each chosen completion (B).
     pub policy_chosen: &'a [f64],
+    /// πr: the policy's summed log-prob of each rejected completion (B).
     pub policy_rejected: &'a [f64],
+    /// rc: the reference's summed log-prob of each chosen completion (B).
     pub ref_chosen: &'a [f64],
+    /// rr: the reference's summed log-prob of each rejected completion (B).
     pub ref_rejected: &'a [f64],
+    /// Tokens in each chosen completion (B).
     pub chosen_lengths: &'a [usize],
+    /// Tokens in each rejected completion (B).
     pub rejected_lengths: &'a [usize],
 }
 
@@ -516,12 +538,18 @@ pub fn completion_logps(
 /// run's optimizer steps.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct DpoPlan {
+    /// Micro-batches in one pass over the pairs.
     pub micro_per_epoch: usize,
+    /// Optimizer steps in one epoch (`micro_per_epoch / gradient_accumulation_steps`,
+    /// rounded up).
     pub steps_per_epoch: usize,
+    /// Optimizer steps of the whole run.
     pub total_steps: usize,
 }
 
 impl DpoPlan {
+    /// The plan of `config` on `pairs` pairs; an error when the epochs come to more than
+    /// [`MAX_STEPS`] steps.
     pub fn new(config: &DpoConfig, pairs: usize) -> Result<DpoPlan> {
         let micro_per_epoch = pairs.div_ceil(config.per_device_train_batch_size);
         let steps_per_epoch = micro_per_epoch.div_ceil(config.gradient_accumulation_steps);
@@ -551,7 +579,9 @@ impl DpoPlan {
 pub struct DpoStepStats {
     /// Steps done, this one included.
     pub step: usize,
+    /// Mean loss over the step's pairs.
     pub loss: f64,
+    /// The learning rate the step used.
     pub lr: f32,
     /// The gradients' global L2 norm before clipping.
     pub grad_norm: f32,
@@ -802,18 +832,22 @@ impl<'a> DpoTrainer<'a> {
         Ok((tally.loss, metrics, grads))
     }
 
+    /// Optimizer steps done.
     pub fn steps_done(&self) -> usize {
         self.step
     }
 
+    /// Whether the run's steps are all done.
     pub fn done(&self) -> bool {
         self.step >= self.plan.total_steps
     }
 
+    /// The run's step counts.
     pub fn plan(&self) -> DpoPlan {
         self.plan
     }
 
+    /// The policy being trained, its adapters attached.
     pub fn model(&self) -> &CausalLm {
         self.model
     }
@@ -823,6 +857,7 @@ impl<'a> DpoTrainer<'a> {
         &self.switch
     }
 
+    /// The AdamW optimizer with its moments and step count.
     pub fn optimizer(&self) -> &Adam {
         &self.adam
     }
@@ -860,17 +895,24 @@ pub fn pairs_fingerprint(pairs: &[TokenPair]) -> String {
 /// One step of a [`DpoRun`] as metrics.jsonl records it.
 #[derive(Clone, Debug)]
 pub struct DpoRecord {
+    /// The trainer's measurements of the step.
     pub stats: DpoStepStats,
+    /// The JSON line written to metrics.jsonl.
     pub json: serde_json::Value,
 }
 
 /// What a finished (or interrupted) DPO run did.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct DpoSummary {
+    /// Optimizer steps done, a resumed run's earlier ones included.
     pub steps: usize,
+    /// Loss of each step (a resumed run's earlier steps as metrics.jsonl recorded them).
     pub losses: Vec<f64>,
+    /// Mean `rewards/margins` (chosen minus rejected reward) of each step.
     pub margins: Vec<f64>,
+    /// The checkpoint step this run resumed from (None: a fresh run).
     pub resumed_from: Option<usize>,
+    /// Stopped by Ctrl-C after saving a checkpoint.
     pub interrupted: bool,
 }
 
@@ -968,14 +1010,17 @@ impl<'a> DpoRun<'a> {
         })
     }
 
+    /// The run's trainer.
     pub fn trainer(&self) -> &DpoTrainer<'a> {
         &self.trainer
     }
 
+    /// The step the run (re)started at: 0, or the checkpoint's.
     pub fn start_step(&self) -> usize {
         self.start_step
     }
 
+    /// Whether the run's steps are all done.
     pub fn done(&self) -> bool {
         self.trainer.done()
     }
@@ -1035,6 +1080,7 @@ impl<'a> DpoRun<'a> {
         })
     }
 
+    /// What the run has done so far.
     pub fn summary(&self) -> &DpoSummary {
         &self.summary
     }

@@ -45,6 +45,7 @@
 //! assert!(tail < 0.9 * head, "loss {losses:?}");
 //! # Ok::<(), lathe_train::Error>(())
 //! ```
+#![warn(missing_docs)]
 
 pub mod dpo;
 pub mod resume;
@@ -67,36 +68,54 @@ pub enum Error {
          adapter are kept). The learning rate ({lr:e} at this step) is likely too high, or a \
          setting is NaN/inf"
     )]
-    Diverged { step: usize, what: String, lr: f32 },
+    Diverged {
+        /// The step that diverged (1-based).
+        step: usize,
+        /// What was not finite ("the loss is NaN", the gradient norm, a parameter).
+        what: String,
+        /// The learning rate of that step.
+        lr: f32,
+    },
     /// An I/O failure while doing `context` ("reading FILE", "creating DIR").
     #[error("{context}")]
     Io {
+        /// What was being done.
         context: String,
+        /// The I/O error.
         #[source]
         source: std::io::Error,
     },
     /// A JSON file that does not parse, while doing `context`.
     #[error("{context}")]
     Json {
+        /// What was being done.
         context: String,
+        /// The parse error.
         #[source]
         source: serde_json::Error,
     },
     /// `source` while doing `context`.
     #[error("{context}")]
     Context {
+        /// What was being done.
         context: String,
+        /// The error it failed with.
         #[source]
         source: Box<Error>,
     },
+    /// An I/O error with no context added.
     #[error(transparent)]
     PlainIo(#[from] std::io::Error),
+    /// A JSON error with no context added.
     #[error(transparent)]
     PlainJson(#[from] serde_json::Error),
+    /// A tensor, device or checkpoint-file error from lathe-core.
     #[error(transparent)]
     Core(#[from] lathe_core::Error),
+    /// An adapter error from lathe-lora (bad rank, target module not found).
     #[error(transparent)]
     Lora(#[from] lathe_lora::Error),
+    /// A model, tokenizer or chat-template error from lathe-models.
     #[error(transparent)]
     Models(#[from] lathe_models::Error),
     /// An error of a caller's code run inside a library function (what a checkpoint folder

@@ -26,10 +26,13 @@ pub const FULL_HASH_LIMIT: u64 = 64 << 20;
 /// checkpoint was written (a library caller that did not give it).
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Fingerprints {
+    /// The base model's files.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub model: Option<String>,
+    /// The training data as the trainer saw it (token ids, prompts or pairs).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub data: Option<String>,
+    /// The reward model (PPO only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reward: Option<String>,
 }

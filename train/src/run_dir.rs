@@ -55,6 +55,8 @@ pub struct RunDir {
 }
 
 impl RunDir {
+    /// The run folder `out` (nothing is created until something is written); `command`
+    /// names the run in messages.
     pub fn new(out: &Path, command: &'static str) -> RunDir {
         RunDir {
             out: out.to_path_buf(),

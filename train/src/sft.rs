@@ -39,27 +39,43 @@ use crate::{invalid, Error, Result};
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct SftConfig {
+    /// Tokens in a training block (2..=[`MAX_COUNT`]).
     pub block_size: usize,
+    /// Blocks in a micro-batch.
     pub batch_size: usize,
+    /// Micro-batches whose gradients are summed into one optimizer step.
     pub grad_accum: usize,
+    /// Passes over the training blocks; ignored when `max_steps` is set.
     pub epochs: f64,
+    /// Optimizer steps to run (None: `epochs` of them); 0 is an error.
     pub max_steps: Option<usize>,
+    /// Peak learning rate of AdamW.
     pub lr: f32,
+    /// AdamW's decoupled weight decay (>= 0).
     pub weight_decay: f32,
+    /// Steps of linear warmup from 0 to `lr`.
     pub warmup_steps: usize,
+    /// Learning-rate schedule after warmup: "constant", "linear" or "cosine".
     pub schedule: String,
+    /// Gradients are clipped to this global L2 norm (> 0; inf: no clipping).
     pub max_grad_norm: f32,
+    /// LoRA rank (>= 1).
     pub lora_r: usize,
+    /// LoRA scale numerator: the update is scaled by `lora_alpha / lora_r`.
     pub lora_alpha: f64,
+    /// Dropout on the adapters' input, in [0, 1).
     pub lora_dropout: f64,
     /// Empty: the architecture's default (GPT-NeoX query_key_value, Llama q_proj, v_proj).
     pub target_modules: Vec<String>,
+    /// Recompute activations in the backward pass instead of keeping them (less memory).
     pub gradient_checkpointing: bool,
+    /// Fraction of the blocks held out for evaluation, in [0, 1).
     pub eval_fraction: f64,
     /// Evaluate every this many steps (0: only at the end).
     pub eval_every: usize,
     /// Checkpoint every this many steps (0: only at the end).
     pub save_every: usize,
+    /// Seed of everything random: block order, dropout masks, adapter init.
     pub seed: u64,
 }
 
@@ -90,6 +106,7 @@ impl Default for SftConfig {
 }
 
 impl SftConfig {
+    /// `schedule` parsed; an error names the accepted values.
     pub fn schedule_kind(&self) -> Result<ScheduleKind> {
         Ok(match self.schedule.as_str() {
             "constant" => ScheduleKind::Constant,
@@ -217,8 +234,11 @@ pub const NO_LOSS: u32 = 1 << 31;
 /// context only.
 #[derive(Clone, Debug)]
 pub struct Blocks {
+    /// Tokens in every block.
     pub block_size: usize,
+    /// Training blocks, each `block_size` token ids.
     pub train: Vec<Vec<u32>>,
+    /// Held-out blocks for evaluation (may be empty).
     pub eval: Vec<Vec<u32>>,
 }
 
@@ -386,13 +406,16 @@ pub fn eval_loss(
 /// What a finished run measured.
 #[derive(Clone, Debug, Serialize)]
 pub struct SftSummary {
+    /// Optimizer steps done, a resumed run's earlier ones included.
     pub steps: usize,
     /// Training loss of each step of the run (a resumed run's earlier steps as
     /// metrics.jsonl recorded them).
     pub losses: Vec<f32>,
     /// (step, held-out loss) at each evaluation.
     pub eval_losses: Vec<(usize, f32)>,
+    /// Training throughput of this process's steps, in tokens per second.
     pub tokens_per_s: f64,
+    /// The checkpoint step this run resumed from (None: a fresh run).
     pub resumed_from: Option<usize>,
     /// Stopped by Ctrl-C after saving a checkpoint.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
@@ -454,8 +477,11 @@ fn read_state(
 /// run's optimizer steps (`max_steps`, or `epochs` of them).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct StepPlan {
+    /// Micro-batches in one pass over the training blocks.
     pub micro_per_epoch: usize,
+    /// Optimizer steps in one epoch (`micro_per_epoch / grad_accum`, rounded up).
     pub steps_per_epoch: usize,
+    /// Optimizer steps of the whole run.
     pub total_steps: usize,
 }
 
@@ -699,22 +725,27 @@ impl<'a> SftTrainer<'a> {
         self.step >= self.plan.total_steps
     }
 
+    /// The run's step counts.
     pub fn plan(&self) -> StepPlan {
         self.plan
     }
 
+    /// The settings the trainer was built with.
     pub fn config(&self) -> &SftConfig {
         &self.config
     }
 
+    /// The adapters' settings (rank, alpha, dropout, the resolved target modules).
     pub fn lora_config(&self) -> &LoraConfig {
         &self.lora_config
     }
 
+    /// The model being trained, its adapters attached.
     pub fn model(&self) -> &CausalLm {
         self.model
     }
 
+    /// The AdamW optimizer with its moments and step count.
     pub fn optimizer(&self) -> &Adam {
         &self.adam
     }
@@ -741,6 +772,7 @@ fn check_settings(config: &SftConfig, blocks: &Blocks) -> Result<()> {
 /// One step of an [`SftRun`] as metrics.jsonl records it.
 #[derive(Clone, Debug)]
 pub struct StepRecord {
+    /// The trainer's measurements of the step.
     pub stats: StepStats,
     /// The held-out loss, when this step evaluated.
     pub eval_loss: Option<f32>,
@@ -842,6 +874,7 @@ impl<'a> SftRun<'a> {
         })
     }
 
+    /// The run's trainer.
     pub fn trainer(&self) -> &SftTrainer<'a> {
         &self.trainer
     }

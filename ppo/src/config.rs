@@ -6,6 +6,8 @@ use serde::{Deserialize, Serialize};
 use crate::math::{KlController, KlPenalty};
 use crate::{Error, Result};
 
+/// The settings of a PPO trainer, under trl's `PPOConfig` names and with its defaults; the
+/// keys of a PPO config file. [`validate`](PpoConfig::validate) checks them.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct PpoConfig {
@@ -19,26 +21,37 @@ pub struct PpoConfig {
     pub gradient_accumulation_steps: usize,
     /// Passes over the batch per step.
     pub ppo_epochs: usize,
+    /// The KL penalty's coefficient at the start (the fixed one without `adap_kl_ctrl`).
     pub init_kl_coef: f32,
     /// Adaptive KL controller (else fixed at init_kl_coef).
     pub adap_kl_ctrl: bool,
     /// The adaptive controller's target KL.
     pub target: f32,
+    /// The adaptive controller's horizon, in samples: how fast the coefficient moves.
     pub horizon: f32,
+    /// Discount factor of the returns.
     pub gamma: f32,
+    /// GAE's λ: the bias-variance trade-off of the advantages.
     pub lam: f32,
+    /// The policy ratio's clip range: the ratio is clipped to 1 ± cliprange.
     pub cliprange: f32,
+    /// The value prediction's clip range around the rollout's values.
     pub cliprange_value: f32,
+    /// Weight of the value loss in the total loss.
     pub vf_coef: f32,
+    /// How the per-token KL is estimated from the log-probs.
     pub kl_penalty: KlPenalty,
+    /// Whiten the per-token rewards (zero mean, unit variance) before GAE.
     pub whiten_rewards: bool,
     /// Skip a minibatch's update when its mean ratio exceeds this.
     pub ratio_threshold: f32,
     /// Stop the epochs of a step once policykl > 1.5 target_kl.
     pub early_stopping: bool,
+    /// The policy KL at which `early_stopping` stops a step's epochs.
     pub target_kl: f32,
     /// Clip the gradients' global norm (None: no clipping, trl's default).
     pub max_grad_norm: Option<f32>,
+    /// Seed of the minibatch shuffles and the adapters' dropout and init.
     pub seed: u64,
 }
 
@@ -147,6 +160,8 @@ impl PpoConfig {
         Ok(())
     }
 
+    /// The KL controller these settings start with: adaptive (`target`, `horizon`) with
+    /// `adap_kl_ctrl`, else fixed, both at `init_kl_coef`.
     pub fn kl_controller(&self) -> KlController {
         if self.adap_kl_ctrl {
             KlController::Adaptive {

@@ -72,6 +72,7 @@
 //! assert_eq!(trainer.steps_done(), 1);
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
+#![warn(missing_docs)]
 
 pub mod config;
 pub mod grpo;
@@ -90,13 +91,16 @@ pub use trainer::{PpoTrainer, StepStats};
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
+    /// PPO settings out of their range, or inputs that do not fit them.
     #[error("PPO config: {0}")]
     Config(String),
+    /// Inputs of the wrong size or value: grids, score counts, a non-finite score.
     #[error("PPO: {0}")]
     Shape(String),
     /// A non-finite loss, gradient norm or parameter: training stopped.
     #[error("PPO diverged: {0}")]
     Diverged(String),
+    /// The reward function failed or returned the wrong number of scores.
     #[error("reward: {0}")]
     Reward(String),
     /// GRPO settings (or inputs) it cannot run on.
@@ -105,10 +109,13 @@ pub enum Error {
     /// A non-finite GRPO loss, gradient norm or parameter: training stopped.
     #[error("GRPO diverged: {0}")]
     GrpoDiverged(String),
+    /// A tensor or device error from lathe-core.
     #[error(transparent)]
     Core(#[from] lathe_core::Error),
+    /// A model, tokenizer or generation error from lathe-models.
     #[error(transparent)]
     Models(#[from] lathe_models::Error),
+    /// An adapter error from lathe-lora.
     #[error(transparent)]
     Lora(#[from] lathe_lora::Error),
     /// The run folder: its files, checkpoints and resume checks.

@@ -11,32 +11,52 @@ use crate::{Error, Result};
 
 /// The rollout-time quantities of a minibatch, (rows, response positions) each.
 pub struct RolloutBatch<'a> {
+    /// The policy's log-probs of the response tokens at rollout time.
     pub old_logprobs: &'a Grid,
     /// The value head's predictions at rollout time (masked).
     pub values: &'a Grid,
+    /// GAE advantages (whitened over the batch).
     pub advantages: &'a Grid,
+    /// The value head's targets: the (unwhitened) advantages plus the rollout values.
     pub returns: &'a Grid,
+    /// 1 at a response token, 0 at padding.
     pub mask: &'a Grid,
 }
 
 /// The scalars trl's loss reports (names as in its stats dict, without the `ppo/` prefix).
 #[derive(Clone, Debug, Default, PartialEq, serde::Serialize)]
 pub struct LossStats {
+    /// The clipped policy-gradient loss.
     pub loss_policy: f32,
+    /// The clipped value loss (before `vf_coef`).
     pub loss_value: f32,
+    /// `loss_policy + vf_coef * loss_value` (0 when `skipped`).
     pub loss_total: f32,
+    /// Mean entropy of the policy's next-token distributions.
     pub policy_entropy: f32,
+    /// `0.5 * mean((logp - old_logp)²)`.
     pub policy_approxkl: f32,
+    /// `mean(old_logp - logp)`.
     pub policy_policykl: f32,
+    /// Fraction of tokens whose policy loss the clip changed.
     pub policy_clipfrac: f32,
+    /// Mean advantage.
     pub policy_advantages_mean: f32,
+    /// Mean ratio `exp(logp - old_logp)`.
     pub policy_ratio_mean: f32,
+    /// Mean return.
     pub returns_mean: f32,
+    /// Variance of the returns.
     pub returns_var: f32,
+    /// Mean of the value head's current predictions.
     pub val_vpred: f32,
+    /// Mean squared error of the predictions against the returns.
     pub val_error: f32,
+    /// Fraction of tokens whose value loss the clip changed.
     pub val_clipfrac: f32,
+    /// Mean of the rollout-time values.
     pub val_mean: f32,
+    /// Variance of the rollout-time values.
     pub val_var: f32,
     /// Whether the ratio threshold zeroed this minibatch's loss.
     pub skipped: bool,

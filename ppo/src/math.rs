@@ -7,12 +7,16 @@ use crate::{Error, Result};
 /// A row-major (rows, cols) grid of per-token values, e.g. (batch, response positions).
 #[derive(Clone, Debug, PartialEq)]
 pub struct Grid {
+    /// Number of rows (samples).
     pub rows: usize,
+    /// Number of columns (token positions).
     pub cols: usize,
+    /// `rows * cols` values, row after row.
     pub data: Vec<f32>,
 }
 
 impl Grid {
+    /// A grid of `data`; an error unless it holds `rows * cols` values.
     pub fn new(rows: usize, cols: usize, data: Vec<f32>) -> Result<Grid> {
         if data.len() != rows * cols {
             return Err(Error::Shape(format!(
@@ -23,6 +27,7 @@ impl Grid {
         Ok(Grid { rows, cols, data })
     }
 
+    /// A (rows, cols) grid of zeros.
     pub fn zeros(rows: usize, cols: usize) -> Grid {
         Grid {
             rows,
@@ -31,10 +36,12 @@ impl Grid {
         }
     }
 
+    /// The value at row `r`, column `c` (panics out of range).
     pub fn at(&self, r: usize, c: usize) -> f32 {
         self.data[r * self.cols + c]
     }
 
+    /// Row `r`'s `cols` values (panics out of range).
     pub fn row(&self, r: usize) -> &[f32] {
         &self.data[r * self.cols..(r + 1) * self.cols]
     }
@@ -165,6 +172,7 @@ impl std::str::FromStr for KlPenalty {
 }
 
 impl KlPenalty {
+    /// The per-token penalty of a token with the policy's and the reference's log-probs.
     pub fn estimate(self, logprob: f32, ref_logprob: f32) -> f32 {
         let d = logprob - ref_logprob;
         match self {
@@ -269,13 +277,18 @@ pub fn entropy_of_logits(row: &[f32]) -> f32 {
 /// trl's KL controllers: the coefficient of the KL penalty.
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub enum KlController {
+    /// A constant coefficient.
     Fixed {
+        /// The coefficient.
         value: f32,
     },
     /// Ziegler et al.: value *= 1 + clip(kl / target - 1, -0.2, 0.2) * n_steps / horizon.
     Adaptive {
+        /// The current coefficient.
         value: f32,
+        /// The KL the controller steers towards.
         target: f32,
+        /// In samples: how fast the coefficient moves.
         horizon: f32,
     },
 }
@@ -300,6 +313,7 @@ impl KlController {
         }
     }
 
+    /// The current KL coefficient.
     pub fn value(&self) -> f32 {
         match self {
             KlController::Fixed { value } | KlController::Adaptive { value, .. } => *value,

@@ -13,6 +13,7 @@ use crate::{Error, Result};
 
 /// Scores texts (query + response decoded), one number each; larger is better.
 pub trait Reward {
+    /// One score per text, in order; an error stops the step.
     fn score(&mut self, texts: &[String]) -> Result<Vec<f32>>;
 }
 
@@ -32,15 +33,19 @@ pub const MAX_LENGTH: usize = 1 << 16;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LengthRange {
+    /// The shortest length (>= 1).
     pub min: usize,
+    /// The longest length (>= min, <= [`MAX_LENGTH`]).
     pub max: usize,
 }
 
 impl LengthRange {
+    /// A length drawn uniformly from `min..=max` (the range must be valid).
     pub fn sample(&self, rng: &mut Rng) -> usize {
         self.min + (rng.next_u64() % (self.max - self.min + 1) as u64) as usize
     }
 
+    /// Checks 1 <= min <= max <= [`MAX_LENGTH`]; `what` names the range in the error.
     pub fn validate(&self, what: &str) -> Result<()> {
         if self.min == 0 || self.min > self.max || self.max > MAX_LENGTH {
             return Err(Error::Config(format!(
@@ -110,14 +115,17 @@ impl Prompts {
         Ok(Prompts { tokenized, whole })
     }
 
+    /// Number of prompts (those with at least one token).
     pub fn len(&self) -> usize {
         self.tokenized.len()
     }
 
+    /// Whether there is no prompt (never, once constructed).
     pub fn is_empty(&self) -> bool {
         self.tokenized.is_empty()
     }
 
+    /// Whether each prompt is a query as it stands, rather than a text cut to a length.
     pub fn is_whole(&self) -> bool {
         self.whole
     }

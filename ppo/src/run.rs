@@ -43,12 +43,17 @@ pub struct RunSettings {
     pub query_length: LengthRange,
     /// Response length ~ U{min..=max} new tokens (the seed: LengthSampler(4, 16)).
     pub response_length: LengthRange,
+    /// Sampling temperature of the responses (> 0).
     pub temperature: f32,
     /// 0 = no top-k filtering (the seed's setting).
     pub top_k: usize,
+    /// Nucleus sampling's probability mass (1: no filtering).
     pub top_p: f32,
+    /// LoRA rank (>= 1).
     pub lora_r: usize,
+    /// LoRA scale numerator: the update is scaled by `lora_alpha / lora_r`.
     pub lora_alpha: f64,
+    /// Dropout on the adapters' input, in [0, 1).
     pub lora_dropout: f64,
     /// Empty: the architecture's defaults.
     pub target_modules: Vec<String>,
@@ -56,6 +61,7 @@ pub struct RunSettings {
     pub value_head_dropout: f32,
     /// Checkpoint every N steps (0: at the end only).
     pub save_every: usize,
+    /// Recompute activations in the backward pass instead of keeping them (less memory).
     pub gradient_checkpointing: bool,
 }
 
@@ -142,7 +148,9 @@ impl RunSettings {
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct PpoFile {
+    /// The `[ppo]` section: the trainer's settings.
     pub ppo: PpoConfig,
+    /// The `[run]` section: rollouts, LoRA, length of the run.
     pub run: RunSettings,
 }
 
@@ -172,11 +180,17 @@ struct TrainerState {
 /// What a finished (or interrupted) run did.
 #[derive(Clone, Debug, Serialize)]
 pub struct PpoSummary {
+    /// PPO steps done, a resumed run's earlier ones included.
     pub steps_done: usize,
+    /// The mean score (`env/reward_mean`) of each step.
     pub mean_rewards: Vec<f32>,
+    /// The policy's KL from the reference (`objective/kl`) at each step.
     pub kls: Vec<f32>,
+    /// Stopped by Ctrl-C after saving a checkpoint.
     pub interrupted: bool,
+    /// The checkpoint step this run resumed from (None: a fresh run).
     pub resumed_from: Option<usize>,
+    /// Wall-clock seconds per step of this process's steps.
     pub seconds_per_step: f64,
 }
 
@@ -187,8 +201,9 @@ pub struct StepRecord {
     pub step: usize,
     /// trl's statistics of the step.
     pub stats: StepStats,
-    /// Seconds spent sampling the responses, and on the whole step.
+    /// Seconds spent sampling the responses.
     pub generate_s: f64,
+    /// Seconds spent on the whole step.
     pub step_s: f64,
 }
 
@@ -318,6 +333,7 @@ impl<'t> PpoRun<'t> {
         })
     }
 
+    /// The run's trainer.
     pub fn trainer(&self) -> &PpoTrainer {
         &self.trainer
     }

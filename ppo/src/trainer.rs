@@ -19,9 +19,13 @@ use crate::{Error, Result};
 
 /// The policy, its value head and the optimizer state of a PPO run.
 pub struct PpoTrainer {
+    /// The policy: the base model with its LoRA adapters.
     pub model: CausalLm,
+    /// The scalar value head on the policy's last hidden states.
     pub value_head: ValueHead,
+    /// Turns the adapters on (the policy) or off (the reference) and their dropout.
     pub switch: AdapterSwitch,
+    /// The trainer's settings.
     pub config: PpoConfig,
     adam: Adam,
     kl: KlController,
@@ -82,6 +86,7 @@ impl PpoTrainer {
         })
     }
 
+    /// The KL controller and its current coefficient.
     pub fn kl_controller(&self) -> &KlController {
         &self.kl
     }
@@ -91,10 +96,12 @@ impl PpoTrainer {
         self.pad_id
     }
 
+    /// PPO steps done.
     pub fn steps_done(&self) -> usize {
         self.steps_done
     }
 
+    /// The Adam optimizer of the adapters and the value head, with its moments.
     pub fn optimizer(&self) -> &Adam {
         &self.adam
     }
@@ -396,14 +403,23 @@ impl PpoTrainer {
 
 /// What trl's `record_step_stats` reads.
 pub struct StepRecord<'a> {
+    /// The reward of each sample (B).
     pub scores: &'a [f32],
+    /// The policy's log-probs of the response tokens at rollout time (B, T).
     pub logprobs: &'a Grid,
+    /// The per-token KL estimates against the reference (B, T).
     pub kls: &'a Grid,
+    /// The per-token KL penalty, `-kl_coef * kl` (B, T).
     pub non_score: &'a Grid,
+    /// 1 at a response token, 0 at padding (B, T).
     pub mask: &'a Grid,
+    /// The KL coefficient the step used.
     pub kl_coef: f32,
+    /// Tokens in each query (B).
     pub query_lens: Vec<usize>,
+    /// Tokens in each response (B).
     pub response_lens: Vec<usize>,
+    /// The loss statistics of each minibatch update of the step.
     pub minibatches: &'a [LossStats],
 }
 

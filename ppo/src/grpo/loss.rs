@@ -24,11 +24,15 @@ pub enum GrpoLoss {
 /// The settings the loss reads.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct LossSettings {
+    /// How the per-token losses are reduced.
     pub loss_type: GrpoLoss,
     /// The KL term's weight (0: no reference needed).
     pub beta: f64,
+    /// The ratio's lower clip: 1 - epsilon_low.
     pub epsilon_low: f64,
+    /// The ratio's upper clip: 1 + epsilon_high.
     pub epsilon_high: f64,
+    /// The longest completion in tokens (Dr. GRPO's denominator).
     pub max_completion_length: usize,
     /// Micro-batches per optimizer step.
     pub gradient_accumulation_steps: usize,
@@ -41,8 +45,11 @@ pub struct LossSettings {
 /// A micro-batch of B completions, T positions each (row-major B × T).
 #[derive(Clone, Copy, Debug)]
 pub struct TokenBatch<'a> {
+    /// B: completions in the micro-batch.
     pub rows: usize,
+    /// T: token positions per completion.
     pub cols: usize,
+    /// The policy's current log-probs of the completion tokens (B × T).
     pub logps: &'a [f64],
     /// The log-probs at generation time (equal to `logps` when each batch is used once).
     pub old_logps: &'a [f64],
@@ -57,6 +64,7 @@ pub struct TokenBatch<'a> {
 /// The loss of a micro-batch, its gradient (B × T) and trl's statistics.
 #[derive(Clone, Debug, PartialEq)]
 pub struct GrpoLossOutput {
+    /// The micro-batch's loss, reduced as `loss_type` says.
     pub loss: f64,
     /// ∂loss/∂logps.
     pub grad: Vec<f64>,

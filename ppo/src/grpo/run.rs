@@ -38,11 +38,15 @@ struct TrainerState {
 /// What a finished (or interrupted) run did.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct GrpoSummary {
+    /// GRPO steps done, a resumed run's earlier ones included.
     pub steps_done: usize,
     /// The mean reward (`reward`) of each step.
     pub mean_rewards: Vec<f64>,
+    /// The checkpoint step this run resumed from (None: a fresh run).
     pub resumed_from: Option<usize>,
+    /// Stopped by Ctrl-C after saving a checkpoint.
     pub interrupted: bool,
+    /// Wall-clock seconds per step of this process's steps.
     pub seconds_per_step: f64,
 }
 
@@ -168,14 +172,17 @@ impl<'t> GrpoRun<'t> {
         })
     }
 
+    /// The run's trainer.
     pub fn trainer(&self) -> &GrpoTrainer {
         &self.trainer
     }
 
+    /// The step the run (re)started at: 0, or the checkpoint's.
     pub fn start_step(&self) -> usize {
         self.start_step
     }
 
+    /// Whether the run's steps are all done.
     pub fn done(&self) -> bool {
         self.trainer.done()
     }
@@ -243,6 +250,7 @@ impl<'t> GrpoRun<'t> {
         })?)
     }
 
+    /// What the run has done so far.
     pub fn summary(&self) -> &GrpoSummary {
         &self.summary
     }

@@ -52,8 +52,11 @@ pub fn format_reward(completion: &str) -> f64 {
 pub struct GrpoConfig {
     /// G: completions per prompt (>= 2).
     pub num_generations: usize,
+    /// The most new tokens a completion may have.
     pub max_completion_length: usize,
+    /// Sampling temperature of the completions (> 0).
     pub temperature: f32,
+    /// Nucleus sampling's probability mass (1: no filtering).
     pub top_p: f32,
     /// 0: no top-k filtering.
     pub top_k: usize,
@@ -61,9 +64,13 @@ pub struct GrpoConfig {
     pub beta: f64,
     /// The lower clip range (and the upper one unless `epsilon_high` is set).
     pub epsilon: f64,
+    /// The upper clip range (None: `epsilon`; DAPO sets it higher).
     pub epsilon_high: Option<f64>,
+    /// How the per-token losses are reduced.
     pub loss_type: GrpoLoss,
+    /// What divides the advantages.
     pub scale_rewards: ScaleRewards,
+    /// How several reward functions combine.
     pub multi_objective_aggregation: Aggregation,
     /// Optimizer steps per generation batch (μ).
     pub num_iterations: usize,
@@ -73,6 +80,7 @@ pub struct GrpoConfig {
     pub reward_funcs: Vec<String>,
     /// One per reward function (default: all 1).
     pub reward_weights: Option<Vec<f64>>,
+    /// Peak learning rate of AdamW.
     pub learning_rate: f32,
     /// Completions per micro-batch.
     pub per_device_train_batch_size: usize,
@@ -81,19 +89,29 @@ pub struct GrpoConfig {
     pub gradient_accumulation_steps: usize,
     /// Optimizer steps of the run (a multiple of num_iterations).
     pub max_steps: usize,
+    /// AdamW's decoupled weight decay (>= 0).
     pub weight_decay: f32,
+    /// Clip the gradients' global L2 norm to this (> 0; inf: no clipping).
     pub max_grad_norm: f32,
+    /// Steps of linear warmup from 0 to `learning_rate`.
     pub warmup_steps: usize,
+    /// constant, linear or cosine decay after the warm-up.
     pub lr_scheduler_type: String,
+    /// Seed of everything random: prompts, sampling, dropout, adapter init.
     pub seed: u64,
     /// Checkpoint every N steps (0: at the end only; a multiple of num_iterations).
     pub save_steps: usize,
+    /// Recompute activations in the backward pass instead of keeping them (less memory).
     pub gradient_checkpointing: bool,
     /// A prompt is the first L tokens of a text, L ~ U{min..=max} (lathe's, as PPO's).
     pub prompt_length: LengthRange,
+    /// LoRA rank (>= 1).
     pub lora_r: usize,
+    /// LoRA scale numerator: the update is scaled by `lora_alpha / lora_r`.
     pub lora_alpha: f64,
+    /// Dropout on the adapters' input, in [0, 1).
     pub lora_dropout: f64,
+    /// Empty: the architecture's defaults.
     pub target_modules: Vec<String>,
 }
 
@@ -337,7 +355,9 @@ impl GrpoStepStats {
 /// GRPO on a LoRA policy; `step` is one optimizer step (generating first when a new
 /// generation batch is due).
 pub struct GrpoTrainer {
+    /// The policy: the base model with its LoRA adapters.
     pub model: CausalLm,
+    /// Turns the adapters on (the policy) or off (the reference) and their dropout.
     pub switch: AdapterSwitch,
     config: GrpoConfig,
     lora: LoraConfig,
@@ -405,22 +425,27 @@ impl GrpoTrainer {
         })
     }
 
+    /// The settings the trainer was built with.
     pub fn config(&self) -> &GrpoConfig {
         &self.config
     }
 
+    /// The adapters' settings (rank, alpha, dropout, the resolved target modules).
     pub fn lora_config(&self) -> &LoraConfig {
         &self.lora
     }
 
+    /// The AdamW optimizer with its moments and step count.
     pub fn optimizer(&self) -> &Adam {
         &self.adam
     }
 
+    /// Optimizer steps done.
     pub fn steps_done(&self) -> usize {
         self.steps_done
     }
 
+    /// Whether all `max_steps` steps are done.
     pub fn done(&self) -> bool {
         self.steps_done >= self.config.max_steps
     }

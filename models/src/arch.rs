@@ -25,11 +25,15 @@ pub trait ArchConfig: Any + std::fmt::Debug + Send + Sync {
     fn model_type(&self) -> &'static str;
     /// Checks every value a model needs to be built.
     fn validate(&self) -> Result<()>;
+    /// Rows of the embedding matrix (token ids are below this).
     fn vocab_size(&self) -> usize;
+    /// Width of the hidden states.
     fn hidden_size(&self) -> usize;
+    /// Number of transformer blocks.
     fn num_hidden_layers(&self) -> usize;
     /// The longest sequence the model's positions cover.
     fn max_position_embeddings(&self) -> usize;
+    /// The beginning-of-sequence id, when the config names one.
     fn bos_token_id(&self) -> Option<u32>;
     /// Every end-of-sequence id (empty when the config names none).
     fn eos_token_ids(&self) -> Vec<u32>;
@@ -120,5 +124,6 @@ pub trait Architecture: Any + Send + Sync {
     fn set_gradient_checkpointing(&mut self, on: bool);
     /// Ids at or above this are never sampled (`None`: the whole vocabulary).
     fn sample_vocab(&self) -> Option<usize>;
+    /// Sets the bound [`sample_vocab`](Self::sample_vocab) returns.
     fn set_sample_vocab(&mut self, ids: Option<usize>);
 }

@@ -148,14 +148,17 @@ impl TokenLayout {
         &self.positions
     }
 
+    /// B: the number of rows.
     pub fn batch(&self) -> usize {
         self.positions.shape()[0]
     }
 
+    /// T: tokens per row, padding included.
     pub fn seq_len(&self) -> usize {
         self.positions.shape()[1]
     }
 
+    /// Per row, the valid keys `[start, end)`; `None` when every key is valid.
     pub fn key_ranges(&self) -> Option<&[(u32, u32)]> {
         self.key_ranges.as_deref()
     }

@@ -41,11 +41,14 @@ use crate::{Error, Result};
 /// One turn of a conversation, as trl's conversational datasets store it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Message {
+    /// Who speaks: "system", "user" or "assistant" (what the template expects).
     pub role: String,
+    /// The turn's text.
     pub content: String,
 }
 
 impl Message {
+    /// A turn of `role` saying `content`.
     pub fn new(role: impl Into<String>, content: impl Into<String>) -> Message {
         Message {
             role: role.into(),
@@ -58,9 +61,13 @@ impl Message {
 /// special-tokens map).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct SpecialTokens {
+    /// The beginning-of-sequence token's text (`bos_token` in the template).
     pub bos_token: Option<String>,
+    /// The end-of-sequence token's text (`eos_token`).
     pub eos_token: Option<String>,
+    /// The padding token's text (`pad_token`).
     pub pad_token: Option<String>,
+    /// The unknown token's text (`unk_token`).
     pub unk_token: Option<String>,
 }
 
@@ -311,6 +318,7 @@ impl ChatTemplate {
 /// A conversation's token ids and which of them the assistant wrote.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ChatTokens {
+    /// The rendered conversation's token ids.
     pub ids: Vec<u32>,
     /// `true` for the tokens of the assistant's turns (trl's `assistant_masks`).
     pub assistant_mask: Vec<bool>,

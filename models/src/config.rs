@@ -45,7 +45,9 @@ use std::sync::Arc;
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(untagged)]
 pub enum TokenIds {
+    /// A single id (`"eos_token_id": 2`).
     One(u32),
+    /// A list of ids (`"eos_token_id": [128001, 128009]`).
     Many(Vec<u32>),
 }
 
@@ -76,16 +78,23 @@ fn default_true() -> bool {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[non_exhaustive]
 pub struct GptNeoxConfig {
+    /// Rows of the embedding matrix (token ids are below this).
     pub vocab_size: usize,
+    /// Width of the hidden states.
     pub hidden_size: usize,
+    /// Number of transformer blocks.
     pub num_hidden_layers: usize,
+    /// Attention heads (each `hidden_size / num_attention_heads` wide).
     pub num_attention_heads: usize,
+    /// Width of the MLP's inner layer.
     pub intermediate_size: usize,
     /// Fraction of each head's dims that rotate (pythia and 20B: 0.25).
     #[serde(default = "GptNeoxConfig::default_rotary_pct")]
     pub rotary_pct: f64,
+    /// RoPE's base frequency θ (default 10000).
     #[serde(default = "GptNeoxConfig::default_rotary_emb_base")]
     pub rotary_emb_base: f64,
+    /// LayerNorm's epsilon (default 1e-5).
     #[serde(default = "GptNeoxConfig::default_layer_norm_eps")]
     pub layer_norm_eps: f64,
     /// x + attn(ln1(x)) + mlp(ln2(x)) when true; sequential residuals when false.
@@ -94,15 +103,19 @@ pub struct GptNeoxConfig {
     /// "gelu" (exact erf form) or "gelu_fast" / "gelu_new" (tanh form).
     #[serde(default = "GptNeoxConfig::default_hidden_act")]
     pub hidden_act: String,
+    /// The output head shares the embedding matrix (default false).
     #[serde(default)]
     pub tie_word_embeddings: bool,
+    /// The longest sequence the model's positions cover (default 2048).
     #[serde(default = "GptNeoxConfig::default_max_position_embeddings")]
     pub max_position_embeddings: usize,
     /// Whether query_key_value and dense carry biases (transformers >= 4.41; default true).
     #[serde(default = "default_true")]
     pub attention_bias: bool,
+    /// The beginning-of-sequence id.
     #[serde(default, deserialize_with = "nullable")]
     pub bos_token_id: Option<u32>,
+    /// The end-of-sequence id or ids.
     #[serde(default, deserialize_with = "nullable")]
     pub eos_token_id: Option<TokenIds>,
     /// transformers 4.46's scaled-RoPE settings: only `null` is supported.
@@ -135,6 +148,7 @@ impl GptNeoxConfig {
         2048
     }
 
+    /// Each attention head's width: `hidden_size / num_attention_heads`.
     pub fn head_size(&self) -> usize {
         self.hidden_size / self.num_attention_heads
     }
@@ -270,34 +284,48 @@ impl GptNeoxConfig {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[non_exhaustive]
 pub struct LlamaConfig {
+    /// Rows of the embedding matrix (token ids are below this).
     pub vocab_size: usize,
+    /// Width of the hidden states.
     pub hidden_size: usize,
+    /// Number of transformer blocks.
     pub num_hidden_layers: usize,
+    /// Query heads.
     pub num_attention_heads: usize,
     /// Grouped-query attention: key/value heads shared by groups of query heads. Absent means
     /// as many as the query heads.
     #[serde(default, deserialize_with = "nullable")]
     pub num_key_value_heads: Option<usize>,
+    /// Width of the gated MLP's inner layer.
     pub intermediate_size: usize,
     /// Per-head dims; absent means hidden_size / num_attention_heads.
     #[serde(default, deserialize_with = "nullable")]
     pub head_dim: Option<usize>,
+    /// RoPE's base frequency θ (default 10000).
     #[serde(default = "LlamaConfig::default_rope_theta")]
     pub rope_theta: f64,
+    /// RMSNorm's epsilon (default 1e-6).
     #[serde(default = "LlamaConfig::default_rms_norm_eps")]
     pub rms_norm_eps: f64,
+    /// The MLP's activation (default "silu").
     #[serde(default = "LlamaConfig::default_hidden_act")]
     pub hidden_act: String,
+    /// The output head shares the embedding matrix (default false).
     #[serde(default)]
     pub tie_word_embeddings: bool,
+    /// The longest sequence the model's positions cover (default 2048).
     #[serde(default = "LlamaConfig::default_max_position_embeddings")]
     pub max_position_embeddings: usize,
+    /// Whether the q/k/v/o projections carry biases (default false).
     #[serde(default)]
     pub attention_bias: bool,
+    /// Whether the MLP's projections carry biases (default false).
     #[serde(default)]
     pub mlp_bias: bool,
+    /// The beginning-of-sequence id.
     #[serde(default, deserialize_with = "nullable")]
     pub bos_token_id: Option<u32>,
+    /// The end-of-sequence id or ids.
     #[serde(default, deserialize_with = "nullable")]
     pub eos_token_id: Option<TokenIds>,
     /// transformers 4.46's scaled-RoPE settings: only `null` is supported.
@@ -327,10 +355,12 @@ impl LlamaConfig {
         2048
     }
 
+    /// Key/value heads: `num_key_value_heads`, or the query heads when absent.
     pub fn kv_heads(&self) -> usize {
         self.num_key_value_heads.unwrap_or(self.num_attention_heads)
     }
 
+    /// Each head's width: `head_dim`, or `hidden_size / num_attention_heads` when absent.
     pub fn head_dim(&self) -> usize {
         self.head_dim
             .unwrap_or(self.hidden_size / self.num_attention_heads.max(1))
@@ -925,8 +955,11 @@ pub struct ModelConfig(Arc<dyn ArchConfig>);
 /// filled from 5.x's `rope_parameters` (top-level key, `rope_parameters` key), and its parser.
 /// Adding an architecture is its model file and its line in [`ARCHITECTURES`].
 pub struct Registration {
+    /// config.json's `model_type` ("llama").
     pub model_type: &'static str,
+    /// (top-level key, `rope_parameters` key) pairs of the rotary settings.
     pub rope_keys: &'static [(&'static str, &'static str)],
+    /// Reads config.json (rotary keys already filled) into this architecture's config.
     pub parse: fn(Value) -> serde_json::Result<ModelConfig>,
 }
 
@@ -938,6 +971,7 @@ pub const ARCHITECTURES: &[Registration] = &[
 ];
 
 impl ModelConfig {
+    /// Wraps an architecture's config.
     pub fn new(config: impl ArchConfig + 'static) -> ModelConfig {
         ModelConfig(Arc::new(config))
     }
@@ -998,6 +1032,7 @@ impl ModelConfig {
         ModelConfig::from_json_str(&text, &origin)
     }
 
+    /// Checks every value a model needs to be built; the error names the key.
     pub fn validate(&self) -> Result<()> {
         self.arch().validate()
     }
@@ -1073,18 +1108,22 @@ impl ModelConfig {
         self.arch().bnb_int8()
     }
 
+    /// config.json's `model_type` ("gpt_neox", "llama", "qwen2").
     pub fn model_type(&self) -> &'static str {
         self.arch().model_type()
     }
 
+    /// Rows of the embedding matrix (token ids are below this).
     pub fn vocab_size(&self) -> usize {
         self.arch().vocab_size()
     }
 
+    /// Width of the hidden states.
     pub fn hidden_size(&self) -> usize {
         self.arch().hidden_size()
     }
 
+    /// Number of transformer blocks.
     pub fn num_hidden_layers(&self) -> usize {
         self.arch().num_hidden_layers()
     }
@@ -1094,6 +1133,7 @@ impl ModelConfig {
         self.arch().max_position_embeddings()
     }
 
+    /// The beginning-of-sequence id, when the config names one.
     pub fn bos_token_id(&self) -> Option<u32> {
         self.arch().bos_token_id()
     }

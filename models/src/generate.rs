@@ -42,12 +42,14 @@ pub trait LanguageModel: Sync {
         }
         Ok(logits.narrow(1, t - 1, 1)?)
     }
+    /// Logits per position (the embedding's rows).
     fn vocab_size(&self) -> usize;
     /// Ids below this are sampled; the logits of the rest are dropped (a tokenizer smaller
     /// than the embedding). The whole vocabulary by default.
     fn sample_vocab(&self) -> usize {
         self.vocab_size()
     }
+    /// Transformer blocks (the KV cache holds one entry per block).
     fn num_layers(&self) -> usize;
     /// Positions the rotary tables cover: prompt plus new tokens must fit.
     fn max_positions(&self) -> usize;
@@ -230,13 +232,16 @@ pub struct GenerateConfig {
     pub max_new_tokens: usize,
     /// EOS gets logit -inf until this many new tokens are out (when `eos_token_id` is set).
     pub min_new_tokens: usize,
+    /// The end-of-sequence token (None: no token is treated as EOS).
     pub eos_token_id: Option<u32>,
     /// Whether EOS finishes a row. false = "never stop at EOS" (the seed's PPO rollouts):
     /// every row gets exactly `max_new_tokens` tokens, EOS among them possibly.
     pub stop_at_eos: bool,
     /// Fills the left padding of short prompts and follows a finished row's EOS.
     pub pad_token_id: u32,
+    /// Temperature, top-k, top-p or greedy decoding.
     pub sampling: SamplingConfig,
+    /// Seed of the sampler: row b's tokens depend on (seed, b) only.
     pub seed: u64,
     /// Decode with a KV cache (one token per step) instead of recomputing the sequence.
     pub use_cache: bool,

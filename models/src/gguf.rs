@@ -39,18 +39,31 @@ const MAX_DIMS: u32 = 4;
 /// The type tag of a GGUF metadata value (`gguf_type`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ValueType {
+    /// Unsigned 8-bit integer (type id 0).
     U8,
+    /// Signed 8-bit integer (1).
     I8,
+    /// Unsigned 16-bit integer (2).
     U16,
+    /// Signed 16-bit integer (3).
     I16,
+    /// Unsigned 32-bit integer (4).
     U32,
+    /// Signed 32-bit integer (5).
     I32,
+    /// 32-bit float (6).
     F32,
+    /// Boolean, one byte (7).
     Bool,
+    /// UTF-8 string with a u64 length (8).
     String,
+    /// Typed array with a u64 length (9).
     Array,
+    /// Unsigned 64-bit integer (10).
     U64,
+    /// Signed 64-bit integer (11).
     I64,
+    /// 64-bit float (12).
     F64,
 }
 
@@ -98,22 +111,36 @@ impl ValueType {
 /// A GGUF metadata value.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Value {
+    /// An unsigned 8-bit integer.
     U8(u8),
+    /// A signed 8-bit integer.
     I8(i8),
+    /// An unsigned 16-bit integer.
     U16(u16),
+    /// A signed 16-bit integer.
     I16(i16),
+    /// An unsigned 32-bit integer.
     U32(u32),
+    /// A signed 32-bit integer.
     I32(i32),
+    /// A 32-bit float.
     F32(f32),
+    /// A boolean.
     Bool(bool),
+    /// A string.
     String(String),
     /// Elements all of type `elem_type` (nested arrays are allowed by the format).
     Array {
+        /// The type of every element.
         elem_type: ValueType,
+        /// The elements.
         values: Vec<Value>,
     },
+    /// An unsigned 64-bit integer.
     U64(u64),
+    /// A signed 64-bit integer.
     I64(i64),
+    /// A 64-bit float.
     F64(f64),
 }
 
@@ -171,6 +198,7 @@ impl Value {
         }
     }
 
+    /// The value of a `Bool` (no conversion from integers).
     pub fn as_bool(&self) -> Option<bool> {
         match *self {
             Value::Bool(v) => Some(v),
@@ -178,6 +206,7 @@ impl Value {
         }
     }
 
+    /// The text of a `String`.
     pub fn as_str(&self) -> Option<&str> {
         match self {
             Value::String(s) => Some(s),
@@ -197,6 +226,7 @@ impl Value {
 /// One tensor's entry in the tensor-info table.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TensorInfo {
+    /// The tensor's GGUF name (`blk.0.attn_q.weight`).
     pub name: String,
     /// Row-major shape (GGUF dims reversed): `[out, in]` for a linear weight.
     pub shape: Vec<usize>,
@@ -414,11 +444,13 @@ impl GgufFile {
         self.get_f64(key).map(|x| x as f32)
     }
 
+    /// A bool value; an error when `key` is absent or holds another type.
     pub fn get_bool(&self, key: &str) -> Result<bool> {
         let v = self.get(key)?;
         v.as_bool().ok_or_else(|| self.type_error(key, v, "a bool"))
     }
 
+    /// A string value; an error when `key` is absent or holds another type.
     pub fn get_str(&self, key: &str) -> Result<&str> {
         let v = self.get(key)?;
         v.as_str()

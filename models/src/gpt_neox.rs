@@ -34,8 +34,11 @@ use crate::Result;
 /// A LayerNorm's affine parameters, (H,) each.
 #[derive(Clone, Debug)]
 pub struct LayerNorm {
+    /// The scale γ, (H,).
     pub weight: Tensor,
+    /// The shift β, (H,).
     pub bias: Tensor,
+    /// Added to the variance before the square root.
     pub eps: f32,
 }
 
@@ -48,6 +51,7 @@ impl LayerNorm {
         })
     }
 
+    /// Normalises `x` (.., H) over its last dim, then scales and shifts it.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         Ok(x.layer_norm(Some(&self.weight), Some(&self.bias), self.eps)?)
     }
@@ -61,12 +65,17 @@ impl LayerNorm {
 /// One transformer block.
 #[derive(Clone, Debug)]
 pub struct GptNeoxLayer {
+    /// The LayerNorm before attention.
     pub input_layernorm: LayerNorm,
+    /// The LayerNorm before the MLP.
     pub post_attention_layernorm: LayerNorm,
     /// (3H, H): per head, rows [q | k | v] of head_size each.
     pub query_key_value: Linear,
+    /// (H, H): attention's output projection.
     pub dense: Linear,
+    /// (F, H): the MLP's up projection.
     pub dense_h_to_4h: Linear,
+    /// (H, F): the MLP's down projection.
     pub dense_4h_to_h: Linear,
 }
 
@@ -164,7 +173,9 @@ pub struct GptNeox {
     config: GptNeoxConfig,
     /// (V, H)
     pub embed_in: Tensor,
+    /// The transformer blocks, in order.
     pub layers: Vec<GptNeoxLayer>,
+    /// The LayerNorm after the last block.
     pub final_layer_norm: LayerNorm,
     /// (V, H); shares embed_in's storage when tie_word_embeddings.
     pub embed_out: Linear,
@@ -242,6 +253,7 @@ impl GptNeox {
         })
     }
 
+    /// The config the model was built from.
     pub fn config(&self) -> &GptNeoxConfig {
         &self.config
     }

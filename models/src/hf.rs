@@ -20,6 +20,7 @@ use crate::{Error, Result};
 pub struct CausalLm(Box<dyn Architecture>);
 
 impl CausalLm {
+    /// Wraps an architecture's model.
     pub fn new(model: impl Architecture) -> CausalLm {
         CausalLm(Box::new(model))
     }
@@ -29,6 +30,7 @@ impl CausalLm {
         &*self.0
     }
 
+    /// The architecture's model, mutable.
     pub fn arch_mut(&mut self) -> &mut dyn Architecture {
         &mut *self.0
     }
@@ -39,6 +41,7 @@ impl CausalLm {
         any.downcast_ref()
     }
 
+    /// The concrete model, mutable, when it is an `M`.
     pub fn downcast_mut<M: Architecture>(&mut self) -> Option<&mut M> {
         let any: &mut dyn Any = &mut *self.0;
         any.downcast_mut()
@@ -156,6 +159,7 @@ impl CausalLm {
         KvCache::new(self.arch().arch_config().num_hidden_layers())
     }
 
+    /// The model's config (a cheap, shared clone).
     pub fn config(&self) -> ModelConfig {
         self.arch().model_config()
     }

@@ -206,6 +206,7 @@ impl KvCache {
         }
     }
 
+    /// The number of layers the cache has an entry for.
     pub fn num_layers(&self) -> usize {
         self.layers.len()
     }

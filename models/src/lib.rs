@@ -58,6 +58,7 @@
 //! pretrained.model.add_lora(&LoraConfig::new(4, 8.0, &["q_proj", "v_proj"]), &switch, 0)?;
 //! # Ok::<(), lathe_models::Error>(())
 //! ```
+#![warn(missing_docs)]
 
 pub mod arch;
 pub mod attention;
@@ -88,24 +89,45 @@ pub mod weights;
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
+    /// A model file that cannot be read or parsed.
     #[error("{path}: {detail}")]
-    File { path: String, detail: String },
-    #[error("{path}: tensor {tensor}: {detail}")]
-    Tensor {
+    File {
+        /// The file.
         path: String,
-        tensor: String,
+        /// What is wrong with it.
         detail: String,
     },
+    /// A tensor of a weights file that is missing, of the wrong shape or dtype.
+    #[error("{path}: tensor {tensor}: {detail}")]
+    Tensor {
+        /// The weights file.
+        path: String,
+        /// The tensor's name in it.
+        tensor: String,
+        /// What is wrong with it.
+        detail: String,
+    },
+    /// A config value, setting or input out of its range; the message names it.
     #[error("{0}")]
     Config(String),
+    /// A tokenizer file that cannot be read, or text it cannot encode or decode.
     #[error("tokenizer {path}: {detail}")]
-    Tokenizer { path: String, detail: String },
+    Tokenizer {
+        /// The tokenizer's file.
+        path: String,
+        /// What went wrong.
+        detail: String,
+    },
+    /// A chat template that does not parse or render, or a conversation it refuses.
     #[error("chat template: {0}")]
     ChatTemplate(String),
+    /// A tensor or device error from lathe-core.
     #[error(transparent)]
     Core(#[from] lathe_core::Error),
+    /// An int8 quantization error from lathe-quant.
     #[error(transparent)]
     Quant(#[from] lathe_quant::Error),
+    /// An adapter error from lathe-lora.
     #[error(transparent)]
     Lora(#[from] lathe_lora::Error),
 }

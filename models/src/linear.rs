@@ -22,7 +22,10 @@ pub enum Precision {
     /// f16 weights, f32 arithmetic: half the weight bytes.
     F16,
     /// LLM.int8 with this outlier threshold (6.0 as `load_in_8bit`).
-    Int8 { threshold: f32 },
+    Int8 {
+        /// Input columns with any |x| >= this run in 16-bit (0: plain int8).
+        threshold: f32,
+    },
 }
 
 /// y = x @ W^T + b over the last dim of x, with W (out, in) as torch's `nn.Linear` stores it.
@@ -32,7 +35,9 @@ pub enum Linear {
     /// base model, variables when trained. An f16 weight is read as such by the GPU matmul
     /// (half the bytes, f32 arithmetic).
     Dense {
+        /// (out, in), f32 or f16.
         weight: Tensor,
+        /// (out,) f32, when the layer has one.
         bias: Option<Tensor>,
     },
     /// A frozen LLM.int8 weight (about one byte per parameter) with the 16-bit outlier path;
@@ -41,8 +46,11 @@ pub enum Linear {
     /// A frozen base layer (dense or int8) with a LoRA adapter. While `merged`, the
     /// adapter's `scaling * B A` is folded into the base weight and the forward skips it.
     Lora {
+        /// The frozen layer the adapter adds to.
         base: Box<Linear>,
+        /// The trainable A and B and their scaling.
         adapter: LoraAdapter,
+        /// Whether the adapter is folded into `base`'s weight.
         merged: bool,
     },
 }
@@ -186,6 +194,7 @@ impl Linear {
         })
     }
 
+    /// The output width: rows of the weight.
     pub fn out_features(&self) -> usize {
         match self {
             Linear::Dense { weight, .. } => weight.shape()[0],
@@ -194,6 +203,7 @@ impl Linear {
         }
     }
 
+    /// The input width: columns of the weight.
     pub fn in_features(&self) -> usize {
         match self {
             Linear::Dense { weight, .. } => weight.shape()[1],

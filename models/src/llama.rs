@@ -46,13 +46,21 @@ const LINEAR_NAMES: [&str; 7] = [
 pub struct LlamaLayer {
     /// (H,) RMSNorm weights.
     pub input_layernorm: Tensor,
+    /// (H,) RMSNorm weights before the MLP.
     pub post_attention_layernorm: Tensor,
+    /// (heads x head_dim, H): the query projection.
     pub q_proj: Linear,
+    /// (kv_heads x head_dim, H): the key projection.
     pub k_proj: Linear,
+    /// (kv_heads x head_dim, H): the value projection.
     pub v_proj: Linear,
+    /// (H, heads x head_dim): attention's output projection.
     pub o_proj: Linear,
+    /// (F, H): the MLP's gate, through SiLU.
     pub gate_proj: Linear,
+    /// (F, H): the MLP's up projection, multiplied by the gate.
     pub up_proj: Linear,
+    /// (H, F): the MLP's down projection.
     pub down_proj: Linear,
 }
 
@@ -62,6 +70,7 @@ pub struct Llama {
     config: LlamaConfig,
     /// (V, H)
     pub embed_tokens: Tensor,
+    /// The transformer blocks, in order.
     pub layers: Vec<LlamaLayer>,
     /// (H,)
     pub norm: Tensor,
@@ -151,6 +160,7 @@ impl Llama {
         })
     }
 
+    /// The config the model was built from.
     pub fn config(&self) -> &LlamaConfig {
         &self.config
     }

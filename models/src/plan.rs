@@ -36,9 +36,15 @@ pub enum Job {
 pub enum Checkpoint {
     /// Safetensors shards, one tensor read at a time; bytes of one stored weight element
     /// (2: f16 or bf16, 4: f32, 1: bitsandbytes int8).
-    Safetensors { elem_bytes: u64 },
+    Safetensors {
+        /// Bytes of one stored weight element.
+        elem_bytes: u64,
+    },
     /// A GGUF file: read whole and held while its tensors are dequantized one at a time.
-    Gguf { file_bytes: u64 },
+    Gguf {
+        /// The file's size in bytes.
+        file_bytes: u64,
+    },
 }
 
 /// What the `lathe` process holds besides the model and the run: its code, the tokenizer,
@@ -48,8 +54,11 @@ pub const RUNTIME_BYTES: u64 = 48 << 20;
 /// The settings of a job that change its memory.
 #[derive(Clone, Debug, PartialEq)]
 pub struct PlanSettings {
+    /// What the model is loaded for.
     pub job: Job,
+    /// How the block weights are held (f32, f16, int8).
     pub precision: Precision,
+    /// Embeddings and LM head held in f16 (else f32).
     pub embeddings_f16: bool,
     /// Sequences per forward (generation, SFT) or per PPO batch.
     pub batch: usize,
@@ -61,7 +70,9 @@ pub struct PlanSettings {
     pub lora_r: usize,
     /// Module names the adapters target (as peft's `target_modules`), e.g. `query_key_value`.
     pub lora_targets: Vec<String>,
+    /// Each block's activations recomputed in the backward instead of kept.
     pub gradient_checkpointing: bool,
+    /// How the checkpoint is stored, for what loading holds.
     pub checkpoint: Checkpoint,
     /// Whether the model runs on a GPU (the plan is then of device memory): the CPU computes
     /// an f32 LM head's loss in row chunks without the logits.
@@ -95,15 +106,22 @@ pub struct MemoryPlan {
     /// What loading holds at its peak beyond the finished weights (0 when the last tensor
     /// read is the largest thing loading ever adds).
     pub loading: u64,
+    /// The model's weights as held (precision and tying applied).
     pub weights: u64,
     /// What the job holds of its data for the whole run: texts, token ids, cached features
     /// (the reward model's training; 0 for the language-model jobs, whose data is small).
     pub data: u64,
+    /// The LoRA adapters' parameters (f32).
     pub adapters: u64,
+    /// Gradients and Adam's two moments of the trainable parameters (0 when not training).
     pub optimizer: u64,
+    /// What the autodiff keeps for the backward, or one forward's working set (estimate).
     pub activations: u64,
+    /// Generation's keys and values for every layer and token (exact).
     pub kv_cache: u64,
+    /// The LM head's f32 logits and what the loss derives from them (estimate).
     pub logits: u64,
+    /// A fixed allowance for temporaries (8 MiB).
     pub scratch: u64,
 }
 
@@ -155,13 +173,18 @@ impl MemoryPlan {
 /// One linear layer of a block: its module name, (out, in) and whether it has a bias.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LinearShape {
+    /// The module name (`q_proj`, `query_key_value`): what LoRA's targets match.
     pub name: &'static str,
+    /// Output features: rows of the weight.
     pub out: usize,
+    /// Input features: columns of the weight.
     pub input: usize,
+    /// Whether the layer has a bias.
     pub bias: bool,
 }
 
 impl LinearShape {
+    /// A layer `name` with an (out, input) weight.
     pub fn new(name: &'static str, out: usize, input: usize, bias: bool) -> LinearShape {
         LinearShape {
             name,
@@ -191,16 +214,23 @@ fn weight_bytes(out: usize, input: usize, precision: Precision) -> u64 {
 /// Shape facts of a config the plan needs (each architecture's [`crate::arch::ArchConfig::plan_dims`]).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Dims {
+    /// Width of the hidden states.
     pub hidden: u64,
+    /// Width of the MLP's inner layer.
     pub ffn: u64,
+    /// Transformer blocks.
     pub layers: u64,
+    /// Query heads.
     pub heads: u64,
     /// Key (= value) width of one token: kv heads x head size.
     pub kv_width: u64,
+    /// Rows of the embedding matrix.
     pub vocab: u64,
+    /// Whether the LM head shares the embedding matrix.
     pub tied: bool,
     /// LayerNorm (weight + bias) or RMSNorm (weight) floats per norm.
     pub norm_floats: u64,
+    /// f32 values of the rotary tables (max positions x rotated dims).
     pub rotary_floats: u64,
 }
 

@@ -18,8 +18,11 @@ pub use crate::linear::Precision;
 
 /// A loaded model with its tokenizer and where it came from.
 pub struct Pretrained {
+    /// The model, sampling limited to the tokenizer's ids when the embedding is padded.
     pub model: CausalLm,
+    /// The model's tokenizer, special ids as its config names them.
     pub tokenizer: Tokenizer,
+    /// The HF model folder or .gguf file it was loaded from.
     pub source: PathBuf,
 }
 

@@ -35,37 +35,49 @@ pub(crate) const BIASES: [bool; 4] = [true, true, true, false];
 /// Qwen2's config.json (transformers `Qwen2Config`), defaults as transformers'.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Qwen2Config {
+    /// Rows of the embedding matrix (token ids are below this).
     #[serde(default = "Qwen2Config::default_vocab_size")]
     pub vocab_size: usize,
+    /// Width of the hidden states.
     #[serde(default = "Qwen2Config::default_hidden_size")]
     pub hidden_size: usize,
+    /// Width of the gated MLP's inner layer.
     #[serde(default = "Qwen2Config::default_intermediate_size")]
     pub intermediate_size: usize,
+    /// Number of transformer blocks.
     #[serde(default = "Qwen2Config::default_layers")]
     pub num_hidden_layers: usize,
+    /// Query heads.
     #[serde(default = "Qwen2Config::default_heads")]
     pub num_attention_heads: usize,
     /// Key/value heads (grouped-query attention); `None`: as many as the query heads.
     #[serde(default)]
     pub num_key_value_heads: Option<usize>,
+    /// The MLP's activation (default "silu").
     #[serde(default = "Qwen2Config::default_hidden_act")]
     pub hidden_act: String,
+    /// The longest sequence the model's positions cover.
     #[serde(default = "Qwen2Config::default_max_position_embeddings")]
     pub max_position_embeddings: usize,
+    /// RMSNorm's epsilon.
     #[serde(default = "Qwen2Config::default_rms_norm_eps")]
     pub rms_norm_eps: f64,
+    /// The output head shares the embedding matrix (default false).
     #[serde(default)]
     pub tie_word_embeddings: bool,
     /// 4.46's rotary base; 5.x writes it in `rope_parameters` (copied here when absent).
     #[serde(default = "Qwen2Config::default_rope_theta")]
     pub rope_theta: f64,
+    /// transformers 4.46's scaled-RoPE settings: only `null` is supported.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rope_scaling: Option<Value>,
+    /// transformers 5.x's rotary settings, as read (`rope_type` "default" only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rope_parameters: Option<Value>,
     /// Sliding-window attention: refused when on for any layer.
     #[serde(default)]
     pub use_sliding_window: bool,
+    /// The sliding window's width in tokens (read, not implemented).
     #[serde(default)]
     pub sliding_window: Option<usize>,
     /// Layers from this index on would slide (4.46's rule); `None`: 28, as transformers.
@@ -74,8 +86,10 @@ pub struct Qwen2Config {
     /// 5.x's attention kind per layer: only "full_attention" is implemented.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub layer_types: Option<Vec<String>>,
+    /// The beginning-of-sequence id.
     #[serde(default)]
     pub bos_token_id: Option<u32>,
+    /// The end-of-sequence id or ids.
     #[serde(default)]
     pub eos_token_id: Option<TokenIds>,
     /// Every other key of config.json, kept for writing it back.
@@ -230,6 +244,7 @@ impl ArchConfig for Qwen2Config {
 pub struct Qwen2 {
     /// Boxed: `CausalLm`'s variants stay the size of a Llama.
     config: Box<Qwen2Config>,
+    /// The network: a Llama with biases on q, k and v.
     pub model: Llama,
 }
 
@@ -244,6 +259,7 @@ impl Qwen2 {
         })
     }
 
+    /// The config the model was built from.
     pub fn config(&self) -> &Qwen2Config {
         &self.config
     }

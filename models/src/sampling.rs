@@ -219,6 +219,8 @@ pub struct Sampler {
 }
 
 impl Sampler {
+    /// A sampler of `batch` rows, row b's stream seeded from (`seed`, b); an error when
+    /// `config` is out of range.
     pub fn new(config: SamplingConfig, seed: u64, batch: usize) -> Result<Sampler> {
         config.validate()?;
         let rows = (0..batch as u64)
@@ -227,6 +229,7 @@ impl Sampler {
         Ok(Sampler { config, rows })
     }
 
+    /// The sampling settings.
     pub fn config(&self) -> &SamplingConfig {
         &self.config
     }

@@ -345,14 +345,17 @@ impl Tokenizer {
         self.inner.id_to_token(id)
     }
 
+    /// The beginning-of-sequence id, when the tokenizer (or its model's config) has one.
     pub fn bos_id(&self) -> Option<u32> {
         self.bos
     }
 
+    /// The end-of-sequence id, when the tokenizer (or its model's config) has one.
     pub fn eos_id(&self) -> Option<u32> {
         self.eos
     }
 
+    /// The padding id, when the tokenizer (or its model's config) has one.
     pub fn pad_id(&self) -> Option<u32> {
         self.pad
     }

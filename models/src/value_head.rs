@@ -14,6 +14,7 @@ use crate::{Error, Result};
 pub struct ValueHead {
     /// trl's `summary_dropout_prob` (0.1 by default there); 0 disables dropout.
     pub dropout: f32,
+    /// The (1, H) projection to a scalar value per position (trl's `summary`).
     pub summary: Linear,
     /// Training mode with the dropout seed of the current minibatch; None at evaluation.
     dropout_seed: Option<u64>,
@@ -70,6 +71,7 @@ impl ValueHead {
         self.dropout_seed = None;
     }
 
+    /// Whether the head is in training mode (dropout on).
     pub fn is_training(&self) -> bool {
         self.dropout_seed.is_some()
     }

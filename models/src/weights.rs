@@ -16,8 +16,11 @@ use crate::config::BnbInt8Config;
 use crate::linear::Precision;
 use crate::{Error, Result};
 
+/// The model config's file name in a HF model folder.
 pub const CONFIG_FILE: &str = "config.json";
+/// The weights' file name in a HF model folder with one shard.
 pub const WEIGHTS_FILE: &str = "model.safetensors";
+/// The shard index's file name in a HF model folder with several shards.
 pub const INDEX_FILE: &str = "model.safetensors.index.json";
 
 /// How a model's weights are stored once loaded. The defaults load everything in f32.
@@ -119,22 +122,27 @@ impl Weights {
             .insert(name.into(), (Source::Deferred(deferred), Arc::from(file)));
     }
 
+    /// Whether a tensor `name` is still there (not yet taken).
     pub fn contains(&self, name: &str) -> bool {
         self.tensors.contains_key(name)
     }
 
+    /// Tensors not yet taken.
     pub fn len(&self) -> usize {
         self.tensors.len()
     }
 
+    /// Whether every tensor has been taken.
     pub fn is_empty(&self) -> bool {
         self.tensors.is_empty()
     }
 
+    /// The device taken tensors are put on.
     pub fn device(&self) -> &Device {
         &self.device
     }
 
+    /// How taken tensors are stored.
     pub fn options(&self) -> LoadOptions {
         self.options
     }

@@ -69,15 +69,19 @@ impl GradStore {
     pub fn get(&self, tensor: &Tensor) -> Option<&Tensor> {
         self.grads.get(&tensor.id())
     }
+    /// Takes `tensor`'s gradient out of the store, if it was reached.
     pub fn remove(&mut self, tensor: &Tensor) -> Option<Tensor> {
         self.grads.remove(&tensor.id())
     }
+    /// Sets `tensor`'s gradient (replacing any); `grad` should have its shape.
     pub fn insert(&mut self, tensor: &Tensor, grad: Tensor) {
         self.grads.insert(tensor.id(), grad);
     }
+    /// The number of tensors with a gradient.
     pub fn len(&self) -> usize {
         self.grads.len()
     }
+    /// Whether no tensor has a gradient.
     pub fn is_empty(&self) -> bool {
         self.grads.is_empty()
     }

@@ -10,7 +10,9 @@ use crate::{Error, Result};
 /// A compute device: the host CPU, or one GPU context.
 #[derive(Clone, Debug)]
 pub enum Device {
+    /// The host CPU.
     Cpu,
+    /// A GPU through wgpu; clones share the context.
     Gpu(Arc<GpuContext>),
 }
 
@@ -64,10 +66,12 @@ impl Device {
         Ok(Device::Gpu(ctx))
     }
 
+    /// Whether this is a GPU.
     pub fn is_gpu(&self) -> bool {
         matches!(self, Device::Gpu(_))
     }
 
+    /// The GPU context; `None` on the CPU.
     pub fn gpu_context(&self) -> Option<&Arc<GpuContext>> {
         match self {
             Device::Gpu(ctx) => Some(ctx),
@@ -92,6 +96,7 @@ impl Device {
         Ok(())
     }
 
+    /// "cpu", or "gpu:" and the adapter's name, for messages.
     pub fn name(&self) -> String {
         match self {
             Device::Cpu => "cpu".to_string(),

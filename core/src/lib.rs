@@ -25,6 +25,7 @@
 //! let grads = loss.backward().unwrap();
 //! assert_eq!(grads.get(&w).unwrap().to_vec_f32().unwrap(), vec![1.0, 1.0, 1.0, 1.0]);
 //! ```
+#![warn(missing_docs)]
 
 pub mod backprop;
 pub mod checkpoint;

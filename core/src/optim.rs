@@ -20,11 +20,17 @@ use crate::{Device, Error, Result};
 /// to the gradient); `decoupled: true` is AdamW (p *= 1 - lr * weight_decay before the update).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct AdamConfig {
+    /// Learning rate.
     pub lr: f32,
+    /// Decay rate of the first moment (mean of the gradients).
     pub beta1: f32,
+    /// Decay rate of the second moment (mean of the squared gradients).
     pub beta2: f32,
+    /// Added to the second moment's square root in the denominator.
     pub eps: f32,
+    /// Weight decay coefficient (0: none).
     pub weight_decay: f32,
+    /// AdamW's decoupled decay (true) or L2 added to the gradient (false).
     pub decoupled: bool,
 }
 
@@ -277,6 +283,7 @@ impl Adam {
     pub fn step_count(&self) -> u64 {
         self.step
     }
+    /// The hyper-parameters (`lr` as last set).
     pub fn config(&self) -> &AdamConfig {
         &self.config
     }
@@ -284,6 +291,7 @@ impl Adam {
     pub fn set_lr(&mut self, lr: f32) {
         self.config.lr = lr;
     }
+    /// The parameters it updates, in the order of [`moments`](Self::moments).
     pub fn params(&self) -> &[Tensor] {
         &self.params
     }
@@ -385,16 +393,24 @@ pub fn clip_grad_norm(grads: &mut GradStore, params: &[Tensor], max_norm: f32) -
 /// `get_{constant,linear,cosine}_schedule_with_warmup`).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct LrSchedule {
+    /// The rate at the end of warm-up.
     pub peak: f32,
+    /// Steps of linear warm-up from 0 to `peak`.
     pub warmup_steps: usize,
+    /// The run's steps: linear and cosine decay reach 0 here.
     pub total_steps: usize,
+    /// What follows the warm-up.
     pub kind: ScheduleKind,
 }
 
+/// The shape of an [`LrSchedule`] after its warm-up.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ScheduleKind {
+    /// `peak` until the end.
     Constant,
+    /// Linear decay from `peak` to 0.
     Linear,
+    /// Half a cosine from `peak` to 0.
     Cosine,
 }
 

@@ -158,9 +158,13 @@ pub fn load_bytes(bytes: &[u8], device: &Device) -> Result<Vec<(String, Tensor)>
 /// The element type a tensor is stored with, as far as lathe reads it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum StoredDType {
+    /// 32-bit float.
     F32,
+    /// 16-bit IEEE float.
     F16,
+    /// bfloat16 (read as f32).
     BF16,
+    /// 32-bit unsigned integer.
     U32,
     /// Signed bytes: bitsandbytes' int8 weights.
     I8,
@@ -287,6 +291,7 @@ impl SafetensorsFile {
         self.entries.iter().map(|(name, _)| name.as_str())
     }
 
+    /// Whether the file has a tensor `name`.
     pub fn contains(&self, name: &str) -> bool {
         self.by_name.contains_key(name)
     }

@@ -30,6 +30,7 @@ fn splitmix64(x: &mut u64) -> u64 {
 }
 
 impl Rng {
+    /// A generator whose stream is a function of `seed` only (state from splitmix64).
     pub fn new(seed: u64) -> Rng {
         let mut x = seed;
         Rng {
@@ -42,6 +43,7 @@ impl Rng {
         }
     }
 
+    /// The next 64 uniformly random bits.
     pub fn next_u64(&mut self) -> u64 {
         let s = &mut self.state;
         let result = s[1].wrapping_mul(5).rotate_left(7).wrapping_mul(9);

@@ -2,6 +2,7 @@
 
 use crate::{Error, Result};
 
+/// The number of elements of a tensor of `shape` (1 for a scalar `[]`).
 pub fn elem_count(shape: &[usize]) -> usize {
     shape.iter().product()
 }

@@ -8,8 +8,11 @@ use lathe_shaders::GpuBuffer;
 /// Host storage, one vector per dtype.
 #[derive(Clone, Debug)]
 pub enum CpuStorage {
+    /// f32 values.
     F32(Vec<f32>),
+    /// f16 values.
     F16(Vec<f16>),
+    /// u32 values.
     U32(Vec<u32>),
 }
 
@@ -18,11 +21,14 @@ pub enum CpuStorage {
 /// copy-on-write by the optimizers. GPU f16 tensors are packed two per u32 word.
 #[derive(Clone, Debug)]
 pub enum Storage {
+    /// Host memory, shared.
     Cpu(Arc<CpuStorage>),
+    /// A GPU buffer.
     Gpu(GpuBuffer),
 }
 
 impl Storage {
+    /// Host storage of `storage`.
     pub fn cpu(storage: CpuStorage) -> Storage {
         Storage::Cpu(Arc::new(storage))
     }

@@ -175,6 +175,7 @@ impl Tensor {
         .to_device_as(device, MemCategory::Activations)
     }
 
+    /// As [`Tensor::from_vec`], copying `data`.
     pub fn from_slice<T: HostElement>(
         data: &[T],
         shape: &[usize],
@@ -183,14 +184,17 @@ impl Tensor {
         Tensor::from_vec(data.to_vec(), shape, device)
     }
 
+    /// An f32 tensor of zeros.
     pub fn zeros(shape: &[usize], device: &Device) -> Result<Tensor> {
         Tensor::full(0.0, shape, device)
     }
 
+    /// An f32 tensor of ones.
     pub fn ones(shape: &[usize], device: &Device) -> Result<Tensor> {
         Tensor::full(1.0, shape, device)
     }
 
+    /// An f32 tensor with every element `value` (filled on the device itself on a GPU).
     pub fn full(value: f32, shape: &[usize], device: &Device) -> Result<Tensor> {
         let n = shape::elem_count(shape);
         match device {
@@ -267,24 +271,32 @@ impl Tensor {
         )
     }
 
+    /// The tensor's identity: clones share it, [`into_variable`](Tensor::into_variable)
+    /// and ops make new ones.
     pub fn id(&self) -> TensorId {
         self.0.id
     }
+    /// The dims, outermost first (row-major).
     pub fn shape(&self) -> &[usize] {
         &self.0.shape
     }
+    /// The number of dims (0 for a scalar).
     pub fn rank(&self) -> usize {
         self.0.shape.len()
     }
+    /// The number of elements: the product of the dims.
     pub fn elem_count(&self) -> usize {
         shape::elem_count(&self.0.shape)
     }
+    /// The element type.
     pub fn dtype(&self) -> DType {
         self.0.dtype
     }
+    /// The device the storage is on.
     pub fn device(&self) -> &Device {
         &self.0.device
     }
+    /// Whether this is a trainable leaf (made with [`into_variable`](Tensor::into_variable)).
     pub fn is_variable(&self) -> bool {
         self.0.is_variable
     }
@@ -412,6 +424,8 @@ impl Tensor {
         }
     }
 
+    /// The elements of a u32 tensor on the host, row-major (read back from a GPU); an error
+    /// for float tensors.
     pub fn to_vec_u32(&self) -> Result<Vec<u32>> {
         match self.to_cpu_storage()? {
             CpuStorage::U32(v) => Ok(v),
@@ -498,7 +512,9 @@ impl Tensor {
 
 /// Host element types a tensor can be built from.
 pub trait HostElement: Copy + Send + Sync + 'static {
+    /// The dtype of a tensor built from this type.
     const DTYPE: DType;
+    /// `data` as host storage.
     fn wrap(data: Vec<Self>) -> CpuStorage;
 }
 

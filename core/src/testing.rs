@@ -9,11 +9,14 @@ use crate::{Device, Result, Tensor};
 /// |got - want| <= abs + rel * |want|, element by element.
 #[derive(Clone, Copy, Debug)]
 pub struct Tolerance {
+    /// Absolute slack.
     pub abs: f32,
+    /// Slack relative to |want|.
     pub rel: f32,
 }
 
 impl Tolerance {
+    /// A tolerance of `abs + rel * |want|`.
     pub const fn new(abs: f32, rel: f32) -> Self {
         Tolerance { abs, rel }
     }
@@ -22,8 +25,11 @@ impl Tolerance {
 /// The worst element of a comparison.
 #[derive(Clone, Debug)]
 pub struct Mismatch {
+    /// The element's index.
     pub index: usize,
+    /// The value compared.
     pub got: f32,
+    /// The value expected.
     pub want: f32,
     /// How far past the tolerance, as a multiple of it (<= 1 passes).
     pub ratio: f32,

@@ -15,11 +15,16 @@ use crate::{Device, Error, Result};
 /// Largest rank the GPU kernel handles.
 pub(crate) const MAX_RANK: usize = 8;
 
+/// An elementwise op of two tensors; the discriminant is the GPU kernel's op code.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum BinaryOp {
+    /// a + b
     Add = 0,
+    /// a - b
     Sub = 1,
+    /// a * b
     Mul = 2,
+    /// a / b
     Div = 3,
 }
 

@@ -189,7 +189,9 @@ pub fn launch_views<P: bytemuck::Pod>(
 /// A piece of a strided op: its shape and each operand's first element.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Tile {
+    /// The piece's shape (the op's rank).
     pub shape: Vec<usize>,
+    /// Per operand, the element offset of the piece's first element.
     pub starts: Vec<usize>,
 }
 

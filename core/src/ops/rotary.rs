@@ -82,9 +82,11 @@ impl RotaryTables {
     pub fn sin(&self) -> &Tensor {
         &self.sin
     }
+    /// How many of each head's dims rotate (even).
     pub fn rotary_dims(&self) -> usize {
         self.rotary_dims
     }
+    /// The positions the tables cover: 0..max_positions.
     pub fn max_positions(&self) -> usize {
         self.cos.shape()[0]
     }

@@ -20,7 +20,9 @@ use crate::{Device, Result};
 /// GPT-2 (torch `gelu(approximate="tanh")`, HF `gelu_new` / `gelu_fast`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum GeluKind {
+    /// `x Φ(x)` with the exact erf.
     Erf,
+    /// `0.5 x (1 + tanh(√(2/π) (x + 0.044715 x³)))`.
     Tanh,
 }
 

@@ -38,6 +38,7 @@ impl AdapterSwitch {
         }))
     }
 
+    /// Whether the adapters add their update (false inside a [`DisabledAdapters`] guard).
     pub fn is_enabled(&self) -> bool {
         self.0.enabled.load(Ordering::SeqCst)
     }
@@ -182,6 +183,7 @@ impl LoraAdapter {
         })
     }
 
+    /// The adapted module's full name (`model.layers.0.self_attn.q_proj`); salts its dropout.
     pub fn name(&self) -> &str {
         &self.name
     }
@@ -196,22 +198,27 @@ impl LoraAdapter {
         &self.b
     }
 
+    /// The adapted layer's input width: columns of A.
     pub fn in_features(&self) -> usize {
         self.a.shape()[1]
     }
 
+    /// The adapted layer's output width: rows of B.
     pub fn out_features(&self) -> usize {
         self.b.shape()[0]
     }
 
+    /// r: rows of A.
     pub fn rank(&self) -> usize {
         self.a.shape()[0]
     }
 
+    /// The factor on `B A x`: alpha / r (alpha / sqrt(r) with rsLoRA).
     pub fn scaling(&self) -> f32 {
         self.scaling
     }
 
+    /// The switch this adapter obeys (shared with the other adapters of its model).
     pub fn switch(&self) -> &AdapterSwitch {
         &self.switch
     }

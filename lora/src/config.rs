@@ -13,7 +13,9 @@ use crate::{Error, Result};
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(untagged)]
 pub enum TargetModules {
+    /// Module names, matched against the end of the full name.
     List(Vec<String>),
+    /// A regular expression matched against the full name (plain names and `a|b` only).
     Pattern(String),
 }
 
@@ -28,12 +30,17 @@ fn default_bias() -> String {
 /// The subset of peft's LoraConfig that changes the math, plus bookkeeping fields.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct LoraConfig {
+    /// peft's adapter kind: only "LORA".
     #[serde(default = "default_peft_type")]
     pub peft_type: String,
+    /// The rank of A (r, in) and B (out, r); >= 1.
     pub r: usize,
+    /// The update's scale numerator: scaling = lora_alpha / r.
     pub lora_alpha: f64,
+    /// Dropout on the adapter's input while training, in [0, 1).
     #[serde(default)]
     pub lora_dropout: f64,
+    /// Which modules get an adapter.
     pub target_modules: TargetModules,
     /// Only "none" is supported (peft's default): biases stay frozen.
     #[serde(default = "default_bias")]
@@ -44,10 +51,13 @@ pub struct LoraConfig {
     /// scaling = alpha / sqrt(r) instead of alpha / r.
     #[serde(default)]
     pub use_rslora: bool,
+    /// peft's task ("CAUSAL_LM", "SEQ_CLS"); bookkeeping only.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub task_type: Option<String>,
+    /// The base model the adapter was trained on, as the trainer named it; bookkeeping only.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub base_model_name_or_path: Option<String>,
+    /// peft's flag for an adapter saved for inference; bookkeeping only.
     #[serde(default)]
     pub inference_mode: bool,
     /// Every other field of adapter_config.json, written back as read.
@@ -164,10 +174,12 @@ impl LoraConfig {
         })
     }
 
+    /// The config as adapter_config.json text (pretty-printed, unknown fields kept).
     pub fn to_json(&self) -> Result<String> {
         serde_json::to_string_pretty(self).map_err(|e| Error::Config(e.to_string()))
     }
 
+    /// Reads adapter_config.json text and validates it; an error names the bad field.
     pub fn from_json(text: &str) -> Result<LoraConfig> {
         let config: LoraConfig =
             serde_json::from_str(text).map_err(|e| Error::Config(e.to_string()))?;

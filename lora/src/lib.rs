@@ -30,6 +30,7 @@
 //! }
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
+#![warn(missing_docs)]
 
 pub mod adapter;
 pub mod config;
@@ -44,12 +45,26 @@ pub use linear::LoraLinear;
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
+    /// An adapter file that cannot be read, or holds the wrong tensors.
     #[error("{path}: {detail}")]
-    File { path: String, detail: String },
+    File {
+        /// The file.
+        path: String,
+        /// What is wrong with it.
+        detail: String,
+    },
+    /// A config that does not parse, or a setting lathe does not support.
     #[error("LoRA config: {0}")]
     Config(String),
+    /// An adapter that does not fit its module (shapes, rank above the layer's width).
     #[error("LoRA module {module}: {detail}")]
-    Module { module: String, detail: String },
+    Module {
+        /// The module's full name.
+        module: String,
+        /// What does not fit.
+        detail: String,
+    },
+    /// A tensor or device error from lathe-core.
     #[error(transparent)]
     Core(#[from] lathe_core::Error),
 }

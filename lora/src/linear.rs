@@ -42,14 +42,17 @@ impl LoraLinear {
         })
     }
 
+    /// The layer's adapter.
     pub fn adapter(&self) -> &LoraAdapter {
         &self.adapter
     }
 
+    /// The frozen base weight (out, in), with the adapter folded in while merged.
     pub fn weight(&self) -> &Tensor {
         &self.weight
     }
 
+    /// Whether the adapter is folded into the weight (see [`merge`](Self::merge)).
     pub fn is_merged(&self) -> bool {
         self.merged
     }

@@ -12,7 +12,9 @@ use crate::adapter::LoraAdapter;
 use crate::config::LoraConfig;
 use crate::{Error, Result};
 
+/// The config's file name in a peft adapter folder.
 pub const CONFIG_FILE: &str = "adapter_config.json";
+/// The weights' file name in a peft adapter folder.
 pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";
 const PREFIX: &str = "base_model.model.";
 
@@ -23,7 +25,9 @@ pub fn key(module: &str, which: char) -> String {
 
 /// An adapter directory's contents: the config, and per module A (r, in) and B (out, r).
 pub struct LoadedAdapter {
+    /// adapter_config.json, validated.
     pub config: LoraConfig,
+    /// Per module full name (peft's `base_model.model.` prefix removed), its (A, B).
     pub modules: BTreeMap<String, (Tensor, Tensor)>,
 }
 

@@ -37,10 +37,15 @@ const BLOCKS_PER_TASK: usize = 512;
 /// The GGML tensor types lathe can read, with their GGUF type ids (`ggml_type`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum GgmlType {
+    /// 32-bit floats (id 0).
     F32,
+    /// 16-bit floats (id 1).
     F16,
+    /// Blocks of 32 4-bit values with an f16 scale (id 2).
     Q4_0,
+    /// Blocks of 32 4-bit values with an f16 scale and offset (id 3).
     Q4_1,
+    /// Blocks of 32 8-bit values with an f16 scale (id 8).
     Q8_0,
 }
 

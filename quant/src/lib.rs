@@ -24,6 +24,7 @@
 //! assert!(worst < 0.05 * scale);
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
+#![warn(missing_docs)]
 
 pub mod gguf;
 pub mod int8;
@@ -34,15 +35,26 @@ pub use int8::{Int8Linear, Int8Variant, Int8Weight};
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
+    /// Operands whose shapes or dtypes do not fit the op.
     #[error("{op}: {detail}")]
-    Shape { op: &'static str, detail: String },
-    #[error("gguf {format}: {detail}")]
-    Gguf {
-        format: &'static str,
+    Shape {
+        /// The op.
+        op: &'static str,
+        /// What does not fit.
         detail: String,
     },
+    /// GGUF tensor data that cannot be dequantized: an unsupported type, a wrong length.
+    #[error("gguf {format}: {detail}")]
+    Gguf {
+        /// The GGML type ("Q4_0"), or "tensor type" for an unknown id.
+        format: &'static str,
+        /// What is wrong.
+        detail: String,
+    },
+    /// A tensor or device error from lathe-core.
     #[error(transparent)]
     Core(#[from] lathe_core::Error),
+    /// A GPU error from lathe-shaders.
     #[error(transparent)]
     Gpu(#[from] lathe_shaders::Error),
 }

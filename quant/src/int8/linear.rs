@@ -41,7 +41,9 @@ pub enum Int8Variant {
 /// both: dx = dy @ dequant(W) (no dW; the bias gets a gradient when it is a variable).
 #[derive(Clone, Debug)]
 pub struct Int8Linear {
+    /// The frozen (out, in) weight: int8 rows with an f32 scale each.
     pub weight: Int8Weight,
+    /// The (out,) f32 bias, when the layer has one.
     pub bias: Option<Tensor>,
     /// Outlier threshold; 0 (or below) disables the decomposition (plain int8).
     pub threshold: f32,
@@ -141,6 +143,7 @@ impl Int8Linear {
         Int8Linear::new(Int8Weight::quantize(w)?, bias, threshold)
     }
 
+    /// The device the weight is on.
     pub fn device(&self) -> &Device {
         self.weight.device()
     }

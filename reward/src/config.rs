@@ -16,7 +16,9 @@ pub const LATHE_KEY: &str = "lathe_reward";
 /// embeddings (BERT only), not in the math of a block.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Architecture {
+    /// BERT (`model_type` "bert").
     Bert,
+    /// DistilBERT (`model_type` "distilbert").
     DistilBert,
 }
 
@@ -31,6 +33,7 @@ pub enum Pooling {
 }
 
 impl Pooling {
+    /// The name in config files and on the command line: "mean" or "first".
     pub fn name(self) -> &'static str {
         match self {
             Pooling::Mean => "mean",
@@ -38,6 +41,7 @@ impl Pooling {
         }
     }
 
+    /// Reads "mean", or "first" (alias "cls"); an error names the accepted values.
     pub fn parse(name: &str) -> Result<Pooling> {
         match name {
             "mean" => Ok(Pooling::Mean),
@@ -53,16 +57,25 @@ impl Pooling {
 #[derive(Clone, Debug)]
 #[non_exhaustive]
 pub struct EncoderConfig {
+    /// The encoder family.
     pub architecture: Architecture,
+    /// Rows of the token embedding.
     pub vocab_size: usize,
+    /// H: width of the hidden states.
     pub hidden: usize,
+    /// Transformer blocks.
     pub layers: usize,
+    /// Attention heads (each H / heads wide).
     pub heads: usize,
+    /// Width of the feed-forward layer.
     pub intermediate: usize,
+    /// Rows of the position table: longer texts are truncated.
     pub max_positions: usize,
     /// BERT's token-type rows (0 for DistilBERT); every token uses type 0.
     pub type_vocab_size: usize,
+    /// LayerNorm's epsilon.
     pub layer_norm_eps: f32,
+    /// The feed-forward activation's GELU formula.
     pub gelu: GeluKind,
     /// Label names by id from `id2label` (empty when the config has none).
     pub labels: Vec<String>,

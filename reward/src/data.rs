@@ -20,14 +20,18 @@ use crate::{Error, Result};
 /// One labelled text: label 1 is positive, 0 negative.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Example {
+    /// The text.
     pub text: String,
+    /// 0 (negative) or 1 (positive).
     pub label: u32,
 }
 
 /// The examples of a file and how many blank records were skipped.
 #[derive(Clone, Debug)]
 pub struct Loaded {
+    /// The examples, in file order.
     pub examples: Vec<Example>,
+    /// Blank records skipped (no text and no label).
     pub skipped: usize,
 }
 
@@ -36,6 +40,7 @@ pub const LABELS: [&str; 2] = ["NEGATIVE", "POSITIVE"];
 
 /// The default columns: `text` (or `sentence`) and `label` (or `class`).
 pub const TEXT_COLUMN: &str = "text";
+/// The default label column (see [`TEXT_COLUMN`]).
 pub const LABEL_COLUMN: &str = "label";
 
 /// Reads labelled examples from the default columns (see the module docs).
@@ -78,10 +83,12 @@ pub fn load_columns(
 pub struct SplitMix64(u64);
 
 impl SplitMix64 {
+    /// A generator whose stream is a function of `seed` only.
     pub fn new(seed: u64) -> SplitMix64 {
         SplitMix64(seed)
     }
 
+    /// The next 64 random bits.
     pub fn next_u64(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
         let mut z = self.0;

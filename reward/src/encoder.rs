@@ -205,10 +205,12 @@ impl Encoder {
         Ok(encoder)
     }
 
+    /// The config the encoder was built from.
     pub fn config(&self) -> &EncoderConfig {
         &self.config
     }
 
+    /// The device the weights are on.
     pub fn device(&self) -> &Device {
         &self.device
     }

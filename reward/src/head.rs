@@ -41,12 +41,16 @@ pub enum Head {
     /// transformers' `DistilBertForSequenceClassification`: first token -> pre_classifier
     /// (H, H) -> ReLU -> classifier (labels, H). (Its dropout is inactive at inference.)
     DistilBert {
+        /// (H, H), followed by ReLU.
         pre_classifier: Linear,
+        /// (labels, H).
         classifier: Linear,
     },
     /// lathe's head: one linear layer (labels, H) on pooled states (mean or first token).
     Linear {
+        /// How token states are pooled into one vector.
         pooling: Pooling,
+        /// (labels, H).
         classifier: Linear,
     },
 }
@@ -103,6 +107,7 @@ impl Head {
         }
     }
 
+    /// Logits per text: rows of the classifier.
     pub fn num_labels(&self) -> usize {
         match self {
             Head::DistilBert { classifier, .. } | Head::Linear { classifier, .. } => {

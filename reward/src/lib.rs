@@ -31,6 +31,7 @@
 //! assert_eq!(rewards.len(), 2);
 //! # Ok::<(), lathe_reward::Error>(())
 //! ```
+#![warn(missing_docs)]
 
 pub mod config;
 pub mod data;
@@ -50,23 +51,37 @@ pub use train::{EpochStats, LoraSettings, TrainConfig, TrainReport};
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
+    /// A setting or config value out of its range; the message names it.
     #[error("{0}")]
     Config(String),
+    /// A model or data file that cannot be read or does not fit (a non-binary label).
     #[error("{path}: {detail}")]
-    File { path: String, detail: String },
+    File {
+        /// The file.
+        path: String,
+        /// What is wrong with it.
+        detail: String,
+    },
+    /// A bad record of a data file.
     #[error("{path}: record {record}: {detail}")]
     Data {
+        /// The file.
         path: String,
+        /// The record's number.
         record: usize,
+        /// What is wrong with it.
         detail: String,
     },
     /// Reading labelled data (lathe-data names the file and the record).
     #[error(transparent)]
     Read(#[from] lathe_data::DataError),
+    /// A tensor or device error from lathe-core.
     #[error(transparent)]
     Core(#[from] lathe_core::Error),
+    /// A weights, tokenizer or config error from lathe-models.
     #[error(transparent)]
     Models(#[from] lathe_models::Error),
+    /// An adapter error from lathe-lora.
     #[error(transparent)]
     Lora(#[from] lathe_lora::Error),
     /// Writing the run's folder.

@@ -46,6 +46,7 @@ impl Default for LoadOptions {
 /// Token ids of a batch of texts, ready for the encoder.
 #[derive(Clone, Debug)]
 pub struct Encoded {
+    /// Per text, its token ids (special tokens included, truncated to the position table).
     pub ids: Vec<Vec<u32>>,
     /// How many of the texts were longer than the position table and were truncated.
     pub truncated: usize,
@@ -243,22 +244,27 @@ impl RewardModel {
         }
     }
 
+    /// The encoder's config.
     pub fn config(&self) -> &EncoderConfig {
         self.encoder.config()
     }
 
+    /// The encoder.
     pub fn encoder(&self) -> &Encoder {
         &self.encoder
     }
 
+    /// The classification head; `None` for an encoder without one.
     pub fn head(&self) -> Option<&Head> {
         self.head.as_ref()
     }
 
+    /// The tokenizer texts are encoded with.
     pub fn tokenizer(&self) -> &Tokenizer {
         &self.tokenizer
     }
 
+    /// The device the weights are on.
     pub fn device(&self) -> &Device {
         self.encoder.device()
     }
@@ -281,6 +287,7 @@ impl RewardModel {
         Ok(())
     }
 
+    /// Sets how many texts are scored per forward pass (>= 1; an error for 0).
     pub fn set_batch_size(&mut self, batch_size: usize) -> Result<()> {
         if batch_size == 0 {
             return Err(Error::Config("batch size must be at least 1".into()));

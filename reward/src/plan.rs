@@ -25,7 +25,9 @@ use crate::train::{lora_config, Prepared, EVAL_BATCH, FEATURE_BATCH};
 /// The data's shape: token counts per text after truncation, and the texts' bytes.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct DataShape {
+    /// Token count of each training text.
     pub train_lengths: Vec<usize>,
+    /// Token count of each held-out text.
     pub val_lengths: Vec<usize>,
     /// Texts only scored (a test set), after training.
     pub test_lengths: Vec<usize>,

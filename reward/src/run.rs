@@ -19,7 +19,9 @@ pub type TestSet = (String, Vec<Example>);
 /// What a finished reward training did.
 #[derive(Debug)]
 pub struct RewardRun {
+    /// The trained model (best epochs' weights).
     pub model: RewardModel,
+    /// What training did, epoch by epoch.
     pub report: TrainReport,
     /// Per test set (in order): its name and the model's loss and accuracy on it.
     pub tests: Vec<(String, Evaluation)>,

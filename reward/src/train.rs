@@ -34,13 +34,18 @@ use crate::{Error, Result};
 /// LoRA on the encoder.
 #[derive(Clone, Debug)]
 pub struct LoraSettings {
+    /// LoRA rank (>= 1).
     pub r: usize,
+    /// Scale numerator: the update is scaled by alpha / r.
     pub alpha: f64,
     /// Module names (peft matching); empty: the attention query and value projections
     /// (BERT `query`, `value`; DistilBERT `q_lin`, `v_lin`).
     pub targets: Vec<String>,
+    /// Learning rate of the LoRA stage.
     pub lr: f32,
+    /// Epochs of the LoRA stage (after the head stage).
     pub epochs: usize,
+    /// Examples per step of the LoRA stage.
     pub batch_size: usize,
 }
 
@@ -62,7 +67,9 @@ impl Default for LoraSettings {
 pub struct TrainConfig {
     /// Head-stage epochs (cheap: the encoder runs once).
     pub epochs: usize,
+    /// Examples per step of the head stage.
     pub batch_size: usize,
+    /// Learning rate of the head stage.
     pub lr: f32,
     /// AdamW weight decay of the head stage.
     pub weight_decay: f32,
@@ -70,8 +77,11 @@ pub struct TrainConfig {
     pub val_fraction: f32,
     /// Epochs without a better held-out loss before stopping (0: never stop early).
     pub patience: usize,
+    /// Seed of the held-out split, the batch orders, the head's and adapters' init.
     pub seed: u64,
+    /// How token states are pooled for the head.
     pub pooling: Pooling,
+    /// A LoRA stage on the encoder after the head stage (None: head only).
     pub lora: Option<LoraSettings>,
 }
 
@@ -98,11 +108,15 @@ pub struct EpochStats {
     pub stage: &'static str,
     /// From 1 within the stage.
     pub epoch: usize,
+    /// Mean training loss over the epoch.
     pub train_loss: f32,
+    /// Training accuracy over the epoch, in [0, 1].
     pub train_accuracy: f32,
     /// NaN when nothing is held out.
     pub val_loss: f32,
+    /// Held-out accuracy (NaN when nothing is held out).
     pub val_accuracy: f32,
+    /// Wall-clock seconds of the epoch.
     pub seconds: f32,
 }
 
@@ -131,13 +145,17 @@ impl EpochStats {
 /// What training did.
 #[derive(Clone, Debug)]
 pub struct TrainReport {
+    /// Every epoch of both stages, in order.
     pub epochs: Vec<EpochStats>,
     /// Per stage: the epoch whose weights were kept.
     pub best_head_epoch: usize,
+    /// The LoRA stage's kept epoch (None without a LoRA stage).
     pub best_lora_epoch: Option<usize>,
     /// Whether a stage stopped before its last epoch.
     pub stopped_early: bool,
+    /// Examples trained on.
     pub train_examples: usize,
+    /// Examples held out.
     pub val_examples: usize,
     /// Texts truncated to the position table.
     pub truncated: usize,
@@ -148,8 +166,11 @@ pub struct TrainReport {
 /// Loss and accuracy of a model on labelled examples.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Evaluation {
+    /// Mean cross-entropy loss.
     pub loss: f32,
+    /// Fraction classified right, in [0, 1].
     pub accuracy: f32,
+    /// Examples evaluated.
     pub examples: usize,
 }
 
@@ -387,6 +408,7 @@ impl Prepared {
         &self.encoder
     }
 
+    /// The training settings.
     pub fn train_config(&self) -> &TrainConfig {
         &self.config
     }

@@ -28,6 +28,7 @@
 //!   every length an Arrow message claims is checked against the file before anything is
 //!   allocated for it. JSONL and text are read a line at a time.
 //! - A file without records is an error ("no texts in the file", ...).
+#![warn(missing_docs)]
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -77,37 +78,59 @@ pub enum DataError {
     /// The file could not be opened or read.
     #[error("{}: cannot read: {source}", path.display())]
     Io {
+        /// The file.
         path: PathBuf,
+        /// The I/O error.
         source: std::io::Error,
     },
     /// The file as a whole is malformed: not JSON, a corrupt Parquet or Arrow file, ...
     #[error("{}: {detail}", path.display())]
-    Format { path: PathBuf, detail: String },
+    Format {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        detail: String,
+    },
     /// One record is malformed or does not hold what the reader needs.
     #[error("{}: {at}: {detail}", path.display())]
     Record {
+        /// The file.
         path: PathBuf,
+        /// Where the record is.
         at: Location,
+        /// What is wrong with it.
         detail: String,
     },
     /// A Parquet or Arrow file without the column asked for.
     #[error("no column {column:?} in {} (columns: {})", path.display(), found.join(", "))]
     MissingColumn {
+        /// The file.
         path: PathBuf,
+        /// The column asked for.
         column: String,
+        /// The columns the file has.
         found: Vec<String>,
     },
     /// A Parquet or Arrow column whose type is not what the reader needs.
     #[error("{}: column {column:?} is {found}, expected {expected}", path.display())]
     ColumnType {
+        /// The file.
         path: PathBuf,
+        /// The column.
         column: String,
+        /// Its Arrow type.
         found: String,
+        /// What the reader needs ("a string column").
         expected: &'static str,
     },
     /// The file holds no records.
     #[error("{}: no {what} in the file", path.display())]
-    Empty { path: PathBuf, what: &'static str },
+    Empty {
+        /// The file.
+        path: PathBuf,
+        /// What was looked for ("texts", "preference records").
+        what: &'static str,
+    },
 }
 
 impl DataError {
@@ -124,28 +147,37 @@ impl DataError {
     }
 }
 
+/// The result of every fallible function of lathe-data.
 pub type Result<T> = std::result::Result<T, DataError>;
 
 /// One preference record: `{"prompt", "chosen", "rejected"}` (trl's standard format).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct PreferencePair {
+    /// The prompt both completions answer.
     pub prompt: String,
+    /// The preferred completion.
     pub chosen: String,
+    /// The dispreferred completion.
     pub rejected: String,
 }
 
 /// One turn of a conversation (trl's conversational format).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Message {
+    /// Who speaks: "system", "user" or "assistant".
     pub role: String,
+    /// The turn's text.
     pub content: String,
 }
 
 /// One labelled text and where it was.
 #[derive(Clone, Debug, PartialEq)]
 pub struct LabelledText {
+    /// The text.
     pub text: String,
+    /// The label as an integer (names such as "pos" already mapped to 1).
     pub label: i64,
+    /// Where the record is in its file.
     pub at: Location,
 }
 
@@ -153,7 +185,9 @@ pub struct LabelledText {
 /// were skipped.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Labelled {
+    /// The labelled texts, in file order.
     pub examples: Vec<LabelledText>,
+    /// Blank records skipped.
     pub skipped: usize,
 }
 
@@ -402,8 +436,11 @@ fn take_messages(
 /// prompt's turns, then the chosen and the rejected continuation's turns.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ConversationPair {
+    /// The conversation so far.
     pub prompt: Vec<Message>,
+    /// The preferred continuation's turns.
     pub chosen: Vec<Message>,
+    /// The dispreferred continuation's turns.
     pub rejected: Vec<Message>,
 }
 

@@ -55,13 +55,21 @@ impl AdapterChoice {
 /// What the device turned out to be.
 #[derive(Clone, Debug)]
 pub struct AdapterReport {
+    /// The adapter's name ("NVIDIA H100", "llvmpipe").
     pub name: String,
+    /// The wgpu backend ("Vulkan", "Metal", "Dx12").
     pub backend: String,
+    /// The device type ("DiscreteGpu", "IntegratedGpu", "Cpu").
     pub device_type: String,
+    /// The driver's name and version.
     pub driver: String,
+    /// Whether it is a software rasterizer (lavapipe): a CPU posing as a GPU.
     pub is_software: bool,
+    /// Whether shaders may use f16 arithmetic (`SHADER_F16`).
     pub shader_f16: bool,
+    /// The largest buffer, in bytes.
     pub max_buffer_size: u64,
+    /// The adapter's largest storage binding, in bytes.
     pub max_storage_binding_size: u64,
     /// The storage-binding size lathe uses: the adapter's, or less when forced lower.
     pub binding_limit: u64,
@@ -218,9 +226,11 @@ impl GpuContext {
         }))
     }
 
+    /// What the device is.
     pub fn report(&self) -> &AdapterReport {
         &self.report
     }
+    /// The device's limits (the adapter's, all requested).
     pub fn limits(&self) -> &wgpu::Limits {
         &self.limits
     }
@@ -233,9 +243,11 @@ impl GpuContext {
     pub fn binding_alignment(&self) -> u64 {
         self.limits.min_storage_buffer_offset_alignment as u64
     }
+    /// The device's memory ledger.
     pub fn ledger(&self) -> &MemoryLedger {
         &self.ledger
     }
+    /// The ledger's figures now.
     pub fn ledger_snapshot(&self) -> LedgerSnapshot {
         self.ledger.snapshot()
     }
@@ -247,9 +259,11 @@ impl GpuContext {
     pub fn trim_pool(&self) {
         self.pool.trim()
     }
+    /// The underlying wgpu device.
     pub fn wgpu_device(&self) -> &wgpu::Device {
         &self.device
     }
+    /// Pipelines compiled so far (each kernel compiles once per device).
     pub fn pipeline_count(&self) -> usize {
         self.pipelines.len()
     }

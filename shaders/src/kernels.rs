@@ -40,6 +40,7 @@ pub enum Shader {
 }
 
 impl Shader {
+    /// Every shader, in declaration order.
     pub const ALL: [Shader; 13] = [
         Shader::Matmul,
         Shader::Binary,
@@ -56,6 +57,7 @@ impl Shader {
         Shader::Sample,
     ];
 
+    /// The WGSL file's name under `src/wgsl/` ("matmul.wgsl").
     pub fn file_name(self) -> &'static str {
         match self {
             Shader::Matmul => "matmul.wgsl",
@@ -74,6 +76,7 @@ impl Shader {
         }
     }
 
+    /// The WGSL source, embedded at build time.
     pub fn source(self) -> &'static str {
         match self {
             Shader::Matmul => include_str!("wgsl/matmul.wgsl"),

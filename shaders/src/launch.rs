@@ -12,6 +12,7 @@ use wgpu::util::DeviceExt;
 /// windows and dispatches once per window without the kernel knowing.
 #[derive(Clone, Copy, Debug)]
 pub struct View<'a> {
+    /// The buffer viewed.
     pub buffer: &'a GpuBuffer,
     /// Byte offset of the window: a multiple of [`GpuContext::binding_alignment`].
     pub offset: u64,
@@ -58,11 +59,17 @@ impl<'a> From<&'a GpuBuffer> for View<'a> {
 /// One dispatch: buffers in binding order (inputs read-only, then outputs read-write), the
 /// uniform parameter bytes (empty: no uniform binding) and the workgroup grid.
 pub struct Launch<'a> {
+    /// The shader module.
     pub shader: Shader,
+    /// The entry point's name in it.
     pub entry: &'static str,
+    /// Read-only storage bindings, from binding 0.
     pub inputs: &'a [View<'a>],
+    /// Read-write storage bindings, after the inputs.
     pub outputs: &'a [View<'a>],
+    /// The uniform block's bytes (empty: no uniform binding).
     pub params: &'a [u8],
+    /// Workgroups in x, y, z (each at most [`MAX_GROUPS_PER_DIM`]).
     pub workgroups: [u32; 3],
 }
 

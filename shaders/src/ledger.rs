@@ -5,15 +5,22 @@ use std::sync::atomic::{AtomicU64, Ordering};
 /// What a buffer holds. The ledger keeps current and peak bytes for each.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum MemCategory {
+    /// A model's frozen weights.
     Weights,
+    /// LoRA adapters and other trained parameters.
     Adapters,
+    /// Optimizer moments and gradients.
     Optimizer,
+    /// Tensors computed by the forward and backward passes.
     Activations,
+    /// Generation's keys and values.
     KvCache,
+    /// Temporaries of a single op.
     Scratch,
 }
 
 impl MemCategory {
+    /// Every category, in the ledger's order.
     pub const ALL: [MemCategory; 6] = [
         MemCategory::Weights,
         MemCategory::Adapters,
@@ -23,6 +30,7 @@ impl MemCategory {
         MemCategory::Scratch,
     ];
 
+    /// The category's name in reports ("kv-cache").
     pub fn name(self) -> &'static str {
         match self {
             MemCategory::Weights => "weights",
@@ -51,21 +59,27 @@ pub struct MemoryLedger {
 /// One category's figures at a moment.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct CategoryBytes {
+    /// The category.
     pub category: MemCategory,
+    /// Bytes held now.
     pub current: u64,
+    /// Most bytes held at once since the start or the last reset.
     pub peak: u64,
 }
 
 /// A copy of the ledger's figures at a moment.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LedgerSnapshot {
+    /// Each category's figures, in [`MemCategory::ALL`]'s order.
     pub categories: Vec<CategoryBytes>,
+    /// Bytes held now over all categories.
     pub total_current: u64,
     /// Peak of the sum over categories (not the sum of per-category peaks).
     pub total_peak: u64,
 }
 
 impl MemoryLedger {
+    /// Counts `bytes` allocated in `category`, updating the peaks.
     pub fn charge(&self, category: MemCategory, bytes: u64) {
         let i = category.index();
         let now = self.current[i].fetch_add(bytes, Ordering::Relaxed) + bytes;
@@ -74,15 +88,18 @@ impl MemoryLedger {
         self.total_peak.fetch_max(total, Ordering::Relaxed);
     }
 
+    /// Counts `bytes` of `category` freed (as charged before).
     pub fn release(&self, category: MemCategory, bytes: u64) {
         self.current[category.index()].fetch_sub(bytes, Ordering::Relaxed);
         self.total_current.fetch_sub(bytes, Ordering::Relaxed);
     }
 
+    /// Bytes of `category` held now.
     pub fn current(&self, category: MemCategory) -> u64 {
         self.current[category.index()].load(Ordering::Relaxed)
     }
 
+    /// Most bytes of `category` held at once since the start or the last reset.
     pub fn peak(&self, category: MemCategory) -> u64 {
         self.peak[category.index()].load(Ordering::Relaxed)
     }
@@ -98,6 +115,7 @@ impl MemoryLedger {
         );
     }
 
+    /// Every figure now.
     pub fn snapshot(&self) -> LedgerSnapshot {
         LedgerSnapshot {
             categories: MemCategory::ALL

@@ -10,16 +10,22 @@ use crate::kernels::Shader;
 /// read-write storage buffers, then a uniform block when `uniform` is set.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct BindingLayout {
+    /// Read-only storage buffers.
     pub inputs: u8,
+    /// Read-write storage buffers.
     pub outputs: u8,
+    /// Whether a uniform block follows.
     pub uniform: bool,
 }
 
 /// What identifies a compiled pipeline.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct PipelineKey {
+    /// The shader module.
     pub shader: Shader,
+    /// The entry point.
     pub entry: &'static str,
+    /// The binding shape.
     pub layout: BindingLayout,
 }
 
@@ -32,6 +38,7 @@ pub struct PipelineCache {
 }
 
 impl PipelineCache {
+    /// The bind-group and pipeline layouts of `layout`, created on first use.
     pub fn bind_group_layout(
         &self,
         device: &wgpu::Device,
@@ -81,6 +88,7 @@ impl PipelineCache {
             .clone()
     }
 
+    /// The compute pipeline of `key`, compiled on first use.
     pub fn pipeline(&self, device: &wgpu::Device, key: PipelineKey) -> Arc<wgpu::ComputePipeline> {
         if let Some(p) = self
             .pipelines
@@ -128,6 +136,7 @@ impl PipelineCache {
             .len()
     }
 
+    /// Whether no pipeline is compiled yet.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }

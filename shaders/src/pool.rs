@@ -60,6 +60,7 @@ struct BufferInner {
 }
 
 impl GpuBuffer {
+    /// The wgpu buffer (its size is [`capacity`](Self::capacity)).
     pub fn raw(&self) -> &wgpu::Buffer {
         self.inner
             .buffer
@@ -70,6 +71,7 @@ impl GpuBuffer {
     pub fn len(&self) -> u64 {
         self.inner.len
     }
+    /// Whether the logical size is 0.
     pub fn is_empty(&self) -> bool {
         self.inner.len == 0
     }
@@ -77,6 +79,7 @@ impl GpuBuffer {
     pub fn capacity(&self) -> u64 {
         self.inner.capacity
     }
+    /// The category its bytes are charged to.
     pub fn category(&self) -> MemCategory {
         self.inner.category
     }
@@ -107,6 +110,7 @@ pub struct BufferPool {
 }
 
 impl BufferPool {
+    /// An empty pool whose buffers are charged to `ledger`.
     pub fn new(ledger: Arc<MemoryLedger>) -> Self {
         BufferPool {
             shared: Arc::new(PoolShared::default()),

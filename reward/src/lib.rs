@@ -62,16 +62,6 @@ pub enum Error {
         /// What is wrong with it.
         detail: String,
     },
-    /// A bad record of a data file.
-    #[error("{path}: record {record}: {detail}")]
-    Data {
-        /// The file.
-        path: String,
-        /// The record's number.
-        record: usize,
-        /// What is wrong with it.
-        detail: String,
-    },
     /// Reading labelled data (lathe-data names the file and the record).
     #[error(transparent)]
     Read(#[from] lathe_data::DataError),

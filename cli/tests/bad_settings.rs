@@ -591,11 +591,7 @@ fn reward_train_refuses_bad_settings() {
             None,
             "line 1: missing label (\"stars\")",
         ),
-        (
-            &[],
-            Some("text_field = \"review\"\n"),
-            "line 1: empty text",
-        ),
+        (&[], Some("text_field = \"review\"\n"), "line 1: empty text"),
     ];
     check_table("reward-train", &base, &dir, &out, cases);
 }

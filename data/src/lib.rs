@@ -217,12 +217,7 @@ pub fn read_texts(path: impl AsRef<Path>, column: &str) -> Result<Vec<String>> {
         texts.push(text);
         Ok(())
     })?;
-    if texts.is_empty() {
-        return Err(DataError::Empty {
-            path: path.to_path_buf(),
-            what: "texts",
-        });
-    }
+    require_records(texts.len(), path, "texts")?;
     Ok(texts)
 }
 
@@ -287,12 +282,7 @@ pub fn read_labelled(
         }
         Ok(())
     })?;
-    if out.examples.is_empty() {
-        return Err(DataError::Empty {
-            path: path.to_path_buf(),
-            what: "labelled examples",
-        });
-    }
+    require_records(out.examples.len(), path, "labelled examples")?;
     Ok(out)
 }
 
@@ -337,12 +327,7 @@ pub fn read_preferences(
         pairs.push(pair);
         Ok(())
     })?;
-    if pairs.is_empty() {
-        return Err(DataError::Empty {
-            path: path.to_path_buf(),
-            what: "preference records",
-        });
-    }
+    require_records(pairs.len(), path, "preference records")?;
     Ok(pairs)
 }
 
@@ -366,12 +351,7 @@ pub fn read_messages(path: impl AsRef<Path>, column: &str) -> Result<Vec<Vec<Mes
         conversations.push(messages);
         Ok(())
     })?;
-    if conversations.is_empty() {
-        return Err(DataError::Empty {
-            path: path.to_path_buf(),
-            what: "conversations",
-        });
-    }
+    require_records(conversations.len(), path, "conversations")?;
     Ok(conversations)
 }
 
@@ -472,13 +452,19 @@ pub fn read_preference_conversations(
         });
         Ok(())
     })?;
-    if pairs.is_empty() {
+    require_records(pairs.len(), path, "preference records")?;
+    Ok(pairs)
+}
+
+/// [`DataError::Empty`] when a file gave no record (`count` 0) of `what`.
+fn require_records(count: usize, path: &Path, what: &'static str) -> Result<()> {
+    if count == 0 {
         return Err(DataError::Empty {
             path: path.to_path_buf(),
-            what: "preference records",
+            what,
         });
     }
-    Ok(pairs)
+    Ok(())
 }
 
 /// A label: `None` for null.

@@ -82,6 +82,10 @@ pub enum Error {
         /// The I/O error.
         source: std::io::Error,
     },
+    /// A collective operation between the processes of a data-parallel job failed, or the
+    /// ranks disagree on what they exchange.
+    #[error("collective: {0}")]
+    Collective(String),
     /// A GPU failure from lathe-shaders: no adapter, a device or kernel error.
     #[error(transparent)]
     Gpu(#[from] lathe_shaders::Error),

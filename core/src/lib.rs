@@ -11,6 +11,8 @@
 //!   replayable); `linear_loss.rs` is the LM head's loss without its logits (row chunks
 //!   through one reused buffer on the CPU); `vexp.rs` a vectorized exp and `dispatched!`,
 //!   which runs a hot loop in the widest SIMD build the CPU has.
+//! - `collective.rs`: the processes of a data-parallel job (`Collective`: `Solo`, or MPI
+//!   in lathe-train), gradients summed over them in rank order.
 //! - `backprop.rs` (reverse-mode autodiff), `checkpoint.rs` (gradient checkpointing),
 //!   `optim.rs` (Adam/AdamW with state restore, global-norm clipping, LR schedules),
 //!   `safetensors.rs` (`SafetensorsFile` reads the header at open, then one tensor at a
@@ -29,6 +31,7 @@
 
 pub mod backprop;
 pub mod checkpoint;
+pub mod collective;
 pub mod device;
 pub mod dtype;
 mod error;
@@ -43,6 +46,7 @@ pub mod testing;
 
 pub use backprop::{no_grad, GradStore, NoGradGuard};
 pub use checkpoint::checkpoint;
+pub use collective::{Collective, Solo};
 pub use device::Device;
 pub use dtype::DType;
 pub use error::{Error, Result};

@@ -10,6 +10,8 @@
 //! - `output.rs`: outputs written through temp files (a regular `--out` replaced by rename,
 //!   a symlink written through, a FIFO or character device streamed into, a directory
 //!   refused up front; whole output folders built in a temporary sibling).
+//! - `parallel.rs`: the MPI job a process is a rank of (feature `mpi`, started by `mpirun`;
+//!   `sft` and `reward-train` are data parallel, the other commands refuse several ranks).
 //! - `reward_glue.rs` (the reward model as PPO's `Reward`), `texts.rs`, `progress.rs`,
 //!   `report.rs` and `plot.rs` (the run report and its plots), `commands/device_check.rs` (`lathe device-check`).
 
@@ -19,6 +21,7 @@ pub mod config_file;
 pub mod device;
 pub mod model_args;
 pub mod output;
+pub mod parallel;
 pub mod plot;
 pub mod progress;
 pub mod report;

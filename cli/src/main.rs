@@ -166,6 +166,11 @@ enum CheckDevice {
 }
 
 fn run(cli: Cli) -> Result<()> {
+    // Only the data-parallel commands run as one of several MPI ranks.
+    let data_parallel = matches!(cli.command, Command::Sft(_) | Command::RewardTrain(_));
+    if !data_parallel {
+        lathe_cli::parallel::refuse_ranks(cli.command_name())?;
+    }
     match cli.command {
         Command::Pipeline(args) => pipeline::run(&args),
         Command::Generate(args) => generate::run(&args),
@@ -215,9 +220,48 @@ fn run(cli: Cli) -> Result<()> {
     }
 }
 
+impl Cli {
+    /// The subcommand as typed.
+    fn command_name(&self) -> &'static str {
+        match self.command {
+            Command::Pipeline(_) => "pipeline",
+            Command::Generate(_) => "generate",
+            Command::Eval(_) => "eval",
+            Command::Sft(_) => "sft",
+            Command::Merge(_) => "merge",
+            Command::RewardTrain(_) => "reward-train",
+            Command::Score(_) => "score",
+            Command::Ppo(_) => "ppo",
+            Command::Dpo(_) => "dpo",
+            Command::Grpo(_) => "grpo",
+            Command::Plan(_) => "plan",
+            Command::Report { .. } => "report",
+            Command::Info { .. } => "info",
+            Command::DeviceCheck { .. } => "device-check",
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    match lathe_core::on_cpu_pool(move || run(cli)) {
+    // MPI (under mpirun, with the `mpi` feature) starts and ends on this thread.
+    let job = match lathe_cli::parallel::Job::start() {
+        Ok(job) => job,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = lathe_core::on_cpu_pool(move || run(cli));
+    if let Err(e) = &result {
+        if e.downcast_ref::<lathe_cli::run_files::Interrupted>()
+            .is_none()
+        {
+            job.abort_others(&format!("error: {e:#}"));
+        }
+    }
+    drop(job);
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         // Ctrl-C stopped a training command after it saved: 130, as a shell reports SIGINT.
         Err(e)

@@ -18,6 +18,8 @@ pub struct Progress {
     /// The bar on a terminal, and the step the display started from (a resumed run's
     /// earlier steps do not count towards its speed).
     bar: Option<(ProgressBar, Arc<AtomicUsize>)>,
+    /// A rank other than 0 of a data-parallel job: rank 0 shows the progress.
+    quiet: bool,
 }
 
 /// The ETA from the steps done since the display started: `elapsed` over the `done -
@@ -63,18 +65,23 @@ fn bar(label: &str, total: usize) -> (ProgressBar, Arc<AtomicUsize>) {
 
 impl Progress {
     pub fn new(label: &str, total: usize) -> Progress {
+        let writer = crate::parallel::is_writer();
         Progress {
             label: label.to_string(),
             total,
             started: Instant::now(),
             last_line: None,
-            bar: std::io::stderr().is_terminal().then(|| bar(label, total)),
+            bar: (writer && std::io::stderr().is_terminal()).then(|| bar(label, total)),
+            quiet: !writer,
         }
     }
 
     /// Shows `done` of `total` with a message; `done` counts from where this display started
     /// (a resumed run passes how many it did before in `offset`).
     pub fn update(&mut self, done: usize, offset: usize, message: &str) {
+        if self.quiet {
+            return;
+        }
         if let Some((bar, from)) = &self.bar {
             from.store(offset, Ordering::Relaxed);
             bar.set_message(message.to_string());

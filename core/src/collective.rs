@@ -133,6 +133,67 @@ pub fn all_reduce_grads(
     Ok((out, flat.len()))
 }
 
+/// Refuses to start a job whose ranks were given different inputs: each of `parts` (a name
+/// and what this rank holds, such as the settings as JSON, the model's and the data's
+/// fingerprints) must equal rank 0's. The error names the part, the first rank that
+/// differs, and for JSON objects the keys whose values differ.
+pub fn check_same_inputs(collective: &dyn Collective, parts: &[(&str, String)]) -> Result<()> {
+    if collective.size() == 1 {
+        return Ok(());
+    }
+    for (name, mine) in parts {
+        let all = collective.all_gather_bytes(mine.as_bytes())?;
+        let Some((rank, theirs)) = all.iter().enumerate().find(|(_, b)| *b != &all[0]) else {
+            continue;
+        };
+        let (first, other) = (
+            String::from_utf8_lossy(&all[0]),
+            String::from_utf8_lossy(theirs),
+        );
+        return Err(Error::Collective(format!(
+            "rank {rank} was started with another {name} than rank 0: {}; every rank must \
+             run the same command on the same files",
+            describe_difference(&first, &other)
+        )));
+    }
+    Ok(())
+}
+
+/// The keys of two JSON objects whose values differ (`key: a vs b`), or both texts
+/// shortened.
+fn describe_difference(a: &str, b: &str) -> String {
+    use serde_json::Value;
+    let short = |s: &str| -> String {
+        let cut: String = s.chars().take(120).collect();
+        if cut.len() < s.len() {
+            format!("{cut}...")
+        } else {
+            cut
+        }
+    };
+    match (
+        serde_json::from_str::<Value>(a),
+        serde_json::from_str::<Value>(b),
+    ) {
+        (Ok(Value::Object(x)), Ok(Value::Object(y))) => {
+            let mut keys: Vec<&String> = x.keys().chain(y.keys()).collect();
+            keys.sort();
+            keys.dedup();
+            let diffs: Vec<String> = keys
+                .into_iter()
+                .filter(|k| x.get(*k) != y.get(*k))
+                .map(|k| {
+                    let show =
+                        |v: Option<&Value>| v.map_or("(absent)".into(), |v| short(&v.to_string()));
+                    format!("{k} {} (rank 0) vs {}", show(x.get(k)), show(y.get(k)))
+                })
+                .collect();
+            diffs.join(", ")
+        }
+        _ => format!("{} (rank 0) vs {}", short(a), short(b)),
+    }
+}
+
 /// `all` as `size` rank-ordered runs of `len` values, folded with `add` in rank order.
 fn fold_ranks<T: Copy>(all: &[T], len: usize, add: impl Fn(T, T) -> T) -> Vec<T> {
     let mut runs = all.chunks_exact(len.max(1));
@@ -198,8 +259,7 @@ mod tests {
             g
         };
         let accumulated =
-            GradStore::accumulate(Some(grads_of(&mine)), grads_of(&theirs), &[p.clone()])
-                .unwrap();
+            GradStore::accumulate(Some(grads_of(&mine)), grads_of(&theirs), &[p.clone()]).unwrap();
         let pair = Pair {
             other_f32: theirs.clone(),
             other_f64: Vec::new(),
@@ -231,13 +291,74 @@ mod tests {
         );
     }
 
+    /// Two ranks whose second was given `theirs` in every byte gather.
+    struct Differing {
+        theirs: Vec<u8>,
+    }
+
+    impl Collective for Differing {
+        fn rank(&self) -> usize {
+            0
+        }
+        fn size(&self) -> usize {
+            2
+        }
+        fn all_gather_f64(&self, local: &[f64]) -> Result<Vec<f64>> {
+            Ok([local, local].concat())
+        }
+        fn all_gather_f32(&self, local: &[f32]) -> Result<Vec<f32>> {
+            Ok([local, local].concat())
+        }
+        fn all_gather_bytes(&self, local: &[u8]) -> Result<Vec<Vec<u8>>> {
+            Ok(vec![local.to_vec(), self.theirs.clone()])
+        }
+        fn abort(&self, message: &str, _code: i32) -> ! {
+            panic!("{message}")
+        }
+    }
+
+    #[test]
+    fn a_rank_with_other_settings_is_named_with_the_keys_that_differ() {
+        let ours = r#"{"lr":0.001,"seed":1,"batch_size":4}"#.to_string();
+        let same = Differing {
+            theirs: ours.clone().into_bytes(),
+        };
+        check_same_inputs(&same, &[("settings", ours.clone())]).unwrap();
+        let other = Differing {
+            theirs: br#"{"lr":0.002,"seed":1,"batch_size":4}"#.to_vec(),
+        };
+        let err = check_same_inputs(&other, &[("settings", ours)])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("rank 1")
+                && err.contains("settings")
+                && err.contains("lr 0.001 (rank 0) vs 0.002"),
+            "{err}"
+        );
+        assert!(!err.contains("seed"), "{err}");
+        let data = Differing {
+            theirs: b"sha256:bbbb".to_vec(),
+        };
+        let err = check_same_inputs(&data, &[("data", "sha256:aaaa".into())])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("data") && err.contains("sha256:aaaa (rank 0) vs sha256:bbbb"),
+            "{err}"
+        );
+    }
+
     #[test]
     fn sums_and_flags_fold_in_rank_order() {
         let pair = Pair {
             other_f32: Vec::new(),
             other_f64: vec![2.5, 0.0],
         };
-        assert_eq!(sum_in_rank_order(&pair, &[1.0, 3.0]).unwrap(), vec![3.5, 3.0]);
+        assert_eq!(
+            sum_in_rank_order(&pair, &[1.0, 3.0]).unwrap(),
+            vec![3.5, 3.0]
+        );
         let quiet = Pair {
             other_f32: Vec::new(),
             other_f64: vec![0.0],

@@ -10,6 +10,8 @@
 //!   and [`dpo::DpoRun`], the same loop in a run folder.
 //! - [`run_dir`]: the files a training run keeps in its folder (JSONL logs, optimizer
 //!   moments, checkpoint folders swapped in by rename, trainer states), shared by SFT and PPO.
+//! - `mpi` (feature `mpi`): `Mpi`, the [`lathe_core::Collective`] of a job started by
+//!   `mpirun`; [`sft::SftRun::open_data_parallel`] trains on it.
 //! - [`resume`]: fingerprints of a run's inputs and the check a resumed checkpoint must pass.
 //!
 //! A few steps of SFT on a tiny model, with no command-line crate involved:
@@ -48,6 +50,8 @@
 #![warn(missing_docs)]
 
 pub mod dpo;
+#[cfg(feature = "mpi")]
+pub mod mpi;
 pub mod resume;
 pub mod run_dir;
 pub mod sft;

@@ -11,15 +11,24 @@
 //! of (seed, e), the dropout masks of micro-batch g of (seed, g), A's init of (seed, layer).
 //! With the adapters and Adam's moments saved in f32, a run resumed from a checkpoint
 //! continues exactly as the uninterrupted run would have.
+//!
+//! Data parallel (a [`Collective`] of N ranks, e.g. `mpirun -np N`): a step is
+//! `grad_accum x N` micro-batches of the one seeded block order; rank r computes micro-batches
+//! `r * grad_accum ..` of them, and the gradients and losses are summed over ranks in rank
+//! order. So N ranks with `grad_accum = 1` give the bits of one process with
+//! `grad_accum = N` (the same micro-batches, added in the same order); with a larger
+//! `grad_accum` the sums are regrouped, equal to f32 rounding. Rank 0 writes the run folder.
 
 use std::fs::File;
 use std::io::Write;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Instant;
 
+use lathe_core::collective::{all_reduce_grads, check_same_inputs, sum_in_rank_order};
 use lathe_core::optim::{Adam, AdamConfig};
-use lathe_core::Rng;
 use lathe_core::{clip_grad_norm, Device, GradStore, LrSchedule, ScheduleKind, Tensor};
+use lathe_core::{Collective, Rng, Solo};
 use lathe_lora::{AdapterSwitch, LoraConfig};
 use lathe_models::attention::TokenLayout;
 use lathe_models::chat::{tokenize_conversation, ChatTemplate, Message};
@@ -386,16 +395,38 @@ pub fn eval_loss(
     batch: usize,
     device: &Device,
 ) -> Result<Option<f32>> {
+    eval_loss_on_ranks(model, switch, blocks, batch, device, &Solo)
+}
+
+/// [`eval_loss`] shared by the ranks of `collective`: batch i is rank (i mod N)'s, and the
+/// batches' losses are added in batch order, so every rank count gives the same bits.
+fn eval_loss_on_ranks(
+    model: &CausalLm,
+    switch: &AdapterSwitch,
+    blocks: &[Vec<u32>],
+    batch: usize,
+    device: &Device,
+    collective: &dyn Collective,
+) -> Result<Option<f32>> {
     if blocks.is_empty() {
         return Ok(None);
     }
     let _no_grad = lathe_core::no_grad();
     let seed = switch.dropout_seed();
     switch.eval();
+    let (rank, ranks) = (collective.rank(), collective.size());
+    // (batches,): loss x blocks of this rank's batches, 0 elsewhere.
+    let mut sums = vec![0.0f64; blocks.len().div_ceil(batch)];
+    for (i, chunk) in blocks.chunks(batch).enumerate() {
+        if i % ranks == rank {
+            let refs: Vec<&Vec<u32>> = chunk.iter().collect();
+            sums[i] = block_loss(model, &refs, device)?.to_scalar()? as f64 * chunk.len() as f64;
+        }
+    }
+    let all = collective.all_gather_f64(&sums)?;
     let mut total = 0.0f64;
-    for chunk in blocks.chunks(batch) {
-        let refs: Vec<&Vec<u32>> = chunk.iter().collect();
-        total += block_loss(model, &refs, device)?.to_scalar()? as f64 * chunk.len() as f64;
+    for i in 0..sums.len() {
+        total += all[(i % ranks) * sums.len() + i];
     }
     if let Some(seed) = seed {
         switch.train(seed);
@@ -431,6 +462,13 @@ struct TrainerState {
     /// The run's inputs; absent in checkpoints of older versions.
     #[serde(default)]
     inputs: Option<Fingerprints>,
+    /// The processes that trained it (1 in checkpoints of older versions).
+    #[serde(default = "one")]
+    ranks: usize,
+}
+
+fn one() -> usize {
+    1
 }
 
 /// sha256 of the training and held-out blocks: the data as the run sees it, so another
@@ -479,17 +517,23 @@ fn read_state(
 pub struct StepPlan {
     /// Micro-batches in one pass over the training blocks.
     pub micro_per_epoch: usize,
-    /// Optimizer steps in one epoch (`micro_per_epoch / grad_accum`, rounded up).
+    /// Optimizer steps in one epoch (`micro_per_epoch / (grad_accum x ranks)`, rounded up).
     pub steps_per_epoch: usize,
     /// Optimizer steps of the whole run.
     pub total_steps: usize,
 }
 
 impl StepPlan {
-    /// The plan of `config` (validated) on `blocks`.
+    /// The plan of `config` (validated) on `blocks`, in one process.
     pub fn new(config: &SftConfig, blocks: &Blocks) -> Result<StepPlan> {
+        Self::on_ranks(config, blocks, 1)
+    }
+
+    /// The plan of `config` on `blocks` for `ranks` data-parallel processes: a step takes
+    /// `grad_accum x ranks` micro-batches.
+    pub fn on_ranks(config: &SftConfig, blocks: &Blocks, ranks: usize) -> Result<StepPlan> {
         let micro_per_epoch = blocks.train.len().div_ceil(config.batch_size);
-        let steps_per_epoch = micro_per_epoch.div_ceil(config.grad_accum);
+        let steps_per_epoch = micro_per_epoch.div_ceil(config.grad_accum * ranks.max(1));
         let total_steps = match config.max_steps {
             Some(steps) => steps,
             None => {
@@ -522,8 +566,10 @@ pub struct StepStats {
     pub lr: f32,
     /// The gradients' global L2 norm before clipping.
     pub grad_norm: f32,
-    /// Tokens in the step's blocks.
+    /// Tokens in the step's blocks (on every rank).
     pub tokens: usize,
+    /// f32 values this rank sent to reduce the step's gradients (0 in one process).
+    pub reduced_values: usize,
 }
 
 /// Where a trainer starts: fresh adapters, or a checkpoint's adapters and moments.
@@ -557,6 +603,8 @@ pub struct SftTrainer<'a> {
     /// The block order of the epoch `order_epoch`.
     order: Vec<usize>,
     order_epoch: usize,
+    /// The processes training together ([`Solo`] in one process).
+    collective: Arc<dyn Collective>,
 }
 
 impl<'a> SftTrainer<'a> {
@@ -568,8 +616,21 @@ impl<'a> SftTrainer<'a> {
         config: &SftConfig,
         device: &Device,
     ) -> Result<Self> {
+        Self::data_parallel(model, blocks, config, device, Arc::new(Solo))
+    }
+
+    /// [`new`](SftTrainer::new) as one of the ranks of `collective`: every rank builds the
+    /// same trainer (the same seed, the same adapters), takes its share of each step's
+    /// micro-batches, and applies the gradients summed over all ranks.
+    pub fn data_parallel(
+        model: &'a mut CausalLm,
+        blocks: &'a Blocks,
+        config: &SftConfig,
+        device: &Device,
+        collective: Arc<dyn Collective>,
+    ) -> Result<Self> {
         check_settings(config, blocks)?;
-        Self::build(model, blocks, config, device, Start::Fresh)
+        Self::build(model, blocks, config, device, Start::Fresh, collective)
     }
 
     fn build(
@@ -578,8 +639,9 @@ impl<'a> SftTrainer<'a> {
         config: &SftConfig,
         device: &Device,
         start: Start<'_>,
+        collective: Arc<dyn Collective>,
     ) -> Result<Self> {
-        let plan = StepPlan::new(config, blocks)?;
+        let plan = StepPlan::on_ranks(config, blocks, collective.size())?;
         let lora_config = config.lora_config(&model.config());
         let switch = AdapterSwitch::new();
         let (step, adam_state) = match start {
@@ -626,6 +688,7 @@ impl<'a> SftTrainer<'a> {
             step,
             order: Vec::new(),
             order_epoch: usize::MAX,
+            collective,
         })
     }
 
@@ -634,7 +697,7 @@ impl<'a> SftTrainer<'a> {
     /// [`Error::Diverged`], the step not counted.
     pub fn step(&mut self) -> Result<StepStats> {
         let step = self.step;
-        let (loss, mut grads, tokens) = self.forward_backward()?;
+        let (loss, mut grads, tokens, reduced_values) = self.forward_backward()?;
         let grad_norm = clip_grad_norm(&mut grads, &self.params, self.config.max_grad_norm)?;
         let lr = self.schedule.lr(step);
         let diverged = |what: String| Error::Diverged {
@@ -663,20 +726,26 @@ impl<'a> SftTrainer<'a> {
             lr,
             grad_norm,
             tokens,
+            reduced_values,
         })
     }
 
-    /// The step's micro-batches through the model and back: the mean loss over its blocks,
-    /// the summed gradients (each micro-batch's mean loss weighed by its share of the
-    /// step's blocks) and the tokens seen.
-    fn forward_backward(&mut self) -> Result<(f32, GradStore, usize)> {
+    /// This rank's micro-batches of the step through the model and back, summed over the
+    /// ranks: the mean loss over the step's blocks, the summed gradients (each micro-batch's
+    /// mean loss weighed by its share of the step's blocks), the tokens seen and the f32
+    /// values sent for the reduction.
+    fn forward_backward(&mut self) -> Result<(f32, GradStore, usize, usize)> {
         let config = &self.config;
+        let ranks = self.collective.size();
+        // The step's micro-batches, rank-major: rank r takes slots r * grad_accum ...
+        let micro_per_step = config.grad_accum * ranks;
+        let first_slot = self.step * micro_per_step + self.collective.rank() * config.grad_accum;
         let mut grads: Option<GradStore> = None;
         let mut step_loss = 0.0f64;
         let mut step_blocks = 0usize;
         let mut tokens = 0usize;
         for micro in 0..config.grad_accum {
-            let global = self.step * config.grad_accum + micro;
+            let global = first_slot + micro;
             let per_epoch = self.plan.micro_per_epoch;
             let (epoch, index) = (global / per_epoch, global % per_epoch);
             if epoch != self.order_epoch {
@@ -693,7 +762,7 @@ impl<'a> SftTrainer<'a> {
             self.switch
                 .train(position_seed(config.seed, DROPOUT_STREAM, global));
             let loss = block_loss(self.model, &batch, &self.device)?;
-            let weight = batch.len() as f32 / (config.batch_size * config.grad_accum) as f32;
+            let weight = batch.len() as f32 / (config.batch_size * micro_per_step) as f32;
             let micro_grads = loss.affine(weight, 0.0)?.backward()?;
             step_loss += loss.to_scalar()? as f64 * batch.len() as f64;
             step_blocks += batch.len();
@@ -701,18 +770,36 @@ impl<'a> SftTrainer<'a> {
             grads = Some(GradStore::accumulate(grads, micro_grads, &self.params)?);
         }
         let grads = grads.expect("grad_accum >= 1");
-        Ok(((step_loss / step_blocks as f64) as f32, grads, tokens))
+        let (grads, reduced_values) = all_reduce_grads(&*self.collective, grads, &self.params)?;
+        let totals = sum_in_rank_order(
+            &*self.collective,
+            &[step_loss, step_blocks as f64, tokens as f64],
+        )?;
+        let (step_loss, step_blocks, tokens) = (totals[0], totals[1], totals[2] as usize);
+        Ok((
+            (step_loss / step_blocks) as f32,
+            grads,
+            tokens,
+            reduced_values,
+        ))
     }
 
-    /// Mean loss over the held-out blocks (None without any); dropout off meanwhile.
+    /// Mean loss over the held-out blocks (None without any); dropout off meanwhile. With
+    /// several ranks each takes every N-th batch.
     pub fn eval_loss(&self) -> Result<Option<f32>> {
-        eval_loss(
+        eval_loss_on_ranks(
             self.model,
             &self.switch,
             &self.blocks.eval,
             self.config.batch_size,
             &self.device,
+            &*self.collective,
         )
+    }
+
+    /// The processes training together.
+    pub fn collective(&self) -> &dyn Collective {
+        &*self.collective
     }
 
     /// Optimizer steps done.
@@ -811,17 +898,52 @@ impl<'a> SftRun<'a> {
         device: &Device,
         options: &ResumeOptions,
     ) -> Result<Self> {
+        Self::open_data_parallel(model, blocks, config, out, device, options, Arc::new(Solo))
+    }
+
+    /// [`open`](SftRun::open) as one of the ranks of `collective`
+    /// ([`SftTrainer::data_parallel`]). Every rank must be given the same settings, model
+    /// and data (checked: a rank that differs from rank 0 is refused with what differs);
+    /// every rank resumes from the same checkpoint, and only rank 0 writes into `out`.
+    pub fn open_data_parallel(
+        model: &'a mut CausalLm,
+        blocks: &'a Blocks,
+        config: &SftConfig,
+        out: &Path,
+        device: &Device,
+        options: &ResumeOptions,
+        collective: Arc<dyn Collective>,
+    ) -> Result<Self> {
         check_settings(config, blocks)?;
-        let total_steps = StepPlan::new(config, blocks)?.total_steps;
+        let ranks = collective.size();
+        let total_steps = StepPlan::on_ranks(config, blocks, ranks)?.total_steps;
         let inputs = Fingerprints {
             model: options.model.clone(),
             data: Some(blocks_fingerprint(blocks)),
             reward: None,
         };
+        check_same_inputs(
+            &*collective,
+            &[
+                ("settings", serde_json::to_string(config)?),
+                ("model", format!("{:?}", inputs.model)),
+                ("data", format!("{:?}", inputs.data)),
+                ("output folder", out.display().to_string()),
+            ],
+        )?;
         let run = RunDir::new(out, "sft");
         let checkpoint_dir = run.checkpoint_to_resume();
         let trainer = if let Some(dir) = &checkpoint_dir {
             let state = read_state(&run, dir, config, total_steps)?;
+            if state.ranks != ranks {
+                invalid!(
+                    "{} was written by {} process(es) and this run has {ranks}: a step's \
+                     micro-batches would be split another way; resume with mpirun -np {}",
+                    dir.display(),
+                    state.ranks,
+                    state.ranks
+                );
+            }
             crate::resume::check(
                 "sft",
                 dir,
@@ -837,12 +959,23 @@ impl<'a> SftRun<'a> {
                 config,
                 device,
                 Start::Checkpoint { dir, state: &state },
+                collective.clone(),
             )?
         } else {
-            SftTrainer::build(model, blocks, config, device, Start::Fresh)?
+            SftTrainer::build(
+                model,
+                blocks,
+                config,
+                device,
+                Start::Fresh,
+                collective.clone(),
+            )?
         };
+        let writer = collective.is_writer();
         // Only now, with every setting and the adapters accepted, does the run folder appear.
-        run.create()?;
+        if writer {
+            run.create()?;
+        }
         let start_step = trainer.steps_done();
         let resumed = checkpoint_dir.is_some();
         let metrics_path = run.metrics();
@@ -857,7 +990,7 @@ impl<'a> SftRun<'a> {
         if resumed {
             read_summary(&metrics_path, start_step, &mut summary)?;
         }
-        let metrics = if start_step < total_steps {
+        let metrics = if start_step < total_steps && writer {
             Some(run.reopen_log(crate::run_dir::METRICS_FILE, start_step)?)
         } else {
             None
@@ -938,12 +1071,11 @@ impl<'a> SftRun<'a> {
                 eval_loss = Some(eval);
             }
         }
-        let metrics = self
-            .metrics
-            .as_mut()
-            .expect("a run with steps to do has its metrics open");
-        crate::run_dir::append_jsonl(metrics, &json)?;
-        metrics.flush()?;
+        // Only rank 0 has the log open.
+        if let Some(metrics) = self.metrics.as_mut() {
+            crate::run_dir::append_jsonl(metrics, &json)?;
+            metrics.flush()?;
+        }
         Ok(StepRecord {
             stats,
             eval_loss,
@@ -964,6 +1096,9 @@ impl<'a> SftRun<'a> {
     /// temporary folder renamed into place.
     pub fn save_checkpoint(&self) -> Result<()> {
         let trainer = &self.trainer;
+        if !trainer.collective.is_writer() {
+            return Ok(());
+        }
         self.run.save_checkpoint(|temp| -> Result<()> {
             trainer.model.save_lora(temp, &trainer.lora_config)?;
             crate::run_dir::save_moments(&trainer.adam, &temp.join(OPTIMIZER_FILE))?;
@@ -972,6 +1107,7 @@ impl<'a> SftRun<'a> {
                 adam_step: trainer.adam.step_count(),
                 config: trainer.config.clone(),
                 inputs: Some(self.inputs.clone()),
+                ranks: trainer.collective.size(),
             };
             crate::run_dir::write_state(temp, &state)
         })
@@ -1002,6 +1138,9 @@ impl<'a> SftRun<'a> {
         if self.trainer.step > self.start_step {
             self.summary.tokens_per_s =
                 self.tokens as f64 / self.started.elapsed().as_secs_f64().max(1e-9);
+        }
+        if !self.trainer.collective.is_writer() {
+            return Ok(self.summary);
         }
         save_final(
             self.trainer.model,

@@ -65,24 +65,42 @@ pub fn train_stoppable(
     stop: Option<&AtomicBool>,
     options: &crate::resume::ResumeOptions,
 ) -> Result<SftSummary> {
-    let mut run = SftRun::open(model, blocks, config, out, device, options)?;
+    let collective = crate::parallel::collective();
+    let ranks = collective.size();
+    let mut run = SftRun::open_data_parallel(
+        model,
+        blocks,
+        config,
+        out,
+        device,
+        options,
+        collective.clone(),
+    )?;
     let total_steps = run.trainer().plan().total_steps;
     let start_step = run.start_step();
-    eprintln!("{}", run.trainer().model().trainable_parameters_line()?);
-    eprintln!(
-        "sft: {} train blocks, {} eval blocks of {} tokens; {total_steps} steps of {} x {} \
-         blocks{}",
-        blocks.train.len(),
-        blocks.eval.len(),
-        config.block_size,
-        config.batch_size,
-        config.grad_accum,
-        if run.resumed() {
-            format!(", resuming at step {start_step}")
-        } else {
-            String::new()
-        }
-    );
+    let writer = collective.is_writer();
+    if writer {
+        eprintln!("{}", run.trainer().model().trainable_parameters_line()?);
+        eprintln!(
+            "sft: {} train blocks, {} eval blocks of {} tokens; {total_steps} steps of {} x {} \
+             blocks{}{}",
+            blocks.train.len(),
+            blocks.eval.len(),
+            config.block_size,
+            config.batch_size,
+            config.grad_accum,
+            if ranks > 1 {
+                format!(" x {ranks} ranks")
+            } else {
+                String::new()
+            },
+            if run.resumed() {
+                format!(", resuming at step {start_step}")
+            } else {
+                String::new()
+            }
+        );
+    }
     if run.already_finished() {
         eprintln!(
             "sft: {} already holds a finished run of {start_step} steps; nothing to do",
@@ -95,6 +113,15 @@ pub fn train_stoppable(
         return Ok(run.finish()?);
     }
     let mut progress = Progress::new("sft", total_steps);
+    let stopped = |stop: Option<&AtomicBool>| -> Result<bool> {
+        let mine = stop.is_some_and(|s| s.load(Ordering::SeqCst));
+        // Every rank stops at the same step: a Ctrl-C seen by one stops all.
+        Ok(if ranks > 1 {
+            collective.any(mine)?
+        } else {
+            mine
+        })
+    };
     while !run.done() {
         let record = run.step()?;
         let (done, loss, lr) = (record.stats.step, record.stats.loss, record.stats.lr);
@@ -110,7 +137,7 @@ pub fn train_stoppable(
                 record.tokens_per_s
             ),
         );
-        let interrupted = stop.is_some_and(|s| s.load(Ordering::SeqCst));
+        let interrupted = stopped(stop)?;
         if run.checkpoint_due() || interrupted {
             run.save_checkpoint()?;
         }
@@ -310,6 +337,9 @@ pub fn run(args: &SftArgs) -> Result<()> {
             step: summary.steps,
         }
         .into());
+    }
+    if !crate::parallel::is_writer() {
+        return Ok(());
     }
     let first = summary.losses.first().copied().unwrap_or(f32::NAN);
     let last = summary.losses.last().copied().unwrap_or(f32::NAN);

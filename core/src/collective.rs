@@ -151,7 +151,7 @@ pub fn check_same_inputs(collective: &dyn Collective, parts: &[(&str, String)]) 
             String::from_utf8_lossy(theirs),
         );
         return Err(Error::Collective(format!(
-            "rank {rank} was started with another {name} than rank 0: {}; every rank must \
+            "the {name} of rank {rank} and rank 0 differ: {}; every rank must \
              run the same command on the same files",
             describe_difference(&first, &other)
         )));

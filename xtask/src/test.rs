@@ -1,6 +1,7 @@
-//! `cargo xtask test`: the adapter check, then `cargo test --workspace`, then the release
-//! checks: the documentation builds without a warning and every publishable crate packages
-//! and compiles from its package.
+//! `cargo xtask test`: the adapter check, then `cargo test --workspace`, then the
+//! data-parallel tests under `mpirun` (`lathe-cli --features mpi`), then the release checks:
+//! the documentation builds without a warning and every publishable crate packages and
+//! compiles from its package.
 
 use std::process::{Command, ExitCode, ExitStatus};
 
@@ -15,11 +16,53 @@ use crate::probe;
 /// extra args (`-p NAME`) replaces `--workspace`, which would otherwise win over it, and
 /// skips the release checks.
 pub fn run(extra: &[String]) -> Result<ExitCode> {
+    if scope(extra).is_some() {
+        require_mpirun()?;
+    }
     let status = run_tests(extra)?;
     if !status.success() || scope(extra).is_none() {
         return Ok(exit_code(status));
     }
+    let status = mpi_tests()?;
+    if !status.success() {
+        return Ok(exit_code(status));
+    }
     release_checks()
+}
+
+/// The data-parallel tests: `lathe` built with the `mpi` feature, run under Open MPI's
+/// `mpirun` (the default build, tested above, needs no MPI).
+fn mpi_tests() -> Result<ExitStatus> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_string());
+    let args = ["test", "-p", "lathe-cli", "--features", "mpi", "--test", "mpi"];
+    eprintln!("xtask: running `cargo {}`", args.join(" "));
+    let started = std::time::Instant::now();
+    let status = Command::new(&cargo)
+        .current_dir(crate::workspace_root())
+        .args(args)
+        .env("RUST_BACKTRACE", "1")
+        .status()
+        .with_context(|| format!("could not start `{cargo} test`"))?;
+    eprintln!(
+        "xtask: the MPI tests took {:.0} s",
+        started.elapsed().as_secs_f64()
+    );
+    Ok(status)
+}
+
+/// The MPI tests need Open MPI (and libclang for the bindings): say so before any build.
+fn require_mpirun() -> Result<()> {
+    let found = Command::new("mpirun")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !found {
+        anyhow::bail!(
+            "no mpirun: the data-parallel tests run under Open MPI. Install it with \
+             `apt-get install -y openmpi-bin libopenmpi-dev libclang-dev` (as root)."
+        );
+    }
+    Ok(())
 }
 
 /// The docs, then the packaging check: what a user of the published crates gets.

@@ -1,0 +1,351 @@
+//! Data-parallel `lathe sft` under `mpirun` (feature `mpi`; `cargo xtask test` runs it with
+//! Open MPI installed): two ranks train as one process with the same global batch, bit for
+//! bit; Ctrl-C on one rank stops all at one step and the resumed run equals the
+//! uninterrupted one; a killed rank ends the job; ranks given different settings refuse to
+//! start; commands that are not data parallel refuse several ranks.
+#![cfg(feature = "mpi")]
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{fixture_model, scratch_in};
+use lathe_core::safetensors;
+use lathe_core::Device;
+
+fn scratch(name: &str) -> PathBuf {
+    scratch_in("mpi", name)
+}
+
+/// A small repetitive corpus (the one of sft_merge.rs), as a text file in `dir`.
+fn corpus(dir: &Path) -> PathBuf {
+    let words = [
+        "the", "film", "was", "great", "and", "the", "cast", "was", "fine",
+    ];
+    let text: String = (0..120)
+        .map(|i| {
+            let line: Vec<&str> = (0..10)
+                .map(|j| words[(i * 7 + j * 3) % words.len()])
+                .collect();
+            line.join(" ") + "\n"
+        })
+        .collect();
+    let path = dir.join("texts.txt");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// `lathe sft` flags of the runs compared here: dropout on, held-out blocks, warm-up.
+fn sft_args(data: &Path, out: &Path, steps: usize, grad_accum: usize) -> Vec<String> {
+    [
+        "sft",
+        "--model",
+        fixture_model().to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--block-size",
+        "24",
+        "--batch-size",
+        "4",
+        "--lr",
+        "3e-3",
+        "--warmup-steps",
+        "2",
+        "--lora-r",
+        "4",
+        "--lora-dropout",
+        "0.1",
+        "--eval-fraction",
+        "0.1",
+        "--eval-every",
+        "5",
+        "--save-every",
+        "10",
+        "--seed",
+        "5",
+        "--device",
+        "cpu",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .chain([
+        "--max-steps".into(),
+        steps.to_string(),
+        "--grad-accum".into(),
+        grad_accum.to_string(),
+    ])
+    .collect()
+}
+
+/// `mpirun -np <ranks> lathe <args>` (as root in CI, more ranks than cores), one CPU
+/// thread per rank.
+fn mpirun(ranks: usize, args: &[String]) -> Command {
+    let mut command = Command::new("mpirun");
+    command
+        .args(["--allow-run-as-root", "--oversubscribe", "-np"])
+        .arg(ranks.to_string())
+        .args(["-x", "RAYON_NUM_THREADS=1"])
+        .arg(env!("CARGO_BIN_EXE_lathe"))
+        .args(args);
+    command
+}
+
+fn run(mut command: Command) -> Output {
+    let out = command
+        .output()
+        .expect("mpirun (Open MPI) must be installed");
+    eprintln!("{}", String::from_utf8_lossy(&out.stderr));
+    out
+}
+
+/// metrics.jsonl without the wall-clock fields.
+fn metrics(out: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
+            let o = v.as_object_mut().unwrap();
+            o.remove("elapsed_s");
+            o.remove("tokens_per_s");
+            v
+        })
+        .collect()
+}
+
+fn adapter(out: &Path) -> Vec<(String, Vec<f32>)> {
+    safetensors::load(&out.join("adapter_model.safetensors"), &Device::Cpu)
+        .unwrap()
+        .into_iter()
+        .map(|(name, t)| (name, t.to_vec_f32().unwrap()))
+        .collect()
+}
+
+#[test]
+fn two_ranks_train_as_one_process_with_the_same_global_batch() {
+    let dir = scratch("equal");
+    let data = corpus(&dir);
+    // 4 blocks x 2 micro-batches a step: one process accumulating both, or two ranks of one.
+    let (one, two) = (dir.join("one"), dir.join("two"));
+    assert!(run(mpirun(1, &sft_args(&data, &one, 12, 2)))
+        .status
+        .success());
+    assert!(run(mpirun(2, &sft_args(&data, &two, 12, 1)))
+        .status
+        .success());
+    let (m1, m2) = (metrics(&one), metrics(&two));
+    assert_eq!(m1.len(), 12);
+    assert!(m1.iter().filter(|m| m.get("eval_loss").is_some()).count() >= 2);
+    // The same micro-batches added in the same order: bit for bit.
+    assert_eq!(m1, m2);
+    assert_eq!(
+        std::fs::read(one.join("adapter_model.safetensors")).unwrap(),
+        std::fs::read(two.join("adapter_model.safetensors")).unwrap()
+    );
+    // Two micro-batches on each rank: the sums are regrouped, equal to f32 rounding.
+    let (four, two_by_two) = (dir.join("four"), dir.join("two_by_two"));
+    assert!(run(mpirun(1, &sft_args(&data, &four, 12, 4)))
+        .status
+        .success());
+    assert!(run(mpirun(2, &sft_args(&data, &two_by_two, 12, 2)))
+        .status
+        .success());
+    for (a, b) in metrics(&four).iter().zip(metrics(&two_by_two)) {
+        for key in ["loss", "grad_norm"] {
+            let (x, y) = (a[key].as_f64().unwrap(), b[key].as_f64().unwrap());
+            assert!((x - y).abs() <= 1e-6 * x.abs(), "{key}: {x} vs {y}");
+        }
+    }
+    for ((name, a), (_, b)) in adapter(&four).iter().zip(adapter(&two_by_two)) {
+        let diff: f64 = a
+            .iter()
+            .zip(&b)
+            .map(|(x, y)| f64::from(x - y).powi(2))
+            .sum();
+        let norm: f64 = a.iter().map(|x| f64::from(*x).powi(2)).sum();
+        assert!(
+            diff.sqrt() <= 1e-6 * norm.sqrt(),
+            "{name}: relative difference {}",
+            (diff / norm).sqrt()
+        );
+    }
+    // Only rank 0 wrote: one line a step.
+    assert_eq!(metrics(&two).len(), 12);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The pids of `parent`'s children (the ranks mpirun started on this machine).
+fn children(parent: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        // "pid (comm) state ppid ...": comm may hold spaces, so split after its ')'.
+        let after = &stat[stat.rfind(')').unwrap() + 2..];
+        if after.split(' ').nth(1) == Some(&parent.to_string()) {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+/// Waits until `out/metrics.jsonl` has `lines` lines (the job is well under way), then
+/// sends `signal` to one of `job`'s ranks; returns the job's exit status and how long it
+/// took to end after the signal.
+fn signal_a_rank(
+    mut job: Child,
+    out: &Path,
+    lines: usize,
+    signal: &str,
+) -> (std::process::ExitStatus, Duration) {
+    let started = Instant::now();
+    loop {
+        let logged = std::fs::read_to_string(out.join("metrics.jsonl"))
+            .map(|s| s.lines().count())
+            .unwrap_or(0);
+        if logged >= lines {
+            break;
+        }
+        assert!(
+            job.try_wait().unwrap().is_none(),
+            "the job ended before it logged {lines} steps"
+        );
+        assert!(started.elapsed() < Duration::from_secs(120), "no progress");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let ranks = children(job.id());
+    assert_eq!(ranks.len(), 2, "mpirun's children: {ranks:?}");
+    let killed = Command::new("kill")
+        .args([signal, &ranks[1].to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let signalled = Instant::now();
+    loop {
+        if let Some(status) = job.try_wait().unwrap() {
+            return (status, signalled.elapsed());
+        }
+        if signalled.elapsed() > Duration::from_secs(60) {
+            let _ = job.kill();
+            panic!("the job was still running 60 s after a rank got {signal}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn checkpoint_step(out: &Path) -> u64 {
+    let state: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(out.join("checkpoint/trainer_state.json")).unwrap(),
+    )
+    .unwrap();
+    state["step"].as_u64().unwrap()
+}
+
+const LONG_RUN: usize = 4000;
+
+#[test]
+fn ctrl_c_on_one_rank_stops_all_and_the_resumed_run_equals_the_uninterrupted_one() {
+    let dir = scratch("resume");
+    let data = corpus(&dir);
+    let (whole, resumed) = (dir.join("whole"), dir.join("resumed"));
+    assert!(run(mpirun(2, &sft_args(&data, &whole, LONG_RUN, 1)))
+        .status
+        .success());
+    let job = mpirun(2, &sft_args(&data, &resumed, LONG_RUN, 1))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let (status, _) = signal_a_rank(job, &resumed, 30, "-INT");
+    // Both ranks saved and exited 130, as one process does on Ctrl-C.
+    assert_eq!(status.code(), Some(130), "{status:?}");
+    let stopped_at = checkpoint_step(&resumed);
+    assert!(stopped_at >= 30 && (stopped_at as usize) < LONG_RUN);
+    assert!(!resumed.join("adapter_model.safetensors").exists());
+    let out = run(mpirun(2, &sft_args(&data, &resumed, LONG_RUN, 1)));
+    assert!(out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains(&format!("resuming at step {stopped_at}"))
+    );
+    assert_eq!(metrics(&whole), metrics(&resumed));
+    assert_eq!(
+        std::fs::read(whole.join("adapter_model.safetensors")).unwrap(),
+        std::fs::read(resumed.join("adapter_model.safetensors")).unwrap()
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_killed_rank_ends_the_job_and_the_last_checkpoint_is_intact() {
+    let dir = scratch("killed");
+    let data = corpus(&dir);
+    let out = dir.join("run");
+    let job = mpirun(2, &sft_args(&data, &out, LONG_RUN, 1))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let (status, took) = signal_a_rank(job, &out, 30, "-KILL");
+    assert!(!status.success());
+    eprintln!("the job ended {took:?} after a rank was killed");
+    // The checkpoint on disk is a whole one, and a rerun resumes from it.
+    let step = checkpoint_step(&out);
+    assert!(step >= 10 && (step as usize) < LONG_RUN);
+    let rerun = run(mpirun(2, &sft_args(&data, &out, step as usize + 10, 1)));
+    // Another --max-steps is another schedule: refused as a different run, naming it.
+    assert!(!rerun.status.success());
+    assert!(String::from_utf8_lossy(&rerun.stderr).contains("max_steps"));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn ranks_given_different_settings_refuse_to_start() {
+    let dir = scratch("differ");
+    let data = corpus(&dir);
+    let out = dir.join("run");
+    let mine = sft_args(&data, &out, 12, 1);
+    let mut theirs = mine.clone();
+    let at = theirs.iter().position(|a| a == "--lr").unwrap();
+    theirs[at + 1] = "1e-3".into();
+    let mut command = Command::new("mpirun");
+    command
+        .args(["--allow-run-as-root", "--oversubscribe", "-np", "1"])
+        .arg(env!("CARGO_BIN_EXE_lathe"))
+        .args(&mine)
+        .args([":", "-np", "1"])
+        .arg(env!("CARGO_BIN_EXE_lathe"))
+        .args(&theirs);
+    let result = run(command);
+    assert!(!result.status.success());
+    let stderr = String::from_utf8_lossy(&result.stderr);
+    assert!(
+        stderr.contains("settings of rank 1 and rank 0 differ: lr 0.003 (rank 0) vs 0.001"),
+        "{stderr}"
+    );
+    assert!(!out.exists(), "nothing is written by a refused job");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn commands_that_are_not_data_parallel_refuse_several_ranks() {
+    let result = run(mpirun(
+        2,
+        &[
+            "generate".to_string(),
+            "--model".into(),
+            fixture_model().to_str().unwrap().into(),
+            "the film".into(),
+        ],
+    ));
+    assert!(!result.status.success());
+    assert!(String::from_utf8_lossy(&result.stderr)
+        .contains("lathe generate does not run data parallel"));
+}

@@ -112,6 +112,8 @@ fn metrics(out: &Path) -> Vec<serde_json::Value> {
             let o = v.as_object_mut().unwrap();
             o.remove("elapsed_s");
             o.remove("tokens_per_s");
+            // Only a job of several ranks reduces anything.
+            o.remove("reduced_bytes");
             v
         })
         .collect()
@@ -348,4 +350,108 @@ fn commands_that_are_not_data_parallel_refuse_several_ranks() {
     assert!(!result.status.success());
     assert!(String::from_utf8_lossy(&result.stderr)
         .contains("lathe generate does not run data parallel"));
+}
+
+/// Labelled sentences for the tiny BERT encoder, as JSONL in `dir`.
+fn labelled(dir: &Path) -> PathBuf {
+    let (pos, neg) = (
+        ["good", "great", "excellent", "wonderful", "loved"],
+        ["bad", "terrible", "awful", "boring", "hated"],
+    );
+    let lines: String = (0..60)
+        .map(|i| {
+            let (word, label) = if i % 2 == 0 {
+                (pos[i / 2 % 5], 1)
+            } else {
+                (neg[i / 2 % 5], 0)
+            };
+            format!("{{\"text\": \"the movie was {word}\", \"label\": {label}}}\n")
+        })
+        .collect();
+    let path = dir.join("labelled.jsonl");
+    std::fs::write(&path, lines).unwrap();
+    path
+}
+
+fn reward_args(data: &Path, out: &Path) -> Vec<String> {
+    let encoder = common::repo("reward/tests/fixtures/tiny_bert");
+    [
+        "reward-train",
+        "--encoder",
+        encoder.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--test-data",
+        data.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--epochs",
+        "5",
+        "--lora",
+        "--lora-epochs",
+        "3",
+        "--lora-r",
+        "2",
+        "--lora-batch-size",
+        "8",
+        "--device",
+        "cpu",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+fn relative(x: f64, y: f64) -> f64 {
+    (x - y).abs() / x.abs().max(f64::MIN_POSITIVE)
+}
+
+#[test]
+fn reward_training_on_two_ranks_equals_one_process() {
+    let dir = scratch("reward");
+    let data = labelled(&dir);
+    let (one, two) = (dir.join("one"), dir.join("two"));
+    assert!(run(mpirun(1, &reward_args(&data, &one))).status.success());
+    assert!(run(mpirun(2, &reward_args(&data, &two))).status.success());
+    let epochs = |out: &Path| -> Vec<serde_json::Value> {
+        std::fs::read_to_string(out.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    };
+    let (e1, e2) = (epochs(&one), epochs(&two));
+    assert_eq!(e1.len(), 8, "5 head epochs, 3 LoRA epochs");
+    assert_eq!(e1.len(), e2.len());
+    for (a, b) in e1.iter().zip(&e2) {
+        for key in ["train_loss", "train_accuracy", "val_loss", "val_accuracy"] {
+            let (x, y) = (a[key].as_f64().unwrap(), b[key].as_f64().unwrap());
+            if a["stage"] == "head" {
+                // Pooled states computed batch by batch as one process does: the same bits.
+                assert_eq!(x, y, "{key} of head epoch {}", a["epoch"]);
+            } else {
+                assert!(relative(x, y) <= 1e-6, "{key}: {x} vs {y}");
+            }
+        }
+    }
+    let weights =
+        |out: &Path| safetensors::load(&out.join("model.safetensors"), &Device::Cpu).unwrap();
+    let (w1, w2) = (weights(&one), weights(&two));
+    assert_eq!(w1.len(), w2.len());
+    for ((name, a), (other, b)) in w1.iter().zip(&w2) {
+        assert_eq!(name, other);
+        let (a, b) = (a.to_vec_f32().unwrap(), b.to_vec_f32().unwrap());
+        let diff: f64 = a
+            .iter()
+            .zip(&b)
+            .map(|(x, y)| f64::from(x - y).powi(2))
+            .sum();
+        let norm: f64 = a.iter().map(|x| f64::from(*x).powi(2)).sum();
+        assert!(
+            diff.sqrt() <= 1e-6 * norm.sqrt(),
+            "{name}: relative difference {}",
+            (diff / norm).sqrt()
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -6,11 +6,12 @@
 
 use std::path::Path;
 
-use lathe_core::Device;
+use lathe_core::collective::check_same_inputs;
+use lathe_core::{Collective, Device, Solo};
 use lathe_train::run_dir::{append_jsonl, build_dir};
 use serde_json::json;
 
-use crate::train::{evaluate, train_prepared, Evaluation, Prepared};
+use crate::train::{evaluate_on_ranks, train_prepared_on_ranks, Evaluation, Prepared};
 use crate::{EpochStats, Example, Result, RewardModel, TrainReport};
 
 /// Labelled examples to measure the trained model on, under a name (their file's path).
@@ -38,12 +39,42 @@ pub fn train_into(
     device: &Device,
     on_epoch: &mut dyn FnMut(&EpochStats),
 ) -> Result<RewardRun> {
+    train_into_on_ranks(out, prepared, tests, settings, device, on_epoch, &Solo)
+}
+
+/// [`train_into`] as one of the ranks of `collective`
+/// ([`crate::train::train_prepared_on_ranks`]): every rank must be given the same settings,
+/// encoder and data (checked: a rank that differs from rank 0 is refused, naming what
+/// differs); only rank 0 writes `out`.
+pub fn train_into_on_ranks(
+    out: &Path,
+    prepared: Prepared,
+    tests: &[TestSet],
+    settings: serde_json::Value,
+    device: &Device,
+    on_epoch: &mut dyn FnMut(&EpochStats),
+    collective: &dyn Collective,
+) -> Result<RewardRun> {
     lathe_train::run_dir::check_new_dir(out)?;
     let encoder = prepared.dir.display().to_string();
-    let (model, report) = train_prepared(prepared, device, on_epoch)?;
+    check_same_inputs(
+        collective,
+        &[
+            ("settings", settings.to_string()),
+            ("encoder", encoder.clone()),
+            ("data", prepared.fingerprint()),
+            ("output folder", out.display().to_string()),
+        ],
+    )?;
+    let (model, report) = train_prepared_on_ranks(prepared, device, on_epoch, collective)?;
     let tests = tests
         .iter()
-        .map(|(name, examples)| Ok((name.clone(), evaluate(&model, examples)?)))
+        .map(|(name, examples)| {
+            Ok((
+                name.clone(),
+                evaluate_on_ranks(&model, examples, collective)?,
+            ))
+        })
         .collect::<Result<Vec<_>>>()?;
     let test_json: serde_json::Map<String, serde_json::Value> = tests
         .iter()
@@ -64,6 +95,13 @@ pub fn train_into(
         "test": test_json,
         "settings": settings,
     });
+    if !collective.is_writer() {
+        return Ok(RewardRun {
+            model,
+            report,
+            tests,
+        });
+    }
     build_dir(out, |dir| -> Result<()> {
         model.save(dir)?;
         let mut metrics = std::fs::File::create(dir.join("metrics.jsonl"))?;

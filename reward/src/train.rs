@@ -13,13 +13,22 @@
 //!    trained together through the encoder, minibatches grouped by length; the same
 //!    per-epoch measurement, early stopping and best-epoch restore.
 //!
+//! Data parallel (a [`Collective`] of N ranks, `mpirun -np N lathe reward-train`): the
+//! encoder passes are shared out by batch (the pooled states, every held-out measurement;
+//! batch j is rank j mod N's, the same batches as one process, gathered in order), the head
+//! stage on the cached states is cheap and runs whole on every rank, and each LoRA-stage
+//! minibatch is cut into N contiguous parts whose gradients are summed in rank order. The
+//! pooled states and the held-out figures are one process's bits; the LoRA stage equals it
+//! to f32 rounding (a part's rows go through the encoder in a smaller batch).
+//!
 //! Labels: 0 = NEGATIVE, 1 = POSITIVE; the reward is the POSITIVE logit. No dropout is used
 //! in the encoder (transformers would apply hidden/attention dropout 0.1 in train mode).
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use lathe_core::{Adam, AdamConfig, Device, Tensor};
+use lathe_core::collective::{all_reduce_grads, sum_in_rank_order};
+use lathe_core::{Adam, AdamConfig, Collective, Device, Solo, Tensor};
 use lathe_lora::config::TargetModules;
 use lathe_lora::{AdapterSwitch, LoraConfig};
 use lathe_models::tokenizer::Tokenizer;
@@ -232,11 +241,29 @@ pub fn evaluate(model: &RewardModel, examples: &[Example]) -> Result<Evaluation>
     let texts: Vec<&str> = examples.iter().map(|e| e.text.as_str()).collect();
     let ids = model.encode(&texts)?.ids;
     let labels: Vec<u32> = examples.iter().map(|e| e.label).collect();
-    evaluate_ids(model, &ids, &labels)
+    evaluate_ids(model, &ids, &labels, &Solo)
+}
+
+/// [`evaluate`] shared by the ranks of `collective` (batch j is rank j mod N's; the
+/// figures are added in batch order: one process's bits).
+pub fn evaluate_on_ranks(
+    model: &RewardModel,
+    examples: &[Example],
+    collective: &dyn Collective,
+) -> Result<Evaluation> {
+    let texts: Vec<&str> = examples.iter().map(|e| e.text.as_str()).collect();
+    let ids = model.encode(&texts)?.ids;
+    let labels: Vec<u32> = examples.iter().map(|e| e.label).collect();
+    evaluate_ids(model, &ids, &labels, collective)
 }
 
 /// [`evaluate`] on token ids already encoded.
-fn evaluate_ids(model: &RewardModel, ids: &[Vec<u32>], labels: &[u32]) -> Result<Evaluation> {
+fn evaluate_ids(
+    model: &RewardModel,
+    ids: &[Vec<u32>],
+    labels: &[u32],
+    collective: &dyn Collective,
+) -> Result<Evaluation> {
     if ids.is_empty() {
         return Ok(Evaluation {
             loss: f32::NAN,
@@ -246,13 +273,26 @@ fn evaluate_ids(model: &RewardModel, ids: &[Vec<u32>], labels: &[u32]) -> Result
     }
     let _no_grad = lathe_core::no_grad();
     let lengths: Vec<usize> = ids.iter().map(Vec::len).collect();
-    let (mut loss, mut right) = (0.0f64, 0usize);
-    for batch in sorted_batches(&lengths, model.batch_size.max(1)) {
+    let batches = sorted_batches(&lengths, model.batch_size.max(1));
+    let (rank, ranks) = (collective.rank(), collective.size());
+    // (batches, 2): summed loss and correct count of this rank's batches, 0 elsewhere.
+    let mut figures = vec![0.0f64; 2 * batches.len()];
+    for (j, batch) in batches.iter().enumerate() {
+        if j % ranks != rank {
+            continue;
+        }
         let rows: Vec<Vec<u32>> = batch.iter().map(|&i| ids[i].clone()).collect();
         let batch_labels: Vec<u32> = batch.iter().map(|&i| labels[i]).collect();
         let (l, c) = loss_and_correct(&model.logits_ids(&rows)?, &batch_labels)?;
-        loss += l as f64;
-        right += c;
+        figures[2 * j] = l as f64;
+        figures[2 * j + 1] = c as f64;
+    }
+    let all = collective.all_gather_f64(&figures)?;
+    let (mut loss, mut right) = (0.0f64, 0usize);
+    for j in 0..batches.len() {
+        let at = (j % ranks) * figures.len() + 2 * j;
+        loss += all[at];
+        right += all[at + 1] as usize;
     }
     Ok(Evaluation {
         loss: (loss / ids.len() as f64) as f32,
@@ -268,17 +308,38 @@ pub const FEATURE_BATCH: usize = 64;
 /// anything after training).
 pub const EVAL_BATCH: usize = 16;
 
-/// Pooled states (N, H) of every row of `ids`, in order, on the model's device.
-fn pooled_features(model: &RewardModel, ids: &[Vec<u32>], pooling: Pooling) -> Result<Tensor> {
+/// Pooled states (N, H) of every row of `ids`, in order, on the model's device. With
+/// several ranks, batch j is rank j mod N's and every rank gathers all rows.
+fn pooled_features(
+    model: &RewardModel,
+    ids: &[Vec<u32>],
+    pooling: Pooling,
+    collective: &dyn Collective,
+) -> Result<Tensor> {
     let _no_grad = lathe_core::no_grad();
     let h = model.config().hidden;
     let lengths: Vec<usize> = ids.iter().map(Vec::len).collect();
+    let batches = sorted_batches(&lengths, FEATURE_BATCH);
+    let (rank, ranks) = (collective.rank(), collective.size());
     let mut features = vec![0.0f32; ids.len() * h];
-    for batch in sorted_batches(&lengths, FEATURE_BATCH) {
+    for (j, batch) in batches.iter().enumerate() {
+        if j % ranks != rank {
+            continue;
+        }
         let rows: Vec<Vec<u32>> = batch.iter().map(|&i| ids[i].clone()).collect();
         let pooled = model.pooled_ids(&rows, pooling)?.to_vec_f32()?;
         for (k, &i) in batch.iter().enumerate() {
             features[i * h..(i + 1) * h].copy_from_slice(&pooled[k * h..(k + 1) * h]);
+        }
+    }
+    if ranks > 1 {
+        // (ranks, N, H): each rank's rows filled; every row taken from the rank that made it.
+        let all = collective.all_gather_f32(&features)?;
+        for (j, batch) in batches.iter().enumerate() {
+            let from = &all[(j % ranks) * features.len()..];
+            for &i in batch {
+                features[i * h..(i + 1) * h].copy_from_slice(&from[i * h..(i + 1) * h]);
+            }
         }
     }
     Ok(Tensor::from_vec(features, &[ids.len(), h], model.device())?)
@@ -403,6 +464,24 @@ pub struct Prepared {
 }
 
 impl Prepared {
+    /// sha256 of the tokenized training and held-out examples and their labels: the data as
+    /// training sees it (another file, split or tokenizer shows as a difference).
+    pub fn fingerprint(&self) -> String {
+        let mut bytes = Vec::new();
+        for (ids, labels) in [
+            (&self.train_ids, &self.train_labels),
+            (&self.val_ids, &self.val_labels),
+        ] {
+            bytes.extend((ids.len() as u64).to_le_bytes());
+            for (row, label) in ids.iter().zip(labels) {
+                bytes.extend(label.to_le_bytes());
+                bytes.extend((row.len() as u64).to_le_bytes());
+                bytes.extend(row.iter().flat_map(|t| t.to_le_bytes()));
+            }
+        }
+        lathe_train::resume::bytes_fingerprint(&bytes)
+    }
+
     /// The encoder's config.json.
     pub fn encoder_config(&self) -> &EncoderConfig {
         &self.encoder
@@ -506,6 +585,17 @@ pub fn train_prepared(
     device: &Device,
     on_epoch: &mut dyn FnMut(&EpochStats),
 ) -> Result<(RewardModel, TrainReport)> {
+    train_prepared_on_ranks(prepared, device, on_epoch, &Solo)
+}
+
+/// [`train_prepared`] as one of the ranks of `collective` (see the module's docs): every
+/// rank must be given the same prepared data and settings, and ends with the same model.
+pub fn train_prepared_on_ranks(
+    prepared: Prepared,
+    device: &Device,
+    on_epoch: &mut dyn FnMut(&EpochStats),
+    collective: &dyn Collective,
+) -> Result<(RewardModel, TrainReport)> {
     let Prepared {
         dir,
         encoder,
@@ -545,11 +635,16 @@ pub fn train_prepared(
 
     // Head stage on cached pooled states.
     let h = model.config().hidden;
-    let features = pooled_features(&model, &train_ids, config.pooling)?;
+    let features = pooled_features(&model, &train_ids, config.pooling, collective)?;
     let val_features = if val_ids.is_empty() {
         None
     } else {
-        Some(pooled_features(&model, &val_ids, config.pooling)?)
+        Some(pooled_features(
+            &model,
+            &val_ids,
+            config.pooling,
+            collective,
+        )?)
     };
     let head = Head::new_linear(
         h,
@@ -626,6 +721,7 @@ pub fn train_prepared(
             head_val_loss,
             &mut report,
             on_epoch,
+            collective,
         )?;
     }
     Ok((model, report))
@@ -659,8 +755,10 @@ fn train_lora(
     head_val_loss: f32,
     report: &mut TrainReport,
     on_epoch: &mut dyn FnMut(&EpochStats),
+    collective: &dyn Collective,
 ) -> Result<()> {
     let device = model.device().clone();
+    let (rank, ranks) = (collective.rank(), collective.size());
     let lora_config = lora_config(model.config().architecture, lora);
     let switch = AdapterSwitch::new();
     report.lora_layers = model.encoder.add_lora(
@@ -715,19 +813,47 @@ fn train_lora(
         let start = Instant::now();
         let (mut loss_sum, mut right) = (0.0f64, 0usize);
         for batch in length_batches(&lengths, lora.batch_size, &mut rng) {
-            let rows: Vec<Vec<u32>> = batch.iter().map(|&i| ids[i].clone()).collect();
-            let targets: Vec<u32> = batch.iter().map(|&i| labels[i]).collect();
-            let logits = model.logits_ids(&rows)?;
-            let target_t = Tensor::from_vec(targets.clone(), &[batch.len()], &device)?;
-            let loss = logits.cross_entropy(&target_t, None)?;
-            let grads = loss.backward()?;
+            // This rank's contiguous part of the minibatch (all of it in one process).
+            let part = &batch[rank * batch.len() / ranks..(rank + 1) * batch.len() / ranks];
+            let (mut grads, mut figures) = (lathe_core::GradStore::default(), [0.0f64; 2]);
+            if !part.is_empty() {
+                let rows: Vec<Vec<u32>> = part.iter().map(|&i| ids[i].clone()).collect();
+                let targets: Vec<u32> = part.iter().map(|&i| labels[i]).collect();
+                let logits = model.logits_ids(&rows)?;
+                let target_t = Tensor::from_vec(targets.clone(), &[part.len()], &device)?;
+                let loss = logits.cross_entropy(&target_t, None)?;
+                // The part's mean weighed by its share: the parts' gradients sum to the
+                // minibatch mean's.
+                grads = if ranks == 1 {
+                    loss.backward()?
+                } else {
+                    loss.affine(part.len() as f32 / batch.len() as f32, 0.0)?
+                        .backward()?
+                };
+                figures = [
+                    loss.to_scalar()? as f64 * part.len() as f64,
+                    correct(&logits.detach(), &targets)? as f64,
+                ];
+            }
+            let (grads, _) = all_reduce_grads(collective, grads, optimizer.params())?;
             optimizer.step(&grads)?;
-            let loss_value = loss.to_scalar()?;
-            check_finite("LoRA", epoch, loss_value, optimizer.params())?;
-            loss_sum += loss_value as f64 * batch.len() as f64;
-            right += correct(&logits.detach(), &targets)?;
+            let [part_loss, part_right] = figures;
+            let [batch_loss, batch_right] = if ranks == 1 {
+                [part_loss, part_right]
+            } else {
+                let summed = sum_in_rank_order(collective, &figures)?;
+                [summed[0], summed[1]]
+            };
+            check_finite(
+                "LoRA",
+                epoch,
+                (batch_loss / batch.len() as f64) as f32,
+                optimizer.params(),
+            )?;
+            loss_sum += batch_loss;
+            right += batch_right as usize;
         }
-        let eval = evaluate_ids(model, val_ids, val_labels)?;
+        let eval = evaluate_ids(model, val_ids, val_labels, collective)?;
         let stats = EpochStats {
             stage: "lora",
             epoch,

@@ -1054,6 +1054,11 @@ impl<'a> SftRun<'a> {
             "loss": stats.loss, "lr": stats.lr, "grad_norm": stats.grad_norm,
             "tokens_per_s": tokens_per_s, "elapsed_s": elapsed,
         });
+        let ranks = self.trainer.collective.size();
+        if ranks > 1 {
+            // What each rank received to sum the step's gradients (f32, from every other).
+            json["reduced_bytes"] = json!(stats.reduced_values * 4 * (ranks - 1));
+        }
         let evaluate = done == plan.total_steps
             || (config.eval_every > 0 && done.is_multiple_of(config.eval_every));
         let mut eval_loss = None;

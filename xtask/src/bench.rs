@@ -9,8 +9,8 @@ use lathe_shaders::AdapterChoice;
 
 use crate::report::{GpuSection, LedgerRow, Measurement, PeerSection, Report};
 use crate::{
-    bench_dpo, bench_generate, bench_grpo, bench_int8, bench_plan, bench_ppo, bench_reward,
-    bench_sft, peer,
+    bench_dp, bench_dpo, bench_generate, bench_grpo, bench_int8, bench_plan, bench_ppo,
+    bench_reward, bench_sft, peer,
 };
 
 #[derive(clap::Args, Debug)]
@@ -28,7 +28,7 @@ pub struct BenchArgs {
     #[arg(long)]
     no_peer: bool,
     /// Which sections to run (comma-separated): matmul, int8, generate, sft, ppo, reward, dpo,
-    /// grpo, plan.
+    /// grpo, plan, dp.
     #[arg(
         long,
         value_delimiter = ',',
@@ -66,6 +66,10 @@ pub enum Section {
     /// synthetic GPT-NeoX-20B-width shapes; writes ~8 GB of checkpoints to /tmp; not in the
     /// default list).
     Plan,
+    /// LoRA SFT on SmolLM2 as 1 process x 1 thread against `mpirun -np 2` x 1 thread: the
+    /// scaling efficiency and the bytes reduced per step (needs Open MPI and `cargo xtask
+    /// assets`; builds lathe with `--features mpi`; not in the default list).
+    Dp,
 }
 
 /// A peer's interpreter: the path in the environment variable `var`, else `venv`'s python
@@ -267,6 +271,16 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             "Memory plan",
             bench_plan::run(),
             bench_plan::markdown,
+        )?;
+    }
+
+    if args.sections.contains(&Section::Dp) {
+        add_section(
+            (&mut markdown, &mut json),
+            "dp",
+            "Data parallel (MPI)",
+            bench_dp::run(),
+            bench_dp::markdown,
         )?;
     }
 

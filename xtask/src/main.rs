@@ -17,6 +17,7 @@
 
 mod assets;
 mod bench;
+mod bench_dp;
 mod bench_dpo;
 mod bench_generate;
 mod bench_grpo;

@@ -34,7 +34,15 @@ pub fn run(extra: &[String]) -> Result<ExitCode> {
 /// `mpirun` (the default build, tested above, needs no MPI).
 fn mpi_tests() -> Result<ExitStatus> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_string());
-    let args = ["test", "-p", "lathe-cli", "--features", "mpi", "--test", "mpi"];
+    let args = [
+        "test",
+        "-p",
+        "lathe-cli",
+        "--features",
+        "mpi",
+        "--test",
+        "mpi",
+    ];
     eprintln!("xtask: running `cargo {}`", args.join(" "));
     let started = std::time::Instant::now();
     let status = Command::new(&cargo)

@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use lathe_reward::plan::Stored;
-use lathe_reward::run::{train_into, TestSet};
+use lathe_reward::run::{train_into_on_ranks, TestSet};
 use lathe_reward::train::prepare;
 use lathe_reward::{data, LoadOptions, LoraSettings, Pooling, RewardModel, TrainConfig};
 
@@ -283,28 +283,44 @@ impl RewardJob {
 
     /// Trains on `device`, evaluates on the test files, and writes the reward model,
     /// metrics.jsonl and train_report.json into `out` (whole or not at all):
-    /// `lathe_reward::run::train_into`, with progress on stderr.
+    /// `lathe_reward::run::train_into_on_ranks` on this job's ranks, with progress on stderr (rank 0).
     pub fn train(self, device: &lathe_core::Device, out: &Path) -> Result<()> {
         let tests: Vec<TestSet> = self
             .tests
             .into_iter()
             .map(|(path, examples)| (path.display().to_string(), examples))
             .collect();
+        let collective = crate::parallel::collective();
+        let writer = collective.is_writer();
         let mut on_epoch = |s: &lathe_reward::EpochStats| {
+            if !writer {
+                return;
+            }
             eprintln!(
                 "{} epoch {:3}: train loss {:.4} acc {:.4} | held-out loss {:.4} acc {:.4} ({:.1}s)",
                 s.stage, s.epoch, s.train_loss, s.train_accuracy, s.val_loss, s.val_accuracy, s.seconds
             );
         };
         let settings = serde_json::to_value(&self.settings)?;
-        let run = train_into(out, self.prepared, &tests, settings, device, &mut on_epoch)
-            .with_context(|| {
-                format!(
-                    "training on {} into {}",
-                    self.inputs.encoder.display(),
-                    out.display()
-                )
-            })?;
+        let run = train_into_on_ranks(
+            out,
+            self.prepared,
+            &tests,
+            settings,
+            device,
+            &mut on_epoch,
+            &*collective,
+        )
+        .with_context(|| {
+            format!(
+                "training on {} into {}",
+                self.inputs.encoder.display(),
+                out.display()
+            )
+        })?;
+        if !writer {
+            return Ok(());
+        }
         for (name, eval) in &run.tests {
             eprintln!(
                 "test {name}: accuracy {:.4}, loss {:.4} ({} examples)",

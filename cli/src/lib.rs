@@ -11,7 +11,7 @@
 //!   a symlink written through, a FIFO or character device streamed into, a directory
 //!   refused up front; whole output folders built in a temporary sibling).
 //! - `parallel.rs`: the MPI job a process is a rank of (feature `mpi`, started by `mpirun`;
-//!   `sft` and `reward-train` are data parallel, the other commands refuse several ranks).
+//!   `sft`, `reward-train` and `ppo` are data parallel, the other commands refuse several ranks).
 //! - `reward_glue.rs` (the reward model as PPO's `Reward`), `texts.rs`, `progress.rs`,
 //!   `report.rs` and `plot.rs` (the run report and its plots), `commands/device_check.rs` (`lathe device-check`).
 

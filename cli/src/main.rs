@@ -167,7 +167,10 @@ enum CheckDevice {
 
 fn run(cli: Cli) -> Result<()> {
     // Only the data-parallel commands run as one of several MPI ranks.
-    let data_parallel = matches!(cli.command, Command::Sft(_) | Command::RewardTrain(_));
+    let data_parallel = matches!(
+        cli.command,
+        Command::Sft(_) | Command::RewardTrain(_) | Command::Ppo(_)
+    );
     if !data_parallel {
         lathe_cli::parallel::refuse_ranks(cli.command_name())?;
     }

@@ -1,5 +1,5 @@
 //! The data-parallel job this process is a rank of. Built with the `mpi` feature and started
-//! by `mpirun`, `lathe sft` and `lathe reward-train` run as one rank of `MPI_COMM_WORLD`;
+//! by `mpirun`, `lathe sft`, `lathe reward-train` and `lathe ppo` run as one rank of `MPI_COMM_WORLD`;
 //! otherwise (and in every other command) the process is alone ([`Solo`]).
 //!
 //! MPI is initialised and finalised on the main thread ([`Job::start`], dropping the
@@ -74,14 +74,14 @@ pub fn is_writer() -> bool {
     collective().is_writer()
 }
 
-/// Refuses `command` in a job of several ranks: only sft and reward-train are data
+/// Refuses `command` in a job of several ranks: only sft, reward-train and ppo are data
 /// parallel, and N copies of another command would each write the same outputs.
 pub fn refuse_ranks(command: &str) -> Result<()> {
     let ranks = collective().size();
     if ranks > 1 {
         bail!(
             "lathe {command} does not run data parallel (started as one of {ranks} MPI ranks); \
-             run it as one process, or use sft or reward-train under mpirun"
+             run it as one process (sft, reward-train and ppo run under mpirun)"
         );
     }
     Ok(())

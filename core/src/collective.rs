@@ -258,13 +258,18 @@ mod tests {
             g.insert(&p, Tensor::from_vec(v.clone(), &[3], &dev).unwrap());
             g
         };
-        let accumulated =
-            GradStore::accumulate(Some(grads_of(&mine)), grads_of(&theirs), &[p.clone()]).unwrap();
+        let accumulated = GradStore::accumulate(
+            Some(grads_of(&mine)),
+            grads_of(&theirs),
+            std::slice::from_ref(&p),
+        )
+        .unwrap();
         let pair = Pair {
             other_f32: theirs.clone(),
             other_f64: Vec::new(),
         };
-        let (reduced, sent) = all_reduce_grads(&pair, grads_of(&mine), &[p.clone()]).unwrap();
+        let (reduced, sent) =
+            all_reduce_grads(&pair, grads_of(&mine), std::slice::from_ref(&p)).unwrap();
         assert_eq!(sent, 3);
         let a = accumulated.get(&p).unwrap().to_vec_f32().unwrap();
         let b = reduced.get(&p).unwrap().to_vec_f32().unwrap();
@@ -284,7 +289,8 @@ mod tests {
             other_f32: vec![4.0, 5.0],
             other_f64: vec![1.0],
         };
-        let (reduced, _) = all_reduce_grads(&pair, GradStore::default(), &[p.clone()]).unwrap();
+        let (reduced, _) =
+            all_reduce_grads(&pair, GradStore::default(), std::slice::from_ref(&p)).unwrap();
         assert_eq!(
             reduced.get(&p).unwrap().to_vec_f32().unwrap(),
             vec![4.0, 5.0]

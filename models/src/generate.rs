@@ -276,6 +276,21 @@ pub fn generate<M: LanguageModel + ?Sized>(
     generate_groups(model, prompts, 1, config, device)
 }
 
+/// [`generate`] for rows `first_row ..` of a larger batch: row b samples from the stream
+/// of row `first_row + b`, so that ranks each generating their rows of a batch get the
+/// tokens one process generating the whole batch gets (up to the rounding of a batch padded
+/// to other lengths).
+pub fn generate_rows<M: LanguageModel + ?Sized>(
+    model: &M,
+    prompts: &[Vec<u32>],
+    first_row: usize,
+    config: &GenerateConfig,
+    device: &Device,
+) -> Result<Vec<Vec<u32>>> {
+    check_inputs(model, prompts, config)?;
+    rayon::scope(|_| generate_here(model, prompts, 1, first_row, config, device))
+}
+
 /// `group` samples of every prompt, the prompt's prefill computed once: row p*group + i of
 /// the result is prompt p's i-th sample. The prompts run as a batch of P rows; their keys and
 /// values, layout and next-token logits are then repeated `group` times in a row, and
@@ -306,18 +321,20 @@ pub fn generate_groups<M: LanguageModel + ?Sized>(
     // On a worker of rayon's pool, the CPU ops' parallel loops start without waking the
     // pool from outside: a cold start costs tens of microseconds per op, and a decode step
     // is hundreds of small ops. (The no-grad guard is per thread: taken inside.)
-    rayon::scope(|_| generate_here(model, prompts, group, config, device))
+    rayon::scope(|_| generate_here(model, prompts, group, 0, config, device))
 }
 
+/// The generation of `prompts` x `group` rows, the sampler's streams from `first_row`.
 fn generate_here<M: LanguageModel + ?Sized>(
     model: &M,
     prompts: &[Vec<u32>],
     group: usize,
+    first_row: usize,
     config: &GenerateConfig,
     device: &Device,
 ) -> Result<Vec<Vec<u32>>> {
     let _no_grad = lathe_core::no_grad();
-    let mut run = Run::new(model, prompts, group, config, device)?;
+    let mut run = Run::new(model, prompts, group, first_row, config, device)?;
     let mut out = vec![Vec::with_capacity(config.max_new_tokens); prompts.len() * group];
     if config.max_new_tokens == 0 {
         return Ok(out);
@@ -432,6 +449,7 @@ impl<'a, M: LanguageModel + ?Sized> Run<'a, M> {
         model: &'a M,
         prompts: &[Vec<u32>],
         group: usize,
+        first_row: usize,
         config: &GenerateConfig,
         device: &'a Device,
     ) -> Result<Run<'a, M>> {
@@ -460,7 +478,7 @@ impl<'a, M: LanguageModel + ?Sized> Run<'a, M> {
             seq,
             cache,
             layout: None,
-            sampler: Sampler::new(config.sampling, config.seed, batch * group)?,
+            sampler: Sampler::for_rows(config.sampling, config.seed, first_row, batch * group)?,
             finished: vec![false; batch * group],
         })
     }

@@ -222,8 +222,19 @@ impl Sampler {
     /// A sampler of `batch` rows, row b's stream seeded from (`seed`, b); an error when
     /// `config` is out of range.
     pub fn new(config: SamplingConfig, seed: u64, batch: usize) -> Result<Sampler> {
+        Self::for_rows(config, seed, 0, batch)
+    }
+
+    /// The sampler of rows `first_row .. first_row + batch` of a larger batch: row b's
+    /// stream is that of row `first_row + b` of [`Sampler::new`].
+    pub fn for_rows(
+        config: SamplingConfig,
+        seed: u64,
+        first_row: usize,
+        batch: usize,
+    ) -> Result<Sampler> {
         config.validate()?;
-        let rows = (0..batch as u64)
+        let rows = (first_row as u64..(first_row + batch) as u64)
             .map(|b| Rng::new(seed ^ b.wrapping_mul(0xd1b5_4a32_d192_ed03)))
             .collect();
         Ok(Sampler { config, rows })

@@ -84,6 +84,40 @@ impl LossStats {
             ("ppo/val/var", self.val_var),
         ]
     }
+
+    /// The statistics as 17 numbers (the 16 of [`named`](LossStats::named), then `skipped`
+    /// as 0 or 1): what ranks exchange.
+    pub fn to_values(&self) -> [f32; 17] {
+        let mut values = [0.0; 17];
+        for (v, (_, x)) in values.iter_mut().zip(self.named()) {
+            *v = x;
+        }
+        values[16] = f32::from(u8::from(self.skipped));
+        values
+    }
+
+    /// The statistics of [`to_values`](LossStats::to_values)' numbers.
+    pub fn from_values(v: &[f32; 17]) -> LossStats {
+        LossStats {
+            loss_policy: v[0],
+            loss_value: v[1],
+            loss_total: v[2],
+            policy_entropy: v[3],
+            policy_approxkl: v[4],
+            policy_policykl: v[5],
+            policy_clipfrac: v[6],
+            policy_advantages_mean: v[7],
+            policy_ratio_mean: v[8],
+            returns_mean: v[9],
+            returns_var: v[10],
+            val_vpred: v[11],
+            val_error: v[12],
+            val_clipfrac: v[13],
+            val_mean: v[14],
+            val_var: v[15],
+            skipped: v[16] != 0.0,
+        }
+    }
 }
 
 fn tensor(grid: &Grid, device: &Device) -> Result<Tensor> {

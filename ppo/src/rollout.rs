@@ -2,9 +2,8 @@
 //! uniformly from a range), a response is sampled with the policy (no early stop at EOS)
 //! and cut to a length drawn from another range; the reward scores the decoded text.
 
-use lathe_core::Device;
-use lathe_core::Rng;
-use lathe_models::generate::{generate, GenerateConfig};
+use lathe_core::{Collective, Device, Rng, Solo};
+use lathe_models::generate::{generate_rows, GenerateConfig};
 use lathe_models::hf::CausalLm;
 use lathe_models::sampling::SamplingConfig;
 use lathe_models::tokenizer::Tokenizer;
@@ -184,6 +183,26 @@ pub fn sample_responses(
     rng: &mut Rng,
     device: &Device,
 ) -> Result<Vec<Vec<u32>>> {
+    sample_responses_on_ranks(
+        model, queries, lengths, sampling, pad_id, seed, rng, device, &Solo,
+    )
+}
+
+/// [`sample_responses`] shared by the ranks of `collective`: rank r generates its
+/// contiguous share of the rows (with those rows' sampling streams) and every rank gets
+/// every response. `rng` is drawn from as by one process.
+#[allow(clippy::too_many_arguments)]
+pub fn sample_responses_on_ranks(
+    model: &CausalLm,
+    queries: &[Vec<u32>],
+    lengths: LengthRange,
+    sampling: SamplingConfig,
+    pad_id: u32,
+    seed: u64,
+    rng: &mut Rng,
+    device: &Device,
+    collective: &dyn Collective,
+) -> Result<Vec<Vec<u32>>> {
     let wanted: Vec<usize> = queries.iter().map(|_| lengths.sample(rng)).collect();
     let config = GenerateConfig {
         max_new_tokens: lengths.max,
@@ -195,7 +214,44 @@ pub fn sample_responses(
         seed,
         use_cache: true,
     };
-    let out = generate(model, queries, &config, device)?;
+    let (rank, ranks, b) = (collective.rank(), collective.size(), queries.len());
+    let (first, end) = (rank * b / ranks, (rank + 1) * b / ranks);
+    let mine = if first < end {
+        generate_rows(model, &queries[first..end], first, &config, device)?
+    } else {
+        Vec::new()
+    };
+    let out = if ranks == 1 {
+        mine
+    } else {
+        // Every rank's rows, as little-endian u32 ids with a length before each row.
+        let mut bytes = Vec::new();
+        for row in &mine {
+            bytes.extend((row.len() as u32).to_le_bytes());
+            bytes.extend(row.iter().flat_map(|t| t.to_le_bytes()));
+        }
+        let mut all = Vec::with_capacity(b);
+        for part in collective.all_gather_bytes(&bytes)? {
+            let words: Vec<u32> = part
+                .chunks_exact(4)
+                .map(|w| u32::from_le_bytes([w[0], w[1], w[2], w[3]]))
+                .collect();
+            let mut at = 0;
+            while at < words.len() {
+                let n = words[at] as usize;
+                all.push(words[at + 1..at + 1 + n].to_vec());
+                at += 1 + n;
+            }
+        }
+        if all.len() != b {
+            return Err(lathe_core::Error::Collective(format!(
+                "gathered {} responses for {b} queries",
+                all.len()
+            ))
+            .into());
+        }
+        all
+    };
     Ok(out
         .into_iter()
         .zip(wanted)

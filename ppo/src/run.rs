@@ -15,9 +15,11 @@
 use std::fs::File;
 use std::io::Write;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Instant;
 
-use lathe_core::{Device, Rng};
+use lathe_core::collective::check_same_inputs;
+use lathe_core::{Collective, Device, Rng, Solo};
 use lathe_lora::{AdapterSwitch, LoraConfig};
 use lathe_models::hf::CausalLm;
 use lathe_models::sampling::SamplingConfig;
@@ -29,7 +31,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use crate::math::KlController;
-use crate::rollout::{sample_responses, LengthRange, Prompts};
+use crate::rollout::{sample_responses_on_ranks, LengthRange, Prompts};
 use crate::trainer::StepStats;
 use crate::{Error, PpoConfig, PpoTrainer, Result, Reward};
 
@@ -233,6 +235,33 @@ impl<'t> PpoRun<'t> {
     /// the adapters are accepted. `options` carries the model's and reward's fingerprints
     /// and whether a mismatch on resume is only warned about.
     pub fn open(
+        model: CausalLm,
+        tokenizer: &'t Tokenizer,
+        prompts: Prompts,
+        file: &PpoFile,
+        out: &Path,
+        device: &Device,
+        options: &ResumeOptions,
+    ) -> Result<Self> {
+        Self::open_on_ranks(
+            model,
+            tokenizer,
+            prompts,
+            file,
+            out,
+            device,
+            options,
+            Arc::new(Solo),
+        )
+    }
+
+    /// [`open`](PpoRun::open) as one of the ranks of `collective`: each rank generates its
+    /// share of every step's responses, scores them all, and trains as
+    /// [`PpoTrainer::join`] says. Every rank must be given the same settings, model, prompts
+    /// and reward (checked: a rank that differs from rank 0 is refused, naming what
+    /// differs); every rank resumes from the same checkpoint; only rank 0 writes `out`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn open_on_ranks(
         mut model: CausalLm,
         tokenizer: &'t Tokenizer,
         prompts: Prompts,
@@ -240,6 +269,7 @@ impl<'t> PpoRun<'t> {
         out: &Path,
         device: &Device,
         options: &ResumeOptions,
+        collective: Arc<dyn Collective>,
     ) -> Result<Self> {
         file.validate()?;
         let (config, settings) = (&file.ppo, &file.run);
@@ -248,6 +278,19 @@ impl<'t> PpoRun<'t> {
             data: Some(prompts.fingerprint()),
             reward: options.reward.clone(),
         };
+        check_same_inputs(
+            &*collective,
+            &[
+                (
+                    "settings",
+                    serde_json::to_string(file).map_err(lathe_train::Error::from)?,
+                ),
+                ("model", format!("{:?}", inputs.model)),
+                ("prompts", format!("{:?}", inputs.data)),
+                ("reward", format!("{:?}", inputs.reward)),
+                ("output folder", out.display().to_string()),
+            ],
+        )?;
         let run = RunDir::new(out, "ppo");
         let resume_dir = run.checkpoint_to_resume();
         let switch = AdapterSwitch::new();
@@ -281,8 +324,12 @@ impl<'t> PpoRun<'t> {
         model.set_gradient_checkpointing(settings.gradient_checkpointing);
         let pad = tokenizer.pad_id().or(tokenizer.eos_id()).unwrap_or(0);
         let mut trainer = PpoTrainer::new(model, switch, value_head, config.clone(), pad, device)?;
+        trainer.join(collective.clone());
+        let writer = collective.is_writer();
         // Only now, with every setting and the adapters accepted, does the run folder appear.
-        run.create()?;
+        if writer {
+            run.create()?;
+        }
         let start_step = match &state {
             Some((checkpoint, s)) => {
                 let n = trainer.optimizer().params().len();
@@ -309,7 +356,7 @@ impl<'t> PpoRun<'t> {
                 seconds_per_step: 0.0,
             }
         };
-        let logs = if start_step < settings.steps {
+        let logs = if start_step < settings.steps && writer {
             Some((
                 run.reopen_log(METRICS_FILE, start_step)?,
                 run.reopen_log(SAMPLES_FILE, start_step)?,
@@ -374,7 +421,7 @@ impl<'t> PpoRun<'t> {
             .prompts
             .draw(config.batch_size, settings.query_length, &mut rng);
         let generate_started = Instant::now();
-        let responses = sample_responses(
+        let responses = sample_responses_on_ranks(
             &self.trainer.model,
             &queries,
             settings.response_length,
@@ -383,6 +430,7 @@ impl<'t> PpoRun<'t> {
             rng.next_u64(),
             &mut rng,
             &self.device,
+            self.trainer.collective(),
         )?;
         let generate_s = generate_started.elapsed().as_secs_f64();
         let decode = |ids: &Vec<Vec<u32>>| -> Result<Vec<String>> {
@@ -414,17 +462,16 @@ impl<'t> PpoRun<'t> {
         }
         record["time/generate_s"] = json!(generate_s);
         record["time/step_s"] = json!(step_s);
-        let (metrics, samples) = self
-            .logs
-            .as_mut()
-            .expect("a run with steps to do has its logs open");
-        append_jsonl(metrics, &record)?;
-        metrics.flush()?;
-        for ((q, r), s) in query_texts.iter().zip(&response_texts).zip(&scores) {
-            let line = json!({ "step": done, "query": q, "response": r, "reward": s });
-            append_jsonl(samples, &line)?;
+        // Only rank 0 has the logs open.
+        if let Some((metrics, samples)) = self.logs.as_mut() {
+            append_jsonl(metrics, &record)?;
+            metrics.flush()?;
+            for ((q, r), s) in query_texts.iter().zip(&response_texts).zip(&scores) {
+                let line = json!({ "step": done, "query": q, "response": r, "reward": s });
+                append_jsonl(samples, &line)?;
+            }
+            samples.flush()?;
         }
-        samples.flush()?;
         self.summary.mean_rewards.push(stats["env/reward_mean"]);
         self.summary.kls.push(stats["objective/kl"]);
         self.summary.steps_done = done;
@@ -447,6 +494,9 @@ impl<'t> PpoRun<'t> {
     /// through a temporary folder renamed into place.
     pub fn save_checkpoint(&self) -> Result<()> {
         let trainer = &self.trainer;
+        if !trainer.collective().is_writer() {
+            return Ok(());
+        }
         Ok(self.run.save_checkpoint(|temp| -> Result<()> {
             trainer.model.save_lora(temp, &self.lora)?;
             save_value_head(&trainer.value_head, &temp.join(VALUE_HEAD_FILE))?;
@@ -487,6 +537,9 @@ impl<'t> PpoRun<'t> {
             self.summary.seconds_per_step = self.started.elapsed().as_secs_f64() / ran as f64;
         }
         let (trainer, summary) = (&self.trainer, &self.summary);
+        if !trainer.collective().is_writer() {
+            return Ok(self.summary);
+        }
         self.run.save_final(|dir| -> Result<()> {
             trainer.model.save_lora(dir, &self.lora)?;
             save_value_head(&trainer.value_head, &dir.join(VALUE_HEAD_FILE))?;

@@ -1,12 +1,22 @@
 //! trl's classic `PPOTrainer.step` on a LoRA policy: the reference log-probs come from the
 //! same model with its adapters switched off (no second copy of the weights), the values
 //! from a value head on the last hidden state. Trainable: the adapters and the value head.
+//!
+//! Data parallel ([`PpoTrainer::join`]): every rank holds the whole batch (queries,
+//! responses, scores) and computes the rollout quantities, rewards, advantages, whitening
+//! and statistics over it, so they are the batch's and not a shard's (trl's data-parallel
+//! PPO whitens per process; lathe does not). The minibatches of each backward batch are
+//! shared out (rank r takes a contiguous run of them), their gradients summed over ranks in
+//! rank order and their statistics gathered in minibatch order: with one minibatch per rank
+//! per backward batch, the bits of one process.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
+use lathe_core::collective::all_reduce_grads;
 use lathe_core::optim::{Adam, AdamConfig};
-use lathe_core::Rng;
 use lathe_core::{clip_grad_norm, first_diverged, no_grad, Device, GradStore, Tensor};
+use lathe_core::{Collective, Rng, Solo};
 use lathe_lora::AdapterSwitch;
 use lathe_models::attention::TokenLayout;
 use lathe_models::hf::CausalLm;
@@ -32,6 +42,8 @@ pub struct PpoTrainer {
     pad_id: u32,
     device: Device,
     steps_done: usize,
+    /// The ranks training together ([`Solo`] in one process).
+    collective: Arc<dyn Collective>,
 }
 
 /// A forward evaluated at chosen positions: (1, n) log-probs of the next tokens and values
@@ -83,7 +95,19 @@ impl PpoTrainer {
             pad_id,
             device: device.clone(),
             steps_done: 0,
+            collective: Arc::new(Solo),
         })
+    }
+
+    /// Makes this trainer one of the ranks of `collective` (see the module's docs): every
+    /// rank must be built alike and given the same batches.
+    pub fn join(&mut self, collective: Arc<dyn Collective>) {
+        self.collective = collective;
+    }
+
+    /// The ranks training together.
+    pub fn collective(&self) -> &dyn Collective {
+        &*self.collective
     }
 
     /// The KL controller and its current coefficient.
@@ -305,8 +329,18 @@ impl PpoTrainer {
         for _epoch in 0..c.ppo_epochs {
             let order = rng.permutation(b);
             for backward in order.chunks(backward_batch) {
+                let minibatches: Vec<&[usize]> = backward.chunks(c.mini_batch_size).collect();
+                let (rank, ranks, m) = (
+                    self.collective.rank(),
+                    self.collective.size(),
+                    minibatches.len(),
+                );
+                // This rank's contiguous run of the backward batch's minibatches.
+                let mine = rank * m / ranks..(rank + 1) * m / ranks;
                 let mut grads: Option<GradStore> = None;
-                for rows in backward.chunks(c.mini_batch_size) {
+                let mut stats_of: Vec<Option<LossStats>> = vec![None; m];
+                for k in mine {
+                    let rows = minibatches[k];
                     let mb_seqs: Vec<Vec<u32>> = rows.iter().map(|&r| seqs[r].clone()).collect();
                     // Only the response positions enter the loss: the minibatch is padded to
                     // its own longest sequence, and the LM head, log-softmax, entropy and
@@ -348,21 +382,30 @@ impl PpoTrainer {
                     let entropy = forward.entropy.as_ref().expect("computed");
                     let (loss, stats) =
                         ppo_loss(&c, &batch, &forward.logprobs, &forward.values, entropy)?;
-                    if !stats.skipped && !stats.loss_total.is_finite() {
-                        return Err(self.diverged(format!(
-                            "the loss is {} (policy {}, value {})",
-                            stats.loss_total, stats.loss_policy, stats.loss_value
-                        )));
-                    }
-                    if !stats.skipped {
+                    // A non-finite loss is reported below, once every rank has its figures.
+                    if !stats.skipped && stats.loss_total.is_finite() {
                         let scaled =
                             loss.affine(1.0 / c.gradient_accumulation_steps as f32, 0.0)?;
                         let g = scaled.backward()?;
                         grads = Some(GradStore::accumulate(grads, g, &params)?);
                     }
-                    all.push(stats);
+                    stats_of[k] = Some(stats);
                 }
-                if let Some(mut grads) = grads {
+                let stats_of = self.gather_stats(stats_of)?;
+                if let Some(stats) = stats_of
+                    .iter()
+                    .find(|s| !s.skipped && !s.loss_total.is_finite())
+                {
+                    return Err(self.diverged(format!(
+                        "the loss is {} (policy {}, value {})",
+                        stats.loss_total, stats.loss_policy, stats.loss_value
+                    )));
+                }
+                all.extend(stats_of);
+                let (grads, _) =
+                    all_reduce_grads(&*self.collective, grads.unwrap_or_default(), &params)?;
+                if !grads.is_empty() {
+                    let mut grads = grads;
                     // An infinite max_norm measures the norm without clipping.
                     let max_norm = c.max_grad_norm.unwrap_or(f32::INFINITY);
                     let norm = clip_grad_norm(&mut grads, &params, max_norm)?;
@@ -391,6 +434,38 @@ impl PpoTrainer {
 }
 
 impl PpoTrainer {
+    /// Every minibatch's statistics on every rank, in minibatch order: `mine` holds this
+    /// rank's (the others None).
+    fn gather_stats(&self, mine: Vec<Option<LossStats>>) -> Result<Vec<LossStats>> {
+        if self.collective.size() == 1 {
+            return Ok(mine.into_iter().flatten().collect());
+        }
+        // (minibatches, 18): a has-figures flag, then the 17 numbers.
+        let local: Vec<f32> = mine
+            .iter()
+            .flat_map(|s| match s {
+                Some(s) => std::iter::once(1.0)
+                    .chain(s.to_values())
+                    .collect::<Vec<_>>(),
+                None => vec![0.0; 18],
+            })
+            .collect();
+        let all = self.collective.all_gather_f32(&local)?;
+        (0..mine.len())
+            .map(|k| {
+                all.chunks_exact(local.len())
+                    .map(|rank| &rank[k * 18..(k + 1) * 18])
+                    .find(|row| row[0] == 1.0)
+                    .map(|row| LossStats::from_values(row[1..].try_into().expect("17 values")))
+                    .ok_or_else(|| {
+                        Error::Core(lathe_core::Error::Collective(format!(
+                            "no rank computed minibatch {k}"
+                        )))
+                    })
+            })
+            .collect()
+    }
+
     /// The error of a diverged step (`what` went non-finite); nothing is saved after it.
     fn diverged(&self, what: String) -> Error {
         Error::Diverged(format!(

@@ -57,16 +57,29 @@ pub fn train_with(
     stop_after: Option<usize>,
     options: &crate::resume::ResumeOptions,
 ) -> Result<PpoSummary> {
-    let mut run = PpoRun::open(model, tokenizer, prompts, file, out, device, options)?;
+    let collective = crate::parallel::collective();
+    let (ranks, writer) = (collective.size(), collective.is_writer());
+    let mut run = PpoRun::open_on_ranks(
+        model,
+        tokenizer,
+        prompts,
+        file,
+        out,
+        device,
+        options,
+        collective.clone(),
+    )?;
     let steps = file.run.steps;
-    if run.resumed() {
+    if run.resumed() && writer {
         eprintln!(
             "ppo: resuming at step {} of {steps} from {}",
             run.start_step(),
             out.join("checkpoint").display()
         );
     }
-    eprintln!("{}", run.trainer().model.trainable_parameters_line()?);
+    if writer {
+        eprintln!("{}", run.trainer().model.trainable_parameters_line()?);
+    }
     if run.already_finished() {
         eprintln!(
             "ppo: {} already holds a finished run of {} steps; nothing to do",
@@ -75,7 +88,7 @@ pub fn train_with(
         );
         // The report is written after run.json: a failure in between (a full disk) left
         // the run without it.
-        if !out.join("report.html").is_file() {
+        if writer && !out.join("report.html").is_file() {
             crate::report::write_report(out)?;
         }
         return Ok(run.summary().clone());
@@ -94,7 +107,13 @@ pub fn train_with(
                 stats["objective/kl_coef"], record.step_s
             ),
         );
-        let interrupted = stop.load(Ordering::SeqCst);
+        let mine = stop.load(Ordering::SeqCst);
+        // Every rank stops at the same step: a Ctrl-C seen by one stops all.
+        let interrupted = if ranks > 1 {
+            collective.any(mine)?
+        } else {
+            mine
+        };
         if run.checkpoint_due() || interrupted {
             run.save_checkpoint()?;
         }
@@ -109,7 +128,9 @@ pub fn train_with(
     }
     progress.finish();
     let summary = run.finish()?;
-    crate::report::write_report(out)?;
+    if writer {
+        crate::report::write_report(out)?;
+    }
     Ok(summary)
 }
 
@@ -327,7 +348,7 @@ pub fn run(args: &PpoArgs) -> Result<()> {
         .into());
     }
     let n = summary.mean_rewards.len();
-    if n > 0 {
+    if n > 0 && crate::parallel::is_writer() {
         let k = n.min(5);
         let first: f32 = summary.mean_rewards[..k].iter().sum::<f32>() / k as f32;
         let last: f32 = summary.mean_rewards[n - k..].iter().sum::<f32>() / k as f32;

@@ -20,6 +20,9 @@ pub fn open(arg: DeviceArg, allow_software_gpu: bool) -> Result<Device> {
     let env = AdapterChoice::from_env()?;
     let choice = AdapterChoice {
         allow_software: allow_software_gpu || env.allow_software,
+        // One rank per GPU: the ranks of a data-parallel job on one node take the node's
+        // GPUs in turn, by local rank.
+        index: crate::parallel::local_rank(),
         ..env
     };
     match arg {

@@ -74,6 +74,22 @@ pub fn is_writer() -> bool {
     collective().is_writer()
 }
 
+/// This process's rank among the job's ranks on its node (Open MPI's
+/// `OMPI_COMM_WORLD_LOCAL_RANK`, MPICH's `MPI_LOCALRANKID`, Slurm's `SLURM_LOCALID`), in a
+/// job of several ranks: which of the node's GPUs it takes.
+pub fn local_rank() -> Option<usize> {
+    if collective().size() < 2 {
+        return None;
+    }
+    [
+        "OMPI_COMM_WORLD_LOCAL_RANK",
+        "MPI_LOCALRANKID",
+        "SLURM_LOCALID",
+    ]
+    .iter()
+    .find_map(|v| std::env::var(v).ok()?.trim().parse().ok())
+}
+
 /// Refuses `command` in a job of several ranks: only sft, reward-train and ppo are data
 /// parallel, and N copies of another command would each write the same outputs.
 pub fn refuse_ranks(command: &str) -> Result<()> {

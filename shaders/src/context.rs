@@ -17,6 +17,9 @@ pub struct AdapterChoice {
     /// Ops split their work into bindable chunks either way; tests force a tiny limit here
     /// (or with `LATHE_GPU_MAX_BINDING=<bytes>`) so that the splitting runs on lavapipe.
     pub max_binding: Option<u64>,
+    /// Which of the equally good adapters to take (modulo their count): one rank per GPU on
+    /// a node of several (a data-parallel job passes each rank's local rank). None: the first.
+    pub index: Option<usize>,
 }
 
 impl AdapterChoice {
@@ -40,6 +43,7 @@ impl AdapterChoice {
         Ok(AdapterChoice {
             allow_software: allow,
             max_binding,
+            index: None,
         })
     }
 
@@ -48,6 +52,7 @@ impl AdapterChoice {
         AdapterChoice {
             allow_software: true,
             max_binding: None,
+            index: None,
         }
     }
 }
@@ -165,7 +170,14 @@ impl GpuContext {
             })
             .collect::<Vec<_>>()
             .join(", ");
-        let adapter = adapters.remove(0);
+        // The adapters as good as the best (the GPUs of a multi-GPU node), and of them the
+        // one asked for.
+        let best = rank(adapters[0].get_info().device_type);
+        let equals = adapters
+            .iter()
+            .take_while(|a| rank(a.get_info().device_type) == best)
+            .count();
+        let adapter = adapters.remove(choice.index.unwrap_or(0) % equals);
         let info = adapter.get_info();
         let is_software = info.device_type == wgpu::DeviceType::Cpu;
         if is_software && !choice.allow_software {

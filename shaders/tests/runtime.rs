@@ -15,6 +15,7 @@ fn software_adapters_need_an_explicit_opt_in() {
         let err = GpuContext::new(AdapterChoice {
             allow_software: false,
             max_binding: None,
+            index: None,
         })
         .unwrap_err();
         assert!(err.to_string().contains("no hardware GPU adapter"), "{err}");
@@ -24,6 +25,7 @@ fn software_adapters_need_an_explicit_opt_in() {
             !GpuContext::new(AdapterChoice {
                 allow_software: false,
                 max_binding: None,
+                index: None,
             })
             .unwrap()
             .report()
@@ -134,4 +136,22 @@ fn oversized_buffers_are_errors_not_panics() {
             .contains("exceeds the device's max buffer size"),
         "{err}"
     );
+}
+
+/// A rank's adapter index counts among the adapters as good as the best, modulo their
+/// number: any index opens an adapter (4 ranks on a machine of fewer GPUs share them), and
+/// index 0 is the default choice.
+#[test]
+fn an_adapter_index_wraps_over_the_equally_good_adapters() {
+    let first = GpuContext::new(AdapterChoice::any()).unwrap();
+    for i in 0..4 {
+        let ctx = GpuContext::new(AdapterChoice {
+            index: Some(i),
+            ..AdapterChoice::any()
+        })
+        .unwrap();
+        if i == 0 {
+            assert_eq!(ctx.report().name, first.report().name);
+        }
+    }
 }

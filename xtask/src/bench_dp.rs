@@ -3,8 +3,10 @@
 //! rank, on the same machine and the same global batch (8 blocks of 128 tokens a step: one
 //! process accumulating 2 micro-batches of 4, or 2 ranks of one each). Reports both
 //! throughputs, the scaling efficiency (2-rank tokens/s over twice the 1-process tokens/s)
-//! and the bytes each rank receives to sum a step's gradients. Needs Open MPI and the
-//! assets; builds `lathe` with the `mpi` feature.
+//! and the bytes each rank receives to sum a step's gradients. Then PPO steps of SmolLM2
+//! (8 samples of 8 + 16 tokens, backward batches of 2 minibatches of 2, the tiny DistilBERT
+//! reward fixture so that the policy's work dominates) the same two ways. Needs Open MPI and
+//! the assets; builds `lathe` with the `mpi` feature.
 
 use std::fmt::Write as _;
 use std::path::Path;
@@ -30,8 +32,21 @@ pub struct DpRun {
 }
 
 #[derive(Clone, Debug, Serialize)]
+pub struct PpoDpRun {
+    pub ranks: usize,
+    /// Mean seconds of the steps after the first.
+    pub seconds_per_step: f64,
+    pub generate_seconds_per_step: f64,
+}
+
+#[derive(Clone, Debug, Serialize)]
 pub struct DpSection {
     pub runs: Vec<DpRun>,
+    pub ppo: Vec<PpoDpRun>,
+    /// 1-process PPO step time / (2 x the 2-rank step time).
+    pub ppo_scaling_efficiency: f64,
+    /// Whether the two PPO runs logged the same rewards.
+    pub ppo_same_rewards: bool,
     /// 2-rank tokens/s / (2 x 1-process tokens/s).
     pub scaling_efficiency: f64,
     /// Whether the two runs logged the same losses (they take the same micro-batches).
@@ -56,11 +71,96 @@ pub fn run() -> Result<DpSection> {
     let one = side(&model, &data, &dir.join("one"), 1, 2)?;
     let two = side(&model, &data, &dir.join("two"), 2, 1)?;
     let same_losses = losses(&dir.join("one"))? == losses(&dir.join("two"))?;
+    let ppo_one = ppo_side(&model, &data, &dir, 1)?;
+    let ppo_two = ppo_side(&model, &data, &dir, 2)?;
+    let ppo_same_rewards = column(&dir.join("ppo1"), "env/reward_mean")?
+        == column(&dir.join("ppo2"), "env/reward_mean")?;
     Ok(DpSection {
         scaling_efficiency: two.tokens_per_s / (2.0 * one.tokens_per_s),
         runs: vec![one, two],
         same_losses,
+        ppo_scaling_efficiency: ppo_one.seconds_per_step / (2.0 * ppo_two.seconds_per_step),
+        ppo: vec![ppo_one, ppo_two],
+        ppo_same_rewards,
     })
+}
+
+/// `ranks` processes (plain for 1), one thread each.
+fn launcher(ranks: usize) -> Command {
+    let lathe = crate::target_dir().join("release/lathe");
+    let mut command = if ranks == 1 {
+        Command::new(&lathe)
+    } else {
+        let mut c = Command::new("mpirun");
+        c.args(["--allow-run-as-root", "--oversubscribe", "-np"])
+            .arg(ranks.to_string())
+            .args(["-x", "RAYON_NUM_THREADS=1"])
+            .arg(&lathe);
+        c
+    };
+    command.env("RAYON_NUM_THREADS", "1");
+    command
+}
+
+const PPO_STEPS: usize = 3;
+
+/// PPO steps as `ranks` processes; the time of the steps after the first.
+fn ppo_side(model: &Path, texts: &Path, dir: &Path, ranks: usize) -> Result<PpoDpRun> {
+    let config = dir.join("ppo.toml");
+    std::fs::write(
+        &config,
+        "[ppo]\nbatch_size = 8\nmini_batch_size = 2\ngradient_accumulation_steps = 2\n\
+         ppo_epochs = 1\n\n[run]\nquery_length = { min = 8, max = 8 }\n\
+         response_length = { min = 16, max = 16 }\nsave_every = 0\n",
+    )?;
+    let reward = crate::workspace_root().join("reward/tests/fixtures/tiny_distilbert");
+    let out = dir.join(format!("ppo{ranks}"));
+    let args = [
+        "ppo".to_string(),
+        "--device".into(),
+        "cpu".into(),
+        "--model".into(),
+        model.display().to_string(),
+        "--reward".into(),
+        reward.display().to_string(),
+        "--data".into(),
+        texts.display().to_string(),
+        "--config".into(),
+        config.display().to_string(),
+        "--steps".into(),
+        PPO_STEPS.to_string(),
+        "--out".into(),
+        out.display().to_string(),
+    ];
+    println!("dp: {ranks} rank(s) x 1 thread: lathe {}", args.join(" "));
+    let status = launcher(ranks).args(&args).status()?;
+    if !status.success() {
+        bail!("the {ranks}-rank PPO run failed: {status}");
+    }
+    let steps = column(&out, "time/step_s")?;
+    let generate = column(&out, "time/generate_s")?;
+    let mean = |v: &[f64]| v[1..].iter().sum::<f64>() / (v.len() - 1) as f64;
+    Ok(PpoDpRun {
+        ranks,
+        seconds_per_step: mean(&steps),
+        generate_seconds_per_step: mean(&generate),
+    })
+}
+
+/// A metric of every step of a run's metrics.jsonl.
+fn column(out: &Path, key: &str) -> Result<Vec<f64>> {
+    let text = std::fs::read_to_string(out.join("metrics.jsonl"))?;
+    let values: Vec<f64> = text
+        .lines()
+        .map(|l| -> Result<f64> {
+            let v: serde_json::Value = serde_json::from_str(l)?;
+            v[key].as_f64().with_context(|| format!("{key} missing"))
+        })
+        .collect::<Result<_>>()?;
+    if values.len() < 2 {
+        bail!("{} logged {} steps", out.display(), values.len());
+    }
+    Ok(values)
 }
 
 /// Reviews-like sentences, enough for every step's blocks.
@@ -82,7 +182,6 @@ fn corpus() -> String {
 
 /// One side: `ranks` processes (plain for 1, `mpirun` for more), one thread each.
 fn side(model: &Path, data: &Path, out: &Path, ranks: usize, grad_accum: usize) -> Result<DpRun> {
-    let lathe = crate::target_dir().join("release/lathe");
     let args: Vec<String> = [
         "sft",
         "--model",
@@ -109,20 +208,9 @@ fn side(model: &Path, data: &Path, out: &Path, ranks: usize, grad_accum: usize) 
     .iter()
     .map(|s| s.to_string())
     .collect();
-    let mut command = if ranks == 1 {
-        Command::new(&lathe)
-    } else {
-        let mut c = Command::new("mpirun");
-        c.args(["--allow-run-as-root", "--oversubscribe", "-np"])
-            .arg(ranks.to_string())
-            .args(["-x", "RAYON_NUM_THREADS=1"])
-            .arg(&lathe);
-        c
-    };
     println!("dp: {ranks} rank(s) x 1 thread: lathe {}", args.join(" "));
-    let status = command
+    let status = launcher(ranks)
         .args(&args)
-        .env("RAYON_NUM_THREADS", "1")
         .status()
         .context("starting lathe (mpirun: is Open MPI installed?)")?;
     if !status.success() {
@@ -187,6 +275,24 @@ pub fn markdown(section: &DpSection) -> String {
         "\nScaling efficiency on 2 ranks: {:.1}%; the same losses on both sides: {}.",
         100.0 * section.scaling_efficiency,
         section.same_losses
+    );
+    let _ = write!(
+        md,
+        "\nPPO of SmolLM2 (8 samples of 8 + 16 tokens a step, 2 x 2 minibatches of 2):\n\n\
+         | processes | s/step | of it generating |\n|---|---|---|\n"
+    );
+    for r in &section.ppo {
+        let _ = writeln!(
+            md,
+            "| {} | {:.2} | {:.2} |",
+            r.ranks, r.seconds_per_step, r.generate_seconds_per_step
+        );
+    }
+    let _ = writeln!(
+        md,
+        "\nPPO scaling efficiency on 2 ranks: {:.1}%; the same rewards on both sides: {}.",
+        100.0 * section.ppo_scaling_efficiency,
+        section.ppo_same_rewards
     );
     md
 }

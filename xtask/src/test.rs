@@ -1,7 +1,7 @@
-//! `cargo xtask test`: the adapter check, then `cargo test --workspace`, then the
-//! data-parallel tests under `mpirun` (`lathe-cli --features mpi`), then the release checks:
-//! the documentation builds without a warning and every publishable crate packages and
-//! compiles from its package.
+//! `cargo xtask test`: the adapter check, then `cargo test --workspace` (with
+//! `lathe-cli/mpi`, and so the data-parallel tests under `mpirun`, when Open MPI is
+//! installed), then the release checks: the documentation builds without a warning and every
+//! publishable crate packages and compiles from its package (default features: no MPI).
 
 use std::process::{Command, ExitCode, ExitStatus};
 
@@ -16,61 +16,25 @@ use crate::probe;
 /// extra args (`-p NAME`) replaces `--workspace`, which would otherwise win over it, and
 /// skips the release checks.
 pub fn run(extra: &[String]) -> Result<ExitCode> {
-    if scope(extra).is_some() {
-        require_mpirun()?;
-    }
     let status = run_tests(extra)?;
     if !status.success() || scope(extra).is_none() {
-        return Ok(exit_code(status));
-    }
-    let status = mpi_tests()?;
-    if !status.success() {
         return Ok(exit_code(status));
     }
     release_checks()
 }
 
-/// The data-parallel tests: `lathe` built with the `mpi` feature, run under Open MPI's
-/// `mpirun` (the default build, tested above, needs no MPI).
-fn mpi_tests() -> Result<ExitStatus> {
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_string());
-    let args = [
-        "test",
-        "-p",
-        "lathe-cli",
-        "--features",
-        "mpi",
-        "--test",
-        "mpi",
-    ];
-    eprintln!("xtask: running `cargo {}`", args.join(" "));
-    let started = std::time::Instant::now();
-    let status = Command::new(&cargo)
-        .current_dir(crate::workspace_root())
-        .args(args)
-        .env("RUST_BACKTRACE", "1")
-        .status()
-        .with_context(|| format!("could not start `{cargo} test`"))?;
-    eprintln!(
-        "xtask: the MPI tests took {:.0} s",
-        started.elapsed().as_secs_f64()
-    );
-    Ok(status)
-}
-
-/// The MPI tests need Open MPI (and libclang for the bindings): say so before any build.
-fn require_mpirun() -> Result<()> {
-    let found = Command::new("mpirun")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !found {
-        anyhow::bail!(
-            "no mpirun: the data-parallel tests run under Open MPI. Install it with \
-             `apt-get install -y openmpi-bin libopenmpi-dev libclang-dev` (as root)."
-        );
-    }
-    Ok(())
+/// Whether Open MPI is installed with what building against it needs (`mpirun`, and
+/// `mpicc` from the development package): then the workspace is tested with the `mpi`
+/// feature, `cli/tests/mpi.rs` included. Without it the default build is tested, which
+/// needs no MPI.
+fn open_mpi_installed() -> bool {
+    let runs = |program: &str, arg: &str| {
+        Command::new(program)
+            .arg(arg)
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    runs("mpirun", "--version") && runs("mpicc", "--showme:version")
 }
 
 /// The docs, then the packaging check: what a user of the published crates gets.
@@ -117,15 +81,28 @@ fn run_tests(extra: &[String]) -> Result<ExitStatus> {
     eprintln!("xtask: GPU adapter: {report}");
     require_chromium()?;
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_string());
+    let features: &[&str] = if scope(extra).is_some() && open_mpi_installed() {
+        &["--features", "lathe-cli/mpi"]
+    } else {
+        if scope(extra).is_some() {
+            eprintln!(
+                "xtask: no Open MPI here: the data-parallel tests (cli/tests/mpi.rs) do not \
+                 run; `apt-get install -y openmpi-bin libopenmpi-dev libclang-dev` adds them"
+            );
+        }
+        &[]
+    };
     let mut command = Command::new(&cargo);
     command
         .current_dir(crate::workspace_root())
         .arg("test")
         .args(scope(extra))
+        .args(features)
         .args(extra)
         .env("RUST_BACKTRACE", "1");
     let shown: Vec<&str> = std::iter::once("test")
         .chain(scope(extra))
+        .chain(features.iter().copied())
         .chain(extra.iter().map(String::as_str))
         .collect();
     eprintln!(

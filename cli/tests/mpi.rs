@@ -225,8 +225,9 @@ fn signal_a_rank(
     }
     let ranks = children(job.id());
     assert_eq!(ranks.len(), 2, "mpirun's children: {ranks:?}");
-    let killed = Command::new("kill")
-        .args([signal, &ranks[1].to_string()])
+    // The shell's own kill: no procps needed.
+    let killed = Command::new("sh")
+        .args(["-c", &format!("kill {signal} {}", ranks[1])])
         .status()
         .unwrap();
     assert!(killed.success());

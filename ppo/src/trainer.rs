@@ -3,9 +3,10 @@
 //! from a value head on the last hidden state. Trainable: the adapters and the value head.
 //!
 //! Data parallel ([`PpoTrainer::join`]): every rank holds the whole batch (queries,
-//! responses, scores) and computes the rollout quantities, rewards, advantages, whitening
-//! and statistics over it, so they are the batch's and not a shard's (trl's data-parallel
-//! PPO whitens per process; lathe does not). The minibatches of each backward batch are
+//! responses, scores); rank 0 runs the policy's rollout forward and rank 1 the reference's,
+//! each over the whole batch, and every rank then computes the rewards, advantages,
+//! whitening and statistics over the batch, so they are the batch's and not a shard's (trl's
+//! data-parallel PPO whitens per process; lathe does not). The minibatches of each backward batch are
 //! shared out (rank r takes a contiguous run of them), their gradients summed over ranks in
 //! rank order and their statistics gathered in minibatch order: with one minibatch per rank
 //! per backward batch, the bits of one process.
@@ -245,23 +246,39 @@ impl PpoTrainer {
                 .flat_map(|r| (0..cols).map(move |t| (r, t)))
                 .filter(|&(r, t)| mask.at(r, t) != 0.0)
                 .collect();
-            let policy = self.forward_at(&seqs, seq, &positions, false)?;
-            let reference = {
-                let _off = self.switch.disable();
-                self.forward_at(&seqs, seq, &positions, false)?
-            };
-            let scatter = |t: &Tensor| -> Result<Grid> {
-                let mut grid = Grid::zeros(b, cols);
+            // With several ranks, rank 0 runs the policy's forward and rank 1 the
+            // reference's, each over the whole batch (as one process runs them, so the same
+            // bits), and they exchange the results.
+            let (rank, ranks) = (self.collective.rank(), self.collective.size());
+            let reference_rank = 1 % ranks;
+            // (3, B, T-1): policy log-probs, values, reference log-probs.
+            let mut grids = vec![0.0f32; 3 * b * cols];
+            let mut scatter = |k: usize, t: &Tensor| -> Result<()> {
                 for (&(r, c), v) in positions.iter().zip(t.to_vec_f32()?) {
-                    grid.data[r * cols + c] = v;
+                    grids[k * b * cols + r * cols + c] = v;
                 }
-                Ok(grid)
+                Ok(())
             };
-            (
-                scatter(&policy.logprobs)?,
-                scatter(&policy.values)?,
-                scatter(&reference.logprobs)?,
-            )
+            if rank == 0 {
+                let policy = self.forward_at(&seqs, seq, &positions, false)?;
+                scatter(0, &policy.logprobs)?;
+                scatter(1, &policy.values)?;
+            }
+            if rank == reference_rank {
+                let _off = self.switch.disable();
+                let reference = self.forward_at(&seqs, seq, &positions, false)?;
+                scatter(2, &reference.logprobs)?;
+            }
+            if ranks > 1 {
+                let all = self.collective.all_gather_f32(&grids)?;
+                let (policy, reference) =
+                    (&all[..2 * b * cols], &all[reference_rank * grids.len()..]);
+                grids[..2 * b * cols].copy_from_slice(policy);
+                grids[2 * b * cols..].copy_from_slice(&reference[2 * b * cols..3 * b * cols]);
+            }
+            let grid =
+                |k: usize| Grid::new(b, cols, grids[k * b * cols..(k + 1) * b * cols].to_vec());
+            (grid(0)?, grid(1)?, grid(2)?)
         };
         let kl_coef = self.kl.value();
         let (rewards, non_score, kls) = compute_rewards(

@@ -1,6 +1,6 @@
 //! The data-parallel job this process is a rank of. Built with the `mpi` feature and started
-//! by `mpirun`, `lathe sft`, `lathe reward-train` and `lathe ppo` run as one rank of `MPI_COMM_WORLD`;
-//! otherwise (and in every other command) the process is alone ([`Solo`]).
+//! by `mpirun`, `lathe sft`, `lathe reward-train` and `lathe ppo` run as one rank of
+//! `MPI_COMM_WORLD`; otherwise (and in every other command) the process is alone ([`Solo`]).
 //!
 //! MPI is initialised and finalised on the main thread ([`Job::start`], dropping the
 //! [`Job`]); the commands call it from lathe's CPU pool in between, which MPI's serialized

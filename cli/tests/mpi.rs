@@ -21,20 +21,52 @@ fn scratch(name: &str) -> PathBuf {
 
 /// A small repetitive corpus (the one of sft_merge.rs), as a text file in `dir`.
 fn corpus(dir: &Path) -> PathBuf {
+    let text: String = sentences(120).iter().map(|l| format!("{l}\n")).collect();
+    let path = dir.join("texts.txt");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// `n` ten-word sentences over a few words.
+fn sentences(n: usize) -> Vec<String> {
     let words = [
         "the", "film", "was", "great", "and", "the", "cast", "was", "fine",
     ];
-    let text: String = (0..120)
+    (0..n)
         .map(|i| {
             let line: Vec<&str> = (0..10)
                 .map(|j| words[(i * 7 + j * 3) % words.len()])
                 .collect();
-            line.join(" ") + "\n"
+            line.join(" ")
         })
-        .collect();
-    let path = dir.join("texts.txt");
-    std::fs::write(&path, text).unwrap();
-    path
+        .collect()
+}
+
+/// Every tensor of the safetensors file `file` in `a` and in `b` (the same names, in order)
+/// within `tolerance` relative L2 norm.
+fn assert_tensors_close(a: &Path, b: &Path, file: &str, tolerance: f64) {
+    let load = |dir: &Path| safetensors::load(&dir.join(file), &Device::Cpu).unwrap();
+    let (ta, tb) = (load(a), load(b));
+    assert_eq!(ta.len(), tb.len());
+    for ((name, x), (other, y)) in ta.iter().zip(&tb) {
+        assert_eq!(name, other);
+        let (x, y) = (x.to_vec_f32().unwrap(), y.to_vec_f32().unwrap());
+        let diff: f64 = x
+            .iter()
+            .zip(&y)
+            .map(|(p, q)| f64::from(p - q).powi(2))
+            .sum();
+        let norm: f64 = x.iter().map(|p| f64::from(*p).powi(2)).sum();
+        assert!(
+            diff.sqrt() <= tolerance * norm.sqrt(),
+            "{name}: relative difference {}",
+            (diff / norm).sqrt()
+        );
+    }
+}
+
+fn relative(x: f64, y: f64) -> f64 {
+    (x - y).abs() / x.abs().max(f64::MIN_POSITIVE)
 }
 
 /// `lathe sft` flags of the runs compared here: dropout on, held-out blocks, warm-up.
@@ -119,14 +151,6 @@ fn metrics(out: &Path) -> Vec<serde_json::Value> {
         .collect()
 }
 
-fn adapter(out: &Path) -> Vec<(String, Vec<f32>)> {
-    safetensors::load(&out.join("adapter_model.safetensors"), &Device::Cpu)
-        .unwrap()
-        .into_iter()
-        .map(|(name, t)| (name, t.to_vec_f32().unwrap()))
-        .collect()
-}
-
 #[test]
 fn two_ranks_train_as_one_process_with_the_same_global_batch() {
     let dir = scratch("equal");
@@ -159,22 +183,10 @@ fn two_ranks_train_as_one_process_with_the_same_global_batch() {
     for (a, b) in metrics(&four).iter().zip(metrics(&two_by_two)) {
         for key in ["loss", "grad_norm"] {
             let (x, y) = (a[key].as_f64().unwrap(), b[key].as_f64().unwrap());
-            assert!((x - y).abs() <= 1e-6 * x.abs(), "{key}: {x} vs {y}");
+            assert!(relative(x, y) <= 1e-6, "{key}: {x} vs {y}");
         }
     }
-    for ((name, a), (_, b)) in adapter(&four).iter().zip(adapter(&two_by_two)) {
-        let diff: f64 = a
-            .iter()
-            .zip(&b)
-            .map(|(x, y)| f64::from(x - y).powi(2))
-            .sum();
-        let norm: f64 = a.iter().map(|x| f64::from(*x).powi(2)).sum();
-        assert!(
-            diff.sqrt() <= 1e-6 * norm.sqrt(),
-            "{name}: relative difference {}",
-            (diff / norm).sqrt()
-        );
-    }
+    assert_tensors_close(&four, &two_by_two, "adapter_model.safetensors", 1e-6);
     // Only rank 0 wrote: one line a step.
     assert_eq!(metrics(&two).len(), 12);
     let _ = std::fs::remove_dir_all(&dir);
@@ -403,10 +415,6 @@ fn reward_args(data: &Path, out: &Path) -> Vec<String> {
     .collect()
 }
 
-fn relative(x: f64, y: f64) -> f64 {
-    (x - y).abs() / x.abs().max(f64::MIN_POSITIVE)
-}
-
 #[test]
 fn reward_training_on_two_ranks_equals_one_process() {
     let dir = scratch("reward");
@@ -435,25 +443,7 @@ fn reward_training_on_two_ranks_equals_one_process() {
             }
         }
     }
-    let weights =
-        |out: &Path| safetensors::load(&out.join("model.safetensors"), &Device::Cpu).unwrap();
-    let (w1, w2) = (weights(&one), weights(&two));
-    assert_eq!(w1.len(), w2.len());
-    for ((name, a), (other, b)) in w1.iter().zip(&w2) {
-        assert_eq!(name, other);
-        let (a, b) = (a.to_vec_f32().unwrap(), b.to_vec_f32().unwrap());
-        let diff: f64 = a
-            .iter()
-            .zip(&b)
-            .map(|(x, y)| f64::from(x - y).powi(2))
-            .sum();
-        let norm: f64 = a.iter().map(|x| f64::from(*x).powi(2)).sum();
-        assert!(
-            diff.sqrt() <= 1e-6 * norm.sqrt(),
-            "{name}: relative difference {}",
-            (diff / norm).sqrt()
-        );
-    }
+    assert_tensors_close(&one, &two, "model.safetensors", 1e-6);
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -461,16 +451,9 @@ fn reward_training_on_two_ranks_equals_one_process() {
 /// backward batches of 2 minibatches of 2 (one minibatch per rank on 2 ranks).
 fn ppo_args(dir: &Path, out: &Path, steps: usize) -> Vec<String> {
     let data = dir.join("prompts.jsonl");
-    let words = [
-        "the", "film", "was", "great", "and", "the", "cast", "was", "fine",
-    ];
-    let records: String = (0..40)
-        .map(|i| {
-            let line: Vec<&str> = (0..10)
-                .map(|j| words[(i * 7 + j * 3) % words.len()])
-                .collect();
-            serde_json::json!({ "text": line.join(" ") }).to_string() + "\n"
-        })
+    let records: String = sentences(40)
+        .iter()
+        .map(|line| serde_json::json!({ "text": line }).to_string() + "\n")
         .collect();
     std::fs::write(&data, records).unwrap();
     let config = dir.join("ppo.toml");

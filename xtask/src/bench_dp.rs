@@ -70,7 +70,7 @@ pub fn run() -> Result<DpSection> {
     std::fs::write(&data, corpus())?;
     let one = side(&model, &data, &dir.join("one"), 1, 2)?;
     let two = side(&model, &data, &dir.join("two"), 2, 1)?;
-    let same_losses = losses(&dir.join("one"))? == losses(&dir.join("two"))?;
+    let same_losses = column(&dir.join("one"), "loss")? == column(&dir.join("two"), "loss")?;
     let ppo_one = ppo_side(&model, &data, &dir, 1)?;
     let ppo_two = ppo_side(&model, &data, &dir, 2)?;
     let ppo_same_rewards = column(&dir.join("ppo1"), "env/reward_mean")?
@@ -247,13 +247,6 @@ fn metrics(out: &Path) -> Result<Vec<serde_json::Value>> {
         );
     }
     Ok(log)
-}
-
-fn losses(out: &Path) -> Result<Vec<f64>> {
-    Ok(metrics(out)?
-        .iter()
-        .map(|m| m["loss"].as_f64().unwrap_or(f64::NAN))
-        .collect())
 }
 
 pub fn markdown(section: &DpSection) -> String {

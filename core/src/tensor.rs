@@ -10,6 +10,7 @@ use lathe_shaders::{GpuBuffer, MemCategory};
 use crate::backprop::{self, GradFn};
 use crate::device::Device;
 use crate::dtype::DType;
+use crate::ops::packed::PackedWeight;
 use crate::shape;
 use crate::storage::{CpuStorage, Storage};
 use crate::{Error, Result};
@@ -40,6 +41,9 @@ struct TensorInner {
     is_variable: bool,
     /// How this tensor was computed, when any input tracks gradients.
     grad_fn: Option<GradFn>,
+    /// A frozen (N, K) CPU weight's second copy, packed for `x @ selfᵀ`
+    /// ([`Tensor::packed_for_cpu_forward`]).
+    packed: Option<Arc<PackedWeight>>,
 }
 
 impl std::fmt::Debug for Tensor {
@@ -73,6 +77,7 @@ impl Tensor {
             storage: RwLock::new(storage),
             is_variable: false,
             grad_fn: None,
+            packed: None,
         }))
     }
 
@@ -101,6 +106,7 @@ impl Tensor {
             storage: RwLock::new(storage),
             is_variable: false,
             grad_fn,
+            packed: None,
         }))
     }
 
@@ -258,17 +264,66 @@ impl Tensor {
             storage: RwLock::new(self.storage().clone()),
             is_variable: true,
             grad_fn: None,
+            packed: None,
         }))
     }
 
-    /// The same values without history: gradients stop here.
+    /// The same values without history: gradients stop here. A packed copy
+    /// ([`Tensor::packed_for_cpu_forward`]) goes with the values.
     pub fn detach(&self) -> Tensor {
-        Tensor::from_storage(
-            self.storage().clone(),
-            self.0.shape.clone(),
-            self.0.dtype,
-            self.0.device.clone(),
-        )
+        Tensor(Arc::new(TensorInner {
+            id: TensorId::next(),
+            shape: self.0.shape.clone(),
+            dtype: self.0.dtype,
+            device: self.0.device.clone(),
+            storage: RwLock::new(self.storage().clone()),
+            is_variable: false,
+            grad_fn: None,
+            packed: self.0.packed.clone(),
+        }))
+    }
+
+    /// This frozen f32 (N, K) CPU weight with a second copy of its values packed for the
+    /// forward product `x @ selfᵀ` (see [`crate::ops::packed`]): every CPU product of more
+    /// than a few rows through it, and the fused LM-head losses, read the panels instead of
+    /// packing the weight again on each call. The backward reads the weight as stored.
+    ///
+    /// Costs [`Tensor::packed_bytes`] more memory. Returns the tensor unchanged where
+    /// packing does not apply: on a GPU, for other dtypes or ranks, for a variable (its
+    /// values change every step), or on a CPU without the kernel (AVX-512).
+    pub fn packed_for_cpu_forward(&self) -> Result<Tensor> {
+        let applies = !self.device().is_gpu()
+            && self.dtype() == DType::F32
+            && self.rank() == 2
+            && !self.tracks_grad()
+            && self.0.packed.is_none()
+            && crate::ops::packed::kernel_available();
+        if !applies {
+            return Ok(self.clone());
+        }
+        let (n, k) = (self.0.shape[0], self.0.shape[1]);
+        let packed =
+            self.with_cpu_f32("packed_for_cpu_forward", |w| PackedWeight::pack(w, n, k))?;
+        Ok(Tensor(Arc::new(TensorInner {
+            id: TensorId::next(),
+            shape: self.0.shape.clone(),
+            dtype: self.0.dtype,
+            device: self.0.device.clone(),
+            storage: RwLock::new(self.storage().clone()),
+            is_variable: false,
+            grad_fn: None,
+            packed: packed.map(Arc::new),
+        })))
+    }
+
+    /// Bytes of the packed copy [`Tensor::packed_for_cpu_forward`] made (0 without one).
+    pub fn packed_bytes(&self) -> usize {
+        self.0.packed.as_ref().map_or(0, |p| p.bytes())
+    }
+
+    /// The packed copy, when there is one.
+    pub(crate) fn packed(&self) -> Option<&PackedWeight> {
+        self.0.packed.as_deref()
     }
 
     /// The tensor's identity: clones share it, [`into_variable`](Tensor::into_variable)

@@ -27,6 +27,7 @@ use crate::backprop;
 use crate::dtype::DType;
 use crate::ops::loss::check_targets;
 use crate::ops::matmul::cpu_gemm;
+use crate::ops::packed::PackedWeight;
 use crate::ops::vexp;
 use crate::tensor::Tensor;
 use crate::{Device, Error, Result};
@@ -60,12 +61,29 @@ struct Dims {
     v: usize,
 }
 
+/// logits (rows, V) = h (rows, H) @ wᵀ for w (V, H): through the head's packed copy when it
+/// has one, else the gemm crate reading w transposed.
+fn head_logits(
+    logits: &mut [f32],
+    h: &[f32],
+    w: &[f32],
+    packed: Option<&PackedWeight>,
+    (rows, v, hd): (usize, usize, usize),
+) {
+    match packed {
+        Some(p) => p.matmul_into(h, rows, logits),
+        // SAFETY: h holds rows * hd elements, w holds v * hd, logits rows * v.
+        None => unsafe { cpu_gemm(logits, h, (hd, 1), w, (1, hd), (rows, v, hd), false) },
+    }
+}
+
 /// The CPU pass over row chunks of `chunk` rows; `kept` (> 0) rows have a target that is not
 /// `ignore`, and every kept target is < v.
 #[allow(clippy::too_many_arguments)]
 fn cpu_fused(
     h: &[f32],
     w: &[f32],
+    packed: Option<&PackedWeight>,
     targets: &[u32],
     ignore: Option<u32>,
     Dims { n, hd, v }: Dims,
@@ -83,9 +101,7 @@ fn cpu_fused(
         let rows = chunk.min(n - r0);
         let hc = &h[r0 * hd..(r0 + rows) * hd];
         let lc = &mut logits[..rows * v];
-        // logits (rows, V) = h_c (rows, H) @ w^T, w (V, H) read transposed.
-        // SAFETY: hc holds rows * hd elements, w holds v * hd, lc holds rows * v.
-        unsafe { cpu_gemm(lc, hc, (hd, 1), w, (1, hd), (rows, v, hd), false) };
+        head_logits(lc, hc, w, packed, (rows, v, hd));
         total += lc
             .par_chunks_mut(v)
             .zip(&targets[r0..r0 + rows])
@@ -150,6 +166,7 @@ struct TokenPass {
 fn cpu_token_pass(
     h: &[f32],
     w: &[f32],
+    packed: Option<&PackedWeight>,
     targets: &[u32],
     ignore: Option<u32>,
     Dims { n, hd, v }: Dims,
@@ -170,9 +187,7 @@ fn cpu_token_pass(
             hc[i * hd..(i + 1) * hd].copy_from_slice(&h[r * hd..(r + 1) * hd]);
         }
         let lc = &mut logits[..m * v];
-        // logits (m, V) = h_c (m, H) @ w^T, w (V, H) read transposed.
-        // SAFETY: hc holds >= m * hd elements, w holds v * hd, lc holds m * v.
-        unsafe { cpu_gemm(lc, &hc[..m * hd], (hd, 1), w, (1, hd), (m, v, hd), false) };
+        head_logits(lc, &hc[..m * hd], w, packed, (m, v, hd));
         let stats: Vec<(f32, f32)> = lc
             .par_chunks_mut(v)
             .zip(rows.par_iter())
@@ -282,6 +297,7 @@ impl Tensor {
                 cpu_fused(
                     h,
                     w,
+                    weight.packed(),
                     &host,
                     ignore_index,
                     Dims { n, hd, v },
@@ -374,6 +390,7 @@ impl Tensor {
                 cpu_token_pass(
                     h,
                     w,
+                    weight.packed(),
                     targets,
                     ignore_index,
                     Dims { n, hd, v },
@@ -492,10 +509,15 @@ mod tests {
         let want_loss = composed.to_scalar().unwrap();
         let (hv, wv) = (h.to_vec_f32().unwrap(), w.to_vec_f32().unwrap());
         let tol = crate::testing::Tolerance::new(1e-5, 1e-6);
-        for chunk in [1, 4, 13] {
+        let packed = PackedWeight::pack(&wv, v, hd);
+        for (chunk, packed) in [1, 4, 13]
+            .into_iter()
+            .flat_map(|c| [(c, None), (c, packed.as_ref())])
+        {
             let f = cpu_fused(
                 &hv,
                 &wv,
+                packed,
                 &targets,
                 Some(999),
                 Dims { n, hd, v },
@@ -539,10 +561,15 @@ mod tests {
         let want_dh = weighted(&want);
         let (hv, wv) = (h.to_vec_f32().unwrap(), w.to_vec_f32().unwrap());
         let tol = crate::testing::Tolerance::new(1e-5, 1e-6);
-        for chunk in [1, 4, 9] {
+        let packed = PackedWeight::pack(&wv, v, hd);
+        for (chunk, packed) in [1, 4, 9]
+            .into_iter()
+            .flat_map(|c| [(c, None), (c, packed.as_ref())])
+        {
             let pass = cpu_token_pass(
                 &hv,
                 &wv,
+                packed,
                 &targets,
                 Some(u32::MAX),
                 Dims { n, hd, v },
@@ -565,6 +592,17 @@ mod tests {
         crate::testing::assert_close(&got.to_vec_f32().unwrap(), &want.to_vec_f32().unwrap(), tol);
         let got_dh = weighted(&got);
         crate::testing::assert_close(&got_dh, &want_dh, tol);
+        // Through the head's packed copy (where this CPU packs): the same values.
+        let (got, _) = h
+            .linear_log_softmax_gather(
+                &w.packed_for_cpu_forward().unwrap(),
+                &targets,
+                Some(u32::MAX),
+                false,
+            )
+            .unwrap();
+        crate::testing::assert_close(&got.to_vec_f32().unwrap(), &want.to_vec_f32().unwrap(), tol);
+        crate::testing::assert_close(&weighted(&got), &want_dh, tol);
         assert!(
             got_dh[..hd].iter().all(|&g| g == 0.0),
             "an ignored row has no gradient"

@@ -349,6 +349,14 @@ impl Tensor {
                 })??;
                 Tensor::cpu_f32(data, out_shape.clone())
             }
+            Device::Cpu
+                if !ta && tb && d.b_shared && d.m > skinny::MAX_ROWS && b.packed().is_some() =>
+            {
+                // A frozen weight packed at load: its panels, not a fresh packing per call.
+                let packed = b.packed().expect("checked above");
+                let data = self.with_cpu_f32("matmul", |av| packed.matmul(av, d.m))?;
+                Tensor::cpu_f32(data, out_shape.clone())
+            }
             Device::Cpu => {
                 let widened;
                 let b32 = if b.dtype() == DType::F16 {

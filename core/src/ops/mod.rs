@@ -12,6 +12,7 @@ pub mod loss;
 pub mod matmul;
 mod matmul_gpu;
 pub mod norm;
+pub mod packed;
 pub mod reduce;
 pub mod rotary;
 mod skinny;

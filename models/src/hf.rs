@@ -57,6 +57,19 @@ impl CausalLm {
         Ok(())
     }
 
+    /// Packs every frozen f32 linear weight on the CPU (the blocks' and the LM head's) once
+    /// for the forward product ([`Linear::pack_for_cpu`]): a trainer calls this when the
+    /// base's weights are final (after loading and any merge), so that no forward packs
+    /// them again. Returns the bytes the packed copies add (the memory plan's `packed`).
+    pub fn pack_frozen_weights(&mut self) -> Result<u64> {
+        let mut added = 0;
+        for (_, linear) in self.linears_mut() {
+            added += linear.pack_for_cpu()?;
+        }
+        added += self.0.embedding_and_head().1.pack_for_cpu()?;
+        Ok(added)
+    }
+
     /// Gradient checkpointing per transformer block (transformers'
     /// `gradient_checkpointing_enable()`): activations of a block are recomputed in the
     /// backward instead of kept. Inference (no gradient recording, or a KV cache) is unchanged.

@@ -126,6 +126,22 @@ impl Linear {
         }
     }
 
+    /// Gives a frozen f32 weight on the CPU a second copy packed for the forward product
+    /// ([`Tensor::packed_for_cpu_forward`]); returns the bytes that copy adds (0 where
+    /// nothing was packed: int8 and f16 weights, variables, the GPU, a CPU without the
+    /// kernel). A LoRA layer packs its base; its adapter, trained, stays as it is.
+    pub fn pack_for_cpu(&mut self) -> Result<u64> {
+        match self {
+            Linear::Dense { weight, .. } => {
+                let before = weight.packed_bytes();
+                *weight = weight.packed_for_cpu_forward()?;
+                Ok((weight.packed_bytes() - before) as u64)
+            }
+            Linear::Int8(_) => Ok(0),
+            Linear::Lora { base, .. } => base.pack_for_cpu(),
+        }
+    }
+
     /// x (..., in) -> (..., out).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         match self {

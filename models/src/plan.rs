@@ -123,15 +123,20 @@ pub struct MemoryPlan {
     pub logits: u64,
     /// A fixed allowance for temporaries (8 MiB).
     pub scratch: u64,
+    /// The second copies of the frozen f32 weights a CPU trainer packs for its forward
+    /// products (`CausalLm::pack_frozen_weights`; 0 on a GPU, for inference, and where the
+    /// CPU has no packed kernel).
+    pub packed: u64,
 }
 
 impl MemoryPlan {
     /// Every category of the run with its name, in a fixed order (loading is apart: it
     /// peaks before the run).
-    pub fn rows(&self) -> [(&'static str, u64); 9] {
+    pub fn rows(&self) -> [(&'static str, u64); 10] {
         [
             ("runtime", self.runtime),
             ("weights", self.weights),
+            ("packed weights", self.packed),
             ("data", self.data),
             ("adapters", self.adapters),
             ("optimizer", self.optimizer),
@@ -142,9 +147,11 @@ impl MemoryPlan {
         ]
     }
 
-    /// The run's working set: everything the run adds to the finished weights.
+    /// The run's working set: everything the run adds to the finished weights (the packed
+    /// copies are made after loading, so they count here).
     pub fn working_set(&self) -> u64 {
         [
+            self.packed,
             self.adapters,
             self.optimizer,
             self.activations,
@@ -329,6 +336,27 @@ pub fn plan(config: &ModelConfig, s: &PlanSettings) -> MemoryPlan {
         Job::Sft if fused_loss => (tb * t * d.vocab).min(6 << 20) * f32b,
         Job::Sft => 2 * tb * t * d.vocab * f32b,
     };
+    // A CPU trainer's packed copies of the frozen f32 weights: the blocks' linears and the
+    // LM head, each (out rounded up to a panel, in).
+    let packed_copy = |out: usize, input: usize| {
+        (out.next_multiple_of(lathe_core::ops::packed::NR) * input) as u64 * f32b
+    };
+    let packed = if training && !s.on_gpu && lathe_core::ops::packed::kernel_available() {
+        let blocks: u64 = match s.precision {
+            Precision::F32 => linears
+                .iter()
+                .map(|l| d.layers * packed_copy(l.out, l.input))
+                .sum(),
+            Precision::F16 | Precision::Int8 { .. } => 0,
+        };
+        let head = match s.embeddings_f16 {
+            false => packed_copy(d.vocab as usize, d.hidden as usize),
+            true => 0,
+        };
+        blocks + head
+    } else {
+        0
+    };
     // The run's transient buffers: the f16 LM head or an int8 weight widened 4 MiB at a time.
     let scratch = 8 << 20;
     // On a GPU the plan is of device memory: the process and loading's transient forms live
@@ -349,6 +377,7 @@ pub fn plan(config: &ModelConfig, s: &PlanSettings) -> MemoryPlan {
         kv_cache,
         logits,
         scratch,
+        packed,
     }
 }
 

@@ -63,7 +63,7 @@ impl PpoTrainer {
     /// `CausalLm::add_lora`/`load_lora`) and `value_head`. `pad_id` fills the right padding
     /// of batched sequences.
     pub fn new(
-        model: CausalLm,
+        mut model: CausalLm,
         switch: AdapterSwitch,
         value_head: ValueHead,
         config: PpoConfig,
@@ -78,6 +78,8 @@ impl PpoTrainer {
             ));
         }
         params.extend(value_head.summary.variables());
+        // The base is final from here on: its forward products read packed panels.
+        model.pack_frozen_weights()?;
         let adam = Adam::new(
             params,
             AdamConfig {

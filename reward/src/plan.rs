@@ -215,5 +215,7 @@ pub fn training_plan(
         kv_cache: 0,
         logits: 0,
         scratch,
+        // The encoder's weights are not packed.
+        packed: 0,
     }
 }

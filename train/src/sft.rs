@@ -659,6 +659,8 @@ impl<'a> SftTrainer<'a> {
             }
         };
         model.set_gradient_checkpointing(config.gradient_checkpointing);
+        // The base is final from here on: its forward products read packed panels.
+        model.pack_frozen_weights()?;
         let params = model.lora_parameters();
         let mut adam = Adam::new(
             params.clone(),

@@ -42,6 +42,10 @@ pub struct CpuMemory {
     /// Growth of the resident set (free heap trimmed before and after) while loading the
     /// model, less adapters and optimizer: the base weights.
     pub weights_mib: f64,
+    /// Growth of the resident set while the frozen f32 weights were packed for the forward
+    /// (`CausalLm::pack_frozen_weights`), and the plan's figure for it.
+    pub packed_mib: f64,
+    pub planned_packed_mib: f64,
     pub adapters_mib: f64,
     pub optimizer_mib: f64,
     /// Peak resident set during the timed steps above the set before them: activations,
@@ -127,6 +131,10 @@ pub(crate) fn measure(
     let params = pretrained.model.lora_parameters();
     let adapter_mib = params.iter().map(|p| p.elem_count() * 4).sum::<usize>() as f64 / 1048576.0;
     let mut adam = Adam::new(params, AdamConfig::adamw(2e-4, 0.0))?;
+    trim_heap();
+    let rss_unpacked = status_mib("VmRSS:");
+    // As the trainers do once the base is final.
+    pretrained.model.pack_frozen_weights()?;
     let mut rng = Rng::new(0);
     let vocab = pretrained.model.config().vocab_size() as u64;
     let blocks: Vec<Vec<u32>> = (0..BATCH)
@@ -164,9 +172,11 @@ pub(crate) fn measure(
     };
     let planned = plan(&pretrained.model.config(), &settings);
     let mib = |b: u64| b as f64 / 1048576.0;
-    let cpu_memory = match (!device.is_gpu(), rss_before, rss_loaded) {
-        (true, Some(before), Some(loaded)) => Some(CpuMemory {
-            weights_mib: loaded - before - 3.0 * adapter_mib,
+    let cpu_memory = match (!device.is_gpu(), rss_before, rss_unpacked, rss_loaded) {
+        (true, Some(before), Some(unpacked), Some(loaded)) => Some(CpuMemory {
+            weights_mib: unpacked - before - 3.0 * adapter_mib,
+            packed_mib: loaded - unpacked,
+            planned_packed_mib: mib(planned.packed),
             adapters_mib: adapter_mib,
             optimizer_mib: 2.0 * adapter_mib,
             step_peak_mib: peak_reset
@@ -350,22 +360,24 @@ pub fn markdown(section: &SftSection) -> String {
     if !cpu_rows.is_empty() {
         let _ = writeln!(
             s,
-            "\nResident memory by category, MiB (weights: growth while loading, free heap trimmed, less adapters and optimizer; steps: peak during the timed steps above the set before them):\n"
+            "\nResident memory by category, MiB (weights: growth while loading, free heap trimmed, less adapters and optimizer; packed: growth while the frozen f32 weights were packed for the forward; steps: peak during the timed steps above the set before them):\n"
         );
         let _ = writeln!(
             s,
-            "| device | base | checkpointing | weights | plan | adapters | optimizer | steps (activations, gradients, scratch) | plan |"
+            "| device | base | checkpointing | weights | plan | packed | plan | adapters | optimizer | steps (activations, gradients, scratch) | plan |"
         );
-        let _ = writeln!(s, "|---|---|---|---:|---:|---:|---:|---:|---:|");
+        let _ = writeln!(s, "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|");
         for (r, m) in cpu_rows {
             let _ = writeln!(
                 s,
-                "| {} | {} | {} | {:.0} | {:.0} | {:.1} | {:.1} | {} | {:.0} |",
+                "| {} | {} | {} | {:.0} | {:.0} | {:.0} | {:.0} | {:.1} | {:.1} | {} | {:.0} |",
                 r.device,
                 r.base,
                 crate::peer::yes_no(r.gradient_checkpointing),
                 m.weights_mib,
                 m.planned_weights_mib,
+                m.packed_mib,
+                m.planned_packed_mib,
                 m.adapters_mib,
                 m.optimizer_mib,
                 m.step_peak_mib.map_or("-".into(), |v| format!("{v:.0}")),

@@ -17,7 +17,7 @@
 use rayon::prelude::*;
 
 /// Output columns per panel: two 16-lane vectors.
-pub(crate) const NR: usize = 32;
+pub const NR: usize = 32;
 /// Rows of x per tile: 2 x 12 accumulators, 2 panel loads and 12 broadcasts per k step.
 const MR: usize = 12;
 /// Inner-dim block: a panel's block (KC x NR floats, 16 KiB) stays in L1 for every row tile.
@@ -183,7 +183,7 @@ struct SharedOut(*mut f32);
 unsafe impl Sync for SharedOut {}
 
 /// Whether this CPU runs the packed kernel.
-pub(crate) fn kernel_available() -> bool {
+pub fn kernel_available() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         std::is_x86_feature_detected!("avx512f")

@@ -394,6 +394,8 @@ impl GrpoTrainer {
             }
         };
         model.set_gradient_checkpointing(config.gradient_checkpointing);
+        // The base is final from here on: its forward products read packed panels.
+        model.pack_frozen_weights()?;
         let params = model.lora_parameters();
         if params.is_empty() {
             return Err(Error::GrpoConfig("the policy has no LoRA adapters".into()));

@@ -120,23 +120,33 @@ impl TokenLayout {
     /// The same layout with every row `group` times in a row (row b becomes rows
     /// b*group..(b+1)*group): the layout of a prompt's G samples.
     pub fn repeat_rows(&self, group: usize) -> Result<TokenLayout> {
+        let rows: Vec<usize> = (0..self.batch() * group).map(|r| r / group).collect();
+        self.select_rows(&rows)
+    }
+
+    /// The layout of rows `rows` (indices of this layout's rows, in the new order, repeats
+    /// allowed): a batch whose finished rows were dropped, or repeated.
+    pub fn select_rows(&self, rows: &[usize]) -> Result<TokenLayout> {
         let [batch, seq] = *self.positions.shape() else {
             unreachable!("positions are (B, T)")
         };
-        let positions_host: Vec<u32> = (0..batch)
-            .flat_map(|b| std::iter::repeat_n(&self.positions_host[b * seq..(b + 1) * seq], group))
-            .flatten()
+        if let Some(&bad) = rows.iter().find(|&&r| r >= batch) {
+            return Err(Error::Config(format!(
+                "token layout has {batch} rows, no row {bad}"
+            )));
+        }
+        let positions_host: Vec<u32> = rows
+            .iter()
+            .flat_map(|&b| &self.positions_host[b * seq..(b + 1) * seq])
             .copied()
             .collect();
-        let key_ranges = self.key_ranges.as_ref().map(|ranges| {
-            ranges
-                .iter()
-                .flat_map(|&r| std::iter::repeat_n(r, group))
-                .collect()
-        });
+        let key_ranges = self
+            .key_ranges
+            .as_ref()
+            .map(|ranges| rows.iter().map(|&b| ranges[b]).collect());
         TokenLayout::new(
             positions_host,
-            batch * group,
+            rows.len(),
             seq,
             key_ranges,
             self.positions.device(),

@@ -279,16 +279,26 @@ pub fn generate<M: LanguageModel + ?Sized>(
 /// [`generate`] for rows `first_row ..` of a larger batch: row b samples from the stream
 /// of row `first_row + b`, so that ranks each generating their rows of a batch get the
 /// tokens one process generating the whole batch gets (up to the rounding of a batch padded
-/// to other lengths).
+/// to other lengths). With `limits`, row b stops after `limits[b]` new tokens (at most
+/// `max_new_tokens`) and is no longer computed; its tokens are the first `limits[b]` of
+/// those it gets without a limit, padded with `pad_token_id` as a finished row.
 pub fn generate_rows<M: LanguageModel + ?Sized>(
     model: &M,
     prompts: &[Vec<u32>],
     first_row: usize,
+    limits: Option<&[usize]>,
     config: &GenerateConfig,
     device: &Device,
 ) -> Result<Vec<Vec<u32>>> {
     check_inputs(model, prompts, config)?;
-    rayon::scope(|_| generate_here(model, prompts, 1, first_row, config, device))
+    if let Some(limits) = limits.filter(|l| l.len() != prompts.len()) {
+        return Err(Error::Config(format!(
+            "generate: {} row limits for {} prompts",
+            limits.len(),
+            prompts.len()
+        )));
+    }
+    rayon::scope(|_| generate_here(model, prompts, 1, first_row, limits, config, device))
 }
 
 /// `group` samples of every prompt, the prompt's prefill computed once: row p*group + i of
@@ -321,44 +331,70 @@ pub fn generate_groups<M: LanguageModel + ?Sized>(
     // On a worker of rayon's pool, the CPU ops' parallel loops start without waking the
     // pool from outside: a cold start costs tens of microseconds per op, and a decode step
     // is hundreds of small ops. (The no-grad guard is per thread: taken inside.)
-    rayon::scope(|_| generate_here(model, prompts, group, 0, config, device))
+    rayon::scope(|_| generate_here(model, prompts, group, 0, None, config, device))
 }
 
-/// The generation of `prompts` x `group` rows, the sampler's streams from `first_row`.
+/// The generation of `prompts` x `group` rows, the sampler's streams from `first_row`; row b
+/// stops after `limits[b]` new tokens when limits are given (PPO's sampled response lengths).
+///
+/// A row that finished (EOS, or its limit) is dropped from the batch at the next step: its
+/// cache rows, layout row and sampling stream go, and the model computes only the rows still
+/// going. Each row's arithmetic does not depend on the other rows of its batch, so every
+/// row's tokens are those of the whole batch decoded to the end (the tests hold them equal
+/// token for token); finished rows are padded with `pad_token_id` at the end.
 fn generate_here<M: LanguageModel + ?Sized>(
     model: &M,
     prompts: &[Vec<u32>],
     group: usize,
     first_row: usize,
+    limits: Option<&[usize]>,
     config: &GenerateConfig,
     device: &Device,
 ) -> Result<Vec<Vec<u32>>> {
     let _no_grad = lathe_core::no_grad();
+    let rows = prompts.len() * group;
+    let limit =
+        |b: usize| limits.map_or(config.max_new_tokens, |l| l[b].min(config.max_new_tokens));
     let mut run = Run::new(model, prompts, group, first_row, config, device)?;
-    let mut out = vec![Vec::with_capacity(config.max_new_tokens); prompts.len() * group];
-    if config.max_new_tokens == 0 {
+    let mut out = vec![Vec::with_capacity(config.max_new_tokens); rows];
+    // The output row of each row the model still computes.
+    let mut live: Vec<usize> = (0..rows).filter(|&b| limit(b) > 0).collect();
+    if live.is_empty() {
         return Ok(out);
     }
     let mut logits = run.prefill()?; // (P, V), on the model's device
     if group > 1 {
         logits = run.repeat_rows(group, &logits)?; // (P * group, V)
     }
+    if live.len() < rows {
+        logits = run.select_rows(&live, &logits)?;
+    }
+    let mut steps = 0;
     for step in 0..config.max_new_tokens {
         // EOS is suppressed inside the sampler (on a GPU, in the kernel): no host pass.
         let suppress = config.eos_token_id.filter(|_| step < config.min_new_tokens);
-        let mut tokens = run.sampler.sample_suppressing(&logits, suppress)?;
-        for (b, token) in tokens.iter_mut().enumerate() {
-            if run.finished[b] {
-                *token = config.pad_token_id;
-            } else if config.stop_at_eos && Some(*token) == config.eos_token_id {
-                run.finished[b] = true;
+        let tokens = run.sampler.sample_suppressing(&logits, suppress)?;
+        steps = step + 1;
+        let mut going = Vec::with_capacity(live.len());
+        for (i, (&b, &token)) in live.iter().zip(&tokens).enumerate() {
+            out[b].push(token);
+            let eos = config.stop_at_eos && Some(token) == config.eos_token_id;
+            if !eos && out[b].len() < limit(b) {
+                going.push(i);
             }
-            out[b].push(*token);
         }
-        if step + 1 == config.max_new_tokens || run.finished.iter().all(|&f| f) {
+        if going.is_empty() || steps == config.max_new_tokens {
             break;
         }
+        let tokens: Vec<u32> = going.iter().map(|&i| tokens[i]).collect();
+        if going.len() < live.len() {
+            run.drop_finished(&going)?;
+            live = going.iter().map(|&i| live[i]).collect();
+        }
         logits = run.step(&tokens)?;
+    }
+    for row in &mut out {
+        row.resize(steps, config.pad_token_id);
     }
     Ok(out)
 }
@@ -438,7 +474,6 @@ struct Run<'a, M: LanguageModel + ?Sized> {
     /// The layout of the last forward (cache path: the next step's continues it).
     layout: Option<TokenLayout>,
     sampler: Sampler,
-    finished: Vec<bool>,
 }
 
 impl<'a, M: LanguageModel + ?Sized> Run<'a, M> {
@@ -479,7 +514,6 @@ impl<'a, M: LanguageModel + ?Sized> Run<'a, M> {
             cache,
             layout: None,
             sampler: Sampler::for_rows(config.sampling, config.seed, first_row, batch * group)?,
-            finished: vec![false; batch * group],
         })
     }
 
@@ -517,6 +551,40 @@ impl<'a, M: LanguageModel + ?Sized> Run<'a, M> {
         self.batch = batch * group;
         let index: Vec<u32> = (0..batch * group).map(|r| (r / group) as u32).collect();
         let index = Tensor::from_vec(index, &[batch * group], self.device)?;
+        Ok(Tensor::embedding(logits, &index)?)
+    }
+
+    /// Keeps rows `rows` (indices of the current rows, in order) of everything the next steps
+    /// read: the cache, the layout, the host ids and mask, the sampling streams.
+    fn drop_finished(&mut self, rows: &[usize]) -> Result<()> {
+        if let Some(cache) = &mut self.cache {
+            cache.select_rows(rows)?;
+        }
+        if let Some(layout) = &mut self.layout {
+            *layout = layout.select_rows(rows)?;
+        }
+        let seq = self.seq.max(1);
+        let select = |v: &[u32]| -> Vec<u32> {
+            rows.iter()
+                .flat_map(|&r| &v[r * seq..(r + 1) * seq])
+                .copied()
+                .collect()
+        };
+        if self.cache.is_none() {
+            self.ids = select(&self.ids);
+            self.mask = select(&self.mask);
+        }
+        self.sampler.select_rows(rows)?;
+        self.batch = rows.len();
+        Ok(())
+    }
+
+    /// [`Run::drop_finished`] before the first step, with the prefill's logits (B, V):
+    /// returns their rows `rows`.
+    fn select_rows(&mut self, rows: &[usize], logits: &Tensor) -> Result<Tensor> {
+        self.drop_finished(rows)?;
+        let index: Vec<u32> = rows.iter().map(|&r| r as u32).collect();
+        let index = Tensor::from_vec(index, &[rows.len()], self.device)?;
         Ok(Tensor::embedding(logits, &index)?)
     }
 

@@ -134,10 +134,10 @@ impl TimeMajor {
         self.storage.elem_count() * 4
     }
 
-    /// Every row `group` times in a row: row b becomes rows b*group..(b+1)*group. One gather
-    /// of the valid steps (an embedding lookup over the (len * B, kv_heads * d) rows), the
-    /// GPU capacity kept.
-    fn repeat_rows(&mut self, group: usize) -> Result<()> {
+    /// Rows `rows` of every step (indices of the current rows, in the new order, repeats
+    /// allowed): one gather of the valid steps (an embedding lookup over the
+    /// (len * B, kv_heads * d) rows), the GPU capacity kept.
+    fn select_rows(&mut self, rows: &[usize]) -> Result<()> {
         let [b, heads, d] = self.row;
         let len = self.len;
         let device = self.storage.device().clone();
@@ -151,21 +151,21 @@ impl TimeMajor {
         } else {
             self.storage.reshape(&[len * b, heads * d])?
         };
-        // Output row (t, b * group + g) reads input row (t, b).
+        // Output row (t, i) reads input row (t, rows[i]).
         let index: Vec<u32> = (0..len)
-            .flat_map(|t| (0..b * group).map(move |r| (t * b + r / group) as u32))
+            .flat_map(|t| rows.iter().map(move |&r| (t * b + r) as u32))
             .collect();
-        let index = Tensor::from_vec(index, &[len * b * group], &device)?;
-        let repeated = Tensor::embedding(&valid, &index)?; // (len * B * G, kv_heads * d)
-        self.row = [b * group, heads, d];
+        let index = Tensor::from_vec(index, &[len * rows.len()], &device)?;
+        let selected = Tensor::embedding(&valid, &index)?; // (len * rows, kv_heads * d)
+        self.row = [rows.len(), heads, d];
         let Some(ctx) = device.gpu_context() else {
-            self.storage = repeated.reshape(&[len, b * group, heads, d])?;
+            self.storage = selected.reshape(&[len, rows.len(), heads, d])?;
             return Ok(());
         };
         let capacity = self.storage.shape()[0];
         let grown = alloc_steps(&device, capacity, self.row)?;
         ctx.copy(
-            &buffer!(&repeated)?,
+            &buffer!(&selected)?,
             0,
             &buffer!(&grown)?,
             0,
@@ -274,11 +274,34 @@ impl KvCache {
         if group == 0 {
             return Err(Error::Config("kv cache: repeat_rows by 0".to_string()));
         }
+        let batch = self.batch();
+        let rows: Vec<usize> = (0..batch * group).map(|r| r / group).collect();
+        self.select_rows(&rows)
+    }
+
+    /// Keeps rows `rows` (indices of the cached rows, in the new order, repeats allowed):
+    /// a batch whose finished rows stop being computed continues from the others' keys and
+    /// values.
+    pub fn select_rows(&mut self, rows: &[usize]) -> Result<()> {
+        let batch = self.batch();
+        if let Some(&bad) = rows.iter().find(|&&r| r >= batch) {
+            return Err(Error::Config(format!(
+                "kv cache holds {batch} rows, no row {bad}"
+            )));
+        }
         for layer in self.layers.iter_mut().flatten() {
-            layer.keys.repeat_rows(group)?;
-            layer.values.repeat_rows(group)?;
+            layer.keys.select_rows(rows)?;
+            layer.values.select_rows(rows)?;
         }
         Ok(())
+    }
+
+    /// Rows cached (0 before the first append).
+    fn batch(&self) -> usize {
+        self.layers
+            .first()
+            .and_then(Option::as_ref)
+            .map_or(0, |l| l.keys.row[0])
     }
 
     /// Forgets every cached token (the memory is freed).

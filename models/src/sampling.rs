@@ -240,6 +240,22 @@ impl Sampler {
         Ok(Sampler { config, rows })
     }
 
+    /// Keeps the streams of `rows` (indices into the current rows, in the new order): the
+    /// sampler of a batch whose finished rows were dropped. Each kept row goes on with its
+    /// own stream, so its tokens are those it would have drawn in the whole batch.
+    pub fn select_rows(&mut self, rows: &[usize]) -> Result<()> {
+        let kept = rows
+            .iter()
+            .map(|&r| {
+                self.rows.get(r).cloned().ok_or_else(|| {
+                    Error::Config(format!("sampler has {} rows, no row {r}", self.rows.len()))
+                })
+            })
+            .collect::<Result<Vec<Rng>>>()?;
+        self.rows = kept;
+        Ok(())
+    }
+
     /// The sampling settings.
     pub fn config(&self) -> &SamplingConfig {
         &self.config

@@ -8,7 +8,9 @@ use std::path::PathBuf;
 use lathe_core::testing::{gpu_with_binding_limit, test_gpu};
 use lathe_core::{Device, Rng, Tensor};
 use lathe_models::attention::TokenLayout;
-use lathe_models::generate::{generate, generate_groups, GenerateConfig, LanguageModel};
+use lathe_models::generate::{
+    generate, generate_groups, generate_rows, GenerateConfig, LanguageModel,
+};
 use lathe_models::hf::{load_hf_dir, CausalLm};
 use lathe_models::kv_cache::KvCache;
 use lathe_models::sampling::{
@@ -194,10 +196,20 @@ fn groups_equal_repeated_prompts(device: &Device) {
                 [p, longest],
                 "{name}: the prefill runs the P prompts"
             );
+            // Decoding runs the P x G rows still going, one token each (rows that emitted EOS
+            // are dropped).
+            let going = shapes[1..].iter().map(|s| s[0]);
             assert!(
-                shapes[1..].iter().all(|s| s[..] == [p * G, 1]),
-                "{name}: decoding runs P x G rows of one token: {shapes:?}"
+                shapes[1..].iter().all(|s| s[1] == 1 && s[0] <= p * G)
+                    && going.clone().zip(going.skip(1)).all(|(a, b)| b <= a),
+                "{name}: decoding runs at most P x G rows of one token: {shapes:?}"
             );
+            if config.eos_token_id.is_none() {
+                assert!(
+                    shapes[1..].iter().all(|s| s[0] == p * G),
+                    "{name}: {shapes:?}"
+                );
+            }
         }
     }
 }
@@ -212,6 +224,94 @@ fn groups_of_samples_share_the_prefill_gpu() {
     groups_equal_repeated_prompts(&test_gpu());
     // The repeated caches and logits split over binding windows.
     groups_equal_repeated_prompts(&gpu_with_binding_limit(TINY_BINDING));
+}
+
+// ---- finished rows stop being computed ----
+
+/// Rows that finish (their own token limit, or EOS) are dropped from the batch, and every
+/// row's tokens equal, token for token, those of the whole batch decoded to the end: the
+/// limited rows are the unlimited ones cut, the EOS rows the never-stopping ones cut after
+/// their first EOS. The model runs only the rows still going.
+fn finished_rows_stop_being_computed(device: &Device) {
+    let pad = GenerateConfig::default().pad_token_id;
+    let limits = [3, 7, 1, 5];
+    for name in MODELS {
+        let model = load(name, device);
+        for config in [sampled(7, 13), greedy(7)] {
+            let whole = generate(&model, &prompts(), &config, device).unwrap();
+            let recording = Recording {
+                model: &model,
+                shapes: Default::default(),
+            };
+            let limited =
+                generate_rows(&recording, &prompts(), 0, Some(&limits), &config, device).unwrap();
+            for (b, (got, all)) in limited.iter().zip(&whole).enumerate() {
+                let mut want = all[..limits[b]].to_vec();
+                want.resize(7, pad);
+                assert_eq!(got, &want, "{name} row {b} on {}", device.name());
+            }
+            // After token s (s = 1..), the rows whose limit is above s go on.
+            let rows: Vec<usize> = recording.shapes.into_inner().unwrap()[1..]
+                .iter()
+                .map(|s| s[0])
+                .collect();
+            let going: Vec<usize> = (1..7)
+                .map(|s| limits.iter().filter(|&&l| l > s).count())
+                .collect();
+            assert_eq!(rows, going, "{name}: rows per decoding step");
+        }
+        // EOS: the rows that emit it stop; the others' tokens are unchanged.
+        let mut never_stop = sampled(7, 21);
+        never_stop.eos_token_id = Some(3);
+        never_stop.stop_at_eos = false;
+        let stopping = GenerateConfig {
+            stop_at_eos: true,
+            ..never_stop
+        };
+        let all = generate(&model, &prompts(), &never_stop, device).unwrap();
+        let got = generate(&model, &prompts(), &stopping, device).unwrap();
+        let cut: Vec<Vec<u32>> = all
+            .iter()
+            .map(|row| match row.iter().position(|&t| t == 3) {
+                Some(at) => row[..=at].to_vec(),
+                None => row.clone(),
+            })
+            .collect();
+        let steps = cut.iter().map(Vec::len).max().unwrap();
+        for (b, (got, cut)) in got.iter().zip(&cut).enumerate() {
+            let mut want = cut.clone();
+            want.resize(steps, pad);
+            assert_eq!(got, &want, "{name} row {b} with EOS on {}", device.name());
+        }
+    }
+}
+
+#[test]
+fn finished_rows_stop_being_computed_cpu() {
+    finished_rows_stop_being_computed(&Device::Cpu);
+}
+
+#[test]
+fn finished_rows_stop_being_computed_gpu() {
+    finished_rows_stop_being_computed(&test_gpu());
+}
+
+#[test]
+fn row_limits_must_match_the_prompts() {
+    let model = load(MODELS[0], &Device::Cpu);
+    let err = generate_rows(
+        &model,
+        &prompts(),
+        0,
+        Some(&[1, 2]),
+        &greedy(3),
+        &Device::Cpu,
+    )
+    .unwrap_err();
+    assert!(
+        err.to_string().contains("2 row limits for 4 prompts"),
+        "{err}"
+    );
 }
 
 // ---- transformers goldens ----
@@ -487,8 +587,10 @@ fn batched_sampler_rows_are_independent_streams() {
 
 // ---- EOS handling, with a scripted model ----
 
-/// A model whose next token is scripted per row and step: the logits put 10 on the
+/// A model whose next token is scripted per prompt and step: the logits put 10 on the
 /// scripted token and 5 on token 1 (the runner-up), so suppressing a scripted EOS gives 1.
+/// Prompt `[7, s]` follows script s (rows are told by their prompt, not their place in the
+/// batch, which changes as finished rows leave it).
 struct Scripted {
     script: Vec<Vec<u32>>,
     vocab: usize,
@@ -504,14 +606,16 @@ impl LanguageModel for Scripted {
         let &[b, t] = ids.shape() else { unreachable!() };
         // Step index = generated tokens so far = the last position minus the prompt's.
         let positions = layout.positions().to_vec_u32().unwrap();
+        let (device, ids) = (ids.device().clone(), ids.to_vec_u32().unwrap());
         let mut logits = vec![0.0f32; b * t * self.vocab];
         for row in 0..b {
             let step = positions[row * t + t - 1] as usize + 1 - 2; // prompts have 2 tokens
             let at = (row * t + t - 1) * self.vocab;
             logits[at + 1] = 5.0;
-            logits[at + self.script[row][step.min(self.script[row].len() - 1)] as usize] = 10.0;
+            let script = &self.script[ids[row * t + 1] as usize];
+            logits[at + script[step.min(script.len() - 1)] as usize] = 10.0;
         }
-        Ok(Tensor::from_vec(logits, &[b, t, self.vocab], ids.device())?)
+        Ok(Tensor::from_vec(logits, &[b, t, self.vocab], &device)?)
     }
     fn vocab_size(&self) -> usize {
         self.vocab
@@ -550,7 +654,7 @@ fn scripted_run_on(device: &Device, config: &GenerateConfig) -> Vec<Vec<u32>> {
         ],
         vocab: 10,
     };
-    let prompts = vec![vec![7, 8]; 3];
+    let prompts: Vec<Vec<u32>> = (0..3).map(|s| vec![7, s]).collect();
     generate(&model, &prompts, config, device).unwrap()
 }
 
@@ -579,7 +683,7 @@ fn generation_ends_when_every_row_has_finished() {
         use_cache: false,
         ..GenerateConfig::default()
     };
-    let got = generate(&model, &[vec![7, 8], vec![7, 8]], &config, &Device::Cpu).unwrap();
+    let got = generate(&model, &[vec![7, 0], vec![7, 1]], &config, &Device::Cpu).unwrap();
     assert_eq!(got, [vec![4, EOS], vec![EOS, PAD]]);
 }
 

@@ -217,7 +217,14 @@ pub fn sample_responses_on_ranks(
     let (rank, ranks, b) = (collective.rank(), collective.size(), queries.len());
     let (first, end) = (rank * b / ranks, (rank + 1) * b / ranks);
     let mine = if first < end {
-        generate_rows(model, &queries[first..end], first, &config, device)?
+        generate_rows(
+            model,
+            &queries[first..end],
+            first,
+            Some(&wanted[first..end]),
+            &config,
+            device,
+        )?
     } else {
         Vec::new()
     };

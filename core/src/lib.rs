@@ -35,6 +35,7 @@ pub mod collective;
 pub mod device;
 pub mod dtype;
 mod error;
+pub mod flops;
 pub mod ops;
 pub mod optim;
 pub mod safetensors;

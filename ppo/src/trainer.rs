@@ -13,6 +13,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::time::Instant;
 
 use lathe_core::collective::all_reduce_grads;
 use lathe_core::optim::{Adam, AdamConfig};
@@ -53,6 +54,49 @@ struct Forward {
     logprobs: Tensor,
     values: Tensor,
     entropy: Option<Grid>,
+}
+
+/// A point in time and in the count of matrix-product FLOPs ([`lathe_core::flops`]).
+struct Mark {
+    at: Instant,
+    flops: u64,
+}
+
+impl Mark {
+    fn now() -> Mark {
+        Mark {
+            at: Instant::now(),
+            flops: lathe_core::flops::counted(),
+        }
+    }
+}
+
+/// Where a step's time and counted FLOPs went, by phase: the rollout's forwards (policy and
+/// reference), rewards and advantages, the minibatches' forwards, their backwards, and the
+/// optimizer (gradient exchange, clipping, Adam). Recorded as `time/ppo/<phase>_s` and
+/// `time/ppo/<phase>_gflop`, with trl's timings under `time/` (measurements, not results:
+/// the FLOP counter is process-wide, so other threads' products in the same process count
+/// too).
+#[derive(Default)]
+struct Phases(BTreeMap<&'static str, (f64, u64)>);
+
+impl Phases {
+    /// Adds the time and FLOPs since `mark` to `phase`.
+    fn add(&mut self, phase: &'static str, mark: Mark) {
+        let entry = self.0.entry(phase).or_default();
+        entry.0 += mark.at.elapsed().as_secs_f64();
+        entry.1 += lathe_core::flops::counted().saturating_sub(mark.flops);
+    }
+
+    fn record(self, stats: &mut StepStats) {
+        for (phase, (seconds, flops)) in self.0 {
+            stats.insert(format!("time/ppo/{phase}_s"), seconds as f32);
+            stats.insert(
+                format!("time/ppo/{phase}_gflop"),
+                (flops as f64 / 1e9) as f32,
+            );
+        }
+    }
 }
 
 /// The statistics of one step under trl's names (`objective/kl`, `ppo/loss/total`, ...).
@@ -237,7 +281,9 @@ impl PpoTrainer {
             mask.data[i * cols + start..i * cols + start + r.len()].fill(1.0);
         }
 
+        let mut phases = Phases::default();
         // Rollout quantities: no gradients, no dropout.
+        let mark = Mark::now();
         let (logprobs, values, ref_logprobs) = {
             let _no_grad = no_grad();
             self.switch.eval();
@@ -282,6 +328,8 @@ impl PpoTrainer {
                 |k: usize| Grid::new(b, cols, grids[k * b * cols..(k + 1) * b * cols].to_vec());
             (grid(0)?, grid(1)?, grid(2)?)
         };
+        phases.add("rollout_forward", mark);
+        let mark = Mark::now();
         let kl_coef = self.kl.value();
         let (rewards, non_score, kls) = compute_rewards(
             scores,
@@ -300,8 +348,13 @@ impl PpoTrainer {
             self.config.whiten_rewards,
         )?;
 
-        let minibatch_stats =
-            self.optimize(&seqs, seq, &logprobs, &values, &advantages, &returns, &mask)?;
+        phases.add("advantages", mark);
+        let minibatch_stats = self.optimize(
+            &seqs,
+            seq,
+            [&logprobs, &values, &advantages, &returns, &mask],
+            &mut phases,
+        )?;
         self.switch.eval();
         self.value_head.eval();
 
@@ -319,6 +372,8 @@ impl PpoTrainer {
         let mean_kl = stats["objective/kl"];
         self.kl.update(mean_kl, self.config.batch_size);
         self.steps_done += 1;
+        let mut stats = stats;
+        phases.record(&mut stats);
         Ok(stats)
     }
 
@@ -328,17 +383,16 @@ impl PpoTrainer {
     /// No dropout, as in trl 0.11.4: its `batched_forward_pass` puts the model in eval mode
     /// before every forward, the minibatch forwards of the PPO epochs included, so neither
     /// LoRA dropout nor the value head's dropout ever applies in the classic PPOTrainer.
-    #[allow(clippy::too_many_arguments)]
+    ///
+    /// `grids`: the rollout's old log-probs, values, advantages, returns and mask.
     fn optimize(
         &mut self,
         seqs: &[Vec<u32>],
         seq: usize,
-        old_logprobs: &Grid,
-        values: &Grid,
-        advantages: &Grid,
-        returns: &Grid,
-        mask: &Grid,
+        grids: [&Grid; 5],
+        phases: &mut Phases,
     ) -> Result<Vec<LossStats>> {
+        let [old_logprobs, values, advantages, returns, mask] = grids;
         let c = self.config.clone();
         let b = seqs.len();
         let backward_batch = c.mini_batch_size * c.gradient_accumulation_steps;
@@ -390,6 +444,7 @@ impl PpoTrainer {
                         compact(returns)?,
                         compact(mask)?,
                     );
+                    let mark = Mark::now();
                     let forward = self.forward_at(&mb_seqs, mb_seq, &positions, true)?;
                     let batch = RolloutBatch {
                         old_logprobs: &old,
@@ -401,6 +456,8 @@ impl PpoTrainer {
                     let entropy = forward.entropy.as_ref().expect("computed");
                     let (loss, stats) =
                         ppo_loss(&c, &batch, &forward.logprobs, &forward.values, entropy)?;
+                    phases.add("minibatch_forward", mark);
+                    let mark = Mark::now();
                     // A non-finite loss is reported below, once every rank has its figures.
                     if !stats.skipped && stats.loss_total.is_finite() {
                         let scaled =
@@ -408,8 +465,10 @@ impl PpoTrainer {
                         let g = scaled.backward()?;
                         grads = Some(GradStore::accumulate(grads, g, &params)?);
                     }
+                    phases.add("backward", mark);
                     stats_of[k] = Some(stats);
                 }
+                let mark = Mark::now();
                 let stats_of = self.gather_stats(stats_of)?;
                 if let Some(stats) = stats_of
                     .iter()
@@ -439,6 +498,7 @@ impl PpoTrainer {
                         )));
                     }
                 }
+                phases.add("optimizer", mark);
             }
             if c.early_stopping
                 && all

@@ -382,6 +382,24 @@ fn time_op(n: usize, args: &BenchArgs, mut op: impl FnMut() -> Result<()>) -> Re
     Ok(Measurement::from_times(n, n, n, times))
 }
 
+/// This box's f32 GEMM peak as lathe reaches it, GFLOP/s: the best of 5 products of 1024³
+/// on the CPU pool (after one warm-up), the yardstick of the sections' achieved GFLOP/s.
+pub fn cpu_gemm_peak() -> Result<f64> {
+    let n = 1024;
+    let a = Tensor::randn(&[n, n], 1, &Device::Cpu)?;
+    let b = Tensor::randn(&[n, n], 2, &Device::Cpu)?;
+    lathe_core::on_cpu_pool(|| {
+        a.matmul(&b)?;
+        let mut best = f64::MAX;
+        for _ in 0..5 {
+            let start = Instant::now();
+            a.matmul(&b)?;
+            best = best.min(start.elapsed().as_secs_f64());
+        }
+        Ok(2.0 * (n * n * n) as f64 / best / 1e9)
+    })
+}
+
 /// max |got - want| / max |want|: a sanity check that the timed kernel computes the product.
 fn max_rel_diff(got: &[f32], want: &[f32]) -> f64 {
     let scale = want

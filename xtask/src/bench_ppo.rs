@@ -29,6 +29,10 @@ pub struct PpoSection {
     pub peer: serde_json::Value,
     /// peer best total / lathe best total: above 1, lathe is faster.
     pub speedup_vs_peer: Option<f64>,
+    /// This run's f32 GEMM peak (`bench::cpu_gemm_peak`), GFLOP/s.
+    pub gemm_peak_gflops: f64,
+    /// The best run's phases: (name, seconds, counted GFLOP), generation first.
+    pub phases: Vec<(String, f64, f64)>,
 }
 
 fn imdb_texts() -> Result<Vec<String>> {
@@ -49,7 +53,8 @@ pub fn run(threads: usize, runs: usize, peer_python: Option<&Path>) -> Result<Pp
     let model_path = crate::bench_generate::smollm2_present()?;
     let device = Device::Cpu;
     let texts = imdb_texts()?;
-    let (generate_s, step_s, total_s) = lathe_core::on_cpu_pool(|| -> Result<_> {
+    let gemm_peak_gflops = crate::bench::cpu_gemm_peak()?;
+    let (generate_s, step_s, total_s, phases) = lathe_core::on_cpu_pool(|| -> Result<_> {
         let mut pretrained = Pretrained::load(&model_path, &device, Precision::F32)?;
         let switch = AdapterSwitch::new();
         let mut lora = LoraConfig::new(16, 32.0, &["q_proj", "v_proj"]);
@@ -75,11 +80,13 @@ pub fn run(threads: usize, runs: usize, peer_python: Option<&Path>) -> Result<Pp
         };
         let mut rng = Rng::new(0);
         let (mut generate_s, mut step_s, mut total_s) = (Vec::new(), Vec::new(), Vec::new());
+        let mut best_phases: Option<(f64, Vec<(String, f64, f64)>)> = None;
         for run in 0..=runs {
             let drawn: Vec<&[u32]> = (0..16)
                 .map(|_| tokenized[(rng.next_u64() % tokenized.len() as u64) as usize].as_slice())
                 .collect();
             let start = Instant::now();
+            let flops_before = lathe_core::flops::counted();
             let queries = make_queries(&drawn, LengthRange { min: 2, max: 7 }, &mut rng);
             let responses = sample_responses(
                 &trainer.model,
@@ -92,16 +99,40 @@ pub fn run(threads: usize, runs: usize, peer_python: Option<&Path>) -> Result<Pp
                 &device,
             )?;
             let generated = start.elapsed().as_secs_f64();
+            let generate_gflop = (lathe_core::flops::counted() - flops_before) as f64 / 1e9;
             let scores: Vec<f32> = responses.iter().map(|r| r.len() as f32 / 16.0).collect();
             let step_start = Instant::now();
-            trainer.step(&queries, &responses, &scores)?;
+            let stats = trainer.step(&queries, &responses, &scores)?;
+            let total = start.elapsed().as_secs_f64();
+            if run > 0 && best_phases.as_ref().is_none_or(|(best, _)| total < *best) {
+                let mut phases = vec![("generation".to_string(), generated, generate_gflop)];
+                for (key, &seconds) in &stats {
+                    let Some(phase) = key
+                        .strip_prefix("time/ppo/")
+                        .and_then(|k| k.strip_suffix("_s"))
+                    else {
+                        continue;
+                    };
+                    let gflop = stats
+                        .get(&format!("time/ppo/{phase}_gflop"))
+                        .copied()
+                        .unwrap_or(0.0);
+                    phases.push((phase.to_string(), f64::from(seconds), f64::from(gflop)));
+                }
+                best_phases = Some((total, phases));
+            }
             if run > 0 {
                 generate_s.push(generated);
                 step_s.push(step_start.elapsed().as_secs_f64());
                 total_s.push(start.elapsed().as_secs_f64());
             }
         }
-        Ok((generate_s, step_s, total_s))
+        Ok((
+            generate_s,
+            step_s,
+            total_s,
+            best_phases.map(|(_, p)| p).unwrap_or_default(),
+        ))
     })?;
     let mut sorted = total_s.clone();
     sorted.sort_by(f64::total_cmp);
@@ -124,6 +155,8 @@ pub fn run(threads: usize, runs: usize, peer_python: Option<&Path>) -> Result<Pp
         median_total_s: median,
         speedup_vs_peer: peer_best.map(|p| p / best),
         peer,
+        gemm_peak_gflops,
+        phases,
     })
 }
 
@@ -183,5 +216,29 @@ pub fn markdown(section: &PpoSection) -> String {
             let _ = writeln!(s, "\npeer: {}", section.peer);
         }
     }
+    let _ = writeln!(
+        s,
+        "\nThe best lathe step by phase (matrix-product FLOPs counted by `lathe_core::flops`; this run's f32 GEMM peak, 1024³: {:.0} GFLOP/s):\n",
+        section.gemm_peak_gflops
+    );
+    let _ = writeln!(s, "| phase | s | GFLOP | GFLOP/s | of peak |");
+    let _ = writeln!(s, "|---|---:|---:|---:|---:|");
+    let (mut all_s, mut all_gflop) = (0.0, 0.0);
+    for (phase, seconds, gflop) in &section.phases {
+        all_s += seconds;
+        all_gflop += gflop;
+        let rate = gflop / seconds.max(1e-9);
+        let _ = writeln!(
+            s,
+            "| {phase} | {seconds:.2} | {gflop:.1} | {rate:.0} | {:.0}% |",
+            100.0 * rate / section.gemm_peak_gflops
+        );
+    }
+    let rate = all_gflop / f64::max(all_s, 1e-9);
+    let _ = writeln!(
+        s,
+        "| all phases | {all_s:.2} | {all_gflop:.1} | {rate:.0} | {:.0}% |",
+        100.0 * rate / section.gemm_peak_gflops
+    );
     s
 }

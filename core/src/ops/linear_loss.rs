@@ -70,6 +70,7 @@ fn head_logits(
     packed: Option<&PackedWeight>,
     (rows, v, hd): (usize, usize, usize),
 ) {
+    crate::flops::add_product(rows, v, hd);
     match packed {
         Some(p) => p.matmul_into(h, rows, logits),
         // SAFETY: h holds rows * hd elements, w holds v * hd, logits rows * v.
@@ -125,6 +126,7 @@ fn cpu_fused(
             })
             .sum::<f64>();
         if let Some(dh) = dh.as_mut() {
+            crate::flops::add_product(rows, hd, v);
             // dh_c (rows, H) = dlogits (rows, V) @ w (V, H).
             // SAFETY: as above; dh's rows r0..r0 + rows hold rows * hd elements.
             unsafe {
@@ -140,6 +142,7 @@ fn cpu_fused(
             };
         }
         if let Some(dw) = dw.as_mut() {
+            crate::flops::add_product(v, hd, rows);
             // dw (V, H) += dlogits^T (V, rows) @ h_c (rows, H).
             // SAFETY: as above; dw holds v * hd elements.
             unsafe { cpu_gemm(dw, lc, (1, v), hc, (hd, 1), (v, hd, rows), true) };
@@ -217,6 +220,7 @@ fn cpu_token_pass(
             }
         }
         if let Some(out) = dlogp_dh.as_mut() {
+            crate::flops::add_product(m, hd, v);
             // d logp / d h_c (m, H) = d logp / d logits (m, V) @ w (V, H).
             // SAFETY: as above; dhc holds >= m * hd elements.
             unsafe {

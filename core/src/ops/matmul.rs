@@ -338,6 +338,7 @@ impl Tensor {
             };
             return a2.matmul_t(b, ta, tb)?.reshape(&out_shape);
         }
+        crate::flops::add_product(d.batch * d.m, d.n, d.k);
         let storage = match self.device() {
             Device::Cpu if b.dtype() == DType::F16 && d.b_shared && !ta => {
                 let data = self.with_cpu_f32("matmul", |av| match &*b.storage() {

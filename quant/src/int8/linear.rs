@@ -158,6 +158,8 @@ impl Int8Linear {
     #[doc(hidden)]
     pub fn forward_with(&self, x: &Tensor, form: Int8Form) -> Result<Tensor> {
         let (rows, out_shape) = self.check_input(x)?;
+        let (cols, outs) = (self.weight.in_features, self.weight.out_features);
+        lathe_core::flops::add_product(rows, outs, cols);
         let y = match self.device() {
             Device::Cpu => {
                 let (y, _) = self.cpu_forward(x, rows, form, false)?;
@@ -327,6 +329,7 @@ impl Int8Linear {
         }
         let has_bias = self.bias.is_some();
         y.with_backward("int8_linear", &inputs, move |_, g| {
+            lathe_core::flops::add_product(rows, weight.in_features, outs);
             let dx = input_grad(&weight, g, rows)
                 .and_then(|dx| Ok(dx.reshape(&x_shape)?))
                 .map_err(|e| lathe_core::Error::Backward(format!("int8_linear: {e}")))?;

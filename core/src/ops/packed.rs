@@ -97,6 +97,70 @@ impl PackedWeight {
     /// # Safety
     /// `out` is valid for m * N writes.
     unsafe fn write(&self, x: &[f32], m: usize, out: *mut f32) {
+        let panels = Panels {
+            base: self.panels.as_ptr(),
+            panel_step: self.k * NR,
+            row_stride: NR,
+            n: self.n,
+            k: self.k,
+        };
+        // SAFETY: the panels hold ceil(n / NR) blocks of k rows of NR; `out` as the caller
+        // says.
+        unsafe { panels.product(x, m, out) }
+    }
+}
+
+/// out (m, N) = x (m, K) @ b (K, N) for a row-major b read in place, through the packed
+/// kernel: b's column block j (its K rows of [`NR`] values at stride N) is a panel as it
+/// stands. For a frozen weight W (N', K') the backward's input gradient dy @ W is this
+/// product with b = W, so it needs no second copy; `None` where this CPU has no kernel.
+pub(crate) fn matmul_row_major_b(
+    x: &[f32],
+    b: &[f32],
+    m: usize,
+    k: usize,
+    n: usize,
+) -> Option<Vec<f32>> {
+    if !kernel_available() || k == 0 || n == 0 || x.len() < m * k || b.len() < k * n {
+        return None;
+    }
+    let panels = Panels {
+        base: b.as_ptr(),
+        panel_step: NR,
+        row_stride: n,
+        n,
+        k,
+    };
+    let mut out = Vec::with_capacity(m * n);
+    // SAFETY: b holds k rows of n; the kernel masks the loads of the last, partial column
+    // block; `out` has room for m * n values, all of which the product stores.
+    unsafe {
+        panels.product(x, m, out.as_mut_ptr());
+        out.set_len(m * n);
+    }
+    Some(out)
+}
+
+/// Where the kernel finds its panels: panel j's row p (NR values, the last panel's first
+/// `n % NR` valid) starts at `base + j * panel_step + p * row_stride`.
+struct Panels {
+    base: *const f32,
+    panel_step: usize,
+    row_stride: usize,
+    n: usize,
+    k: usize,
+}
+
+// SAFETY: the panels are only read, by tasks that each write their own block of out.
+unsafe impl Sync for Panels {}
+
+impl Panels {
+    /// out (m, n) = x (m, k) @ the panels, every output stored.
+    ///
+    /// # Safety
+    /// The panels' rows are readable as described (the valid columns of each), `out` is
+    /// valid for m * n writes, the CPU has the kernel.
+    unsafe fn product(&self, x: &[f32], m: usize, out: *mut f32) {
         let (n, k) = (self.n, self.k);
         assert!(
             x.len() >= m * k,
@@ -126,8 +190,7 @@ impl PackedWeight {
             let panels = g * panels_per..((g + 1) * panels_per).min(n_panels);
             let rows = h * tiles_per * MR..((h + 1) * tiles_per * MR).min(m);
             // SAFETY: tasks cover disjoint (rows, panels) blocks of out, every pointer below
-            // stays inside x (m, k), the panels and out (m, n); the kernel was checked for
-            // at pack time.
+            // stays inside x (m, k), the panels and out (m, n).
             unsafe { self.block(x, rows, panels, &out_ptr) };
         };
         let tasks = panel_groups * row_groups;
@@ -141,8 +204,8 @@ impl PackedWeight {
     /// Rows `rows` of out for the panels `panels`, K block by K block.
     ///
     /// # Safety
-    /// The CPU has AVX-512F; `rows` lie within x and out, `panels` within the packed weight;
-    /// no other thread writes these rows x panel columns of out meanwhile.
+    /// As [`Panels::product`]; no other thread writes these rows x panel columns of out
+    /// meanwhile.
     unsafe fn block(
         &self,
         x: &[f32],
@@ -156,25 +219,53 @@ impl PackedWeight {
         for p0 in (0..k).step_by(block_len) {
             let kc = block_len.min(k - p0);
             for j in panels.clone() {
-                let panel = self.panels[(j * k + p0) * NR..].as_ptr();
+                let panel = self
+                    .base
+                    .wrapping_add(j * self.panel_step + p0 * self.row_stride);
                 let cols = NR.min(n - j * NR);
                 let mut i = rows.start;
                 while i < rows.end {
                     let r = MR.min(rows.end - i);
                     let xt = x[i * k + p0..].as_ptr();
-                    let ot = out.0.add(i * n + j * NR);
+                    // SAFETY: row i < m, column j * NR < n of out.
+                    let ot = unsafe { out.0.add(i * n + j * NR) };
+                    let tile = Tile {
+                        x: xt,
+                        x_rs: k,
+                        panel,
+                        panel_rs: self.row_stride,
+                        kc,
+                        out: ot,
+                        out_rs: n,
+                        cols,
+                        accumulate: p0 > 0,
+                    };
                     // SAFETY: r rows of x from row i at stride k (kc values each from
-                    // column p0), kc panel rows of NR, r output rows of n from column
-                    // j * NR holding `cols` values.
+                    // column p0), kc panel rows with `cols` valid values, r output rows of
+                    // n from column j * NR holding `cols` values.
                     #[cfg(target_arch = "x86_64")]
                     unsafe {
-                        tile_avx512_dispatch(r, xt, k, panel, kc, ot, n, cols, p0 > 0)
+                        tile_avx512_dispatch(r, &tile)
                     };
                     i += r;
                 }
             }
         }
     }
+}
+
+/// One tile's operands: R rows of x (kc values each, at stride x_rs), kc panel rows (at
+/// stride panel_rs, `cols` of NR valid), R output rows (at stride out_rs).
+struct Tile {
+    x: *const f32,
+    x_rs: usize,
+    panel: *const f32,
+    panel_rs: usize,
+    kc: usize,
+    out: *mut f32,
+    out_rs: usize,
+    cols: usize,
+    accumulate: bool,
 }
 
 /// The output pointer shared by the tasks, each writing its own block.
@@ -199,25 +290,12 @@ pub fn kernel_available() -> bool {
 /// # Safety
 /// As [`tile_avx512`].
 #[cfg(target_arch = "x86_64")]
-#[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx512f")]
-unsafe fn tile_avx512_dispatch(
-    r: usize,
-    x: *const f32,
-    x_rs: usize,
-    panel: *const f32,
-    kc: usize,
-    out: *mut f32,
-    out_rs: usize,
-    cols: usize,
-    accumulate: bool,
-) {
+unsafe fn tile_avx512_dispatch(r: usize, tile: &Tile) {
     macro_rules! rows {
         ($($n:literal)*) => {
             match r {
-                $($n => unsafe {
-                    tile_avx512::<$n>(x, x_rs, panel, kc, out, out_rs, cols, accumulate)
-                },)*
+                $($n => unsafe { tile_avx512::<$n>(tile) },)*
                 _ => unreachable!("a tile has 1..=MR rows"),
             }
         };
@@ -226,52 +304,43 @@ unsafe fn tile_avx512_dispatch(
 }
 
 /// out[r][c] (+)= Σ_p x[r][p] panel[p][c] for R rows, kc inner values, the first `cols`
-/// columns (<= NR) stored. Accumulators: R x 2 vectors, held in registers (R <= 12 keeps
-/// 24 + 3 of the 32).
+/// columns (<= NR) read and stored (masked: a panel read in place may end at its matrix's
+/// last column). Accumulators: R x 2 vectors, held in registers (R <= 12 keeps 24 + 3 of
+/// the 32).
 ///
 /// # Safety
-/// AVX-512F; x holds R rows at stride x_rs with kc values each, the panel kc rows of NR,
-/// out R rows at stride out_rs with `cols` writable values each.
+/// AVX-512F; the tile's pointers are valid for the extents [`Tile`] describes.
 #[cfg(target_arch = "x86_64")]
-#[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx512f")]
 #[inline]
-unsafe fn tile_avx512<const R: usize>(
-    x: *const f32,
-    x_rs: usize,
-    panel: *const f32,
-    kc: usize,
-    out: *mut f32,
-    out_rs: usize,
-    cols: usize,
-    accumulate: bool,
-) {
+unsafe fn tile_avx512<const R: usize>(t: &Tile) {
     use std::arch::x86_64::*;
+    let mask = |lanes: usize| -> __mmask16 {
+        match lanes {
+            0 => 0,
+            l if l >= 16 => u16::MAX,
+            l => (1u16 << l) - 1,
+        }
+    };
+    let (m0, m1) = (mask(t.cols), mask(t.cols.saturating_sub(16)));
     let mut lo = [_mm512_setzero_ps(); R];
     let mut hi = [_mm512_setzero_ps(); R];
     // SAFETY (whole body): every read and write stays inside the extents the caller gave.
     unsafe {
-        for p in 0..kc {
-            let w0 = _mm512_loadu_ps(panel.add(p * NR));
-            let w1 = _mm512_loadu_ps(panel.add(p * NR + 16));
+        for p in 0..t.kc {
+            let row = t.panel.add(p * t.panel_rs);
+            let w0 = _mm512_maskz_loadu_ps(m0, row);
+            let w1 = _mm512_maskz_loadu_ps(m1, row.add(16));
             for r in 0..R {
-                let xb = _mm512_set1_ps(*x.add(r * x_rs + p));
+                let xb = _mm512_set1_ps(*t.x.add(r * t.x_rs + p));
                 lo[r] = _mm512_fmadd_ps(xb, w0, lo[r]);
                 hi[r] = _mm512_fmadd_ps(xb, w1, hi[r]);
             }
         }
-        let mask = |lanes: usize| -> __mmask16 {
-            match lanes {
-                0 => 0,
-                l if l >= 16 => u16::MAX,
-                l => (1u16 << l) - 1,
-            }
-        };
-        let (m0, m1) = (mask(cols), mask(cols.saturating_sub(16)));
         for r in 0..R {
-            let o = out.add(r * out_rs);
+            let o = t.out.add(r * t.out_rs);
             let (mut a0, mut a1) = (lo[r], hi[r]);
-            if accumulate {
+            if t.accumulate {
                 a0 = _mm512_add_ps(a0, _mm512_maskz_loadu_ps(m0, o));
                 a1 = _mm512_add_ps(a1, _mm512_maskz_loadu_ps(m1, o.add(16)));
             }
@@ -291,7 +360,11 @@ mod tests {
     /// γ_k = k u / (1 - k u), u = 2⁻²⁴. Above 1 is a wrong result.
     fn worst_error(x: &[f32], w: &[f32], m: usize, n: usize, k: usize) -> Option<f64> {
         let packed = PackedWeight::pack(w, n, k)?;
-        let got = packed.matmul(x, m);
+        Some(worst_error_of(&packed.matmul(x, m), x, w, m, n, k))
+    }
+
+    /// [`worst_error`] of a product already computed.
+    fn worst_error_of(got: &[f32], x: &[f32], w: &[f32], m: usize, n: usize, k: usize) -> f64 {
         let u = f64::from(f32::EPSILON) / 2.0;
         let gamma = k as f64 * u / (1.0 - k as f64 * u);
         let mut worst = 0f64;
@@ -304,7 +377,7 @@ mod tests {
                 worst = worst.max(error / (gamma * magnitude + f64::MIN_POSITIVE));
             }
         }
-        Some(worst)
+        worst
     }
 
     fn values(len: usize, seed: u32) -> Vec<f32> {
@@ -340,6 +413,26 @@ mod tests {
             let (x, w) = (values(m * k, 1), values(n * k, 2));
             if let Some(worst) = worst_error(&x, &w, m, n, k) {
                 assert!(worst <= 1.0, "{m}x{n}x{k}: {worst} times the bound");
+            }
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(48))]
+        /// A row-major b read in place (masked last column block) against f64 products.
+        #[test]
+        fn row_major_b_matches_the_f64_oracle(
+            m in 1usize..40,
+            n in 1usize..100,
+            k in 1usize..300,
+            seed in 0u32..1000,
+        ) {
+            let (x, b) = (values(m * k, seed), values(k * n, seed ^ 0x3333));
+            // b (k, n) is wᵀ for w (n, k): the oracle's layout.
+            let w: Vec<f32> = (0..n * k).map(|i| b[(i % k) * n + i / k]).collect();
+            if let Some(got) = matmul_row_major_b(&x, &b, m, k, n) {
+                let worst = worst_error_of(&got, &x, &w, m, n, k);
+                prop_assert!(worst <= 1.0, "{m}x{n}x{k}: {worst} times the bound");
             }
         }
     }

@@ -31,9 +31,12 @@ pub struct PpoSection {
     pub speedup_vs_peer: Option<f64>,
     /// This run's f32 GEMM peak (`bench::cpu_gemm_peak`), GFLOP/s.
     pub gemm_peak_gflops: f64,
-    /// The best run's phases: (name, seconds, counted GFLOP), generation first.
-    pub phases: Vec<(String, f64, f64)>,
+    /// The best run's phases, generation first.
+    pub phases: Vec<Phase>,
 }
+
+/// (name, seconds, counted GFLOP) of one phase of a step.
+pub type Phase = (String, f64, f64);
 
 fn imdb_texts() -> Result<Vec<String>> {
     let path = crate::assets::cache_dir(None)?.join("sentiment/test/fixtures/imdb.json");
@@ -80,7 +83,7 @@ pub fn run(threads: usize, runs: usize, peer_python: Option<&Path>) -> Result<Pp
         };
         let mut rng = Rng::new(0);
         let (mut generate_s, mut step_s, mut total_s) = (Vec::new(), Vec::new(), Vec::new());
-        let mut best_phases: Option<(f64, Vec<(String, f64, f64)>)> = None;
+        let mut best_phases: Option<(f64, Vec<Phase>)> = None;
         for run in 0..=runs {
             let drawn: Vec<&[u32]> = (0..16)
                 .map(|_| tokenized[(rng.next_u64() % tokenized.len() as u64) as usize].as_slice())

@@ -6,13 +6,14 @@
 //! frozen weight those are the same panels every forward (a profile of a PPO step put 17% of
 //! the CPU time in that packing, and SmolLM2's products at 68 rows run at 28-72 GFLOP/s with
 //! W (N, K) against 94-158 with W stored (K, N)). Here W is packed once, at load, into panels
-//! of [`NR`] output columns, each (K, NR) contiguous, and an AVX-512 kernel multiplies [`MR`]
-//! rows of x by a panel, K in blocks of [`KC`] so that a panel's block stays in L1 while the
-//! row tiles go by.
+//! of [`NR`] output columns, each (K, NR) contiguous, and an AVX-512 kernel multiplies `MR`
+//! (12) rows of x by a panel, K in blocks of at most `KC` (768) so that a panel's block stays
+//! in L2 while the row tiles go by and each output is stored once or twice.
 //!
-//! The backward (dx = dy @ W) reads W as stored, which the gemm crate takes without packing,
-//! so the panels are a second copy of the weight ([`PackedWeight::bytes`]); the memory plan
-//! and the bench count it. Without AVX-512 nothing is packed and the gemm crate does it all.
+//! The panels are a second copy of the weight ([`PackedWeight::bytes`]; the memory plan and
+//! the bench count it). The backward's input gradient dy @ W needs none: W's column blocks,
+//! read in place at W's row stride, are panels for the same kernel
+//! (`matmul_row_major_b`). Without AVX-512 nothing is packed and the gemm crate does it all.
 
 use rayon::prelude::*;
 

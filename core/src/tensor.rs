@@ -254,33 +254,29 @@ impl Tensor {
         Tensor::from_vec::<f32>(data, shape, device)
     }
 
-    /// This tensor as a trainable leaf (same storage, new identity, no history).
-    pub fn into_variable(self) -> Tensor {
+    /// A new tensor over this one's storage: a new identity, no history.
+    fn sharing_storage(&self, is_variable: bool, packed: Option<Arc<PackedWeight>>) -> Tensor {
         Tensor(Arc::new(TensorInner {
             id: TensorId::next(),
             shape: self.0.shape.clone(),
             dtype: self.0.dtype,
             device: self.0.device.clone(),
             storage: RwLock::new(self.storage().clone()),
-            is_variable: true,
+            is_variable,
             grad_fn: None,
-            packed: None,
+            packed,
         }))
+    }
+
+    /// This tensor as a trainable leaf (same storage, new identity, no history).
+    pub fn into_variable(self) -> Tensor {
+        self.sharing_storage(true, None)
     }
 
     /// The same values without history: gradients stop here. A packed copy
     /// ([`Tensor::packed_for_cpu_forward`]) goes with the values.
     pub fn detach(&self) -> Tensor {
-        Tensor(Arc::new(TensorInner {
-            id: TensorId::next(),
-            shape: self.0.shape.clone(),
-            dtype: self.0.dtype,
-            device: self.0.device.clone(),
-            storage: RwLock::new(self.storage().clone()),
-            is_variable: false,
-            grad_fn: None,
-            packed: self.0.packed.clone(),
-        }))
+        self.sharing_storage(false, self.0.packed.clone())
     }
 
     /// This frozen f32 (N, K) CPU weight with a second copy of its values packed for the
@@ -304,16 +300,7 @@ impl Tensor {
         let (n, k) = (self.0.shape[0], self.0.shape[1]);
         let packed =
             self.with_cpu_f32("packed_for_cpu_forward", |w| PackedWeight::pack(w, n, k))?;
-        Ok(Tensor(Arc::new(TensorInner {
-            id: TensorId::next(),
-            shape: self.0.shape.clone(),
-            dtype: self.0.dtype,
-            device: self.0.device.clone(),
-            storage: RwLock::new(self.storage().clone()),
-            is_variable: false,
-            grad_fn: None,
-            packed: packed.map(Arc::new),
-        })))
+        Ok(self.sharing_storage(false, packed.map(Arc::new)))
     }
 
     /// Bytes of the packed copy [`Tensor::packed_for_cpu_forward`] made (0 without one).

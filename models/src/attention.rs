@@ -1,7 +1,7 @@
 //! What GPT-NeoX and Llama attention share: where each token sits ([`TokenLayout`]:
-//! rotary positions and the valid key range of each row of a padded batch), splitting and
-//! merging heads, and scaled dot-product attention with causal and key-padding masks and
-//! grouped-query key/value heads.
+//! rotary positions, the valid key range of each row of a padded batch, or several sequences
+//! packed into one row), splitting and merging heads, and scaled dot-product attention with
+//! causal and key-padding masks and grouped-query key/value heads.
 
 use lathe_core::ops::softmax::AttentionMask;
 use lathe_core::{Device, Tensor};
@@ -14,6 +14,9 @@ use crate::{Error, Result};
 /// its padding, their positions count from 0 there (HF: `attention_mask.cumsum(-1) - 1`), and
 /// keys outside the row's range `[start, end)` are masked for every query. Key coordinates
 /// count from the start of the sequence, KV cache included.
+///
+/// A packed layout ([`TokenLayout::packed`]) holds sequences of different lengths back to back
+/// in one row: no padding reaches the linear layers, and attention runs per sequence.
 #[derive(Clone, Debug)]
 pub struct TokenLayout {
     /// (B, T) u32 on the model's device.
@@ -22,6 +25,56 @@ pub struct TokenLayout {
     positions_host: Vec<u32>,
     /// Per row, the valid keys [start, end); `None` when every key is valid.
     key_ranges: Option<Vec<(u32, u32)>>,
+    /// Set when the one row holds several sequences back to back.
+    packing: Option<Packing>,
+}
+
+/// Sequences packed back to back in one row of N tokens, and the gathers that move them to
+/// a right-padded (S, T_max) batch and back: attention runs on the padded batch, where a
+/// causal mask is all a sequence needs (its padding comes after every real query), while
+/// every other layer runs on the N real tokens alone.
+#[derive(Clone, Debug)]
+pub struct Packing {
+    /// Tokens of each sequence.
+    lengths: Vec<usize>,
+    /// (S, T_max) u32: the packed token at each padded slot; a padding slot repeats its
+    /// sequence's last token, whose query is dropped and whose key no real query sees.
+    to_padded: Tensor,
+    /// (N,) u32: the padded slot (row-major in (S, T_max)) of each packed token.
+    from_padded: Tensor,
+}
+
+impl Packing {
+    /// Tokens of each sequence, in packing order.
+    pub fn lengths(&self) -> &[usize] {
+        &self.lengths
+    }
+
+    /// x (1, heads, N, d) -> (S, heads, T_max, d): each sequence on its own row.
+    fn unpack(&self, x: &Tensor) -> Result<Tensor> {
+        let [_, heads, n, d] = *x.shape() else {
+            return Err(Error::Config(format!(
+                "packed attention input must be (1, heads, N, d), got {:?}",
+                x.shape()
+            )));
+        };
+        let tokens = x.permute(&[0, 2, 1, 3])?.reshape(&[n, heads * d])?;
+        let padded = Tensor::embedding(&tokens, &self.to_padded)?; // (S, T_max, heads * d)
+        split_heads(&padded, heads)
+    }
+
+    /// context (S, T_max, width) -> (1, N, width): the real tokens back in packing order.
+    fn repack(&self, context: &Tensor) -> Result<Tensor> {
+        let [s, t_max, width] = *context.shape() else {
+            return Err(Error::Config(format!(
+                "packed attention output must be (S, T_max, width), got {:?}",
+                context.shape()
+            )));
+        };
+        let slots = context.reshape(&[s * t_max, width])?;
+        let n = self.from_padded.shape()[0];
+        Ok(Tensor::embedding(&slots, &self.from_padded)?.reshape(&[1, n, width])?)
+    }
 }
 
 impl TokenLayout {
@@ -36,6 +89,46 @@ impl TokenLayout {
             .flat_map(|_| (start..start + seq).map(|p| p as u32))
             .collect();
         TokenLayout::new(positions_host, batch, seq, None, device)
+    }
+
+    /// Sequences of `lengths` tokens packed back to back in one row (B = 1, T = their sum),
+    /// each at positions 0..len and attending only to its own earlier tokens: the result at
+    /// every token equals a right-padded batch's, without computing the padding. Not for
+    /// decoding with a KV cache.
+    pub fn packed(lengths: &[usize], device: &Device) -> Result<TokenLayout> {
+        if lengths.is_empty() {
+            return Err(Error::Config("a packed layout needs a sequence".into()));
+        }
+        if let Some(i) = lengths.iter().position(|&len| len == 0) {
+            return Err(Error::Config(format!(
+                "packed sequence {i} is empty: every sequence needs a token"
+            )));
+        }
+        let total: usize = lengths.iter().sum();
+        let t_max = lengths.iter().copied().max().unwrap_or(0);
+        if total > u32::MAX as usize || lengths.len().saturating_mul(t_max) > u32::MAX as usize {
+            return Err(Error::Config(format!(
+                "{} packed sequences of up to {t_max} tokens overflow u32 token indices",
+                lengths.len()
+            )));
+        }
+        let mut positions_host = Vec::with_capacity(total);
+        let mut to_padded = Vec::with_capacity(lengths.len() * t_max);
+        let mut from_padded = Vec::with_capacity(total);
+        let mut start = 0;
+        for (s, &len) in lengths.iter().enumerate() {
+            positions_host.extend((0..len).map(|p| p as u32));
+            to_padded.extend((0..t_max).map(|t| (start + t.min(len - 1)) as u32));
+            from_padded.extend((0..len).map(|t| (s * t_max + t) as u32));
+            start += len;
+        }
+        let mut layout = TokenLayout::new(positions_host, 1, total, None, device)?;
+        layout.packing = Some(Packing {
+            lengths: lengths.to_vec(),
+            to_padded: Tensor::from_vec(to_padded, &[lengths.len(), t_max], device)?,
+            from_padded: Tensor::from_vec(from_padded, &[total], device)?,
+        });
+        Ok(layout)
     }
 
     /// The layout of a HF `attention_mask` (B, T) given row-major as 0/1 values: each row's
@@ -85,12 +178,14 @@ impl TokenLayout {
             positions,
             positions_host,
             key_ranges,
+            packing: None,
         })
     }
 
     /// The layout of the next `count` tokens appended to every row (decoding with a KV cache):
     /// positions continue from each row's last one and every row's key range grows by `count`.
     pub fn next(&self, count: usize) -> Result<TokenLayout> {
+        self.refuse_packed("decoding")?;
         let [batch, seq] = *self.positions.shape() else {
             unreachable!("positions are (B, T)")
         };
@@ -127,6 +222,7 @@ impl TokenLayout {
     /// The layout of rows `rows` (indices of this layout's rows, in the new order, repeats
     /// allowed): a batch whose finished rows were dropped, or repeated.
     pub fn select_rows(&self, rows: &[usize]) -> Result<TokenLayout> {
+        self.refuse_packed("selecting rows")?;
         let [batch, seq] = *self.positions.shape() else {
             unreachable!("positions are (B, T)")
         };
@@ -166,6 +262,22 @@ impl TokenLayout {
     /// T: tokens per row, padding included.
     pub fn seq_len(&self) -> usize {
         self.positions.shape()[1]
+    }
+
+    /// The packed sequences, when this layout packs several into its one row.
+    pub fn packing(&self) -> Option<&Packing> {
+        self.packing.as_ref()
+    }
+
+    /// Errors when this layout is packed: `what` needs one sequence per row.
+    pub(crate) fn refuse_packed(&self, what: &str) -> Result<()> {
+        match &self.packing {
+            Some(p) => Err(Error::Config(format!(
+                "{what} needs one sequence per row; this layout packs {} sequences into one",
+                p.lengths.len()
+            ))),
+            None => Ok(()),
+        }
     }
 
     /// Per row, the valid keys `[start, end)`; `None` when every key is valid.
@@ -235,13 +347,26 @@ pub(crate) fn merge_heads(x: &Tensor) -> Result<Tensor> {
 /// copying the kv heads, the query heads of a group are stacked along the query axis
 /// ((B, kv_heads, group * T, d), a free reshape), so each group shares one product with its
 /// keys. The scores are scaled after the product, as transformers does.
+///
+/// With `packing`, q, k and v hold (1, _, N, d) packed tokens: they are laid out per sequence,
+/// attended there, and the context comes back as (1, N, heads * d).
 pub(crate) fn attend(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
     mask: &AttentionMask,
+    packing: Option<&Packing>,
     scale: f32,
 ) -> Result<Tensor> {
+    if let Some(packing) = packing {
+        if k.shape().get(2) != q.shape().get(2) {
+            return Err(Error::Config(
+                "a packed layout cannot attend to a KV cache's earlier keys".into(),
+            ));
+        }
+        let (q, k, v) = (packing.unpack(q)?, packing.unpack(k)?, packing.unpack(v)?);
+        return packing.repack(&attend(&q, &k, &v, mask, None, scale)?);
+    }
     let [b, heads, t, d] = *q.shape() else {
         return Err(Error::Config(format!(
             "queries must be (B, heads, T, d), got {:?}",

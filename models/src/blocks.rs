@@ -38,6 +38,9 @@ pub(crate) fn run_blocks<M: BlockStack>(
     mask: &AttentionMask,
     mut cache: Option<&mut KvCache>,
 ) -> Result<Tensor> {
+    if cache.is_some() {
+        layout.refuse_packed("a KV cache")?;
+    }
     if model.checkpointing() && cache.is_none() {
         // One shared copy (tensors are reference-counted) for the blocks' recomputation.
         let shared = std::sync::Arc::new(model.clone());

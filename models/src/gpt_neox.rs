@@ -281,7 +281,7 @@ impl GptNeox {
             Some(cache) => cache.append(index, &k, &v)?,
             None => (k, v),
         };
-        let context = attend(&q, &k, &v, mask, (hs as f32).powf(-0.5))?; // (B, T, H)
+        let context = attend(&q, &k, &v, mask, layout.packing(), (hs as f32).powf(-0.5))?; // (B, T, H)
         layer.dense.forward(&context)
     }
 

@@ -57,6 +57,16 @@ impl CausalLm {
         Ok(())
     }
 
+    /// Replaces the LM head with its LLM.int8 form (a tied head keeps the f32 or f16
+    /// embedding for the lookup beside an int8 copy for the head). Beyond transformers'
+    /// `load_in_8bit`, which keeps the head 16-bit: an option for decoding, where the head's
+    /// weight is read once per token and, at SmolLM2's 49152 x 576, is a third of the token.
+    pub fn quantize_head_int8(&mut self, threshold: f32) -> Result<()> {
+        let (_, head) = self.arch_mut().embedding_and_head();
+        *head = head.to_int8(threshold)?;
+        Ok(())
+    }
+
     /// Packs every frozen f32 linear weight on the CPU (the blocks' and the LM head's) once
     /// for the forward product ([`Linear::pack_for_cpu`]): a trainer calls this when the
     /// base's weights are final (after loading and any merge), so that no forward packs

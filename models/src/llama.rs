@@ -187,7 +187,7 @@ impl Llama {
             None => (k, v),
         };
         let scale = (self.config.head_dim() as f32).powf(-0.5);
-        let context = attend(&q, &k, &v, mask, scale)?; // (B, T, heads * d)
+        let context = attend(&q, &k, &v, mask, layout.packing(), scale)?; // (B, T, heads * d)
         layer.o_proj.forward(&context)
     }
 

@@ -8,6 +8,7 @@ use std::path::PathBuf;
 
 use lathe_core::testing::{compare, gpu_with_binding_limit, test_gpu, Tolerance};
 use lathe_core::{Device, Tensor};
+use lathe_lora::{AdapterSwitch, LoraConfig};
 use lathe_models::attention::TokenLayout;
 use lathe_models::hf::{load_hf_dir, CausalLm};
 
@@ -90,7 +91,7 @@ fn check(what: &str, got: &[f32], want: &[f32], tol: Tolerance) {
 }
 
 /// The rows of `values` (B, T, W) at positions where `mask` (B, T) is 1, flattened.
-fn valid_rows(values: &[f32], mask: &[u32], width: usize) -> Vec<f32> {
+fn valid_rows<T: Copy>(values: &[T], mask: &[u32], width: usize) -> Vec<T> {
     mask.iter()
         .enumerate()
         .filter(|(_, &m)| m != 0)
@@ -162,6 +163,100 @@ fn padded_batch_matches(name: &str, device: &Device) {
     );
 }
 
+/// The left-padded batch's real tokens packed back to back into one row: every token's
+/// logits equal transformers' padded run and our own padded forward, and the gradients of a
+/// loss over those logits reach the LoRA adapters equal.
+fn packed_batch_matches(name: &str, device: &Device) {
+    let golden = Golden::load(name);
+    let mut model = load(name, device);
+    let targets: Vec<String> = model
+        .linears()
+        .iter()
+        .map(|(name, _)| name.rsplit('.').next().unwrap().to_string())
+        .collect();
+    let targets: Vec<&str> = targets.iter().map(String::as_str).collect();
+    let switch = AdapterSwitch::new();
+    model
+        .add_lora(&LoraConfig::new(4, 8.0, &targets), &switch, 11)
+        .unwrap();
+    let (b, t) = golden.dims();
+    let vocab = model.config().vocab_size();
+    let mask = golden.u32s("padded_attention_mask");
+    let ids_host = golden.u32s("padded_input_ids");
+    let real: Vec<u32> = valid_rows(&ids_host, &mask, 1);
+    let lengths: Vec<usize> = mask
+        .chunks(t)
+        .map(|row| row.iter().filter(|&&m| m != 0).count())
+        .collect();
+    assert!(
+        lengths.iter().any(|&len| len != lengths[0]),
+        "the fixture's rows must differ in length"
+    );
+    let layout = TokenLayout::packed(&lengths, device).unwrap();
+    let ids = Tensor::from_vec(real.clone(), &[1, real.len()], device).unwrap();
+    let packed_logits = model.forward(&ids, &layout, None).unwrap();
+    assert_eq!(packed_logits.shape(), [1, real.len(), vocab]);
+    let packed = packed_logits.to_vec_f32().unwrap();
+    let padded_layout = TokenLayout::from_attention_mask(&mask, b, t, device).unwrap();
+    let padded_ids = Tensor::from_vec(ids_host, &[b, t], device).unwrap();
+    let padded_logits = model.forward(&padded_ids, &padded_layout, None).unwrap();
+    let padded = padded_logits.to_vec_f32().unwrap();
+    let label = format!("{name} on {}", device.name());
+    check(
+        &format!("{label}: packed vs transformers' padded logits"),
+        &packed,
+        &valid_rows(&golden.f32s("padded_logits"), &mask, vocab),
+        GOLDEN,
+    );
+    check(
+        &format!("{label}: packed vs padded logits"),
+        &packed,
+        &valid_rows(&padded, &mask, vocab),
+        SAME_MODEL,
+    );
+    assert!(
+        model
+            .forward(&ids, &layout, Some(&mut model.new_cache()))
+            .is_err(),
+        "a packed layout must refuse a KV cache"
+    );
+
+    // sum(logits * w) over the real tokens, w fixed: the same loss both ways.
+    let n = real.len();
+    let weights: Vec<f32> = (0..n * vocab).map(|i| (i as f32 * 0.37).sin()).collect();
+    let weights = Tensor::from_vec(weights, &[n, vocab], device).unwrap();
+    let loss = |logits: &Tensor| logits.mul(&weights).unwrap().sum_all().unwrap();
+    let real_slots: Vec<u32> = (0..(b * t) as u32)
+        .filter(|&i| mask[i as usize] != 0)
+        .collect();
+    let padded_real = Tensor::embedding(
+        &padded_logits.reshape(&[b * t, vocab]).unwrap(),
+        &Tensor::from_vec(real_slots, &[n], device).unwrap(),
+    )
+    .unwrap();
+    let packed_grads = loss(&packed_logits.reshape(&[n, vocab]).unwrap())
+        .backward()
+        .unwrap();
+    let padded_grads = loss(&padded_real).backward().unwrap();
+    let params = model.lora_parameters();
+    assert!(!params.is_empty());
+    for (i, param) in params.iter().enumerate() {
+        let grad = |store: &lathe_core::GradStore| {
+            store
+                .get(param)
+                .unwrap_or_else(|| panic!("{label}: LoRA parameter {i} got no gradient"))
+                .to_vec_f32()
+                .unwrap()
+        };
+        check(
+            &format!("{label}: LoRA parameter {i}'s gradient, packed vs padded"),
+            &grad(&packed_grads),
+            &grad(&padded_grads),
+            SAME_MODEL,
+        );
+    }
+}
+
 /// Prefill of the first tokens of a left-padded batch, then one token at a time with a KV
 /// cache: every step's logits equal the full forward's.
 fn kv_cache_matches_full_forward(name: &str, device: &Device) {
@@ -224,6 +319,48 @@ fn kv_cache_matches_full_forward(name: &str, device: &Device) {
         &valid_rows(&full, &mask, vocab),
         SAME_MODEL,
     );
+}
+
+#[test]
+fn gpt_neox_packed_batch_matches_padded_cpu() {
+    GPT_NEOX
+        .iter()
+        .for_each(|n| packed_batch_matches(n, &Device::Cpu));
+}
+
+#[test]
+fn gpt_neox_packed_batch_matches_padded_gpu() {
+    GPT_NEOX
+        .iter()
+        .for_each(|n| packed_batch_matches(n, &test_gpu()));
+}
+
+#[test]
+fn llama_packed_batch_matches_padded_cpu() {
+    LLAMA
+        .iter()
+        .for_each(|n| packed_batch_matches(n, &Device::Cpu));
+}
+
+#[test]
+fn llama_packed_batch_matches_padded_gpu() {
+    LLAMA
+        .iter()
+        .for_each(|n| packed_batch_matches(n, &test_gpu()));
+}
+
+#[test]
+fn qwen2_packed_batch_matches_padded_cpu() {
+    QWEN2
+        .iter()
+        .for_each(|n| packed_batch_matches(n, &Device::Cpu));
+}
+
+#[test]
+fn qwen2_packed_batch_matches_padded_gpu() {
+    QWEN2
+        .iter()
+        .for_each(|n| packed_batch_matches(n, &test_gpu()));
 }
 
 #[test]

@@ -191,35 +191,41 @@ impl PpoTrainer {
         Ok(())
     }
 
-    /// Forward of the sequences (right-padded to `seq`) evaluated only at `positions`
-    /// (row, t): the log-prob of token t + 1, the value at t and the entropy at t, each as
-    /// a (1, n) row in the order given.
+    /// Forward of the sequences evaluated only at `positions` (row, t): the log-prob of token
+    /// t + 1, the value at t and the entropy at t, each as a (1, n) row in the order given.
+    ///
+    /// The sequences are packed back to back into one row ([`TokenLayout::packed`]), so no
+    /// padding is computed; every token's result equals a right-padded batch's.
     fn forward_at(
         &self,
         seqs: &[Vec<u32>],
-        seq: usize,
         positions: &[(usize, usize)],
         with_entropy: bool,
     ) -> Result<Forward> {
-        let b = seqs.len();
         let n = positions.len();
-        let mut ids = Vec::with_capacity(b * seq);
-        for s in seqs {
-            ids.extend_from_slice(s);
-            ids.extend(std::iter::repeat_n(self.pad_id, seq - s.len()));
-        }
-        let ids = Tensor::from_vec(ids, &[b, seq], &self.device)?;
-        let layout = TokenLayout::contiguous(b, seq, 0, &self.device)?;
-        let hidden = self.model.forward_hidden(&ids, &layout, None)?; // (B, T, H)
+        let lengths: Vec<usize> = seqs.iter().map(Vec::len).collect();
+        // Where each sequence starts in the packed row.
+        let starts: Vec<usize> = lengths
+            .iter()
+            .scan(0, |start, &len| {
+                let here = *start;
+                *start += len;
+                Some(here)
+            })
+            .collect();
+        let total: usize = lengths.iter().sum();
+        let ids = Tensor::from_vec(seqs.concat(), &[1, total], &self.device)?;
+        let layout = TokenLayout::packed(&lengths, &self.device)?;
+        let hidden = self.model.forward_hidden(&ids, &layout, None)?; // (1, N, H)
         let h = hidden.shape()[2];
         let rows: Vec<u32> = positions
             .iter()
-            .map(|&(r, t)| (r * seq + t) as u32)
+            .map(|&(r, t)| (starts[r] + t) as u32)
             .collect();
         let targets: Vec<u32> = positions.iter().map(|&(r, t)| seqs[r][t + 1]).collect();
         // (n, H) hidden states at the positions.
         let picked = Tensor::embedding(
-            &hidden.reshape(&[b * seq, h])?,
+            &hidden.reshape(&[total, h])?,
             &Tensor::from_vec(rows, &[n], &self.device)?,
         )?;
         // The head and log-softmax fused: the (n, V) logits are never held on the CPU.
@@ -308,13 +314,13 @@ impl PpoTrainer {
                 Ok(())
             };
             if rank == 0 {
-                let policy = self.forward_at(&seqs, seq, &positions, false)?;
+                let policy = self.forward_at(&seqs, &positions, false)?;
                 scatter(0, &policy.logprobs)?;
                 scatter(1, &policy.values)?;
             }
             if rank == reference_rank {
                 let _off = self.switch.disable();
-                let reference = self.forward_at(&seqs, seq, &positions, false)?;
+                let reference = self.forward_at(&seqs, &positions, false)?;
                 scatter(2, &reference.logprobs)?;
             }
             if ranks > 1 {
@@ -351,7 +357,6 @@ impl PpoTrainer {
         phases.add("advantages", mark);
         let minibatch_stats = self.optimize(
             &seqs,
-            seq,
             [&logprobs, &values, &advantages, &returns, &mask],
             &mut phases,
         )?;
@@ -388,7 +393,6 @@ impl PpoTrainer {
     fn optimize(
         &mut self,
         seqs: &[Vec<u32>],
-        seq: usize,
         grids: [&Grid; 5],
         phases: &mut Phases,
     ) -> Result<Vec<LossStats>> {
@@ -415,17 +419,16 @@ impl PpoTrainer {
                 for k in mine {
                     let rows = minibatches[k];
                     let mb_seqs: Vec<Vec<u32>> = rows.iter().map(|&r| seqs[r].clone()).collect();
-                    // Only the response positions enter the loss: the minibatch is padded to
-                    // its own longest sequence, and the LM head, log-softmax, entropy and
+                    // Only the response positions enter the loss: the minibatch's sequences
+                    // are packed without padding, and the LM head, log-softmax, entropy and
                     // value head run on the response positions alone, as one (1, n) row. The
                     // loss and its statistics are masked means over those same positions,
                     // so they equal the full-grid computation.
-                    let mb_seq = mb_seqs.iter().map(Vec::len).max().unwrap_or(seq);
                     let positions: Vec<(usize, usize)> = rows
                         .iter()
                         .enumerate()
                         .flat_map(|(i, &r)| {
-                            (0..mb_seq - 1)
+                            (0..seqs[r].len() - 1)
                                 .filter(move |&t| mask.at(r, t) != 0.0)
                                 .map(move |t| (i, t))
                         })
@@ -445,7 +448,7 @@ impl PpoTrainer {
                         compact(mask)?,
                     );
                     let mark = Mark::now();
-                    let forward = self.forward_at(&mb_seqs, mb_seq, &positions, true)?;
+                    let forward = self.forward_at(&mb_seqs, &positions, true)?;
                     let batch = RolloutBatch {
                         old_logprobs: &old,
                         values: &val,

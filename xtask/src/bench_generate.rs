@@ -90,16 +90,20 @@ pub fn run(
     let model_path = smollm2_present()?;
     let mut rows = Vec::new();
     for (device, label) in devices {
-        for (name, precision) in [
-            ("f32", Precision::F32),
-            ("int8", Precision::Int8 { threshold: 6.0 }),
+        for (name, precision, int8_head) in [
+            ("f32", Precision::F32, false),
+            ("int8", Precision::Int8 { threshold: 6.0 }, false),
+            ("int8+head", Precision::Int8 { threshold: 6.0 }, true),
         ] {
-            let pretrained = Pretrained::load(&model_path, device, precision)
+            let mut pretrained = Pretrained::load(&model_path, device, precision)
                 .with_context(|| format!("loading {}", model_path.display()))?;
+            if int8_head {
+                pretrained.model.quantize_head_int8(6.0)?;
+            }
             for (batch, new_tokens) in CASES {
                 let row = measure(&pretrained, device, batch, new_tokens, runs)?;
                 eprintln!(
-                    "  generate {label:>4} {name:>4} {batch:>2} x {new_tokens}: {:.3} s ({:.1} tokens/s)",
+                    "  generate {label:>4} {name:>9} {batch:>2} x {new_tokens}: {:.3} s ({:.1} tokens/s)",
                     row.0, row.2
                 );
                 rows.push(GenerateRow {

@@ -11,6 +11,7 @@
 //! a time for the product (the saving there is storage, not time). The output is always f32.
 
 use gemm::Parallelism;
+use rayon::prelude::*;
 
 use crate::dtype::DType;
 use crate::ops::matmul_gpu::gpu_matmul;
@@ -116,18 +117,17 @@ fn cpu_matmul(a: &[f32], b: &[f32], d: MatmulDims, ta: bool, tb: bool) -> Vec<f3
     if d.m == 0 || d.n == 0 {
         return out;
     }
-    for i in 0..d.batch {
+    let entry = |i: usize, out_i: &mut [f32]| {
         let a_i = &a[i * d.m * d.k..(i + 1) * d.m * d.k];
         let b_i = if d.b_shared {
             b
         } else {
             &b[i * d.k * d.n..(i + 1) * d.k * d.n]
         };
-        let out_i = &mut out[i * d.m * d.n..(i + 1) * d.m * d.n];
         if !ta && tb && d.m <= skinny::MAX_ROWS {
             // A few rows through a (N, K) weight: no packing, the weight read once.
             out_i.copy_from_slice(&skinny::matmul_bt_rows(a_i, b_i, d.m, d.n, d.k));
-            continue;
+            return;
         }
         // SAFETY: the slices hold exactly (m, k), (k, n) and (m, n) elements at the strides
         // given.
@@ -142,6 +142,18 @@ fn cpu_matmul(a: &[f32], b: &[f32], d: MatmulDims, ta: bool, tb: bool) -> Vec<f3
                 false,
             )
         };
+    };
+    if d.batch > 1 && matches!(parallelism(&d), Parallelism::None) {
+        // Many small products (attention's per-(sequence, head) scores and contexts): one
+        // parallel region over the entries, each entry on one thread, rather than every
+        // entry on the calling thread.
+        out.par_chunks_mut(d.m * d.n)
+            .enumerate()
+            .for_each(|(i, out_i)| entry(i, out_i));
+    } else {
+        out.chunks_mut(d.m * d.n)
+            .enumerate()
+            .for_each(|(i, out_i)| entry(i, out_i));
     }
     out
 }

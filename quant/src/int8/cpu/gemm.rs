@@ -172,9 +172,15 @@ fn has_avx2() -> bool {
 }
 
 /// Products (rows * outs * stride) below which [`int8_matmul_rows`] stays on the calling
-/// thread: waking the pool costs more than the work (measured: 4 x 576 -> 1536 is faster on
-/// one thread, 16 x 576 -> 576 on two).
+/// thread, unless its weight is big (below): waking the pool costs more than the work
+/// (measured with the weight in cache: 4 x 576 -> 1536 is faster on one thread, 16 x 576 ->
+/// 576 on two).
 const SERIAL_MAX_WORK: usize = 1 << 22;
+
+/// Weight bytes (outs * stride) from which [`int8_matmul_rows`] splits the weight rows over
+/// every thread whatever the batch: decoding streams each layer's weight from memory once
+/// per token, and one core alone cannot draw the bandwidth two can.
+const PARALLEL_MIN_WEIGHT_BYTES: usize = 1 << 18;
 
 /// How far ahead of the weight row being multiplied its successors are prefetched: without
 /// it a weight streamed from memory (an LM head) runs at half speed, the loads stalling.
@@ -220,7 +226,7 @@ pub(crate) fn int8_matmul_rows(
         );
     };
     let tasks = outs.div_ceil(WEIGHT_ROWS_PER_TASK);
-    if outs * rows * stride < SERIAL_MAX_WORK {
+    if outs * rows * stride < SERIAL_MAX_WORK && outs * stride < PARALLEL_MIN_WEIGHT_BYTES {
         (0..tasks).for_each(task);
     } else {
         (0..tasks).into_par_iter().for_each(task);

@@ -1,7 +1,7 @@
 //! Log-probabilities of the tokens of a sequence under a model: what perplexity, SFT
 //! evaluation and the policy and reference log-probs of PPO, GRPO and DPO are made of.
 
-use lathe_core::Tensor;
+use lathe_core::{Device, Tensor};
 
 use crate::attention::TokenLayout;
 use crate::generate::{LanguageModel, IGNORE};
@@ -65,4 +65,70 @@ pub fn token_logprobs_and_entropy<M: LanguageModel + ?Sized>(
             "next_token_logprobs returned no entropy though it was asked for one".into(),
         )),
     }
+}
+
+/// [`token_logprobs_and_entropy`] (or, without `entropy`, [`token_logprobs`]) of host ids
+/// (B, T) right-padded past each row's `lengths[b]` tokens, computed on the real tokens
+/// alone: the rows are packed back to back ([`TokenLayout::packed`]), so no padding runs
+/// through the model; `device` is the model's. Returns (B, T - 1) as the padded call does, equal to it at every
+/// prediction within a row and 0 past it (the targets there must be [`IGNORE`]).
+pub fn packed_token_logprobs<M: LanguageModel + ?Sized>(
+    model: &M,
+    ids: &[u32],
+    (batch, seq): (usize, usize),
+    lengths: &[usize],
+    targets: &[u32],
+    entropy: bool,
+    device: &Device,
+) -> Result<(Tensor, Option<Tensor>)> {
+    let cols = seq.saturating_sub(1);
+    if seq < 2 || ids.len() != batch * seq || targets.len() != batch * cols {
+        return Err(Error::Config(format!(
+            "packed_token_logprobs: {} ids and {} targets for (B, T) = ({batch}, {seq}), T >= 2",
+            ids.len(),
+            targets.len()
+        )));
+    }
+    if lengths.len() != batch || lengths.iter().any(|&len| len == 0 || len > seq) {
+        return Err(Error::Config(format!(
+            "packed_token_logprobs: row lengths {lengths:?} for {batch} rows of {seq} tokens"
+        )));
+    }
+    if let Some(r) = (0..batch).find(|&r| {
+        targets[r * cols + lengths[r] - 1..(r + 1) * cols]
+            .iter()
+            .any(|&t| t != IGNORE)
+    }) {
+        return Err(Error::Config(format!(
+            "packed_token_logprobs: row {r} has a target past its {} tokens",
+            lengths[r]
+        )));
+    }
+    // The packed row: every row's real tokens, then one padding token, so that the last
+    // real token too has a prediction slot (ignored, so 0) for the padding to read.
+    let total: usize = lengths.iter().sum();
+    let mut packed_ids = Vec::with_capacity(total + 1);
+    let mut packed_targets = Vec::with_capacity(total);
+    let mut slots = Vec::with_capacity(batch * cols);
+    for (r, &len) in lengths.iter().enumerate() {
+        let start = packed_ids.len();
+        packed_ids.extend_from_slice(&ids[r * seq..r * seq + len]);
+        packed_targets.extend_from_slice(&targets[r * cols..r * cols + len - 1]);
+        packed_targets.push(IGNORE);
+        // (B, T - 1) slot -> packed prediction: its own, or the row's last (ignored) one.
+        slots.extend((0..cols).map(|t| (start + t.min(len - 1)) as u32));
+    }
+    packed_ids.push(ids[seq - 1]);
+    let mut row_lengths = lengths.to_vec();
+    row_lengths.push(1);
+    let layout = TokenLayout::packed(&row_lengths, device)?;
+    let packed = Tensor::from_vec(packed_ids, &[1, total + 1], device)?;
+    let (logps, entropies) =
+        model.next_token_logprobs(&packed, &layout, &packed_targets, entropy)?;
+    let slots = Tensor::from_vec(slots, &[batch, cols], device)?;
+    // (1, total) -> (B, T - 1), through a gather that carries the gradient back.
+    let unpack = |x: Tensor| -> Result<Tensor> {
+        Ok(Tensor::embedding(&x.reshape(&[total, 1])?, &slots)?.reshape(&[batch, cols])?)
+    };
+    Ok((unpack(logps)?, entropies.map(unpack).transpose()?))
 }

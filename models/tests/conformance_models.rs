@@ -11,6 +11,7 @@ use lathe_core::{Device, Tensor};
 use lathe_lora::{AdapterSwitch, LoraConfig};
 use lathe_models::attention::TokenLayout;
 use lathe_models::hf::{load_hf_dir, CausalLm};
+use lathe_models::logprobs::{next_tokens, packed_token_logprobs, token_logprobs_and_entropy};
 
 /// A binding limit under the tiny models' embeddings, weights, logits and KV caches
 /// (every row still fits, with the alignment steps of chunked rows).
@@ -219,6 +220,56 @@ fn packed_batch_matches(name: &str, device: &Device) {
             .forward(&ids, &layout, Some(&mut model.new_cache()))
             .is_err(),
         "a packed layout must refuse a KV cache"
+    );
+
+    // Per-token log-probs and entropies of right-padded rows, packed or not.
+    let seq = t;
+    let mut right_padded = Vec::with_capacity(b * seq);
+    let mut start = 0;
+    for &len in &lengths {
+        right_padded.extend_from_slice(&real[start..start + len]);
+        right_padded.resize(right_padded.len() + seq - len, real[0]);
+        start += len;
+    }
+    let wanted: Vec<bool> = (0..b * (seq - 1))
+        .map(|i| i % (seq - 1) + 1 < lengths[i / (seq - 1)])
+        .collect();
+    let targets = next_tokens(&right_padded, seq, Some(&wanted)).unwrap();
+    let (padded_logps, padded_entropy) = token_logprobs_and_entropy(
+        &model,
+        &Tensor::from_vec(right_padded.clone(), &[b, seq], device).unwrap(),
+        &TokenLayout::contiguous(b, seq, 0, device).unwrap(),
+        &targets,
+    )
+    .unwrap();
+    let (packed_logps, packed_entropy) = packed_token_logprobs(
+        &model,
+        &right_padded,
+        (b, seq),
+        &lengths,
+        &targets,
+        true,
+        device,
+    )
+    .unwrap();
+    let masked = |x: &Tensor| -> Vec<f32> {
+        let v = x.to_vec_f32().unwrap();
+        v.iter()
+            .zip(&wanted)
+            .map(|(&x, &w)| if w { x } else { 0.0 })
+            .collect()
+    };
+    check(
+        &format!("{label}: packed vs padded token log-probs"),
+        &packed_logps.to_vec_f32().unwrap(),
+        &padded_logps.to_vec_f32().unwrap(),
+        SAME_MODEL,
+    );
+    check(
+        &format!("{label}: packed vs padded entropies"),
+        &masked(&packed_entropy.unwrap()),
+        &masked(&padded_entropy),
+        SAME_MODEL,
     );
 
     // sum(logits * w) over the real tokens, w fixed: the same loss both ways.

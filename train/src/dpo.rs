@@ -20,10 +20,9 @@ use std::time::Instant;
 use lathe_core::optim::{Adam, AdamConfig};
 use lathe_core::{clip_grad_norm, Device, GradStore, LrSchedule, Rng, ScheduleKind, Tensor};
 use lathe_lora::{AdapterSwitch, LoraConfig};
-use lathe_models::attention::TokenLayout;
 use lathe_models::chat::{ChatTemplate, Message};
 use lathe_models::hf::CausalLm;
-use lathe_models::logprobs::{next_tokens, token_logprobs};
+use lathe_models::logprobs::{next_tokens, packed_token_logprobs};
 use lathe_models::tokenizer::Tokenizer;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -490,8 +489,8 @@ pub fn dpo_metrics(out: &DpoLossOutput, logps: PairLogps<'_>) -> Metrics {
 
 /// The summed log-probs (2B,) of the completions of `pairs`, chosen rows first, as a
 /// tensor that back-propagates into the model, and the completions' lengths. Rows are
-/// prompt + completion, right-padded; a completion token's log-prob is the model's
-/// prediction of it from the tokens before it.
+/// prompt + completion, packed without padding; a completion token's log-prob is the
+/// model's prediction of it from the tokens before it.
 pub fn completion_logps(
     model: &CausalLm,
     pairs: &[&TokenPair],
@@ -528,9 +527,10 @@ pub fn completion_logps(
     }
     let lengths = rows.iter().map(|(_, c)| c.len()).collect();
     let targets = next_tokens(&ids, seq, Some(&wanted))?;
-    let ids = Tensor::from_vec(ids, &[n, seq], device)?;
-    let layout = TokenLayout::contiguous(n, seq, 0, device)?;
-    let per_token = token_logprobs(model, &ids, &layout, &targets)?; // (2B, T - 1)
+    // The rows packed without their padding.
+    let row_lengths: Vec<usize> = rows.iter().map(|(p, c)| p.len() + c.len()).collect();
+    let (per_token, _) =
+        packed_token_logprobs(model, &ids, (n, seq), &row_lengths, &targets, false, device)?; // (2B, T - 1)
     Ok((per_token.sum(1)?, lengths))
 }
 

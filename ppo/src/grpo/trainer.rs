@@ -10,10 +10,9 @@
 use lathe_core::optim::{Adam, AdamConfig};
 use lathe_core::{clip_grad_norm, Device, GradStore, LrSchedule, Rng, ScheduleKind, Tensor};
 use lathe_lora::{AdapterSwitch, LoraConfig};
-use lathe_models::attention::TokenLayout;
 use lathe_models::generate::{generate_groups, GenerateConfig};
 use lathe_models::hf::CausalLm;
-use lathe_models::logprobs::{next_tokens, token_logprobs, token_logprobs_and_entropy};
+use lathe_models::logprobs::{next_tokens, packed_token_logprobs};
 use lathe_models::sampling::SamplingConfig;
 use lathe_models::tokenizer::Tokenizer;
 use serde::{Deserialize, Serialize};
@@ -309,6 +308,8 @@ struct Generation {
     /// Row-major (rows, T) ids, right-padded.
     ids: Vec<u32>,
     seq: usize,
+    /// Real tokens of each row (prompt + completion): the forwards pack the rows to these.
+    lengths: Vec<usize>,
     /// (rows, T - 1): 1 where position t predicts a completion token.
     mask: Vec<f64>,
     /// (rows, T - 1): the completion token position t predicts, and
@@ -691,9 +692,15 @@ impl GrpoTrainer {
             .zip(summed)
             .map(|((p, c), r)| (p, c, r))
             .collect();
+        let lengths = rows
+            .iter()
+            .zip(&completions)
+            .map(|(p, c)| p.len() + c.len())
+            .collect();
         let mut generation = Generation {
             ids,
             seq,
+            lengths,
             mask,
             targets,
             advantages: advantages.advantages,
@@ -730,12 +737,28 @@ impl GrpoTrainer {
 
     /// (n, T - 1) per-token log-probs of rows `start..start + n`.
     fn row_logps(&self, generation: &Generation, start: usize, n: usize) -> Result<Tensor> {
+        Ok(self.packed_logps(generation, start, n, false)?.0)
+    }
+
+    /// (n, T - 1) per-token log-probs of rows `start..start + n` and, when asked, their
+    /// entropies: the rows packed without their padding.
+    fn packed_logps(
+        &self,
+        generation: &Generation,
+        start: usize,
+        n: usize,
+        entropy: bool,
+    ) -> Result<(Tensor, Option<Tensor>)> {
         let seq = generation.seq;
-        let ids = generation.ids[start * seq..(start + n) * seq].to_vec();
-        let ids = Tensor::from_vec(ids, &[n, seq], &self.device)?;
-        let layout = TokenLayout::contiguous(n, seq, 0, &self.device)?;
-        let targets = &generation.targets[start * (seq - 1)..(start + n) * (seq - 1)];
-        Ok(token_logprobs(&self.model, &ids, &layout, targets)?)
+        Ok(packed_token_logprobs(
+            &self.model,
+            &generation.ids[start * seq..(start + n) * seq],
+            (n, seq),
+            &generation.lengths[start..start + n],
+            &generation.targets[start * (seq - 1)..(start + n) * (seq - 1)],
+            entropy,
+            &self.device,
+        )?)
     }
 
     /// The step's micro-batches over the generation batch: the loss (summed as trl's
@@ -766,12 +789,10 @@ impl GrpoTrainer {
                 0x5eed,
                 (step * accum + m) as u64 + 1,
             ));
-            let seq = generation.seq;
-            let ids = generation.ids[start * seq..(start + micro) * seq].to_vec();
-            let ids = Tensor::from_vec(ids, &[micro, seq], &self.device)?;
-            let layout = TokenLayout::contiguous(micro, seq, 0, &self.device)?;
-            let targets = &generation.targets[span.clone()];
-            let (logps, entropy) = token_logprobs_and_entropy(&self.model, &ids, &layout, targets)?;
+            let (logps, entropy) = self.packed_logps(generation, start, micro, true)?;
+            let entropy = entropy.ok_or_else(|| {
+                Error::GrpoConfig("the model returned no entropy though it was asked for".into())
+            })?;
             let values: Vec<f64> = logps.to_vec_f32()?.into_iter().map(f64::from).collect();
             // trl's `entropy`: the masked mean over the micro-batch's completion tokens,
             // averaged over micro-batches as its other statistics are.

@@ -373,6 +373,34 @@ fn rotary_matches_a_hand_written_reference() {
     assert_tensors_close(&second, &first, EXACT);
 }
 
+/// Given the ids' host copy, the gather and its gradient are the read-back ones; a copy of
+/// the wrong length or an id past the table is refused.
+#[test]
+fn embedding_with_host_ids_equals_embedding() {
+    for device in [Device::Cpu, test_gpu()] {
+        let w = Tensor::rand_uniform(-1.0, 1.0, &[5, 3], 3, &device)
+            .unwrap()
+            .into_variable();
+        let host = vec![4u32, 0, 4, 1];
+        let ids = Tensor::from_vec(host.clone(), &[2, 2], &device).unwrap();
+        let given = Tensor::embedding_with_host_ids(&w, &ids, host.clone()).unwrap();
+        let read = Tensor::embedding(&w, &ids).unwrap();
+        assert_tensors_close(&given, &read, EXACT);
+        let g = Tensor::rand_uniform(-1.0, 1.0, &[2, 2, 3], 4, &device).unwrap();
+        let grad = |e: &Tensor| {
+            let store = e.mul(&g).unwrap().sum_all().unwrap().backward().unwrap();
+            store.get(&w).unwrap().to_vec_f32().unwrap()
+        };
+        assert_eq!(grad(&given), grad(&read), "{}", device.name());
+        assert!(Tensor::embedding_with_host_ids(&w, &ids, host[..3].to_vec()).is_err());
+        let past = Tensor::from_vec(vec![5u32], &[1], &device).unwrap();
+        assert!(matches!(
+            Tensor::embedding_with_host_ids(&w, &past, vec![5]),
+            Err(Error::IndexOutOfRange { .. })
+        ));
+    }
+}
+
 #[test]
 fn embedding_exact_values_and_repeated_ids_sum() {
     for device in [Device::Cpu, test_gpu()] {

@@ -42,6 +42,9 @@ pub struct Packing {
     to_padded: Tensor,
     /// (N,) u32: the padded slot (row-major in (S, T_max)) of each packed token.
     from_padded: Tensor,
+    /// The two index tensors' values on the host: the gathers never read them back.
+    to_padded_host: Vec<u32>,
+    from_padded_host: Vec<u32>,
 }
 
 impl Packing {
@@ -59,7 +62,9 @@ impl Packing {
             )));
         };
         let tokens = x.permute(&[0, 2, 1, 3])?.reshape(&[n, heads * d])?;
-        let padded = Tensor::embedding(&tokens, &self.to_padded)?; // (S, T_max, heads * d)
+        // (S, T_max, heads * d)
+        let padded =
+            Tensor::embedding_with_host_ids(&tokens, &self.to_padded, self.to_padded_host.clone())?;
         split_heads(&padded, heads)
     }
 
@@ -73,7 +78,12 @@ impl Packing {
         };
         let slots = context.reshape(&[s * t_max, width])?;
         let n = self.from_padded.shape()[0];
-        Ok(Tensor::embedding(&slots, &self.from_padded)?.reshape(&[1, n, width])?)
+        let tokens = Tensor::embedding_with_host_ids(
+            &slots,
+            &self.from_padded,
+            self.from_padded_host.clone(),
+        )?;
+        Ok(tokens.reshape(&[1, n, width])?)
     }
 }
 
@@ -125,8 +135,10 @@ impl TokenLayout {
         let mut layout = TokenLayout::new(positions_host, 1, total, None, device)?;
         layout.packing = Some(Packing {
             lengths: lengths.to_vec(),
-            to_padded: Tensor::from_vec(to_padded, &[lengths.len(), t_max], device)?,
-            from_padded: Tensor::from_vec(from_padded, &[total], device)?,
+            to_padded: Tensor::from_vec(to_padded.clone(), &[lengths.len(), t_max], device)?,
+            from_padded: Tensor::from_vec(from_padded.clone(), &[total], device)?,
+            to_padded_host: to_padded,
+            from_padded_host: from_padded,
         });
         Ok(layout)
     }

@@ -224,9 +224,10 @@ impl PpoTrainer {
             .collect();
         let targets: Vec<u32> = positions.iter().map(|&(r, t)| seqs[r][t + 1]).collect();
         // (n, H) hidden states at the positions.
-        let picked = Tensor::embedding(
+        let picked = Tensor::embedding_with_host_ids(
             &hidden.reshape(&[total, h])?,
-            &Tensor::from_vec(rows, &[n], &self.device)?,
+            &Tensor::from_vec(rows.clone(), &[n], &self.device)?,
+            rows,
         )?;
         // The head and log-softmax fused: the (n, V) logits are never held on the CPU.
         let (logprobs, entropy) =

@@ -175,6 +175,20 @@ impl Tensor {
     /// Rows of `weight` (V, H) f32 or f16 (rows widened to f32) at `ids` (u32, any shape): output (ids.shape..., H).
     /// An id >= V is `Error::IndexOutOfRange`. Gradients flow to the weight only.
     pub fn embedding(weight: &Tensor, ids: &Tensor) -> Result<Tensor> {
+        ids.expect_dtype("embedding", DType::U32)?;
+        // GPU ids are read back to validate them: one u32 per token, cheap next to the model.
+        Tensor::embedding_with_host_ids(weight, ids, ids.to_vec_u32()?)
+    }
+
+    /// [`Tensor::embedding`] given the host copy of `ids`' values, so GPU ids are not read
+    /// back (a wait for the queue): for index tensors built on the host and used many times,
+    /// such as a packed layout's gathers, run in every layer. `host_ids` must hold exactly
+    /// the values of `ids` (their count is checked; the values are what the backward uses).
+    pub fn embedding_with_host_ids(
+        weight: &Tensor,
+        ids: &Tensor,
+        host_ids: Vec<u32>,
+    ) -> Result<Tensor> {
         if weight.dtype() != DType::F16 {
             weight.expect_dtype("embedding", DType::F32)?;
         }
@@ -186,8 +200,16 @@ impl Tensor {
                 format!("weight must be (V, H), got {:?}", weight.shape()),
             ));
         };
-        // GPU ids are read back to validate them: one u32 per token, cheap next to the model.
-        let host_ids = ids.to_vec_u32()?;
+        if host_ids.len() != ids.shape().iter().product::<usize>() {
+            return Err(Error::shape(
+                "embedding",
+                format!(
+                    "{} host ids for ids of shape {:?}",
+                    host_ids.len(),
+                    ids.shape()
+                ),
+            ));
+        }
         if let Some(&bad) = host_ids.iter().find(|&&id| id as usize >= vocab) {
             return Err(Error::IndexOutOfRange {
                 op: "embedding",

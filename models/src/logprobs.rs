@@ -67,15 +67,10 @@ pub fn token_logprobs_and_entropy<M: LanguageModel + ?Sized>(
     }
 }
 
-/// The share of a padded batch's tokens, (numerator, denominator), that packing must save
-/// to be used by [`packed_token_logprobs`]: below it the gathers around attention cost about
-/// what they save (measured on a DPO step without padding: packed 1% slower).
-pub const PACK_MIN_SAVING: (usize, usize) = (1, 20);
-
 /// [`token_logprobs_and_entropy`] (or, without `entropy`, [`token_logprobs`]) of host ids
 /// (B, T) right-padded past each row's `lengths[b]` tokens, computed on the real tokens
 /// alone: the rows are packed back to back ([`TokenLayout::packed`]), so no padding runs
-/// through the model (unless padding is under [`PACK_MIN_SAVING`] of the batch); `device` is the model's. Returns (B, T - 1) as the padded call does, equal to it at every
+/// through the model; `device` is the model's. Returns (B, T - 1) as the padded call does, equal to it at every
 /// prediction within a row and 0 past it (the targets there must be [`IGNORE`]).
 pub fn packed_token_logprobs<M: LanguageModel + ?Sized>(
     model: &M,
@@ -110,12 +105,6 @@ pub fn packed_token_logprobs<M: LanguageModel + ?Sized>(
         )));
     }
     let total: usize = lengths.iter().sum();
-    if total * PACK_MIN_SAVING.1 > batch * seq * (PACK_MIN_SAVING.1 - PACK_MIN_SAVING.0) {
-        // Too little padding to pay for the packing's gathers: the padded call.
-        let ids = Tensor::from_vec(ids.to_vec(), &[batch, seq], device)?;
-        let layout = TokenLayout::contiguous(batch, seq, 0, device)?;
-        return model.next_token_logprobs(&ids, &layout, targets, entropy);
-    }
     // The packed row: every row's real tokens, then one padding token, so that the last
     // real token too has a prediction slot (ignored, so 0) for the padding to read.
     let mut packed_ids = Vec::with_capacity(total + 1);

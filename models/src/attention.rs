@@ -408,3 +408,29 @@ pub(crate) fn attend(
     let context = probs.matmul(v)?.reshape(&[b, heads, t, d])?; // (B, heads, T, d)
     merge_heads(&context)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_packed_layout_numbers_each_sequence_from_zero_and_refuses_what_needs_rows() {
+        let device = Device::Cpu;
+        let layout = TokenLayout::packed(&[3, 1, 2], &device).unwrap();
+        assert_eq!((layout.batch(), layout.seq_len()), (1, 6));
+        assert_eq!(
+            layout.positions().to_vec_u32().unwrap(),
+            vec![0, 1, 2, 0, 0, 1]
+        );
+        assert!(layout.key_ranges().is_none());
+        let packing = layout.packing().unwrap();
+        assert_eq!(packing.lengths(), [3, 1, 2]);
+        // Padded slots of (3, 3): padding repeats the sequence's last token.
+        assert_eq!(packing.to_padded_host, vec![0, 1, 2, 3, 3, 3, 4, 5, 5]);
+        assert_eq!(packing.from_padded_host, vec![0, 1, 2, 3, 6, 7]);
+        assert!(layout.next(1).is_err());
+        assert!(layout.select_rows(&[0]).is_err());
+        assert!(TokenLayout::packed(&[], &device).is_err());
+        assert!(TokenLayout::packed(&[2, 0], &device).is_err());
+    }
+}

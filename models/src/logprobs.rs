@@ -70,8 +70,9 @@ pub fn token_logprobs_and_entropy<M: LanguageModel + ?Sized>(
 /// [`token_logprobs_and_entropy`] (or, without `entropy`, [`token_logprobs`]) of host ids
 /// (B, T) right-padded past each row's `lengths[b]` tokens, computed on the real tokens
 /// alone: the rows are packed back to back ([`TokenLayout::packed`]), so no padding runs
-/// through the model; `device` is the model's. Returns (B, T - 1) as the padded call does, equal to it at every
-/// prediction within a row and 0 past it (the targets there must be [`IGNORE`]).
+/// through the model; `device` is the model's. Returns (B, T - 1) as the padded call does,
+/// equal to it at every prediction within a row and 0 past it (the targets there must be
+/// [`IGNORE`]).
 pub fn packed_token_logprobs<M: LanguageModel + ?Sized>(
     model: &M,
     ids: &[u32],
@@ -82,9 +83,10 @@ pub fn packed_token_logprobs<M: LanguageModel + ?Sized>(
     device: &Device,
 ) -> Result<(Tensor, Option<Tensor>)> {
     let cols = seq.saturating_sub(1);
-    if seq < 2 || ids.len() != batch * seq || targets.len() != batch * cols {
+    if batch == 0 || seq < 2 || ids.len() != batch * seq || targets.len() != batch * cols {
         return Err(Error::Config(format!(
-            "packed_token_logprobs: {} ids and {} targets for (B, T) = ({batch}, {seq}), T >= 2",
+            "packed_token_logprobs: {} ids and {} targets for (B, T) = ({batch}, {seq}), B >= 1, \
+             T >= 2",
             ids.len(),
             targets.len()
         )));
@@ -125,10 +127,13 @@ pub fn packed_token_logprobs<M: LanguageModel + ?Sized>(
     let packed = Tensor::from_vec(packed_ids, &[1, total + 1], device)?;
     let (logps, entropies) =
         model.next_token_logprobs(&packed, &layout, &packed_targets, entropy)?;
-    let slots = Tensor::from_vec(slots, &[batch, cols], device)?;
-    // (1, total) -> (B, T - 1), through a gather that carries the gradient back.
+    let slot_ids = Tensor::from_vec(slots.clone(), &[batch, cols], device)?;
+    // (1, total) -> (B, T - 1), through a gather that carries the gradient back (its
+    // indices given from the host: no GPU read-back).
     let unpack = |x: Tensor| -> Result<Tensor> {
-        Ok(Tensor::embedding(&x.reshape(&[total, 1])?, &slots)?.reshape(&[batch, cols])?)
+        let rows = x.reshape(&[total, 1])?;
+        let gathered = Tensor::embedding_with_host_ids(&rows, &slot_ids, slots.clone())?;
+        Ok(gathered.reshape(&[batch, cols])?)
     };
     Ok((unpack(logps)?, entropies.map(unpack).transpose()?))
 }

@@ -625,13 +625,13 @@ impl GrpoTrainer {
             c.multi_objective_aggregation,
         )?;
         // Rows of prompt + completion, right-padded; the mask marks completion predictions.
-        let seq = rows
+        // Real tokens of each row; the forwards pack the rows to these.
+        let row_lengths: Vec<usize> = rows
             .iter()
             .zip(&completions)
             .map(|(p, c)| p.len() + c.len())
-            .max()
-            .unwrap_or(2)
-            .max(2);
+            .collect();
+        let seq = row_lengths.iter().copied().max().unwrap_or(2).max(2);
         let mut ids = Vec::with_capacity(rows.len() * seq);
         let mut mask = vec![0.0; rows.len() * (seq - 1)];
         for (r, (p, comp)) in rows.iter().zip(&completions).enumerate() {
@@ -692,15 +692,10 @@ impl GrpoTrainer {
             .zip(summed)
             .map(|((p, c), r)| (p, c, r))
             .collect();
-        let lengths = rows
-            .iter()
-            .zip(&completions)
-            .map(|(p, c)| p.len() + c.len())
-            .collect();
         let mut generation = Generation {
             ids,
             seq,
-            lengths,
+            lengths: row_lengths,
             mask,
             targets,
             advantages: advantages.advantages,

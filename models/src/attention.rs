@@ -53,6 +53,32 @@ impl Packing {
         &self.lengths
     }
 
+    /// tokens (N, width) -> (S, T_max, width): each sequence on its own row, its padding
+    /// slots repeating its last token. A gather: gradients flow back to the tokens.
+    pub fn to_padded(&self, tokens: &Tensor) -> Result<Tensor> {
+        Ok(Tensor::embedding_with_host_ids(
+            tokens,
+            &self.to_padded,
+            self.to_padded_host.clone(),
+        )?)
+    }
+
+    /// padded (S, T_max, width) -> (N, width): the real tokens back in packing order.
+    pub fn from_padded(&self, padded: &Tensor) -> Result<Tensor> {
+        let [s, t_max, width] = *padded.shape() else {
+            return Err(Error::Config(format!(
+                "a padded batch must be (S, T_max, width), got {:?}",
+                padded.shape()
+            )));
+        };
+        let slots = padded.reshape(&[s * t_max, width])?;
+        Ok(Tensor::embedding_with_host_ids(
+            &slots,
+            &self.from_padded,
+            self.from_padded_host.clone(),
+        )?)
+    }
+
     /// x (1, heads, N, d) -> (S, heads, T_max, d): each sequence on its own row.
     fn unpack(&self, x: &Tensor) -> Result<Tensor> {
         let [_, heads, n, d] = *x.shape() else {
@@ -62,27 +88,15 @@ impl Packing {
             )));
         };
         let tokens = x.permute(&[0, 2, 1, 3])?.reshape(&[n, heads * d])?;
-        // (S, T_max, heads * d)
-        let padded =
-            Tensor::embedding_with_host_ids(&tokens, &self.to_padded, self.to_padded_host.clone())?;
-        split_heads(&padded, heads)
+        split_heads(&self.to_padded(&tokens)?, heads)
     }
 
     /// context (S, T_max, width) -> (1, N, width): the real tokens back in packing order.
     fn repack(&self, context: &Tensor) -> Result<Tensor> {
-        let [s, t_max, width] = *context.shape() else {
-            return Err(Error::Config(format!(
-                "packed attention output must be (S, T_max, width), got {:?}",
-                context.shape()
-            )));
+        let tokens = self.from_padded(context)?;
+        let [n, width] = *tokens.shape() else {
+            unreachable!("from_padded returns (N, width)")
         };
-        let slots = context.reshape(&[s * t_max, width])?;
-        let n = self.from_padded.shape()[0];
-        let tokens = Tensor::embedding_with_host_ids(
-            &slots,
-            &self.from_padded,
-            self.from_padded_host.clone(),
-        )?;
         Ok(tokens.reshape(&[1, n, width])?)
     }
 }

@@ -150,7 +150,8 @@ impl RewardModel {
     /// Heads: a `lathe_reward` section in `config.json` means lathe's linear head
     /// (`classifier.*` on pooled states); a DistilBERT with `pre_classifier.*` and
     /// `classifier.*` is a `DistilBertForSequenceClassification`; without either the model
-    /// is an encoder only (embeddings work, scoring errors).
+    /// is an encoder only (embeddings work, scoring errors). On the CPU the frozen linear
+    /// weights get a copy packed for the forward ([`Encoder::pack_frozen_weights`]).
     pub fn load_with(
         dir: impl AsRef<Path>,
         device: &Device,
@@ -163,7 +164,9 @@ impl RewardModel {
         let config = EncoderConfig::from_dir(dir)?;
         let tokenizer = read_tokenizer(dir, &config)?;
         let mut weights = read_weights(dir, device)?;
-        let encoder = Encoder::load(&mut weights, &config)?;
+        let mut encoder = Encoder::load(&mut weights, &config)?;
+        // Loaded to score: the weights are final.
+        encoder.pack_frozen_weights()?;
         let mut labels = config.labels.clone();
         let h = config.hidden;
         let head = if let Some(pooling) = config.lathe_pooling {
@@ -325,36 +328,18 @@ impl RewardModel {
         Ok(encoded)
     }
 
-    /// Right-pads `ids` into a (B, T) tensor on the model's device and the row lengths.
-    pub(crate) fn batch_tensor(&self, ids: &[Vec<u32>]) -> Result<(Tensor, Vec<usize>)> {
-        let t = ids.iter().map(Vec::len).max().unwrap_or(0);
-        let pad = self.tokenizer.pad_id().unwrap_or(0);
-        let flat: Vec<u32> = ids
-            .iter()
-            .flat_map(|row| {
-                row.iter()
-                    .copied()
-                    .chain(std::iter::repeat_n(pad, t - row.len()))
-            })
-            .collect();
-        let tensor = Tensor::from_vec(flat, &[ids.len(), t], self.device())?;
-        Ok((tensor, ids.iter().map(Vec::len).collect()))
-    }
-
     /// Pooled states (B, H) of token-id rows (with gradients to any trainable encoder
     /// tensors when recording).
     pub fn pooled_ids(&self, ids: &[Vec<u32>], pooling: Pooling) -> Result<Tensor> {
-        let (tensor, lengths) = self.batch_tensor(ids)?;
-        let states = self.encoder.forward(&tensor, &lengths)?;
-        pool(&states, &lengths, pooling)
+        let states = self.encoder.forward(ids)?;
+        pool(&states, &row_lengths(ids), pooling)
     }
 
     /// Logits (B, labels) of token-id rows.
     pub fn logits_ids(&self, ids: &[Vec<u32>]) -> Result<Tensor> {
         let head = self.require_head()?;
-        let (tensor, lengths) = self.batch_tensor(ids)?;
-        let states = self.encoder.forward(&tensor, &lengths)?;
-        head.forward(&states, &lengths)
+        let states = self.encoder.forward(ids)?;
+        head.forward(&states, &row_lengths(ids))
     }
 
     fn require_head(&self) -> Result<&Head> {
@@ -460,4 +445,9 @@ impl Reward for RewardModel {
         let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
         self.score_texts(&refs)
     }
+}
+
+/// Tokens of each row.
+fn row_lengths(ids: &[Vec<u32>]) -> Vec<usize> {
+    ids.iter().map(Vec::len).collect()
 }

@@ -57,6 +57,9 @@ pub struct DpoSection {
     pub warmup: usize,
     pub runs: usize,
     pub rows: Vec<DpoRow>,
+    /// Each row's best step: GFLOP counted, against `gemm_peak_gflops`.
+    pub work: Vec<crate::work::Work>,
+    pub gemm_peak_gflops: f64,
     pub peer: serde_json::Value,
     /// The same peer with gradient checkpointing (the checkpointing rows' comparison).
     pub peer_checkpointing: serde_json::Value,
@@ -76,14 +79,15 @@ fn pairs(vocab: u64) -> Vec<TokenPair> {
         .collect()
 }
 
-/// Step seconds (sorted, `runs` timed after `warmup` untimed) and the steps' peak RSS growth.
+/// (seconds, GFLOP counted) of each step (`runs` timed after `warmup` untimed), the steps'
+/// peak RSS growth and the RSS the trainer holds.
 fn measure(
     model_path: &Path,
     device: &Device,
     checkpointing: bool,
     warmup: usize,
     runs: usize,
-) -> Result<(Vec<f64>, Option<f64>, Option<f64>)> {
+) -> Result<(Vec<(f64, f64)>, Option<f64>, Option<f64>)> {
     trim_heap();
     let rss_start = status_mib("VmRSS:");
     let mut pretrained = Pretrained::load(model_path, device, Precision::F32)?;
@@ -114,20 +118,24 @@ fn measure(
         _ => None,
     };
     let peak_reset = !device.is_gpu() && reset_peak_rss();
-    let mut times = Vec::with_capacity(runs);
+    let mut timed = Vec::with_capacity(runs);
     for step in 0..warmup + runs {
+        let flops = crate::work::flops_now();
         let start = Instant::now();
         trainer.step()?;
         device.sync()?;
         if step >= warmup {
-            times.push(start.elapsed().as_secs_f64());
+            timed.push((
+                start.elapsed().as_secs_f64(),
+                crate::work::gflop_since(flops),
+            ));
         }
     }
     let step_peak = match (peak_reset, rss_before, status_mib("VmHWM:")) {
         (true, Some(before), Some(peak)) => Some(peak - before),
         _ => None,
     };
-    Ok((times, step_peak, held_mib))
+    Ok((timed, step_peak, held_mib))
 }
 
 pub fn run(
@@ -140,11 +148,18 @@ pub fn run(
     let model_path = crate::bench_generate::smollm2_present()?;
     let runs = runs.max(1);
     let mut rows = Vec::new();
+    let mut work = Vec::new();
     for (device, label) in devices {
         for checkpointing in [false, true] {
-            let (times, step_peak_rss_mib, held_rss_mib) = lathe_core::on_cpu_pool(|| {
+            let (timed, step_peak_rss_mib, held_rss_mib) = lathe_core::on_cpu_pool(|| {
                 measure(&model_path, device, checkpointing, warmup, runs)
             })?;
+            let case = format!(
+                "{label}{}",
+                if checkpointing { " checkpointing" } else { "" }
+            );
+            work.extend(crate::work::Work::best(case, !device.is_gpu(), &timed));
+            let times: Vec<f64> = timed.iter().map(|t| t.0).collect();
             let mut sorted = times.clone();
             sorted.sort_by(f64::total_cmp);
             let (best, median) = (sorted[0], sorted[sorted.len() / 2]);
@@ -197,6 +212,8 @@ pub fn run(
         warmup,
         runs,
         rows,
+        work,
+        gemm_peak_gflops: crate::bench::cpu_gemm_peak()?,
         peer,
         peer_checkpointing,
     })
@@ -266,5 +283,10 @@ pub fn markdown(section: &DpoSection) -> String {
             opt(r.step_peak_rss_mib, 0, "")
         );
     }
+    s.push_str(&crate::work::markdown(
+        "The best step of each row",
+        &section.work,
+        section.gemm_peak_gflops,
+    ));
     s
 }

@@ -78,6 +78,10 @@ pub struct GenerateSection {
     pub rows: Vec<GenerateRow>,
     /// The peer's JSON as printed, or why there is none.
     pub peer: serde_json::Value,
+    /// Each row's best generation: GFLOP counted, against `gemm_peak_gflops` (decoding reads
+    /// every weight per token: bound by memory bandwidth, not by the GEMM peak).
+    pub work: Vec<crate::work::Work>,
+    pub gemm_peak_gflops: f64,
 }
 
 /// Measures every case and precision on each device, then the peer.
@@ -89,6 +93,7 @@ pub fn run(
 ) -> Result<GenerateSection> {
     let model_path = smollm2_present()?;
     let mut rows = Vec::new();
+    let mut work = Vec::new();
     for (device, label) in devices {
         for (name, precision, int8_head) in [
             ("f32", Precision::F32, false),
@@ -101,7 +106,9 @@ pub fn run(
                 pretrained.model.quantize_head_int8(0.0)?;
             }
             for (batch, new_tokens) in CASES {
-                let row = measure(&pretrained, device, batch, new_tokens, runs)?;
+                let (row, timed) = measure(&pretrained, device, batch, new_tokens, runs)?;
+                let case = format!("{label} {name} {batch} x {new_tokens}");
+                work.extend(crate::work::Work::best(case, !device.is_gpu(), &timed));
                 eprintln!(
                     "  generate {label:>4} {name:>9} {batch:>2} x {new_tokens}: {:.3} s ({:.1} tokens/s)",
                     row.0, row.2
@@ -141,17 +148,20 @@ pub fn run(
         model: model_path.display().to_string(),
         rows,
         peer,
+        work,
+        gemm_peak_gflops: crate::bench::cpu_gemm_peak()?,
     })
 }
 
-/// (best s, median s, tokens/s of the best) of `runs` timed generations after one warm-up.
+/// (best s, median s, tokens/s of the best) of `runs` timed generations after one warm-up,
+/// and (seconds, GFLOP counted) of each.
 fn measure(
     pretrained: &Pretrained,
     device: &Device,
     batch: usize,
     new_tokens: usize,
     runs: usize,
-) -> Result<(f64, f64, f64)> {
+) -> Result<((f64, f64, f64), Vec<(f64, f64)>)> {
     let texts: Vec<&str> = (0..batch).map(|i| PROMPTS[i % PROMPTS.len()]).collect();
     let prompts = pretrained.tokenizer.encode_batch(&texts, true)?;
     let eos = pretrained.tokenizer.eos_id();
@@ -166,7 +176,9 @@ fn measure(
         use_cache: true,
     };
     let mut times = Vec::new();
+    let mut timed = Vec::new();
     for run in 0..=runs.max(1) {
+        let flops = crate::work::flops_now();
         let start = Instant::now();
         let out = generate(&pretrained.model, &prompts, &config, device)?;
         let elapsed = start.elapsed().as_secs_f64();
@@ -175,14 +187,18 @@ fn measure(
         }
         if run > 0 {
             times.push(elapsed);
+            timed.push((elapsed, crate::work::gflop_since(flops)));
         }
     }
     times.sort_by(f64::total_cmp);
     let best = times[0];
     Ok((
-        best,
-        times[times.len() / 2],
-        (batch * new_tokens) as f64 / best,
+        (
+            best,
+            times[times.len() / 2],
+            (batch * new_tokens) as f64 / best,
+        ),
+        timed,
     ))
 }
 
@@ -244,5 +260,10 @@ pub fn markdown(section: &GenerateSection) -> String {
             opt(r.ratio_vs_peer, "x")
         );
     }
+    s.push_str(&crate::work::markdown(
+        "The best generation of each row (decoding reads every weight once per token: bound by memory bandwidth more than by the GEMM peak)",
+        &section.work,
+        section.gemm_peak_gflops,
+    ));
     s
 }

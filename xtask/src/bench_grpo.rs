@@ -100,6 +100,9 @@ pub struct GrpoSection {
     /// Whether lathe's tokenization of the prompts is the peer's (token for token).
     pub prompts_match_peer: Option<bool>,
     pub rows: Vec<GrpoRow>,
+    /// Each row's best step (generation included): GFLOP counted, against `gemm_peak_gflops`.
+    pub work: Vec<crate::work::Work>,
+    pub gemm_peak_gflops: f64,
     pub peer: serde_json::Value,
     /// The same peer with gradient checkpointing (the checkpointing rows' comparison).
     pub peer_checkpointing: serde_json::Value,
@@ -114,6 +117,8 @@ fn median(values: &[f64]) -> f64 {
 /// What the timed steps of one configuration measured.
 struct Measured {
     step_times: Vec<f64>,
+    /// GFLOP counted during each timed step.
+    step_gflop: Vec<f64>,
     generate_times: Vec<f64>,
     mean_completion_len: f64,
     step_peak_rss_mib: Option<f64>,
@@ -189,8 +194,10 @@ fn measure(
     };
     let peak_reset = !device.is_gpu() && reset_peak_rss();
     let (mut step_times, mut generate_times, mut lengths) = (Vec::new(), Vec::new(), Vec::new());
+    let mut step_gflop = Vec::new();
     for step in 0..warmup + runs {
         scored_at.set(None);
+        let flops = crate::work::flops_now();
         let start = Instant::now();
         let stats = trainer.step(&prompts, &tokenizer, &mut probe)?;
         device.sync()?;
@@ -200,6 +207,7 @@ fn measure(
         };
         if step >= warmup {
             step_times.push(elapsed);
+            step_gflop.push(crate::work::gflop_since(flops));
             generate_times.push(scored.duration_since(start).as_secs_f64());
             lengths.push(stats.get("completions/mean_length"));
         }
@@ -210,6 +218,7 @@ fn measure(
     };
     Ok(Measured {
         step_times,
+        step_gflop,
         generate_times,
         mean_completion_len: lengths.iter().sum::<f64>() / lengths.len() as f64,
         step_peak_rss_mib,
@@ -228,6 +237,7 @@ pub fn run(
     let model_path = crate::bench_generate::smollm2_present()?;
     let runs = runs.max(1);
     let mut rows = Vec::new();
+    let mut work = Vec::new();
     let mut prompt_ids = Vec::new();
     for (device, label) in devices {
         for checkpointing in [false, true] {
@@ -245,6 +255,17 @@ pub fn run(
                 .map(|(s, g)| s - g)
                 .collect();
             let completions_per_s = (PROMPTS * GENERATIONS) as f64 / best;
+            let timed: Vec<(f64, f64)> = m
+                .step_times
+                .iter()
+                .copied()
+                .zip(m.step_gflop.iter().copied())
+                .collect();
+            let case = format!(
+                "{label}{}",
+                if checkpointing { " checkpointing" } else { "" }
+            );
+            work.extend(crate::work::Work::best(case, !device.is_gpu(), &timed));
             eprintln!(
                 "  grpo {label:>4}{}: {best:.3} s/step ({completions_per_s:.2} completions/s, generation {:.3} s)",
                 if checkpointing { " +checkpointing" } else { "" },
@@ -311,6 +332,8 @@ pub fn run(
         runs,
         prompts_match_peer,
         rows,
+        work,
+        gemm_peak_gflops: crate::bench::cpu_gemm_peak()?,
         peer,
         peer_checkpointing,
     })
@@ -408,5 +431,10 @@ pub fn markdown(section: &GrpoSection) -> String {
             opt(r.step_peak_rss_mib, 0, "")
         );
     }
+    s.push_str(&crate::work::markdown(
+        "The best step of each row, generation included",
+        &section.work,
+        section.gemm_peak_gflops,
+    ));
     s
 }

@@ -25,6 +25,9 @@ pub struct RewardSection {
     pub texts: usize,
     pub rows: Vec<RewardRow>,
     pub peer: serde_json::Value,
+    /// Each row's best pass over the texts: GFLOP counted, against `gemm_peak_gflops`.
+    pub work: Vec<crate::work::Work>,
+    pub gemm_peak_gflops: f64,
 }
 
 pub fn run(
@@ -61,24 +64,35 @@ pub fn run(
         .collect();
     let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
     let mut rows = Vec::new();
+    let mut work = Vec::new();
     for (device, label) in devices {
         let options = LoadOptions {
             batch_size: 16,
             ..LoadOptions::default()
         };
         let model = RewardModel::load_with(&dir, device, &options)?;
-        let best = lathe_core::on_cpu_pool(|| -> Result<f64> {
+        let timed = lathe_core::on_cpu_pool(|| -> Result<Vec<(f64, f64)>> {
             model.score_texts(&refs[..16])?; // warm-up
-            let mut best = f64::MAX;
+            let mut timed = Vec::new();
             for _ in 0..runs.max(1) {
+                let flops = crate::work::flops_now();
                 let start = Instant::now();
                 for batch in refs.chunks(16) {
                     model.score_texts(batch)?;
                 }
-                best = best.min(start.elapsed().as_secs_f64());
+                timed.push((
+                    start.elapsed().as_secs_f64(),
+                    crate::work::gflop_since(flops),
+                ));
             }
-            Ok(best)
+            Ok(timed)
         })?;
+        let best = timed.iter().map(|t| t.0).fold(f64::MAX, f64::min);
+        work.extend(crate::work::Work::best(
+            label.clone(),
+            !device.is_gpu(),
+            &timed,
+        ));
         let rate = texts.len() as f64 / best;
         eprintln!("  reward {label:>4}: {rate:.1} texts/s");
         rows.push(RewardRow {
@@ -98,6 +112,8 @@ pub fn run(
         texts: texts.len(),
         rows,
         peer,
+        work,
+        gemm_peak_gflops: crate::bench::cpu_gemm_peak()?,
     })
 }
 
@@ -144,5 +160,10 @@ pub fn markdown(section: &RewardSection) -> String {
     if peer.is_none() {
         let _ = writeln!(s, "\npeer: {}", section.peer);
     }
+    s.push_str(&crate::work::markdown(
+        "The best pass over the texts, run packed: no FLOPs on padding (the peer pads each batch to its longest text)",
+        &section.work,
+        section.gemm_peak_gflops,
+    ));
     s
 }

@@ -65,6 +65,9 @@ pub struct SftSection {
     pub peer: serde_json::Value,
     /// The same peer with gradient checkpointing (the checkpointing rows' comparison).
     pub peer_checkpointing: serde_json::Value,
+    /// Each row's best step: GFLOP counted, against `gemm_peak_gflops`.
+    pub work: Vec<crate::work::Work>,
+    pub gemm_peak_gflops: f64,
 }
 
 /// A field of /proc/self/status (VmRSS: current, VmHWM: peak resident set) in MiB.
@@ -108,6 +111,8 @@ pub(crate) fn trim_heap() {
 pub(crate) struct Measured {
     best_s: f64,
     median_s: f64,
+    /// (seconds, GFLOP counted) of each timed step.
+    runs: Vec<(f64, f64)>,
     cpu_memory: Option<CpuMemory>,
     /// The process' peak resident set up to the end of this case.
     process_peak_mib: Option<f64>,
@@ -147,15 +152,19 @@ pub(crate) fn measure(
     let peak_load = peak_rss_mib();
     let peak_reset = !device.is_gpu() && reset_peak_rss();
     let mut times = Vec::new();
+    let mut timed = Vec::new();
     for run in 0..=runs {
         switch.train(run as u64);
+        let flops = crate::work::flops_now();
         let start = Instant::now();
         let loss = lathe_train::sft::block_loss(&pretrained.model, &refs, device)?;
         let grads = loss.backward()?;
         adam.step(&grads)?;
         device.sync()?;
         if run > 0 {
-            times.push(start.elapsed().as_secs_f64());
+            let seconds = start.elapsed().as_secs_f64();
+            times.push(seconds);
+            timed.push((seconds, crate::work::gflop_since(flops)));
         }
     }
     times.sort_by(f64::total_cmp);
@@ -195,6 +204,7 @@ pub(crate) fn measure(
     Ok(Measured {
         best_s: times[0],
         median_s: times[times.len() / 2],
+        runs: timed,
         cpu_memory,
         process_peak_mib: max_opt(peak_load, peak_rss_mib()),
     })
@@ -208,6 +218,7 @@ pub fn run(
 ) -> Result<SftSection> {
     let model_path = crate::bench_generate::smollm2_present()?;
     let mut rows = Vec::new();
+    let mut work = Vec::new();
     let mut process_peak_mib = None::<f64>;
     for (device, label) in devices {
         let cases = [
@@ -223,6 +234,11 @@ pub fn run(
                 measure(&model_path, device, precision, checkpointing, runs)
             })?;
             let (best, median) = (m.best_s, m.median_s);
+            let case = format!(
+                "{label} {name}{}",
+                if checkpointing { " checkpointing" } else { "" }
+            );
+            work.extend(crate::work::Work::best(case, !device.is_gpu(), &m.runs));
             process_peak_mib = max_opt(process_peak_mib, m.process_peak_mib);
             let tokens_per_s = (BATCH * SEQ) as f64 / best;
             eprintln!(
@@ -276,6 +292,8 @@ pub fn run(
         process_peak_rss_mib: max_opt(process_peak_mib, peak_rss_mib()),
         peer,
         peer_checkpointing,
+        work,
+        gemm_peak_gflops: crate::bench::cpu_gemm_peak()?,
     })
 }
 
@@ -391,6 +409,11 @@ pub fn markdown(section: &SftSection) -> String {
             "\nlathe's process peak RSS over the CPU rows: {mib:.0} MiB"
         );
     }
+    s.push_str(&crate::work::markdown(
+        "The best step of each row",
+        &section.work,
+        section.gemm_peak_gflops,
+    ));
     for r in section.rows.iter().filter(|r| r.gpu_peak_bytes.is_some()) {
         let peaks: Vec<String> = r
             .gpu_peak_bytes

@@ -34,6 +34,7 @@ mod probe;
 mod prove_20b;
 mod report;
 mod test;
+mod work;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;

@@ -87,7 +87,7 @@ fn measure(
     checkpointing: bool,
     warmup: usize,
     runs: usize,
-) -> Result<(Vec<(f64, f64)>, Option<f64>, Option<f64>)> {
+) -> Result<(crate::work::Runs, Option<f64>, Option<f64>)> {
     trim_heap();
     let rss_start = status_mib("VmRSS:");
     let mut pretrained = Pretrained::load(model_path, device, Precision::F32)?;

@@ -161,7 +161,7 @@ fn measure(
     batch: usize,
     new_tokens: usize,
     runs: usize,
-) -> Result<((f64, f64, f64), Vec<(f64, f64)>)> {
+) -> Result<((f64, f64, f64), crate::work::Runs)> {
     let texts: Vec<&str> = (0..batch).map(|i| PROMPTS[i % PROMPTS.len()]).collect();
     let prompts = pretrained.tokenizer.encode_batch(&texts, true)?;
     let eos = pretrained.tokenizer.eos_id();

@@ -17,6 +17,9 @@ pub fn gflop_since(before: u64) -> f64 {
     lathe_core::flops::counted().saturating_sub(before) as f64 / 1e9
 }
 
+/// (seconds, GFLOP counted) of each timed run of a case.
+pub type Runs = Vec<(f64, f64)>;
+
 /// One case's best step: its seconds and the GFLOP counted during it.
 #[derive(Clone, Debug, Serialize)]
 pub struct Work {

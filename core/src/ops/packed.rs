@@ -23,8 +23,10 @@ pub const NR: usize = 32;
 const MR: usize = 12;
 /// Inner-dim block: a panel's block (KC x NR floats, 96 KiB) stays in L2 for every row tile.
 const KC: usize = 768;
-/// Panel rows fetched ahead of use by the first row tile over a panel block (measured on
-/// cold products: 8 to 32 all gain over none; 16 the most).
+/// Panel rows fetched ahead of use by the first row tile over a panel block. Measured on
+/// 68-row products cycling through 400 MiB of SmolLM2-shaped weights (cold, as a model's
+/// weights are), runs interleaved with and without: packed +15-25%, read in place +20-40%;
+/// products whose weights are in cache unchanged; a PPO step 6.1 -> 5.5-5.7 s.
 const PREFETCH_ROWS: usize = 16;
 /// Products under this many multiply-adds run on the calling thread.
 const SERIAL_MAX_WORK: usize = 1 << 18;
@@ -205,24 +207,6 @@ impl Panels {
         }
     }
 
-    /// Cache lines per panel row the tile over panel `j` fetches ahead of use. Only the
-    /// first row tile over a panel block reads it from memory (a frozen weight is cold: a
-    /// model's weights do not fit the cache), the others find it in cache. Packed panels are
-    /// contiguous: the tile's own two lines. Read in place, a panel's rows lie a row of b
-    /// apart, which the hardware prefetcher does not follow; each of b's rows holds the
-    /// task's panels side by side, so the first panel's tile fetches them all. Measured on
-    /// 68-row products cycling through 400 MiB of SmolLM2-shaped weights, runs interleaved
-    /// with and without: in place +15-35%, packed +5-10%.
-    fn prefetch_lines(&self, first_tile: bool, j: usize, panels: &std::ops::Range<usize>) -> usize {
-        let in_place = self.row_stride != NR;
-        match (first_tile, in_place) {
-            (false, _) => 0,
-            (true, false) => NR / 16,
-            (true, true) if j == panels.start => NR / 16 * panels.len(),
-            (true, true) => 0,
-        }
-    }
-
     /// Rows `rows` of out for the panels `panels`, K block by K block.
     ///
     /// # Safety
@@ -261,7 +245,10 @@ impl Panels {
                         out_rs: n,
                         cols,
                         accumulate: p0 > 0,
-                        prefetch_lines: self.prefetch_lines(i == rows.start, j, &panels),
+                        // Only the first row tile over a panel block reads it from memory
+                        // (a frozen weight is cold: a model's weights do not fit the cache);
+                        // the others find it in cache.
+                        prefetch: i == rows.start,
                     };
                     // SAFETY: r rows of x from row i at stride k (kc values each from
                     // column p0), kc panel rows with `cols` valid values, r output rows of
@@ -289,8 +276,8 @@ struct Tile {
     out_rs: usize,
     cols: usize,
     accumulate: bool,
-    /// Cache lines fetched ahead of use at each panel row ([`Panels::prefetch_lines`]).
-    prefetch_lines: usize,
+    /// Fetch the panel's rows [`PREFETCH_ROWS`] ahead of use.
+    prefetch: bool,
 }
 
 /// The output pointer shared by the tasks, each writing its own block.
@@ -319,8 +306,11 @@ pub fn kernel_available() -> bool {
 unsafe fn tile_avx512_dispatch(r: usize, tile: &Tile) {
     macro_rules! rows {
         ($($n:literal)*) => {
-            match r {
-                $($n => unsafe { tile_avx512::<$n>(tile) },)*
+            match (r, tile.prefetch) {
+                $(
+                    ($n, false) => unsafe { tile_avx512::<$n, false>(tile) },
+                    ($n, true) => unsafe { tile_avx512::<$n, true>(tile) },
+                )*
                 _ => unreachable!("a tile has 1..=MR rows"),
             }
         };
@@ -338,7 +328,7 @@ unsafe fn tile_avx512_dispatch(r: usize, tile: &Tile) {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 #[inline]
-unsafe fn tile_avx512<const R: usize>(t: &Tile) {
+unsafe fn tile_avx512<const R: usize, const PREFETCH: bool>(t: &Tile) {
     use std::arch::x86_64::*;
     let mask = |lanes: usize| -> __mmask16 {
         match lanes {
@@ -354,10 +344,11 @@ unsafe fn tile_avx512<const R: usize>(t: &Tile) {
     unsafe {
         for p in 0..t.kc {
             let row = t.panel.add(p * t.panel_rs);
-            // A prefetch is a hint: an address past the panels' end faults nothing.
-            let ahead = row.wrapping_add(PREFETCH_ROWS * t.panel_rs) as *const i8;
-            for line in 0..t.prefetch_lines {
-                _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64 * line));
+            if PREFETCH {
+                // A hint: an address past the panels' end faults nothing.
+                let ahead = row.wrapping_add(PREFETCH_ROWS * t.panel_rs) as *const i8;
+                _mm_prefetch::<_MM_HINT_T0>(ahead);
+                _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64));
             }
             let w0 = _mm512_maskz_loadu_ps(m0, row);
             let w1 = _mm512_maskz_loadu_ps(m1, row.add(16));

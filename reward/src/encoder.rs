@@ -5,8 +5,9 @@
 //! -> LayerNorm; per block h = LN(x + attn(x)), out = LN(h + W2 gelu(W1 h)). Attention is
 //! bidirectional. Texts of different lengths run packed back to back in one row (no FLOPs on
 //! padding) and are laid out per text only for attention, where each text's padding keys
-//! are masked through per-row key ranges `[0, length)` (no mask tensor). Dropout is not applied (inference, and LoRA
-//! training without encoder dropout: documented difference from transformers' train mode).
+//! are masked through per-row key ranges `[0, length)` (no mask tensor). Dropout is not
+//! applied (inference, and LoRA training without encoder dropout: documented difference
+//! from transformers' train mode).
 
 use lathe_core::{AttentionMask, Device, Tensor};
 use lathe_lora::{AdapterSwitch, LoraAdapter, LoraConfig};

@@ -280,6 +280,12 @@ impl TokenLayout {
         &self.positions
     }
 
+    /// The positions' values on the host (row-major (B, T)), as [`TokenLayout::positions`]
+    /// holds them on the device.
+    pub fn positions_host(&self) -> &[u32] {
+        &self.positions_host
+    }
+
     /// B: the number of rows.
     pub fn batch(&self) -> usize {
         self.positions.shape()[0]

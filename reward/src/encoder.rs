@@ -301,16 +301,16 @@ impl Encoder {
         };
         let packing = layout.as_ref().and_then(TokenLayout::packing);
         // (B, T, H) rows of equal length, or (1, N, H) packed tokens.
-        let (rows_shape, positions) = match packing {
+        let (rows_shape, positions) = match &layout {
             None => ([rows.len(), t], self.position.narrow(0, 0, t)?),
-            Some(_) => {
-                let host: Vec<u32> = lengths.iter().flat_map(|&l| 0..l as u32).collect();
-                let ids = Tensor::from_vec(host.clone(), &[1, n], device)?;
-                (
-                    [1, n],
-                    Tensor::embedding_with_host_ids(&self.position, &ids, host)?,
-                )
-            }
+            Some(layout) => (
+                [1, n],
+                Tensor::embedding_with_host_ids(
+                    &self.position,
+                    layout.positions(),
+                    layout.positions_host().to_vec(),
+                )?,
+            ),
         };
         let ids_tensor = Tensor::from_vec(ids.clone(), &rows_shape, device)?;
         let mut x =

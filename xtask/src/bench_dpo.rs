@@ -285,6 +285,7 @@ pub fn markdown(section: &DpoSection) -> String {
     }
     s.push_str(&crate::work::markdown(
         "The best step of each row",
+        "case",
         &section.work,
         section.gemm_peak_gflops,
     ));

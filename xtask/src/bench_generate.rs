@@ -262,6 +262,7 @@ pub fn markdown(section: &GenerateSection) -> String {
     }
     s.push_str(&crate::work::markdown(
         "The best generation of each row (decoding reads every weight once per token: bound by memory bandwidth more than by the GEMM peak)",
+        "case",
         &section.work,
         section.gemm_peak_gflops,
     ));

@@ -255,7 +255,7 @@ pub fn run(
                 .map(|(s, g)| s - g)
                 .collect();
             let completions_per_s = (PROMPTS * GENERATIONS) as f64 / best;
-            let timed: Vec<(f64, f64)> = m
+            let timed: crate::work::Runs = m
                 .step_times
                 .iter()
                 .copied()
@@ -433,6 +433,7 @@ pub fn markdown(section: &GrpoSection) -> String {
     }
     s.push_str(&crate::work::markdown(
         "The best step of each row, generation included",
+        "case",
         &section.work,
         section.gemm_peak_gflops,
     ));

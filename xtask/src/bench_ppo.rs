@@ -219,29 +219,27 @@ pub fn markdown(section: &PpoSection) -> String {
             let _ = writeln!(s, "\npeer: {}", section.peer);
         }
     }
-    let _ = writeln!(
-        s,
-        "\nThe best lathe step by phase (matrix-product FLOPs counted by `lathe_core::flops`; this run's f32 GEMM peak, 1024³: {:.0} GFLOP/s):\n",
-        section.gemm_peak_gflops
-    );
-    let _ = writeln!(s, "| phase | s | GFLOP | GFLOP/s | of peak |");
-    let _ = writeln!(s, "|---|---:|---:|---:|---:|");
-    let (mut all_s, mut all_gflop) = (0.0, 0.0);
-    for (phase, seconds, gflop) in &section.phases {
-        all_s += seconds;
-        all_gflop += gflop;
-        let rate = gflop / seconds.max(1e-9);
-        let _ = writeln!(
-            s,
-            "| {phase} | {seconds:.2} | {gflop:.1} | {rate:.0} | {:.0}% |",
-            100.0 * rate / section.gemm_peak_gflops
-        );
-    }
-    let rate = all_gflop / f64::max(all_s, 1e-9);
-    let _ = writeln!(
-        s,
-        "| all phases | {all_s:.2} | {all_gflop:.1} | {rate:.0} | {:.0}% |",
-        100.0 * rate / section.gemm_peak_gflops
-    );
+    let mut phases: Vec<crate::work::Work> = section
+        .phases
+        .iter()
+        .map(|(phase, seconds, gflop)| crate::work::Work {
+            case: phase.clone(),
+            cpu: true,
+            seconds: *seconds,
+            gflop: *gflop,
+        })
+        .collect();
+    phases.push(crate::work::Work {
+        case: "all phases".into(),
+        cpu: true,
+        seconds: phases.iter().map(|w| w.seconds).sum(),
+        gflop: phases.iter().map(|w| w.gflop).sum(),
+    });
+    s.push_str(&crate::work::markdown(
+        "The best lathe step by phase",
+        "phase",
+        &phases,
+        section.gemm_peak_gflops,
+    ));
     s
 }

@@ -71,7 +71,7 @@ pub fn run(
             ..LoadOptions::default()
         };
         let model = RewardModel::load_with(&dir, device, &options)?;
-        let timed = lathe_core::on_cpu_pool(|| -> Result<Vec<(f64, f64)>> {
+        let timed = lathe_core::on_cpu_pool(|| -> Result<crate::work::Runs> {
             model.score_texts(&refs[..16])?; // warm-up
             let mut timed = Vec::new();
             for _ in 0..runs.max(1) {
@@ -162,6 +162,7 @@ pub fn markdown(section: &RewardSection) -> String {
     }
     s.push_str(&crate::work::markdown(
         "The best pass over the texts, run packed: no FLOPs on padding (the peer pads each batch to its longest text)",
+        "case",
         &section.work,
         section.gemm_peak_gflops,
     ));

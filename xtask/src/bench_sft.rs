@@ -112,7 +112,7 @@ pub(crate) struct Measured {
     best_s: f64,
     median_s: f64,
     /// (seconds, GFLOP counted) of each timed step.
-    runs: Vec<(f64, f64)>,
+    runs: crate::work::Runs,
     cpu_memory: Option<CpuMemory>,
     /// The process' peak resident set up to the end of this case.
     process_peak_mib: Option<f64>,
@@ -151,7 +151,6 @@ pub(crate) fn measure(
     // The peak so far (the load's), before the reset below forgets it.
     let peak_load = peak_rss_mib();
     let peak_reset = !device.is_gpu() && reset_peak_rss();
-    let mut times = Vec::new();
     let mut timed = Vec::new();
     for run in 0..=runs {
         switch.train(run as u64);
@@ -162,11 +161,13 @@ pub(crate) fn measure(
         adam.step(&grads)?;
         device.sync()?;
         if run > 0 {
-            let seconds = start.elapsed().as_secs_f64();
-            times.push(seconds);
-            timed.push((seconds, crate::work::gflop_since(flops)));
+            timed.push((
+                start.elapsed().as_secs_f64(),
+                crate::work::gflop_since(flops),
+            ));
         }
     }
+    let mut times: Vec<f64> = timed.iter().map(|t| t.0).collect();
     times.sort_by(f64::total_cmp);
     let settings = PlanSettings {
         job: Job::Sft,
@@ -411,6 +412,7 @@ pub fn markdown(section: &SftSection) -> String {
     }
     s.push_str(&crate::work::markdown(
         "The best step of each row",
+        "case",
         &section.work,
         section.gemm_peak_gflops,
     ));

@@ -44,9 +44,9 @@ impl Work {
     }
 }
 
-/// The section's work table: per case, GFLOP of the best step, GFLOP/s and (CPU cases)
-/// the fraction of this run's 1024³ f32 GEMM peak.
-pub fn markdown(what: &str, work: &[Work], peak_gflops: f64) -> String {
+/// The section's work table: per case (the first column, headed `first_column`), GFLOP of
+/// the best step, GFLOP/s and (CPU cases) the fraction of this run's 1024³ f32 GEMM peak.
+pub fn markdown(what: &str, first_column: &str, work: &[Work], peak_gflops: f64) -> String {
     let mut s = String::new();
     if work.is_empty() {
         return s;
@@ -55,7 +55,7 @@ pub fn markdown(what: &str, work: &[Work], peak_gflops: f64) -> String {
         s,
         "\n{what} (matrix-product FLOPs counted by `lathe_core::flops`; this run's f32 GEMM peak, 1024³: {peak_gflops:.0} GFLOP/s):\n"
     );
-    let _ = writeln!(s, "| case | s | GFLOP | GFLOP/s | of peak |");
+    let _ = writeln!(s, "| {first_column} | s | GFLOP | GFLOP/s | of peak |");
     let _ = writeln!(s, "|---|---:|---:|---:|---:|");
     for w in work {
         let rate = w.gflop / w.seconds.max(1e-9);
